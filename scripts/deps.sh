@@ -1,0 +1,25 @@
+#!/bin/sh
+# Installs the Debian packages tally needs, only those missing.
+#   scripts/deps.sh run    build and run the server
+#   scripts/deps.sh test   also what the tests need
+set -eu
+RUN_PKGS="build-essential pkg-config libh2o-evloop-dev libwslay-dev libssl-dev zlib1g-dev libjansson-dev \
+libsqlite3-dev libsodium-dev libqrencode-dev uthash-dev"
+TEST_PKGS="libcriterion-dev sqlite3 curl"
+pkgs="$RUN_PKGS"
+[ "${1:-run}" = test ] && pkgs="$pkgs $TEST_PKGS"
+missing=""
+for p in $pkgs; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    echo "deps: installing$missing"
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing
+fi
+if [ "${1:-run}" = test ] && ! command -v node >/dev/null 2>&1; then
+    echo "deps: installing nodejs"
+    DEBIAN_FRONTEND=noninteractive ${SUDO:-} apt-get install -y -qq nodejs
+fi

@@ -1,0 +1,32 @@
+/*
+ * api: the HTTP resources of tally (API.md). One file per resource: auth.c, polls.c,
+ * votes.c, results.c, ops.c; app.c wires them to the router, the store and the loop.
+ * Parses and validates requests, calls core, renders JSON. No SQL here.
+ *
+ * Threads: an app lives on the event-loop thread that created it.
+ */
+#ifndef TALLY_API_H
+#define TALLY_API_H
+
+#include <stdbool.h>
+
+#include "conf/conf.h"
+#include "http/http.h"
+
+typedef struct tly_app tly_app_t;
+
+/* Opens the store in conf->data_dir, loads every poll, ballot and user into memory,
+ * and listens on conf->listen. Returns NULL with a reason in err (512 bytes). */
+tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *secret, char *err);
+/* Graceful stop: stop accepting, let in-flight requests finish (the caller keeps running
+ * the loop while tly_app_busy), then tly_app_free commits what is queued and closes. */
+void tly_app_stop_accepting(tly_app_t *app);
+bool tly_app_busy(tly_app_t *app);
+void tly_app_free(tly_app_t *app);
+int tly_app_port(tly_app_t *app);
+
+/* Reads the server secret from data_dir/secret, creating it (32 random bytes, hex, mode
+ * 0600) when absent. Returns a heap string or NULL with a reason in err (512 bytes). */
+char *tly_secret_load(const char *data_dir, char *err);
+
+#endif

@@ -1,0 +1,168 @@
+/*
+ * Private to src/api: the application state shared by the resource files, and the
+ * helpers they use to read requests and write responses.
+ */
+#ifndef TALLY_API_INT_H
+#define TALLY_API_INT_H
+
+#include <jansson.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <uthash.h>
+
+#include "api/api.h"
+#include "auth/auth.h"
+#include "core/core.h"
+#include "store/store.h"
+
+/* ---- users (registered accounts) ---- */
+typedef struct user {
+    UT_hash_handle hh_id;   /* app->users_by_id */
+    UT_hash_handle hh_name; /* app->users_by_name, keyed by the lower-cased username */
+    char *user_id;
+    char *username;
+    char *name_key; /* lower-cased username */
+    char *password_hash;
+    bool committed; /* false while the insert is in the writer */
+} user_t;
+
+/* ---- async vote requests (Prefer: respond-async) ---- */
+typedef struct vote_request {
+    UT_hash_handle hh;
+    char request_id[24];
+    char poll_id[TLY_POLL_ID_LEN + 1];
+    char *voter_id;
+    char state[12];
+    char vote_id[TLY_VOTE_ID_LEN + 1];
+    char error[32];
+} vote_request_t;
+
+/* ---- Idempotency-Key of poll creation: (owner, key) -> poll ---- */
+typedef struct poll_idem {
+    UT_hash_handle hh;
+    char *key; /* owner "\n" Idempotency-Key */
+    char poll_id[TLY_POLL_ID_LEN + 1];
+    uint8_t body_hash[16];
+    bool committed;
+} poll_idem_t;
+
+/* ---- polls being deleted: votes and changes are refused until the delete commits ---- */
+typedef struct poll_mark {
+    UT_hash_handle hh;
+    char poll_id[TLY_POLL_ID_LEN + 1];
+} poll_mark_t;
+
+/* ---- background work (password hashing) ---- */
+typedef struct work work_t;
+struct work {
+    void (*run)(work_t *w);  /* on a worker thread */
+    void (*done)(work_t *w); /* on the loop thread */
+    work_t *next;
+};
+
+struct tly_app {
+    const tly_conf_t *conf;
+    tly_loop_t *loop;
+    tly_server_t *server;
+    tly_router_t *router;
+    tly_store_t *store;
+    tly_waker_t *store_waker;
+    tly_registry_t *registry;
+    uint8_t *secret;
+    size_t secret_len;
+    user_t *users_by_id, *users_by_name;
+    vote_request_t *requests;
+    poll_idem_t *poll_idem;
+    poll_mark_t *deleting;
+    struct ballot_op *pending_ballots; /* votes.c: ballots in the writer, by vote */
+    size_t in_flight; /* requests waiting for the store or a worker */
+    /* worker threads for slow work */
+    struct {
+        pthread_t threads[2];
+        pthread_mutex_t mu;
+        pthread_cond_t cond;
+        work_t *head, *tail;
+        work_t *done_head, *done_tail;
+        bool stop;
+        tly_waker_t *waker;
+    } work;
+};
+
+/* The caller identified by the request's bearer token. */
+typedef struct {
+    bool present;     /* a valid token was given */
+    const char *id;   /* its subject (voter id / user id), request memory */
+    bool anonymous;
+} caller_t;
+
+/* The route being served, for logs */
+typedef struct {
+    tly_app_t *app;
+    const char *route;
+} route_ctx_t;
+
+/* ---- responses (http helpers in app.c) ---- */
+void api_respond_json(tly_req_t *req, int status, json_t *body); /* steals body */
+void api_respond_raw_json(tly_req_t *req, int status, const char *json, size_t len);
+/* {"error":{"code","message", ...extra}}; extra is stolen and may be NULL */
+void api_respond_error(tly_req_t *req, int status, const char *code, const char *message, json_t *extra);
+void api_respond_validation(tly_req_t *req, const char *field, const char *message);
+void api_respond_store_error(tly_req_t *req, int result);
+
+/* ---- requests ---- */
+/* Parses the body as a JSON object. On failure answers 400 and returns NULL. */
+json_t *api_parse_body(tly_req_t *req, bool allow_empty);
+/* Reads the bearer token. Returns false after answering 401 when a token is present but
+ * invalid, or when `required` and there is none. */
+bool api_caller(tly_app_t *app, tly_req_t *req, bool required, caller_t *out);
+/* Validates Idempotency-Key (<= 255 printable ASCII). Returns false after answering 400;
+ * *key is NULL when absent. */
+bool api_idempotency_key(tly_req_t *req, char **key);
+void api_body_hash(tly_req_t *req, uint8_t out[16]);
+/* The poll named in the path, hidden (404) when missing, being deleted, or a draft not
+ * owned by the caller. Answers 404 and returns NULL then. */
+tly_poll_t *api_find_poll(tly_app_t *app, tly_req_t *req, const tly_params_t *params, const caller_t *caller);
+bool api_is_owner(const tly_poll_t *p, const caller_t *caller);
+/* Counts the request as waiting (for graceful shutdown) until api_end_async. */
+void api_begin_async(tly_app_t *app);
+void api_end_async(tly_app_t *app);
+void api_work_submit(tly_app_t *app, work_t *w);
+
+/* ---- persistence glue (persist.c) ---- */
+/* A store operation with its own copy of a poll row, freed with poll_op_free. */
+typedef struct {
+    tly_store_op_t op;
+    tly_app_t *app;
+    tly_req_t *req;
+    tly_poll_t *poll;
+    char *scratch; /* the strings of op.u.poll */
+    tly_option_row_t *options;
+} poll_op_t;
+poll_op_t *poll_op_new(tly_app_t *app, tly_op_type_t type, const tly_poll_t *p);
+void poll_op_free(poll_op_t *po);
+int api_load(tly_app_t *app);
+
+/* ---- routes ---- */
+void api_auth_register(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_auth_login(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_auth_anonymous(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_auth_me(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_polls_create(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_polls_get(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_polls_patch(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_polls_delete(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_polls_list(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_votes_me(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_votes_request(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_receipts_get(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_results_get(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_ops_healthz(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_ops_readyz(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_static_get(tly_req_t *req, const tly_params_t *params, void *arg);
+
+/* user map helpers (auth.c) */
+user_t *api_user_find(tly_app_t *app, const char *user_id);
+void api_user_add(tly_app_t *app, user_t *u);
+
+#endif

@@ -1,0 +1,496 @@
+/*
+ * app.c: wires the resources to the router, the store and the loop; the response and
+ * request helpers every resource uses; the worker threads for slow work.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sodium.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "api/api_int.h"
+#include "base/base.h"
+#include "obs/obs.h"
+
+/* ---- responses ---- */
+
+static const char JSON_TYPE[] = "application/json; charset=utf-8";
+
+void api_respond_raw_json(tly_req_t *req, int status, const char *json, size_t len)
+{
+    tly_req_add_header(req, "Cache-Control", "no-store");
+    tly_req_respond(req, status, JSON_TYPE, json, len);
+}
+
+void api_respond_json(tly_req_t *req, int status, json_t *body)
+{
+    char *s = body ? json_dumps(body, JSON_COMPACT | JSON_REAL_PRECISION(15)) : NULL;
+    json_decref(body);
+    if (s == NULL) {
+        static const char oom[] = "{\"error\":{\"code\":\"UNAVAILABLE\",\"message\":\"out of memory\"}}";
+        tly_req_add_header(req, "Retry-After", "1");
+        api_respond_raw_json(req, 503, oom, sizeof(oom) - 1);
+        return;
+    }
+    api_respond_raw_json(req, status, s, strlen(s));
+    free(s);
+}
+
+void api_respond_error(tly_req_t *req, int status, const char *code, const char *message, json_t *extra)
+{
+    json_t *err = json_pack("{s:s, s:s}", "code", code, "message", message);
+    if (err != NULL && extra != NULL)
+        json_object_update(err, extra);
+    json_decref(extra);
+    if (status == 401)
+        tly_req_add_header(req, "WWW-Authenticate", "Bearer");
+    api_respond_json(req, status, err ? json_pack("{s:o}", "error", err) : NULL);
+}
+
+void api_respond_validation(tly_req_t *req, const char *field, const char *message)
+{
+    api_respond_error(req, 400, "VALIDATION_ERROR", message, field ? json_pack("{s:s}", "field", field) : NULL);
+}
+
+void api_respond_store_error(tly_req_t *req, int result)
+{
+    tly_req_add_header(req, "Retry-After", "5");
+    if (result == TLY_EFULL)
+        api_respond_error(req, 507, "INSUFFICIENT_STORAGE", "the server's disk is full; nothing was stored", NULL);
+    else
+        api_respond_error(req, 503, "UNAVAILABLE", "the store could not commit the write; nothing was stored", NULL);
+}
+
+/* Errors the HTTP layer answers itself, before a request reaches a route. */
+static size_t render_error(int status, char *buf, size_t cap)
+{
+    const char *code = "BAD_REQUEST", *msg = "the request is malformed";
+    switch (status) {
+    case 413:
+        code = "PAYLOAD_TOO_LARGE";
+        msg = "the request body is larger than the server accepts";
+        break;
+    case 414:
+        code = "URI_TOO_LONG";
+        msg = "the request target is longer than the server accepts";
+        break;
+    case 431:
+        code = "HEADERS_TOO_LARGE";
+        msg = "the request headers are larger than the server accepts";
+        break;
+    }
+    int n = snprintf(buf, cap, "{\"error\":{\"code\":\"%s\",\"message\":\"%s\"}}", code, msg);
+    return n < 0 ? 0 : (size_t)n < cap ? (size_t)n : cap - 1;
+}
+
+/* ---- requests ---- */
+
+json_t *api_parse_body(tly_req_t *req, bool allow_empty)
+{
+    tly_str_t body = tly_req_body(req);
+    if (body.len == 0 && allow_empty)
+        return json_object();
+    json_error_t jerr;
+    json_t *v = json_loadb(body.ptr, body.len, JSON_REJECT_DUPLICATES, &jerr);
+    if (v == NULL) {
+        char msg[200];
+        snprintf(msg, sizeof(msg), "the body is not valid JSON: %s (at byte %d)", jerr.text, jerr.position);
+        api_respond_error(req, 400, "INVALID_JSON", msg, NULL);
+        return NULL;
+    }
+    if (!json_is_object(v)) {
+        json_decref(v);
+        api_respond_validation(req, "body", "the body must be a JSON object");
+        return NULL;
+    }
+    return v;
+}
+
+bool api_caller(tly_app_t *app, tly_req_t *req, bool required, caller_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    tly_str_t h = tly_req_header(req, "authorization");
+    if (h.ptr == NULL) {
+        if (required)
+            api_respond_error(req, 401, "UNAUTHENTICATED", "a bearer token is required", NULL);
+        return !required;
+    }
+    if (h.len < 7 || strncasecmp(h.ptr, "Bearer ", 7) != 0) {
+        api_respond_error(req, 401, "UNAUTHENTICATED", "the Authorization header must be \"Bearer <token>\"", NULL);
+        return false;
+    }
+    tly_claims_t claims;
+    if (tly_jwt_verify(app->secret, app->secret_len, h.ptr + 7, h.len - 7, tly_now_ms() / 1000, &claims) != 0) {
+        api_respond_error(req, 401, "UNAUTHENTICATED", "the token is invalid or expired", NULL);
+        return false;
+    }
+    out->present = true;
+    out->anonymous = claims.anonymous;
+    out->id = tly_req_strdup(req, (tly_str_t){claims.sub, strlen(claims.sub)});
+    return out->id != NULL;
+}
+
+bool api_idempotency_key(tly_req_t *req, char **key)
+{
+    *key = NULL;
+    tly_str_t h = tly_req_header(req, "idempotency-key");
+    if (h.ptr == NULL)
+        return true;
+    bool ok = h.len >= 1 && h.len <= TLY_IDEM_KEY_MAX;
+    for (size_t i = 0; ok && i < h.len; i++)
+        ok = h.ptr[i] >= 0x21 && h.ptr[i] <= 0x7e;
+    if (!ok) {
+        api_respond_validation(req, "Idempotency-Key", "Idempotency-Key must be 1 to 255 printable ASCII characters");
+        return false;
+    }
+    *key = tly_req_strdup(req, h);
+    return *key != NULL;
+}
+
+void api_body_hash(tly_req_t *req, uint8_t out[16])
+{
+    tly_str_t b = tly_req_body(req);
+    crypto_generichash(out, 16, (const unsigned char *)b.ptr, b.len, NULL, 0);
+}
+
+bool api_is_owner(const tly_poll_t *p, const caller_t *caller)
+{
+    return caller->present && strcmp(caller->id, p->owner_id) == 0;
+}
+
+tly_poll_t *api_find_poll(tly_app_t *app, tly_req_t *req, const tly_params_t *params, const caller_t *caller)
+{
+    size_t len;
+    const char *id = tly_params_get(params, "poll_id", &len);
+    tly_poll_t *p = NULL;
+    if (id != NULL && len == TLY_POLL_ID_LEN) {
+        char key[TLY_POLL_ID_LEN + 1];
+        memcpy(key, id, len);
+        key[len] = '\0';
+        poll_mark_t *m;
+        HASH_FIND_STR(app->deleting, key, m);
+        if (m == NULL)
+            p = tly_registry_find_poll(app->registry, key);
+    }
+    if (p != NULL && p->status == TLY_STATUS_DRAFT && !api_is_owner(p, caller))
+        p = NULL;
+    if (p == NULL)
+        api_respond_error(req, 404, "POLL_NOT_FOUND", "no poll with that id", NULL);
+    return p;
+}
+
+void api_begin_async(tly_app_t *app)
+{
+    app->in_flight++;
+}
+
+void api_end_async(tly_app_t *app)
+{
+    app->in_flight--;
+}
+
+/* ---- worker threads ---- */
+
+static void *work_main(void *arg)
+{
+    tly_app_t *app = arg;
+    pthread_mutex_lock(&app->work.mu);
+    for (;;) {
+        while (app->work.head == NULL && !app->work.stop)
+            pthread_cond_wait(&app->work.cond, &app->work.mu);
+        if (app->work.head == NULL)
+            break;
+        work_t *w = app->work.head;
+        app->work.head = w->next;
+        if (app->work.head == NULL)
+            app->work.tail = NULL;
+        pthread_mutex_unlock(&app->work.mu);
+        w->run(w);
+        pthread_mutex_lock(&app->work.mu);
+        w->next = NULL;
+        if (app->work.done_tail)
+            app->work.done_tail->next = w;
+        else
+            app->work.done_head = w;
+        app->work.done_tail = w;
+        tly_waker_wake(app->work.waker);
+    }
+    pthread_mutex_unlock(&app->work.mu);
+    return NULL;
+}
+
+static void work_reap(void *arg)
+{
+    tly_app_t *app = arg;
+    pthread_mutex_lock(&app->work.mu);
+    work_t *w = app->work.done_head;
+    app->work.done_head = app->work.done_tail = NULL;
+    pthread_mutex_unlock(&app->work.mu);
+    while (w != NULL) {
+        work_t *next = w->next;
+        w->done(w);
+        w = next;
+    }
+}
+
+void api_work_submit(tly_app_t *app, work_t *w)
+{
+    w->next = NULL;
+    pthread_mutex_lock(&app->work.mu);
+    if (app->work.tail)
+        app->work.tail->next = w;
+    else
+        app->work.head = w;
+    app->work.tail = w;
+    pthread_cond_signal(&app->work.cond);
+    pthread_mutex_unlock(&app->work.mu);
+}
+
+/* ---- dispatch ---- */
+
+static void on_store_wake(void *arg)
+{
+    tly_app_t *app = arg;
+    tly_store_reap(app->store);
+}
+
+static void notify_store(void *arg)
+{
+    tly_waker_wake(arg);
+}
+
+static void handle(tly_req_t *req, void *arg)
+{
+    tly_app_t *app = arg;
+    tly_str_t path = tly_req_path(req);
+    tly_route_fn fn;
+    tly_params_t params;
+    unsigned allowed;
+    switch (tly_router_match(app->router, tly_req_method(req), path, &fn, &params, &allowed)) {
+    case TLY_ROUTE_FOUND:
+        fn(req, &params, app);
+        return;
+    case TLY_ROUTE_NO_METHOD: {
+        char allow[128];
+        tly_methods_format(allowed, allow, sizeof(allow));
+        tly_req_add_header(req, "Allow", allow);
+        api_respond_error(req, 405, "METHOD_NOT_ALLOWED", "this path does not accept that method", NULL);
+        return;
+    }
+    case TLY_ROUTE_NO_PATH:
+        break;
+    }
+    bool api_path = (path.len >= 3 && memcmp(path.ptr, "/v1", 3) == 0 && (path.len == 3 || path.ptr[3] == '/'));
+    if (!api_path && (tly_req_method(req) == TLY_M_GET || tly_req_method(req) == TLY_M_HEAD)) {
+        api_static_get(req, &params, app);
+        return;
+    }
+    api_respond_error(req, 404, "NOT_FOUND", "no such route", NULL);
+}
+
+static int add_routes(tly_router_t *r)
+{
+    static const struct {
+        unsigned methods;
+        const char *pattern;
+        tly_route_fn fn;
+    } routes[] = {
+        {TLY_M_POST, "/v1/auth/register", api_auth_register},
+        {TLY_M_POST, "/v1/auth/login", api_auth_login},
+        {TLY_M_POST, "/v1/auth/anonymous", api_auth_anonymous},
+        {TLY_M_GET, "/v1/auth/me", api_auth_me},
+        {TLY_M_POST, "/v1/polls", api_polls_create},
+        {TLY_M_GET, "/v1/polls", api_polls_list},
+        {TLY_M_GET, "/v1/polls/{poll_id}", api_polls_get},
+        {TLY_M_PATCH, "/v1/polls/{poll_id}", api_polls_patch},
+        {TLY_M_DELETE, "/v1/polls/{poll_id}", api_polls_delete},
+        {TLY_M_POST, "/v1/polls/{poll_id}/votes", api_votes_cast},
+        {TLY_M_GET, "/v1/polls/{poll_id}/votes/me", api_votes_me},
+        {TLY_M_GET, "/v1/polls/{poll_id}/votes/requests/{request_id}", api_votes_request},
+        {TLY_M_GET, "/v1/polls/{poll_id}/results", api_results_get},
+        {TLY_M_GET, "/v1/receipts/{receipt}", api_receipts_get},
+        {TLY_M_GET, "/healthz", api_ops_healthz},
+        {TLY_M_GET, "/readyz", api_ops_readyz},
+    };
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(routes); i++)
+        if (tly_router_add(r, routes[i].methods, routes[i].pattern, routes[i].fn) != 0)
+            return -1;
+    return 0;
+}
+
+tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *secret, char *err)
+{
+    tly_app_t *app = tly_calloc(1, sizeof(*app));
+    if (app == NULL) {
+        snprintf(err, 512, "out of memory");
+        return NULL;
+    }
+    app->conf = conf;
+    app->loop = loop;
+    app->secret_len = strlen(secret);
+    app->secret = (uint8_t *)tly_strdup(secret);
+    app->registry = tly_registry_new();
+    app->router = tly_router_new();
+    app->store_waker = tly_waker_new(loop, on_store_wake, app);
+    app->work.waker = tly_waker_new(loop, work_reap, app);
+    if (app->secret == NULL || app->registry == NULL || app->router == NULL || app->store_waker == NULL ||
+        app->work.waker == NULL || add_routes(app->router) != 0) {
+        snprintf(err, 512, "out of memory");
+        goto fail;
+    }
+    pthread_mutex_init(&app->work.mu, NULL);
+    pthread_cond_init(&app->work.cond, NULL);
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(app->work.threads); i++)
+        pthread_create(&app->work.threads[i], NULL, work_main, app);
+
+    tly_store_conf_t sc = {.data_dir = conf->data_dir,
+                           .batch_max = (size_t)conf->batch_max,
+                           .notify = notify_store,
+                           .notify_arg = app->store_waker};
+    int rc = tly_store_open(&sc, &app->store);
+    if (rc != 0) {
+        snprintf(err, 512, "cannot open the store in %s (error %d); see the log above", conf->data_dir, rc);
+        goto fail;
+    }
+    if (api_load(app) != 0) {
+        snprintf(err, 512, "cannot load the store in %s", conf->data_dir);
+        goto fail;
+    }
+    tly_server_conf_t hc = {.body_max = (size_t)conf->body_limit,
+                            .head_max = (size_t)conf->head_limit,
+                            .uri_max = (size_t)conf->uri_limit,
+                            .head_timeout_ms = (uint64_t)conf->header_timeout * 1000,
+                            .idle_timeout_ms = (uint64_t)conf->idle_timeout * 1000,
+                            .max_connections = (size_t)conf->max_connections,
+                            .handler = handle,
+                            .arg = app,
+                            .render_error = render_error};
+    char herr[256];
+    app->server = tly_server_new(loop, conf->listen, &hc, herr);
+    if (app->server == NULL) {
+        snprintf(err, 512, "cannot listen: %s", herr);
+        goto fail;
+    }
+    return app;
+fail:
+    tly_app_free(app);
+    return NULL;
+}
+
+int tly_app_port(tly_app_t *app)
+{
+    return tly_server_port(app->server);
+}
+
+void tly_app_stop_accepting(tly_app_t *app)
+{
+    if (app->server != NULL)
+        tly_server_stop_accepting(app->server);
+}
+
+bool tly_app_busy(tly_app_t *app)
+{
+    return app->in_flight > 0;
+}
+
+void tly_app_free(tly_app_t *app)
+{
+    if (app == NULL)
+        return;
+    if (app->work.waker != NULL) {
+        pthread_mutex_lock(&app->work.mu);
+        app->work.stop = true;
+        pthread_cond_broadcast(&app->work.cond);
+        pthread_mutex_unlock(&app->work.mu);
+        for (size_t i = 0; i < TLY_ARRAY_SIZE(app->work.threads); i++)
+            if (app->work.threads[i])
+                pthread_join(app->work.threads[i], NULL);
+    }
+    if (app->store != NULL)
+        tly_store_close(app->store);
+    tly_server_free(app->server);
+    tly_router_free(app->router);
+    tly_registry_free(app->registry);
+    user_t *u, *tmp;
+    HASH_ITER(hh_id, app->users_by_id, u, tmp) {
+        HASH_DELETE(hh_id, app->users_by_id, u);
+        HASH_DELETE(hh_name, app->users_by_name, u);
+        tly_free(u->user_id);
+        tly_free(u->username);
+        tly_free(u->name_key);
+        tly_free(u->password_hash);
+        tly_free(u);
+    }
+    vote_request_t *r, *rtmp;
+    HASH_ITER(hh, app->requests, r, rtmp) {
+        HASH_DEL(app->requests, r);
+        tly_free(r->voter_id);
+        tly_free(r);
+    }
+    poll_idem_t *pi, *pitmp;
+    HASH_ITER(hh, app->poll_idem, pi, pitmp) {
+        HASH_DEL(app->poll_idem, pi);
+        tly_free(pi->key);
+        tly_free(pi);
+    }
+    tly_waker_free(app->store_waker);
+    tly_waker_free(app->work.waker);
+    tly_free(app->secret);
+    tly_free(app);
+}
+
+/* ---- the secret ---- */
+
+char *tly_secret_load(const char *data_dir, char *err)
+{
+    char path[4096];
+    snprintf(path, sizeof(path), "%s/secret", data_dir);
+    if (mkdir(data_dir, 0700) != 0 && errno != EEXIST) {
+        snprintf(err, 512, "cannot create data directory %.300s: %s", data_dir, strerror(errno));
+        return NULL;
+    }
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        char buf[257];
+        ssize_t n = read(fd, buf, sizeof(buf) - 1);
+        close(fd);
+        while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' '))
+            n--;
+        if (n < 16) {
+            snprintf(err, 512, "%.300s is shorter than 16 characters; remove it to generate a new one", path);
+            return NULL;
+        }
+        buf[n] = '\0';
+        return tly_strdup(buf);
+    }
+    if (errno != ENOENT) {
+        snprintf(err, 512, "cannot read %.300s: %s", path, strerror(errno));
+        return NULL;
+    }
+    uint8_t raw[32];
+    char hex[65];
+    randombytes_buf(raw, sizeof(raw));
+    sodium_bin2hex(hex, sizeof(hex), raw, sizeof(raw));
+    /* O_EXCL: two processes starting at once must not both write a secret */
+    fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        if (errno == EEXIST)
+            return tly_secret_load(data_dir, err);
+        snprintf(err, 512, "cannot create %.300s: %s", path, strerror(errno));
+        return NULL;
+    }
+    char line[66];
+    snprintf(line, sizeof(line), "%s\n", hex);
+    if (write(fd, line, 65) != 65 || fsync(fd) != 0) {
+        snprintf(err, 512, "cannot write %.300s: %s", path, strerror(errno));
+        close(fd);
+        unlink(path);
+        return NULL;
+    }
+    close(fd);
+    tly_log(TLY_LOG_INFO, "generated a new server secret", "path", path, NULL);
+    return tly_strdup(hex);
+}

@@ -1,0 +1,271 @@
+/*
+ * persist.c: between the in-memory state (core) and the store's rows. A write carries its
+ * own copy of the rows it stores, because the writer thread reads them while the loop
+ * goes on changing the live objects.
+ */
+#include <string.h>
+
+#include "api/api_int.h"
+#include "base/base.h"
+#include "obs/obs.h"
+
+static char *settings_json(const tly_poll_t *p)
+{
+    const tly_settings_t *s = &p->settings;
+    json_t *o = json_pack("{s:b, s:s, s:b, s:b, s:i, s:i, s:i}", "show_results_during_voting",
+                          s->show_results_during_voting, "results_visibility",
+                          tly_visibility_name(s->results_visibility), "allow_anonymous", s->allow_anonymous,
+                          "allow_vote_change", s->allow_vote_change, "min_choices", s->min_choices, "max_choices",
+                          s->max_choices, "max_score", s->max_score);
+    char *out = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    json_decref(o);
+    return out;
+}
+
+static int settings_parse(const char *text, tly_settings_t *s)
+{
+    json_t *o = json_loads(text, 0, NULL);
+    if (o == NULL)
+        return TLY_EINVAL;
+    const char *vis = "always";
+    int show = 1, anon = 0, change = 0, min = 1, max = 1, score = 0;
+    int rc = json_unpack(o, "{s?b, s?s, s?b, s?b, s?i, s?i, s?i}", "show_results_during_voting", &show,
+                         "results_visibility", &vis, "allow_anonymous", &anon, "allow_vote_change", &change,
+                         "min_choices", &min, "max_choices", &max, "max_score", &score);
+    s->show_results_during_voting = show;
+    s->allow_anonymous = anon;
+    s->allow_vote_change = change;
+    s->min_choices = min;
+    s->max_choices = max;
+    s->max_score = score;
+    s->results_visibility = TLY_VIS_ALWAYS;
+    for (int v = TLY_VIS_ALWAYS; v <= TLY_VIS_OWNER_ONLY; v++)
+        if (strcmp(vis, tly_visibility_name((tly_visibility_t)v)) == 0)
+            s->results_visibility = (tly_visibility_t)v;
+    json_decref(o);
+    return rc == 0 ? 0 : TLY_EINVAL;
+}
+
+/* Copies strings into one block so a poll op frees with one call. */
+static char *scratch_put(char **cursor, const char *s)
+{
+    if (s == NULL)
+        return NULL;
+    size_t n = strlen(s) + 1;
+    char *d = *cursor;
+    memcpy(d, s, n);
+    *cursor += n;
+    return d;
+}
+
+poll_op_t *poll_op_new(tly_app_t *app, tly_op_type_t type, const tly_poll_t *p)
+{
+    poll_op_t *po = tly_calloc(1, sizeof(*po));
+    char *settings = settings_json(p);
+    if (po == NULL || settings == NULL)
+        goto fail;
+    size_t need = strlen(p->poll_id) + strlen(p->owner_id) + strlen(p->title) + strlen(settings) + 8;
+    if (p->description)
+        need += strlen(p->description) + 1;
+    if (p->idem_key)
+        need += strlen(p->idem_key) + 1;
+    for (size_t i = 0; i < p->noptions; i++)
+        need += strlen(p->options[i].option_id) + strlen(p->options[i].text) + 2;
+    po->scratch = tly_malloc(need);
+    po->options = tly_calloc(p->noptions ? p->noptions : 1, sizeof(*po->options));
+    if (po->scratch == NULL || po->options == NULL)
+        goto fail;
+    char *cur = po->scratch;
+    tly_poll_row_t *r = &po->op.u.poll;
+    r->poll_id = scratch_put(&cur, p->poll_id);
+    r->owner_id = scratch_put(&cur, p->owner_id);
+    r->title = scratch_put(&cur, p->title);
+    r->description = scratch_put(&cur, p->description);
+    r->settings_json = scratch_put(&cur, settings);
+    r->idem_key = scratch_put(&cur, p->idem_key);
+    memcpy(r->body_hash, p->body_hash, 16);
+    r->type = (int)p->type;
+    r->status = (int)p->status;
+    r->start_time = p->start_time;
+    r->end_time = p->end_time;
+    r->created_at = p->created_at;
+    r->updated_at = p->updated_at;
+    for (size_t i = 0; i < p->noptions; i++) {
+        po->options[i].option_id = scratch_put(&cur, p->options[i].option_id);
+        po->options[i].text = scratch_put(&cur, p->options[i].text);
+        po->options[i].display_order = p->options[i].display_order;
+        po->options[i].position = (int)i;
+    }
+    r->noptions = p->noptions;
+    r->options = po->options;
+    po->op.type = type;
+    po->app = app;
+    free(settings);
+    return po;
+fail:
+    free(settings);
+    poll_op_free(po);
+    return NULL;
+}
+
+void poll_op_free(poll_op_t *po)
+{
+    if (po == NULL)
+        return;
+    tly_free(po->scratch);
+    tly_free(po->options);
+    tly_free(po);
+}
+
+/* ---- loading ---- */
+
+typedef struct {
+    tly_app_t *app;
+    size_t users, polls, ballots, requests, skipped;
+    int failed;
+} load_t;
+
+static void load_user(void *ctx, const tly_user_row_t *row)
+{
+    load_t *l = ctx;
+    user_t *u = tly_calloc(1, sizeof(*u));
+    if (u == NULL) {
+        l->failed = 1;
+        return;
+    }
+    u->user_id = tly_strdup(row->user_id);
+    u->username = tly_strdup(row->username);
+    u->name_key = tly_strdup(row->username);
+    u->password_hash = tly_strdup(row->password_hash);
+    u->committed = true;
+    if (!u->user_id || !u->username || !u->name_key || !u->password_hash) {
+        l->failed = 1;
+        return;
+    }
+    for (char *c = u->name_key; *c; c++)
+        if (*c >= 'A' && *c <= 'Z')
+            *c += 32;
+    api_user_add(l->app, u);
+    l->users++;
+}
+
+static void load_poll(void *ctx, const tly_poll_row_t *row)
+{
+    load_t *l = ctx;
+    tly_poll_t *p = tly_calloc(1, sizeof(*p));
+    if (p == NULL || row->noptions > TLY_MAX_OPTIONS) {
+        tly_free(p);
+        l->failed = 1;
+        return;
+    }
+    snprintf(p->poll_id, sizeof(p->poll_id), "%s", row->poll_id);
+    p->owner_id = tly_strdup(row->owner_id);
+    p->title = tly_strdup(row->title);
+    p->description = row->description ? tly_strdup(row->description) : NULL;
+    p->idem_key = row->idem_key ? tly_strdup(row->idem_key) : NULL;
+    memcpy(p->body_hash, row->body_hash, 16);
+    p->type = (tly_poll_type_t)row->type;
+    p->status = (tly_poll_status_t)row->status;
+    p->start_time = row->start_time;
+    p->end_time = row->end_time;
+    p->created_at = row->created_at;
+    p->updated_at = row->updated_at;
+    p->as_of = row->created_at;
+    p->results_dirty = true;
+    p->noptions = row->noptions;
+    p->options = tly_calloc(row->noptions ? row->noptions : 1, sizeof(*p->options));
+    if (p->owner_id == NULL || p->title == NULL || p->options == NULL ||
+        settings_parse(row->settings_json, &p->settings) != 0) {
+        tly_poll_free(p);
+        l->failed = 1;
+        return;
+    }
+    for (size_t i = 0; i < row->noptions; i++) {
+        const tly_option_row_t *o = &row->options[i];
+        size_t pos = (size_t)o->position < row->noptions ? (size_t)o->position : i;
+        snprintf(p->options[pos].option_id, sizeof(p->options[pos].option_id), "%s", o->option_id);
+        p->options[pos].text = tly_strdup(o->text);
+        p->options[pos].display_order = o->display_order;
+    }
+    tly_registry_add_poll(l->app->registry, p);
+    if (p->idem_key != NULL) {
+        poll_idem_t *pi = tly_calloc(1, sizeof(*pi));
+        size_t klen = strlen(p->owner_id) + strlen(p->idem_key) + 2;
+        if (pi != NULL && (pi->key = tly_malloc(klen)) != NULL) {
+            snprintf(pi->key, klen, "%s\n%s", p->owner_id, p->idem_key);
+            memcpy(pi->poll_id, p->poll_id, sizeof(pi->poll_id));
+            memcpy(pi->body_hash, p->body_hash, 16);
+            pi->committed = true;
+            HASH_ADD_KEYPTR(hh, l->app->poll_idem, pi->key, strlen(pi->key), pi);
+        } else {
+            tly_free(pi);
+        }
+    }
+    l->polls++;
+}
+
+static void load_ballot(void *ctx, const tly_ballot_row_t *row)
+{
+    load_t *l = ctx;
+    tly_poll_t *p = tly_registry_find_poll(l->app->registry, row->poll_id);
+    if (p == NULL || row->nchoices > p->noptions) {
+        l->skipped++;
+        return;
+    }
+    tly_ballot_t b;
+    b.nchoices = row->nchoices;
+    for (size_t i = 0; i < row->nchoices; i++) {
+        if (row->choices[i] >= p->noptions) {
+            l->skipped++;
+            return;
+        }
+        b.choices[i] = row->choices[i];
+        b.scores[i] = row->scores ? row->scores[i] : 0;
+    }
+    tly_vote_t *v = tly_vote_new(&b, row->voter_id, row->idem_key, row->vote_id, row->receipt, row->recorded_at);
+    if (v == NULL) {
+        l->failed = 1;
+        return;
+    }
+    memcpy(v->body_hash, row->body_hash, 16);
+    tly_poll_add_vote(l->app->registry, p, v);
+    tly_poll_commit_vote(p, v, row->recorded_at);
+    l->ballots++;
+}
+
+static void load_request(void *ctx, const tly_request_row_t *row)
+{
+    load_t *l = ctx;
+    vote_request_t *r = tly_calloc(1, sizeof(*r));
+    if (r == NULL || (r->voter_id = tly_strdup(row->voter_id)) == NULL) {
+        tly_free(r);
+        l->failed = 1;
+        return;
+    }
+    snprintf(r->request_id, sizeof(r->request_id), "%s", row->request_id);
+    snprintf(r->poll_id, sizeof(r->poll_id), "%s", row->poll_id);
+    snprintf(r->state, sizeof(r->state), "%s", row->state);
+    snprintf(r->vote_id, sizeof(r->vote_id), "%s", row->vote_id ? row->vote_id : "");
+    snprintf(r->error, sizeof(r->error), "%s", row->error ? row->error : "");
+    HASH_ADD_STR(l->app->requests, request_id, r);
+    l->requests++;
+}
+
+int api_load(tly_app_t *app)
+{
+    load_t l = {.app = app};
+    tly_store_load_cb_t cb = {load_user, load_poll, load_ballot, load_request};
+    int64_t t0 = tly_now_ms();
+    if (tly_store_load(app->store, &cb, &l) != 0 || l.failed)
+        return -1;
+    char users[24], polls[24], ballots[24], requests[24], skipped[24], ms[24];
+    snprintf(users, sizeof(users), "%zu", l.users);
+    snprintf(polls, sizeof(polls), "%zu", l.polls);
+    snprintf(ballots, sizeof(ballots), "%zu", l.ballots);
+    snprintf(requests, sizeof(requests), "%zu", l.requests);
+    snprintf(skipped, sizeof(skipped), "%zu", l.skipped);
+    snprintf(ms, sizeof(ms), "%lld", (long long)(tly_now_ms() - t0));
+    tly_log(l.skipped ? TLY_LOG_WARN : TLY_LOG_INFO, "store loaded", "users", users, "polls", polls, "ballots",
+            ballots, "requests", requests, "skipped", skipped, "ms", ms, NULL);
+    return 0;
+}

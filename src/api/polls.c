@@ -1,0 +1,318 @@
+/*
+ * polls.c: create, read, change, delete and list polls. A change is answered only once
+ * the store has committed it.
+ */
+#include <string.h>
+
+#include "api/api_int.h"
+#include "base/base.h"
+#include "obs/obs.h"
+
+static void respond_poll(tly_req_t *req, int status, const tly_poll_t *p)
+{
+    api_respond_json(req, status, tly_poll_to_json(p, tly_now_ms()));
+}
+
+static void respond_created(tly_req_t *req, const tly_poll_t *p)
+{
+    char loc[64];
+    snprintf(loc, sizeof(loc), "/v1/polls/%s", p->poll_id);
+    tly_req_add_header(req, "Location", loc);
+    respond_poll(req, 201, p);
+}
+
+/* ---- create ---- */
+
+static void create_committed(tly_store_op_t *op)
+{
+    poll_op_t *po = op->ctx;
+    tly_app_t *app = po->app;
+    tly_poll_t *p = po->poll;
+    api_end_async(app);
+    poll_idem_t *pi = NULL;
+    if (p->idem_key != NULL) {
+        size_t klen = strlen(p->owner_id) + strlen(p->idem_key) + 2;
+        char *key = tly_malloc(klen);
+        if (key != NULL) {
+            snprintf(key, klen, "%s\n%s", p->owner_id, p->idem_key);
+            HASH_FIND_STR(app->poll_idem, key, pi);
+            tly_free(key);
+        }
+    }
+    if (op->result == 0) {
+        tly_registry_add_poll(app->registry, p);
+        if (pi != NULL)
+            pi->committed = true;
+        respond_created(po->req, p);
+    } else {
+        if (pi != NULL) {
+            HASH_DEL(app->poll_idem, pi);
+            tly_free(pi->key);
+            tly_free(pi);
+        }
+        api_respond_store_error(po->req, op->result);
+        tly_poll_free(p);
+    }
+    poll_op_free(po);
+}
+
+void api_polls_create(tly_req_t *req, const tly_params_t *params, void *arg)
+{
+    tly_app_t *app = arg;
+    caller_t caller;
+    char *idem;
+    if (!api_caller(app, req, true, &caller) || !api_idempotency_key(req, &idem))
+        return;
+    json_t *body = api_parse_body(req, false);
+    if (body == NULL)
+        return;
+    uint8_t hash[16];
+    api_body_hash(req, hash);
+    poll_idem_t *pi = NULL;
+    if (idem != NULL) {
+        size_t klen = strlen(caller.id) + strlen(idem) + 2;
+        char *key = tly_req_alloc(req, klen);
+        snprintf(key, klen, "%s\n%s", caller.id, idem);
+        HASH_FIND_STR(app->poll_idem, key, pi);
+        if (pi != NULL) {
+            tly_poll_t *prev = tly_registry_find_poll(app->registry, pi->poll_id);
+            if (memcmp(pi->body_hash, hash, 16) != 0)
+                api_respond_error(req, 422, "IDEMPOTENCY_KEY_REUSED",
+                                  "this Idempotency-Key was used with a different request body", NULL);
+            else if (!pi->committed)
+                api_respond_error(req, 409, "REQUEST_IN_PROGRESS",
+                                  "a request with this Idempotency-Key is still being processed; retry shortly", NULL);
+            else if (prev == NULL)
+                api_respond_error(req, 404, "POLL_NOT_FOUND", "the poll created with this key was deleted", NULL);
+            else
+                respond_created(req, prev);
+            goto done;
+        }
+    }
+    const char *field = NULL, *msg = NULL;
+    char errbuf[256];
+    int64_t now = tly_now_ms();
+    tly_poll_t *p = tly_poll_from_json(body, caller.id, now, &field, &msg, errbuf, sizeof(errbuf));
+    if (p == NULL) {
+        api_respond_validation(req, field, msg ? msg : "invalid poll");
+        goto done;
+    }
+    if (idem != NULL && (p->idem_key = tly_strdup(idem)) == NULL)
+        goto oom;
+    memcpy(p->body_hash, hash, 16);
+    poll_op_t *po = poll_op_new(app, TLY_OP_POLL_INSERT, p);
+    if (po == NULL)
+        goto oom;
+    if (idem != NULL) {
+        pi = tly_calloc(1, sizeof(*pi));
+        size_t klen = strlen(caller.id) + strlen(idem) + 2;
+        if (pi == NULL || (pi->key = tly_malloc(klen)) == NULL) {
+            tly_free(pi);
+            poll_op_free(po);
+            goto oom;
+        }
+        snprintf(pi->key, klen, "%s\n%s", caller.id, idem);
+        memcpy(pi->poll_id, p->poll_id, sizeof(pi->poll_id));
+        memcpy(pi->body_hash, hash, 16);
+        HASH_ADD_KEYPTR(hh, app->poll_idem, pi->key, strlen(pi->key), pi);
+    }
+    po->poll = p;
+    po->req = req;
+    po->op.ctx = po;
+    po->op.done = create_committed;
+    api_begin_async(app);
+    tly_store_submit(app->store, &po->op);
+    goto done;
+oom:
+    tly_poll_free(p);
+    tly_req_add_header(req, "Retry-After", "1");
+    api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
+done:
+    json_decref(body);
+}
+
+/* ---- read ---- */
+
+void api_polls_get(tly_req_t *req, const tly_params_t *params, void *arg)
+{
+    tly_app_t *app = arg;
+    caller_t caller;
+    if (!api_caller(app, req, false, &caller))
+        return;
+    tly_poll_t *p = api_find_poll(app, req, params, &caller);
+    if (p != NULL)
+        respond_poll(req, 200, p);
+}
+
+/* ---- change ---- */
+
+static void patch_committed(tly_store_op_t *op)
+{
+    poll_op_t *po = op->ctx;
+    api_end_async(po->app);
+    if (op->result == 0) {
+        tly_poll_t *p = tly_registry_find_poll(po->app->registry, op->u.poll.poll_id);
+        if (p != NULL)
+            respond_poll(po->req, 200, p);
+        else
+            api_respond_error(po->req, 404, "POLL_NOT_FOUND", "no poll with that id", NULL);
+    } else {
+        /* The change is already live in memory; the store did not take it. Say so: a
+         * restart would show the previous version. */
+        tly_log(TLY_LOG_ERROR, "poll change not stored", "poll_id", op->u.poll.poll_id, NULL);
+        api_respond_store_error(po->req, op->result);
+    }
+    poll_op_free(po);
+}
+
+static bool owner_or_answer(tly_req_t *req, const tly_poll_t *p, const caller_t *caller)
+{
+    if (api_is_owner(p, caller))
+        return true;
+    api_respond_error(req, 403, "FORBIDDEN", "only the poll's owner may do that", NULL);
+    return false;
+}
+
+void api_polls_patch(tly_req_t *req, const tly_params_t *params, void *arg)
+{
+    tly_app_t *app = arg;
+    caller_t caller;
+    if (!api_caller(app, req, true, &caller))
+        return;
+    tly_poll_t *p = api_find_poll(app, req, params, &caller);
+    if (p == NULL || !owner_or_answer(req, p, &caller))
+        return;
+    json_t *body = api_parse_body(req, false);
+    if (body == NULL)
+        return;
+    const char *field = NULL, *msg = NULL;
+    char errbuf[256];
+    int rc = tly_poll_patch(p, body, tly_now_ms(), &field, &msg, errbuf, sizeof(errbuf));
+    json_decref(body);
+    if (rc == TLY_EINVAL) {
+        api_respond_validation(req, field, msg ? msg : "invalid change");
+        return;
+    }
+    if (rc == TLY_ESTATE) {
+        api_respond_error(req, 409, "INVALID_STATUS_TRANSITION",
+                          msg ? msg : "the poll cannot move to that status from its current one", NULL);
+        return;
+    }
+    if (rc == TLY_EEXIST) {
+        api_respond_error(req, 409, "POLL_HAS_VOTES", "options cannot change once a vote exists", NULL);
+        return;
+    }
+    if (rc != 0) {
+        tly_req_add_header(req, "Retry-After", "1");
+        api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
+        return;
+    }
+    p->updated_at = tly_now_ms();
+    poll_op_t *po = poll_op_new(app, TLY_OP_POLL_UPDATE, p);
+    if (po == NULL) {
+        tly_req_add_header(req, "Retry-After", "1");
+        api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
+        return;
+    }
+    po->req = req;
+    po->op.ctx = po;
+    po->op.done = patch_committed;
+    api_begin_async(app);
+    tly_store_submit(app->store, &po->op);
+}
+
+/* ---- delete ---- */
+
+static void delete_committed(tly_store_op_t *op)
+{
+    poll_op_t *po = op->ctx;
+    tly_app_t *app = po->app;
+    api_end_async(app);
+    poll_mark_t *m;
+    HASH_FIND_STR(app->deleting, op->u.poll.poll_id, m);
+    if (m != NULL) {
+        HASH_DEL(app->deleting, m);
+        tly_free(m);
+    }
+    if (op->result == 0) {
+        tly_poll_t *p = tly_registry_find_poll(app->registry, op->u.poll.poll_id);
+        if (p != NULL)
+            tly_registry_remove_poll(app->registry, p);
+        tly_req_respond(po->req, 204, NULL, "", 0);
+    } else {
+        api_respond_store_error(po->req, op->result);
+    }
+    poll_op_free(po);
+}
+
+void api_polls_delete(tly_req_t *req, const tly_params_t *params, void *arg)
+{
+    tly_app_t *app = arg;
+    caller_t caller;
+    if (!api_caller(app, req, true, &caller))
+        return;
+    tly_poll_t *p = api_find_poll(app, req, params, &caller);
+    if (p == NULL || !owner_or_answer(req, p, &caller))
+        return;
+    poll_op_t *po = poll_op_new(app, TLY_OP_POLL_DELETE, p);
+    poll_mark_t *m = tly_calloc(1, sizeof(*m));
+    if (po == NULL || m == NULL) {
+        poll_op_free(po);
+        tly_free(m);
+        tly_req_add_header(req, "Retry-After", "1");
+        api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
+        return;
+    }
+    /* From now on the poll is gone for readers and voters; ballots already queued
+     * commit before the delete (the writer keeps submission order). */
+    memcpy(m->poll_id, p->poll_id, sizeof(m->poll_id));
+    HASH_ADD_STR(app->deleting, poll_id, m);
+    po->req = req;
+    po->op.ctx = po;
+    po->op.done = delete_committed;
+    api_begin_async(app);
+    tly_store_submit(app->store, &po->op);
+}
+
+/* ---- list ---- */
+
+void api_polls_list(tly_req_t *req, const tly_params_t *params, void *arg)
+{
+    tly_app_t *app = arg;
+    caller_t caller;
+    if (!api_caller(app, req, true, &caller))
+        return;
+    tly_str_t v;
+    if (!tly_req_query_param(req, "mine", &v) || !(tly_str_eq(v, "1") || tly_str_eq(v, "true"))) {
+        api_respond_validation(req, "mine", "listing needs mine=1: only your own polls can be listed");
+        return;
+    }
+    long limit = 20;
+    if (tly_req_query_param(req, "limit", &v)) {
+        char *end;
+        limit = strtol(v.ptr, &end, 10);
+        if (v.len == 0 || *end != '\0' || limit < 1 || limit > 100) {
+            api_respond_validation(req, "limit", "limit must be a whole number from 1 to 100");
+            return;
+        }
+    }
+    const char *after = NULL;
+    if (tly_req_query_param(req, "cursor", &v) && v.len > 0) {
+        tly_poll_t *c = v.len == TLY_POLL_ID_LEN ? tly_registry_find_poll(app->registry, v.ptr) : NULL;
+        if (c == NULL || strcmp(c->owner_id, caller.id) != 0) {
+            api_respond_validation(req, "cursor", "the cursor is not valid (it may refer to a deleted poll)");
+            return;
+        }
+        after = v.ptr;
+    }
+    tly_poll_t *items[100];
+    bool more = false;
+    size_t n = tly_registry_list_owner(app->registry, caller.id, after, items, (size_t)limit, &more);
+    json_t *arr = json_array();
+    int64_t now = tly_now_ms();
+    for (size_t i = 0; i < n; i++)
+        json_array_append_new(arr, tly_poll_to_json(items[i], now));
+    api_respond_json(req, 200,
+                     json_pack("{s:o, s:o}", "items", arr, "next_cursor",
+                               more && n > 0 ? json_string(items[n - 1]->poll_id) : json_null()));
+}

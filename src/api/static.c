@@ -1,0 +1,98 @@
+/*
+ * static.c: the web UI's files from --web-root. Paths without a file extension that
+ * match no file get index.html, so the app's own routes (/p/<poll_id>) load the app.
+ * Files are small and read per request; the page cache makes that cheap.
+ */
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "api/api_int.h"
+#include "base/base.h"
+
+#define STATIC_MAX (4 << 20)
+
+static const char *content_type(const char *path)
+{
+    static const struct {
+        const char *ext, *type;
+    } types[] = {{".html", "text/html; charset=utf-8"},
+                 {".js", "text/javascript; charset=utf-8"},
+                 {".mjs", "text/javascript; charset=utf-8"},
+                 {".css", "text/css; charset=utf-8"},
+                 {".svg", "image/svg+xml"},
+                 {".png", "image/png"},
+                 {".ico", "image/x-icon"},
+                 {".json", "application/json; charset=utf-8"},
+                 {".txt", "text/plain; charset=utf-8"},
+                 {".woff2", "font/woff2"}};
+    const char *dot = strrchr(path, '.');
+    if (dot != NULL && strchr(dot, '/') == NULL)
+        for (size_t i = 0; i < TLY_ARRAY_SIZE(types); i++)
+            if (strcmp(dot, types[i].ext) == 0)
+                return types[i].type;
+    return "application/octet-stream";
+}
+
+static bool safe_path(tly_str_t p)
+{
+    if (p.len == 0 || p.ptr[0] != '/')
+        return false;
+    for (size_t i = 0; i < p.len; i++) {
+        char c = p.ptr[i];
+        if (c == '\0' || c == '\\' || c == '%')
+            return false;
+        if (c == '.' && i > 0 && p.ptr[i - 1] == '/') /* no "..", no hidden files */
+            return false;
+    }
+    return true;
+}
+
+static bool try_send(tly_req_t *req, const char *file)
+{
+    int fd = open(file, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return false;
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > STATIC_MAX) {
+        close(fd);
+        return false;
+    }
+    char *buf = tly_req_alloc(req, (size_t)st.st_size + 1);
+    ssize_t n = buf ? read(fd, buf, (size_t)st.st_size) : -1;
+    close(fd);
+    if (n != st.st_size)
+        return false;
+    tly_req_add_header(req, "Content-Security-Policy",
+                       "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+                       "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'");
+    tly_req_add_header(req, "X-Content-Type-Options", "nosniff");
+    tly_req_add_header(req, "Referrer-Policy", "no-referrer");
+    tly_req_add_header(req, "Cache-Control", "no-cache");
+    tly_req_respond(req, 200, content_type(file), buf, (size_t)n);
+    return true;
+}
+
+void api_static_get(tly_req_t *req, const tly_params_t *params, void *arg)
+{
+    tly_app_t *app = arg;
+    tly_str_t path = tly_req_path(req);
+    char file[4096];
+    if (safe_path(path) && path.len < 1024) {
+        const char *root = app->conf->web_root;
+        if (path.len == 1)
+            snprintf(file, sizeof(file), "%s/index.html", root);
+        else
+            snprintf(file, sizeof(file), "%s%.*s", root, (int)path.len, path.ptr);
+        if (try_send(req, file))
+            return;
+        const char *last = memrchr(path.ptr, '/', path.len);
+        bool has_ext = last && memchr(last, '.', path.len - (size_t)(last - path.ptr)) != NULL;
+        snprintf(file, sizeof(file), "%s/index.html", root);
+        if (!has_ext && try_send(req, file))
+            return;
+    }
+    api_respond_error(req, 404, "NOT_FOUND", "no such page", NULL);
+}

@@ -1,0 +1,323 @@
+/*
+ * votes.c: casting a ballot, reading one's own, async request status and receipts.
+ *
+ * The vote path: token -> poll (in memory) -> Idempotency-Key replay or dedup (the
+ * poll's voter map holds pending and committed ballots, so a second ballot is refused
+ * before it reaches the store) -> time window -> ballot validation -> the writer's next
+ * batch -> commit -> counts move -> 200 (or 202 for Prefer: respond-async). The store's
+ * UNIQUE(poll_id, voter_id) is the last word should memory and disk ever disagree.
+ */
+#include <string.h>
+
+#include "api/api_int.h"
+#include "base/base.h"
+#include "obs/obs.h"
+
+typedef struct waiter {
+    tly_req_t *req;
+    bool async;
+    struct waiter *next;
+} waiter_t;
+
+typedef struct ballot_op {
+    UT_hash_handle hh; /* app->pending_ballots, keyed by the vote pointer */
+    tly_store_op_t op;
+    tly_app_t *app;
+    tly_poll_t *poll;
+    tly_vote_t *vote;
+    waiter_t *waiters;
+    char request_id[24];
+    char *client_meta;
+} ballot_op_t;
+
+static json_t *recorded_json(const tly_poll_t *p, const tly_vote_t *v)
+{
+    char at[TLY_TIME_LEN];
+    tly_time_format(v->recorded_at, at);
+    return json_pack("{s:s, s:s, s:s, s:o, s:s, s:s}", "status", "recorded", "vote_id", v->vote_id, "poll_id",
+                     p->poll_id, "option_ids", tly_vote_option_ids(p, v), "recorded_at", at, "receipt", v->receipt);
+}
+
+static void respond_accepted(tly_req_t *req, const tly_poll_t *p, const char *request_id)
+{
+    char loc[128];
+    snprintf(loc, sizeof(loc), "/v1/polls/%s/votes/requests/%s", p->poll_id, request_id);
+    tly_req_add_header(req, "Location", loc);
+    api_respond_json(req, 202,
+                     json_pack("{s:s, s:s, s:s}", "status", "accepted", "poll_id", p->poll_id, "request_id",
+                               request_id));
+}
+
+static void respond_already_voted(tly_req_t *req, const tly_vote_t *v)
+{
+    api_respond_error(req, 409, "ALREADY_VOTED", "this voter has already voted in this poll",
+                      v ? json_pack("{s:s}", "vote_id", v->vote_id) : NULL);
+}
+
+static void remember_request(tly_app_t *app, const char *request_id, const tly_poll_t *p, const char *voter_id,
+                             const char *state, const char *vote_id, const char *error)
+{
+    vote_request_t *r = tly_calloc(1, sizeof(*r));
+    if (r == NULL || (r->voter_id = tly_strdup(voter_id)) == NULL) {
+        tly_free(r);
+        return; /* the row is durable; a restart brings it back */
+    }
+    snprintf(r->request_id, sizeof(r->request_id), "%s", request_id);
+    snprintf(r->poll_id, sizeof(r->poll_id), "%s", p->poll_id);
+    snprintf(r->state, sizeof(r->state), "%s", state);
+    snprintf(r->vote_id, sizeof(r->vote_id), "%s", vote_id ? vote_id : "");
+    snprintf(r->error, sizeof(r->error), "%s", error ? error : "");
+    HASH_ADD_STR(app->requests, request_id, r);
+}
+
+static void ballot_committed(tly_store_op_t *op)
+{
+    ballot_op_t *bo = op->ctx;
+    tly_app_t *app = bo->app;
+    tly_poll_t *p = bo->poll;
+    tly_vote_t *v = bo->vote;
+    HASH_DEL(app->pending_ballots, bo);
+    p->pending_votes--;
+    if (op->result == 0) {
+        tly_poll_commit_vote(p, v, tly_now_ms());
+        if (bo->request_id[0])
+            remember_request(app, bo->request_id, p, v->voter_id, "completed", v->vote_id, NULL);
+        for (waiter_t *w = bo->waiters; w != NULL; w = w->next) {
+            api_end_async(app);
+            if (w->async && bo->request_id[0])
+                respond_accepted(w->req, p, bo->request_id);
+            else
+                api_respond_json(w->req, 200, recorded_json(p, v));
+        }
+    } else {
+        if (op->result == TLY_EEXIST) {
+            /* memory did not know this ballot but the store did: trust the store */
+            tly_log(TLY_LOG_ERROR, "ballot already in store but not in memory", "poll_id", p->poll_id, NULL);
+            if (bo->request_id[0])
+                remember_request(app, bo->request_id, p, v->voter_id, "failed", NULL, "ALREADY_VOTED");
+        }
+        for (waiter_t *w = bo->waiters; w != NULL; w = w->next) {
+            api_end_async(app);
+            if (op->result == TLY_EEXIST)
+                respond_already_voted(w->req, NULL);
+            else
+                api_respond_store_error(w->req, op->result);
+        }
+        tly_poll_drop_vote(app->registry, p, v);
+    }
+    tly_free(bo->client_meta);
+    tly_free(bo);
+}
+
+static bool prefers_async(tly_req_t *req)
+{
+    tly_str_t h = tly_req_header(req, "prefer");
+    if (h.ptr == NULL)
+        return false;
+    for (size_t i = 0; i + 13 <= h.len; i++)
+        if (strncasecmp(h.ptr + i, "respond-async", 13) == 0)
+            return true;
+    return false;
+}
+
+/* A retry of a ballot: same Idempotency-Key and body gets the first answer again. */
+static void replay(tly_app_t *app, tly_req_t *req, tly_poll_t *p, tly_vote_t *v, bool async)
+{
+    if (v->state == TLY_VOTE_COMMITTED) {
+        api_respond_json(req, 200, recorded_json(p, v));
+        return;
+    }
+    ballot_op_t *bo;
+    HASH_FIND_PTR(app->pending_ballots, &v, bo);
+    waiter_t *w = tly_req_alloc(req, sizeof(*w));
+    if (bo == NULL || w == NULL) {
+        respond_already_voted(req, v);
+        return;
+    }
+    w->req = req;
+    w->async = async;
+    w->next = bo->waiters;
+    bo->waiters = w;
+    api_begin_async(app);
+}
+
+void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg)
+{
+    tly_app_t *app = arg;
+    caller_t caller;
+    char *idem;
+    if (!api_caller(app, req, true, &caller) || !api_idempotency_key(req, &idem))
+        return;
+    tly_poll_t *p = api_find_poll(app, req, params, &caller);
+    if (p == NULL)
+        return;
+    if (strlen(caller.id) > TLY_VOTER_ID_MAX) {
+        api_respond_error(req, 401, "UNAUTHENTICATED", "the token's subject is too long", NULL);
+        return;
+    }
+    if (caller.anonymous && !p->settings.allow_anonymous) {
+        api_respond_error(req, 403, "FORBIDDEN", "this poll needs a registered voter; sign in to vote", NULL);
+        return;
+    }
+    json_t *body = api_parse_body(req, false);
+    if (body == NULL)
+        return;
+    bool async = prefers_async(req);
+    uint8_t hash[16];
+    api_body_hash(req, hash);
+    tly_vote_t *prev = tly_poll_find_vote(p, caller.id);
+    if (prev != NULL) {
+        if (idem != NULL && prev->idem_key != NULL && strcmp(idem, prev->idem_key) == 0) {
+            if (memcmp(hash, prev->body_hash, 16) == 0)
+                replay(app, req, p, prev, async);
+            else
+                api_respond_error(req, 422, "IDEMPOTENCY_KEY_REUSED",
+                                  "this Idempotency-Key was used with a different ballot", NULL);
+        } else {
+            respond_already_voted(req, prev);
+        }
+        goto done;
+    }
+    int64_t now = tly_now_ms();
+    if (!tly_poll_accepts_votes(p, now)) {
+        const char *why = tly_poll_effective_status(p, now) == TLY_STATUS_CLOSED ? "the poll is closed"
+                          : p->status == TLY_STATUS_DRAFT                        ? "the poll is a draft"
+                                                                                 : "the poll has not started yet";
+        api_respond_error(req, 409, "POLL_NOT_ACTIVE", why, json_pack("{s:s}", "status",
+                                                                      tly_poll_status_name(tly_poll_effective_status(p, now))));
+        goto done;
+    }
+    tly_ballot_t ballot;
+    const char *field = NULL, *msg = NULL;
+    switch (tly_ballot_parse(p, body, &ballot, &field, &msg)) {
+    case TLY_BALLOT_OK:
+        break;
+    case TLY_BALLOT_UNKNOWN_OPTION:
+        api_respond_error(req, 400, "INVALID_OPTION", msg ? msg : "no option with that id in this poll",
+                          field ? json_pack("{s:s}", "field", field) : NULL);
+        goto done;
+    default:
+        api_respond_validation(req, field, msg ? msg : "invalid ballot");
+        goto done;
+    }
+    json_t *meta = json_object_get(body, "client_meta");
+    ballot_op_t *bo = tly_calloc(1, sizeof(*bo));
+    tly_vote_t *v = tly_vote_new(&ballot, caller.id, idem, NULL, NULL, now);
+    waiter_t *w = tly_req_alloc(req, sizeof(*w));
+    if (meta != NULL && bo != NULL)
+        bo->client_meta = json_dumps(meta, JSON_COMPACT | JSON_ENCODE_ANY);
+    if (bo == NULL || v == NULL || w == NULL || (meta != NULL && bo->client_meta == NULL)) {
+        if (bo)
+            free(bo->client_meta);
+        tly_free(bo);
+        if (v)
+            tly_vote_free(v);
+        tly_req_add_header(req, "Retry-After", "1");
+        api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
+        goto done;
+    }
+    memcpy(v->body_hash, hash, 16);
+    tly_poll_add_vote(app->registry, p, v);
+    p->pending_votes++;
+    bo->app = app;
+    bo->poll = p;
+    bo->vote = v;
+    *w = (waiter_t){req, async, NULL};
+    bo->waiters = w;
+    if (async)
+        tly_random_id(bo->request_id, "r_", 12);
+    bo->op.type = TLY_OP_BALLOT_INSERT;
+    bo->op.ctx = bo;
+    bo->op.done = ballot_committed;
+    tly_ballot_row_t *row = &bo->op.u.ballot;
+    row->poll_id = p->poll_id;
+    row->voter_id = v->voter_id;
+    row->vote_id = v->vote_id;
+    row->receipt = v->receipt;
+    row->nchoices = v->nchoices;
+    row->choices = v->data;
+    row->scores = p->type == TLY_TYPE_SCORE ? v->data + v->nchoices : NULL;
+    row->recorded_at = v->recorded_at;
+    row->idem_key = v->idem_key;
+    memcpy(row->body_hash, hash, 16);
+    row->client_meta = bo->client_meta;
+    row->request_id = async ? bo->request_id : NULL;
+    HASH_ADD_PTR(app->pending_ballots, vote, bo);
+    api_begin_async(app);
+    tly_store_submit(app->store, &bo->op);
+done:
+    json_decref(body);
+}
+
+void api_votes_me(tly_req_t *req, const tly_params_t *params, void *arg)
+{
+    tly_app_t *app = arg;
+    caller_t caller;
+    if (!api_caller(app, req, true, &caller))
+        return;
+    tly_poll_t *p = api_find_poll(app, req, params, &caller);
+    if (p == NULL)
+        return;
+    tly_vote_t *v = tly_poll_find_vote(p, caller.id);
+    if (v == NULL || v->state != TLY_VOTE_COMMITTED) {
+        api_respond_json(req, 200,
+                         json_pack("{s:b, s:[], s:n, s:n}", "has_voted", 0, "option_ids", "voted_at", "vote_id"));
+        return;
+    }
+    char at[TLY_TIME_LEN];
+    tly_time_format(v->recorded_at, at);
+    api_respond_json(req, 200,
+                     json_pack("{s:b, s:o, s:s, s:s, s:o}", "has_voted", 1, "option_ids", tly_vote_option_ids(p, v),
+                               "voted_at", at, "vote_id", v->vote_id, "ballot", tly_ballot_to_json(p, v)));
+}
+
+void api_votes_request(tly_req_t *req, const tly_params_t *params, void *arg)
+{
+    tly_app_t *app = arg;
+    caller_t caller;
+    if (!api_caller(app, req, true, &caller))
+        return;
+    size_t plen, rlen;
+    const char *pid = tly_params_get(params, "poll_id", &plen);
+    const char *rid = tly_params_get(params, "request_id", &rlen);
+    vote_request_t *r = NULL;
+    if (rlen < sizeof(r->request_id)) {
+        char key[sizeof(r->request_id)];
+        memcpy(key, rid, rlen);
+        key[rlen] = '\0';
+        HASH_FIND_STR(app->requests, key, r);
+    }
+    if (r == NULL || strcmp(r->voter_id, caller.id) != 0 || strlen(r->poll_id) != plen ||
+        memcmp(r->poll_id, pid, plen) != 0) {
+        api_respond_error(req, 404, "REQUEST_NOT_FOUND", "no vote request with that id for this voter", NULL);
+        return;
+    }
+    json_t *o = json_pack("{s:s, s:s}", "request_id", r->request_id, "state", r->state);
+    if (r->vote_id[0])
+        json_object_set_new(o, "vote_id", json_string(r->vote_id));
+    if (r->error[0])
+        json_object_set_new(o, "error", json_pack("{s:s}", "code", r->error));
+    api_respond_json(req, 200, o);
+}
+
+void api_receipts_get(tly_req_t *req, const tly_params_t *params, void *arg)
+{
+    tly_app_t *app = arg;
+    size_t len;
+    const char *rc = tly_params_get(params, "receipt", &len);
+    tly_vote_t *v = NULL;
+    if (len == TLY_RECEIPT_LEN) {
+        char key[TLY_RECEIPT_LEN + 1];
+        memcpy(key, rc, len);
+        key[len] = '\0';
+        v = tly_registry_find_receipt(app->registry, key);
+    }
+    if (v == NULL || v->state != TLY_VOTE_COMMITTED) {
+        api_respond_error(req, 404, "RECEIPT_NOT_FOUND", "no counted ballot has that receipt", NULL);
+        return;
+    }
+    char at[TLY_TIME_LEN];
+    tly_time_format(v->recorded_at, at);
+    api_respond_json(req, 200,
+                     json_pack("{s:b, s:s, s:s}", "counted", 1, "poll_id", v->poll->poll_id, "recorded_at", at));
+}

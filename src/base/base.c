@@ -1,0 +1,280 @@
+/*
+ * base.c: allocation wrapper, time, ids, base64url and UTF-8 checks.
+ */
+#include "base.h"
+
+#include <sodium.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* Injection counter: -1 means off; otherwise the number of allocations still allowed. */
+static _Atomic long alloc_budget = -1;
+
+static int alloc_should_fail(void)
+{
+    long b = atomic_load_explicit(&alloc_budget, memory_order_relaxed);
+    if (b < 0)
+        return 0;
+    if (b == 0)
+        return 1;
+    atomic_fetch_sub_explicit(&alloc_budget, 1, memory_order_relaxed);
+    return 0;
+}
+
+void tly_alloc_fail_after(long n)
+{
+    atomic_store(&alloc_budget, n < 0 ? -1 : n);
+}
+
+void *tly_malloc(size_t n)
+{
+    return alloc_should_fail() ? NULL : malloc(n ? n : 1);
+}
+
+void *tly_calloc(size_t n, size_t size)
+{
+    return alloc_should_fail() ? NULL : calloc(n ? n : 1, size ? size : 1);
+}
+
+void *tly_realloc(void *p, size_t n)
+{
+    return alloc_should_fail() ? NULL : realloc(p, n ? n : 1);
+}
+
+void tly_free(void *p)
+{
+    free(p);
+}
+
+char *tly_strndup(const char *s, size_t n)
+{
+    char *d = tly_malloc(n + 1);
+    if (d == NULL)
+        return NULL;
+    memcpy(d, s, n);
+    d[n] = '\0';
+    return d;
+}
+
+char *tly_strdup(const char *s)
+{
+    return tly_strndup(s, strlen(s));
+}
+
+int64_t tly_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+void tly_time_format(int64_t ms, char out[TLY_TIME_LEN])
+{
+    time_t secs = (time_t)(ms / 1000);
+    int frac = (int)(ms % 1000);
+    if (frac < 0) {
+        frac += 1000;
+        secs -= 1;
+    }
+    struct tm tm;
+    gmtime_r(&secs, &tm);
+    /* strftime writes exactly 19 characters for years 1000..9999 */
+    if (tm.tm_year + 1900 > 9999 || tm.tm_year + 1900 < 1000 ||
+        strftime(out, TLY_TIME_LEN, "%Y-%m-%dT%H:%M:%S", &tm) != 19) {
+        memcpy(out, "9999-12-31T23:59:59.999Z", TLY_TIME_LEN);
+        return;
+    }
+    out[19] = '.';
+    out[20] = (char)('0' + frac / 100);
+    out[21] = (char)('0' + frac / 10 % 10);
+    out[22] = (char)('0' + frac % 10);
+    out[23] = 'Z';
+    out[24] = '\0';
+}
+
+static int parse_digits(const char **p, int n, int *out)
+{
+    int v = 0;
+    for (int i = 0; i < n; i++) {
+        char c = (*p)[i];
+        if (c < '0' || c > '9')
+            return -1;
+        v = v * 10 + (c - '0');
+    }
+    *p += n;
+    *out = v;
+    return 0;
+}
+
+int tly_time_parse(const char *s, int64_t *ms)
+{
+    const char *p = s;
+    int year, mon, day, hour, min, sec, frac_ms = 0;
+    if (parse_digits(&p, 4, &year) || *p++ != '-' || parse_digits(&p, 2, &mon) || *p++ != '-' ||
+        parse_digits(&p, 2, &day) || (*p != 'T' && *p != 't') || (++p, parse_digits(&p, 2, &hour)) ||
+        *p++ != ':' || parse_digits(&p, 2, &min) || *p++ != ':' || parse_digits(&p, 2, &sec))
+        return TLY_EINVAL;
+    if (*p == '.') {
+        p++;
+        int digits = 0;
+        while (*p >= '0' && *p <= '9') {
+            if (digits < 3)
+                frac_ms = frac_ms * 10 + (*p - '0');
+            digits++;
+            p++;
+        }
+        if (digits == 0 || digits > 9)
+            return TLY_EINVAL;
+        for (int i = digits; i < 3; i++)
+            frac_ms *= 10;
+    }
+    int offset_min = 0;
+    if (*p == 'Z' || *p == 'z') {
+        p++;
+    } else if (*p == '+' || *p == '-') {
+        int sign = *p++ == '-' ? -1 : 1, oh, om;
+        if (parse_digits(&p, 2, &oh) || *p++ != ':' || parse_digits(&p, 2, &om) || oh > 23 || om > 59)
+            return TLY_EINVAL;
+        offset_min = sign * (oh * 60 + om);
+    } else {
+        return TLY_EINVAL;
+    }
+    if (*p != '\0')
+        return TLY_EINVAL;
+    static const int mdays[] = {31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    if (year < 1970 || year > 9999 || mon < 1 || mon > 12 || day < 1 || day > mdays[mon - 1] || hour > 23 ||
+        min > 59 || sec > 60)
+        return TLY_EINVAL;
+    int leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    if (mon == 2 && day == 29 && !leap)
+        return TLY_EINVAL;
+    /* days from civil (Howard Hinnant's algorithm) */
+    int y = year - (mon <= 2);
+    int era = y / 400;
+    int yoe = y - era * 400;
+    int doy = (153 * (mon + (mon > 2 ? -3 : 9)) + 2) / 5 + day - 1;
+    int doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    int64_t days = (int64_t)era * 146097 + doe - 719468;
+    int64_t secs = days * 86400 + hour * 3600 + min * 60 + (sec > 59 ? 59 : sec) - offset_min * 60;
+    *ms = secs * 1000 + frac_ms;
+    return 0;
+}
+
+static const char b64url_chars[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+size_t tly_b64url_encode(const uint8_t *in, size_t n, char *out)
+{
+    size_t o = 0, i = 0;
+    for (; i + 2 < n; i += 3) {
+        uint32_t v = (uint32_t)in[i] << 16 | (uint32_t)in[i + 1] << 8 | in[i + 2];
+        out[o++] = b64url_chars[v >> 18 & 63];
+        out[o++] = b64url_chars[v >> 12 & 63];
+        out[o++] = b64url_chars[v >> 6 & 63];
+        out[o++] = b64url_chars[v & 63];
+    }
+    if (n - i == 1) {
+        uint32_t v = (uint32_t)in[i] << 16;
+        out[o++] = b64url_chars[v >> 18 & 63];
+        out[o++] = b64url_chars[v >> 12 & 63];
+    } else if (n - i == 2) {
+        uint32_t v = (uint32_t)in[i] << 16 | (uint32_t)in[i + 1] << 8;
+        out[o++] = b64url_chars[v >> 18 & 63];
+        out[o++] = b64url_chars[v >> 12 & 63];
+        out[o++] = b64url_chars[v >> 6 & 63];
+    }
+    out[o] = '\0';
+    return o;
+}
+
+static int b64url_value(char c)
+{
+    if (c >= 'A' && c <= 'Z')
+        return c - 'A';
+    if (c >= 'a' && c <= 'z')
+        return c - 'a' + 26;
+    if (c >= '0' && c <= '9')
+        return c - '0' + 52;
+    if (c == '-')
+        return 62;
+    if (c == '_')
+        return 63;
+    return -1;
+}
+
+int tly_b64url_decode(const char *in, size_t len, uint8_t *out)
+{
+    if (len % 4 == 1)
+        return TLY_EINVAL;
+    size_t o = 0;
+    uint32_t acc = 0;
+    int bits = 0;
+    for (size_t i = 0; i < len; i++) {
+        int v = b64url_value(in[i]);
+        if (v < 0)
+            return TLY_EINVAL;
+        acc = acc << 6 | (uint32_t)v;
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            out[o++] = (uint8_t)(acc >> bits);
+        }
+    }
+    /* leftover bits must be zero for a canonical encoding */
+    if (bits > 0 && (acc & ((1u << bits) - 1)) != 0)
+        return TLY_EINVAL;
+    return (int)o;
+}
+
+void tly_random_id(char *out, const char *prefix, size_t nbytes)
+{
+    uint8_t buf[64];
+    if (nbytes > sizeof(buf))
+        nbytes = sizeof(buf);
+    randombytes_buf(buf, nbytes);
+    size_t plen = strlen(prefix);
+    memcpy(out, prefix, plen);
+    tly_b64url_encode(buf, nbytes, out + plen);
+}
+
+long tly_utf8_length(const char *s, size_t len)
+{
+    const unsigned char *p = (const unsigned char *)s, *end = p + len;
+    long count = 0;
+    while (p < end) {
+        unsigned c = *p;
+        size_t need;
+        uint32_t cp;
+        if (c < 0x80) {
+            p++;
+            count++;
+            continue;
+        } else if (c >= 0xC2 && c <= 0xDF) {
+            need = 1;
+            cp = c & 0x1F;
+        } else if (c >= 0xE0 && c <= 0xEF) {
+            need = 2;
+            cp = c & 0x0F;
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            need = 3;
+            cp = c & 0x07;
+        } else {
+            return -1;
+        }
+        if ((size_t)(end - p) <= need)
+            return -1;
+        for (size_t i = 1; i <= need; i++) {
+            if ((p[i] & 0xC0) != 0x80)
+                return -1;
+            cp = cp << 6 | (p[i] & 0x3F);
+        }
+        if ((need == 2 && cp < 0x800) || (need == 3 && (cp < 0x10000 || cp > 0x10FFFF)) ||
+            (cp >= 0xD800 && cp <= 0xDFFF))
+            return -1;
+        p += need + 1;
+        count++;
+    }
+    return count;
+}

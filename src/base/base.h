@@ -1,0 +1,65 @@
+/*
+ * base: what every module of tally needs and nothing else: error codes, the one
+ * allocation wrapper (so tests can inject failure), wall-clock time in RFC 3339,
+ * and random URL-safe identifiers.
+ *
+ * Thread-safety: every function here may be called from any thread.
+ */
+#ifndef TALLY_BASE_H
+#define TALLY_BASE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Error codes: functions return 0 on success or one of these (negative). */
+enum {
+    TLY_OK = 0,
+    TLY_ENOMEM = -1,   /* allocation failed */
+    TLY_EINVAL = -2,   /* malformed input */
+    TLY_ENOTFOUND = -3,
+    TLY_EEXIST = -4,   /* unique constraint: already there */
+    TLY_EAUTH = -5,    /* authentication failed */
+    TLY_EIO = -6,      /* storage or system error */
+    TLY_ESTATE = -7,   /* wrong state for the operation */
+    TLY_EFULL = -8,    /* a bounded queue or table is full */
+};
+
+/* Allocation. Every allocation in tally goes through these so that tests can make
+ * the n-th allocation fail (tly_alloc_fail_after). They return NULL on failure;
+ * callers handle it (a request answers 503, startup exits). */
+void *tly_malloc(size_t n);
+void *tly_calloc(size_t n, size_t size);
+void *tly_realloc(void *p, size_t n);
+void tly_free(void *p);
+char *tly_strdup(const char *s);
+char *tly_strndup(const char *s, size_t n);
+/* Make every allocation after the next `n` fail; n < 0 disables injection. For tests. */
+void tly_alloc_fail_after(long n);
+
+/* Wall-clock milliseconds since the Unix epoch. */
+int64_t tly_now_ms(void);
+
+#define TLY_TIME_LEN 25 /* "2026-04-05T12:00:01.234Z" plus NUL */
+/* Formats ms since the epoch as RFC 3339 UTC with milliseconds into out. */
+void tly_time_format(int64_t ms, char out[TLY_TIME_LEN]);
+/* Parses RFC 3339 ("2026-04-05T10:00:00Z", optional fraction, "Z" or "+hh:mm")
+ * into ms since the epoch. Returns 0 or TLY_EINVAL. */
+int tly_time_parse(const char *s, int64_t *ms);
+
+/* Fills out with `nbytes` random bytes encoded as base64url without padding, after
+ * `prefix` (may be ""). out must hold strlen(prefix) + 4 * nbytes / 3 + 2 bytes. */
+void tly_random_id(char *out, const char *prefix, size_t nbytes);
+
+/* base64url without padding. encode writes a NUL-terminated string and returns its
+ * length; out must hold 4 * (n + 2) / 3 + 1 bytes. decode returns the decoded
+ * length or TLY_EINVAL; out must hold 3 * len / 4 + 1 bytes. */
+size_t tly_b64url_encode(const uint8_t *in, size_t n, char *out);
+int tly_b64url_decode(const char *in, size_t len, uint8_t *out);
+
+/* Validates UTF-8 (no overlongs, no surrogates) and returns the number of code points,
+ * or -1 when invalid. */
+long tly_utf8_length(const char *s, size_t len);
+
+#define TLY_ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+
+#endif

@@ -1,0 +1,236 @@
+/*
+ * conf.c: the option table and its three sources.
+ */
+#include "conf/conf.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/base.h"
+
+typedef enum { OPT_STR, OPT_LONG, OPT_BOOL } opt_type_t;
+
+typedef struct {
+    const char *name;
+    opt_type_t type;
+    size_t offset;
+    const char *def;
+    long min, max;
+    const char *commands; /* space-separated commands the option applies to */
+    const char *help;
+} option_t;
+
+#define OFF(f) offsetof(tly_conf_t, f)
+
+static const option_t options[] = {
+    {"config", OPT_STR, OFF(config), "", 0, 0, "serve token", "config file of `name = value` lines"},
+    {"listen", OPT_STR, OFF(listen), "127.0.0.1:8080", 0, 0, "serve", "address to serve HTTP on (host:port)"},
+    {"data-dir", OPT_STR, OFF(data_dir), "./data", 0, 0, "serve token", "directory of the store and the secret"},
+    {"secret", OPT_STR, OFF(secret), "", 0, 0, "serve token",
+     "token signing secret (default: generated once into DATA_DIR/secret)"},
+    {"web-root", OPT_STR, OFF(web_root), "web", 0, 0, "serve", "directory of the web UI served at /"},
+    {"public-url", OPT_STR, OFF(public_url), "", 0, 0, "serve", "base URL used in share links (default: from Host)"},
+    {"log-level", OPT_STR, OFF(log_level), "info", 0, 0, "serve", "debug, info, warn or error"},
+    {"body-limit", OPT_LONG, OFF(body_limit), "65536", 1024, 64L << 20, "serve", "largest request body, bytes (413)"},
+    {"head-limit", OPT_LONG, OFF(head_limit), "8192", 1024, 1L << 20, "serve",
+     "largest request line + headers, bytes (431)"},
+    {"uri-limit", OPT_LONG, OFF(uri_limit), "2048", 64, 1L << 20, "serve", "longest request target, bytes (414)"},
+    {"header-timeout", OPT_LONG, OFF(header_timeout), "10", 1, 3600, "serve",
+     "seconds a request head may take to arrive"},
+    {"idle-timeout", OPT_LONG, OFF(idle_timeout), "60", 1, 86400, "serve", "seconds an idle keep-alive connection stays"},
+    {"max-connections", OPT_LONG, OFF(max_connections), "19000", 1, 10000000, "serve", "open connections at most"},
+    {"token-ttl", OPT_LONG, OFF(token_ttl), "2592000", 60, 31622400, "serve", "lifetime of issued tokens, seconds"},
+    {"batch-max", OPT_LONG, OFF(batch_max), "4096", 1, 1000000, "serve", "most writes in one store transaction"},
+    {"sub", OPT_STR, OFF(sub), "", 0, 0, "token", "subject (voter id) of the token"},
+    {"ttl", OPT_LONG, OFF(ttl), "86400", 1, 31622400, "token", "lifetime of the token, seconds"},
+    {"anonymous", OPT_BOOL, OFF(anonymous), "false", 0, 0, "token", "mint an anonymous device token"},
+};
+
+static bool applies(const option_t *o, const char *command)
+{
+    size_t n = strlen(command);
+    for (const char *p = o->commands; (p = strstr(p, command)) != NULL; p += n)
+        if ((p == o->commands || p[-1] == ' ') && (p[n] == '\0' || p[n] == ' '))
+            return true;
+    return false;
+}
+
+static const option_t *find(const char *name, size_t len)
+{
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(options); i++)
+        if (strlen(options[i].name) == len && memcmp(options[i].name, name, len) == 0)
+            return &options[i];
+    return NULL;
+}
+
+static int set(tly_conf_t *c, const option_t *o, const char *value, const char *source, char *err, size_t errlen)
+{
+    void *field = (char *)c + o->offset;
+    switch (o->type) {
+    case OPT_STR: {
+        char *v = tly_strdup(value);
+        if (v == NULL) {
+            snprintf(err, errlen, "out of memory");
+            return -1;
+        }
+        tly_free(*(char **)field);
+        *(char **)field = v;
+        return 0;
+    }
+    case OPT_LONG: {
+        char *end;
+        errno = 0;
+        long v = strtol(value, &end, 10);
+        if (errno || end == value || *end != '\0' || v < o->min || v > o->max) {
+            snprintf(err, errlen, "%s: %s must be a whole number from %ld to %ld, got \"%s\"", source, o->name, o->min,
+                     o->max, value);
+            return -1;
+        }
+        *(long *)field = v;
+        return 0;
+    }
+    case OPT_BOOL:
+        if (!strcmp(value, "true") || !strcmp(value, "1") || !strcmp(value, "on") || !strcmp(value, "yes")) {
+            *(bool *)field = true;
+        } else if (!strcmp(value, "false") || !strcmp(value, "0") || !strcmp(value, "off") || !strcmp(value, "no")) {
+            *(bool *)field = false;
+        } else {
+            snprintf(err, errlen, "%s: %s must be true or false, got \"%s\"", source, o->name, value);
+            return -1;
+        }
+        return 0;
+    }
+    return -1;
+}
+
+static char *trim(char *s)
+{
+    while (isspace((unsigned char)*s))
+        s++;
+    char *e = s + strlen(s);
+    while (e > s && isspace((unsigned char)e[-1]))
+        *--e = '\0';
+    return s;
+}
+
+static int load_file(tly_conf_t *c, const char *command, const char *path, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "r");
+    if (f == NULL) {
+        snprintf(err, errlen, "cannot open config file %s: %s", path, strerror(errno));
+        return -1;
+    }
+    char line[4096];
+    int lineno = 0, rc = 0;
+    while (fgets(line, sizeof(line), f) != NULL) {
+        lineno++;
+        char *s = trim(line);
+        if (*s == '\0' || *s == '#')
+            continue;
+        char *eq = strchr(s, '=');
+        if (eq == NULL) {
+            snprintf(err, errlen, "%s:%d: expected name = value", path, lineno);
+            rc = -1;
+            break;
+        }
+        *eq = '\0';
+        char *name = trim(s), *value = trim(eq + 1);
+        const option_t *o = find(name, strlen(name));
+        if (o == NULL || !strcmp(o->name, "config")) {
+            snprintf(err, errlen, "%s:%d: unknown option \"%s\"", path, lineno, name);
+            rc = -1;
+            break;
+        }
+        if (!applies(o, command))
+            continue;
+        char source[300];
+        snprintf(source, sizeof(source), "%.256s:%d", path, lineno);
+        if ((rc = set(c, o, value, source, err, errlen)) != 0)
+            break;
+    }
+    fclose(f);
+    return rc;
+}
+
+static void env_name(const option_t *o, char *buf, size_t cap)
+{
+    size_t n = (size_t)snprintf(buf, cap, "TALLY_%s", o->name);
+    for (size_t i = 6; i < n && i < cap; i++)
+        buf[i] = buf[i] == '-' ? '_' : (char)toupper((unsigned char)buf[i]);
+}
+
+int tly_conf_load(tly_conf_t *c, const char *command, int argc, char **argv, char *err, size_t errlen)
+{
+    memset(c, 0, sizeof(*c));
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(options); i++)
+        if (set(c, &options[i], options[i].def, "default", err, errlen) != 0)
+            return -1;
+    /* the config file may itself come from a flag or the environment */
+    const char *config = getenv("TALLY_CONFIG");
+    for (int i = 0; i < argc; i++) {
+        if (!strcmp(argv[i], "--config") && i + 1 < argc)
+            config = argv[i + 1];
+        else if (!strncmp(argv[i], "--config=", 9))
+            config = argv[i] + 9;
+    }
+    if (config != NULL && *config != '\0') {
+        if (set(c, find("config", 6), config, "config", err, errlen) != 0 ||
+            load_file(c, command, config, err, errlen) != 0)
+            return -1;
+    }
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(options); i++) {
+        char name[64];
+        env_name(&options[i], name, sizeof(name));
+        const char *v = getenv(name);
+        if (v != NULL && applies(&options[i], command) && set(c, &options[i], v, name, err, errlen) != 0)
+            return -1;
+    }
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        if (strncmp(a, "--", 2) != 0) {
+            snprintf(err, errlen, "unexpected argument \"%s\" (see tally %s --help)", a, command);
+            return -1;
+        }
+        a += 2;
+        const char *eq = strchr(a, '=');
+        size_t nlen = eq ? (size_t)(eq - a) : strlen(a);
+        const option_t *o = find(a, nlen);
+        if (o == NULL || !applies(o, command)) {
+            snprintf(err, errlen, "unknown option --%.*s for \"tally %s\" (see tally %s --help)", (int)nlen, a,
+                     command, command);
+            return -1;
+        }
+        const char *value;
+        if (eq != NULL) {
+            value = eq + 1;
+        } else if (o->type == OPT_BOOL) {
+            value = "true";
+        } else if (i + 1 < argc) {
+            value = argv[++i];
+        } else {
+            snprintf(err, errlen, "option --%s needs a value", o->name);
+            return -1;
+        }
+        char source[80];
+        snprintf(source, sizeof(source), "--%s", o->name);
+        if (set(c, o, value, source, err, errlen) != 0)
+            return -1;
+    }
+    return 0;
+}
+
+void tly_conf_help(FILE *out, const char *command)
+{
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(options); i++) {
+        const option_t *o = &options[i];
+        if (!applies(o, command))
+            continue;
+        char env[64], flag[64];
+        env_name(o, env, sizeof(env));
+        snprintf(flag, sizeof(flag), "--%s%s", o->name, o->type == OPT_BOOL ? "" : " VALUE");
+        fprintf(out, "  %-26s %s\n  %-26s   env %s, default \"%s\"\n", flag, o->help, "", env, o->def);
+    }
+}

@@ -1,0 +1,44 @@
+/*
+ * conf: tally's configuration from one table of options. Each option can be set in a
+ * config file (`name = value` lines, --config / TALLY_CONFIG), in the environment
+ * (TALLY_<NAME> with dashes as underscores) or as a flag (--name value or --name=value);
+ * flags override the environment, which overrides the file, which overrides defaults.
+ *
+ * Threads: load once at start on the main thread; read-only afterwards.
+ */
+#ifndef TALLY_CONF_H
+#define TALLY_CONF_H
+
+#include <stdbool.h>
+#include <stdio.h>
+
+typedef struct {
+    char *config;
+    char *listen;
+    char *data_dir;
+    char *secret;
+    char *web_root;
+    char *log_level;
+    char *public_url;
+    long body_limit;
+    long head_limit;
+    long uri_limit;
+    long header_timeout;
+    long idle_timeout;
+    long max_connections;
+    long token_ttl;
+    long batch_max;
+    /* `tally token` */
+    char *sub;
+    long ttl;
+    bool anonymous;
+} tly_conf_t;
+
+/* Fills c from defaults, the config file, the environment and argv (the arguments after
+ * the subcommand). Returns 0, or -1 with a message in err (errlen bytes). Strings in c
+ * are allocated and live for the process. */
+int tly_conf_load(tly_conf_t *c, const char *command, int argc, char **argv, char *err, size_t errlen);
+/* Prints the options of `command` ("serve" or "token") with defaults and help. */
+void tly_conf_help(FILE *out, const char *command);
+
+#endif

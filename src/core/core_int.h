@@ -1,0 +1,56 @@
+/*
+ * core_int.h: what the files of src/core share and nobody else sees.
+ *
+ * Include this first in every .c file of src/core: it routes uthash's own allocations (bucket
+ * tables) through tly_malloc before <uthash.h> is seen, so allocation-failure tests
+ * cover them too. uthash's reaction to a failed table allocation stays its default
+ * (the process exits): a dedup map that silently lost an entry would admit a second
+ * ballot from the same voter, which is worse than stopping.
+ */
+#ifndef TALLY_CORE_INT_H
+#define TALLY_CORE_INT_H
+
+#include "base/base.h"
+
+#define uthash_malloc(sz) tly_malloc(sz)
+#define uthash_free(ptr, sz) tly_free(ptr)
+
+#include "core/core.h"
+
+#define CORE_STR_(x) #x
+#define CORE_STR(x) CORE_STR_(x)
+
+/* Where a validation error goes: the caller's out-parameters and scratch buffer. */
+typedef struct {
+    const char **field;
+    const char **msg;
+    char *buf;
+    size_t len;
+} core_err_t;
+
+/* Records a validation error (static strings) and returns TLY_EINVAL. */
+int core_fail(core_err_t *e, const char *field, const char *msg);
+/* Same, with the field written as "<array>[<idx>]<suffix>" into e->buf (falls back to
+ * `array` when there is no room). */
+int core_fail_at(core_err_t *e, const char *array, size_t idx, const char *suffix, const char *msg);
+/* Records an allocation failure: field and message NULL, returns TLY_ENOMEM. */
+int core_oom(core_err_t *e);
+
+/* Adds (+1) or removes (-1) a vote's contribution to p's per-option counters (not
+ * total_votes). */
+void core_count_vote(tly_poll_t *p, const tly_vote_t *v, int dir);
+
+/* The registry's receipt map (the registry is opaque outside registry.c). */
+tly_vote_t **core_registry_receipts(tly_registry_t *r);
+
+/* The choices and scores stored in a vote. */
+static inline const uint8_t *core_vote_choices(const tly_vote_t *v)
+{
+    return v->data;
+}
+static inline const uint8_t *core_vote_scores(const tly_vote_t *v)
+{
+    return v->data + v->nchoices;
+}
+
+#endif

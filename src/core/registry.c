@@ -1,0 +1,174 @@
+/*
+ * registry.c: every poll in memory, found by id; each owner's polls newest first for
+ * listing; every vote found by receipt.
+ *
+ * An owner's polls are a singly linked list through tly_poll_t.owner_next, ordered by
+ * (created_at, poll_id) descending. New polls are the newest and go to the head; a
+ * store that loads oldest first also appends at the tail, so both are O(1). Listing
+ * resumes after a cursor poll found in O(1) through the poll map. Removing a poll
+ * walks its owner's list: deletions are rare next to reads.
+ */
+#include "core/core_int.h"
+
+#include <string.h>
+
+typedef struct owner_list {
+    UT_hash_handle hh;
+    char *owner_id;
+    tly_poll_t *head, *tail;
+} owner_list_t;
+
+struct tly_registry {
+    tly_poll_t *polls;      /* by poll_id */
+    tly_vote_t *receipts;   /* by receipt, through hh_receipt */
+    owner_list_t *owners;   /* by owner_id */
+};
+
+tly_registry_t *tly_registry_new(void)
+{
+    return tly_calloc(1, sizeof(tly_registry_t));
+}
+
+tly_vote_t **core_registry_receipts(tly_registry_t *r)
+{
+    return &r->receipts;
+}
+
+void tly_registry_free(tly_registry_t *r)
+{
+    if (r == NULL)
+        return;
+    HASH_CLEAR(hh_receipt, r->receipts);
+    tly_poll_t *p, *ptmp;
+    HASH_ITER(hh, r->polls, p, ptmp) {
+        HASH_DELETE(hh, r->polls, p);
+        tly_poll_free(p);
+    }
+    owner_list_t *o, *otmp;
+    HASH_ITER(hh, r->owners, o, otmp) {
+        HASH_DELETE(hh, r->owners, o);
+        tly_free(o->owner_id);
+        tly_free(o);
+    }
+    tly_free(r);
+}
+
+tly_poll_t *tly_registry_find_poll(tly_registry_t *r, const char *poll_id)
+{
+    tly_poll_t *p = NULL;
+    HASH_FIND_STR(r->polls, poll_id, p);
+    return p;
+}
+
+/* Whether a lists before b (newer first). */
+static bool newer(const tly_poll_t *a, const tly_poll_t *b)
+{
+    return a->created_at > b->created_at || (a->created_at == b->created_at && strcmp(a->poll_id, b->poll_id) > 0);
+}
+
+static owner_list_t *find_owner(tly_registry_t *r, const char *owner_id)
+{
+    owner_list_t *o = NULL;
+    HASH_FIND(hh, r->owners, owner_id, strlen(owner_id), o);
+    return o;
+}
+
+/*
+ * If the owner's list entry cannot be allocated the poll still works by id but is
+ * missing from that owner's listing; add_poll has no way to report it, and refusing
+ * the poll would be worse.
+ */
+void tly_registry_add_poll(tly_registry_t *r, tly_poll_t *p)
+{
+    HASH_ADD_STR(r->polls, poll_id, p);
+    if (p->type == TLY_TYPE_SCORE && p->score_sum == NULL && p->total_votes == 0)
+        p->score_sum = tly_calloc(p->noptions ? 2 * p->noptions : 1, sizeof(uint64_t));
+    p->owner_next = NULL;
+    const char *owner = p->owner_id != NULL ? p->owner_id : "";
+    owner_list_t *o = find_owner(r, owner);
+    if (o == NULL) {
+        o = tly_calloc(1, sizeof(*o));
+        if (o == NULL || (o->owner_id = tly_strdup(owner)) == NULL) {
+            tly_free(o);
+            return;
+        }
+        HASH_ADD_KEYPTR(hh, r->owners, o->owner_id, strlen(o->owner_id), o);
+    }
+    if (o->head == NULL) {
+        o->head = o->tail = p;
+    } else if (newer(p, o->head)) {
+        p->owner_next = o->head;
+        o->head = p;
+    } else if (newer(o->tail, p)) {
+        o->tail->owner_next = p;
+        o->tail = p;
+    } else {
+        tly_poll_t *q = o->head;
+        while (q->owner_next != NULL && newer(q->owner_next, p))
+            q = q->owner_next;
+        p->owner_next = q->owner_next;
+        q->owner_next = p;
+        if (p->owner_next == NULL)
+            o->tail = p;
+    }
+}
+
+void tly_registry_remove_poll(tly_registry_t *r, tly_poll_t *p)
+{
+    tly_vote_t *v, *vtmp;
+    HASH_ITER(hh, p->votes, v, vtmp) {
+        HASH_DELETE(hh_receipt, r->receipts, v);
+    }
+    HASH_DELETE(hh, r->polls, p);
+    owner_list_t *o = find_owner(r, p->owner_id != NULL ? p->owner_id : "");
+    if (o != NULL) {
+        tly_poll_t *prev = NULL, *q = o->head;
+        while (q != NULL && q != p) {
+            prev = q;
+            q = q->owner_next;
+        }
+        if (q == p) {
+            if (prev == NULL)
+                o->head = p->owner_next;
+            else
+                prev->owner_next = p->owner_next;
+            if (o->tail == p)
+                o->tail = prev;
+        }
+        if (o->head == NULL) {
+            HASH_DELETE(hh, r->owners, o);
+            tly_free(o->owner_id);
+            tly_free(o);
+        }
+    }
+    tly_poll_free(p);
+}
+
+tly_vote_t *tly_registry_find_receipt(tly_registry_t *r, const char *receipt)
+{
+    tly_vote_t *v = NULL;
+    HASH_FIND(hh_receipt, r->receipts, receipt, strlen(receipt), v);
+    return v;
+}
+
+/* A cursor naming no poll of this owner (deleted, or someone else's) lists nothing. */
+size_t tly_registry_list_owner(tly_registry_t *r, const char *owner_id, const char *after_poll_id,
+                               tly_poll_t **out, size_t max, bool *more)
+{
+    *more = false;
+    owner_list_t *o = find_owner(r, owner_id);
+    if (o == NULL)
+        return 0;
+    tly_poll_t *q = o->head;
+    if (after_poll_id != NULL) {
+        tly_poll_t *c = tly_registry_find_poll(r, after_poll_id);
+        if (c == NULL || c->owner_id == NULL || strcmp(c->owner_id, owner_id) != 0)
+            return 0;
+        q = c->owner_next;
+    }
+    size_t n = 0;
+    for (; q != NULL && n < max; q = q->owner_next)
+        out[n++] = q;
+    *more = q != NULL;
+    return n;
+}

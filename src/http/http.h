@@ -1,0 +1,158 @@
+/*
+ * http: the only module that knows h2o. An HTTP/1.1 server (keep-alive, pipelining,
+ * Content-Length and chunked bodies, Expect: 100-continue) written on h2o's event loop
+ * and sockets, with picohttpparser (exported by libh2o) parsing request heads. We do
+ * not use h2o's own HTTP/1 handler because its errors (oversize heads, duplicate
+ * Content-Length, oversize bodies) cannot be made to answer with tally's JSON error
+ * envelope and status codes; owning the connection makes every limit ours.
+ *
+ * Also: the loop, timers and cross-thread wake-ups the rest of tally needs, and a
+ * router from (method, path pattern) to handler.
+ *
+ * Threads: a tly_loop_t and every connection, request and timer on it belong to the
+ * thread that runs the loop. Only tly_waker_wake may be called from other threads.
+ */
+#ifndef TALLY_HTTP_H
+#define TALLY_HTTP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct {
+    const char *ptr;
+    size_t len;
+} tly_str_t;
+
+#define TLY_STR_LIT(s) ((tly_str_t){(s), sizeof(s) - 1})
+bool tly_str_eq(tly_str_t a, const char *b);
+bool tly_str_ieq(tly_str_t a, const char *b); /* ASCII case-insensitive */
+
+/* ---- loop ---- */
+
+typedef struct tly_loop tly_loop_t;
+tly_loop_t *tly_loop_new(void);
+/* Runs one iteration, waiting at most max_wait_ms for events. Returns 0 or -1. */
+int tly_loop_run_once(tly_loop_t *loop, int32_t max_wait_ms);
+void tly_loop_free(tly_loop_t *loop);
+/* Monotonic milliseconds as of the current loop iteration. */
+uint64_t tly_loop_now(tly_loop_t *loop);
+
+/* A waker runs cb on the loop thread soon after tly_waker_wake; wakes coalesce (many
+ * wakes before the loop runs give one call). */
+typedef struct tly_waker tly_waker_t;
+tly_waker_t *tly_waker_new(tly_loop_t *loop, void (*cb)(void *arg), void *arg);
+void tly_waker_wake(tly_waker_t *w); /* any thread */
+void tly_waker_free(tly_waker_t *w);
+
+/* A timer calls cb once, `ms` after tly_timer_start, unless stopped. Embed it anywhere;
+ * zero-initialise it before first use. */
+typedef struct tly_timer {
+    void (*cb)(struct tly_timer *t);
+    void *priv[6]; /* h2o timeout entry, opaque */
+} tly_timer_t;
+void tly_timer_start(tly_loop_t *loop, tly_timer_t *t, uint64_t ms, void (*cb)(tly_timer_t *t));
+void tly_timer_stop(tly_timer_t *t);
+bool tly_timer_active(const tly_timer_t *t);
+
+/* ---- server ---- */
+
+typedef enum {
+    TLY_M_GET = 1,
+    TLY_M_HEAD = 2,
+    TLY_M_POST = 4,
+    TLY_M_PUT = 8,
+    TLY_M_PATCH = 16,
+    TLY_M_DELETE = 32,
+    TLY_M_OPTIONS = 64,
+    TLY_M_OTHER = 128
+} tly_method_t;
+
+typedef struct tly_req tly_req_t;
+typedef struct tly_server tly_server_t;
+
+typedef struct {
+    size_t body_max;            /* bytes; larger bodies get 413 */
+    size_t head_max;            /* bytes of request line + headers; larger get 431 */
+    size_t uri_max;             /* bytes of the request target; longer get 414 */
+    uint64_t head_timeout_ms;   /* a request head must arrive within this (slowloris) */
+    uint64_t idle_timeout_ms;   /* a keep-alive connection idle this long is closed */
+    size_t max_connections;     /* further connections are accepted and closed at once */
+    /* Every parsed request goes here. The handler answers now or later with
+     * tly_req_respond; until then the connection reads nothing more. */
+    void (*handler)(tly_req_t *req, void *arg);
+    void *arg;
+    /* Called for errors the server answers itself (400, 413, 414, 431) so they are
+     * rendered in the application's error format: must write a body into buf (at most
+     * cap bytes) and return its length. */
+    size_t (*render_error)(int status, char *buf, size_t cap);
+} tly_server_conf_t;
+
+/* Listens on host:port ("127.0.0.1:8080", "[::1]:8080", "0.0.0.0:80"). Returns NULL and
+ * writes a reason into err (256 bytes) on failure. conf is copied. */
+tly_server_t *tly_server_new(tly_loop_t *loop, const char *listen, const tly_server_conf_t *conf, char *err);
+/* Stops accepting; open connections finish their current request and close. */
+void tly_server_stop_accepting(tly_server_t *s);
+size_t tly_server_connections(tly_server_t *s);
+void tly_server_free(tly_server_t *s);
+/* The port actually bound (useful with port 0). */
+int tly_server_port(tly_server_t *s);
+
+/* ---- requests (loop thread only; valid until responded) ---- */
+
+tly_method_t tly_req_method(tly_req_t *req);
+tly_str_t tly_req_method_name(tly_req_t *req);
+tly_str_t tly_req_path(tly_req_t *req);  /* without the query string, not decoded */
+tly_str_t tly_req_query(tly_req_t *req); /* after '?', or empty */
+/* The first query parameter `name`, percent-decoded into request memory. */
+bool tly_req_query_param(tly_req_t *req, const char *name, tly_str_t *out);
+/* The value of the first header named `name` (case-insensitive), or {NULL,0}. */
+tly_str_t tly_req_header(tly_req_t *req, const char *name);
+tly_str_t tly_req_body(tly_req_t *req);
+/* The peer's numeric address ("127.0.0.1"). */
+const char *tly_req_peer(tly_req_t *req);
+/* Memory that lives until the request is answered. NULL on allocation failure. */
+void *tly_req_alloc(tly_req_t *req, size_t n);
+/* A copy of s in request memory, NUL-terminated. */
+char *tly_req_strdup(tly_req_t *req, tly_str_t s);
+/* Monotonic ms at which the request head was complete. */
+uint64_t tly_req_start(tly_req_t *req);
+
+/* Adds a response header (copied). */
+void tly_req_add_header(tly_req_t *req, const char *name, const char *value);
+/* Sends the response (body copied) and finishes the request. For HEAD, the body is
+ * omitted but Content-Length kept. May be called after the client has gone (then it
+ * only releases the request). Exactly once per request. */
+void tly_req_respond(tly_req_t *req, int status, const char *content_type, const char *body, size_t len);
+/* Whether the client is gone; a pending request can still be answered (no-op). */
+bool tly_req_client_gone(tly_req_t *req);
+
+/* ---- router ---- */
+
+/* Patterns are paths whose segments are literals or "{name}" captures; a capture matches
+ * one non-empty segment. */
+typedef struct tly_router tly_router_t;
+typedef struct {
+    const char *names[4];
+    tly_str_t values[4];
+    size_t n;
+} tly_params_t;
+typedef void (*tly_route_fn)(tly_req_t *req, const tly_params_t *params, void *arg);
+
+tly_router_t *tly_router_new(void);
+void tly_router_free(tly_router_t *r);
+/* methods: a mask of tly_method_t. Returns 0 or TLY_ENOMEM. */
+int tly_router_add(tly_router_t *r, unsigned methods, const char *pattern, tly_route_fn fn);
+typedef enum { TLY_ROUTE_FOUND, TLY_ROUTE_NO_PATH, TLY_ROUTE_NO_METHOD } tly_route_result_t;
+/* Finds the route for (method, path). On NO_METHOD, *allowed is the mask of methods the
+ * path accepts (for the Allow header). HEAD matches GET routes. */
+tly_route_result_t tly_router_match(tly_router_t *r, tly_method_t method, tly_str_t path, tly_route_fn *fn,
+                                    tly_params_t *params, unsigned *allowed);
+/* Writes "GET, POST" style text for a method mask into buf. */
+void tly_methods_format(unsigned mask, char *buf, size_t cap);
+const char *tly_params_get(const tly_params_t *p, const char *name, size_t *len);
+
+/* Reason phrase for a status code. */
+const char *tly_http_reason(int status);
+
+#endif

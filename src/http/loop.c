@@ -1,0 +1,147 @@
+/*
+ * loop.c: the event loop, cross-thread wakers and timers, on h2o's evloop.
+ */
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "base/base.h"
+#include "http/http_int.h"
+
+_Static_assert(sizeof(timer_priv_t) <= sizeof(((tly_timer_t *)0)->priv), "tly_timer_t too small for h2o entry");
+
+tly_loop_t *tly_loop_new(void)
+{
+    tly_loop_t *loop = tly_calloc(1, sizeof(*loop));
+    if (loop == NULL)
+        return NULL;
+    loop->h2o = h2o_evloop_create();
+    loop->queue = h2o_multithread_create_queue(loop->h2o);
+    return loop;
+}
+
+int tly_loop_run_once(tly_loop_t *loop, int32_t max_wait_ms)
+{
+    return h2o_evloop_run(loop->h2o, max_wait_ms);
+}
+
+uint64_t tly_loop_now(tly_loop_t *loop)
+{
+    return h2o_now(loop->h2o);
+}
+
+void tly_loop_free(tly_loop_t *loop)
+{
+    if (loop == NULL)
+        return;
+    h2o_multithread_destroy_queue(loop->queue);
+    /* h2o 2.2's evloop cannot be destroyed while sockets remain; the process is exiting
+     * when this is called, so leaving it to the OS is both safe and simplest. */
+    tly_free(loop);
+}
+
+struct tly_waker {
+    h2o_multithread_receiver_t receiver;
+    h2o_multithread_message_t message;
+    tly_loop_t *loop;
+    void (*cb)(void *arg);
+    void *arg;
+    atomic_int queued; /* 1 while message is linked in the queue */
+};
+
+static void on_wake(h2o_multithread_receiver_t *receiver, h2o_linklist_t *messages)
+{
+    tly_waker_t *w = (tly_waker_t *)((char *)receiver - offsetof(tly_waker_t, receiver));
+    while (!h2o_linklist_is_empty(messages))
+        h2o_linklist_unlink(messages->next);
+    /* clear before running so a wake during cb schedules another run */
+    atomic_store(&w->queued, 0);
+    w->cb(w->arg);
+}
+
+tly_waker_t *tly_waker_new(tly_loop_t *loop, void (*cb)(void *arg), void *arg)
+{
+    tly_waker_t *w = tly_calloc(1, sizeof(*w));
+    if (w == NULL)
+        return NULL;
+    w->loop = loop;
+    w->cb = cb;
+    w->arg = arg;
+    h2o_multithread_register_receiver(loop->queue, &w->receiver, on_wake);
+    return w;
+}
+
+void tly_waker_wake(tly_waker_t *w)
+{
+    int expected = 0;
+    if (atomic_compare_exchange_strong(&w->queued, &expected, 1)) {
+        w->message = (h2o_multithread_message_t){{NULL, NULL}};
+        h2o_multithread_send_message(&w->receiver, &w->message);
+    }
+}
+
+void tly_waker_free(tly_waker_t *w)
+{
+    if (w == NULL)
+        return;
+    h2o_multithread_unregister_receiver(w->loop->queue, &w->receiver);
+    tly_free(w);
+}
+
+/*
+ * Timers: h2o 2.2 groups entries by a fixed duration (h2o_timeout_t). Timers here have
+ * arbitrary durations, so each distinct duration gets its own h2o_timeout_t, kept in a
+ * small table per loop; tally uses a handful of durations (tick, ping, timeouts).
+ */
+typedef struct {
+    uint64_t ms;
+    h2o_timeout_t timeout;
+} duration_t;
+
+#define MAX_DURATIONS 64
+static __thread duration_t durations[MAX_DURATIONS];
+static __thread size_t ndurations;
+
+static h2o_timeout_t *timeout_for(tly_loop_t *loop, uint64_t ms)
+{
+    for (size_t i = 0; i < ndurations; i++)
+        if (durations[i].ms == ms)
+            return &durations[i].timeout;
+    if (ndurations == MAX_DURATIONS)
+        abort(); /* broken invariant: durations are a few constants from the configuration */
+    duration_t *d = &durations[ndurations++];
+    d->ms = ms;
+    h2o_timeout_init(loop->h2o, &d->timeout, ms);
+    return &d->timeout;
+}
+
+static void on_timer(h2o_timeout_entry_t *entry)
+{
+    timer_priv_t *p = (timer_priv_t *)entry;
+    tly_timer_t *t = (tly_timer_t *)((char *)p - offsetof(tly_timer_t, priv));
+    t->cb(t);
+}
+
+void tly_timer_start(tly_loop_t *loop, tly_timer_t *t, uint64_t ms, void (*cb)(tly_timer_t *t))
+{
+    timer_priv_t *p = (timer_priv_t *)t->priv;
+    if (h2o_timeout_is_linked(&p->entry))
+        h2o_timeout_unlink(&p->entry);
+    t->cb = cb;
+    p->loop = loop;
+    p->entry.cb = on_timer;
+    h2o_timeout_link(loop->h2o, timeout_for(loop, ms), &p->entry);
+}
+
+void tly_timer_stop(tly_timer_t *t)
+{
+    timer_priv_t *p = (timer_priv_t *)t->priv;
+    if (p->entry._link.next != NULL && h2o_timeout_is_linked(&p->entry))
+        h2o_timeout_unlink(&p->entry);
+}
+
+bool tly_timer_active(const tly_timer_t *t)
+{
+    const timer_priv_t *p = (const timer_priv_t *)t->priv;
+    return p->entry._link.next != NULL && h2o_timeout_is_linked((h2o_timeout_entry_t *)&p->entry);
+}

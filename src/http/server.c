@@ -1,0 +1,825 @@
+/*
+ * server.c: HTTP/1.1 connections on h2o sockets.
+ *
+ * A connection handles one request at a time: it reads and parses a head, reads the
+ * body, hands the request to the application and reads nothing more until the response
+ * is written (pipelined requests wait in the socket buffer). Request strings point into
+ * the socket's input buffer, which is why reading stops while a request is handled:
+ * h2o may move that buffer when it grows.
+ *
+ * Errors found here (bad syntax, oversize head, URI or body, smuggling attempts) are
+ * answered with the application's error rendering and the connection is closed, since
+ * after such a request the framing of the stream can no longer be trusted.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "base/base.h"
+#include "http/http_int.h"
+
+#define MAX_HEADERS 64
+#define MAX_RESP_HEADERS 24
+
+typedef enum { ST_HEAD, ST_BODY, ST_HANDLING, ST_WRITING, ST_LINGER } conn_state_t;
+
+typedef struct conn conn_t;
+
+struct tly_req {
+    conn_t *conn;
+    tly_method_t method;
+    tly_str_t method_name, path, query;
+    struct phr_header headers[MAX_HEADERS];
+    size_t nheaders;
+    tly_str_t body;
+    int minor_version;
+    bool keepalive;
+    uint64_t start;
+    struct {
+        const char *name, *value;
+    } resp_headers[MAX_RESP_HEADERS];
+    size_t nresp;
+};
+
+struct conn {
+    tly_server_t *server;
+    h2o_socket_t *sock; /* NULL once closed */
+    conn_t *prev, *next;
+    h2o_mem_pool_t pool;
+    conn_state_t state;
+    tly_req_t req;
+    size_t head_len;                /* bytes of the request head in sock->input */
+    size_t content_length;
+    bool chunked;
+    struct phr_chunked_decoder dec;
+    size_t chunk_prev;              /* bytes of input already decoded (head + body so far) */
+    bool sent_continue;
+    bool close_after_write;
+    bool linger;                    /* after an early error: drain input before closing */
+    bool idle;                      /* waiting between requests on the idle timeout */
+    h2o_timeout_entry_t timeout;
+    char peer[INET6_ADDRSTRLEN];
+    char *out;
+    size_t out_len, out_cap;
+};
+
+struct tly_server {
+    tly_loop_t *loop;
+    tly_server_conf_t conf;
+    h2o_socket_t *listener;
+    int port;
+    conn_t *conns;
+    size_t nconns;
+    h2o_timeout_t head_timeout, idle_timeout, linger_timeout;
+    bool accepting;
+};
+
+static void conn_close(conn_t *c);
+static void conn_process(conn_t *c);
+static void on_read(h2o_socket_t *sock, const char *err);
+
+bool tly_str_eq(tly_str_t a, const char *b)
+{
+    size_t n = strlen(b);
+    return a.len == n && memcmp(a.ptr, b, n) == 0;
+}
+
+bool tly_str_ieq(tly_str_t a, const char *b)
+{
+    size_t n = strlen(b);
+    if (a.len != n)
+        return false;
+    for (size_t i = 0; i < n; i++) {
+        char x = a.ptr[i], y = b[i];
+        if (x >= 'A' && x <= 'Z')
+            x += 32;
+        if (y >= 'A' && y <= 'Z')
+            y += 32;
+        if (x != y)
+            return false;
+    }
+    return true;
+}
+
+const char *tly_http_reason(int status)
+{
+    switch (status) {
+    case 100: return "Continue";
+    case 101: return "Switching Protocols";
+    case 200: return "OK";
+    case 201: return "Created";
+    case 202: return "Accepted";
+    case 204: return "No Content";
+    case 301: return "Moved Permanently";
+    case 302: return "Found";
+    case 304: return "Not Modified";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 408: return "Request Timeout";
+    case 409: return "Conflict";
+    case 410: return "Gone";
+    case 411: return "Length Required";
+    case 413: return "Content Too Large";
+    case 414: return "URI Too Long";
+    case 415: return "Unsupported Media Type";
+    case 422: return "Unprocessable Content";
+    case 429: return "Too Many Requests";
+    case 431: return "Request Header Fields Too Large";
+    case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
+    case 503: return "Service Unavailable";
+    case 505: return "HTTP Version Not Supported";
+    case 507: return "Insufficient Storage";
+    default: return "Unknown";
+    }
+}
+
+/* ---- output buffer ---- */
+
+static int out_reserve(conn_t *c, size_t more)
+{
+    if (c->out_len + more <= c->out_cap)
+        return 0;
+    size_t cap = c->out_cap ? c->out_cap : 1024;
+    while (cap < c->out_len + more)
+        cap *= 2;
+    char *p = tly_realloc(c->out, cap);
+    if (p == NULL)
+        return TLY_ENOMEM;
+    c->out = p;
+    c->out_cap = cap;
+    return 0;
+}
+
+static void out_append(conn_t *c, const char *s, size_t n)
+{
+    if (out_reserve(c, n) != 0)
+        return;
+    memcpy(c->out + c->out_len, s, n);
+    c->out_len += n;
+}
+
+static void out_puts(conn_t *c, const char *s)
+{
+    out_append(c, s, strlen(s));
+}
+
+/* RFC 7231 Date, cached for the second */
+static const char *http_date(void)
+{
+    static __thread time_t cached;
+    static __thread char buf[40];
+    time_t now = time(NULL);
+    if (now != cached) {
+        struct tm tm;
+        gmtime_r(&now, &tm);
+        strftime(buf, sizeof(buf), "%a, %d %b %Y %H:%M:%S GMT", &tm);
+        cached = now;
+    }
+    return buf;
+}
+
+/* ---- timeouts ---- */
+
+static void set_timeout(conn_t *c, h2o_timeout_t *t)
+{
+    if (h2o_timeout_is_linked(&c->timeout))
+        h2o_timeout_unlink(&c->timeout);
+    if (t != NULL)
+        h2o_timeout_link(c->server->loop->h2o, t, &c->timeout);
+}
+
+static void on_timeout(h2o_timeout_entry_t *entry)
+{
+    conn_t *c = (conn_t *)((char *)entry - offsetof(conn_t, timeout));
+    /* A head that does not arrive in time (slowloris) or an idle keep-alive connection:
+     * either way the client has nothing we are waiting to answer, so just close. */
+    conn_close(c);
+}
+
+/* ---- writing ---- */
+
+static void on_write_complete(h2o_socket_t *sock, const char *err)
+{
+    conn_t *c = sock->data;
+    if (err == NULL && c->linger) {
+        /* The client may still be sending a body we refused; closing now would make the
+         * kernel answer with a reset that can destroy our response before the client
+         * reads it. Half-close, discard what arrives, and close on EOF or after 2 s. */
+        shutdown(h2o_socket_get_fd(sock), SHUT_WR);
+        c->state = ST_LINGER;
+        set_timeout(c, &c->server->linger_timeout);
+        h2o_socket_read_start(sock, on_read);
+        return;
+    }
+    if (err != NULL || c->close_after_write) {
+        conn_close(c);
+        return;
+    }
+    /* drop the finished request from the input and look for the next one */
+    size_t consumed = c->head_len + (c->chunked ? c->chunk_prev - c->head_len : c->content_length);
+    if (consumed > c->sock->input->size)
+        consumed = c->sock->input->size;
+    h2o_buffer_consume(&c->sock->input, consumed);
+    h2o_mem_clear_pool(&c->pool);
+    c->state = ST_HEAD;
+    c->head_len = c->content_length = c->chunk_prev = 0;
+    c->chunked = c->sent_continue = false;
+    c->out_len = 0;
+    if (c->sock->input->size > 0) {
+        set_timeout(c, &c->server->head_timeout);
+        conn_process(c);
+    } else {
+        c->idle = true;
+        set_timeout(c, &c->server->idle_timeout);
+    }
+    if (c->sock != NULL && c->state == ST_HEAD)
+        h2o_socket_read_start(c->sock, on_read);
+}
+
+static void send_out(conn_t *c)
+{
+    c->state = ST_WRITING;
+    h2o_iovec_t buf = h2o_iovec_init(c->out, c->out_len);
+    h2o_socket_write(c->sock, &buf, 1, on_write_complete);
+}
+
+static void write_head(conn_t *c, int status, const char *content_type, size_t content_length, bool keepalive,
+                       const tly_req_t *req)
+{
+    char line[160];
+    snprintf(line, sizeof(line), "HTTP/1.1 %d %s\r\nDate: %s\r\n", status, tly_http_reason(status), http_date());
+    out_puts(c, line);
+    if (content_type != NULL) {
+        out_puts(c, "Content-Type: ");
+        out_puts(c, content_type);
+        out_puts(c, "\r\n");
+    }
+    if (status != 204 && status != 304) {
+        snprintf(line, sizeof(line), "Content-Length: %zu\r\n", content_length);
+        out_puts(c, line);
+    }
+    if (req != NULL) {
+        for (size_t i = 0; i < req->nresp; i++) {
+            out_puts(c, req->resp_headers[i].name);
+            out_puts(c, ": ");
+            out_puts(c, req->resp_headers[i].value);
+            out_puts(c, "\r\n");
+        }
+    }
+    out_puts(c, keepalive ? "" : "Connection: close\r\n");
+    out_puts(c, "\r\n");
+}
+
+/* Answers an error found before the request reached the application, then closes. */
+static void send_error_and_close(conn_t *c, int status)
+{
+    char body[512];
+    size_t n = c->server->conf.render_error ? c->server->conf.render_error(status, body, sizeof(body)) : 0;
+    h2o_socket_read_stop(c->sock);
+    set_timeout(c, NULL);
+    c->close_after_write = true;
+    c->linger = true;
+    c->out_len = 0;
+    write_head(c, status, "application/json; charset=utf-8", n, false, NULL);
+    out_append(c, body, n);
+    send_out(c);
+}
+
+/* ---- parsing ---- */
+
+static tly_method_t method_of(tly_str_t m)
+{
+    static const struct {
+        const char *name;
+        tly_method_t m;
+    } table[] = {{"GET", TLY_M_GET},     {"HEAD", TLY_M_HEAD},     {"POST", TLY_M_POST},      {"PUT", TLY_M_PUT},
+                 {"PATCH", TLY_M_PATCH}, {"DELETE", TLY_M_DELETE}, {"OPTIONS", TLY_M_OPTIONS}};
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(table); i++)
+        if (tly_str_eq(m, table[i].name))
+            return table[i].m;
+    return TLY_M_OTHER;
+}
+
+static bool header_has_token(tly_str_t v, const char *token)
+{
+    /* comma-separated list, case-insensitive */
+    size_t i = 0;
+    while (i < v.len) {
+        while (i < v.len && (v.ptr[i] == ' ' || v.ptr[i] == '\t' || v.ptr[i] == ','))
+            i++;
+        size_t start = i;
+        while (i < v.len && v.ptr[i] != ',')
+            i++;
+        size_t end = i;
+        while (end > start && (v.ptr[end - 1] == ' ' || v.ptr[end - 1] == '\t'))
+            end--;
+        if (tly_str_ieq((tly_str_t){v.ptr + start, end - start}, token))
+            return true;
+    }
+    return false;
+}
+
+static void dispatch(conn_t *c)
+{
+    c->state = ST_HANDLING;
+    set_timeout(c, NULL);
+    h2o_socket_read_stop(c->sock);
+    c->req.start = h2o_now(c->server->loop->h2o);
+    c->server->conf.handler(&c->req, c->server->conf.arg);
+}
+
+static void read_body(conn_t *c)
+{
+    h2o_buffer_t *in = c->sock->input;
+    if (c->chunked) {
+        size_t bufsz = in->size - c->chunk_prev;
+        if (bufsz == 0)
+            return;
+        ssize_t ret = phr_decode_chunked(&c->dec, in->bytes + c->chunk_prev, &bufsz);
+        in->size = c->chunk_prev + bufsz;
+        c->chunk_prev = in->size;
+        if (ret != -1 && in->size - c->head_len > c->server->conf.body_max) {
+            send_error_and_close(c, 413);
+            return;
+        }
+        if (ret == -2)
+            return;
+        if (ret == -1) {
+            send_error_and_close(c, 400);
+            return;
+        }
+        c->req.body = (tly_str_t){in->bytes + c->head_len, in->size - c->head_len};
+        in->size += (size_t)ret; /* the bytes after the body belong to the next request */
+        dispatch(c);
+        return;
+    }
+    if (in->size - c->head_len < c->content_length)
+        return;
+    c->req.body = (tly_str_t){in->bytes + c->head_len, c->content_length};
+    dispatch(c);
+}
+
+static void parse_head(conn_t *c)
+{
+    h2o_buffer_t *in = c->sock->input;
+    tly_req_t *req = &c->req;
+    const tly_server_conf_t *conf = &c->server->conf;
+    const char *method, *path;
+    size_t method_len, path_len;
+    req->nheaders = MAX_HEADERS;
+    int ret = phr_parse_request(in->bytes, in->size, &method, &method_len, &path, &path_len, &req->minor_version,
+                                req->headers, &req->nheaders, 0);
+    if (ret == -2) {
+        /* incomplete: is it already too long? a request line without its end yet is a URI
+         * problem; otherwise the headers are */
+        if (in->size > conf->head_max) {
+            const char *eol = memchr(in->bytes, '\n', in->size);
+            send_error_and_close(c, eol == NULL && in->size > conf->uri_max ? 414 : 431);
+        }
+        return;
+    }
+    if (ret == -1) {
+        /* too many headers also lands here; tell it apart from garbage */
+        send_error_and_close(c, req->nheaders == MAX_HEADERS ? 431 : 400);
+        return;
+    }
+    if (path_len > conf->uri_max) {
+        send_error_and_close(c, 414);
+        return;
+    }
+    if ((size_t)ret > conf->head_max) {
+        send_error_and_close(c, 431);
+        return;
+    }
+    c->head_len = (size_t)ret;
+    req->conn = c;
+    req->method_name = (tly_str_t){method, method_len};
+    req->method = method_of(req->method_name);
+    const char *q = memchr(path, '?', path_len);
+    req->path = (tly_str_t){path, q ? (size_t)(q - path) : path_len};
+    req->query = q ? (tly_str_t){q + 1, path_len - (size_t)(q - path) - 1} : (tly_str_t){"", 0};
+    req->body = (tly_str_t){"", 0};
+    req->nresp = 0;
+    if (path_len == 0 || path[0] != '/') {
+        send_error_and_close(c, 400);
+        return;
+    }
+
+    /* framing: reject anything ambiguous (request smuggling) */
+    int ncl = 0, nte = 0;
+    tly_str_t cl = {0}, te = {0}, conn_hdr = {0}, expect = {0};
+    for (size_t i = 0; i < req->nheaders; i++) {
+        tly_str_t name = {req->headers[i].name, req->headers[i].name_len};
+        tly_str_t value = {req->headers[i].value, req->headers[i].value_len};
+        if (name.ptr == NULL) { /* obsolete line folding */
+            send_error_and_close(c, 400);
+            return;
+        }
+        if (tly_str_ieq(name, "content-length")) {
+            ncl++;
+            cl = value;
+        } else if (tly_str_ieq(name, "transfer-encoding")) {
+            nte++;
+            te = value;
+        } else if (tly_str_ieq(name, "connection")) {
+            conn_hdr = value;
+        } else if (tly_str_ieq(name, "expect")) {
+            expect = value;
+        }
+    }
+    if (ncl > 1 || nte > 1 || (ncl && nte) || (nte && !tly_str_ieq(te, "chunked")) ||
+        (nte && req->minor_version == 0)) {
+        send_error_and_close(c, 400);
+        return;
+    }
+    c->chunked = nte == 1;
+    c->content_length = 0;
+    if (ncl) {
+        if (cl.len == 0 || cl.len > 18) {
+            send_error_and_close(c, cl.len > 18 ? 413 : 400);
+            return;
+        }
+        size_t n = 0;
+        for (size_t i = 0; i < cl.len; i++) {
+            if (cl.ptr[i] < '0' || cl.ptr[i] > '9') {
+                send_error_and_close(c, 400);
+                return;
+            }
+            n = n * 10 + (size_t)(cl.ptr[i] - '0');
+        }
+        if (n > conf->body_max) {
+            send_error_and_close(c, 413);
+            return;
+        }
+        c->content_length = n;
+    }
+    req->keepalive = req->minor_version >= 1 ? !header_has_token(conn_hdr, "close")
+                                             : header_has_token(conn_hdr, "keep-alive");
+    c->state = ST_BODY;
+    if (c->chunked) {
+        memset(&c->dec, 0, sizeof(c->dec));
+        c->dec.consume_trailer = 1;
+        c->chunk_prev = c->head_len;
+    }
+    bool body_pending = c->chunked ? true : in->size - c->head_len < c->content_length;
+    if (body_pending && expect.len != 0) {
+        if (!tly_str_ieq(expect, "100-continue")) {
+            send_error_and_close(c, 400);
+            return;
+        }
+        if (!c->sent_continue && req->minor_version >= 1) {
+            static const char cont[] = "HTTP/1.1 100 Continue\r\n\r\n";
+            /* best effort and tiny: a blocking-free send on the raw fd; if it cannot be
+             * written now the client sends the body after its own timeout anyway */
+            ssize_t w = send(h2o_socket_get_fd(c->sock), cont, sizeof(cont) - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+            (void)w;
+            c->sent_continue = true;
+        }
+    }
+    read_body(c);
+}
+
+static void conn_process(conn_t *c)
+{
+    if (c->state == ST_HEAD)
+        parse_head(c);
+    else if (c->state == ST_BODY)
+        read_body(c);
+}
+
+static void on_read(h2o_socket_t *sock, const char *err)
+{
+    conn_t *c = sock->data;
+    if (err != NULL) {
+        conn_close(c);
+        return;
+    }
+    if (c->state == ST_LINGER) {
+        h2o_buffer_consume(&sock->input, sock->input->size);
+        return;
+    }
+    if (c->idle) {
+        /* the first byte of a new request: from now on the head must arrive in time */
+        c->idle = false;
+        set_timeout(c, &c->server->head_timeout);
+    }
+    conn_process(c);
+}
+
+/* ---- connection lifecycle ---- */
+
+static void conn_free(conn_t *c)
+{
+    tly_server_t *s = c->server;
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        s->conns = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    s->nconns--;
+    h2o_mem_clear_pool(&c->pool);
+    tly_free(c->out);
+    tly_free(c);
+}
+
+static void conn_close(conn_t *c)
+{
+    set_timeout(c, NULL);
+    if (c->sock != NULL) {
+        h2o_socket_close(c->sock);
+        c->sock = NULL;
+    }
+    /* a request the application still holds keeps the connection object alive; it is
+     * freed when the application answers (tly_req_respond) */
+    if (c->state != ST_HANDLING)
+        conn_free(c);
+}
+
+static void on_accept(h2o_socket_t *listener, const char *err)
+{
+    tly_server_t *s = listener->data;
+    if (err != NULL)
+        return;
+    for (int i = 0; i < 64; i++) {
+        h2o_socket_t *sock = h2o_evloop_socket_accept(listener);
+        if (sock == NULL)
+            return;
+        if (!s->accepting || s->nconns >= s->conf.max_connections) {
+            h2o_socket_close(sock);
+            continue;
+        }
+        conn_t *c = tly_calloc(1, sizeof(*c));
+        if (c == NULL) {
+            h2o_socket_close(sock);
+            continue;
+        }
+        int one = 1;
+        setsockopt(h2o_socket_get_fd(sock), IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+        c->server = s;
+        c->sock = sock;
+        sock->data = c;
+        h2o_mem_init_pool(&c->pool);
+        c->timeout.cb = on_timeout;
+        struct sockaddr_storage ss;
+        socklen_t len = h2o_socket_getpeername(sock, (struct sockaddr *)&ss);
+        if (len == 0 || h2o_socket_getnumerichost((struct sockaddr *)&ss, len, c->peer) == SIZE_MAX)
+            strcpy(c->peer, "unknown");
+        c->next = s->conns;
+        if (s->conns)
+            s->conns->prev = c;
+        s->conns = c;
+        s->nconns++;
+        set_timeout(c, &s->head_timeout);
+        h2o_socket_read_start(sock, on_read);
+    }
+}
+
+static int parse_listen(const char *listen, struct sockaddr_storage *ss, socklen_t *len, char *err)
+{
+    char host[256];
+    const char *colon = strrchr(listen, ':');
+    if (colon == NULL || colon == listen || strlen(colon + 1) == 0) {
+        snprintf(err, 256, "listen address must be host:port, got \"%s\"", listen);
+        return -1;
+    }
+    size_t hlen = (size_t)(colon - listen);
+    if (listen[0] == '[' && hlen >= 2 && listen[hlen - 1] == ']') {
+        listen++;
+        hlen -= 2;
+    }
+    if (hlen >= sizeof(host)) {
+        snprintf(err, 256, "listen host too long");
+        return -1;
+    }
+    memcpy(host, listen, hlen);
+    host[hlen] = '\0';
+    char *end;
+    long port = strtol(colon + 1, &end, 10);
+    if (*end != '\0' || port < 0 || port > 65535) {
+        snprintf(err, 256, "bad port in \"%s\"", colon + 1);
+        return -1;
+    }
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE}, *res;
+    int rc = getaddrinfo(host, NULL, &hints, &res);
+    if (rc != 0) {
+        snprintf(err, 256, "cannot resolve \"%.64s\": %s", host, gai_strerror(rc));
+        return -1;
+    }
+    memcpy(ss, res->ai_addr, res->ai_addrlen);
+    *len = res->ai_addrlen;
+    freeaddrinfo(res);
+    if (ss->ss_family == AF_INET)
+        ((struct sockaddr_in *)ss)->sin_port = htons((uint16_t)port);
+    else
+        ((struct sockaddr_in6 *)ss)->sin6_port = htons((uint16_t)port);
+    return 0;
+}
+
+tly_server_t *tly_server_new(tly_loop_t *loop, const char *listen_addr, const tly_server_conf_t *conf, char *err)
+{
+    struct sockaddr_storage ss;
+    socklen_t sslen;
+    int fd = -1;
+    tly_server_t *s = NULL;
+    if (parse_listen(listen_addr, &ss, &sslen, err) != 0)
+        goto fail;
+    if ((fd = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0)) < 0) {
+        snprintf(err, 256, "socket: %s", strerror(errno));
+        goto fail;
+    }
+    int one = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (bind(fd, (struct sockaddr *)&ss, sslen) != 0) {
+        snprintf(err, 256, "bind %s: %s", listen_addr, strerror(errno));
+        goto fail;
+    }
+    if (listen(fd, 4096) != 0) {
+        snprintf(err, 256, "listen: %s", strerror(errno));
+        goto fail;
+    }
+    if ((s = tly_calloc(1, sizeof(*s))) == NULL) {
+        snprintf(err, 256, "out of memory");
+        goto fail;
+    }
+    s->loop = loop;
+    s->conf = *conf;
+    s->accepting = true;
+    struct sockaddr_storage bound;
+    socklen_t blen = sizeof(bound);
+    getsockname(fd, (struct sockaddr *)&bound, &blen);
+    s->port = h2o_socket_getport((struct sockaddr *)&bound);
+    h2o_timeout_init(loop->h2o, &s->head_timeout, conf->head_timeout_ms);
+    h2o_timeout_init(loop->h2o, &s->idle_timeout, conf->idle_timeout_ms);
+    h2o_timeout_init(loop->h2o, &s->linger_timeout, 2000);
+    s->listener = h2o_evloop_socket_create(loop->h2o, fd, H2O_SOCKET_FLAG_DONT_READ);
+    s->listener->data = s;
+    h2o_socket_read_start(s->listener, on_accept);
+    return s;
+fail:
+    if (fd >= 0)
+        close(fd);
+    tly_free(s);
+    return NULL;
+}
+
+int tly_server_port(tly_server_t *s)
+{
+    return s->port;
+}
+
+size_t tly_server_connections(tly_server_t *s)
+{
+    return s->nconns;
+}
+
+void tly_server_stop_accepting(tly_server_t *s)
+{
+    if (!s->accepting)
+        return;
+    s->accepting = false;
+    if (s->listener != NULL) {
+        h2o_socket_read_stop(s->listener);
+        h2o_socket_close(s->listener);
+        s->listener = NULL;
+    }
+    /* idle keep-alive connections have nothing in flight: close them now */
+    for (conn_t *c = s->conns, *next; c != NULL; c = next) {
+        next = c->next;
+        if (c->state == ST_HEAD && c->sock != NULL && c->sock->input->size == 0)
+            conn_close(c);
+    }
+}
+
+void tly_server_free(tly_server_t *s)
+{
+    if (s == NULL)
+        return;
+    tly_server_stop_accepting(s);
+    while (s->conns != NULL) {
+        conn_t *c = s->conns;
+        c->state = ST_HEAD;
+        conn_close(c);
+    }
+    tly_free(s);
+}
+
+/* ---- request accessors ---- */
+
+tly_method_t tly_req_method(tly_req_t *req) { return req->method; }
+tly_str_t tly_req_method_name(tly_req_t *req) { return req->method_name; }
+tly_str_t tly_req_path(tly_req_t *req) { return req->path; }
+tly_str_t tly_req_query(tly_req_t *req) { return req->query; }
+tly_str_t tly_req_body(tly_req_t *req) { return req->body; }
+const char *tly_req_peer(tly_req_t *req) { return req->conn->peer; }
+uint64_t tly_req_start(tly_req_t *req) { return req->start; }
+bool tly_req_client_gone(tly_req_t *req) { return req->conn->sock == NULL; }
+
+tly_str_t tly_req_header(tly_req_t *req, const char *name)
+{
+    for (size_t i = 0; i < req->nheaders; i++)
+        if (tly_str_ieq((tly_str_t){req->headers[i].name, req->headers[i].name_len}, name))
+            return (tly_str_t){req->headers[i].value, req->headers[i].value_len};
+    return (tly_str_t){NULL, 0};
+}
+
+void *tly_req_alloc(tly_req_t *req, size_t n)
+{
+    return h2o_mem_alloc_pool(&req->conn->pool, n);
+}
+
+char *tly_req_strdup(tly_req_t *req, tly_str_t s)
+{
+    char *p = tly_req_alloc(req, s.len + 1);
+    if (p == NULL)
+        return NULL;
+    if (s.len)
+        memcpy(p, s.ptr, s.len);
+    p[s.len] = '\0';
+    return p;
+}
+
+static int hexval(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+bool tly_req_query_param(tly_req_t *req, const char *name, tly_str_t *out)
+{
+    tly_str_t q = req->query;
+    size_t nlen = strlen(name), i = 0;
+    while (i < q.len) {
+        size_t start = i;
+        while (i < q.len && q.ptr[i] != '&')
+            i++;
+        const char *kv = q.ptr + start;
+        size_t kvlen = i - start;
+        i++;
+        const char *eq = memchr(kv, '=', kvlen);
+        size_t klen = eq ? (size_t)(eq - kv) : kvlen;
+        if (klen != nlen || memcmp(kv, name, nlen) != 0)
+            continue;
+        const char *v = eq ? eq + 1 : kv + kvlen;
+        size_t vlen = eq ? kvlen - klen - 1 : 0;
+        char *d = tly_req_alloc(req, vlen + 1);
+        size_t o = 0;
+        for (size_t j = 0; j < vlen; j++) {
+            if (v[j] == '%' && j + 2 < vlen && hexval(v[j + 1]) >= 0 && hexval(v[j + 2]) >= 0) {
+                d[o++] = (char)(hexval(v[j + 1]) * 16 + hexval(v[j + 2]));
+                j += 2;
+            } else if (v[j] == '+') {
+                d[o++] = ' ';
+            } else {
+                d[o++] = v[j];
+            }
+        }
+        d[o] = '\0';
+        *out = (tly_str_t){d, o};
+        return true;
+    }
+    return false;
+}
+
+void tly_req_add_header(tly_req_t *req, const char *name, const char *value)
+{
+    if (req->nresp == MAX_RESP_HEADERS)
+        return;
+    req->resp_headers[req->nresp].name = tly_req_strdup(req, (tly_str_t){name, strlen(name)});
+    req->resp_headers[req->nresp].value = tly_req_strdup(req, (tly_str_t){value, strlen(value)});
+    req->nresp++;
+}
+
+void tly_req_respond(tly_req_t *req, int status, const char *content_type, const char *body, size_t len)
+{
+    conn_t *c = req->conn;
+    if (c->sock == NULL) {
+        /* the client left while we worked; the connection waited only for this */
+        conn_free(c);
+        return;
+    }
+    bool keepalive = req->keepalive && c->server->accepting;
+    c->close_after_write = !keepalive;
+    c->out_len = 0;
+    write_head(c, status, content_type, len, keepalive, req);
+    if (req->method != TLY_M_HEAD && status != 204 && status != 304)
+        out_append(c, body, len);
+    send_out(c);
+}

@@ -1,0 +1,148 @@
+/*
+ * main.c: the tally command: `tally serve` runs the server, `tally token` mints a token
+ * with the server secret (for scripts, tests and benchmarks).
+ */
+#include <jansson.h>
+#include <signal.h>
+#include <sodium.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api/api.h"
+#include "auth/auth.h"
+#include "base/base.h"
+#include "conf/conf.h"
+#include "http/http.h"
+#include "obs/obs.h"
+
+static volatile sig_atomic_t stop_requested;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    stop_requested = 1;
+}
+
+static void usage(FILE *out)
+{
+    fprintf(out, "usage: tally <command> [options]\n\n"
+                 "commands:\n"
+                 "  serve    run the server (HTTP API, live results, web UI)\n"
+                 "  token    print a bearer token for --sub, signed with the server secret\n\n"
+                 "options of serve (flags > TALLY_* environment > config file > defaults):\n");
+    tly_conf_help(out, "serve");
+    fprintf(out, "\noptions of token:\n");
+    tly_conf_help(out, "token");
+}
+
+static const char *secret_of(const tly_conf_t *conf, char *err)
+{
+    if (conf->secret[0] != '\0') {
+        if (strlen(conf->secret) < 16) {
+            snprintf(err, 512, "the secret must be at least 16 characters");
+            return NULL;
+        }
+        return conf->secret;
+    }
+    return tly_secret_load(conf->data_dir, err);
+}
+
+static int cmd_token(const tly_conf_t *conf)
+{
+    char err[512], token[TLY_JWT_MAX + 1];
+    if (conf->sub[0] == '\0') {
+        fprintf(stderr, "tally token: --sub is required\n");
+        return 2;
+    }
+    const char *secret = secret_of(conf, err);
+    if (secret == NULL) {
+        fprintf(stderr, "tally token: %s\n", err);
+        return 1;
+    }
+    int64_t now = tly_now_ms() / 1000;
+    if (tly_jwt_sign((const uint8_t *)secret, strlen(secret), conf->sub, conf->anonymous, now, now + conf->ttl,
+                     token) < 0) {
+        fprintf(stderr, "tally token: --sub must be 1 to %d bytes without control characters\n", TLY_SUB_MAX);
+        return 2;
+    }
+    printf("%s\n", token);
+    return 0;
+}
+
+static int cmd_serve(const tly_conf_t *conf)
+{
+    char err[512];
+    if (tly_log_set_level(conf->log_level) != 0) {
+        fprintf(stderr, "tally serve: --log-level must be debug, info, warn or error\n");
+        return 2;
+    }
+    const char *secret = secret_of(conf, err);
+    if (secret == NULL) {
+        tly_log(TLY_LOG_ERROR, "cannot start", "reason", err, NULL);
+        return 1;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    struct sigaction sa = {.sa_handler = on_signal};
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+
+    tly_loop_t *loop = tly_loop_new();
+    tly_app_t *app = loop ? tly_app_new(conf, loop, secret, err) : NULL;
+    if (app == NULL) {
+        tly_log(TLY_LOG_ERROR, "cannot start", "reason", loop ? err : "out of memory", NULL);
+        return 1;
+    }
+    char port[16];
+    snprintf(port, sizeof(port), "%d", tly_app_port(app));
+    tly_log(TLY_LOG_INFO, "listening", "listen", conf->listen, "port", port, "data_dir", conf->data_dir, NULL);
+    while (!stop_requested)
+        tly_loop_run_once(loop, 200);
+    /* Graceful stop: no new connections; answer what is in flight (each waits for its
+     * batch to commit); then close the store, which commits whatever is still queued. */
+    tly_log(TLY_LOG_INFO, "stopping", NULL);
+    tly_app_stop_accepting(app);
+    uint64_t deadline = tly_loop_now(loop) + 10000;
+    while (tly_app_busy(app) && tly_loop_now(loop) < deadline)
+        tly_loop_run_once(loop, 50);
+    /* let the last responses reach their sockets */
+    for (int i = 0; i < 5; i++)
+        tly_loop_run_once(loop, 10);
+    tly_app_free(app);
+    tly_log(TLY_LOG_INFO, "stopped", NULL);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    /* every allocation, jansson's too, goes through the wrapper tests can fail */
+    json_set_alloc_funcs(tly_malloc, tly_free);
+    if (sodium_init() < 0) {
+        fprintf(stderr, "tally: libsodium failed to initialise\n");
+        return 1;
+    }
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    const char *command = argv[1];
+    if (strcmp(command, "serve") != 0 && strcmp(command, "token") != 0) {
+        fprintf(stderr, "tally: unknown command \"%s\"\n\n", command);
+        usage(stderr);
+        return 2;
+    }
+    for (int i = 2; i < argc; i++) {
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+            usage(stdout);
+            return 0;
+        }
+    }
+    tly_conf_t conf;
+    char err[512];
+    if (tly_conf_load(&conf, command, argc - 2, argv + 2, err, sizeof(err)) != 0) {
+        fprintf(stderr, "tally %s: %s\n", command, err);
+        return 2;
+    }
+    return strcmp(command, "serve") == 0 ? cmd_serve(&conf) : cmd_token(&conf);
+}

@@ -1,0 +1,1097 @@
+/*
+ * sqlite.c: the embedded store. SQLite in WAL mode with synchronous=FULL, one writer
+ * thread that owns its connection and commits operations in batches (group commit).
+ *
+ * Why one writer: SQLite serialises writers anyway, and a COMMIT in WAL mode with
+ * synchronous=FULL costs one fsync of the WAL whatever the size of the transaction. So
+ * the writer takes everything queued, runs it in one transaction and pays one fsync for
+ * the lot; while it is syncing, the next batch fills up behind it. Throughput then grows
+ * with load instead of being capped at 1 / fsync latency.
+ *
+ * Durability rule: an operation's done callback sees result 0 only after the COMMIT of
+ * its batch returned SQLITE_OK. If a COMMIT fails with an I/O error (in particular a
+ * failed fsync) the store latches into a failed state and never acknowledges anything
+ * again: after a failed fsync the kernel may have dropped the dirty pages, so nothing
+ * later could be trusted to be on disk.
+ *
+ * Memory: our own allocations go through tly_malloc. SQLite's internal allocations use
+ * its default allocator: redirecting them (SQLITE_CONFIG_MALLOC) is process-global and
+ * must happen before any other SQLite use, which is not this module's call to make.
+ */
+#include "store/store_int.h"
+
+#include "base/base.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <sqlite3.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+/* ---- schema ---------------------------------------------------------------------- */
+
+/*
+ * Migrations: migrations[i] takes the schema from user_version i to i + 1. Each runs in
+ * its own transaction together with the user_version bump, so a crash mid-migration
+ * leaves the previous version intact. Append only: never edit a step that has shipped.
+ */
+static const char *const migrations[] = {
+    /* 1: everything. */
+    "CREATE TABLE users("
+    "  user_id TEXT PRIMARY KEY,"
+    "  username TEXT NOT NULL UNIQUE COLLATE NOCASE,"
+    "  password_hash TEXT NOT NULL,"
+    "  email TEXT,"
+    "  created_at INTEGER NOT NULL);"
+    "CREATE TABLE polls("
+    "  poll_id TEXT PRIMARY KEY,"
+    "  owner_id TEXT NOT NULL,"
+    "  title TEXT NOT NULL,"
+    "  description TEXT,"
+    "  type INTEGER NOT NULL,"
+    "  status INTEGER NOT NULL,"
+    "  start_time INTEGER,"
+    "  end_time INTEGER,"
+    "  settings TEXT NOT NULL,"
+    "  created_at INTEGER,"
+    "  updated_at INTEGER,"
+    "  idem_key TEXT,"
+    "  body_hash BLOB);"
+    "CREATE INDEX polls_owner ON polls(owner_id, created_at);"
+    "CREATE TABLE options("
+    "  poll_id TEXT NOT NULL REFERENCES polls ON DELETE CASCADE,"
+    "  position INTEGER NOT NULL,"
+    "  option_id TEXT NOT NULL,"
+    "  text TEXT NOT NULL,"
+    "  display_order INTEGER NOT NULL,"
+    "  PRIMARY KEY(poll_id, position));"
+    /* seq is the rowid: commit order, which is the order ballots are replayed in. The
+     * UNIQUE(poll_id, voter_id) index also serves the ON DELETE CASCADE lookups. */
+    "CREATE TABLE ballots("
+    "  seq INTEGER PRIMARY KEY,"
+    "  poll_id TEXT NOT NULL REFERENCES polls ON DELETE CASCADE,"
+    "  voter_id TEXT NOT NULL,"
+    "  vote_id TEXT NOT NULL UNIQUE,"
+    "  receipt TEXT NOT NULL UNIQUE,"
+    "  choices BLOB NOT NULL,"
+    "  scores BLOB,"
+    "  recorded_at INTEGER NOT NULL,"
+    "  idem_key TEXT,"
+    "  body_hash BLOB,"
+    "  client_meta TEXT,"
+    "  UNIQUE(poll_id, voter_id));"
+    /* No foreign key: a request outcome is kept even if it names a poll that never
+     * existed (the consumer still has to be told). POLL_DELETE removes them explicitly. */
+    "CREATE TABLE vote_requests("
+    "  request_id TEXT PRIMARY KEY,"
+    "  poll_id TEXT NOT NULL,"
+    "  voter_id TEXT NOT NULL,"
+    "  state TEXT NOT NULL,"
+    "  vote_id TEXT,"
+    "  error TEXT,"
+    "  created_at INTEGER NOT NULL);"
+    "CREATE INDEX vote_requests_poll ON vote_requests(poll_id);",
+};
+
+_Static_assert(TLY_ARRAY_SIZE(migrations) == TLY_STORE_SCHEMA_VERSION,
+               "TLY_STORE_SCHEMA_VERSION must match the migration steps");
+
+/* ---- the writer's prepared statements ---------------------------------------------- */
+
+enum {
+    ST_BEGIN,
+    ST_COMMIT,
+    ST_ROLLBACK,
+    ST_SAVEPOINT,
+    ST_RELEASE,
+    ST_ROLLBACK_TO,
+    ST_USER_INSERT,
+    ST_POLL_INSERT,
+    ST_POLL_UPDATE,
+    ST_POLL_DELETE,
+    ST_OPTIONS_DELETE,
+    ST_OPTION_INSERT,
+    ST_BALLOT_INSERT,
+    ST_REQUEST_UPSERT,
+    ST_REQUESTS_DELETE,
+    ST__COUNT
+};
+
+/* Poll insert and update bind the same numbered parameters (see bind_poll). */
+static const char *const stmt_sql[ST__COUNT] = {
+    [ST_BEGIN] = "BEGIN IMMEDIATE",
+    [ST_COMMIT] = "COMMIT",
+    [ST_ROLLBACK] = "ROLLBACK",
+    [ST_SAVEPOINT] = "SAVEPOINT op",
+    [ST_RELEASE] = "RELEASE op",
+    [ST_ROLLBACK_TO] = "ROLLBACK TO op",
+    [ST_USER_INSERT] = "INSERT INTO users(user_id, username, password_hash, email, created_at)"
+                       " VALUES(?1, ?2, ?3, ?4, ?5)",
+    [ST_POLL_INSERT] = "INSERT INTO polls(poll_id, owner_id, title, description, type, status,"
+                       " start_time, end_time, settings, created_at, updated_at, idem_key,"
+                       " body_hash) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+    [ST_POLL_UPDATE] = "UPDATE polls SET owner_id = ?2, title = ?3, description = ?4, type = ?5,"
+                       " status = ?6, start_time = ?7, end_time = ?8, settings = ?9,"
+                       " created_at = ?10, updated_at = ?11, idem_key = ?12, body_hash = ?13"
+                       " WHERE poll_id = ?1",
+    [ST_POLL_DELETE] = "DELETE FROM polls WHERE poll_id = ?1",
+    [ST_OPTIONS_DELETE] = "DELETE FROM options WHERE poll_id = ?1",
+    [ST_OPTION_INSERT] = "INSERT INTO options(poll_id, position, option_id, text, display_order)"
+                         " VALUES(?1, ?2, ?3, ?4, ?5)",
+    [ST_BALLOT_INSERT] = "INSERT INTO ballots(poll_id, voter_id, vote_id, receipt, choices, scores,"
+                         " recorded_at, idem_key, body_hash, client_meta)"
+                         " VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    /* A request's first final outcome wins: a replayed request (the ingest consumer
+     * retrying) must not turn "completed" into "failed: ALREADY_VOTED". Only a
+     * "pending" row, should anything write one, is overwritten. */
+    [ST_REQUEST_UPSERT] = "INSERT INTO vote_requests(request_id, poll_id, voter_id, state, vote_id,"
+                          " error, created_at) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+                          " ON CONFLICT(request_id) DO UPDATE SET state = excluded.state,"
+                          " vote_id = excluded.vote_id, error = excluded.error"
+                          " WHERE vote_requests.state = 'pending'",
+    [ST_REQUESTS_DELETE] = "DELETE FROM vote_requests WHERE poll_id = ?1",
+};
+
+struct tly_store {
+    tly_store_conf_t conf; /* conf.data_dir points at data_dir below */
+    char *data_dir;
+    char *db_path;
+
+    /* The writer's. Opened on the owning thread in tly_store_open, then used only by the
+     * writer thread until it is joined in tly_store_close. */
+    sqlite3 *db;
+    sqlite3_stmt *st[ST__COUNT];
+    int wal_frames;  /* frames in the WAL after the last commit (wal hook) */
+    int ckpt_frames; /* wal_frames when the last checkpoint ran */
+    int page_size;
+
+    /* Submission queue. Unbounded here on purpose: the store cannot refuse a write it
+     * has no way to report back except through done, so callers bound their in-flight
+     * operations (each holds its op until done runs) and the queue can never hold more
+     * than they allow. */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    tly_store_op_t *head, *tail;
+    int stopping;
+
+    /* Finished operations waiting for tly_store_reap, in submission order, and the
+     * statistics (both written by the writer, read by the owning thread). */
+    pthread_mutex_t done_mu;
+    tly_store_op_t *done_head, *done_tail;
+    tly_store_stats_t stats;
+
+    atomic_int failed; /* latched on an I/O error; never cleared */
+    pthread_t writer;
+    int writer_started, sync_ready;
+};
+
+static int64_t now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* One JSON line on stderr: the store has no logger of its own and must say why it
+ * stopped accepting writes. SQLite's messages name tables and columns, never values. */
+static void log_sqlite(const char *msg, sqlite3 *db, int rc)
+{
+    fprintf(stderr, "{\"level\":\"error\",\"msg\":\"store: %s\",\"sqlite_rc\":%d,\"sqlite\":\"%s\"}\n",
+            msg, rc, db ? sqlite3_errmsg(db) : sqlite3_errstr(rc));
+}
+
+/* ---- open ------------------------------------------------------------------------ */
+
+/* mkdir -p with mode 0700 for what it creates; existing directories keep their mode. */
+static int mkdir_p(const char *dir)
+{
+    int rc = TLY_EIO;
+    struct stat sb;
+    char *p = tly_strdup(dir);
+    if (p == NULL)
+        return TLY_ENOMEM;
+    for (char *c = p + 1;; c++) {
+        if (*c != '/' && *c != '\0')
+            continue;
+        char save = *c;
+        *c = '\0';
+        if (mkdir(p, 0700) != 0 && errno != EEXIST)
+            goto fail;
+        *c = save;
+        if (save == '\0')
+            break;
+    }
+    if (stat(p, &sb) != 0 || !S_ISDIR(sb.st_mode))
+        goto fail;
+    rc = 0;
+fail:
+    tly_free(p);
+    return rc;
+}
+
+static int sqlite_to_tly(int rc)
+{
+    switch (rc & 0xff) {
+    case SQLITE_OK:
+    case SQLITE_DONE:
+    case SQLITE_ROW:
+        return 0;
+    case SQLITE_NOMEM:
+        return TLY_ENOMEM;
+    case SQLITE_FULL:
+        return TLY_EFULL;
+    default:
+        return TLY_EIO;
+    }
+}
+
+static int first_column(void *arg, int ncols, char **vals, char **names)
+{
+    char *out = arg;
+    if (ncols > 0 && vals[0] != NULL && out[0] == '\0')
+        snprintf(out, 32, "%s", vals[0]);
+    return 0;
+}
+
+/* Runs sql and copies the first column of its first row (if any) into out[32]. */
+static int exec_text(sqlite3 *db, const char *sql, char out[32])
+{
+    out[0] = '\0';
+    return sqlite3_exec(db, sql, first_column, out, NULL);
+}
+
+static int exec_int(sqlite3 *db, const char *sql, long *v)
+{
+    char buf[32];
+    int rc = exec_text(db, sql, buf);
+    if (rc == SQLITE_OK)
+        *v = strtol(buf, NULL, 10);
+    return rc;
+}
+
+/* Settings every connection needs. journal_mode is a property of the file, and only
+ * checked on the writer (a read-only connection cannot change it). */
+static int configure(sqlite3 *db)
+{
+    int rc;
+    sqlite3_extended_result_codes(db, 1);
+    rc = sqlite3_busy_timeout(db, 5000);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_exec(db, "PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL;", NULL, NULL, NULL);
+    return rc;
+}
+
+static int migrate(tly_store_t *s)
+{
+    long version = 0;
+    char sql[64];
+    int rc = exec_int(s->db, "PRAGMA user_version", &version);
+    if (rc != SQLITE_OK)
+        return rc;
+    if (version > (long)TLY_ARRAY_SIZE(migrations) || version < 0) {
+        /* Written by a newer tally: refuse rather than misread it. */
+        fprintf(stderr, "{\"level\":\"error\",\"msg\":\"store: schema version %ld is newer than %d\"}\n",
+                version, TLY_STORE_SCHEMA_VERSION);
+        return SQLITE_MISMATCH;
+    }
+    for (long v = version; v < (long)TLY_ARRAY_SIZE(migrations); v++) {
+        rc = sqlite3_exec(s->db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
+        if (rc == SQLITE_OK)
+            rc = sqlite3_exec(s->db, migrations[v], NULL, NULL, NULL);
+        if (rc == SQLITE_OK) {
+            snprintf(sql, sizeof sql, "PRAGMA user_version = %ld", v + 1);
+            rc = sqlite3_exec(s->db, sql, NULL, NULL, NULL);
+        }
+        if (rc == SQLITE_OK)
+            rc = sqlite3_exec(s->db, "COMMIT", NULL, NULL, NULL);
+        if (rc != SQLITE_OK) {
+            log_sqlite("migration failed", s->db, rc);
+            if (!sqlite3_get_autocommit(s->db))
+                sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+            return rc;
+        }
+    }
+    return SQLITE_OK;
+}
+
+/* Called by SQLite on the writer thread after each commit. Installing it also turns off
+ * SQLite's auto-checkpoint, which would otherwise run inside COMMIT and delay the
+ * acknowledgement of the batch; we checkpoint after notifying instead. */
+static int wal_hook(void *arg, sqlite3 *db, const char *name, int nframes)
+{
+    tly_store_t *s = arg;
+    s->wal_frames = nframes;
+    return SQLITE_OK;
+}
+
+static void *writer_main(void *arg);
+
+static void store_free(tly_store_t *s)
+{
+    for (size_t i = 0; i < ST__COUNT; i++)
+        sqlite3_finalize(s->st[i]);
+    if (s->db != NULL)
+        sqlite3_close_v2(s->db);
+    if (s->sync_ready) {
+        pthread_cond_destroy(&s->cv);
+        pthread_mutex_destroy(&s->mu);
+        pthread_mutex_destroy(&s->done_mu);
+    }
+    tly_free(s->db_path);
+    tly_free(s->data_dir);
+    tly_free(s);
+}
+
+int tly_store_open(const tly_store_conf_t *conf, tly_store_t **out)
+{
+    int rc = TLY_EINVAL, src;
+    char mode[32];
+    long page_size = 0;
+    tly_store_t *s = NULL;
+
+    *out = NULL;
+    if (conf == NULL || conf->data_dir == NULL || conf->data_dir[0] == '\0')
+        goto fail;
+    rc = TLY_ENOMEM;
+    if ((s = tly_calloc(1, sizeof *s)) == NULL)
+        goto fail;
+    s->conf = *conf;
+    if (s->conf.batch_max == 0)
+        s->conf.batch_max = TLY_STORE_BATCH_MAX;
+    if ((s->data_dir = tly_strdup(conf->data_dir)) == NULL)
+        goto fail;
+    s->conf.data_dir = s->data_dir;
+    size_t n = strlen(s->data_dir) + sizeof "/tally.db";
+    if ((s->db_path = tly_malloc(n)) == NULL)
+        goto fail;
+    snprintf(s->db_path, n, "%s/tally.db", s->data_dir);
+
+    rc = TLY_EIO;
+    if (pthread_mutex_init(&s->mu, NULL) != 0)
+        goto fail;
+    if (pthread_mutex_init(&s->done_mu, NULL) != 0) {
+        pthread_mutex_destroy(&s->mu);
+        goto fail;
+    }
+    if (pthread_cond_init(&s->cv, NULL) != 0) {
+        pthread_mutex_destroy(&s->done_mu);
+        pthread_mutex_destroy(&s->mu);
+        goto fail;
+    }
+    s->sync_ready = 1;
+
+    if ((rc = mkdir_p(s->data_dir)) != 0)
+        goto fail;
+
+    /* NOMUTEX: the connection is handed to the writer thread and used by it alone. */
+    src = sqlite3_open_v2(s->db_path, &s->db,
+                          SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
+    if (src != SQLITE_OK)
+        goto sqlite_fail;
+    if ((src = configure(s->db)) != SQLITE_OK)
+        goto sqlite_fail;
+    if ((src = exec_text(s->db, "PRAGMA journal_mode = WAL", mode)) != SQLITE_OK)
+        goto sqlite_fail;
+    if (strcmp(mode, "wal") != 0) {
+        src = SQLITE_CANTOPEN; /* e.g. a file system without shared memory */
+        goto sqlite_fail;
+    }
+    /* A bigger page cache keeps the hot pages of the ballot indexes (random ids) in
+     * memory, so a batch's inserts touch the disk only through the WAL. */
+    if ((src = sqlite3_exec(s->db, "PRAGMA cache_size = -65536", NULL, NULL, NULL)) != SQLITE_OK)
+        goto sqlite_fail;
+    /* Statement journals (a duplicate ballot backing out its own INSERT, a cascading
+     * poll delete) stay in memory: a temporary file would be created and unlinked on the
+     * vote path, and deleting files stalls fsyncs on this disk. */
+    if ((src = sqlite3_exec(s->db, "PRAGMA temp_store = MEMORY", NULL, NULL, NULL)) != SQLITE_OK)
+        goto sqlite_fail;
+    if ((src = migrate(s)) != SQLITE_OK)
+        goto sqlite_fail;
+    if ((src = exec_int(s->db, "PRAGMA page_size", &page_size)) != SQLITE_OK)
+        goto sqlite_fail;
+    s->page_size = page_size > 0 ? (int)page_size : 4096;
+    for (size_t i = 0; i < ST__COUNT; i++) {
+        src = sqlite3_prepare_v3(s->db, stmt_sql[i], -1, SQLITE_PREPARE_PERSISTENT, &s->st[i], NULL);
+        if (src != SQLITE_OK)
+            goto sqlite_fail;
+    }
+    sqlite3_wal_hook(s->db, wal_hook, s);
+
+    rc = TLY_EIO;
+    if (pthread_create(&s->writer, NULL, writer_main, s) != 0)
+        goto fail;
+    s->writer_started = 1;
+    *out = s;
+    return 0;
+
+sqlite_fail:
+    log_sqlite("open failed", s->db, src);
+    rc = sqlite_to_tly(src);
+    if (rc == 0)
+        rc = TLY_EIO;
+fail:
+    if (s != NULL)
+        store_free(s);
+    return rc;
+}
+
+/* ---- submit / reap --------------------------------------------------------------- */
+
+void tly_store_submit_list(tly_store_t *s, tly_store_op_t *first)
+{
+    tly_store_op_t *last = first;
+    if (first == NULL)
+        return;
+    while (last->next != NULL)
+        last = last->next;
+    pthread_mutex_lock(&s->mu);
+    if (s->tail != NULL)
+        s->tail->next = first;
+    else
+        s->head = first;
+    s->tail = last;
+    pthread_cond_signal(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+}
+
+void tly_store_submit(tly_store_t *s, tly_store_op_t *op)
+{
+    op->next = NULL;
+    tly_store_submit_list(s, op);
+}
+
+void tly_store_reap(tly_store_t *s)
+{
+    tly_store_op_t *op, *next;
+    pthread_mutex_lock(&s->done_mu);
+    op = s->done_head;
+    s->done_head = s->done_tail = NULL;
+    pthread_mutex_unlock(&s->done_mu);
+    for (; op != NULL; op = next) {
+        next = op->next; /* done may free op */
+        if (op->done != NULL)
+            op->done(op);
+    }
+}
+
+int tly_store_writable(tly_store_t *s)
+{
+    return !atomic_load(&s->failed);
+}
+
+void tly_store_stats(tly_store_t *s, tly_store_stats_t *out)
+{
+    pthread_mutex_lock(&s->done_mu);
+    *out = s->stats;
+    pthread_mutex_unlock(&s->done_mu);
+}
+
+/* ---- the writer ------------------------------------------------------------------ */
+
+/* Steps a statement that returns no rows we need, then resets it and drops its
+ * bindings (they point into the caller's op, which may be freed once done runs).
+ * Returns SQLITE_OK or the (extended) error code of the step. */
+static int step_reset(sqlite3_stmt *st)
+{
+    int rc = sqlite3_step(st);
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    return rc == SQLITE_DONE || rc == SQLITE_ROW ? SQLITE_OK : rc;
+}
+
+static int is_constraint(int rc)
+{
+    return (rc & 0xff) == SQLITE_CONSTRAINT;
+}
+
+/* The op result of a constraint failure. Only uniqueness is a normal outcome (EEXIST);
+ * a missing poll (foreign key) or a missing required field is the caller's bug, but it
+ * fails that operation alone rather than everyone else's ballots in the batch. */
+static int constraint_result(int rc)
+{
+    switch (rc) {
+    case SQLITE_CONSTRAINT_UNIQUE:
+    case SQLITE_CONSTRAINT_PRIMARYKEY:
+        return TLY_EEXIST;
+    case SQLITE_CONSTRAINT_FOREIGNKEY:
+        return TLY_ENOTFOUND;
+    default:
+        return TLY_EINVAL;
+    }
+}
+
+static void bind_str(sqlite3_stmt *st, int i, const char *v)
+{
+    /* SQLITE_STATIC: the caller keeps every string alive until done runs, and bindings
+     * are cleared right after the step. A NULL pointer binds SQL NULL. */
+    sqlite3_bind_text(st, i, v, -1, SQLITE_STATIC);
+}
+
+static void bind_time(sqlite3_stmt *st, int i, int64_t ms)
+{
+    if (ms == 0)
+        sqlite3_bind_null(st, i);
+    else
+        sqlite3_bind_int64(st, i, ms);
+}
+
+/* An all-zero hash means "none" and is stored as NULL, so it reads back as zeros. */
+static void bind_hash(sqlite3_stmt *st, int i, const uint8_t h[16])
+{
+    static const uint8_t zero[16];
+    if (memcmp(h, zero, 16) == 0)
+        sqlite3_bind_null(st, i);
+    else
+        sqlite3_bind_blob(st, i, h, 16, SQLITE_STATIC);
+}
+
+static int user_insert(tly_store_t *s, tly_store_op_t *op)
+{
+    const tly_user_row_t *u = &op->u.user;
+    sqlite3_stmt *st = s->st[ST_USER_INSERT];
+    bind_str(st, 1, u->user_id);
+    bind_str(st, 2, u->username);
+    bind_str(st, 3, u->password_hash);
+    bind_str(st, 4, u->email);
+    sqlite3_bind_int64(st, 5, u->created_at);
+    return step_reset(st);
+}
+
+static void bind_poll(sqlite3_stmt *st, const tly_poll_row_t *p)
+{
+    bind_str(st, 1, p->poll_id);
+    bind_str(st, 2, p->owner_id);
+    bind_str(st, 3, p->title);
+    bind_str(st, 4, p->description);
+    sqlite3_bind_int(st, 5, p->type);
+    sqlite3_bind_int(st, 6, p->status);
+    bind_time(st, 7, p->start_time);
+    bind_time(st, 8, p->end_time);
+    bind_str(st, 9, p->settings_json);
+    bind_time(st, 10, p->created_at);
+    bind_time(st, 11, p->updated_at);
+    bind_str(st, 12, p->idem_key);
+    bind_hash(st, 13, p->body_hash);
+}
+
+static int options_insert(tly_store_t *s, const tly_poll_row_t *p)
+{
+    sqlite3_stmt *st = s->st[ST_OPTION_INSERT];
+    for (size_t i = 0; i < p->noptions; i++) {
+        const tly_option_row_t *o = &p->options[i];
+        bind_str(st, 1, p->poll_id);
+        sqlite3_bind_int(st, 2, o->position);
+        bind_str(st, 3, o->option_id);
+        bind_str(st, 4, o->text);
+        sqlite3_bind_int(st, 5, o->display_order);
+        int rc = step_reset(st);
+        if (rc != SQLITE_OK)
+            return rc;
+    }
+    return SQLITE_OK;
+}
+
+static int poll_insert(tly_store_t *s, tly_store_op_t *op)
+{
+    bind_poll(s->st[ST_POLL_INSERT], &op->u.poll);
+    int rc = step_reset(s->st[ST_POLL_INSERT]);
+    return rc != SQLITE_OK ? rc : options_insert(s, &op->u.poll);
+}
+
+static int poll_update(tly_store_t *s, tly_store_op_t *op)
+{
+    const tly_poll_row_t *p = &op->u.poll;
+    bind_poll(s->st[ST_POLL_UPDATE], p);
+    int rc = step_reset(s->st[ST_POLL_UPDATE]);
+    if (rc != SQLITE_OK)
+        return rc;
+    if (sqlite3_changes(s->db) == 0) {
+        op->result = TLY_ENOTFOUND;
+        return SQLITE_OK;
+    }
+    bind_str(s->st[ST_OPTIONS_DELETE], 1, p->poll_id);
+    if ((rc = step_reset(s->st[ST_OPTIONS_DELETE])) != SQLITE_OK)
+        return rc;
+    return options_insert(s, p);
+}
+
+/* Options and ballots go by ON DELETE CASCADE; requests have no foreign key. */
+static int poll_delete(tly_store_t *s, tly_store_op_t *op)
+{
+    int rc;
+    bind_str(s->st[ST_REQUESTS_DELETE], 1, op->u.poll.poll_id);
+    if ((rc = step_reset(s->st[ST_REQUESTS_DELETE])) != SQLITE_OK)
+        return rc;
+    bind_str(s->st[ST_POLL_DELETE], 1, op->u.poll.poll_id);
+    if ((rc = step_reset(s->st[ST_POLL_DELETE])) != SQLITE_OK)
+        return rc;
+    if (sqlite3_changes(s->db) == 0)
+        op->result = TLY_ENOTFOUND;
+    return SQLITE_OK;
+}
+
+static int ballot_insert(tly_store_t *s, tly_store_op_t *op)
+{
+    static const uint8_t empty[1];
+    const tly_ballot_row_t *b = &op->u.ballot;
+    sqlite3_stmt *st = s->st[ST_BALLOT_INSERT];
+    int rc;
+
+    bind_str(st, 1, b->poll_id);
+    bind_str(st, 2, b->voter_id);
+    bind_str(st, 3, b->vote_id);
+    bind_str(st, 4, b->receipt);
+    /* A zero-length blob needs a non-NULL pointer, or it binds NULL (NOT NULL column). */
+    sqlite3_bind_blob(st, 5, b->nchoices ? b->choices : empty, b->nchoices, SQLITE_STATIC);
+    if (b->scores != NULL)
+        sqlite3_bind_blob(st, 6, b->nchoices ? b->scores : empty, b->nchoices, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 7, b->recorded_at);
+    bind_str(st, 8, b->idem_key);
+    bind_hash(st, 9, b->body_hash);
+    bind_str(st, 10, b->client_meta);
+    rc = step_reset(st);
+    if (b->request_id == NULL)
+        return rc;
+    /* Only "already voted" is an outcome the request row records; any other failure
+     * (unknown poll, missing field) is returned and the savepoint undoes the op. */
+    if (rc != SQLITE_OK && constraint_result(rc) != TLY_EEXIST)
+        return rc;
+
+    st = s->st[ST_REQUEST_UPSERT];
+    bind_str(st, 1, b->request_id);
+    bind_str(st, 2, b->poll_id);
+    bind_str(st, 3, b->voter_id);
+    if (rc == SQLITE_OK) {
+        bind_str(st, 4, "completed");
+        bind_str(st, 5, b->vote_id);
+    } else {
+        op->result = TLY_EEXIST;
+        bind_str(st, 4, "failed");
+        bind_str(st, 6, "ALREADY_VOTED");
+    }
+    sqlite3_bind_int64(st, 7, b->recorded_at);
+    return step_reset(st);
+}
+
+/*
+ * Runs one operation inside the batch's transaction. Returns SQLITE_OK when the
+ * transaction may go on (op->result says how the operation itself went) or the SQLite
+ * error that dooms the whole batch.
+ *
+ * A constraint failure under SQLite's default ABORT resolution backs out only the
+ * failing statement and leaves the transaction open, which is what lets one duplicate
+ * ballot fail alone. Operations of several statements (polls, ballots with a request
+ * row) run inside a savepoint so that such a failure undoes the operation as a whole.
+ */
+static int run_op(tly_store_t *s, tly_store_op_t *op)
+{
+    int rc, rc2;
+    int multi = op->type == TLY_OP_POLL_INSERT || op->type == TLY_OP_POLL_UPDATE ||
+                op->type == TLY_OP_POLL_DELETE ||
+                (op->type == TLY_OP_BALLOT_INSERT && op->u.ballot.request_id != NULL);
+
+    op->result = 0;
+    if (multi && (rc = step_reset(s->st[ST_SAVEPOINT])) != SQLITE_OK)
+        return rc;
+    switch (op->type) {
+    case TLY_OP_USER_INSERT:
+        rc = user_insert(s, op);
+        break;
+    case TLY_OP_POLL_INSERT:
+        rc = poll_insert(s, op);
+        break;
+    case TLY_OP_POLL_UPDATE:
+        rc = poll_update(s, op);
+        break;
+    case TLY_OP_POLL_DELETE:
+        rc = poll_delete(s, op);
+        break;
+    case TLY_OP_BALLOT_INSERT:
+        rc = ballot_insert(s, op);
+        break;
+    default:
+        rc = SQLITE_CONSTRAINT; /* an unknown type fails alone, as TLY_EINVAL */
+        break;
+    }
+    if (rc != SQLITE_OK && !is_constraint(rc))
+        return rc; /* the batch rolls back; the savepoint goes with it */
+    if (rc != SQLITE_OK) {
+        op->result = constraint_result(rc);
+        if (multi && (rc2 = step_reset(s->st[ST_ROLLBACK_TO])) != SQLITE_OK)
+            return rc2;
+    }
+    if (multi && (rc2 = step_reset(s->st[ST_RELEASE])) != SQLITE_OK)
+        return rc2;
+    return SQLITE_OK;
+}
+
+/* Runs a batch in one transaction. Returns 1 when it committed. On failure every op of
+ * the batch gets the same result: nothing of it is durable. */
+static int run_batch(tly_store_t *s, tly_store_op_t *first, uint64_t *commit_us)
+{
+    tly_store_op_t *op;
+    int rc, result;
+    int64_t t0;
+
+    if (atomic_load(&s->failed)) {
+        result = TLY_EIO; /* never touch the database again after an I/O error */
+        goto fail_all;
+    }
+    if ((rc = step_reset(s->st[ST_BEGIN])) != SQLITE_OK)
+        goto fail;
+    for (op = first; op != NULL; op = op->next)
+        if ((rc = run_op(s, op)) != SQLITE_OK)
+            goto fail;
+    t0 = now_us();
+    /* synchronous=FULL in WAL mode: this COMMIT fsyncs the WAL, once for the batch. */
+    if ((rc = step_reset(s->st[ST_COMMIT])) != SQLITE_OK)
+        goto fail;
+    *commit_us = (uint64_t)(now_us() - t0);
+    return 1;
+
+fail:
+    log_sqlite("batch failed", s->db, rc);
+    /* SQLite may already have rolled back by itself (FULL, IOERR, NOMEM, BUSY on
+     * COMMIT leaves it open); only roll back what is still open. */
+    if (!sqlite3_get_autocommit(s->db)) {
+        int rrc = step_reset(s->st[ST_ROLLBACK]);
+        if (rrc != SQLITE_OK) {
+            log_sqlite("rollback failed", s->db, rrc);
+            atomic_store(&s->failed, 1);
+        }
+    }
+    switch (rc & 0xff) {
+    case SQLITE_FULL:
+        /* Nothing was committed and nothing half-written is trusted; the next batch
+         * tries again, and succeeds if space was freed. */
+        result = TLY_EFULL;
+        break;
+    case SQLITE_IOERR:
+    case SQLITE_CORRUPT:
+    case SQLITE_NOTADB:
+        atomic_store(&s->failed, 1);
+        result = TLY_EIO;
+        break;
+    default:
+        result = TLY_EIO;
+        break;
+    }
+fail_all:
+    for (op = first; op != NULL; op = op->next)
+        op->result = result;
+    return 0;
+}
+
+/* Between batches, after the acknowledgements are out: copy the WAL back into the
+ * database once it has grown enough. PASSIVE never waits for readers and never
+ * truncates the WAL: once fully checkpointed SQLite reuses it from the start, so no big
+ * file is deleted or truncated (which stalls fsyncs on this disk). */
+static void maybe_checkpoint(tly_store_t *s)
+{
+    int rc, log = 0, done = 0;
+    if (s->wal_frames < s->ckpt_frames)
+        s->ckpt_frames = 0; /* the WAL was restarted */
+    if ((int64_t)(s->wal_frames - s->ckpt_frames) * s->page_size < (int64_t)TLY_STORE_CHECKPOINT_BYTES)
+        return;
+    if (atomic_load(&s->failed))
+        return;
+    rc = sqlite3_wal_checkpoint_v2(s->db, NULL, SQLITE_CHECKPOINT_PASSIVE, &log, &done);
+    s->ckpt_frames = s->wal_frames;
+    if ((rc & 0xff) == SQLITE_IOERR || (rc & 0xff) == SQLITE_CORRUPT) {
+        /* A failed fsync of the database file: the same rule as for the WAL. */
+        log_sqlite("checkpoint failed", s->db, rc);
+        atomic_store(&s->failed, 1);
+    }
+}
+
+static void *writer_main(void *arg)
+{
+    tly_store_t *s = arg;
+    for (;;) {
+        tly_store_op_t *first, *last;
+        uint64_t n = 1, commit_us = 0;
+        int committed;
+
+        pthread_mutex_lock(&s->mu);
+        while (s->head == NULL && !s->stopping)
+            pthread_cond_wait(&s->cv, &s->mu);
+        if (s->head == NULL) { /* stopping, and everything queued is done */
+            pthread_mutex_unlock(&s->mu);
+            break;
+        }
+        first = last = s->head;
+        while (n < s->conf.batch_max && last->next != NULL) {
+            last = last->next;
+            n++;
+        }
+        s->head = last->next;
+        if (s->head == NULL)
+            s->tail = NULL;
+        last->next = NULL;
+        pthread_mutex_unlock(&s->mu);
+
+        /* Submitters keep queueing while this runs: that is the next batch. */
+        committed = run_batch(s, first, &commit_us);
+
+        /* From here the ops belong to tly_store_reap (which may free them). */
+        pthread_mutex_lock(&s->done_mu);
+        if (s->done_tail != NULL)
+            s->done_tail->next = first;
+        else
+            s->done_head = first;
+        s->done_tail = last;
+        if (committed) {
+            s->stats.batches++;
+            s->stats.ops += n;
+            s->stats.last_batch_size = n;
+            s->stats.last_commit_us = commit_us;
+        }
+        pthread_mutex_unlock(&s->done_mu);
+        if (s->conf.notify != NULL)
+            s->conf.notify(s->conf.notify_arg);
+
+        if (committed)
+            maybe_checkpoint(s);
+    }
+    return NULL;
+}
+
+void tly_store_close(tly_store_t *s)
+{
+    if (s == NULL)
+        return;
+    pthread_mutex_lock(&s->mu);
+    s->stopping = 1;
+    pthread_cond_signal(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    if (s->writer_started)
+        pthread_join(s->writer, NULL);
+    tly_store_reap(s);
+    store_free(s);
+}
+
+/* ---- load ------------------------------------------------------------------------ */
+
+static const char *col_str(sqlite3_stmt *st, int i)
+{
+    return (const char *)sqlite3_column_text(st, i);
+}
+
+static void col_hash(sqlite3_stmt *st, int i, uint8_t out[16])
+{
+    const void *p = sqlite3_column_blob(st, i);
+    if (p != NULL && sqlite3_column_bytes(st, i) == 16)
+        memcpy(out, p, 16);
+    else
+        memset(out, 0, 16);
+}
+
+/* A poll's options, gathered before its callback: they come from a second statement, so
+ * their strings are copied (SQLite's pointers die at the next step). Reused per poll. */
+typedef struct {
+    size_t id, text; /* offsets into buf: buf may move while rows are gathered */
+} option_off_t;
+
+typedef struct {
+    tly_option_row_t *rows;
+    option_off_t *off;
+    size_t n, cap;
+    char *buf;
+    size_t len, bufcap;
+} option_buf_t;
+
+static int option_buf_add(option_buf_t *ob, sqlite3_stmt *st)
+{
+    const char *id = col_str(st, 0), *text = col_str(st, 1);
+    size_t idn = id ? strlen(id) + 1 : 1, textn = text ? strlen(text) + 1 : 1;
+    if (ob->n == ob->cap) {
+        size_t cap = ob->cap ? ob->cap * 2 : 16;
+        tly_option_row_t *rows = tly_realloc(ob->rows, cap * sizeof *rows);
+        if (rows == NULL)
+            return TLY_ENOMEM;
+        ob->rows = rows;
+        option_off_t *off = tly_realloc(ob->off, cap * sizeof *off);
+        if (off == NULL)
+            return TLY_ENOMEM;
+        ob->off = off;
+        ob->cap = cap;
+    }
+    if (ob->len + idn + textn > ob->bufcap) {
+        size_t cap = ob->bufcap ? ob->bufcap : 1024;
+        while (cap < ob->len + idn + textn)
+            cap *= 2;
+        char *buf = tly_realloc(ob->buf, cap);
+        if (buf == NULL)
+            return TLY_ENOMEM;
+        ob->buf = buf;
+        ob->bufcap = cap;
+    }
+    ob->off[ob->n].id = ob->len;
+    memcpy(ob->buf + ob->len, id ? id : "", idn);
+    ob->len += idn;
+    ob->off[ob->n].text = ob->len;
+    memcpy(ob->buf + ob->len, text ? text : "", textn);
+    ob->len += textn;
+    ob->rows[ob->n].display_order = sqlite3_column_int(st, 2);
+    ob->rows[ob->n].position = sqlite3_column_int(st, 3);
+    ob->n++;
+    return 0;
+}
+
+int tly_store_load(tly_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
+{
+    int rc = TLY_EIO, src;
+    sqlite3 *db = NULL;
+    sqlite3_stmt *st = NULL, *ost = NULL;
+    option_buf_t ob = {0};
+
+    /* A connection of its own: the writer's belongs to the writer thread, and a WAL
+     * reader sees a consistent snapshot whatever the writer does meanwhile. */
+    src = sqlite3_open_v2(s->db_path, &db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL);
+    if (src != SQLITE_OK || (src = configure(db)) != SQLITE_OK)
+        goto sqlite_fail;
+    /* One read transaction over all four tables: one snapshot. */
+    if ((src = sqlite3_exec(db, "BEGIN", NULL, NULL, NULL)) != SQLITE_OK)
+        goto sqlite_fail;
+
+    src = sqlite3_prepare_v2(db, "SELECT user_id, username, password_hash, email, created_at"
+                                 " FROM users ORDER BY rowid", -1, &st, NULL);
+    if (src != SQLITE_OK)
+        goto sqlite_fail;
+    while ((src = sqlite3_step(st)) == SQLITE_ROW) {
+        tly_user_row_t u = {
+            .user_id = col_str(st, 0),
+            .username = col_str(st, 1),
+            .password_hash = col_str(st, 2),
+            .email = col_str(st, 3),
+            .created_at = sqlite3_column_int64(st, 4),
+        };
+        if (cb->user != NULL)
+            cb->user(ctx, &u);
+    }
+    if (src != SQLITE_DONE)
+        goto sqlite_fail;
+    sqlite3_finalize(st);
+    st = NULL;
+
+    src = sqlite3_prepare_v2(db, "SELECT poll_id, owner_id, title, description, type, status,"
+                                 " start_time, end_time, settings, created_at, updated_at,"
+                                 " idem_key, body_hash FROM polls ORDER BY rowid", -1, &st, NULL);
+    if (src == SQLITE_OK)
+        src = sqlite3_prepare_v2(db, "SELECT option_id, text, display_order, position"
+                                     " FROM options WHERE poll_id = ?1 ORDER BY position",
+                                 -1, &ost, NULL);
+    if (src != SQLITE_OK)
+        goto sqlite_fail;
+    while ((src = sqlite3_step(st)) == SQLITE_ROW) {
+        tly_poll_row_t p = {
+            .poll_id = col_str(st, 0),
+            .owner_id = col_str(st, 1),
+            .title = col_str(st, 2),
+            .description = col_str(st, 3),
+            .type = sqlite3_column_int(st, 4),
+            .status = sqlite3_column_int(st, 5),
+            .start_time = sqlite3_column_int64(st, 6), /* NULL reads as 0: unset */
+            .end_time = sqlite3_column_int64(st, 7),
+            .settings_json = col_str(st, 8),
+            .created_at = sqlite3_column_int64(st, 9),
+            .updated_at = sqlite3_column_int64(st, 10),
+            .idem_key = col_str(st, 11),
+        };
+        col_hash(st, 12, p.body_hash);
+        ob.n = ob.len = 0;
+        sqlite3_bind_text(ost, 1, p.poll_id, -1, SQLITE_STATIC);
+        while ((src = sqlite3_step(ost)) == SQLITE_ROW)
+            if ((rc = option_buf_add(&ob, ost)) != 0)
+                goto fail;
+        rc = TLY_EIO;
+        if (src != SQLITE_DONE)
+            goto sqlite_fail;
+        sqlite3_reset(ost);
+        for (size_t i = 0; i < ob.n; i++) {
+            ob.rows[i].option_id = ob.buf + ob.off[i].id;
+            ob.rows[i].text = ob.buf + ob.off[i].text;
+        }
+        p.noptions = ob.n;
+        p.options = ob.rows;
+        if (cb->poll != NULL)
+            cb->poll(ctx, &p);
+    }
+    if (src != SQLITE_DONE)
+        goto sqlite_fail;
+    sqlite3_finalize(st);
+    st = NULL;
+
+    /* seq order is commit order: replaying in it rebuilds exactly the committed state. */
+    src = sqlite3_prepare_v2(db, "SELECT poll_id, voter_id, vote_id, receipt, choices, scores,"
+                                 " recorded_at, idem_key, body_hash, client_meta"
+                                 " FROM ballots ORDER BY seq", -1, &st, NULL);
+    if (src != SQLITE_OK)
+        goto sqlite_fail;
+    while ((src = sqlite3_step(st)) == SQLITE_ROW) {
+        int nchoices = sqlite3_column_bytes(st, 4);
+        tly_ballot_row_t b = {
+            .poll_id = col_str(st, 0),
+            .voter_id = col_str(st, 1),
+            .vote_id = col_str(st, 2),
+            .receipt = col_str(st, 3),
+            .choices = sqlite3_column_blob(st, 4),
+            .scores = sqlite3_column_blob(st, 5),
+            .recorded_at = sqlite3_column_int64(st, 6),
+            .idem_key = col_str(st, 7),
+            .client_meta = col_str(st, 9),
+        };
+        if (nchoices > UINT8_MAX ||
+            (b.scores != NULL && sqlite3_column_bytes(st, 5) != nchoices)) {
+            fprintf(stderr, "{\"level\":\"error\",\"msg\":\"store: malformed ballot row\"}\n");
+            goto fail;
+        }
+        b.nchoices = (uint8_t)nchoices;
+        col_hash(st, 8, b.body_hash);
+        if (cb->ballot != NULL)
+            cb->ballot(ctx, &b);
+    }
+    if (src != SQLITE_DONE)
+        goto sqlite_fail;
+    sqlite3_finalize(st);
+    st = NULL;
+
+    src = sqlite3_prepare_v2(db, "SELECT request_id, poll_id, voter_id, state, vote_id, error,"
+                                 " created_at FROM vote_requests ORDER BY rowid", -1, &st, NULL);
+    if (src != SQLITE_OK)
+        goto sqlite_fail;
+    while ((src = sqlite3_step(st)) == SQLITE_ROW) {
+        tly_request_row_t r = {
+            .request_id = col_str(st, 0),
+            .poll_id = col_str(st, 1),
+            .voter_id = col_str(st, 2),
+            .state = col_str(st, 3),
+            .vote_id = col_str(st, 4),
+            .error = col_str(st, 5),
+            .created_at = sqlite3_column_int64(st, 6),
+        };
+        if (cb->request != NULL)
+            cb->request(ctx, &r);
+    }
+    if (src != SQLITE_DONE)
+        goto sqlite_fail;
+    rc = 0;
+    goto fail;
+
+sqlite_fail:
+    log_sqlite("load failed", db, src);
+    rc = src == SQLITE_NOMEM ? TLY_ENOMEM : TLY_EIO;
+fail:
+    sqlite3_finalize(st);
+    sqlite3_finalize(ost);
+    if (db != NULL)
+        sqlite3_close_v2(db); /* ends the read transaction */
+    tly_free(ob.rows);
+    tly_free(ob.off);
+    tly_free(ob.buf);
+    return rc;
+}

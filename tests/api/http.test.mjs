@@ -1,0 +1,349 @@
+// The HTTP layer: health, content types, 404/405, size limits, request smuggling,
+// malformed input, keep-alive.
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import http from 'node:http';
+import {
+  startServer, api, request, rawRequest, assertError, assertStatus, describe, rand,
+} from './harness.mjs';
+
+let server, tok;
+before(async () => {
+  server = await startServer();
+  tok = await server.token(`http-${rand()}`);
+});
+after(async () => { await server?.close(); });
+
+const JSON_CT = 'application/json; charset=utf-8';
+
+/** Builds an HTTP/1.1 request as bytes. headers: array of [name, value] (kept as given). */
+function rawReq(method, target, headers = [], body = '') {
+  const b = Buffer.isBuffer(body) ? body : Buffer.from(body, 'utf8');
+  const head = `${method} ${target} HTTP/1.1\r\n` +
+    headers.map(([k, v]) => `${k}: ${v}\r\n`).join('') + '\r\n';
+  return Buffer.concat([Buffer.from(head, 'latin1'), b]);
+}
+const host = () => ['Host', `127.0.0.1:${server.port}`];
+const auth = () => ['Authorization', `Bearer ${tok}`];
+
+function rawDescribe(r) {
+  return `responses: ${JSON.stringify(r.responses.map((x) => ({ status: x.status, headers: x.headers, text: x.text.slice(0, 300) })))}` +
+    ` closed=${r.closed} timedOut=${r.timedOut} error=${r.error} raw=${JSON.stringify(r.raw.toString('latin1').slice(0, 600))}`;
+}
+function assertRawError(r, status, code) {
+  assert.ok(r.responses.length >= 1, `expected a ${status} response, got none: ${rawDescribe(r)}`);
+  const res = r.responses[0];
+  assert.equal(res.status, status, `expected ${status} ${code ?? ''}: ${rawDescribe(r)}`);
+  assert.ok((res.headers['content-type'] || '').startsWith('application/json'),
+    `error must be JSON: ${rawDescribe(r)}`);
+  assert.ok(res.json?.error && typeof res.json.error.message === 'string', `error envelope: ${rawDescribe(r)}`);
+  if (code) assert.equal(res.json.error.code, code, `error.code: ${rawDescribe(r)}`);
+  return res;
+}
+
+async function assertStillHealthy() {
+  const h = await api(server, 'GET', '/healthz');
+  assert.equal(h.status, 200, `server must still be healthy: ${describe(h)}`);
+}
+
+// ---- operations --------------------------------------------------------------------------
+
+test('GET /healthz → 200 {"status":"ok"} as JSON', async () => {
+  const res = await api(server, 'GET', '/healthz');
+  assertStatus(res, 200);
+  assert.deepEqual(res.json, { status: 'ok' });
+  assert.equal(res.headers.get('content-type'), JSON_CT);
+});
+
+test('GET /readyz → 200', async () => {
+  assertStatus(await api(server, 'GET', '/readyz'), 200);
+});
+
+test('JSON routes and their errors use Content-Type application/json; charset=utf-8', async () => {
+  const anon = await api(server, 'POST', '/v1/auth/anonymous');
+  assertStatus(anon, 201);
+  assert.equal(anon.headers.get('content-type'), JSON_CT, 'success');
+  const me = await api(server, 'GET', '/v1/auth/me', { token: tok });
+  assert.equal(me.headers.get('content-type'), JSON_CT, 'GET /v1/auth/me');
+  const e401 = await api(server, 'GET', '/v1/auth/me');
+  assert.equal(e401.headers.get('content-type'), JSON_CT, '401');
+  const e404 = await api(server, 'GET', '/v1/nope');
+  assert.equal(e404.headers.get('content-type'), JSON_CT, '404');
+  const e400 = await api(server, 'POST', '/v1/polls', { token: tok, raw: '{' });
+  assert.equal(e400.headers.get('content-type'), JSON_CT, '400');
+});
+
+// ---- routing -------------------------------------------------------------------------------
+
+test('unknown routes under /v1 → 404 NOT_FOUND as JSON', async () => {
+  for (const p of ['/v1/nope', '/v1', '/v1/', '/v1/auth', '/v1/polls/abc/nope', '/v1/polls/abc/votes/me/x',
+    '/v1/receipts', '/v1/auth/me/extra']) {
+    const res = await api(server, 'GET', p);
+    assertError(res, 404, 'NOT_FOUND');
+    assert.ok(!/<html/i.test(res.text), `no HTML for ${p}`);
+  }
+  assertError(await api(server, 'POST', '/v1/unknown', { body: {} }), 404, 'NOT_FOUND');
+});
+
+function allowSet(res) {
+  const allow = res.headers.get('allow');
+  assert.ok(allow, `405 must carry an Allow header: ${describe(res)}`);
+  return new Set(allow.split(',').map((s) => s.trim().toUpperCase()).filter(Boolean));
+}
+
+test('known path with a wrong method → 405 METHOD_NOT_ALLOWED with Allow', async () => {
+  const cases = [
+    ['PUT', '/v1/polls/somePollId123', ['GET', 'PATCH', 'DELETE']],
+    ['POST', '/v1/polls/somePollId123', ['GET', 'PATCH', 'DELETE']],
+    ['DELETE', '/v1/polls', ['GET', 'POST']],
+    ['GET', '/v1/auth/login', ['POST']],
+    ['GET', '/v1/auth/register', ['POST']],
+    ['POST', '/v1/auth/me', ['GET']],
+    ['DELETE', '/v1/polls/somePollId123/results', ['GET']],
+    ['GET', '/v1/polls/somePollId123/votes', ['POST']],
+  ];
+  for (const [method, p, expected] of cases) {
+    const res = await api(server, method, p, { token: tok });
+    assertError(res, 405, 'METHOD_NOT_ALLOWED');
+    assert.equal(res.headers.get('content-type'), JSON_CT, `${method} ${p} content type`);
+    const allow = allowSet(res);
+    for (const m of expected) assert.ok(allow.has(m), `${method} ${p}: Allow must list ${m}, got ${[...allow]}`);
+    assert.ok(!allow.has(method), `${method} ${p}: Allow must not list ${method}, got ${[...allow]}`);
+  }
+});
+
+// ---- body limit ----------------------------------------------------------------------------
+
+function pollBodyOfSize(n) {
+  const s = JSON.stringify({ title: 'size', options: [{ text: 'a' }, { text: 'b' }] });
+  assert.ok(n >= s.length);
+  return s.slice(0, -1) + ' '.repeat(n - s.length) + '}';
+}
+
+test('a 1 MiB body → 413 PAYLOAD_TOO_LARGE', async () => {
+  const body = pollBodyOfSize(1 << 20);
+  let res;
+  try {
+    res = await api(server, 'POST', '/v1/polls', { token: tok, raw: body });
+  } catch (e) {
+    // The server may close before reading the whole body; then read the response from a raw socket.
+    const r = await rawRequest(server, rawReq('POST', '/v1/polls',
+      [host(), auth(), ['Content-Type', 'application/json'], ['Content-Length', String(body.length)]], body),
+    { timeout: 10_000 });
+    assertRawError(r, 413, 'PAYLOAD_TOO_LARGE');
+    await assertStillHealthy();
+    return;
+  }
+  assertError(res, 413, 'PAYLOAD_TOO_LARGE');
+  await assertStillHealthy();
+});
+
+test('body limit boundary: 65536 bytes accepted, 65537 → 413', async () => {
+  const ok = await api(server, 'POST', '/v1/polls', { token: tok, raw: pollBodyOfSize(65536) });
+  assertStatus(ok, 201, 'a 64 KiB body');
+  let over;
+  const body = pollBodyOfSize(65537);
+  try {
+    over = await api(server, 'POST', '/v1/polls', { token: tok, raw: body });
+  } catch {
+    const r = await rawRequest(server, rawReq('POST', '/v1/polls',
+      [host(), auth(), ['Content-Type', 'application/json'], ['Content-Length', String(body.length)]], body));
+    assertRawError(r, 413, 'PAYLOAD_TOO_LARGE');
+    return;
+  }
+  assertError(over, 413, 'PAYLOAD_TOO_LARGE');
+});
+
+test('a chunked body over the limit → 413 PAYLOAD_TOO_LARGE', async () => {
+  const chunk = 'x'.repeat(8192);
+  const chunks = [];
+  for (let i = 0; i < 16; i++) chunks.push(`${(8192).toString(16)}\r\n${chunk}\r\n`);
+  chunks.push('0\r\n\r\n');
+  const r = await rawRequest(server, rawReq('POST', '/v1/polls',
+    [host(), auth(), ['Content-Type', 'application/json'], ['Transfer-Encoding', 'chunked']], chunks.join('')),
+  { timeout: 10_000 });
+  assertRawError(r, 413, 'PAYLOAD_TOO_LARGE');
+  await assertStillHealthy();
+});
+
+test('a chunked body within the limit is accepted', async () => {
+  const json = JSON.stringify({ title: 'chunked', options: [{ text: 'a' }, { text: 'b' }] });
+  const half = Math.floor(json.length / 2);
+  const parts = [json.slice(0, half), json.slice(half)];
+  const body = parts.map((p) => `${Buffer.byteLength(p).toString(16)}\r\n${p}\r\n`).join('') + '0\r\n\r\n';
+  const r = await rawRequest(server, rawReq('POST', '/v1/polls',
+    [host(), auth(), ['Content-Type', 'application/json'], ['Transfer-Encoding', 'chunked']], body));
+  assert.equal(r.responses[0]?.status, 201, `chunked create: ${rawDescribe(r)}`);
+  assert.equal(r.responses[0].json.title, 'chunked');
+});
+
+// ---- head and URI limits ----------------------------------------------------------------------
+
+test('request headers over 8 KiB → 431 HEADERS_TOO_LARGE', async () => {
+  const one = await rawRequest(server, rawReq('GET', '/healthz', [host(), ['X-Big', 'a'.repeat(9000)]]));
+  assertRawError(one, 431, 'HEADERS_TOO_LARGE');
+  const many = [];
+  for (let i = 0; i < 20; i++) many.push([`X-Filler-${i}`, 'b'.repeat(500)]);
+  const r = await rawRequest(server, rawReq('GET', '/healthz', [host(), ...many]));
+  assertRawError(r, 431, 'HEADERS_TOO_LARGE');
+  await assertStillHealthy();
+});
+
+test('request headers under 8 KiB are fine', async () => {
+  const some = [];
+  for (let i = 0; i < 12; i++) some.push([`X-Filler-${i}`, 'c'.repeat(400)]); // ~5 KiB
+  const r = await rawRequest(server, rawReq('GET', '/healthz', [host(), ...some]));
+  assert.equal(r.responses[0]?.status, 200, `~5 KiB of headers: ${rawDescribe(r)}`);
+});
+
+test('request target over 2048 bytes → 414 URI_TOO_LONG; 2048 bytes is fine', async () => {
+  const long = '/v1/polls/' + 'a'.repeat(2100);
+  const r = await rawRequest(server, rawReq('GET', long, [host()]));
+  assertRawError(r, 414, 'URI_TOO_LONG');
+  const q = await rawRequest(server, rawReq('GET', '/healthz?' + 'q'.repeat(3000), [host()]));
+  assertRawError(q, 414, 'URI_TOO_LONG');
+  const target = '/v1/polls/' + 'a'.repeat(2048 - 10);
+  assert.equal(target.length, 2048);
+  const ok = await rawRequest(server, rawReq('GET', target, [host()]));
+  assertRawError(ok, 404, 'POLL_NOT_FOUND');
+  const over = await rawRequest(server, rawReq('GET', target + 'a', [host()]));
+  assertRawError(over, 414, 'URI_TOO_LONG');
+});
+
+// ---- smuggling and framing -------------------------------------------------------------------
+
+const smuggled = `GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n`;
+
+test('Content-Length together with Transfer-Encoding → 400 BAD_REQUEST, connection closed', async () => {
+  const body = `0\r\n\r\n${smuggled}`;
+  const r = await rawRequest(server, rawReq('POST', '/v1/auth/anonymous',
+    [host(), ['Content-Type', 'application/json'], ['Content-Length', String(body.length)],
+      ['Transfer-Encoding', 'chunked']], body), { waitClose: true, timeout: 3000 });
+  assertRawError(r, 400, 'BAD_REQUEST');
+  assert.equal(r.responses.length, 1, `the smuggled request must not be answered: ${rawDescribe(r)}`);
+  assert.ok(r.closed, `the server must close the connection after a framing error: ${rawDescribe(r)}`);
+});
+
+test('Transfer-Encoding before Content-Length → 400 BAD_REQUEST', async () => {
+  const body = `0\r\n\r\n`;
+  const r = await rawRequest(server, rawReq('POST', '/v1/auth/anonymous',
+    [host(), ['Transfer-Encoding', 'chunked'], ['Content-Length', '5']], body), { timeout: 3000 });
+  assertRawError(r, 400, 'BAD_REQUEST');
+});
+
+test('two different Content-Length headers → 400 BAD_REQUEST', async () => {
+  const body = `{}\r\n${smuggled}`;
+  const r = await rawRequest(server, rawReq('POST', '/v1/auth/anonymous',
+    [host(), ['Content-Type', 'application/json'], ['Content-Length', '2'], ['Content-Length', String(body.length)]],
+    body), { waitClose: true, timeout: 3000 });
+  assertRawError(r, 400, 'BAD_REQUEST');
+  assert.equal(r.responses.length, 1, `only one response: ${rawDescribe(r)}`);
+});
+
+test('two identical Content-Length headers → 400 BAD_REQUEST', async () => {
+  const r = await rawRequest(server, rawReq('POST', '/v1/auth/anonymous',
+    [host(), ['Content-Type', 'application/json'], ['Content-Length', '2'], ['Content-Length', '2']], '{}'),
+  { timeout: 3000 });
+  assertRawError(r, 400, 'BAD_REQUEST');
+});
+
+test('invalid Content-Length values → 400', async () => {
+  for (const v of ['abc', '-1', '1 2', '0x10']) {
+    const r = await rawRequest(server, rawReq('POST', '/v1/auth/anonymous',
+      [host(), ['Content-Type', 'application/json'], ['Content-Length', v]], '{}'), { timeout: 3000 });
+    assertRawError(r, 400);
+  }
+  await assertStillHealthy();
+});
+
+test('garbage request lines → 400, and the server keeps serving', async () => {
+  for (const line of ['HELLO\r\n\r\n', 'GET\r\n\r\n', 'GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n',
+    'GET /healthz HTTP/1.1\r\nBad Header Without Colon\r\n\r\n', '\x00\x01\x02\r\n\r\n']) {
+    const r = await rawRequest(server, line, { timeout: 3000 });
+    const status = r.responses[0]?.status;
+    assert.ok(status === 400 || status === 505 || (status === undefined && r.closed),
+      `${JSON.stringify(line)} → expected 400 (or 505 for the version) or a closed connection: ${rawDescribe(r)}`);
+    assert.ok(status === undefined || status < 500 || status === 505, `never a 500: ${rawDescribe(r)}`);
+  }
+  await assertStillHealthy();
+});
+
+// ---- malformed JSON -------------------------------------------------------------------------
+
+test('malformed JSON bodies → 400 INVALID_JSON, never a 500', async () => {
+  const bad = ['', '{', '{"title":}', '{"title":"x",}', "{'title':'x'}", '{"title":"x"} trailing', 'NaN',
+    '{"title":"unterminated}', '{"a":1,"a":}', '\u0000', '{"title":"x\\q"}'];
+  for (const raw of bad) {
+    const res = await api(server, 'POST', '/v1/polls', { token: tok, raw });
+    assert.equal(res.status, 400, `${JSON.stringify(raw)}: ${describe(res)}`);
+    assertError(res, 400, 'INVALID_JSON');
+  }
+});
+
+test('invalid UTF-8 in JSON strings → 400 INVALID_JSON', async () => {
+  const seqs = [[0xc3, 0x28], [0xc0, 0xaf], [0xed, 0xa0, 0x80], [0xf8, 0x88, 0x80, 0x80, 0x80], [0xff], [0xe2, 0x82]];
+  for (const bytes of seqs) {
+    const raw = Buffer.concat([Buffer.from('{"title":"x'), Buffer.from(bytes),
+      Buffer.from('y","options":[{"text":"a"},{"text":"b"}]}')]);
+    const res = await api(server, 'POST', '/v1/polls', { token: tok, raw });
+    assert.equal(res.status, 400, `bytes ${bytes.map((b) => b.toString(16))}: ${describe(res)}`);
+    assertError(res, 400, 'INVALID_JSON');
+  }
+});
+
+test('deeply nested JSON → 400, server survives', async () => {
+  const raw = '{"title":' + '['.repeat(30000) + ']'.repeat(30000) + '}';
+  const res = await api(server, 'POST', '/v1/polls', { token: tok, raw });
+  assert.equal(res.status, 400, `deep nesting: ${describe(res)}`);
+  assert.ok(['INVALID_JSON', 'VALIDATION_ERROR'].includes(res.json?.error?.code), describe(res));
+  await assertStillHealthy();
+});
+
+test('valid JSON of the wrong shape → 400 VALIDATION_ERROR', async () => {
+  for (const raw of ['[]', '[1,2]', 'null', '42', '"x"', 'true']) {
+    const res = await api(server, 'POST', '/v1/polls', { token: tok, raw });
+    assert.equal(res.status, 400, `${raw}: ${describe(res)}`);
+    assertError(res, 400, 'VALIDATION_ERROR');
+  }
+});
+
+// ---- keep-alive -------------------------------------------------------------------------------
+
+test('keep-alive: several requests on one connection', async () => {
+  const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+  try {
+    const ports = new Set();
+    for (let i = 0; i < 6; i++) {
+      const path = i % 2 ? '/v1/auth/me' : '/healthz';
+      const res = await request(server, 'GET', path, { agent, token: tok });
+      assert.equal(res.status, 200, `request ${i}: ${describe(res)}`);
+      if (i > 0) assert.ok(res.reusedSocket, `request ${i} must reuse the connection`);
+      ports.add(res.localPort);
+    }
+    assert.equal(ports.size, 1, 'all requests on one connection');
+    // an error response keeps the connection usable too
+    const e = await request(server, 'GET', '/v1/nope', { agent });
+    assert.equal(e.status, 404);
+    const after = await request(server, 'POST', '/v1/polls', { agent, token: tok,
+      body: { title: 'ka', options: [{ text: 'a' }, { text: 'b' }] } });
+    assert.equal(after.status, 201, describe(after));
+    assert.ok(after.reusedSocket, 'connection reused after a 404');
+  } finally {
+    agent.destroy();
+  }
+});
+
+test('pipelined requests are answered in order', async () => {
+  const reqs = [
+    rawReq('GET', '/healthz', [host()]),
+    rawReq('GET', '/v1/nope', [host()]),
+    rawReq('GET', '/readyz', [host()]),
+  ];
+  const r = await rawRequest(server, Buffer.concat(reqs), { responses: 3, timeout: 5000 });
+  assert.deepEqual(r.responses.map((x) => x.status), [200, 404, 200], rawDescribe(r));
+});
+
+test('HTTP/1.0 request without Host is answered', async () => {
+  const r = await rawRequest(server, 'GET /healthz HTTP/1.0\r\n\r\n', { timeout: 3000 });
+  assert.equal(r.responses[0]?.status, 200, rawDescribe(r));
+});

@@ -1,0 +1,259 @@
+/*
+ * test_base.c: base64url, RFC 3339 time, UTF-8 validation, ids and allocation failure
+ * injection. These are what tokens, ids, timestamps in the API and poll titles are made
+ * of; a mistake here shows up to users as a rejected token, a wrong closing time or a
+ * title that breaks the page.
+ */
+#include "base/base.h"
+
+#include <criterion/criterion.h>
+#include <string.h>
+
+/* ---- base64url ---------------------------------------------------------------- */
+
+Test(b64url, rfc4648_vectors)
+{
+    /* RFC 4648 section 10, in the URL alphabet without padding */
+    static const struct {
+        const char *in, *out;
+    } v[] = {{"", ""},         {"f", "Zg"},         {"fo", "Zm8"},          {"foo", "Zm9v"},
+             {"foob", "Zm9vYg"}, {"fooba", "Zm9vYmE"}, {"foobar", "Zm9vYmFy"}, {"\xfb\xff", "-_8"}};
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(v); i++) {
+        char enc[32];
+        uint8_t dec[32];
+        size_t n = strlen(v[i].in);
+        cr_assert_eq(tly_b64url_encode((const uint8_t *)v[i].in, n, enc), strlen(v[i].out));
+        cr_assert_str_eq(enc, v[i].out);
+        cr_assert_eq(tly_b64url_decode(v[i].out, strlen(v[i].out), dec), (int)n);
+        cr_assert_arr_eq(dec, v[i].in, n);
+    }
+}
+
+Test(b64url, round_trip_all_lengths)
+{
+    uint8_t in[300], dec[300 + 8];
+    char enc[4 * (300 + 2) / 3 + 1 + 8];
+    for (size_t i = 0; i < sizeof(in); i++)
+        in[i] = (uint8_t)(i * 167 + 13); /* every byte value occurs */
+    for (size_t n = 0; n <= sizeof(in); n++) {
+        memset(enc, '#', sizeof(enc));
+        size_t elen = tly_b64url_encode(in, n, enc);
+        cr_assert_eq(elen, (4 * n + 2) / 3, "n=%zu", n);
+        cr_assert_eq(enc[elen], '\0');
+        cr_assert_leq(elen + 1, 4 * (n + 2) / 3 + 1, "the documented buffer size is enough");
+        cr_assert_eq(strspn(enc, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"), elen);
+
+        memset(dec, 0xA5, sizeof(dec));
+        cr_assert_eq(tly_b64url_decode(enc, elen, dec), (int)n, "n=%zu", n);
+        cr_assert_arr_eq(dec, in, n);
+        /* nothing written past the decoded bytes */
+        cr_assert_eq(dec[n], 0xA5);
+    }
+}
+
+Test(b64url, decode_rejects)
+{
+    uint8_t out[64];
+    const char *bad[] = {
+        "Z",        /* a lone character carries no whole byte */
+        "Zm9vY",    /* 4k+1 characters */
+        "A",        /* 4k+1 characters whose stray bits happen to be zero */
+        "Zm9vA",    /* the same after a whole group */
+        "Zg==",     /* padding */
+        "Zm8=",     /* padding */
+        "+_8",      /* standard alphabet */
+        "-/8",      /* standard alphabet */
+        "Zm 9v",    /* whitespace */
+        "Zm9v\n",   /* newline */
+        "Zh",       /* non-canonical: low bits of the last character set */
+        "Zm9",      /* non-canonical: "Zm8" is the encoding of "fo" */
+        "-_9",      /* non-canonical */
+        "Zm9v.Zm9v" /* the JWT separator is not part of the alphabet */
+    };
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(bad); i++)
+        cr_assert_eq(tly_b64url_decode(bad[i], strlen(bad[i]), out), TLY_EINVAL, "%s", bad[i]);
+    /* a NUL inside the given length */
+    cr_assert_eq(tly_b64url_decode("Zm\0v", 4, out), TLY_EINVAL);
+    /* the length is honoured: what follows is not read */
+    cr_assert_eq(tly_b64url_decode("Zm9v!!!!", 4, out), 3);
+}
+
+/* ---- RFC 3339 time ------------------------------------------------------------ */
+
+Test(time, format_known)
+{
+    char s[TLY_TIME_LEN];
+    tly_time_format(0, s);
+    cr_assert_str_eq(s, "1970-01-01T00:00:00.000Z");
+    tly_time_format(INT64_C(1775390400123), s);
+    cr_assert_str_eq(s, "2026-04-05T12:00:00.123Z");
+    tly_time_format(-1, s);
+    cr_assert_str_eq(s, "1969-12-31T23:59:59.999Z");
+    tly_time_format(INT64_C(951782400000), s);
+    cr_assert_str_eq(s, "2000-02-29T00:00:00.000Z");
+}
+
+Test(time, round_trip)
+{
+    const int64_t v[] = {0,
+                         1,
+                         999,
+                         1000,
+                         INT64_C(951782400000),     /* 2000-02-29 */
+                         INT64_C(1709164800000),    /* 2024-02-29 */
+                         INT64_C(1775390400123),    /* 2026-04-05 */
+                         INT64_C(4107542399999),    /* 2100-02-28T23:59:59.999 */
+                         INT64_C(253402300799999)}; /* 9999-12-31T23:59:59.999 */
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(v); i++) {
+        char s[TLY_TIME_LEN];
+        int64_t back = -1;
+        tly_time_format(v[i], s);
+        cr_assert_eq(strlen(s), TLY_TIME_LEN - 1);
+        cr_assert_eq(tly_time_parse(s, &back), 0, "%s", s);
+        cr_assert_eq(back, v[i], "%s", s);
+    }
+    /* every day of a leap year and of a common one, at a time with milliseconds */
+    for (int64_t ms = INT64_C(1704067200000) + 45296789; ms < INT64_C(1767225600000); ms += 86400000) {
+        char s[TLY_TIME_LEN];
+        int64_t back = -1;
+        tly_time_format(ms, s);
+        cr_assert_eq(tly_time_parse(s, &back), 0, "%s", s);
+        cr_assert_eq(back, ms, "%s", s);
+    }
+}
+
+Test(time, parse_forms)
+{
+    int64_t ms;
+    cr_assert_eq(tly_time_parse("2026-04-05T12:00:00Z", &ms), 0);
+    cr_assert_eq(ms, INT64_C(1775390400000));
+    cr_assert_eq(tly_time_parse("2026-04-05t12:00:00z", &ms), 0);
+    cr_assert_eq(ms, INT64_C(1775390400000));
+    cr_assert_eq(tly_time_parse("2026-04-05T12:00:00.5Z", &ms), 0);
+    cr_assert_eq(ms, INT64_C(1775390400500));
+    cr_assert_eq(tly_time_parse("2026-04-05T12:00:00.123456789Z", &ms), 0);
+    cr_assert_eq(ms, INT64_C(1775390400123));
+    cr_assert_eq(tly_time_parse("2026-04-05T14:00:00+02:00", &ms), 0);
+    cr_assert_eq(ms, INT64_C(1775390400000));
+    cr_assert_eq(tly_time_parse("2026-04-05T06:30:00-05:30", &ms), 0);
+    cr_assert_eq(ms, INT64_C(1775390400000));
+    cr_assert_eq(tly_time_parse("2024-02-29T00:00:00Z", &ms), 0);
+    cr_assert_eq(tly_time_parse("2000-02-29T00:00:00Z", &ms), 0);
+}
+
+Test(time, parse_rejects)
+{
+    const char *bad[] = {
+        "2026-13-01T00:00:00Z",  /* bad month */
+        "2026-00-01T00:00:00Z",  /* bad month */
+        "2026-02-30T00:00:00Z",  /* Feb 30 */
+        "2024-02-30T00:00:00Z",  /* Feb 30 in a leap year */
+        "2026-02-29T00:00:00Z",  /* Feb 29 in a common year */
+        "1900-02-29T00:00:00Z",  /* century, not a leap year */
+        "2026-04-31T00:00:00Z",  /* April has 30 days */
+        "2026-04-00T00:00:00Z",  /* day 0 */
+        "2026-04-05T12:00:00",   /* missing Z */
+        "2026-04-05T12:00:00.5", /* missing Z after a fraction */
+        "2026-04-05T12:00:00Z ", /* trailing garbage */
+        "2026-04-05T12:00:00ZZ", /* trailing garbage */
+        "2026-04-05T24:00:00Z",  /* hour 24 */
+        "2026-04-05T12:60:00Z",  /* minute 60 */
+        "2026-04-05T12:00:00.Z", /* empty fraction */
+        "2026-04-05T12:00:00+0200",
+        "2026-04-05T12:00:00+24:00",
+        "2026-04-05",
+        "2026-4-05T12:00:00Z",
+        "2026-04-05 12:00:00Z",
+        "+2026-04-05T12:00:00Z",
+        "",
+        "2026-04-05T12:00:00.1234567890Z", /* more than nanoseconds */
+    };
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(bad); i++) {
+        int64_t ms = 42;
+        cr_assert_eq(tly_time_parse(bad[i], &ms), TLY_EINVAL, "%s", bad[i]);
+        cr_assert_eq(ms, 42, "output untouched on failure: %s", bad[i]);
+    }
+}
+
+/* ---- UTF-8 -------------------------------------------------------------------- */
+
+static long u8len(const char *s)
+{
+    return tly_utf8_length(s, strlen(s));
+}
+
+Test(utf8, valid)
+{
+    cr_assert_eq(u8len(""), 0);
+    cr_assert_eq(u8len("abc"), 3);
+    cr_assert_eq(u8len("h\xc3\xa9llo"), 5);         /* é */
+    cr_assert_eq(u8len("\xc2\x80"), 1);             /* U+0080, smallest 2-byte */
+    cr_assert_eq(u8len("\xe0\xa0\x80"), 1);         /* U+0800, smallest 3-byte */
+    cr_assert_eq(u8len("\xe2\x82\xac"), 1);         /* € */
+    cr_assert_eq(u8len("\xed\x9f\xbf"), 1);         /* U+D7FF, just below surrogates */
+    cr_assert_eq(u8len("\xee\x80\x80"), 1);         /* U+E000, just above */
+    cr_assert_eq(u8len("\xef\xbf\xbf"), 1);         /* U+FFFF */
+    cr_assert_eq(u8len("\xf0\x90\x80\x80"), 1);     /* U+10000, smallest 4-byte */
+    cr_assert_eq(u8len("\xf0\x9f\x97\xb3\xef\xb8\x8f"), 2); /* ballot box + VS16 */
+    cr_assert_eq(u8len("\xf4\x8f\xbf\xbf"), 1);     /* U+10FFFF, largest */
+    cr_assert_eq(tly_utf8_length("a\0b", 3), 3);    /* NUL is valid UTF-8 */
+}
+
+Test(utf8, invalid)
+{
+    const char *bad[] = {
+        "\xc0\x80",         /* overlong NUL (C0 80) */
+        "\xc1\xbf",         /* overlong */
+        "\xe0\x80\x80",     /* overlong 3-byte */
+        "\xe0\x9f\xbf",     /* overlong 3-byte, largest */
+        "\xf0\x8f\xbf\xbf", /* overlong 4-byte */
+        "\xed\xa0\x80",     /* surrogate U+D800 (ED A0 80) */
+        "\xed\xbf\xbf",     /* surrogate U+DFFF */
+        "\xed\xa0\xbd\xed\xb8\x80", /* CESU-8 surrogate pair */
+        "\xf4\x90\x80\x80", /* above U+10FFFF */
+        "\xf5\x80\x80\x80", /* lead byte never valid */
+        "\xff",
+        "\xfe",
+        "\x80",             /* lone continuation */
+        "a\xbf",            /* lone continuation after ASCII */
+        "\xe2\x82",         /* truncated 3-byte */
+        "\xf0\x9f\x98",     /* truncated 4-byte */
+        "abc\xc3",          /* truncated at the end */
+        "\xc3\x28",         /* continuation missing */
+        "\xe2\x28\xa1",     /* continuation missing */
+    };
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(bad); i++)
+        cr_assert_eq(u8len(bad[i]), -1, "#%zu", i);
+    /* truncated by the length, though the buffer holds the rest */
+    cr_assert_eq(tly_utf8_length("\xe2\x82\xac", 2), -1);
+    cr_assert_eq(tly_utf8_length("a\xf0\x9f\x98\x80", 4), -1);
+}
+
+/* ---- ids and allocation ------------------------------------------------------- */
+
+Test(random_id, shape)
+{
+    char a[64], b[64];
+    tly_random_id(a, "p_", 16);
+    tly_random_id(b, "p_", 16);
+    cr_assert_eq(strlen(a), 2 + 22);
+    cr_assert(strncmp(a, "p_", 2) == 0);
+    cr_assert_eq(strspn(a + 2, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"), 22);
+    cr_assert_str_neq(a, b);
+}
+
+Test(alloc, fail_after)
+{
+    tly_alloc_fail_after(2);
+    void *p1 = tly_malloc(8), *p2 = tly_strdup("x"), *p3 = tly_malloc(8), *p4 = tly_calloc(1, 8);
+    tly_alloc_fail_after(-1);
+    cr_assert_not_null(p1);
+    cr_assert_not_null(p2);
+    cr_assert_null(p3);
+    cr_assert_null(p4);
+    void *p5 = tly_malloc(8);
+    cr_assert_not_null(p5);
+    tly_free(p1);
+    tly_free(p2);
+    tly_free(p5);
+}
