@@ -36,14 +36,15 @@ static void usage(FILE *out)
     tly_conf_help(out, "token");
 }
 
-static const char *secret_of(const tly_conf_t *conf, char *err)
+/* The signing secret, as a heap string the caller frees. */
+static char *secret_of(const tly_conf_t *conf, char *err)
 {
     if (conf->secret[0] != '\0') {
         if (strlen(conf->secret) < 16) {
             snprintf(err, 512, "the secret must be at least 16 characters");
             return NULL;
         }
-        return conf->secret;
+        return tly_strdup(conf->secret);
     }
     return tly_secret_load(conf->data_dir, err);
 }
@@ -55,14 +56,16 @@ static int cmd_token(const tly_conf_t *conf)
         fprintf(stderr, "tally token: --sub is required\n");
         return 2;
     }
-    const char *secret = secret_of(conf, err);
+    char *secret = secret_of(conf, err);
     if (secret == NULL) {
         fprintf(stderr, "tally token: %s\n", err);
         return 1;
     }
     int64_t now = tly_now_ms() / 1000;
-    if (tly_jwt_sign((const uint8_t *)secret, strlen(secret), conf->sub, conf->anonymous, now, now + conf->ttl,
-                     token) < 0) {
+    int rc = tly_jwt_sign((const uint8_t *)secret, strlen(secret), conf->sub, conf->anonymous, now, now + conf->ttl,
+                          token);
+    tly_free(secret);
+    if (rc < 0) {
         fprintf(stderr, "tally token: --sub must be 1 to %d bytes without control characters\n", TLY_SUB_MAX);
         return 2;
     }
@@ -77,7 +80,7 @@ static int cmd_serve(const tly_conf_t *conf)
         fprintf(stderr, "tally serve: --log-level must be debug, info, warn or error\n");
         return 2;
     }
-    const char *secret = secret_of(conf, err);
+    char *secret = secret_of(conf, err);
     if (secret == NULL) {
         tly_log(TLY_LOG_ERROR, "cannot start", "reason", err, NULL);
         return 1;
@@ -90,8 +93,10 @@ static int cmd_serve(const tly_conf_t *conf)
 
     tly_loop_t *loop = tly_loop_new();
     tly_app_t *app = loop ? tly_app_new(conf, loop, secret, err) : NULL;
+    tly_free(secret); /* the app keeps its own copy */
     if (app == NULL) {
         tly_log(TLY_LOG_ERROR, "cannot start", "reason", loop ? err : "out of memory", NULL);
+        tly_loop_free(loop);
         return 1;
     }
     char port[16];
@@ -110,6 +115,7 @@ static int cmd_serve(const tly_conf_t *conf)
     for (int i = 0; i < 5; i++)
         tly_loop_run_once(loop, 10);
     tly_app_free(app);
+    tly_loop_free(loop);
     tly_log(TLY_LOG_INFO, "stopped", NULL);
     return 0;
 }
@@ -142,7 +148,10 @@ int main(int argc, char **argv)
     char err[512];
     if (tly_conf_load(&conf, command, argc - 2, argv + 2, err, sizeof(err)) != 0) {
         fprintf(stderr, "tally %s: %s\n", command, err);
+        tly_conf_free(&conf);
         return 2;
     }
-    return strcmp(command, "serve") == 0 ? cmd_serve(&conf) : cmd_token(&conf);
+    int rc = strcmp(command, "serve") == 0 ? cmd_serve(&conf) : cmd_token(&conf);
+    tly_conf_free(&conf);
+    return rc;
 }

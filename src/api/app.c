@@ -94,7 +94,7 @@ json_t *api_parse_body(tly_req_t *req, bool allow_empty)
     if (body.len == 0 && allow_empty)
         return json_object();
     json_error_t jerr;
-    json_t *v = json_loadb(body.ptr, body.len, JSON_REJECT_DUPLICATES, &jerr);
+    json_t *v = json_loadb(body.ptr, body.len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &jerr);
     if (v == NULL) {
         char msg[200];
         snprintf(msg, sizeof(msg), "the body is not valid JSON: %s (at byte %d)", jerr.text, jerr.position);

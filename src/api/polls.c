@@ -93,6 +93,11 @@ void api_polls_create(tly_req_t *req, const tly_params_t *params, void *arg)
     char errbuf[256];
     int64_t now = tly_now_ms();
     tly_poll_t *p = tly_poll_from_json(body, caller.id, now, &field, &msg, errbuf, sizeof(errbuf));
+    if (p == NULL && field == NULL && msg == NULL) {
+        tly_req_add_header(req, "Retry-After", "1");
+        api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
+        goto done;
+    }
     if (p == NULL) {
         api_respond_validation(req, field, msg ? msg : "invalid poll");
         goto done;

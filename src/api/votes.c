@@ -261,7 +261,7 @@ void api_votes_me(tly_req_t *req, const tly_params_t *params, void *arg)
     tly_vote_t *v = tly_poll_find_vote(p, caller.id);
     if (v == NULL || v->state != TLY_VOTE_COMMITTED) {
         api_respond_json(req, 200,
-                         json_pack("{s:b, s:[], s:n, s:n}", "has_voted", 0, "option_ids", "voted_at", "vote_id"));
+                         json_pack("{s:b, s:[], s:n}", "has_voted", 0, "option_ids", "voted_at"));
         return;
     }
     char at[TLY_TIME_LEN];

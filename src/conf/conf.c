@@ -222,6 +222,17 @@ int tly_conf_load(tly_conf_t *c, const char *command, int argc, char **argv, cha
     return 0;
 }
 
+void tly_conf_free(tly_conf_t *c)
+{
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(options); i++) {
+        if (options[i].type == OPT_STR) {
+            char **field = (char **)((char *)c + options[i].offset);
+            tly_free(*field);
+            *field = NULL;
+        }
+    }
+}
+
 void tly_conf_help(FILE *out, const char *command)
 {
     for (size_t i = 0; i < TLY_ARRAY_SIZE(options); i++) {

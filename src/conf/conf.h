@@ -38,6 +38,8 @@ typedef struct {
  * the subcommand). Returns 0, or -1 with a message in err (errlen bytes). Strings in c
  * are allocated and live for the process. */
 int tly_conf_load(tly_conf_t *c, const char *command, int argc, char **argv, char *err, size_t errlen);
+/* Frees the strings tly_conf_load allocated. */
+void tly_conf_free(tly_conf_t *c);
 /* Prints the options of `command` ("serve" or "token") with defaults and help. */
 void tly_conf_help(FILE *out, const char *command);
 

@@ -115,10 +115,9 @@ void tly_registry_add_poll(tly_registry_t *r, tly_poll_t *p)
 
 void tly_registry_remove_poll(tly_registry_t *r, tly_poll_t *p)
 {
-    tly_vote_t *v, *vtmp;
-    HASH_ITER(hh, p->votes, v, vtmp) {
-        HASH_DELETE(hh_receipt, r->receipts, v);
-    }
+    for (tly_vote_t *v = p->votes; v != NULL; v = v->hh.next)
+        if (v->hh_receipt.tbl != NULL && r->receipts != NULL) /* added without a registry: not there */
+            HASH_DELETE(hh_receipt, r->receipts, v);
     HASH_DELETE(hh, r->polls, p);
     owner_list_t *o = find_owner(r, p->owner_id != NULL ? p->owner_id : "");
     if (o != NULL) {

@@ -265,7 +265,7 @@ static void score_tally(const tly_poll_t *p, uint64_t *sum, uint64_t *rated)
 static json_t *build_results(const tly_poll_t *p, tly_poll_status_t status)
 {
     size_t n = p->noptions < TLY_MAX_OPTIONS ? p->noptions : TLY_MAX_OPTIONS;
-    uint64_t votes[TLY_MAX_OPTIONS], sum[TLY_MAX_OPTIONS], rated[TLY_MAX_OPTIONS];
+    uint64_t votes[TLY_MAX_OPTIONS], sum[TLY_MAX_OPTIONS] = {0}, rated[TLY_MAX_OPTIONS] = {0};
     int pct[TLY_MAX_OPTIONS];
     for (size_t i = 0; i < n; i++)
         votes[i] = p->options[i].votes;

@@ -111,10 +111,9 @@ void tly_poll_commit_vote(tly_poll_t *p, tly_vote_t *v, int64_t now)
 static void remove_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v)
 {
     HASH_DELETE(hh, p->votes, v);
-    if (r != NULL) {
-        tly_vote_t **receipts = core_registry_receipts(r);
+    tly_vote_t **receipts = r != NULL ? core_registry_receipts(r) : NULL;
+    if (receipts != NULL && *receipts != NULL && v->hh_receipt.tbl != NULL)
         HASH_DELETE(hh_receipt, *receipts, v);
-    }
     tly_vote_free(v);
 }
 

@@ -30,13 +30,20 @@ uint64_t tly_loop_now(tly_loop_t *loop)
     return h2o_now(loop->h2o);
 }
 
+static void dispose_durations(tly_loop_t *loop);
+
 void tly_loop_free(tly_loop_t *loop)
 {
     if (loop == NULL)
         return;
     h2o_multithread_destroy_queue(loop->queue);
-    /* h2o 2.2's evloop cannot be destroyed while sockets remain; the process is exiting
-     * when this is called, so leaving it to the OS is both safe and simplest. */
+    /* h2o 2.2.5 frees the queue in its libuv build only; the evloop build leaves the
+     * h2o_mem_alloc'd (malloc) struct to the caller */
+    free(loop->queue);
+    /* h2o requires every timeout to be disposed before the loop; sockets closed earlier
+     * are freed by h2o_evloop_destroy itself */
+    dispose_durations(loop);
+    h2o_evloop_destroy(loop->h2o);
     tly_free(loop);
 }
 
@@ -113,6 +120,17 @@ static h2o_timeout_t *timeout_for(tly_loop_t *loop, uint64_t ms)
     d->ms = ms;
     h2o_timeout_init(loop->h2o, &d->timeout, ms);
     return &d->timeout;
+}
+
+static void dispose_durations(tly_loop_t *loop)
+{
+    for (size_t i = 0; i < ndurations; i++) {
+        h2o_linklist_t *entries = &durations[i].timeout._entries;
+        while (!h2o_linklist_is_empty(entries))
+            h2o_linklist_unlink(entries->next);
+        h2o_timeout_dispose(loop->h2o, &durations[i].timeout);
+    }
+    ndurations = 0;
 }
 
 static void on_timer(h2o_timeout_entry_t *entry)

@@ -713,6 +713,9 @@ void tly_server_free(tly_server_t *s)
         c->state = ST_HEAD;
         conn_close(c);
     }
+    h2o_timeout_dispose(s->loop->h2o, &s->head_timeout);
+    h2o_timeout_dispose(s->loop->h2o, &s->idle_timeout);
+    h2o_timeout_dispose(s->loop->h2o, &s->linger_timeout);
     tly_free(s);
 }
 

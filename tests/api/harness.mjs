@@ -157,6 +157,15 @@ export async function startServer(opts = {}) {
   /** Stops the server and removes its data directory; prints its log when asked to. */
   server.close = async () => {
     const r = await server.stop();
+    // Under `make check-asan` the server is a sanitizer build: any report it printed is a
+    // bug even when every request got the right answer.
+    const report = /(AddressSanitizer|LeakSanitizer|UndefinedBehaviorSanitizer|runtime error:)/.exec(server._log);
+    if (report) {
+      throw new Error(`tally printed a sanitizer report:\n${tail(server._log, 8000)}`);
+    }
+    if (r.code !== 0 && r.code !== null && !r.killed) {
+      throw new Error(`tally exited with code ${r.code} after SIGTERM:\n${tail(server._log)}`);
+    }
     if (opts.printLogs || process.env.TALLY_TEST_LOGS) {
       process.stderr.write(`[harness] tally output:\n${tail(server._log)}\n`);
     }

@@ -347,3 +347,24 @@ test('HTTP/1.0 request without Host is answered', async () => {
   const r = await rawRequest(server, 'GET /healthz HTTP/1.0\r\n\r\n', { timeout: 3000 });
   assert.equal(r.responses[0]?.status, 200, rawDescribe(r));
 });
+
+test('path traversal outside /v1 never serves files from outside the web root', async () => {
+  for (const target of ['/../../../../../../etc/passwd', '/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd',
+    '/..%2f..%2f..%2f..%2fetc%2fpasswd', '/static/../../../../etc/passwd']) {
+    const r = await rawRequest(server, rawReq('GET', target, [host()]), { timeout: 3000 });
+    const res = r.responses[0];
+    assert.ok(res, `${target}: expected a response: ${rawDescribe(r)}`);
+    assert.ok(res.status < 500, `${target}: never a 5xx: ${rawDescribe(r)}`);
+    assert.ok(!/root:.*:0:0:/.test(res.text), `${target} must not serve /etc/passwd: ${rawDescribe(r)}`);
+  }
+  await assertStillHealthy();
+});
+
+test('percent-encoded and odd poll ids are just unknown polls', async () => {
+  for (const id of ['%2e%2e', '%00', 'a%2fb', '%E2%82%AC', "'%20OR%201=1--"]) {
+    const res = await api(server, 'GET', `/v1/polls/${id}`);
+    assert.ok([400, 404].includes(res.status), `/v1/polls/${id}: ${describe(res)}`);
+    assert.ok(res.json?.error?.code, `JSON error for /v1/polls/${id}: ${describe(res)}`);
+  }
+  await assertStillHealthy();
+});

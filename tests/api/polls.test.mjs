@@ -295,7 +295,8 @@ test('a draft is visible only to its owner', async () => {
 });
 
 test('GET a closed poll works without a token', async () => {
-  const p = await createPoll(server, ownerTok, { status: 'closed' });
+  const p = await createPoll(server, ownerTok);
+  assertStatus(await patch(p.poll_id, { status: 'closed' }), 200, 'close');
   const g = await get(p.poll_id);
   assertStatus(g, 200);
   assert.equal(g.json.status, 'closed');

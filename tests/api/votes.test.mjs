@@ -39,7 +39,10 @@ test('single vote → 200 recorded; votes/me before and after', async () => {
   const tok = await voter();
   const before = await voteMe(poll.poll_id, tok);
   assertStatus(before, 200, 'votes/me before voting');
-  assert.deepEqual(before.json, { has_voted: false, option_ids: [], voted_at: null }, 'not voted yet');
+  const { has_voted, option_ids, voted_at } = before.json;
+  assert.deepEqual({ has_voted, option_ids, voted_at }, { has_voted: false, option_ids: [], voted_at: null },
+    `not voted yet: ${before.text}`);
+  if ('vote_id' in before.json) assert.equal(before.json.vote_id, null, 'no vote_id before voting');
   const opt = poll.options[1].option_id;
   const res = await castVote(server, tok, poll.poll_id, { option_id: opt });
   assert.equal(res.headers.get('content-type'), 'application/json; charset=utf-8');
@@ -156,8 +159,10 @@ test('draft or closed poll → 409 POLL_NOT_ACTIVE', async () => {
     200, 'close');
   assertError(await castVote(server, tok, poll.poll_id, { option_id: poll.options[0].option_id }), 409,
     'POLL_NOT_ACTIVE');
-  const created = await createPoll(server, ownerTok, { status: 'closed' });
-  assertError(await castVote(server, tok, created.poll_id, { option_id: created.options[0].option_id }), 409,
+  const dc = await createPoll(server, ownerTok, { status: 'draft' });
+  assertStatus(await api(server, 'PATCH', `/v1/polls/${dc.poll_id}`, { token: ownerTok, body: { status: 'closed' } }),
+    200, 'draft → closed');
+  assertError(await castVote(server, tok, dc.poll_id, { option_id: dc.options[0].option_id }), 409,
     'POLL_NOT_ACTIVE');
 });
 
@@ -174,6 +179,7 @@ test('end_time passing closes the poll without any call', async () => {
   const r = await api(server, 'GET', `/v1/polls/${poll.poll_id}/results`);
   assertStatus(r, 200);
   assert.equal(r.json.total_votes, 1, 'the vote before end_time is counted');
+  assert.equal(r.json.status, 'closed', 'results show the poll closed after end_time');
 });
 
 test('start_time in the future → 409 POLL_NOT_ACTIVE until it passes', async () => {
@@ -305,7 +311,9 @@ test('async votes: validation errors are returned directly', async () => {
   assertError(await castVote(server, tok, poll.poll_id, { option_id: 'nope' }, pref), 400, 'INVALID_OPTION');
   assertError(await castVote(server, tok, poll.poll_id, {}, pref), 400, 'VALIDATION_ERROR', { field: 'option_id' });
   assertError(await castVote(server, tok, 'noSuchPoll12345', { option_id: 'x' }, pref), 404, 'POLL_NOT_FOUND');
-  const closed = await createPoll(server, ownerTok, { status: 'closed' });
+  const closed = await createPoll(server, ownerTok);
+  assertStatus(await api(server, 'PATCH', `/v1/polls/${closed.poll_id}`, { token: ownerTok,
+    body: { status: 'closed' } }), 200, 'close');
   assertError(await castVote(server, tok, closed.poll_id, { option_id: closed.options[0].option_id }, pref), 409,
     'POLL_NOT_ACTIVE');
   assertError(await castVote(server, null, poll.poll_id, { option_id: poll.options[0].option_id }, pref), 401,
