@@ -75,6 +75,7 @@ struct tly_app {
     poll_idem_t *poll_idem;
     poll_mark_t *deleting;
     struct ballot_op *pending_ballots; /* votes.c: ballots in the writer, by vote */
+    struct live *live;
     size_t in_flight; /* requests waiting for the store or a worker */
     /* worker threads for slow work */
     struct {
@@ -115,6 +116,9 @@ json_t *api_parse_body(tly_req_t *req, bool allow_empty);
 /* Reads the bearer token. Returns false after answering 401 when a token is present but
  * invalid, or when `required` and there is none. */
 bool api_caller(tly_app_t *app, tly_req_t *req, bool required, caller_t *out);
+/* The same for a token given some other way (EventSource cannot send headers, so live
+ * streams also take ?access_token=). */
+bool api_caller_token(tly_app_t *app, tly_req_t *req, tly_str_t token, caller_t *out);
 /* Validates Idempotency-Key (<= 255 printable ASCII). Returns false after answering 400;
  * *key is NULL when absent. */
 bool api_idempotency_key(tly_req_t *req, char **key);
@@ -160,6 +164,15 @@ void api_results_get(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_ops_healthz(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_ops_readyz(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_static_get(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_live_sse(tly_req_t *req, const tly_params_t *params, void *arg);
+
+/* live.c: live results streams */
+typedef struct live live_t;
+live_t *api_live_new(tly_app_t *app);
+/* Ends every stream with a retry hint (graceful shutdown). */
+void api_live_shutdown(live_t *l);
+void api_live_free(live_t *l);
+size_t api_live_subscribers(live_t *l);
 
 /* user map helpers (auth.c) */
 user_t *api_user_find(tly_app_t *app, const char *user_id);

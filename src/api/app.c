@@ -122,8 +122,14 @@ bool api_caller(tly_app_t *app, tly_req_t *req, bool required, caller_t *out)
         api_respond_error(req, 401, "UNAUTHENTICATED", "the Authorization header must be \"Bearer <token>\"", NULL);
         return false;
     }
+    return api_caller_token(app, req, (tly_str_t){h.ptr + 7, h.len - 7}, out);
+}
+
+bool api_caller_token(tly_app_t *app, tly_req_t *req, tly_str_t token, caller_t *out)
+{
+    memset(out, 0, sizeof(*out));
     tly_claims_t claims;
-    if (tly_jwt_verify(app->secret, app->secret_len, h.ptr + 7, h.len - 7, tly_now_ms() / 1000, &claims) != 0) {
+    if (tly_jwt_verify(app->secret, app->secret_len, token.ptr, token.len, tly_now_ms() / 1000, &claims) != 0) {
         api_respond_error(req, 401, "UNAUTHENTICATED", "the token is invalid or expired", NULL);
         return false;
     }
@@ -311,6 +317,7 @@ static int add_routes(tly_router_t *r)
         {TLY_M_GET, "/v1/polls/{poll_id}/votes/me", api_votes_me},
         {TLY_M_GET, "/v1/polls/{poll_id}/votes/requests/{request_id}", api_votes_request},
         {TLY_M_GET, "/v1/polls/{poll_id}/results", api_results_get},
+        {TLY_M_GET, "/v1/polls/{poll_id}/live", api_live_sse},
         {TLY_M_GET, "/v1/receipts/{receipt}", api_receipts_get},
         {TLY_M_GET, "/healthz", api_ops_healthz},
         {TLY_M_GET, "/readyz", api_ops_readyz},
@@ -368,6 +375,10 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
                             .handler = handle,
                             .arg = app,
                             .render_error = render_error};
+    if ((app->live = api_live_new(app)) == NULL) {
+        snprintf(err, 512, "out of memory");
+        goto fail;
+    }
     char herr[256];
     app->server = tly_server_new(loop, conf->listen, &hc, herr);
     if (app->server == NULL) {
@@ -389,6 +400,7 @@ void tly_app_stop_accepting(tly_app_t *app)
 {
     if (app->server != NULL)
         tly_server_stop_accepting(app->server);
+    api_live_shutdown(app->live);
 }
 
 bool tly_app_busy(tly_app_t *app)
@@ -411,7 +423,9 @@ void tly_app_free(tly_app_t *app)
     }
     if (app->store != NULL)
         tly_store_close(app->store);
-    tly_server_free(app->server);
+    api_live_shutdown(app->live);
+    tly_server_free(app->server); /* closes open streams; their subscribers unlink */
+    api_live_free(app->live);
     tly_router_free(app->router);
     tly_registry_free(app->registry);
     user_t *u, *tmp;

@@ -243,6 +243,15 @@ static void delete_committed(tly_store_op_t *op)
         tly_poll_t *p = tly_registry_find_poll(app->registry, op->u.poll.poll_id);
         if (p != NULL)
             tly_registry_remove_poll(app->registry, p);
+        /* the store deleted the poll's vote requests with it; so does memory */
+        vote_request_t *r, *tmp;
+        HASH_ITER(hh, app->requests, r, tmp) {
+            if (strcmp(r->poll_id, op->u.poll.poll_id) == 0) {
+                HASH_DEL(app->requests, r);
+                tly_free(r->voter_id);
+                tly_free(r);
+            }
+        }
         tly_req_respond(po->req, 204, NULL, "", 0);
     } else {
         api_respond_store_error(po->req, op->result);
@@ -315,8 +324,12 @@ void api_polls_list(tly_req_t *req, const tly_params_t *params, void *arg)
     size_t n = tly_registry_list_owner(app->registry, caller.id, after, items, (size_t)limit, &more);
     json_t *arr = json_array();
     int64_t now = tly_now_ms();
-    for (size_t i = 0; i < n; i++)
-        json_array_append_new(arr, tly_poll_to_json(items[i], now));
+    for (size_t i = 0; i < n; i++) {
+        poll_mark_t *m;
+        HASH_FIND_STR(app->deleting, items[i]->poll_id, m);
+        if (m == NULL) /* a poll being deleted is already gone for readers */
+            json_array_append_new(arr, tly_poll_to_json(items[i], now));
+    }
     api_respond_json(req, 200,
                      json_pack("{s:o, s:o}", "items", arr, "next_cursor",
                                more && n > 0 ? json_string(items[n - 1]->poll_id) : json_null()));

@@ -28,6 +28,9 @@ typedef struct {
     long max_connections;
     long token_ttl;
     long batch_max;
+    long live_tick;
+    long live_max;
+    long live_max_per_ip;
     /* `tally token` */
     char *sub;
     long ttl;

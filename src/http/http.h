@@ -127,6 +127,35 @@ void tly_req_respond(tly_req_t *req, int status, const char *content_type, const
 /* Whether the client is gone; a pending request can still be answered (no-op). */
 bool tly_req_client_gone(tly_req_t *req);
 
+/* ---- streamed responses (export, Server-Sent Events) ----
+ *
+ * A handler may answer with a stream instead of tly_req_respond: the status and headers
+ * go out at once with chunked transfer encoding, then the body in pieces. After
+ * tly_req_stream_start the request's path, query, headers and body are no longer
+ * available (the connection reads on to notice the client leaving), and the connection
+ * closes when the stream ends.
+ */
+typedef struct {
+    /* All queued data has been written: a good moment to produce more. */
+    void (*on_drain)(tly_req_t *req, void *arg);
+    /* The client is gone (or the server is freeing the connection); the request must
+     * not be used after this returns. */
+    void (*on_close)(tly_req_t *req, void *arg);
+    void *arg;
+} tly_stream_cb_t;
+
+void tly_req_stream_start(tly_req_t *req, int status, const char *content_type, const tly_stream_cb_t *cb);
+/* Queues data (copied). Returns 0, or TLY_ENOMEM. Never blocks; a producer that cares
+ * about memory writes again only from on_drain, or checks tly_req_stream_pending. */
+int tly_req_stream_write(tly_req_t *req, const char *data, size_t len);
+/* Bytes queued and not yet written to the socket. */
+size_t tly_req_stream_pending(tly_req_t *req);
+/* Ends the stream (after queued data is written the connection closes; on_close runs). */
+void tly_req_stream_end(tly_req_t *req);
+/* Closes the connection now, dropping whatever is queued (a reader that stopped
+ * reading); on_close runs before this returns. */
+void tly_req_stream_abort(tly_req_t *req);
+
 /* ---- router ---- */
 
 /* Patterns are paths whose segments are literals or "{name}" captures; a capture matches

@@ -29,7 +29,7 @@
 #define MAX_HEADERS 64
 #define MAX_RESP_HEADERS 24
 
-typedef enum { ST_HEAD, ST_BODY, ST_HANDLING, ST_WRITING, ST_LINGER } conn_state_t;
+typedef enum { ST_HEAD, ST_BODY, ST_HANDLING, ST_WRITING, ST_LINGER, ST_STREAMING } conn_state_t;
 
 typedef struct conn conn_t;
 
@@ -69,6 +69,11 @@ struct conn {
     char peer[INET6_ADDRSTRLEN];
     char *out;
     size_t out_len, out_cap;
+    /* streaming: `out` is being written while `pend` collects what comes next */
+    char *pend;
+    size_t pend_len, pend_cap;
+    bool writing, stream_ended;
+    tly_stream_cb_t stream;
 };
 
 struct tly_server {
@@ -506,7 +511,7 @@ static void on_read(h2o_socket_t *sock, const char *err)
         conn_close(c);
         return;
     }
-    if (c->state == ST_LINGER) {
+    if (c->state == ST_LINGER || c->state == ST_STREAMING) {
         h2o_buffer_consume(&sock->input, sock->input->size);
         return;
     }
@@ -532,12 +537,19 @@ static void conn_free(conn_t *c)
     s->nconns--;
     h2o_mem_clear_pool(&c->pool);
     tly_free(c->out);
+    tly_free(c->pend);
     tly_free(c);
 }
 
 static void conn_close(conn_t *c)
 {
     set_timeout(c, NULL);
+    if (c->state == ST_STREAMING && c->stream.on_close != NULL) {
+        void (*cb)(tly_req_t *, void *) = c->stream.on_close;
+        c->stream.on_close = NULL;
+        c->stream.on_drain = NULL;
+        cb(&c->req, c->stream.arg);
+    }
     if (c->sock != NULL) {
         h2o_socket_close(c->sock);
         c->sock = NULL;
@@ -825,4 +837,145 @@ void tly_req_respond(tly_req_t *req, int status, const char *content_type, const
     if (req->method != TLY_M_HEAD && status != 204 && status != 304)
         out_append(c, body, len);
     send_out(c);
+}
+
+/* ---- streamed responses ---- */
+
+static void stream_flush(conn_t *c);
+
+static void on_stream_written(h2o_socket_t *sock, const char *err)
+{
+    conn_t *c = sock->data;
+    c->writing = false;
+    if (err != NULL) {
+        conn_close(c);
+        return;
+    }
+    c->out_len = 0;
+    if (c->pend_len > 0) {
+        stream_flush(c);
+        return;
+    }
+    if (c->stream_ended) {
+        conn_close(c);
+        return;
+    }
+    if (c->stream.on_drain != NULL)
+        c->stream.on_drain(&c->req, c->stream.arg);
+}
+
+/* Swaps the pending buffer in and writes it; one write in flight at a time. */
+static void stream_flush(conn_t *c)
+{
+    if (c->writing || c->sock == NULL || c->pend_len == 0)
+        return;
+    char *tmp = c->out;
+    size_t cap = c->out_cap;
+    c->out = c->pend;
+    c->out_cap = c->pend_cap;
+    c->out_len = c->pend_len;
+    c->pend = tmp;
+    c->pend_cap = cap;
+    c->pend_len = 0;
+    c->writing = true;
+    h2o_iovec_t buf = h2o_iovec_init(c->out, c->out_len);
+    h2o_socket_write(c->sock, &buf, 1, on_stream_written);
+}
+
+static int pend_append(conn_t *c, const char *s, size_t n)
+{
+    if (c->pend_len + n > c->pend_cap) {
+        size_t cap = c->pend_cap ? c->pend_cap : 1024;
+        while (cap < c->pend_len + n)
+            cap *= 2;
+        char *p = tly_realloc(c->pend, cap);
+        if (p == NULL)
+            return TLY_ENOMEM;
+        c->pend = p;
+        c->pend_cap = cap;
+    }
+    memcpy(c->pend + c->pend_len, s, n);
+    c->pend_len += n;
+    return 0;
+}
+
+void tly_req_stream_start(tly_req_t *req, int status, const char *content_type, const tly_stream_cb_t *cb)
+{
+    conn_t *c = req->conn;
+    c->stream = *cb;
+    c->stream_ended = false;
+    if (c->sock == NULL) {
+        /* gone already: tell the owner at once, then release */
+        c->state = ST_STREAMING;
+        tly_stream_cb_t copy = c->stream;
+        c->stream.on_close = NULL;
+        if (copy.on_close)
+            copy.on_close(req, copy.arg);
+        conn_free(c);
+        return;
+    }
+    c->state = ST_STREAMING;
+    c->out_len = 0;
+    c->pend_len = 0;
+    char line[160];
+    snprintf(line, sizeof(line), "HTTP/1.1 %d %s\r\nDate: %s\r\n", status, tly_http_reason(status), http_date());
+    pend_append(c, line, strlen(line));
+    if (content_type != NULL) {
+        snprintf(line, sizeof(line), "Content-Type: %s\r\n", content_type);
+        pend_append(c, line, strlen(line));
+    }
+    for (size_t i = 0; i < req->nresp; i++) {
+        pend_append(c, req->resp_headers[i].name, strlen(req->resp_headers[i].name));
+        pend_append(c, ": ", 2);
+        pend_append(c, req->resp_headers[i].value, strlen(req->resp_headers[i].value));
+        pend_append(c, "\r\n", 2);
+    }
+    static const char tail[] = "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+    pend_append(c, tail, sizeof(tail) - 1);
+    /* the request's strings live in the input buffer, which reading may now move */
+    req->nheaders = 0;
+    req->body = (tly_str_t){"", 0};
+    req->path = req->query = (tly_str_t){"", 0};
+    h2o_buffer_consume(&c->sock->input, c->sock->input->size);
+    h2o_socket_read_start(c->sock, on_read);
+    stream_flush(c);
+}
+
+int tly_req_stream_write(tly_req_t *req, const char *data, size_t len)
+{
+    conn_t *c = req->conn;
+    if (c->sock == NULL || c->stream_ended || len == 0)
+        return 0;
+    char size[24];
+    int n = snprintf(size, sizeof(size), "%zx\r\n", len);
+    if (pend_append(c, size, (size_t)n) != 0 || pend_append(c, data, len) != 0 || pend_append(c, "\r\n", 2) != 0)
+        return TLY_ENOMEM;
+    stream_flush(c);
+    return 0;
+}
+
+size_t tly_req_stream_pending(tly_req_t *req)
+{
+    conn_t *c = req->conn;
+    return c->pend_len + (c->writing ? c->out_len : 0);
+}
+
+void tly_req_stream_end(tly_req_t *req)
+{
+    conn_t *c = req->conn;
+    if (c->sock == NULL || c->stream_ended)
+        return;
+    c->stream_ended = true;
+    pend_append(c, "0\r\n\r\n", 5);
+    if (!c->writing)
+        stream_flush(c);
+    if (!c->writing) /* nothing could be queued: close now rather than never */
+        conn_close(c);
+}
+
+void tly_req_stream_abort(tly_req_t *req)
+{
+    conn_t *c = req->conn;
+    if (c->state == ST_STREAMING)
+        conn_close(c);
 }

@@ -1,0 +1,368 @@
+/*
+ * live.c: live results over Server-Sent Events (GET /v1/polls/{poll_id}/live).
+ *
+ * Coalescing: a timer ticks every --live-tick ms. For each watched poll whose counts or
+ * status changed since the last tick, the results are rendered once (the cached
+ * rendering of core) and offered to every subscriber. A subscriber whose socket still
+ * holds unwritten data is only marked: when its socket drains it gets the newest state,
+ * never a backlog. So a slow reader costs at most one pending message and never slows
+ * the vote path or other readers; one that makes no progress for 30 s is dropped.
+ *
+ * Visibility is decided per subscriber on every offer, so a voter on an after_vote poll
+ * starts with a state without counts and receives the counts once their ballot commits.
+ *
+ * Threads: the loop thread only.
+ */
+#include <string.h>
+
+#include "api/api_int.h"
+#include "base/base.h"
+#include "obs/obs.h"
+
+#define PING_MS 15000
+#define STALL_MS 30000
+#define RETRY_MS 2000
+
+typedef struct sub sub_t;
+typedef struct live_poll live_poll_t;
+
+struct sub {
+    sub_t *prev, *next; /* in its live_poll */
+    live_poll_t *lp;
+    live_t *live;
+    tly_req_t *req;
+    char *caller_id; /* NULL for anonymous watchers */
+    char ip[48];
+    uint64_t sent_seq;
+    int sent_status;
+    bool sent_visible, sent_any;
+    bool want;        /* a newer state waits for the socket to drain */
+    uint64_t last_progress, last_write;
+};
+
+struct live_poll {
+    UT_hash_handle hh;
+    char poll_id[TLY_POLL_ID_LEN + 1];
+    sub_t *subs;
+    size_t nsubs;
+    uint64_t seen_seq;
+    int seen_status;
+    char *hidden;    /* state without counts, rebuilt when the status changes */
+    int hidden_status;
+};
+
+typedef struct ip_count {
+    UT_hash_handle hh;
+    char ip[48];
+    size_t n;
+} ip_count_t;
+
+struct live {
+    tly_app_t *app;
+    live_poll_t *polls;
+    ip_count_t *ips;
+    size_t nsubs;
+    tly_timer_t tick;
+    bool stopping;
+};
+
+static live_t *the_live; /* the timer callback's way back (one app per process) */
+
+size_t api_live_subscribers(live_t *l)
+{
+    return l ? l->nsubs : 0;
+}
+
+/* ---- rendering ---- */
+
+static const char *hidden_state(live_poll_t *lp, const tly_poll_t *p, int status)
+{
+    if (lp->hidden != NULL && lp->hidden_status == status)
+        return lp->hidden;
+    json_t *opts = json_array();
+    for (size_t i = 0; i < p->noptions; i++)
+        json_array_append_new(opts, json_pack("{s:s, s:s}", "option_id", p->options[i].option_id, "label",
+                                              p->options[i].text));
+    json_t *o = json_pack("{s:s, s:s, s:b, s:s, s:o}", "poll_id", p->poll_id, "status",
+                          tly_poll_status_name((tly_poll_status_t)status), "results_hidden", 1, "results_visibility",
+                          tly_visibility_name(p->settings.results_visibility), "options", opts);
+    char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
+    json_decref(o);
+    if (s == NULL)
+        return NULL;
+    tly_free(lp->hidden);
+    lp->hidden = tly_strdup(s);
+    free(s);
+    lp->hidden_status = status;
+    return lp->hidden;
+}
+
+static int write_event(sub_t *s, const char *event, uint64_t id, const char *data)
+{
+    char head[96];
+    int n = id ? snprintf(head, sizeof(head), "event: %s\nid: %llu\ndata: ", event, (unsigned long long)id)
+               : snprintf(head, sizeof(head), "event: %s\ndata: ", event);
+    if (tly_req_stream_write(s->req, head, (size_t)n) != 0 || tly_req_stream_write(s->req, data, strlen(data)) != 0 ||
+        tly_req_stream_write(s->req, "\n\n", 2) != 0)
+        return TLY_ENOMEM;
+    s->last_write = tly_loop_now(s->live->app->loop);
+    return 0;
+}
+
+/* Offers the poll's current state to s: sent now if its socket is idle, else later. */
+static void offer(sub_t *s, tly_poll_t *p, int64_t now)
+{
+    int status = (int)tly_poll_effective_status(p, now);
+    bool voted = s->caller_id != NULL && tly_poll_find_vote(p, s->caller_id) != NULL;
+    bool visible = tly_results_visible(p, s->caller_id, voted, now);
+    if (s->sent_any && s->sent_seq == p->seq && s->sent_status == status && s->sent_visible == visible)
+        return; /* nothing new for this one */
+    if (tly_req_stream_pending(s->req) > 0) {
+        s->want = true;
+        return;
+    }
+    s->want = false;
+    const char *data = visible ? tly_results_render(p, now, NULL) : hidden_state(s->lp, p, status);
+    if (data == NULL || write_event(s, "results", p->seq + 1, data) != 0) {
+        s->want = true; /* out of memory: try again on the next tick */
+        return;
+    }
+    s->sent_any = true;
+    s->sent_seq = p->seq;
+    s->sent_status = status;
+    s->sent_visible = visible;
+    if (status == TLY_STATUS_CLOSED) {
+        /* final message, then the stream ends; clients need not reconnect */
+        write_event(s, "closed", 0, "{}");
+        tly_req_stream_end(s->req);
+    }
+}
+
+/* ---- subscribers ---- */
+
+static void sub_unlink(sub_t *s)
+{
+    live_t *l = s->live;
+    live_poll_t *lp = s->lp;
+    if (s->prev)
+        s->prev->next = s->next;
+    else
+        lp->subs = s->next;
+    if (s->next)
+        s->next->prev = s->prev;
+    lp->nsubs--;
+    l->nsubs--;
+    ip_count_t *ic;
+    HASH_FIND_STR(l->ips, s->ip, ic);
+    if (ic != NULL && --ic->n == 0) {
+        HASH_DEL(l->ips, ic);
+        tly_free(ic);
+    }
+    if (lp->nsubs == 0) {
+        HASH_DEL(l->polls, lp);
+        tly_free(lp->hidden);
+        tly_free(lp);
+    }
+    tly_free(s->caller_id);
+    tly_free(s);
+}
+
+static void on_close(tly_req_t *req, void *arg)
+{
+    sub_unlink(arg);
+}
+
+static void on_drain(tly_req_t *req, void *arg)
+{
+    sub_t *s = arg;
+    s->last_progress = tly_loop_now(s->live->app->loop);
+    if (!s->want)
+        return;
+    tly_poll_t *p = tly_registry_find_poll(s->live->app->registry, s->lp->poll_id);
+    if (p != NULL)
+        offer(s, p, tly_now_ms());
+}
+
+static void on_tick(tly_timer_t *t)
+{
+    live_t *l = the_live;
+    tly_app_t *app = l->app;
+    int64_t now = tly_now_ms();
+    uint64_t mono = tly_loop_now(app->loop);
+    live_poll_t *lp, *lptmp;
+    HASH_ITER(hh, l->polls, lp, lptmp) {
+        tly_poll_t *p = tly_registry_find_poll(app->registry, lp->poll_id);
+        /* the list may shrink under us as streams end; walk with a saved next */
+        for (sub_t *s = lp->subs, *next; s != NULL; s = next) {
+            next = s->next;
+            bool last = next == NULL;
+            if (p == NULL) { /* deleted */
+                write_event(s, "deleted", 0, "{}");
+                tly_req_stream_end(s->req);
+            } else if (tly_req_stream_pending(s->req) > 0 && mono - s->last_progress > STALL_MS) {
+                tly_log(TLY_LOG_INFO, "live subscriber dropped: no progress for 30 s", "poll_id", lp->poll_id,
+                        "peer", s->ip, NULL);
+                tly_req_stream_abort(s->req);
+            } else {
+                int status = (int)tly_poll_effective_status(p, now);
+                if (p->seq != lp->seen_seq || status != lp->seen_status || s->want || !s->sent_any)
+                    offer(s, p, now);
+                else if (mono - s->last_write >= PING_MS && tly_req_stream_pending(s->req) == 0)
+                    s->last_write = mono, tly_req_stream_write(s->req, ": ping\n\n", 8);
+            }
+            if (last)
+                break; /* lp may be freed once its last subscriber is gone */
+        }
+    }
+    /* second pass: remember what was seen (polls still watched) */
+    HASH_ITER(hh, l->polls, lp, lptmp) {
+        tly_poll_t *p = tly_registry_find_poll(app->registry, lp->poll_id);
+        if (p != NULL) {
+            lp->seen_seq = p->seq;
+            lp->seen_status = (int)tly_poll_effective_status(p, now);
+        }
+    }
+    if (!l->stopping)
+        tly_timer_start(app->loop, &l->tick, (uint64_t)app->conf->live_tick, on_tick);
+}
+
+void api_live_sse(tly_req_t *req, const tly_params_t *params, void *arg)
+{
+    tly_app_t *app = arg;
+    live_t *l = app->live;
+    caller_t caller;
+    tly_str_t qtoken;
+    if (tly_req_header(req, "authorization").ptr == NULL && tly_req_query_param(req, "access_token", &qtoken)) {
+        if (!api_caller_token(app, req, qtoken, &caller))
+            return;
+    } else if (!api_caller(app, req, false, &caller)) {
+        return;
+    }
+    tly_poll_t *p = api_find_poll(app, req, params, &caller);
+    if (p == NULL)
+        return;
+    if (l->stopping) {
+        tly_req_add_header(req, "Retry-After", "2");
+        api_respond_error(req, 503, "UNAVAILABLE", "the server is shutting down", NULL);
+        return;
+    }
+    const char *ip = tly_req_peer(req);
+    ip_count_t *ic;
+    HASH_FIND_STR(l->ips, ip, ic);
+    if (l->nsubs >= (size_t)app->conf->live_max ||
+        (ic != NULL && ic->n >= (size_t)app->conf->live_max_per_ip)) {
+        tly_req_add_header(req, "Retry-After", "10");
+        api_respond_error(req, 503, "TOO_MANY_SUBSCRIBERS",
+                          l->nsubs >= (size_t)app->conf->live_max
+                              ? "this server has as many live subscribers as it accepts"
+                              : "too many live subscribers from your address",
+                          NULL);
+        return;
+    }
+    sub_t *s = tly_calloc(1, sizeof(*s));
+    live_poll_t *lp;
+    HASH_FIND_STR(l->polls, p->poll_id, lp);
+    bool new_lp = lp == NULL, new_ic = ic == NULL;
+    if (new_lp && (lp = tly_calloc(1, sizeof(*lp))) != NULL) {
+        memcpy(lp->poll_id, p->poll_id, sizeof(lp->poll_id));
+        lp->seen_seq = p->seq;
+        lp->seen_status = -1;
+    }
+    if (new_ic && (ic = tly_calloc(1, sizeof(*ic))) != NULL)
+        snprintf(ic->ip, sizeof(ic->ip), "%s", ip);
+    if (s == NULL || lp == NULL || ic == NULL ||
+        (caller.present && (s->caller_id = tly_strdup(caller.id)) == NULL)) {
+        if (s)
+            tly_free(s->caller_id);
+        tly_free(s);
+        if (new_lp)
+            tly_free(lp);
+        if (new_ic)
+            tly_free(ic);
+        tly_req_add_header(req, "Retry-After", "1");
+        api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
+        return;
+    }
+    if (new_lp)
+        HASH_ADD_STR(l->polls, poll_id, lp);
+    if (new_ic)
+        HASH_ADD_STR(l->ips, ip, ic);
+    ic->n++;
+    snprintf(s->ip, sizeof(s->ip), "%s", ip);
+    s->live = l;
+    s->lp = lp;
+    s->req = req;
+    s->next = lp->subs;
+    if (lp->subs)
+        lp->subs->prev = s;
+    lp->subs = s;
+    lp->nsubs++;
+    l->nsubs++;
+    s->last_progress = s->last_write = tly_loop_now(app->loop);
+
+    /* Last-Event-ID: a client that already has the current state waits for the next */
+    tly_str_t last = tly_req_header(req, "last-event-id");
+    int64_t now = tly_now_ms();
+    if (last.ptr != NULL && last.len > 0 && last.len < 21) {
+        char buf[24];
+        memcpy(buf, last.ptr, last.len);
+        buf[last.len] = '\0';
+        char *end;
+        unsigned long long id = strtoull(buf, &end, 10);
+        bool voted = caller.present && tly_poll_find_vote(p, caller.id) != NULL;
+        if (*end == '\0' && id == p->seq + 1) {
+            s->sent_any = true;
+            s->sent_seq = p->seq;
+            s->sent_status = (int)tly_poll_effective_status(p, now);
+            s->sent_visible = tly_results_visible(p, caller.present ? caller.id : NULL, voted, now);
+        }
+    }
+    tly_req_add_header(req, "Cache-Control", "no-store");
+    tly_req_add_header(req, "X-Accel-Buffering", "no");
+    tly_stream_cb_t cb = {.on_drain = on_drain, .on_close = on_close, .arg = s};
+    tly_req_stream_start(req, 200, "text/event-stream; charset=utf-8", &cb);
+    char retry[32];
+    int n = snprintf(retry, sizeof(retry), "retry: %d\n\n", RETRY_MS);
+    tly_req_stream_write(req, retry, (size_t)n);
+    offer(s, p, now);
+}
+
+live_t *api_live_new(tly_app_t *app)
+{
+    live_t *l = tly_calloc(1, sizeof(*l));
+    if (l == NULL)
+        return NULL;
+    l->app = app;
+    the_live = l;
+    tly_timer_start(app->loop, &l->tick, (uint64_t)app->conf->live_tick, on_tick);
+    return l;
+}
+
+void api_live_shutdown(live_t *l)
+{
+    if (l == NULL || l->stopping)
+        return;
+    l->stopping = true;
+    tly_timer_stop(&l->tick);
+    live_poll_t *lp, *lptmp;
+    HASH_ITER(hh, l->polls, lp, lptmp) {
+        for (sub_t *s = lp->subs, *next; s != NULL; s = next) {
+            next = s->next;
+            bool last = next == NULL;
+            tly_req_stream_write(s->req, "retry: 1000\n\n", 13);
+            tly_req_stream_end(s->req);
+            if (last)
+                break;
+        }
+    }
+}
+
+void api_live_free(live_t *l)
+{
+    if (l == NULL)
+        return;
+    tly_timer_stop(&l->tick);
+    /* streams still open are closed by the server, whose on_close unlinks them */
+    the_live = NULL;
+    tly_free(l);
+}
