@@ -318,6 +318,7 @@ static int add_routes(tly_router_t *r)
         {TLY_M_GET, "/v1/polls/{poll_id}/votes/requests/{request_id}", api_votes_request},
         {TLY_M_GET, "/v1/polls/{poll_id}/results", api_results_get},
         {TLY_M_GET, "/v1/polls/{poll_id}/live", api_live_sse},
+        {TLY_M_GET, "/v1/polls/{poll_id}/ws", api_live_ws},
         {TLY_M_GET, "/v1/receipts/{receipt}", api_receipts_get},
         {TLY_M_GET, "/healthz", api_ops_healthz},
         {TLY_M_GET, "/readyz", api_ops_readyz},

@@ -1,5 +1,6 @@
 /*
- * live.c: live results over Server-Sent Events (GET /v1/polls/{poll_id}/live).
+ * live.c: live results over Server-Sent Events (GET /v1/polls/{poll_id}/live) and
+ * WebSocket (GET /v1/polls/{poll_id}/ws), one subscriber model for both.
  *
  * Coalescing: a timer ticks every --live-tick ms. For each watched poll whose counts or
  * status changed since the last tick, the results are rendered once (the cached
@@ -31,6 +32,7 @@ struct sub {
     live_poll_t *lp;
     live_t *live;
     tly_req_t *req;
+    bool ws;         /* WebSocket rather than SSE */
     char *caller_id; /* NULL for anonymous watchers */
     char ip[48];
     uint64_t sent_seq;
@@ -97,8 +99,49 @@ static const char *hidden_state(live_poll_t *lp, const tly_poll_t *p, int status
     return lp->hidden;
 }
 
+/* ---- transport: SSE or WebSocket ---- */
+
+static size_t sub_pending(sub_t *s)
+{
+    return s->ws ? tly_ws_pending(s->req) : tly_req_stream_pending(s->req);
+}
+
+static void sub_end(sub_t *s)
+{
+    if (s->ws)
+        tly_ws_close(s->req, 1000, "poll closed");
+    else
+        tly_req_stream_end(s->req);
+}
+
+static void sub_ping(sub_t *s)
+{
+    if (s->ws)
+        tly_ws_ping(s->req);
+    else
+        tly_req_stream_write(s->req, ": ping\n\n", 8);
+}
+
 static int write_event(sub_t *s, const char *event, uint64_t id, const char *data)
 {
+    if (s->ws) {
+        /* {"type":"results","seq":N,"data":{...}}: data is spliced in, already JSON */
+        size_t dlen = strlen(data);
+        char head[80];
+        int n = id ? snprintf(head, sizeof(head), "{\"type\":\"%s\",\"seq\":%llu,\"data\":", event,
+                              (unsigned long long)id)
+                   : snprintf(head, sizeof(head), "{\"type\":\"%s\",\"data\":", event);
+        char *msg = tly_malloc((size_t)n + dlen + 2);
+        if (msg == NULL)
+            return TLY_ENOMEM;
+        memcpy(msg, head, (size_t)n);
+        memcpy(msg + n, data, dlen);
+        msg[(size_t)n + dlen] = '}';
+        int rc = tly_ws_send_text(s->req, msg, (size_t)n + dlen + 1);
+        tly_free(msg);
+        s->last_write = tly_loop_now(s->live->app->loop);
+        return rc == TLY_ENOMEM ? TLY_ENOMEM : 0;
+    }
     char head[96];
     int n = id ? snprintf(head, sizeof(head), "event: %s\nid: %llu\ndata: ", event, (unsigned long long)id)
                : snprintf(head, sizeof(head), "event: %s\ndata: ", event);
@@ -117,7 +160,7 @@ static void offer(sub_t *s, tly_poll_t *p, int64_t now)
     bool visible = tly_results_visible(p, s->caller_id, voted, now);
     if (s->sent_any && s->sent_seq == p->seq && s->sent_status == status && s->sent_visible == visible)
         return; /* nothing new for this one */
-    if (tly_req_stream_pending(s->req) > 0) {
+    if (sub_pending(s) > 0) {
         s->want = true;
         return;
     }
@@ -134,7 +177,7 @@ static void offer(sub_t *s, tly_poll_t *p, int64_t now)
     if (status == TLY_STATUS_CLOSED) {
         /* final message, then the stream ends; clients need not reconnect */
         write_event(s, "closed", 0, "{}");
-        tly_req_stream_end(s->req);
+        sub_end(s);
     }
 }
 
@@ -198,8 +241,8 @@ static void on_tick(tly_timer_t *t)
             bool last = next == NULL;
             if (p == NULL) { /* deleted */
                 write_event(s, "deleted", 0, "{}");
-                tly_req_stream_end(s->req);
-            } else if (tly_req_stream_pending(s->req) > 0 && mono - s->last_progress > STALL_MS) {
+                sub_end(s);
+            } else if (sub_pending(s) > 0 && mono - s->last_progress > STALL_MS) {
                 tly_log(TLY_LOG_INFO, "live subscriber dropped: no progress for 30 s", "poll_id", lp->poll_id,
                         "peer", s->ip, NULL);
                 tly_req_stream_abort(s->req);
@@ -207,8 +250,8 @@ static void on_tick(tly_timer_t *t)
                 int status = (int)tly_poll_effective_status(p, now);
                 if (p->seq != lp->seen_seq || status != lp->seen_status || s->want || !s->sent_any)
                     offer(s, p, now);
-                else if (mono - s->last_write >= PING_MS && tly_req_stream_pending(s->req) == 0)
-                    s->last_write = mono, tly_req_stream_write(s->req, ": ping\n\n", 8);
+                else if (mono - s->last_write >= PING_MS && sub_pending(s) == 0)
+                    s->last_write = mono, sub_ping(s);
             }
             if (last)
                 break; /* lp may be freed once its last subscriber is gone */
@@ -226,9 +269,42 @@ static void on_tick(tly_timer_t *t)
         tly_timer_start(app->loop, &l->tick, (uint64_t)app->conf->live_tick, on_tick);
 }
 
+static void on_ws_text(tly_req_t *req, const char *msg, size_t len, void *arg)
+{
+    sub_t *s = arg;
+    json_t *m = json_loadb(msg, len, 0, NULL);
+    const char *type = json_string_value(json_object_get(m, "type"));
+    if (type != NULL && strcmp(type, "ping") == 0) {
+        static const char pong[] = "{\"type\":\"pong\"}";
+        tly_ws_send_text(s->req, pong, sizeof(pong) - 1);
+    } else {
+        static const char err[] =
+            "{\"type\":\"error\",\"error\":{\"code\":\"UNKNOWN_MESSAGE\",\"message\":\"the server accepts "
+            "{\\\"type\\\":\\\"ping\\\"} only\"}}";
+        tly_ws_send_text(s->req, err, sizeof(err) - 1);
+    }
+    json_decref(m);
+}
+
+static void subscribe(tly_req_t *req, const tly_params_t *params, tly_app_t *app, bool ws);
+
 void api_live_sse(tly_req_t *req, const tly_params_t *params, void *arg)
 {
-    tly_app_t *app = arg;
+    subscribe(req, params, arg, false);
+}
+
+void api_live_ws(tly_req_t *req, const tly_params_t *params, void *arg)
+{
+    if (!tly_req_wants_websocket(req)) {
+        tly_req_add_header(req, "Upgrade", "websocket");
+        api_respond_error(req, 426, "UPGRADE_REQUIRED", "this endpoint speaks WebSocket only", NULL);
+        return;
+    }
+    subscribe(req, params, arg, true);
+}
+
+static void subscribe(tly_req_t *req, const tly_params_t *params, tly_app_t *app, bool ws)
+{
     live_t *l = app->live;
     caller_t caller;
     tly_str_t qtoken;
@@ -317,13 +393,23 @@ void api_live_sse(tly_req_t *req, const tly_params_t *params, void *arg)
             s->sent_visible = tly_results_visible(p, caller.present ? caller.id : NULL, voted, now);
         }
     }
-    tly_req_add_header(req, "Cache-Control", "no-store");
-    tly_req_add_header(req, "X-Accel-Buffering", "no");
-    tly_stream_cb_t cb = {.on_drain = on_drain, .on_close = on_close, .arg = s};
-    tly_req_stream_start(req, 200, "text/event-stream; charset=utf-8", &cb);
-    char retry[32];
-    int n = snprintf(retry, sizeof(retry), "retry: %d\n\n", RETRY_MS);
-    tly_req_stream_write(req, retry, (size_t)n);
+    s->ws = ws;
+    if (ws) {
+        tly_ws_cb_t wcb = {.on_text = on_ws_text, .on_drain = on_drain, .on_close = on_close, .arg = s,
+                           .max_message = 4096};
+        if (tly_req_ws_accept(req, &wcb) != 0) {
+            sub_unlink(s); /* answered 400/503 already */
+            return;
+        }
+    } else {
+        tly_req_add_header(req, "Cache-Control", "no-store");
+        tly_req_add_header(req, "X-Accel-Buffering", "no");
+        tly_stream_cb_t cb = {.on_drain = on_drain, .on_close = on_close, .arg = s};
+        tly_req_stream_start(req, 200, "text/event-stream; charset=utf-8", &cb);
+        char retry[32];
+        int n = snprintf(retry, sizeof(retry), "retry: %d\n\n", RETRY_MS);
+        tly_req_stream_write(req, retry, (size_t)n);
+    }
     offer(s, p, now);
 }
 
@@ -349,8 +435,12 @@ void api_live_shutdown(live_t *l)
         for (sub_t *s = lp->subs, *next; s != NULL; s = next) {
             next = s->next;
             bool last = next == NULL;
-            tly_req_stream_write(s->req, "retry: 1000\n\n", 13);
-            tly_req_stream_end(s->req);
+            if (s->ws) {
+                tly_ws_close(s->req, 1001, "server shutting down; reconnect shortly");
+            } else {
+                tly_req_stream_write(s->req, "retry: 1000\n\n", 13);
+                tly_req_stream_end(s->req);
+            }
             if (last)
                 break;
         }

@@ -153,8 +153,37 @@ size_t tly_req_stream_pending(tly_req_t *req);
 /* Ends the stream (after queued data is written the connection closes; on_close runs). */
 void tly_req_stream_end(tly_req_t *req);
 /* Closes the connection now, dropping whatever is queued (a reader that stopped
- * reading); on_close runs before this returns. */
+ * reading); on_close runs before this returns. Also for WebSocket connections. */
 void tly_req_stream_abort(tly_req_t *req);
+
+/* ---- WebSocket (RFC 6455, framing by libwslay) ----
+ *
+ * A GET with `Upgrade: websocket` may be accepted with tly_req_ws_accept: the server
+ * answers 101 and the connection carries WebSocket messages from then on. wslay answers
+ * pings, rejects unmasked client frames (close 1002), text that is not UTF-8 (1007) and
+ * messages over max_message bytes (1009). Like streams, the request's strings are gone
+ * after accepting; on_close runs once when the connection ends.
+ */
+typedef struct {
+    void (*on_text)(tly_req_t *req, const char *msg, size_t len, void *arg);
+    void (*on_drain)(tly_req_t *req, void *arg);
+    void (*on_close)(tly_req_t *req, void *arg);
+    void *arg;
+    size_t max_message;
+} tly_ws_cb_t;
+
+/* Whether the request asks for a WebSocket upgrade (any version). */
+bool tly_req_wants_websocket(tly_req_t *req);
+/* Completes the handshake. Returns 0, or TLY_EINVAL after answering 400 (bad version or
+ * key), or TLY_ENOMEM after answering 503. */
+int tly_req_ws_accept(tly_req_t *req, const tly_ws_cb_t *cb);
+/* Queues a text message. 0 or TLY_ENOMEM/TLY_ESTATE (closing). */
+int tly_ws_send_text(tly_req_t *req, const char *data, size_t len);
+size_t tly_ws_pending(tly_req_t *req);
+/* Sends a ping frame (the peer's pong is handled by wslay). */
+int tly_ws_ping(tly_req_t *req);
+/* Starts the closing handshake with code and reason; the connection ends after it. */
+void tly_ws_close(tly_req_t *req, uint16_t code, const char *reason);
 
 /* ---- router ---- */
 

@@ -42,4 +42,69 @@ typedef struct {
     tly_loop_t *loop;
 } timer_priv_t;
 
+/* ---- connections (server.c), shared with ws.c ---- */
+
+#define MAX_HEADERS 64
+#define MAX_RESP_HEADERS 24
+
+typedef enum { ST_HEAD, ST_BODY, ST_HANDLING, ST_WRITING, ST_LINGER, ST_STREAMING, ST_WEBSOCKET } conn_state_t;
+
+typedef struct conn conn_t;
+
+struct tly_req {
+    conn_t *conn;
+    tly_method_t method;
+    tly_str_t method_name, path, query;
+    struct phr_header headers[MAX_HEADERS];
+    size_t nheaders;
+    tly_str_t body;
+    int minor_version;
+    bool keepalive;
+    uint64_t start;
+    struct {
+        const char *name, *value;
+    } resp_headers[MAX_RESP_HEADERS];
+    size_t nresp;
+};
+
+struct conn {
+    tly_server_t *server;
+    h2o_socket_t *sock; /* NULL once closed */
+    conn_t *prev, *next;
+    h2o_mem_pool_t pool;
+    conn_state_t state;
+    tly_req_t req;
+    size_t head_len;                /* bytes of the request head in sock->input */
+    size_t content_length;
+    bool chunked;
+    struct phr_chunked_decoder dec;
+    size_t chunk_prev;              /* bytes of input already decoded (head + body so far) */
+    bool sent_continue;
+    bool close_after_write;
+    bool linger;                    /* after an early error: drain input before closing */
+    bool idle;                      /* waiting between requests on the idle timeout */
+    h2o_timeout_entry_t timeout;
+    char peer[INET6_ADDRSTRLEN];
+    char *out;
+    size_t out_len, out_cap;
+    /* streaming: `out` is being written while `pend` collects what comes next */
+    char *pend;
+    size_t pend_len, pend_cap;
+    bool writing, stream_ended;
+    tly_stream_cb_t stream;
+    struct ws *ws; /* ST_WEBSOCKET: the wslay side, ws.c */
+};
+
+void http_on_read(h2o_socket_t *sock, const char *err);
+void http_conn_close(conn_t *c);
+void http_conn_free(conn_t *c);
+/* Swaps the pending output in and writes it, one write in flight at a time. */
+void http_stream_flush(conn_t *c);
+int http_pend_append(conn_t *c, const char *s, size_t n);
+const char *http_date(void);
+/* ws.c: the connection's reads and completed writes while in ST_WEBSOCKET */
+void http_ws_on_read(conn_t *c);
+void http_ws_on_written(conn_t *c);
+void http_ws_free(conn_t *c);
+
 #endif

@@ -26,56 +26,6 @@
 #include "base/base.h"
 #include "http/http_int.h"
 
-#define MAX_HEADERS 64
-#define MAX_RESP_HEADERS 24
-
-typedef enum { ST_HEAD, ST_BODY, ST_HANDLING, ST_WRITING, ST_LINGER, ST_STREAMING } conn_state_t;
-
-typedef struct conn conn_t;
-
-struct tly_req {
-    conn_t *conn;
-    tly_method_t method;
-    tly_str_t method_name, path, query;
-    struct phr_header headers[MAX_HEADERS];
-    size_t nheaders;
-    tly_str_t body;
-    int minor_version;
-    bool keepalive;
-    uint64_t start;
-    struct {
-        const char *name, *value;
-    } resp_headers[MAX_RESP_HEADERS];
-    size_t nresp;
-};
-
-struct conn {
-    tly_server_t *server;
-    h2o_socket_t *sock; /* NULL once closed */
-    conn_t *prev, *next;
-    h2o_mem_pool_t pool;
-    conn_state_t state;
-    tly_req_t req;
-    size_t head_len;                /* bytes of the request head in sock->input */
-    size_t content_length;
-    bool chunked;
-    struct phr_chunked_decoder dec;
-    size_t chunk_prev;              /* bytes of input already decoded (head + body so far) */
-    bool sent_continue;
-    bool close_after_write;
-    bool linger;                    /* after an early error: drain input before closing */
-    bool idle;                      /* waiting between requests on the idle timeout */
-    h2o_timeout_entry_t timeout;
-    char peer[INET6_ADDRSTRLEN];
-    char *out;
-    size_t out_len, out_cap;
-    /* streaming: `out` is being written while `pend` collects what comes next */
-    char *pend;
-    size_t pend_len, pend_cap;
-    bool writing, stream_ended;
-    tly_stream_cb_t stream;
-};
-
 struct tly_server {
     tly_loop_t *loop;
     tly_server_conf_t conf;
@@ -87,9 +37,7 @@ struct tly_server {
     bool accepting;
 };
 
-static void conn_close(conn_t *c);
 static void conn_process(conn_t *c);
-static void on_read(h2o_socket_t *sock, const char *err);
 
 bool tly_str_eq(tly_str_t a, const char *b)
 {
@@ -139,6 +87,7 @@ const char *tly_http_reason(int status)
     case 414: return "URI Too Long";
     case 415: return "Unsupported Media Type";
     case 422: return "Unprocessable Content";
+    case 426: return "Upgrade Required";
     case 429: return "Too Many Requests";
     case 431: return "Request Header Fields Too Large";
     case 500: return "Internal Server Error";
@@ -181,7 +130,7 @@ static void out_puts(conn_t *c, const char *s)
 }
 
 /* RFC 7231 Date, cached for the second */
-static const char *http_date(void)
+const char *http_date(void)
 {
     static __thread time_t cached;
     static __thread char buf[40];
@@ -210,7 +159,7 @@ static void on_timeout(h2o_timeout_entry_t *entry)
     conn_t *c = (conn_t *)((char *)entry - offsetof(conn_t, timeout));
     /* A head that does not arrive in time (slowloris) or an idle keep-alive connection:
      * either way the client has nothing we are waiting to answer, so just close. */
-    conn_close(c);
+    http_conn_close(c);
 }
 
 /* ---- writing ---- */
@@ -225,11 +174,11 @@ static void on_write_complete(h2o_socket_t *sock, const char *err)
         shutdown(h2o_socket_get_fd(sock), SHUT_WR);
         c->state = ST_LINGER;
         set_timeout(c, &c->server->linger_timeout);
-        h2o_socket_read_start(sock, on_read);
+        h2o_socket_read_start(sock, http_on_read);
         return;
     }
     if (err != NULL || c->close_after_write) {
-        conn_close(c);
+        http_conn_close(c);
         return;
     }
     /* drop the finished request from the input and look for the next one */
@@ -250,7 +199,7 @@ static void on_write_complete(h2o_socket_t *sock, const char *err)
         set_timeout(c, &c->server->idle_timeout);
     }
     if (c->sock != NULL && c->state == ST_HEAD)
-        h2o_socket_read_start(c->sock, on_read);
+        h2o_socket_read_start(c->sock, http_on_read);
 }
 
 static void send_out(conn_t *c)
@@ -504,11 +453,15 @@ static void conn_process(conn_t *c)
         read_body(c);
 }
 
-static void on_read(h2o_socket_t *sock, const char *err)
+void http_on_read(h2o_socket_t *sock, const char *err)
 {
     conn_t *c = sock->data;
     if (err != NULL) {
-        conn_close(c);
+        http_conn_close(c);
+        return;
+    }
+    if (c->state == ST_WEBSOCKET) {
+        http_ws_on_read(c);
         return;
     }
     if (c->state == ST_LINGER || c->state == ST_STREAMING) {
@@ -525,7 +478,7 @@ static void on_read(h2o_socket_t *sock, const char *err)
 
 /* ---- connection lifecycle ---- */
 
-static void conn_free(conn_t *c)
+void http_conn_free(conn_t *c)
 {
     tly_server_t *s = c->server;
     if (c->prev)
@@ -535,16 +488,17 @@ static void conn_free(conn_t *c)
     if (c->next)
         c->next->prev = c->prev;
     s->nconns--;
+    http_ws_free(c);
     h2o_mem_clear_pool(&c->pool);
     tly_free(c->out);
     tly_free(c->pend);
     tly_free(c);
 }
 
-static void conn_close(conn_t *c)
+void http_conn_close(conn_t *c)
 {
     set_timeout(c, NULL);
-    if (c->state == ST_STREAMING && c->stream.on_close != NULL) {
+    if ((c->state == ST_STREAMING || c->state == ST_WEBSOCKET) && c->stream.on_close != NULL) {
         void (*cb)(tly_req_t *, void *) = c->stream.on_close;
         c->stream.on_close = NULL;
         c->stream.on_drain = NULL;
@@ -557,7 +511,7 @@ static void conn_close(conn_t *c)
     /* a request the application still holds keeps the connection object alive; it is
      * freed when the application answers (tly_req_respond) */
     if (c->state != ST_HANDLING)
-        conn_free(c);
+        http_conn_free(c);
 }
 
 static void on_accept(h2o_socket_t *listener, const char *err)
@@ -595,7 +549,7 @@ static void on_accept(h2o_socket_t *listener, const char *err)
         s->conns = c;
         s->nconns++;
         set_timeout(c, &s->head_timeout);
-        h2o_socket_read_start(sock, on_read);
+        h2o_socket_read_start(sock, http_on_read);
     }
 }
 
@@ -711,7 +665,7 @@ void tly_server_stop_accepting(tly_server_t *s)
     for (conn_t *c = s->conns, *next; c != NULL; c = next) {
         next = c->next;
         if (c->state == ST_HEAD && c->sock != NULL && c->sock->input->size == 0)
-            conn_close(c);
+            http_conn_close(c);
     }
 }
 
@@ -723,7 +677,7 @@ void tly_server_free(tly_server_t *s)
     while (s->conns != NULL) {
         conn_t *c = s->conns;
         c->state = ST_HEAD;
-        conn_close(c);
+        http_conn_close(c);
     }
     h2o_timeout_dispose(s->loop->h2o, &s->head_timeout);
     h2o_timeout_dispose(s->loop->h2o, &s->idle_timeout);
@@ -827,7 +781,7 @@ void tly_req_respond(tly_req_t *req, int status, const char *content_type, const
     conn_t *c = req->conn;
     if (c->sock == NULL) {
         /* the client left while we worked; the connection waited only for this */
-        conn_free(c);
+        http_conn_free(c);
         return;
     }
     bool keepalive = req->keepalive && c->server->accepting;
@@ -841,23 +795,26 @@ void tly_req_respond(tly_req_t *req, int status, const char *content_type, const
 
 /* ---- streamed responses ---- */
 
-static void stream_flush(conn_t *c);
 
 static void on_stream_written(h2o_socket_t *sock, const char *err)
 {
     conn_t *c = sock->data;
     c->writing = false;
     if (err != NULL) {
-        conn_close(c);
+        http_conn_close(c);
         return;
     }
     c->out_len = 0;
+    if (c->state == ST_WEBSOCKET) {
+        http_ws_on_written(c);
+        return;
+    }
     if (c->pend_len > 0) {
-        stream_flush(c);
+        http_stream_flush(c);
         return;
     }
     if (c->stream_ended) {
-        conn_close(c);
+        http_conn_close(c);
         return;
     }
     if (c->stream.on_drain != NULL)
@@ -865,7 +822,7 @@ static void on_stream_written(h2o_socket_t *sock, const char *err)
 }
 
 /* Swaps the pending buffer in and writes it; one write in flight at a time. */
-static void stream_flush(conn_t *c)
+void http_stream_flush(conn_t *c)
 {
     if (c->writing || c->sock == NULL || c->pend_len == 0)
         return;
@@ -882,7 +839,7 @@ static void stream_flush(conn_t *c)
     h2o_socket_write(c->sock, &buf, 1, on_stream_written);
 }
 
-static int pend_append(conn_t *c, const char *s, size_t n)
+int http_pend_append(conn_t *c, const char *s, size_t n)
 {
     if (c->pend_len + n > c->pend_cap) {
         size_t cap = c->pend_cap ? c->pend_cap : 1024;
@@ -911,7 +868,7 @@ void tly_req_stream_start(tly_req_t *req, int status, const char *content_type, 
         c->stream.on_close = NULL;
         if (copy.on_close)
             copy.on_close(req, copy.arg);
-        conn_free(c);
+        http_conn_free(c);
         return;
     }
     c->state = ST_STREAMING;
@@ -919,26 +876,26 @@ void tly_req_stream_start(tly_req_t *req, int status, const char *content_type, 
     c->pend_len = 0;
     char line[160];
     snprintf(line, sizeof(line), "HTTP/1.1 %d %s\r\nDate: %s\r\n", status, tly_http_reason(status), http_date());
-    pend_append(c, line, strlen(line));
+    http_pend_append(c, line, strlen(line));
     if (content_type != NULL) {
         snprintf(line, sizeof(line), "Content-Type: %s\r\n", content_type);
-        pend_append(c, line, strlen(line));
+        http_pend_append(c, line, strlen(line));
     }
     for (size_t i = 0; i < req->nresp; i++) {
-        pend_append(c, req->resp_headers[i].name, strlen(req->resp_headers[i].name));
-        pend_append(c, ": ", 2);
-        pend_append(c, req->resp_headers[i].value, strlen(req->resp_headers[i].value));
-        pend_append(c, "\r\n", 2);
+        http_pend_append(c, req->resp_headers[i].name, strlen(req->resp_headers[i].name));
+        http_pend_append(c, ": ", 2);
+        http_pend_append(c, req->resp_headers[i].value, strlen(req->resp_headers[i].value));
+        http_pend_append(c, "\r\n", 2);
     }
     static const char tail[] = "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
-    pend_append(c, tail, sizeof(tail) - 1);
+    http_pend_append(c, tail, sizeof(tail) - 1);
     /* the request's strings live in the input buffer, which reading may now move */
     req->nheaders = 0;
     req->body = (tly_str_t){"", 0};
     req->path = req->query = (tly_str_t){"", 0};
     h2o_buffer_consume(&c->sock->input, c->sock->input->size);
-    h2o_socket_read_start(c->sock, on_read);
-    stream_flush(c);
+    h2o_socket_read_start(c->sock, http_on_read);
+    http_stream_flush(c);
 }
 
 int tly_req_stream_write(tly_req_t *req, const char *data, size_t len)
@@ -948,9 +905,9 @@ int tly_req_stream_write(tly_req_t *req, const char *data, size_t len)
         return 0;
     char size[24];
     int n = snprintf(size, sizeof(size), "%zx\r\n", len);
-    if (pend_append(c, size, (size_t)n) != 0 || pend_append(c, data, len) != 0 || pend_append(c, "\r\n", 2) != 0)
+    if (http_pend_append(c, size, (size_t)n) != 0 || http_pend_append(c, data, len) != 0 || http_pend_append(c, "\r\n", 2) != 0)
         return TLY_ENOMEM;
-    stream_flush(c);
+    http_stream_flush(c);
     return 0;
 }
 
@@ -966,16 +923,16 @@ void tly_req_stream_end(tly_req_t *req)
     if (c->sock == NULL || c->stream_ended)
         return;
     c->stream_ended = true;
-    pend_append(c, "0\r\n\r\n", 5);
+    http_pend_append(c, "0\r\n\r\n", 5);
     if (!c->writing)
-        stream_flush(c);
+        http_stream_flush(c);
     if (!c->writing) /* nothing could be queued: close now rather than never */
-        conn_close(c);
+        http_conn_close(c);
 }
 
 void tly_req_stream_abort(tly_req_t *req)
 {
     conn_t *c = req->conn;
-    if (c->state == ST_STREAMING)
-        conn_close(c);
+    if (c->state == ST_STREAMING || c->state == ST_WEBSOCKET)
+        http_conn_close(c);
 }
