@@ -76,6 +76,7 @@ struct tly_app {
     poll_mark_t *deleting;
     struct ballot_op *pending_ballots; /* votes.c: ballots in the writer, by vote */
     struct live *live;
+    tly_store_reader_t *reader; /* loop thread's, opened on first use */
     size_t in_flight; /* requests waiting for the store or a worker */
     /* worker threads for slow work */
     struct {
@@ -158,6 +159,20 @@ void api_polls_delete(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_polls_list(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_votes_me(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_votes_change(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_votes_retract(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_polls_audit(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_polls_export(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_polls_timeline(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_polls_qr(tly_req_t *req, const tly_params_t *params, void *arg);
+/* Freezes the final results of a poll that has closed (by PATCH or end_time) and
+ * stores them, once. Call wherever a closed poll is read. */
+void api_poll_settle(tly_app_t *app, tly_poll_t *p, int64_t now);
+/* A per-poll pseudonym for a voter: the same voter gets the same one within a poll and
+ * unrelated ones across polls; the real id cannot be recovered without the secret. */
+void api_pseudonym(tly_app_t *app, const char *poll_id, const char *voter_id, char out[24]);
+/* The loop thread's store reader for small owner-only pages; NULL when it cannot open. */
+tly_store_reader_t *api_reader(tly_app_t *app);
 void api_votes_request(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_receipts_get(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_results_get(tly_req_t *req, const tly_params_t *params, void *arg);

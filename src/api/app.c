@@ -315,6 +315,12 @@ static int add_routes(tly_router_t *r)
         {TLY_M_DELETE, "/v1/polls/{poll_id}", api_polls_delete},
         {TLY_M_POST, "/v1/polls/{poll_id}/votes", api_votes_cast},
         {TLY_M_GET, "/v1/polls/{poll_id}/votes/me", api_votes_me},
+        {TLY_M_PUT, "/v1/polls/{poll_id}/votes/me", api_votes_change},
+        {TLY_M_DELETE, "/v1/polls/{poll_id}/votes/me", api_votes_retract},
+        {TLY_M_GET, "/v1/polls/{poll_id}/audit", api_polls_audit},
+        {TLY_M_GET, "/v1/polls/{poll_id}/export", api_polls_export},
+        {TLY_M_GET, "/v1/polls/{poll_id}/timeline", api_polls_timeline},
+        {TLY_M_GET, "/v1/polls/{poll_id}/qr.svg", api_polls_qr},
         {TLY_M_GET, "/v1/polls/{poll_id}/votes/requests/{request_id}", api_votes_request},
         {TLY_M_GET, "/v1/polls/{poll_id}/results", api_results_get},
         {TLY_M_GET, "/v1/polls/{poll_id}/live", api_live_sse},
@@ -422,6 +428,7 @@ void tly_app_free(tly_app_t *app)
             if (app->work.threads[i])
                 pthread_join(app->work.threads[i], NULL);
     }
+    tly_store_reader_close(app->reader);
     if (app->store != NULL)
         tly_store_close(app->store);
     api_live_shutdown(app->live);

@@ -247,6 +247,7 @@ static void on_tick(tly_timer_t *t)
                         "peer", s->ip, NULL);
                 tly_req_stream_abort(s->req);
             } else {
+                api_poll_settle(app, p, now);
                 int status = (int)tly_poll_effective_status(p, now);
                 if (p->seq != lp->seen_seq || status != lp->seen_status || s->want || !s->sent_any)
                     offer(s, p, now);

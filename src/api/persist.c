@@ -69,6 +69,8 @@ poll_op_t *poll_op_new(tly_app_t *app, tly_op_type_t type, const tly_poll_t *p)
         need += strlen(p->description) + 1;
     if (p->idem_key)
         need += strlen(p->idem_key) + 1;
+    if (p->final_json)
+        need += strlen(p->final_json) + 1;
     for (size_t i = 0; i < p->noptions; i++)
         need += strlen(p->options[i].option_id) + strlen(p->options[i].text) + 2;
     po->scratch = tly_malloc(need);
@@ -83,6 +85,7 @@ poll_op_t *poll_op_new(tly_app_t *app, tly_op_type_t type, const tly_poll_t *p)
     r->description = scratch_put(&cur, p->description);
     r->settings_json = scratch_put(&cur, settings);
     r->idem_key = scratch_put(&cur, p->idem_key);
+    r->final_results = scratch_put(&cur, p->final_json);
     memcpy(r->body_hash, p->body_hash, 16);
     r->type = (int)p->type;
     r->status = (int)p->status;
@@ -188,6 +191,8 @@ static void load_poll(void *ctx, const tly_poll_row_t *row)
         p->options[pos].display_order = o->display_order;
     }
     tly_registry_add_poll(l->app->registry, p);
+    if (row->final_results != NULL && tly_poll_set_final_results(p, row->final_results) != 0)
+        l->failed = 1;
     if (p->idem_key != NULL) {
         poll_idem_t *pi = tly_calloc(1, sizeof(*pi));
         size_t klen = strlen(p->owner_id) + strlen(p->idem_key) + 2;

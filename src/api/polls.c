@@ -136,6 +136,30 @@ done:
     json_decref(body);
 }
 
+/* ---- closing: the final tally ---- */
+
+static void settle_committed(tly_store_op_t *op)
+{
+    poll_op_t *po = op->ctx;
+    if (op->result != 0) /* memory serves the frozen tally; the store gets it on the next change */
+        tly_log(TLY_LOG_WARN, "final results not stored", "poll_id", op->u.poll.poll_id, NULL);
+    poll_op_free(po);
+}
+
+void api_poll_settle(tly_app_t *app, tly_poll_t *p, int64_t now)
+{
+    if (tly_poll_final_results(p) != NULL || tly_poll_effective_status(p, now) != TLY_STATUS_CLOSED)
+        return;
+    if (tly_poll_freeze_results(p, now) != 0)
+        return; /* out of memory: tried again on the next read */
+    poll_op_t *po = poll_op_new(app, TLY_OP_POLL_UPDATE, p);
+    if (po == NULL)
+        return;
+    po->op.ctx = po;
+    po->op.done = settle_committed;
+    tly_store_submit(app->store, &po->op);
+}
+
 /* ---- read ---- */
 
 void api_polls_get(tly_req_t *req, const tly_params_t *params, void *arg)
@@ -145,8 +169,10 @@ void api_polls_get(tly_req_t *req, const tly_params_t *params, void *arg)
     if (!api_caller(app, req, false, &caller))
         return;
     tly_poll_t *p = api_find_poll(app, req, params, &caller);
-    if (p != NULL)
-        respond_poll(req, 200, p);
+    if (p == NULL)
+        return;
+    api_poll_settle(app, p, tly_now_ms());
+    respond_poll(req, 200, p);
 }
 
 /* ---- change ---- */
@@ -213,6 +239,9 @@ void api_polls_patch(tly_req_t *req, const tly_params_t *params, void *arg)
         return;
     }
     p->updated_at = tly_now_ms();
+    /* closing freezes the final tally; it is stored with the change */
+    if (tly_poll_effective_status(p, p->updated_at) == TLY_STATUS_CLOSED && tly_poll_final_results(p) == NULL)
+        tly_poll_freeze_results(p, p->updated_at);
     poll_op_t *po = poll_op_new(app, TLY_OP_POLL_UPDATE, p);
     if (po == NULL) {
         tly_req_add_header(req, "Retry-After", "1");

@@ -5,23 +5,63 @@
 #include "api/api_int.h"
 #include "base/base.h"
 
-void api_results_get(tly_req_t *req, const tly_params_t *params, void *arg)
+/* The poll of the path if the caller may see its counts; answers 404/403 otherwise. */
+static tly_poll_t *visible_poll(tly_app_t *app, tly_req_t *req, const tly_params_t *params, int64_t now)
 {
-    tly_app_t *app = arg;
     caller_t caller;
     if (!api_caller(app, req, false, &caller))
-        return;
+        return NULL;
     tly_poll_t *p = api_find_poll(app, req, params, &caller);
     if (p == NULL)
-        return;
-    int64_t now = tly_now_ms();
+        return NULL;
+    api_poll_settle(app, p, now);
     bool voted = caller.present && tly_poll_find_vote(p, caller.id) != NULL;
     if (!tly_results_visible(p, caller.present ? caller.id : NULL, voted, now)) {
         api_respond_error(req, 403, "RESULTS_HIDDEN", "the results of this poll are not visible to you yet",
                           json_pack("{s:s}", "results_visibility",
                                     tly_visibility_name(p->settings.results_visibility)));
+        return NULL;
+    }
+    return p;
+}
+
+void api_polls_timeline(tly_req_t *req, const tly_params_t *params, void *arg)
+{
+    tly_app_t *app = arg;
+    int64_t now = tly_now_ms();
+    tly_str_t v;
+    int64_t bucket = TLY_TIMELINE_1M, from = 0, to = INT64_MAX;
+    if (tly_req_query_param(req, "bucket", &v) && (bucket = tly_timeline_bucket_ms(v.ptr)) <= 0) {
+        api_respond_validation(req, "bucket", "bucket must be 10s, 1m or 1h");
         return;
     }
+    if (tly_req_query_param(req, "from", &v) && tly_time_parse(v.ptr, &from) != 0) {
+        api_respond_validation(req, "from", "from must be an RFC 3339 time");
+        return;
+    }
+    if (tly_req_query_param(req, "to", &v) && tly_time_parse(v.ptr, &to) != 0) {
+        api_respond_validation(req, "to", "to must be an RFC 3339 time");
+        return;
+    }
+    tly_poll_t *p = visible_poll(app, req, params, now);
+    if (p == NULL)
+        return;
+    json_t *t = tly_timeline_json(p, bucket, from, to);
+    if (t == NULL) {
+        tly_req_add_header(req, "Retry-After", "1");
+        api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
+        return;
+    }
+    api_respond_json(req, 200, t);
+}
+
+void api_results_get(tly_req_t *req, const tly_params_t *params, void *arg)
+{
+    tly_app_t *app = arg;
+    int64_t now = tly_now_ms();
+    tly_poll_t *p = visible_poll(app, req, params, now);
+    if (p == NULL)
+        return;
     size_t len;
     const char *json = tly_results_render(p, now, &len);
     if (json == NULL) {

@@ -19,6 +19,9 @@ typedef struct waiter {
     struct waiter *next;
 } waiter_t;
 
+/* A write about one voter's ballot (cast, change or retraction) waiting for its batch.
+ * While one is in the writer for a vote, no other change or retraction of that vote is
+ * accepted (409 VOTE_IN_PROGRESS): done callbacks would otherwise meet a freed vote. */
 typedef struct ballot_op {
     UT_hash_handle hh; /* app->pending_ballots, keyed by the vote pointer */
     tly_store_op_t op;
@@ -28,6 +31,7 @@ typedef struct ballot_op {
     waiter_t *waiters;
     char request_id[24];
     char *client_meta;
+    tly_ballot_t ballot; /* a change: the new ballot */
 } ballot_op_t;
 
 static json_t *recorded_json(const tly_poll_t *p, const tly_vote_t *v)
@@ -320,4 +324,168 @@ void api_receipts_get(tly_req_t *req, const tly_params_t *params, void *arg)
     tly_time_format(v->recorded_at, at);
     api_respond_json(req, 200,
                      json_pack("{s:b, s:s, s:s}", "counted", 1, "poll_id", v->poll->poll_id, "recorded_at", at));
+}
+
+/* ---- changing and retracting (allow_vote_change) ---- */
+
+/* The checks PUT and DELETE share. Returns the caller's committed vote, or NULL after
+ * answering. */
+static tly_vote_t *own_vote_for_change(tly_app_t *app, tly_req_t *req, const tly_params_t *params, caller_t *caller,
+                                       tly_poll_t **pp)
+{
+    if (!api_caller(app, req, true, caller))
+        return NULL;
+    tly_poll_t *p = api_find_poll(app, req, params, caller);
+    if (p == NULL)
+        return NULL;
+    *pp = p;
+    if (!p->settings.allow_vote_change) {
+        api_respond_error(req, 409, "VOTE_CHANGE_NOT_ALLOWED", "this poll does not allow changing or retracting a vote",
+                          NULL);
+        return NULL;
+    }
+    int64_t now = tly_now_ms();
+    if (!tly_poll_accepts_votes(p, now)) {
+        api_respond_error(req, 409, "POLL_NOT_ACTIVE", "the poll is not open for voting",
+                          json_pack("{s:s}", "status", tly_poll_status_name(tly_poll_effective_status(p, now))));
+        return NULL;
+    }
+    tly_vote_t *v = tly_poll_find_vote(p, caller->id);
+    ballot_op_t *busy = NULL;
+    if (v != NULL)
+        HASH_FIND_PTR(app->pending_ballots, &v, busy);
+    if (v != NULL && (busy != NULL || v->state != TLY_VOTE_COMMITTED)) {
+        tly_req_add_header(req, "Retry-After", "1");
+        api_respond_error(req, 409, "VOTE_IN_PROGRESS", "an earlier request about this ballot is still being stored",
+                          NULL);
+        return NULL;
+    }
+    if (v == NULL)
+        api_respond_error(req, 404, "VOTE_NOT_FOUND", "you have no ballot in this poll", NULL);
+    return v;
+}
+
+static void change_committed(tly_store_op_t *op)
+{
+    ballot_op_t *bo = op->ctx;
+    tly_app_t *app = bo->app;
+    HASH_DEL(app->pending_ballots, bo);
+    api_end_async(app);
+    tly_req_t *req = bo->waiters->req;
+    if (op->result == 0) {
+        tly_vote_t *nv = NULL;
+        if (tly_poll_change_vote(app->registry, bo->poll, bo->vote, &bo->ballot, op->u.ballot.recorded_at, &nv) != 0) {
+            /* stored but not applied in memory: the next start recounts from the store */
+            tly_log(TLY_LOG_ERROR, "vote change stored but not counted (out of memory)", "poll_id",
+                    bo->poll->poll_id, NULL);
+            tly_req_add_header(req, "Retry-After", "1");
+            api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
+        } else {
+            api_respond_json(req, 200, recorded_json(bo->poll, nv));
+        }
+    } else if (op->result == TLY_ENOTFOUND) {
+        api_respond_error(req, 404, "VOTE_NOT_FOUND", "you have no ballot in this poll", NULL);
+    } else {
+        api_respond_store_error(req, op->result);
+    }
+    tly_free(bo);
+}
+
+static void retract_committed(tly_store_op_t *op)
+{
+    ballot_op_t *bo = op->ctx;
+    tly_app_t *app = bo->app;
+    HASH_DEL(app->pending_ballots, bo);
+    api_end_async(app);
+    tly_req_t *req = bo->waiters->req;
+    if (op->result == 0) {
+        tly_poll_retract_vote(app->registry, bo->poll, bo->vote, op->u.ballot.recorded_at);
+        tly_req_respond(req, 204, NULL, "", 0);
+    } else if (op->result == TLY_ENOTFOUND) {
+        api_respond_error(req, 404, "VOTE_NOT_FOUND", "you have no ballot in this poll", NULL);
+    } else {
+        api_respond_store_error(req, op->result);
+    }
+    tly_free(bo);
+}
+
+static ballot_op_t *change_op_new(tly_app_t *app, tly_req_t *req, tly_poll_t *p, tly_vote_t *v)
+{
+    ballot_op_t *bo = tly_calloc(1, sizeof(*bo));
+    waiter_t *w = tly_req_alloc(req, sizeof(*w));
+    if (bo == NULL || w == NULL) {
+        tly_free(bo);
+        tly_req_add_header(req, "Retry-After", "1");
+        api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
+        return NULL;
+    }
+    *w = (waiter_t){req, false, NULL};
+    bo->waiters = w;
+    bo->app = app;
+    bo->poll = p;
+    bo->vote = v;
+    bo->op.ctx = bo;
+    tly_ballot_row_t *row = &bo->op.u.ballot;
+    row->poll_id = p->poll_id;
+    row->voter_id = v->voter_id;
+    row->recorded_at = tly_now_ms();
+    return bo;
+}
+
+void api_votes_change(tly_req_t *req, const tly_params_t *params, void *arg)
+{
+    tly_app_t *app = arg;
+    caller_t caller;
+    tly_poll_t *p = NULL;
+    tly_vote_t *v = own_vote_for_change(app, req, params, &caller, &p);
+    if (v == NULL)
+        return;
+    json_t *body = api_parse_body(req, false);
+    if (body == NULL)
+        return;
+    tly_ballot_t ballot;
+    const char *field = NULL, *msg = NULL;
+    tly_ballot_result_t br = tly_ballot_parse(p, body, &ballot, &field, &msg);
+    json_decref(body);
+    if (br == TLY_BALLOT_UNKNOWN_OPTION) {
+        api_respond_error(req, 400, "INVALID_OPTION", msg ? msg : "no option with that id in this poll",
+                          field ? json_pack("{s:s}", "field", field) : NULL);
+        return;
+    }
+    if (br != TLY_BALLOT_OK) {
+        api_respond_validation(req, field, msg ? msg : "invalid ballot");
+        return;
+    }
+    ballot_op_t *bo = change_op_new(app, req, p, v);
+    if (bo == NULL)
+        return;
+    bo->ballot = ballot;
+    bo->op.type = TLY_OP_BALLOT_REPLACE;
+    bo->op.done = change_committed;
+    tly_ballot_row_t *row = &bo->op.u.ballot;
+    row->nchoices = bo->ballot.nchoices;
+    row->choices = bo->ballot.choices;
+    row->scores = p->type == TLY_TYPE_SCORE ? bo->ballot.scores : NULL;
+    api_body_hash(req, row->body_hash);
+    HASH_ADD_PTR(app->pending_ballots, vote, bo);
+    api_begin_async(app);
+    tly_store_submit(app->store, &bo->op);
+}
+
+void api_votes_retract(tly_req_t *req, const tly_params_t *params, void *arg)
+{
+    tly_app_t *app = arg;
+    caller_t caller;
+    tly_poll_t *p = NULL;
+    tly_vote_t *v = own_vote_for_change(app, req, params, &caller, &p);
+    if (v == NULL)
+        return;
+    ballot_op_t *bo = change_op_new(app, req, p, v);
+    if (bo == NULL)
+        return;
+    bo->op.type = TLY_OP_BALLOT_DELETE;
+    bo->op.done = retract_committed;
+    HASH_ADD_PTR(app->pending_ballots, vote, bo);
+    api_begin_async(app);
+    tly_store_submit(app->store, &bo->op);
 }
