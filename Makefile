@@ -24,7 +24,7 @@ UNIT_BIN := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 DATA_DIR ?= ./data
 LISTEN   ?= 127.0.0.1:8080
 
-.PHONY: all run test test-unit test-api check-asan deps deps-test clean bench lint fmt
+.PHONY: all run test test-unit test-api test-live test-e2e check-asan deps deps-test clean bench bench-live lint fmt
 .DEFAULT_GOAL := all
 
 all: $(BUILD)/tally
@@ -62,15 +62,23 @@ test-unit: $(UNIT_BIN)
 test-api: $(BUILD)/tally
 	TALLY_BIN=$(abspath $(BUILD)/tally) node --test --test-concurrency=2 tests/api/
 
+test-live: $(BUILD)/tally
+	TALLY_BIN=$(abspath $(BUILD)/tally) node --test --test-concurrency=1 tests/live/
+
+test-e2e: $(BUILD)/tally
+	TALLY_BIN=$(abspath $(BUILD)/tally) TALLY_WEB_ROOT=$(abspath web) node --test --test-concurrency=2 tests/e2e/
+
 test: deps-test
 	@$(MAKE) --no-print-directory all
 	@$(MAKE) --no-print-directory test-unit
 	@$(MAKE) --no-print-directory test-api
+	@$(MAKE) --no-print-directory test-live
+	@$(MAKE) --no-print-directory test-e2e
 
 check-asan: deps-test
 	@$(MAKE) --no-print-directory BUILD=build-asan OPT=-O1 \
 	    SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \
-	    all test-unit test-api
+	    all test-unit test-api test-live
 
 lint:
 	clang-tidy $(LIB_SRC) src/main.c -- $(CFLAGS)

@@ -5,7 +5,7 @@
 set -eu
 RUN_PKGS="build-essential pkg-config libh2o-evloop-dev libwslay-dev libssl-dev zlib1g-dev libjansson-dev \
 libsqlite3-dev libsodium-dev libqrencode-dev uthash-dev"
-TEST_PKGS="libcriterion-dev sqlite3 curl"
+TEST_PKGS="libcriterion-dev sqlite3 curl chromium"
 pkgs="$RUN_PKGS"
 [ "${1:-run}" = test ] && pkgs="$pkgs $TEST_PKGS"
 missing=""
@@ -19,7 +19,15 @@ if [ -n "$missing" ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing
 fi
-if [ "${1:-run}" = test ] && ! command -v node >/dev/null 2>&1; then
-    echo "deps: installing nodejs"
-    DEBIAN_FRONTEND=noninteractive ${SUDO:-} apt-get install -y -qq nodejs
+if [ "${1:-run}" = test ]; then
+    if ! command -v node >/dev/null 2>&1; then
+        echo "deps: installing nodejs and npm"
+        DEBIAN_FRONTEND=noninteractive ${SUDO:-} apt-get install -y -qq nodejs npm
+    fi
+    # test tools from the npm registry, pinned by tests/package-lock.json
+    cd "$(dirname "$0")/../tests"
+    if [ ! -d node_modules ] || [ package-lock.json -nt node_modules ]; then
+        echo "deps: npm ci in tests/"
+        npm ci --no-audit --no-fund --loglevel=error
+    fi
 fi

@@ -1,7 +1,8 @@
 /*
  * core: the polling domain, pure C with no I/O. Poll rules and validation, ballot
- * validation per type, counting and results rendering, visibility, and the in-memory
- * state of every poll (options, counters, the per-voter dedup map, the receipt map).
+ * validation per type, counting (casts, changes, retractions) and results rendering,
+ * final results, visibility, and the in-memory state of every poll (options,
+ * counters, timelines, votes_last_minute, the per-voter dedup map, the receipt map).
  *
  * Threads: a tly_registry_t and everything reachable from it belongs to the one
  * event-loop thread that created it; nothing here locks. The store's writer thread
@@ -80,11 +81,32 @@ typedef struct tly_vote {
     uint8_t body_hash[16];     /* hash of the request body, for Idempotency-Key replay */
     char vote_id[TLY_VOTE_ID_LEN + 1];
     char receipt[TLY_RECEIPT_LEN + 1];
-    int64_t recorded_at;       /* ms since epoch */
+    int64_t recorded_at;       /* ms since epoch: when cast, or last changed */
     uint8_t state;             /* tly_vote_state_t */
     uint8_t nchoices;
     uint8_t data[];            /* nchoices option indexes, then (score polls) nchoices scores */
 } tly_vote_t;
+
+/*
+ * Timelines: per poll and per resolution, the counted ballots per option in tumbling
+ * windows aligned to the epoch (a bucket of size S starts at floor(t / S) * S). Core's
+ * own state (see timeline.c); zero is an empty timeline. `buckets` is a ring of `cap`
+ * buckets, each {int64_t start; uint32_t counts[noptions]}, padded to 8 bytes, sorted by
+ * start from `head`; only buckets that ever held a ballot exist.
+ */
+#define TLY_TIMELINE_RESOLUTIONS 3
+typedef struct {
+    uint8_t *buckets; /* owned by the poll; NULL until the first counted ballot */
+    uint32_t cap, count, head;
+    uint32_t noptions; /* the option count the buckets were laid out for */
+    int64_t floor;     /* buckets starting before this were dropped (0: none were) */
+} tly_timeline_t;
+
+/* votes_last_minute: 60 per-second counters, slot s % 60 counting events of second s. */
+typedef struct {
+    int64_t second[60];
+    uint32_t count[60];
+} tly_activity_t;
 
 typedef struct tly_poll {
     UT_hash_handle hh; /* registry->polls, keyed by poll_id */
@@ -116,6 +138,13 @@ typedef struct tly_poll {
                               scores, [noptions + i] the ballots that scored option i (0
                               included). NULL: recomputed from the ballots when rendering. */
     int results_status;    /* effective status results_json was rendered with */
+    /* Added for changes, timelines and final results (zero is valid here too): */
+    size_t results_prefix_len; /* results_json without its closing votes_last_minute part */
+    uint64_t results_vlm;      /* the votes_last_minute written after that prefix */
+    bool results_final;        /* results_json was copied from final_json */
+    char *final_json;          /* the frozen final results, NULL until frozen; owned by p */
+    tly_timeline_t timeline[TLY_TIMELINE_RESOLUTIONS]; /* 10 s, 1 min, 1 h */
+    tly_activity_t activity;   /* ballots cast or changed per second, the last 60 s */
 } tly_poll_t;
 
 typedef struct tly_registry tly_registry_t;
@@ -153,11 +182,24 @@ tly_poll_t *tly_poll_from_json(json_t *body, const char *owner_id, int64_t now, 
 /*
  * Applies a PATCH body to p (title, description, status, start_time, end_time, settings,
  * options). Validates like tly_poll_from_json; returns 0, TLY_EINVAL with *err_field
- * and *err_msg set (400), TLY_ESTATE for a forbidden status transition (409
- * INVALID_STATUS_TRANSITION; allowed: draft->active, draft->closed, active->closed), or
- * TLY_EEXIST when options would change but votes exist (409 POLL_HAS_VOTES), or
- * TLY_ENOMEM. p is unchanged unless 0 is returned. Marks the results dirty and sets
- * updated_at = now. `type` may be repeated but not changed; new options get new ids.
+ * and *err_msg set (400), or, with *err_field and *err_msg set too:
+ *   TLY_ESTATE (409 INVALID_STATUS_TRANSITION) for a forbidden status transition
+ *     (allowed: draft->active, draft->closed, active->closed), judged on the EFFECTIVE
+ *     status at `now`: an active poll whose end_time has passed is closed, so it cannot
+ *     be moved to active, nor reopened by a later or null end_time. A closed poll's
+ *     end_time and options cannot change at all (sending the current end_time is not a
+ *     change); its final results are final. Extending the end_time of a poll still
+ *     open stays allowed.
+ *   TLY_EEXIST (409 POLL_HAS_VOTES) when options, settings.min_choices,
+ *     settings.max_choices or settings.max_score would change while any vote (pending
+ *     or committed) exists: ballots already cast were validated against them. Sending
+ *     the current value is not a change. allow_vote_change, results_visibility,
+ *     show_results_during_voting and allow_anonymous may change at any time.
+ *   TLY_ENOMEM.
+ * Settings out of range are a 400 before they are a 409. p is unchanged unless 0 is
+ * returned. Marks the results dirty and sets updated_at = now. `type` may be repeated
+ * but not changed; new options get new ids (and an empty timeline). Closing by PATCH
+ * does not freeze the final results: the API calls tly_poll_freeze_results after it.
  */
 int tly_poll_patch(tly_poll_t *p, json_t *body, int64_t now, const char **err_field, const char **err_msg,
                    char *err_buf, size_t err_buf_len);
@@ -208,16 +250,93 @@ tly_vote_t *tly_poll_find_vote(tly_poll_t *p, const char *voter_id);
 /* Adds v to p's dedup map and the registry's receipt map (p must not already have a
  * vote from v->voter_id). Counts are not touched until tly_poll_commit_vote. */
 void tly_poll_add_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v);
-/* Marks v committed and counts it (options' votes, total_votes, seq, as_of = now,
- * results dirty). Committing an already committed vote does nothing. pending_votes is
- * the caller's to maintain. */
+/* Marks v committed and counts it (options' votes, total_votes, the timelines and
+ * votes_last_minute at v->recorded_at, seq, as_of = now, results dirty). Committing an
+ * already committed vote does nothing. pending_votes is the caller's to maintain. */
 void tly_poll_commit_vote(tly_poll_t *p, tly_vote_t *v, int64_t now);
 /* Removes a pending vote whose commit failed (p->votes and receipts) and frees it. */
 void tly_poll_drop_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v);
-/* Retracts v (DELETE votes/me; a changed vote is retract + add + commit): uncounts it
- * when committed (total_votes, options, seq, as_of = now, results dirty), removes it
- * from p->votes and the receipts and frees it. r may be NULL for a poll outside one. */
+/* Retracts v (DELETE votes/me): uncounts it when committed (total_votes, options, the
+ * timelines at v->recorded_at, seq, as_of = now, results dirty), removes it from
+ * p->votes and the receipts and frees it. votes_last_minute is not lowered: it counts
+ * activity (ballots cast or changed), not ballots standing. r may be NULL for a poll
+ * outside one. Whether a retraction is allowed (allow_vote_change, the poll still
+ * accepting votes: tly_poll_accepts_votes) is the caller's to check. */
 void tly_poll_retract_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v, int64_t now);
+/*
+ * Replaces committed vote v's ballot with b (PUT votes/me, after the store committed
+ * the change), in one step: the old ballot is uncounted and the new one counted in the
+ * options, score sums and timelines (old at the old recorded_at, new at now) within
+ * this call, so no reader on the loop thread sees both or neither. vote_id, receipt,
+ * voter_id, idem_key and body_hash are kept (an Idempotency-Key replay of the original
+ * cast is the API's to answer); recorded_at becomes now; total_votes is unchanged; seq
+ * grows, as_of = now, results dirty, and the change counts in votes_last_minute (even
+ * when b equals the old ballot: the API may skip such a no-op before calling).
+ *
+ * A ballot with more choices than v holds needs a larger vote: v is then reallocated
+ * and the new address replaces it in p->votes and r's receipt map (moved in place, no
+ * allocation in the maps), and v must not be used again. *out is always the vote to
+ * use afterwards (v itself when it did not move). r must be the registry v was added
+ * with (NULL only when v was added without one).
+ *
+ * Returns 0; TLY_ENOMEM, TLY_ESTATE (v is still pending: only committed votes change)
+ * or TLY_EINVAL (b has a choice outside p's options, v is not p's vote, or r is not
+ * v's registry), each leaving p, v and the maps unchanged with *out = v. b must have
+ * been validated for p (tly_ballot_parse). Whether a change is allowed
+ * (allow_vote_change, tly_poll_accepts_votes) is the caller's to check. Loop thread.
+ */
+int tly_poll_change_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v, const tly_ballot_t *b, int64_t now,
+                         tly_vote_t **out);
+
+/* ---- timelines and votes_last_minute ---- */
+
+/*
+ * The timeline invariant: at each resolution, the buckets count the ballots currently
+ * counted, each at the bucket of its last cast or change (v->recorded_at), for each
+ * option it counts for (the options whose `votes` it adds to: chosen; ranked: first;
+ * score: scored above 0). So summing one option over all buckets gives its `votes`.
+ * tly_poll_commit_vote adds, tly_poll_retract_vote subtracts, tly_poll_change_vote
+ * does both; nothing ever scans the ballots. Buckets of 10 s, 1 min and 1 h, kept up
+ * to TLY_TIMELINE_MAX_10S / _1M / _1H buckets each (about a day, a week and a year of
+ * continuous voting; windows without ballots take no room). A bucket takes
+ * 8 + 4 * noptions bytes (rounded up to 8): at most about 440 KB per 2-option poll,
+ * 11 MB per 100-option poll, grown by doubling as windows fill. At the bound the
+ * oldest bucket is dropped; when memory runs out the oldest bucket is dropped instead
+ * of growing (with no bucket yet, the ballot's own window is given up). Ranges before
+ * the end of a dropped window are then no longer available at that resolution
+ * (coarser ones still have them; the JSON says "available_from"), and ballots cast,
+ * changed or retracted there no longer change it, so every bucket still kept stays
+ * exact. Counting a ballot therefore never fails.
+ */
+#define TLY_TIMELINE_10S INT64_C(10000)
+#define TLY_TIMELINE_1M INT64_C(60000)
+#define TLY_TIMELINE_1H INT64_C(3600000)
+#define TLY_TIMELINE_MAX_10S 8640
+#define TLY_TIMELINE_MAX_1M 10080
+#define TLY_TIMELINE_MAX_1H 8760
+#define TLY_TIMELINE_MAX_ITEMS 1000
+
+/* The bucket size in ms for "10s", "1m" or "1h"; 0 for anything else (400). */
+int64_t tly_timeline_bucket_ms(const char *name);
+/*
+ * The timeline of p at resolution bucket_ms (TLY_TIMELINE_10S, _1M or _1H) as a new
+ * JSON reference: {"bucket":"10s"|"1m"|"1h","items":[{"start":"<RFC 3339 ms>",
+ * "counts":{"<option_id>":n,...}},...]}, oldest first, listing only buckets with a
+ * ballot whose start lies in [from, to) (ms; 0 and INT64_MAX for open ends). `counts`
+ * names only the options with n > 0. At most TLY_TIMELINE_MAX_ITEMS items: when more
+ * follow, "truncated": true is added and the caller pages on with from = the last
+ * start + bucket_ms. When older buckets were dropped (see above), "available_from"
+ * gives the start of the range still kept. NULL when out of memory or for another
+ * bucket_ms (check it with tly_timeline_bucket_ms first). Loop thread.
+ */
+json_t *tly_timeline_json(const tly_poll_t *p, int64_t bucket_ms, int64_t from, int64_t to);
+/*
+ * Ballots cast (committed, counted at their recorded_at) or changed in the last
+ * minute: those whose second (floor(ms / 1000)) is one of the 60 seconds ending with
+ * now's, so exact to the second. Retractions do not subtract (it measures activity).
+ * Events more than a minute older than a later one are forgotten as they arrive. O(60).
+ */
+uint64_t tly_poll_votes_last_minute(const tly_poll_t *p, int64_t now);
 
 /* ---- results ---- */
 
@@ -229,10 +348,48 @@ void tly_poll_retract_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v, int6
  * total == 0 gives all zeros. pct is in tenths of a percent (e.g. 333 = 33.3%).
  */
 void tly_percentages(const uint64_t *votes, size_t n, uint64_t total, bool largest_remainder, int *pct_tenths);
-/* The results object of API.md for p at `now` (as a compact JSON string cached in p and
- * rebuilt when dirty). The returned pointer is owned by p and valid until the next
- * change; NULL on allocation failure. */
+/*
+ * The results object of API.md for p at `now`, as a compact JSON string, plus
+ * "votes_last_minute" (tly_poll_votes_last_minute at now) as its last member.
+ *
+ * Reads are O(1) between changes: the object without votes_last_minute is cached in p
+ * and rebuilt only when a count changed or the effective status moved; the cache keeps
+ * room after it, so a new votes_last_minute (the minute slid) only rewrites those few
+ * bytes in place, never re-rendering the object.
+ *
+ * A closed poll (effective status at now) serves its final results: frozen on the
+ * first render after the close (tly_poll_freeze_results) unless the API froze or set
+ * them before, then served as they are, with "status":"closed" and "final":true, never
+ * re-rendered. While ballots accepted before the close are still pending, the current
+ * counts are rendered instead (without "final") until they commit.
+ *
+ * The returned string is owned by p and valid until the next call for p or change to
+ * p; NULL on allocation failure. Loop thread.
+ */
 const char *tly_results_render(tly_poll_t *p, int64_t now, size_t *len);
+/*
+ * Freezes p's final results: renders the results object once (status "closed",
+ * "final": true, without votes_last_minute) into p->final_json, which p owns and
+ * tly_results_render serves from then on. Call it when the poll closes (PATCH to
+ * closed, or once end_time has passed) and keep tly_poll_final_results(p) in the
+ * store; tly_results_render also freezes on its own when it first renders a closed
+ * poll, so a poll closed by time has final results even before the API acts (the API
+ * may persist them later: they are computed from the committed ballots only).
+ * Returns 0 when frozen (now or before: freezing again changes nothing), TLY_ESTATE
+ * while the poll is not closed at `now` or p->pending_votes > 0 (ballots accepted
+ * before the close count; call again once they commit), TLY_ENOMEM (p unchanged).
+ */
+int tly_poll_freeze_results(tly_poll_t *p, int64_t now);
+/* p's frozen final results (JSON text, owned by p, valid until p changes), or NULL when
+ * not frozen. */
+const char *tly_poll_final_results(tly_poll_t *p);
+/*
+ * Sets p's final results from the store at load (the text tly_poll_final_results gave
+ * when they were frozen), copying it. Served as they are for as long as the poll is
+ * closed. Returns 0, TLY_EINVAL when json is not a JSON object, TLY_ENOMEM (p
+ * unchanged). Loop thread (or the loading thread before the loop starts).
+ */
+int tly_poll_set_final_results(tly_poll_t *p, const char *json);
 
 /* ---- visibility ---- */
 

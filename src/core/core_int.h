@@ -36,9 +36,21 @@ int core_fail_at(core_err_t *e, const char *array, size_t idx, const char *suffi
 /* Records an allocation failure: field and message NULL, returns TLY_ENOMEM. */
 int core_oom(core_err_t *e);
 
-/* Adds (+1) or removes (-1) a vote's contribution to p's per-option counters (not
- * total_votes). */
+/* Adds (+1) or removes (-1) a vote's contribution to p's per-option counters, score
+ * sums and timelines (at v->recorded_at); not total_votes nor votes_last_minute. */
 void core_count_vote(tly_poll_t *p, const tly_vote_t *v, int dir);
+
+/* The options v counts for (those core_count_vote adds to: chosen; ranked: the first;
+ * score: scored above 0), as indexes into out (room for TLY_MAX_OPTIONS); returns how
+ * many. */
+size_t core_counted_options(const tly_poll_t *p, const tly_vote_t *v, uint8_t *out);
+/* Adds (dir > 0) or removes one ballot counting for options idx[0..n) at time t to or
+ * from each of p's timelines. Never fails (see the invariant in core.h). */
+void core_timeline_count(tly_poll_t *p, int64_t t, const uint8_t *idx, size_t n, int dir);
+/* Empties p's timelines and frees their buckets (options changed, or the poll goes). */
+void core_timeline_reset(tly_poll_t *p);
+/* Counts one ballot cast or changed at t in votes_last_minute. */
+void core_activity_add(tly_poll_t *p, int64_t t);
 
 /* The registry's receipt map (the registry is opaque outside registry.c). */
 tly_vote_t **core_registry_receipts(tly_registry_t *r);

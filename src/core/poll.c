@@ -479,6 +479,9 @@ int tly_poll_patch(tly_poll_t *p, json_t *body, int64_t now, const char **err_fi
         if ((desc = tly_strndup(s, len)) == NULL)
             goto oom;
     }
+    /* what readers see now: an active poll past its end_time is closed, for good */
+    tly_poll_status_t current = tly_poll_effective_status(p, now);
+    bool closed = current == TLY_STATUS_CLOSED;
     tly_poll_status_t status = p->status;
     if ((v = json_object_get(body, "status")) != NULL) {
         int s = name_index(status_names, TLY_ARRAY_SIZE(status_names), v);
@@ -486,9 +489,12 @@ int tly_poll_patch(tly_poll_t *p, json_t *body, int64_t now, const char **err_fi
             core_fail(&e, "status", "status must be draft, active or closed");
             goto fail;
         }
-        if (!transition_allowed(p->status, (tly_poll_status_t)s)) {
-            core_fail(&e, "status", p->status == TLY_STATUS_CLOSED ? "a closed poll cannot be reopened"
-                                                                  : "an active poll cannot go back to draft");
+        if (!transition_allowed(current, (tly_poll_status_t)s)) {
+            core_fail(&e, "status",
+                      !closed                              ? "an active poll cannot go back to draft"
+                      : p->status == TLY_STATUS_CLOSED     ? "a closed poll cannot be reopened"
+                                                           : "this poll closed when its end_time passed and cannot be "
+                                                             "reopened");
             rc = TLY_ESTATE;
             goto fail;
         }
@@ -504,6 +510,12 @@ int tly_poll_patch(tly_poll_t *p, json_t *body, int64_t now, const char **err_fi
         core_fail(&e, "end_time", "end_time must be an RFC 3339 time such as 2026-04-12T10:00:00Z, or null");
         goto fail;
     }
+    /* moving end_time (later, or to null) would reopen a closed poll */
+    if (ev != NULL && closed && end != p->end_time) {
+        core_fail(&e, "end_time", "a closed poll's end_time cannot change");
+        rc = TLY_ESTATE;
+        goto fail;
+    }
     if (start != 0 && end != 0 && end <= start) {
         if (ev != NULL)
             core_fail(&e, "end_time", "end_time must be after start_time");
@@ -512,7 +524,7 @@ int tly_poll_patch(tly_poll_t *p, json_t *body, int64_t now, const char **err_fi
         goto fail;
     }
     /* closing early is done with status; a new end_time must lie ahead */
-    if (ev != NULL && end != 0 && end <= now) {
+    if (ev != NULL && end != p->end_time && end != 0 && end <= now) {
         core_fail(&e, "end_time", "end_time must be in the future (set status to closed to close now)");
         goto fail;
     }
@@ -522,6 +534,11 @@ int tly_poll_patch(tly_poll_t *p, json_t *body, int64_t now, const char **err_fi
         if (has_votes) {
             core_fail(&e, "options", "options cannot change once a vote exists");
             rc = TLY_EEXIST;
+            goto fail;
+        }
+        if (closed) {
+            core_fail(&e, "options", "a closed poll's options cannot change");
+            rc = TLY_ESTATE;
             goto fail;
         }
         if ((rc = parse_options(v, &e, &opts, &nopts)) != 0)
@@ -536,12 +553,20 @@ int tly_poll_patch(tly_poll_t *p, json_t *body, int64_t now, const char **err_fi
     if (opts != NULL && p->type != TLY_TYPE_SINGLE && !has_max &&
         ((size_t)settings.max_choices == p->noptions || (size_t)settings.max_choices > n))
         settings.max_choices = (int)n; /* it was the default (all options): keep it so */
-    if (p->type == TLY_TYPE_SCORE && settings.max_score != p->settings.max_score && has_votes) {
-        core_fail(&e, "settings.max_score", "max_score cannot change once a vote exists");
-        goto fail;
-    }
     if (check_choices(p->type, n, &settings, &e) != 0)
         goto fail;
+    /* ballots already cast were validated against these: they stay as they are */
+    if (has_votes) {
+        const char *frozen = settings.min_choices != p->settings.min_choices   ? "settings.min_choices"
+                             : settings.max_choices != p->settings.max_choices ? "settings.max_choices"
+                             : settings.max_score != p->settings.max_score     ? "settings.max_score"
+                                                                               : NULL;
+        if (frozen != NULL) {
+            core_fail(&e, frozen, "min_choices, max_choices and max_score cannot change once a vote exists");
+            rc = TLY_EEXIST;
+            goto fail;
+        }
+    }
     if (opts != NULL && p->type == TLY_TYPE_SCORE && (score_sum = tly_calloc(2 * n, sizeof(uint64_t))) == NULL)
         goto oom;
 
@@ -562,6 +587,7 @@ int tly_poll_patch(tly_poll_t *p, json_t *body, int64_t now, const char **err_fi
             tly_free(p->score_sum);
             p->score_sum = score_sum;
         }
+        core_timeline_reset(p); /* laid out per option; no ballot is counted in it */
     }
     p->status = status;
     p->start_time = start;
@@ -598,6 +624,8 @@ void tly_poll_free(tly_poll_t *p)
     tly_free(p->idem_key);
     tly_free(p->results_json);
     tly_free(p->score_sum);
+    tly_free(p->final_json);
+    core_timeline_reset(p);
     tly_free(p);
 }
 

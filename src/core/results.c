@@ -5,12 +5,15 @@
  *
  * The rendered object is cached in the poll as a compact string and rebuilt only when
  * a count changed (results_dirty) or the effective status moved (an end_time passed),
- * so a burst of readers and live subscribers costs one render per change. Ranked polls
+ * so a burst of readers and live subscribers costs one render per change; once a poll
+ * is closed its final results are rendered once and kept (final_json). Ranked polls
  * walk every committed ballot when they render (O(ballots * ranking length)); score
  * polls do so only when score_sum could not be allocated.
  */
 #include "core/core_int.h"
 
+#include <inttypes.h>
+#include <stdio.h>
 #include <string.h>
 
 /* ---- percentages ---- */
@@ -311,34 +314,132 @@ fail:
  */
 #define RESULTS_DUMP_FLAGS (JSON_COMPACT | JSON_REAL_PRECISION(5))
 
+/*
+ * The served string is the results object with `,"votes_last_minute":N}` in place of
+ * its closing brace. The buffer keeps SUFFIX_ROOM bytes after the object's prefix, so a
+ * new N (the minute slid) rewrites only the suffix: reads stay O(1) without rendering
+ * the object again, and the pointer handed out stays the same.
+ */
+#define VLM_MEMBER ",\"votes_last_minute\":"
+#define SUFFIX_ROOM (sizeof(VLM_MEMBER) - 1 + 20 + sizeof("}")) /* 20: the digits of UINT64_MAX */
+
+/* o as compact text in a new buffer with SUFFIX_ROOM spare bytes; NULL on OOM. */
+static char *dump_with_room(json_t *o, size_t *len)
+{
+    size_t size = json_dumpb(o, NULL, 0, RESULTS_DUMP_FLAGS);
+    char *buf = size > 1 ? tly_malloc(size + SUFFIX_ROOM) : NULL;
+    if (buf == NULL || json_dumpb(o, buf, size, RESULTS_DUMP_FLAGS) != size) {
+        tly_free(buf);
+        return NULL;
+    }
+    buf[size] = '\0';
+    *len = size;
+    return buf;
+}
+
 const char *tly_results_render(tly_poll_t *p, int64_t now, size_t *len)
 {
     tly_poll_status_t status = tly_poll_effective_status(p, now);
-    if (p->results_json != NULL && !p->results_dirty && p->results_status == (int)status) {
-        if (len != NULL)
-            *len = p->results_len;
-        return p->results_json;
-    }
-    json_t *o = build_results(p, status);
-    if (o == NULL)
+    if (status == TLY_STATUS_CLOSED && p->final_json == NULL && p->pending_votes == 0 &&
+        tly_poll_freeze_results(p, now) == TLY_ENOMEM)
         return NULL;
-    size_t size = json_dumpb(o, NULL, 0, RESULTS_DUMP_FLAGS);
-    char *buf = size > 0 ? tly_malloc(size + 1) : NULL;
-    if (buf == NULL || json_dumpb(o, buf, size, RESULTS_DUMP_FLAGS) != size) {
-        tly_free(buf);
-        json_decref(o);
-        return NULL;
+    bool final = status == TLY_STATUS_CLOSED && p->final_json != NULL;
+    bool fresh = p->results_json != NULL && p->results_final == final &&
+                 (final || (!p->results_dirty && p->results_status == (int)status));
+    if (!fresh) {
+        char *buf;
+        size_t size;
+        if (final) {
+            size = strlen(p->final_json);
+            if ((buf = tly_malloc(size + SUFFIX_ROOM)) == NULL)
+                return NULL;
+            memcpy(buf, p->final_json, size + 1);
+        } else {
+            json_t *o = build_results(p, status);
+            buf = o != NULL ? dump_with_room(o, &size) : NULL;
+            json_decref(o);
+            if (buf == NULL)
+                return NULL;
+            p->results_dirty = false;
+        }
+        tly_free(p->results_json);
+        p->results_json = buf;
+        p->results_prefix_len = size - 1; /* without the closing brace */
+        p->results_vlm = UINT64_MAX;      /* no suffix written yet */
+        p->results_final = final;
+        p->results_status = (int)status;
     }
-    json_decref(o);
-    buf[size] = '\0';
-    tly_free(p->results_json);
-    p->results_json = buf;
-    p->results_len = size;
-    p->results_dirty = false;
-    p->results_status = (int)status;
+    uint64_t vlm = tly_poll_votes_last_minute(p, now);
+    if (vlm != p->results_vlm) {
+        int n = snprintf(p->results_json + p->results_prefix_len, SUFFIX_ROOM, VLM_MEMBER "%" PRIu64 "}", vlm);
+        p->results_len = p->results_prefix_len + (size_t)n;
+        p->results_vlm = vlm;
+    }
     if (len != NULL)
-        *len = size;
-    return buf;
+        *len = p->results_len;
+    return p->results_json;
+}
+
+/* ---- final results ---- */
+
+int tly_poll_freeze_results(tly_poll_t *p, int64_t now)
+{
+    if (p->final_json != NULL)
+        return 0;
+    if (tly_poll_effective_status(p, now) != TLY_STATUS_CLOSED || p->pending_votes > 0)
+        return TLY_ESTATE;
+    json_t *o = build_results(p, TLY_STATUS_CLOSED);
+    if (o == NULL || json_object_set_new(o, "final", json_true()) != 0) {
+        json_decref(o);
+        return TLY_ENOMEM;
+    }
+    size_t size;
+    char *buf = dump_with_room(o, &size);
+    json_decref(o);
+    if (buf == NULL)
+        return TLY_ENOMEM;
+    p->final_json = buf;
+    return 0;
+}
+
+const char *tly_poll_final_results(tly_poll_t *p)
+{
+    return p->final_json;
+}
+
+static bool json_space(char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
+}
+
+int tly_poll_set_final_results(tly_poll_t *p, const char *json)
+{
+    if (json == NULL)
+        return TLY_EINVAL;
+    json_error_t err;
+    json_t *o = json_loads(json, 0, &err);
+    if (o == NULL)
+        return json_error_code(&err) == json_error_out_of_memory ? TLY_ENOMEM : TLY_EINVAL;
+    bool is_object = json_is_object(o);
+    json_decref(o);
+    if (!is_object)
+        return TLY_EINVAL;
+    /* trimmed, it is "{...}": the closing brace is the last byte, as the splice needs */
+    size_t start = 0, end = strlen(json);
+    while (json_space(json[start]))
+        start++;
+    while (end > start && json_space(json[end - 1]))
+        end--;
+    char *copy = tly_strndup(json + start, end - start);
+    if (copy == NULL)
+        return TLY_ENOMEM;
+    tly_free(p->final_json);
+    p->final_json = copy;
+    if (p->results_final) {
+        tly_free(p->results_json); /* served from the old final text: copy again */
+        p->results_json = NULL;
+    }
+    return 0;
 }
 
 /* ---- visibility ---- */

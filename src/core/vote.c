@@ -69,31 +69,41 @@ void tly_poll_add_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v)
     }
 }
 
-void core_count_vote(tly_poll_t *p, const tly_vote_t *v, int dir)
+size_t core_counted_options(const tly_poll_t *p, const tly_vote_t *v, uint8_t *out)
 {
     const uint8_t *c = core_vote_choices(v), *s = core_vote_scores(v);
-    size_t n = p->noptions;
+    size_t n = p->noptions, k = 0;
     for (size_t i = 0; i < v->nchoices; i++) {
         if (c[i] >= n)
             continue;
-        uint64_t *votes = &p->options[c[i]].votes;
-        switch (p->type) {
-        case TLY_TYPE_RANKED:
-            if (i == 0)
-                *votes += dir > 0 ? 1 : (uint64_t)-1;
-            break;
-        case TLY_TYPE_SCORE:
-            if (s[i] > 0)
-                *votes += dir > 0 ? 1 : (uint64_t)-1;
-            if (p->score_sum != NULL) {
-                p->score_sum[c[i]] += dir > 0 ? s[i] : -(uint64_t)s[i];
-                p->score_sum[n + c[i]] += dir > 0 ? 1 : (uint64_t)-1;
-            }
-            break;
-        default:
-            *votes += dir > 0 ? 1 : (uint64_t)-1;
+        if ((p->type == TLY_TYPE_RANKED && i != 0) || (p->type == TLY_TYPE_SCORE && s[i] == 0))
+            continue;
+        out[k++] = c[i];
+    }
+    return k;
+}
+
+/*
+ * One list of counted options feeds both the options' votes and the timelines, so
+ * that the two cannot disagree on what a ballot counts for.
+ */
+void core_count_vote(tly_poll_t *p, const tly_vote_t *v, int dir)
+{
+    uint8_t idx[TLY_MAX_OPTIONS];
+    size_t k = core_counted_options(p, v, idx);
+    for (size_t i = 0; i < k; i++)
+        p->options[idx[i]].votes += dir > 0 ? 1 : (uint64_t)-1;
+    if (p->type == TLY_TYPE_SCORE && p->score_sum != NULL) {
+        const uint8_t *c = core_vote_choices(v), *s = core_vote_scores(v);
+        size_t n = p->noptions;
+        for (size_t i = 0; i < v->nchoices; i++) {
+            if (c[i] >= n)
+                continue;
+            p->score_sum[c[i]] += dir > 0 ? s[i] : -(uint64_t)s[i];
+            p->score_sum[n + c[i]] += dir > 0 ? 1 : (uint64_t)-1;
         }
     }
+    core_timeline_count(p, v->recorded_at, idx, k, dir);
 }
 
 void tly_poll_commit_vote(tly_poll_t *p, tly_vote_t *v, int64_t now)
@@ -102,6 +112,7 @@ void tly_poll_commit_vote(tly_poll_t *p, tly_vote_t *v, int64_t now)
         return;
     v->state = TLY_VOTE_COMMITTED;
     core_count_vote(p, v, +1);
+    core_activity_add(p, v->recorded_at);
     p->total_votes++;
     p->seq++;
     p->as_of = now;
@@ -137,4 +148,80 @@ void tly_poll_drop_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v)
         return;
     }
     remove_vote(r, p, v);
+}
+
+/*
+ * Moves a vote within one of its hash tables from the address whose handle is `from`
+ * to `to_elt`, whose handle `to` is already a byte copy of `from`: every pointer the
+ * table holds to the old element or its handle (app-order neighbours, the tail, the
+ * bucket chain and its head) is repointed. This is uthash's own layout (2.x); doing it
+ * in place, instead of HASH_DELETE and HASH_ADD, allocates nothing, so a change cannot
+ * fail half-way (deleting a table's only element frees the table, and adding it back
+ * would allocate again). Returns whether the element heads the table (its prev is
+ * NULL), for the caller to repoint the head.
+ */
+static bool move_in_table(const UT_hash_handle *from, UT_hash_handle *to, void *to_elt)
+{
+    UT_hash_table *tbl = from->tbl;
+    if (from->prev != NULL)
+        ((UT_hash_handle *)(void *)((char *)from->prev + tbl->hho))->next = to_elt;
+    if (from->next != NULL)
+        ((UT_hash_handle *)(void *)((char *)from->next + tbl->hho))->prev = to_elt;
+    if (tbl->tail == from)
+        tbl->tail = to;
+    if (from->hh_prev != NULL)
+        from->hh_prev->hh_next = to;
+    if (from->hh_next != NULL)
+        from->hh_next->hh_prev = to;
+    unsigned bkt;
+    HASH_TO_BKT(from->hashv, tbl->num_buckets, bkt);
+    if (tbl->buckets[bkt].hh_head == from)
+        tbl->buckets[bkt].hh_head = to;
+    return from->prev == NULL;
+}
+
+int tly_poll_change_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v, const tly_ballot_t *b, int64_t now,
+                         tly_vote_t **out)
+{
+    *out = v;
+    if (v->state != TLY_VOTE_COMMITTED)
+        return TLY_ESTATE;
+    size_t n = b->nchoices;
+    if (v->poll != p || n > TLY_MAX_OPTIONS || n > p->noptions)
+        return TLY_EINVAL;
+    for (size_t i = 0; i < n; i++)
+        if (b->choices[i] >= p->noptions)
+            return TLY_EINVAL;
+    tly_vote_t **receipts = r != NULL ? core_registry_receipts(r) : NULL;
+    if (v->hh_receipt.tbl != NULL &&
+        (receipts == NULL || *receipts == NULL || (*receipts)->hh_receipt.tbl != v->hh_receipt.tbl))
+        return TLY_EINVAL; /* moving it would leave the real map's head pointing at freed memory */
+    tly_vote_t *w = v;
+    if (n > v->nchoices && (w = tly_malloc(sizeof(*w) + 2 * n)) == NULL)
+        return TLY_ENOMEM;
+
+    /* nothing can fail from here on */
+    core_count_vote(p, v, -1); /* the old ballot, at its old time */
+    if (w != v) {
+        memcpy(w, v, sizeof(*v)); /* the ids, the strings (now w's) and both hash handles */
+        if (v->hh.tbl != NULL && move_in_table(&v->hh, &w->hh, w))
+            p->votes = w;
+        if (v->hh_receipt.tbl != NULL && receipts != NULL) { /* checked above: receipts is its map */
+            w->hh_receipt.key = w->receipt; /* the key lives inside the vote */
+            if (move_in_table(&v->hh_receipt, &w->hh_receipt, w))
+                *receipts = w;
+        }
+        tly_free(v); /* not tly_vote_free: voter_id and idem_key moved to w */
+    }
+    w->nchoices = (uint8_t)n;
+    memcpy(w->data, b->choices, n);
+    memcpy(w->data + n, b->scores, n);
+    w->recorded_at = now;
+    core_count_vote(p, w, +1);
+    core_activity_add(p, now);
+    p->seq++;
+    p->as_of = now;
+    p->results_dirty = true;
+    *out = w;
+    return 0;
 }

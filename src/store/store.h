@@ -10,7 +10,12 @@
  * Threads: tly_store_open, tly_store_load, tly_store_reap and tly_store_close are
  * called from the owning (event-loop) thread; tly_store_submit from any thread. `done`
  * callbacks run on the thread that calls tly_store_reap. The writer thread touches
- * nothing but the operation it was given, and only between submit and done.
+ * nothing but the operation it was given, and only between submit and done. A reader
+ * (tly_store_reader_t, for paged exports) belongs to the one thread using it.
+ *
+ * History: every ballot cast, changed or revoked appends a row to an append-only audit
+ * log in the same transaction as the change itself. The ballots table holds the current
+ * ballots (the truth that load replays); the audit log says how they got there.
  */
 #ifndef TALLY_STORE_H
 #define TALLY_STORE_H
@@ -41,6 +46,10 @@ typedef struct {
     uint8_t body_hash[16];
     size_t noptions;
     const tly_option_row_t *options;
+    /* The final results as JSON text, written once the poll is closed; NULL = none.
+     * POLL_INSERT and POLL_UPDATE store it as given (so an update that leaves it NULL
+     * clears it); load returns it. The store never parses it. */
+    const char *final_results;
 } tly_poll_row_t;
 
 typedef struct {
@@ -66,12 +75,47 @@ typedef struct {
     int64_t created_at;
 } tly_request_row_t;
 
+/* One row of the audit log. seq is the log's own order (commit order, ascending). */
+typedef struct {
+    int64_t seq;
+    const char *poll_id, *voter_id;
+    const char *event;       /* "cast" | "changed" | "revoked" */
+    uint8_t nchoices;        /* 0 for "revoked" */
+    const uint8_t *choices;  /* the ballot as it was after the event; NULL for "revoked" */
+    const uint8_t *scores;   /* NULL unless a score ballot */
+    int64_t at;              /* ms since the epoch: the ballot's recorded_at for "cast"
+                                and "changed", the time of retraction for "revoked" */
+} tly_audit_row_t;
+
 typedef enum {
     TLY_OP_USER_INSERT,  /* u.user; TLY_EEXIST when the username (case-insensitive) exists */
     TLY_OP_POLL_INSERT,  /* u.poll; TLY_EEXIST when the poll_id exists */
-    TLY_OP_POLL_UPDATE,  /* u.poll: replaces the poll row and its options */
-    TLY_OP_POLL_DELETE,  /* u.poll.poll_id: the poll, its options, ballots and requests */
-    TLY_OP_BALLOT_INSERT /* u.ballot; TLY_EEXIST on UNIQUE(poll_id, voter_id) */
+    TLY_OP_POLL_UPDATE,  /* u.poll: replaces the poll row (final_results included) and its
+                            options; TLY_ENOTFOUND when the poll_id does not exist */
+    /* u.poll.poll_id: the poll, its options, ballots, requests and its audit rows. A
+     * deleted poll is gone entirely: its owner deleted it, and an audit log of a poll
+     * nobody can see any more would only be personal data kept without a purpose. */
+    TLY_OP_POLL_DELETE,
+    /* u.ballot; TLY_EEXIST on UNIQUE(poll_id, voter_id) (or a reused vote_id/receipt).
+     * Writes the ballot row and an audit "cast" row (its choices and scores, at =
+     * recorded_at) in the same transaction: never one without the other; a duplicate
+     * writes neither. */
+    TLY_OP_BALLOT_INSERT,
+    /* u.ballot: poll_id, voter_id, nchoices, choices, scores (NULL unless a score poll),
+     * recorded_at = the time of the change, idem_key and body_hash of the change request
+     * (NULL / all zero when none). Replaces the voter's current ballot in that poll:
+     * choices, scores, recorded_at, idem_key and body_hash take the new values (the row
+     * describes the request that produced its content); vote_id, receipt, client_meta
+     * and the ballot's seq (its place in load order and in ballot pages) are kept.
+     * Appends an audit "changed" row with the new ballot, in the same savepoint.
+     * TLY_ENOTFOUND when the voter has no ballot in the poll (or the poll does not
+     * exist). vote_id, receipt, client_meta and request_id are ignored. */
+    TLY_OP_BALLOT_REPLACE,
+    /* u.ballot: poll_id, voter_id, recorded_at = the time of the retraction. Deletes the
+     * voter's ballot in that poll and appends an audit "revoked" row (no choices), in
+     * one savepoint; the voter may then cast again (a new ballot, new seq). TLY_ENOTFOUND
+     * when the voter has no ballot in the poll. Every other field is ignored. */
+    TLY_OP_BALLOT_DELETE,
 } tly_op_type_t;
 
 typedef struct tly_store_op tly_store_op_t;
@@ -131,6 +175,71 @@ int tly_store_writable(tly_store_t *s);
 
 /* Commits what is queued, stops the writer, runs remaining done callbacks and closes. */
 void tly_store_close(tly_store_t *s);
+
+/*
+ * Paged reads for owner-only exports (the ballots of a poll, its audit log).
+ *
+ * A reader is its own read-only SQLite connection with its statements prepared once.
+ * In WAL mode a reader never blocks the writer and the writer never blocks a reader, so
+ * an export does not slow down voting. A reader belongs to one thread at a time: the
+ * event-loop thread may keep one for small pages, an export worker thread its own; it
+ * may be handed from one thread to another between calls, but never used by two at
+ * once. Open and close readers while the store is open (close them before
+ * tly_store_close). Memory: a reader holds SQLite's page cache for its connection
+ * (SQLite's default, about 2 MiB at most) and nothing per page.
+ *
+ * Returns the reader or NULL (out of memory, or the database cannot be opened).
+ */
+typedef struct tly_store_reader tly_store_reader_t;
+tly_store_reader_t *tly_store_reader_open(tly_store_t *s);
+
+/* Closes the reader. NULL is a no-op. The thread that owns it. */
+void tly_store_reader_close(tly_store_reader_t *r);
+
+/*
+ * Calls cb for the audit rows of poll_id with seq > after_seq, in seq order, at most
+ * `limit` of them, and returns how many it passed (0 = no more rows), or TLY_EIO /
+ * TLY_ENOMEM. Start with after_seq = 0 and pass the last row's seq to get the next page.
+ *
+ * Each page is one consistent snapshot, read through the (poll_id, seq) index: no
+ * OFFSET, so a page costs O(limit) however far into the log it is, and walking a whole
+ * log is O(n) in time and constant in memory (rows are handed over, not collected).
+ * Across pages the walk is not a snapshot: rows committed meanwhile are seen if their
+ * seq is beyond the cursor. A page of 1,000 rows takes about a millisecond here, a page
+ * of 100 about a tenth of that: the event-loop thread may serve small pages itself;
+ * a whole-poll export belongs on a worker thread with its own reader.
+ *
+ * Rows (and every pointer in them) are valid only during the call to cb; cb must not
+ * use this reader. The thread that owns the reader.
+ */
+int tly_store_audit_page(tly_store_reader_t *r, const char *poll_id, int64_t after_seq,
+                         size_t limit, void (*cb)(void *ctx, const tly_audit_row_t *row),
+                         void *ctx);
+
+/*
+ * Calls cb for the current ballots of poll_id with seq > after_seq, in seq order (seq
+ * passed beside the row; request_id is NULL), at most `limit` of them, and returns how
+ * many it passed (0 = no more), or TLY_EIO / TLY_ENOMEM. Same paging, cost, snapshot
+ * and lifetime rules as tly_store_audit_page. A changed ballot keeps its seq, so a walk
+ * sees each ballot present throughout it exactly once (with whatever content it had
+ * when its page was read). The thread that owns the reader.
+ */
+int tly_store_ballots_page(tly_store_reader_t *r, const char *poll_id, int64_t after_seq,
+                           size_t limit,
+                           void (*cb)(void *ctx, const tly_ballot_row_t *row, int64_t seq),
+                           void *ctx);
+
+/*
+ * For tests and benchmarks only, never while serving: writes n generated ballots for
+ * poll_id (voters "gen<i>", one choice each, spread over the first noptions options,
+ * no scores) and their audit "cast" rows, committing every 10,000, through a connection
+ * of its own, i.e. beside the writer rather than through it. The in-memory state of a
+ * running server does not see them until the next load. Returns 0, TLY_EINVAL
+ * (noptions not in 1..256), TLY_ENOTFOUND (no such poll), TLY_EEXIST (generated ids
+ * already there, e.g. a second call for the same poll: nothing of the failing 10,000
+ * is written) or TLY_EIO. Owning thread.
+ */
+int tly_store_generate_ballots(tly_store_t *s, const char *poll_id, size_t noptions, size_t n);
 
 /* Statistics for metrics: batches committed, operations, last batch size, last commit
  * (fsync) time in microseconds. */

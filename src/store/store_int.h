@@ -8,7 +8,7 @@
 #include "store/store.h"
 
 /* The schema version tly_store_open migrates to (PRAGMA user_version). */
-#define TLY_STORE_SCHEMA_VERSION 1
+#define TLY_STORE_SCHEMA_VERSION 2
 
 /* Default most operations in one transaction when conf->batch_max is 0. */
 #define TLY_STORE_BATCH_MAX 4096
@@ -26,5 +26,11 @@
  * tly_store_submit. Any thread. Used by the tests to put two ballots in one batch.
  */
 void tly_store_submit_list(tly_store_t *s, tly_store_op_t *first);
+
+/* The SQL of the two page reads (?1 poll_id, ?2 after_seq, ?3 limit), so that a test can
+ * check with EXPLAIN QUERY PLAN that they search the (poll_id, seq) indexes rather than
+ * scan or sort: that is what keeps a whole-poll export O(n). */
+extern const char tly_store_audit_page_sql[];
+extern const char tly_store_ballots_page_sql[];
 
 #endif

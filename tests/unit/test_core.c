@@ -1,10 +1,15 @@
 /*
  * test_core.c: the polling domain. Validation limits and the field each error names,
  * defaults per type, ballots of every type, counting, percentages, results JSON,
- * instant-runoff, visibility, the registry and its listing order, and allocation
- * failure.
+ * instant-runoff, visibility, the registry and its listing order, vote changes, the
+ * timelines and votes_last_minute, final results, and allocation failure.
  */
+/* uthash's own consistency check (HASH_FSCK) for the maps a vote change moves */
+#define HASH_DEBUG 1
+
 #include <criterion/criterion.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "base/base.h"
@@ -1165,4 +1170,976 @@ Test(oom, create_patch_vote_render_fail_cleanly)
         (void)s;
         tly_poll_free(p);
     }
+}
+
+/* ---- vote changes ---- */
+
+#define MIN INT64_C(60000)
+
+/* A committed vote of ballot b cast at `at` (recorded_at), committed at the same time. */
+static tly_vote_t *cast_at(tly_registry_t *r, tly_poll_t *p, const char *voter, const tly_ballot_t *b, int64_t at)
+{
+    tly_vote_t *v = tly_vote_new(b, voter, NULL, NULL, NULL, at);
+    cr_assert_not_null(v);
+    tly_poll_add_vote(r, p, v);
+    tly_poll_commit_vote(p, v, at);
+    return v;
+}
+
+static tly_ballot_t parsed(const tly_poll_t *p, const char *tmpl)
+{
+    tly_ballot_t b;
+    cr_assert_eq(ballot(p, ids(p, tmpl), &b, NULL), TLY_BALLOT_OK, "%s", tmpl);
+    return b;
+}
+
+static tly_vote_t *change(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v, const char *tmpl, int64_t now)
+{
+    tly_ballot_t b = parsed(p, tmpl);
+    tly_vote_t *out = NULL;
+    cr_assert_eq(tly_poll_change_vote(r, p, v, &b, now, &out), 0);
+    cr_assert_not_null(out);
+    return out;
+}
+
+static void assert_votes(const tly_poll_t *p, const uint64_t *want)
+{
+    for (size_t i = 0; i < p->noptions; i++)
+        cr_assert_eq(p->options[i].votes, want[i], "option %zu: %llu, want %llu", i,
+                     (unsigned long long)p->options[i].votes, (unsigned long long)want[i]);
+}
+
+/* The head of the receipt map, found from one of its votes. */
+static tly_vote_t *receipts_head(tly_vote_t *any)
+{
+    tly_vote_t *v = any;
+    while (v->hh_receipt.prev != NULL)
+        v = v->hh_receipt.prev;
+    return v;
+}
+
+/* Both maps are sound, and every vote of p is found under its voter and its receipt. */
+static void assert_maps(tly_registry_t *r, tly_poll_t *p)
+{
+    HASH_FSCK(hh, p->votes, "votes");
+    size_t n = 0;
+    for (tly_vote_t *v = p->votes; v != NULL; v = v->hh.next, n++) {
+        cr_assert_eq(tly_poll_find_vote(p, v->voter_id), v, "voter %s", v->voter_id);
+        if (r != NULL)
+            cr_assert_eq(tly_registry_find_receipt(r, v->receipt), v, "receipt of %s", v->voter_id);
+    }
+    cr_assert_eq(n, HASH_COUNT(p->votes));
+    if (r != NULL && p->votes != NULL) {
+        tly_vote_t *head = receipts_head(p->votes);
+        HASH_FSCK(hh_receipt, head, "receipts");
+    }
+}
+
+Test(change, single_moves_the_count_and_keeps_identity)
+{
+    tly_registry_t *r = tly_registry_new();
+    tly_poll_t *p = create_ok(body_n("single", 3));
+    tly_registry_add_poll(r, p);
+    tly_vote_t *a = cast(r, p, "alice", "{\"option_id\":\"$0\"}");
+    cast(r, p, "bob", "{\"option_id\":\"$0\"}");
+    char vote_id[TLY_VOTE_ID_LEN + 1], receipt[TLY_RECEIPT_LEN + 1];
+    strcpy(vote_id, a->vote_id);
+    strcpy(receipt, a->receipt);
+    uint64_t seq = p->seq;
+    tly_vote_t *a2 = change(r, p, a, "{\"option_id\":\"$2\"}", NOW + HOUR);
+    cr_assert_eq(a2, a, "same size: changed in place");
+    assert_votes(p, (uint64_t[]){1, 0, 1});
+    cr_assert_eq(p->total_votes, 2, "a change is not a new ballot");
+    cr_assert_eq(p->seq, seq + 1);
+    cr_assert_eq(p->as_of, NOW + HOUR);
+    cr_assert(p->results_dirty);
+    cr_assert_str_eq(a2->vote_id, vote_id);
+    cr_assert_str_eq(a2->receipt, receipt);
+    cr_assert_str_eq(a2->voter_id, "alice");
+    cr_assert_eq(a2->recorded_at, NOW + HOUR);
+    cr_assert_eq(a2->state, TLY_VOTE_COMMITTED);
+    assert_maps(r, p);
+    json_t *o = results(p, NOW + HOUR, NULL);
+    cr_assert_eq(json_integer_value(json_object_get(json_array_get(json_object_get(o, "options"), 2), "votes")), 1);
+    json_decref(o);
+    /* the same ballot again is still a change (the API may skip it) */
+    change(r, p, a2, "{\"option_id\":\"$2\"}", NOW + HOUR + 1);
+    assert_votes(p, (uint64_t[]){1, 0, 1});
+    cr_assert_eq(p->seq, seq + 2);
+    tly_registry_free(r);
+}
+
+Test(change, multiple_grows_and_shrinks_the_vote_keeping_both_maps)
+{
+    tly_registry_t *r = tly_registry_new();
+    tly_poll_t *p = create_ok(body_n("multiple", 4));
+    tly_registry_add_poll(r, p);
+    /* the changed vote first, in the middle and last in both maps */
+    tly_vote_t *v[5];
+    const char *names[5] = {"a", "b", "c", "d", "e"};
+    for (int i = 0; i < 5; i++)
+        v[i] = cast(r, p, names[i], "{\"option_ids\":[\"$0\"]}");
+    assert_votes(p, (uint64_t[]){5, 0, 0, 0});
+    int order[3] = {0, 2, 4};
+    for (int k = 0; k < 3; k++) {
+        int i = order[k];
+        char receipt[TLY_RECEIPT_LEN + 1];
+        strcpy(receipt, v[i]->receipt);
+        tly_vote_t *w = change(r, p, v[i], "{\"option_ids\":[\"$1\",\"$2\",\"$3\"]}", NOW + MIN);
+        v[i] = w;
+        cr_assert_eq(w->nchoices, 3);
+        cr_assert_eq(tly_poll_find_vote(p, names[i]), w);
+        cr_assert_eq(tly_registry_find_receipt(r, receipt), w);
+        cr_assert_eq(w->poll, p);
+        assert_maps(r, p);
+    }
+    assert_votes(p, (uint64_t[]){2, 3, 3, 3});
+    cr_assert_eq(p->total_votes, 5);
+    /* fewer choices: in place */
+    tly_vote_t *w = change(r, p, v[2], "{\"option_ids\":[\"$3\"]}", NOW + 2 * MIN);
+    cr_assert_eq(w, v[2]);
+    assert_votes(p, (uint64_t[]){2, 2, 2, 3});
+    json_t *got = tly_ballot_to_json(p, w), *want = J(ids(p, "{\"option_ids\":[\"$3\"]}"));
+    cr_assert(json_equal(got, want));
+    json_decref(got);
+    json_decref(want);
+    /* retracting a moved vote and removing the poll leave nothing behind */
+    tly_poll_retract_vote(r, p, v[0], NOW + 3 * MIN);
+    assert_votes(p, (uint64_t[]){2, 1, 1, 2});
+    assert_maps(r, p);
+    tly_registry_remove_poll(r, p);
+    tly_registry_free(r);
+}
+
+Test(change, ranked_moves_first_preferences_and_rounds)
+{
+    tly_poll_t *p = create_ok(body_n("ranked", 3));
+    cast(NULL, p, "a", "{\"ranking\":[\"$0\",\"$1\"]}");
+    cast(NULL, p, "b", "{\"ranking\":[\"$0\"]}");
+    tly_vote_t *c = cast(NULL, p, "c", "{\"ranking\":[\"$1\"]}");
+    assert_votes(p, (uint64_t[]){2, 1, 0});
+    c = change(NULL, p, c, "{\"ranking\":[\"$2\",\"$1\",\"$0\"]}", NOW + MIN);
+    assert_votes(p, (uint64_t[]){2, 0, 1});
+    json_t *o = results(p, NOW + MIN, NULL);
+    json_t *c1 = json_object_get(json_array_get(json_object_get(o, "rounds"), 0), "counts");
+    cr_assert_eq(json_integer_value(json_object_get(c1, p->options[2].option_id)), 1);
+    cr_assert_str_eq(json_string_value(json_object_get(o, "winner")), p->options[0].option_id);
+    json_decref(o);
+    assert_maps(NULL, p);
+    tly_poll_free(p);
+}
+
+Test(change, score_moves_sums_and_votes)
+{
+    tly_poll_t *p = create_ok(body_n("score", 3));
+    cast(NULL, p, "a", "{\"scores\":{\"$0\":5}}");
+    tly_vote_t *b = cast(NULL, p, "b", "{\"scores\":{\"$0\":2,\"$2\":4}}");
+    b = change(NULL, p, b, "{\"scores\":{\"$0\":0,\"$1\":3,\"$2\":1}}", NOW + MIN);
+    assert_votes(p, (uint64_t[]){1, 1, 1});
+    cr_assert_eq(p->score_sum[0], 5);
+    cr_assert_eq(p->score_sum[1], 3);
+    cr_assert_eq(p->score_sum[2], 1);
+    cr_assert_eq(p->score_sum[3 + 0], 2, "a 0 score still rated the option");
+    cr_assert_eq(p->score_sum[3 + 1], 1);
+    cr_assert_eq(p->score_sum[3 + 2], 1);
+    json_t *o = results(p, NOW + MIN, NULL);
+    json_t *e0 = json_array_get(json_object_get(o, "options"), 0);
+    cr_assert_float_eq(json_real_value(json_object_get(e0, "score_mean")), 2.5, 1e-9);
+    json_decref(o);
+    tly_poll_free(p);
+}
+
+Test(change, refuses_pending_foreign_and_bad_ballots_unchanged)
+{
+    tly_registry_t *r = tly_registry_new(), *other = tly_registry_new();
+    tly_poll_t *p = create_ok(body_n("single", 3)), *q = create_ok(body_n("single", 3));
+    tly_registry_add_poll(r, p);
+    tly_registry_add_poll(other, q);
+    cast(other, q, "x", "{\"option_id\":\"$0\"}");
+    tly_ballot_t b = {.nchoices = 1, .choices = {1}};
+    tly_vote_t *pending = tly_vote_new(&b, "pending", NULL, NULL, NULL, NOW);
+    tly_poll_add_vote(r, p, pending);
+    tly_vote_t *out = NULL;
+    cr_assert_eq(tly_poll_change_vote(r, p, pending, &b, NOW, &out), TLY_ESTATE);
+    cr_assert_eq(out, pending);
+    tly_vote_t *v = cast(r, p, "v", "{\"option_id\":\"$0\"}");
+    uint64_t seq = p->seq;
+    tly_ballot_t bad = {.nchoices = 1, .choices = {3}};
+    cr_assert_eq(tly_poll_change_vote(r, p, v, &bad, NOW, &out), TLY_EINVAL);
+    cr_assert_eq(tly_poll_change_vote(r, q, v, &b, NOW, &out), TLY_EINVAL, "not q's vote");
+    tly_ballot_t two = {.nchoices = 2, .choices = {1, 2}};
+    cr_assert_eq(tly_poll_change_vote(NULL, p, v, &two, NOW, &out), TLY_EINVAL, "its registry is needed");
+    cr_assert_eq(tly_poll_change_vote(other, p, v, &two, NOW, &out), TLY_EINVAL, "another registry");
+    cr_assert_eq(out, v);
+    cr_assert_eq(p->seq, seq);
+    assert_votes(p, (uint64_t[]){1, 0, 0});
+    assert_maps(r, p);
+    tly_registry_free(r);
+    tly_registry_free(other);
+}
+
+Test(oom, change_vote_fails_whole)
+{
+    tly_registry_t *r = tly_registry_new();
+    tly_poll_t *p = create_ok(body_n("multiple", 4));
+    tly_registry_add_poll(r, p);
+    tly_vote_t *v = cast(r, p, "a", "{\"option_ids\":[\"$0\"]}");
+    cast(r, p, "b", "{\"option_ids\":[\"$0\"]}");
+    tly_ballot_t b = parsed(p, "{\"option_ids\":[\"$1\",\"$2\"]}");
+    uint64_t seq = p->seq;
+    int64_t at = v->recorded_at;
+    tly_vote_t *out = NULL;
+    tly_alloc_fail_after(0);
+    int rc = tly_poll_change_vote(r, p, v, &b, NOW + MIN, &out);
+    tly_alloc_fail_after(-1);
+    cr_assert_eq(rc, TLY_ENOMEM);
+    cr_assert_eq(out, v);
+    cr_assert_eq(v->nchoices, 1);
+    cr_assert_eq(v->recorded_at, at);
+    cr_assert_eq(p->seq, seq);
+    assert_votes(p, (uint64_t[]){2, 0, 0, 0});
+    assert_maps(r, p);
+    /* the same change with memory works */
+    out = change(r, p, v, "{\"option_ids\":[\"$1\",\"$2\"]}", NOW + MIN);
+    assert_votes(p, (uint64_t[]){1, 1, 1, 0});
+    assert_maps(r, p);
+    tly_registry_free(r);
+}
+
+/* ---- timelines ---- */
+
+/* Every item of p's timeline in [from, to), following "truncated" page by page. */
+static json_t *timeline_all(const tly_poll_t *p, int64_t bucket, int64_t from, int64_t to)
+{
+    json_t *all = json_array();
+    for (;;) {
+        json_t *o = tly_timeline_json(p, bucket, from, to);
+        cr_assert_not_null(o);
+        json_t *items = json_object_get(o, "items");
+        cr_assert(json_is_array(items));
+        json_array_extend(all, items);
+        bool truncated = json_is_true(json_object_get(o, "truncated"));
+        cr_assert_eq(truncated, json_array_size(items) == TLY_TIMELINE_MAX_ITEMS, "truncated only when full");
+        if (!truncated) {
+            json_decref(o);
+            return all;
+        }
+        int64_t last;
+        cr_assert_eq(tly_time_parse(json_string_value(json_object_get(json_array_get(items, TLY_TIMELINE_MAX_ITEMS - 1),
+                                                                      "start")),
+                                    &last),
+                     0);
+        from = last + bucket;
+        json_decref(o);
+    }
+}
+
+static int64_t item_start(json_t *item)
+{
+    int64_t t = 0;
+    cr_assert_eq(tly_time_parse(json_string_value(json_object_get(item, "start")), &t), 0);
+    return t;
+}
+
+static json_int_t item_count(const tly_poll_t *p, json_t *item, size_t option)
+{
+    json_t *n = json_object_get(json_object_get(item, "counts"), p->options[option].option_id);
+    return n == NULL ? 0 : json_integer_value(n);
+}
+
+Test(timeline, buckets_aligned_to_the_epoch_and_json_shape)
+{
+    cr_assert_eq(tly_timeline_bucket_ms("10s"), 10000);
+    cr_assert_eq(tly_timeline_bucket_ms("1m"), 60000);
+    cr_assert_eq(tly_timeline_bucket_ms("1h"), 3600000);
+    cr_assert_eq(tly_timeline_bucket_ms("5m"), 0);
+    cr_assert_eq(tly_timeline_bucket_ms(NULL), 0);
+
+    tly_poll_t *p = create_ok(body_n("single", 3));
+    json_t *o = tly_timeline_json(p, TLY_TIMELINE_10S, 0, INT64_MAX), *empty = J("{\"bucket\":\"10s\",\"items\":[]}");
+    cr_assert(json_equal(o, empty), "an empty poll has an empty timeline");
+    json_decref(o);
+    json_decref(empty);
+    cr_assert_null(tly_timeline_json(p, 30000, 0, INT64_MAX), "only 10s, 1m and 1h");
+
+    tly_ballot_t o0 = {.nchoices = 1, .choices = {0}}, o2 = {.nchoices = 1, .choices = {2}};
+    /* 12:00:12.345, 12:00:19.999 and 12:00:20.000, 12:01:05, 13:30 */
+    cast_at(NULL, p, "a", &o0, NOW + 12345);
+    cast_at(NULL, p, "b", &o2, NOW + 19999);
+    cast_at(NULL, p, "c", &o0, NOW + 20000);
+    cast_at(NULL, p, "d", &o0, NOW + MIN + 5000);
+    tly_vote_t *e = cast_at(NULL, p, "e", &o2, NOW + 90 * MIN);
+
+    o = tly_timeline_json(p, TLY_TIMELINE_10S, 0, INT64_MAX);
+    json_t *want = J(ids(p, "{\"bucket\":\"10s\",\"items\":["
+                            "{\"start\":\"2026-04-05T12:00:10.000Z\",\"counts\":{\"$0\":1,\"$2\":1}},"
+                            "{\"start\":\"2026-04-05T12:00:20.000Z\",\"counts\":{\"$0\":1}},"
+                            "{\"start\":\"2026-04-05T12:01:00.000Z\",\"counts\":{\"$0\":1}},"
+                            "{\"start\":\"2026-04-05T13:30:00.000Z\",\"counts\":{\"$2\":1}}]}"));
+    cr_assert(json_equal(o, want), "%s", json_dumps(o, JSON_COMPACT));
+    json_decref(o);
+    json_decref(want);
+    o = tly_timeline_json(p, TLY_TIMELINE_1M, 0, INT64_MAX);
+    want = J(ids(p, "{\"bucket\":\"1m\",\"items\":["
+                    "{\"start\":\"2026-04-05T12:00:00.000Z\",\"counts\":{\"$0\":2,\"$2\":1}},"
+                    "{\"start\":\"2026-04-05T12:01:00.000Z\",\"counts\":{\"$0\":1}},"
+                    "{\"start\":\"2026-04-05T13:30:00.000Z\",\"counts\":{\"$2\":1}}]}"));
+    cr_assert(json_equal(o, want), "%s", json_dumps(o, JSON_COMPACT));
+    json_decref(o);
+    json_decref(want);
+    o = tly_timeline_json(p, TLY_TIMELINE_1H, 0, INT64_MAX);
+    want = J(ids(p, "{\"bucket\":\"1h\",\"items\":["
+                    "{\"start\":\"2026-04-05T12:00:00.000Z\",\"counts\":{\"$0\":3,\"$2\":1}},"
+                    "{\"start\":\"2026-04-05T13:00:00.000Z\",\"counts\":{\"$2\":1}}]}"));
+    cr_assert(json_equal(o, want), "%s", json_dumps(o, JSON_COMPACT));
+    json_decref(o);
+    json_decref(want);
+
+    /* [from, to) on bucket starts: a bucket starting before `from` is not listed */
+    json_t *items = timeline_all(p, TLY_TIMELINE_10S, NOW + 10000, NOW + MIN);
+    cr_assert_eq(json_array_size(items), 2);
+    cr_assert_eq(item_start(json_array_get(items, 0)), NOW + 10000);
+    cr_assert_eq(item_start(json_array_get(items, 1)), NOW + 20000);
+    json_decref(items);
+    items = timeline_all(p, TLY_TIMELINE_10S, NOW + 10001, NOW + MIN + 1);
+    cr_assert_eq(json_array_size(items), 2);
+    cr_assert_eq(item_start(json_array_get(items, 0)), NOW + 20000);
+    cr_assert_eq(item_start(json_array_get(items, 1)), NOW + MIN);
+    json_decref(items);
+
+    /* retracted away: a bucket left empty is not listed */
+    tly_poll_retract_vote(NULL, p, e, NOW + 91 * MIN);
+    items = timeline_all(p, TLY_TIMELINE_1H, 0, INT64_MAX);
+    cr_assert_eq(json_array_size(items), 1);
+    json_decref(items);
+    tly_poll_free(p);
+}
+
+Test(timeline, counts_what_results_count_per_type)
+{
+    /* ranked: the first preference; score: options scored above 0 */
+    tly_poll_t *p = create_ok(body_n("ranked", 3));
+    cast(NULL, p, "a", "{\"ranking\":[\"$1\",\"$0\",\"$2\"]}");
+    json_t *items = timeline_all(p, TLY_TIMELINE_1M, 0, INT64_MAX);
+    cr_assert_eq(json_object_size(json_object_get(json_array_get(items, 0), "counts")), 1);
+    cr_assert_eq(item_count(p, json_array_get(items, 0), 1), 1);
+    json_decref(items);
+    tly_poll_free(p);
+    p = create_ok(body_n("score", 3));
+    cast(NULL, p, "a", "{\"scores\":{\"$0\":0,\"$2\":4}}");
+    cast(NULL, p, "b", "{\"scores\":{\"$0\":0}}");
+    items = timeline_all(p, TLY_TIMELINE_1M, 0, INT64_MAX);
+    cr_assert_eq(json_array_size(items), 1);
+    cr_assert_eq(json_object_size(json_object_get(json_array_get(items, 0), "counts")), 1);
+    cr_assert_eq(item_count(p, json_array_get(items, 0), 2), 1);
+    json_decref(items);
+    tly_poll_free(p);
+}
+
+Test(timeline, truncated_at_1000_items_and_pages)
+{
+    tly_poll_t *p = create_ok(body_n("single", 2));
+    tly_ballot_t o1 = {.nchoices = 1, .choices = {1}};
+    for (int i = 0; i < 1500; i++) {
+        char voter[16];
+        snprintf(voter, sizeof(voter), "v%d", i);
+        cast_at(NULL, p, voter, &o1, NOW + i * INT64_C(10000) + 3);
+    }
+    json_t *o = tly_timeline_json(p, TLY_TIMELINE_10S, 0, INT64_MAX);
+    cr_assert_eq(json_array_size(json_object_get(o, "items")), 1000);
+    cr_assert(json_is_true(json_object_get(o, "truncated")));
+    json_decref(o);
+    o = tly_timeline_json(p, TLY_TIMELINE_10S, NOW + 1000 * INT64_C(10000), INT64_MAX);
+    cr_assert_eq(json_array_size(json_object_get(o, "items")), 500);
+    cr_assert_null(json_object_get(o, "truncated"));
+    json_decref(o);
+    o = tly_timeline_json(p, TLY_TIMELINE_10S, 0, NOW + 1000 * INT64_C(10000));
+    cr_assert_eq(json_array_size(json_object_get(o, "items")), 1000);
+    cr_assert_null(json_object_get(o, "truncated"), "exactly 1000 in range: nothing cut");
+    json_decref(o);
+    json_t *all = timeline_all(p, TLY_TIMELINE_10S, 0, INT64_MAX);
+    cr_assert_eq(json_array_size(all), 1500);
+    for (size_t i = 0; i < 1500; i++)
+        cr_assert_eq(item_start(json_array_get(all, i)), NOW + (int64_t)i * 10000);
+    json_decref(all);
+    tly_poll_free(p);
+}
+
+/* Sum of one option over a resolution's whole timeline. */
+static uint64_t timeline_sum(const tly_poll_t *p, int64_t bucket, size_t option)
+{
+    json_t *all = timeline_all(p, bucket, 0, INT64_MAX);
+    uint64_t sum = 0;
+    for (size_t i = 0; i < json_array_size(all); i++)
+        sum += (uint64_t)item_count(p, json_array_get(all, i), option);
+    json_decref(all);
+    return sum;
+}
+
+Test(timeline, bounds_drop_the_oldest_bucket)
+{
+    static const struct {
+        int64_t size;
+        size_t max;
+    } res[3] = {{TLY_TIMELINE_10S, 8640}, {TLY_TIMELINE_1M, 10080}, {TLY_TIMELINE_1H, 8760}};
+    for (size_t k = 0; k < 3; k++) {
+        tly_poll_t *p = create_ok(body_n("single", 2));
+        tly_ballot_t o0 = {.nchoices = 1, .choices = {0}};
+        tly_vote_t *first = NULL;
+        /* one more window than the bound, oldest first as the store replays them */
+        for (size_t i = 0; i <= res[k].max; i++) {
+            char voter[16];
+            snprintf(voter, sizeof(voter), "v%zu", i);
+            tly_vote_t *v = cast_at(NULL, p, voter, &o0, NOW + (int64_t)i * res[k].size);
+            if (i == 0)
+                first = v;
+        }
+        json_t *o = tly_timeline_json(p, res[k].size, 0, INT64_MAX);
+        char from[TLY_TIME_LEN];
+        tly_time_format(NOW + res[k].size, from);
+        cr_assert_str_eq(json_string_value(json_object_get(o, "available_from")), from);
+        json_decref(o);
+        json_t *all = timeline_all(p, res[k].size, 0, INT64_MAX);
+        cr_assert_eq(json_array_size(all), res[k].max, "resolution %zu", k);
+        cr_assert_eq(item_start(json_array_get(all, 0)), NOW + res[k].size, "the oldest went");
+        json_decref(all);
+        cr_assert_eq(timeline_sum(p, res[k].size, 0), res[k].max);
+        /* a coarser resolution still has the whole range */
+        if (k < 2) {
+            cr_assert_eq(timeline_sum(p, res[k + 1].size, 0), res[k].max + 1);
+            o = tly_timeline_json(p, res[k + 1].size, 0, INT64_MAX);
+            cr_assert_null(json_object_get(o, "available_from"));
+            json_decref(o);
+        }
+        /* the dropped range no longer changes: retracting from it or casting into it */
+        tly_poll_retract_vote(NULL, p, first, NOW + (int64_t)(res[k].max + 1) * res[k].size);
+        cr_assert_eq(timeline_sum(p, res[k].size, 0), res[k].max);
+        cast_at(NULL, p, "late", &o0, NOW + res[k].size - 1);
+        cr_assert_eq(timeline_sum(p, res[k].size, 0), res[k].max);
+        cr_assert_eq(p->options[0].votes, res[k].max + 1);
+        /* the range still kept stays exact */
+        tly_vote_t *last = tly_poll_find_vote(p, "v1");
+        tly_poll_retract_vote(NULL, p, last, NOW + (int64_t)(res[k].max + 2) * res[k].size);
+        cr_assert_eq(timeline_sum(p, res[k].size, 0), res[k].max - 1);
+        tly_poll_free(p);
+    }
+}
+
+Test(oom, timeline_drops_instead_of_failing)
+{
+    tly_poll_t *p = create_ok(body_n("single", 2));
+    tly_ballot_t o0 = {.nchoices = 1, .choices = {0}};
+    /* the very first bucket cannot be allocated: that range is given up, counts are not */
+    tly_vote_t *a = tly_vote_new(&o0, "a", NULL, NULL, NULL, NOW + 5000);
+    tly_poll_add_vote(NULL, p, a);
+    tly_alloc_fail_after(0);
+    tly_poll_commit_vote(p, a, NOW + 5000);
+    tly_alloc_fail_after(-1);
+    cr_assert_eq(p->options[0].votes, 1);
+    json_t *o = tly_timeline_json(p, TLY_TIMELINE_10S, 0, INT64_MAX);
+    cr_assert_str_eq(json_string_value(json_object_get(o, "available_from")), "2026-04-05T12:00:10.000Z");
+    cr_assert_eq(json_array_size(json_object_get(o, "items")), 0);
+    json_decref(o);
+    o = tly_timeline_json(p, TLY_TIMELINE_1H, 0, INT64_MAX);
+    cr_assert_str_eq(json_string_value(json_object_get(o, "available_from")), "2026-04-05T13:00:00.000Z");
+    json_decref(o);
+    /* memory back: later windows are kept; retracting the lost ballot changes nothing kept */
+    for (int i = 1; i <= 8; i++) {
+        char voter[16];
+        snprintf(voter, sizeof(voter), "v%d", i);
+        cast_at(NULL, p, voter, &o0, NOW + i * INT64_C(10000));
+    }
+    tly_poll_retract_vote(NULL, p, a, NOW + 100000);
+    cr_assert_eq(timeline_sum(p, TLY_TIMELINE_10S, 0), 8);
+    /* the ring is full (8): growing fails, so the oldest bucket makes room */
+    tly_vote_t *b = tly_vote_new(&o0, "b", NULL, NULL, NULL, NOW + 90000);
+    tly_poll_add_vote(NULL, p, b);
+    tly_alloc_fail_after(0);
+    tly_poll_commit_vote(p, b, NOW + 90000);
+    tly_alloc_fail_after(-1);
+    json_t *all = timeline_all(p, TLY_TIMELINE_10S, 0, INT64_MAX);
+    cr_assert_eq(json_array_size(all), 8);
+    cr_assert_eq(item_start(json_array_get(all, 0)), NOW + 20000);
+    cr_assert_eq(item_start(json_array_get(all, 7)), NOW + 90000);
+    json_decref(all);
+    o = tly_timeline_json(p, TLY_TIMELINE_10S, 0, INT64_MAX);
+    cr_assert_str_eq(json_string_value(json_object_get(o, "available_from")), "2026-04-05T12:00:20.000Z");
+    json_decref(o);
+    /* the failed first allocation gave up the whole first minute and hour too */
+    cr_assert_eq(timeline_sum(p, TLY_TIMELINE_1M, 0), 4, "12:01:00 to 12:01:30");
+    cr_assert_eq(timeline_sum(p, TLY_TIMELINE_1H, 0), 0);
+    tly_poll_free(p);
+}
+
+/* ---- the invariant under random casts, changes and retractions ---- */
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15u;
+
+static uint32_t rnd(uint32_t n)
+{
+    /* xorshift64*: the same sequence on every run */
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return (uint32_t)((rng_state * 0x2545F4914F6CDD1Du) >> 32) % n;
+}
+
+static tly_ballot_t random_ballot(const tly_poll_t *p)
+{
+    tly_ballot_t b;
+    memset(&b, 0, sizeof(b));
+    size_t n = p->noptions, k = p->type == TLY_TYPE_SINGLE ? 1 : 1 + rnd((uint32_t)n);
+    uint8_t perm[TLY_MAX_OPTIONS];
+    for (size_t i = 0; i < n; i++)
+        perm[i] = (uint8_t)i;
+    for (size_t i = n - 1; i > 0; i--) {
+        size_t j = rnd((uint32_t)(i + 1));
+        uint8_t t = perm[i];
+        perm[i] = perm[j];
+        perm[j] = t;
+    }
+    b.nchoices = (uint8_t)k;
+    for (size_t i = 0; i < k; i++)
+        b.choices[i] = perm[i];
+    if (p->type != TLY_TYPE_RANKED) /* sets are kept in ascending order */
+        for (size_t i = 1; i < k; i++)
+            for (size_t j = i; j > 0 && b.choices[j - 1] > b.choices[j]; j--) {
+                uint8_t t = b.choices[j];
+                b.choices[j] = b.choices[j - 1];
+                b.choices[j - 1] = t;
+            }
+    if (p->type == TLY_TYPE_SCORE)
+        for (size_t i = 0; i < k; i++)
+            b.scores[i] = (uint8_t)rnd(6);
+    return b;
+}
+
+typedef struct {
+    int64_t *at;
+    size_t n, cap;
+} events_t;
+
+static void event(events_t *e, int64_t t)
+{
+    if (e->n == e->cap) {
+        e->cap = e->cap ? 2 * e->cap : 1024;
+        e->at = realloc(e->at, e->cap * sizeof(*e->at));
+        cr_assert_not_null(e->at);
+    }
+    e->at[e->n++] = t;
+}
+
+static int64_t fdiv(int64_t a, int64_t b)
+{
+    return a / b - (a % b != 0 && a < 0);
+}
+
+#define SPAN_BASE (NOW - 4 * HOUR)
+#define SPAN_BUCKETS 6000 /* 10 s buckets from SPAN_BASE: the test stays well inside */
+
+/* Recounts everything from the ballots and compares with what core kept. */
+static void recount(tly_registry_t *r, tly_poll_t *p, const events_t *ev, int64_t now)
+{
+    size_t n = p->noptions;
+    uint64_t votes[TLY_MAX_OPTIONS] = {0}, sum[TLY_MAX_OPTIONS] = {0}, rated[TLY_MAX_OPTIONS] = {0}, total = 0;
+    static const int64_t sizes[3] = {TLY_TIMELINE_10S, TLY_TIMELINE_1M, TLY_TIMELINE_1H};
+    static uint64_t buckets[3][SPAN_BUCKETS][8];
+    cr_assert(n <= 8);
+    memset(buckets, 0, sizeof(buckets));
+    for (tly_vote_t *v = p->votes; v != NULL; v = v->hh.next) {
+        if (v->state != TLY_VOTE_COMMITTED)
+            continue;
+        total++;
+        for (size_t i = 0; i < v->nchoices; i++) {
+            uint8_t c = v->data[i], s = v->data[v->nchoices + i];
+            bool counted = p->type == TLY_TYPE_RANKED ? i == 0 : p->type == TLY_TYPE_SCORE ? s > 0 : true;
+            if (p->type == TLY_TYPE_SCORE) {
+                sum[c] += s;
+                rated[c]++;
+            }
+            if (!counted)
+                continue;
+            votes[c]++;
+            for (int k = 0; k < 3; k++) {
+                int64_t idx = fdiv(v->recorded_at, sizes[k]) - fdiv(SPAN_BASE, sizes[k]);
+                cr_assert(idx >= 0 && idx < SPAN_BUCKETS);
+                buckets[k][idx][c]++;
+            }
+        }
+    }
+    cr_assert_eq(p->total_votes, total);
+    assert_votes(p, votes);
+    if (p->type == TLY_TYPE_SCORE)
+        for (size_t i = 0; i < n; i++) {
+            cr_assert_eq(p->score_sum[i], sum[i]);
+            cr_assert_eq(p->score_sum[n + i], rated[i]);
+        }
+    for (int k = 0; k < 3; k++) {
+        json_t *all = timeline_all(p, sizes[k], 0, INT64_MAX);
+        uint64_t per_option[TLY_MAX_OPTIONS] = {0};
+        size_t nonempty = 0;
+        for (size_t b = 0; b < SPAN_BUCKETS; b++)
+            for (size_t i = 0; i < n; i++)
+                if (buckets[k][b][i] != 0) {
+                    nonempty++;
+                    break;
+                }
+        cr_assert_eq(json_array_size(all), nonempty, "resolution %d: %zu items, want %zu", k,
+                     json_array_size(all), nonempty);
+        for (size_t j = 0; j < json_array_size(all); j++) {
+            json_t *item = json_array_get(all, j);
+            int64_t start = item_start(item);
+            cr_assert_eq(start % sizes[k], 0, "aligned to the epoch");
+            int64_t idx = fdiv(start, sizes[k]) - fdiv(SPAN_BASE, sizes[k]);
+            for (size_t i = 0; i < n; i++) {
+                json_int_t got = item_count(p, item, i);
+                cr_assert_eq((uint64_t)got, buckets[k][idx][i], "resolution %d bucket %lld option %zu", k,
+                             (long long)start, i);
+                per_option[i] += (uint64_t)got;
+            }
+        }
+        for (size_t i = 0; i < n; i++)
+            cr_assert_eq(per_option[i], p->options[i].votes, "sum of the timeline == votes (option %zu)", i);
+        json_decref(all);
+    }
+    uint64_t last_minute = 0;
+    int64_t sec = fdiv(now, 1000);
+    for (size_t i = 0; i < ev->n; i++) {
+        int64_t s = fdiv(ev->at[i], 1000);
+        last_minute += s > sec - 60 && s <= sec;
+    }
+    cr_assert_eq(tly_poll_votes_last_minute(p, now), last_minute);
+    json_t *o = results(p, now, NULL);
+    cr_assert_eq((uint64_t)json_integer_value(json_object_get(o, "total_votes")), total);
+    cr_assert_eq((uint64_t)json_integer_value(json_object_get(o, "votes_last_minute")), last_minute);
+    json_decref(o);
+    assert_maps(r, p);
+}
+
+static void random_operations(const char *type)
+{
+    rng_state = 0x9E3779B97F4A7C15u;
+    tly_registry_t *r = tly_registry_new();
+    tly_poll_t *p = create_ok(body_n(type, 5));
+    tly_registry_add_poll(r, p);
+    events_t ev = {0};
+    int64_t now = NOW;
+    for (int op = 0; op < 10000; op++) {
+        now += rnd(3000);
+        char voter[16];
+        snprintf(voter, sizeof(voter), "voter%u", rnd(300));
+        tly_vote_t *v = tly_poll_find_vote(p, voter);
+        if (v == NULL) {
+            /* cast: usually just now; sometimes committed long after it was cast */
+            int64_t at = rnd(20) == 0 ? now - (int64_t)rnd(2 * 3600) * 1000 : now - rnd(500);
+            tly_ballot_t b = random_ballot(p);
+            v = tly_vote_new(&b, voter, NULL, NULL, NULL, at);
+            tly_poll_add_vote(r, p, v);
+            if (rnd(10) != 0) {
+                tly_poll_commit_vote(p, v, now);
+                event(&ev, at);
+            }
+        } else if (v->state == TLY_VOTE_PENDING) {
+            if (rnd(2) == 0) {
+                tly_poll_commit_vote(p, v, now);
+                event(&ev, v->recorded_at);
+            } else {
+                tly_poll_drop_vote(r, p, v);
+            }
+        } else if (rnd(10) < 6) {
+            tly_ballot_t b = random_ballot(p);
+            tly_vote_t *out = NULL;
+            cr_assert_eq(tly_poll_change_vote(r, p, v, &b, now, &out), 0);
+            cr_assert_eq(tly_poll_find_vote(p, voter), out);
+            event(&ev, now);
+        } else {
+            tly_poll_retract_vote(r, p, v, now);
+        }
+        if (op % 1000 == 999)
+            recount(r, p, &ev, now);
+    }
+    recount(r, p, &ev, now);
+    free(ev.at);
+    tly_registry_free(r);
+}
+
+Test(invariant, random_single, .timeout = 120)
+{
+    random_operations("single");
+}
+
+Test(invariant, random_multiple, .timeout = 120)
+{
+    random_operations("multiple");
+}
+
+Test(invariant, random_ranked, .timeout = 120)
+{
+    random_operations("ranked");
+}
+
+Test(invariant, random_score, .timeout = 120)
+{
+    random_operations("score");
+}
+
+/* ---- votes_last_minute ---- */
+
+Test(votes_last_minute, slides_by_the_second)
+{
+    tly_poll_t *p = create_ok(body_n("single", 2));
+    tly_ballot_t o0 = {.nchoices = 1, .choices = {0}}, o1 = {.nchoices = 1, .choices = {1}};
+    cr_assert_eq(tly_poll_votes_last_minute(p, NOW), 0);
+    cast_at(NULL, p, "a", &o0, NOW);          /* second S */
+    cast_at(NULL, p, "b", &o0, NOW + 999);    /* still S */
+    tly_vote_t *c = cast_at(NULL, p, "c", &o0, NOW + 59999); /* S + 59 */
+    cr_assert_eq(tly_poll_votes_last_minute(p, NOW + 59999), 3);
+    cr_assert_eq(tly_poll_votes_last_minute(p, NOW + 60000), 1, "second S left the window");
+    cr_assert_eq(tly_poll_votes_last_minute(p, NOW + 118999), 1);
+    cr_assert_eq(tly_poll_votes_last_minute(p, NOW + 119000), 0, "S + 59 left it");
+    /* a change counts as activity; a retraction does not subtract */
+    tly_vote_t *out;
+    cr_assert_eq(tly_poll_change_vote(NULL, p, c, &o1, NOW + 61000, &out), 0);
+    cr_assert_eq(tly_poll_votes_last_minute(p, NOW + 61000), 2);
+    tly_poll_retract_vote(NULL, p, out, NOW + 62000);
+    cr_assert_eq(tly_poll_votes_last_minute(p, NOW + 62000), 2);
+    /* the slot of a second two minutes later is reused; a late event from before it is
+     * forgotten (it is outside every window from then on) */
+    cast_at(NULL, p, "d", &o0, NOW + 180500); /* S + 180: S's slot */
+    cast_at(NULL, p, "e", &o0, NOW + 500);    /* S again, arriving late */
+    cr_assert_eq(tly_poll_votes_last_minute(p, NOW + 180500), 1);
+    tly_poll_free(p);
+}
+
+Test(votes_last_minute, in_results_without_re_rendering)
+{
+    tly_poll_t *p = create_ok(body_n("ranked", 2));
+    tly_ballot_t b = {.nchoices = 1, .choices = {0}};
+    cast_at(NULL, p, "a", &b, NOW);
+    const char *raw;
+    json_t *o = results(p, NOW + 1000, &raw);
+    cr_assert_eq(json_integer_value(json_object_get(o, "votes_last_minute")), 1);
+    cr_assert_eq(json_integer_value(json_object_get(o, "total_votes")), 1);
+    json_decref(o);
+    cr_assert(strstr(raw, ",\"votes_last_minute\":1}") != NULL, "the last member: %s", raw);
+    /* the minute slides: same cache, new number */
+    char *before = strdup(raw);
+    o = results(p, NOW + 60000, NULL);
+    const char *again = tly_results_render(p, NOW + 60000, NULL);
+    cr_assert_eq(again, raw, "the cached rendering is reused");
+    cr_assert(!p->results_dirty);
+    cr_assert_eq(json_integer_value(json_object_get(o, "votes_last_minute")), 0);
+    cr_assert(strstr(again, ",\"votes_last_minute\":0}") != NULL, "%s", again);
+    cr_assert_eq(strncmp(before, again, strlen(before) - strlen("1}")), 0, "only the number changed");
+    json_decref(o);
+    free(before);
+    tly_poll_free(p);
+}
+
+/* ---- final results ---- */
+
+Test(final, frozen_when_end_time_passes_and_served_as_is)
+{
+    tly_poll_t *p = create_ok(with(body_n("single", 3), "end_time", json_string("2026-04-05T13:00:00Z")));
+    cast(NULL, p, "a", "{\"option_id\":\"$0\"}");
+    cast(NULL, p, "b", "{\"option_id\":\"$1\"}");
+    cr_assert_null(tly_poll_final_results(p));
+    cr_assert_eq(tly_poll_freeze_results(p, NOW), TLY_ESTATE, "still open");
+    json_t *o = results(p, NOW, NULL);
+    cr_assert_null(json_object_get(o, "final"));
+    json_decref(o);
+
+    const char *raw;
+    o = results(p, p->end_time, &raw);
+    cr_assert_str_eq(json_string_value(json_object_get(o, "status")), "closed");
+    cr_assert(json_is_true(json_object_get(o, "final")));
+    cr_assert_eq(json_integer_value(json_object_get(o, "total_votes")), 2);
+    cr_assert(json_is_integer(json_object_get(o, "votes_last_minute")));
+    json_decref(o);
+    const char *final = tly_poll_final_results(p);
+    cr_assert_not_null(final, "rendering a closed poll froze it");
+    cr_assert_null(strstr(final, "votes_last_minute"), "activity is not part of the final tally");
+    json_t *f = J(final);
+    cr_assert(json_is_true(json_object_get(f, "final")));
+    cr_assert_str_eq(json_string_value(json_object_get(f, "status")), "closed");
+    json_decref(f);
+    cr_assert_eq(tly_poll_freeze_results(p, p->end_time), 0, "again: nothing changes");
+    cr_assert_eq(tly_poll_final_results(p), final);
+
+    /* never re-rendered: a count changing underneath (refused by the API) does not show */
+    cast(NULL, p, "late", "{\"option_id\":\"$2\"}");
+    o = results(p, p->end_time + HOUR, NULL);
+    cr_assert_eq(json_integer_value(json_object_get(o, "total_votes")), 2);
+    cr_assert(json_is_true(json_object_get(o, "final")));
+    json_decref(o);
+    tly_poll_free(p);
+}
+
+Test(final, explicit_close_then_freeze_and_pending_ballots_count)
+{
+    tly_poll_t *p = create_ok(body_n("multiple", 2));
+    cast(NULL, p, "a", "{\"option_ids\":[\"$0\",\"$1\"]}");
+    cr_assert_eq(patch(p, "{\"status\":\"closed\"}", NULL), 0);
+    /* a ballot accepted before the close is still in the writer queue */
+    p->pending_votes = 1;
+    cr_assert_eq(tly_poll_freeze_results(p, NOW + 2000), TLY_ESTATE);
+    json_t *o = results(p, NOW + 2000, NULL);
+    cr_assert_str_eq(json_string_value(json_object_get(o, "status")), "closed");
+    cr_assert_null(json_object_get(o, "final"), "not final while a ballot is pending");
+    json_decref(o);
+    cast(NULL, p, "b", "{\"option_ids\":[\"$1\"]}");
+    p->pending_votes = 0;
+    cr_assert_eq(tly_poll_freeze_results(p, NOW + 3000), 0);
+    o = results(p, NOW + 3000, NULL);
+    cr_assert(json_is_true(json_object_get(o, "final")));
+    cr_assert_eq(json_integer_value(json_object_get(o, "total_votes")), 2);
+    cr_assert_eq(json_integer_value(json_object_get(json_array_get(json_object_get(o, "options"), 1), "votes")), 2);
+    json_decref(o);
+    tly_poll_free(p);
+}
+
+Test(final, set_from_the_store)
+{
+    tly_poll_t *p = create_ok(body_n("single", 2));
+    p->status = TLY_STATUS_CLOSED;
+    cr_assert_eq(tly_poll_set_final_results(p, "[1]"), TLY_EINVAL);
+    cr_assert_eq(tly_poll_set_final_results(p, "{\"a\":"), TLY_EINVAL);
+    cr_assert_eq(tly_poll_set_final_results(p, NULL), TLY_EINVAL);
+    cr_assert_null(tly_poll_final_results(p));
+    const char *stored = " {\"poll_id\":\"x\",\"status\":\"closed\",\"total_votes\":7,\"final\":true}\n";
+    cr_assert_eq(tly_poll_set_final_results(p, stored), 0);
+    cr_assert_str_eq(tly_poll_final_results(p), "{\"poll_id\":\"x\",\"status\":\"closed\",\"total_votes\":7,\"final\":true}");
+    size_t len;
+    const char *s = tly_results_render(p, NOW, &len);
+    cr_assert_str_eq(s, "{\"poll_id\":\"x\",\"status\":\"closed\",\"total_votes\":7,\"final\":true,\"votes_last_minute\":0}");
+    cr_assert_eq(len, strlen(s));
+    /* replaced: served from the new text */
+    cr_assert_eq(tly_poll_set_final_results(p, "{\"total_votes\":8}"), 0);
+    s = tly_results_render(p, NOW, NULL);
+    cr_assert_str_eq(s, "{\"total_votes\":8,\"votes_last_minute\":0}");
+    tly_poll_free(p);
+}
+
+Test(oom, freeze_and_final_render_fail_cleanly)
+{
+    const char *types[2] = {"single", "ranked"};
+    for (int t = 0; t < 2; t++) {
+        tly_poll_t *p = create_ok(with(body_n(types[t], 2), "end_time", json_string("2026-04-05T13:00:00Z")));
+        cast(NULL, p, "a", strcmp(types[t], "single") == 0 ? "{\"option_id\":\"$0\"}" : "{\"ranking\":[\"$0\"]}");
+        tly_alloc_fail_after(0);
+        int rc = tly_poll_freeze_results(p, p->end_time);
+        const char *s = tly_results_render(p, p->end_time, NULL);
+        int rc2 = tly_poll_set_final_results(p, "{\"x\":1}");
+        tly_alloc_fail_after(-1);
+        cr_assert_eq(rc, TLY_ENOMEM);
+        cr_assert_null(s);
+        cr_assert_eq(rc2, TLY_ENOMEM);
+        cr_assert_null(tly_poll_final_results(p));
+        json_t *o = results(p, p->end_time, NULL);
+        cr_assert(json_is_true(json_object_get(o, "final")));
+        json_decref(o);
+        tly_poll_free(p);
+    }
+}
+
+/* ---- review fixes ---- */
+
+static int patch_at(tly_poll_t *p, const char *body, int64_t now, const char **field)
+{
+    char buf[256];
+    const char *f = NULL, *m = NULL;
+    json_t *b = J(body);
+    int rc = tly_poll_patch(p, b, now, &f, &m, buf, sizeof(buf));
+    json_decref(b);
+    if (rc != 0 && rc != TLY_ENOMEM)
+        cr_assert_not_null(m, "an error needs a message");
+    static char fieldbuf[256];
+    snprintf(fieldbuf, sizeof(fieldbuf), "%s", f ? f : "");
+    if (field)
+        *field = fieldbuf;
+    return rc;
+}
+
+Test(patch, a_poll_closed_by_its_end_time_stays_closed)
+{
+    tly_poll_t *p = create_ok(with(body_n("single", 2), "end_time", json_string("2026-04-05T13:00:00Z")));
+    const char *f;
+    int64_t end = p->end_time, later = end + HOUR;
+    /* still open: extending is fine */
+    cr_assert_eq(patch_at(p, "{\"end_time\":\"2026-04-05T14:00:00Z\"}", NOW, &f), 0);
+    cr_assert_eq(p->end_time, end + HOUR);
+    end = p->end_time;
+    later = end + HOUR;
+    /* past it: closed, for good */
+    cr_assert_eq(patch_at(p, "{\"end_time\":\"2026-04-05T16:00:00Z\"}", later, &f), TLY_ESTATE);
+    cr_assert_str_eq(f, "end_time");
+    cr_assert_eq(patch_at(p, "{\"end_time\":null}", later, &f), TLY_ESTATE);
+    cr_assert_str_eq(f, "end_time");
+    cr_assert_eq(patch_at(p, "{\"status\":\"active\"}", later, &f), TLY_ESTATE);
+    cr_assert_str_eq(f, "status");
+    cr_assert_eq(patch_at(p, "{\"status\":\"draft\"}", later, &f), TLY_ESTATE);
+    cr_assert_eq(patch_at(p, "{\"status\":\"active\",\"end_time\":null}", later, &f), TLY_ESTATE);
+    cr_assert_eq(patch_at(p, "{\"options\":[{\"text\":\"x\"},{\"text\":\"y\"}]}", later, &f), TLY_ESTATE,
+                 "a closed poll's options are final too");
+    cr_assert_eq(p->end_time, end, "unchanged");
+    cr_assert_eq(tly_poll_effective_status(p, later), TLY_STATUS_CLOSED);
+    /* what does not reopen it is fine: the same end_time, a title, closing for the record */
+    cr_assert_eq(patch_at(p, "{\"end_time\":\"2026-04-05T14:00:00Z\",\"title\":\"t\"}", later, &f), 0);
+    cr_assert_eq(patch_at(p, "{\"status\":\"closed\"}", later, &f), 0);
+    cr_assert_eq(p->status, TLY_STATUS_CLOSED);
+    cr_assert_eq(patch_at(p, "{\"end_time\":null}", later, &f), TLY_ESTATE, "closed by status too");
+    tly_poll_free(p);
+}
+
+Test(patch, choice_limits_and_max_score_frozen_once_a_vote_exists)
+{
+    tly_poll_t *p = create_ok(with_settings(body_n("multiple", 4), "{\"min_choices\":1,\"max_choices\":3}"));
+    const char *f;
+    cr_assert_eq(patch(p, "{\"settings\":{\"max_choices\":4}}", &f), 0, "no votes yet");
+    tly_ballot_t b = {.nchoices = 1, .choices = {0}};
+    tly_vote_t *v = tly_vote_new(&b, "v1", NULL, NULL, NULL, NOW);
+    tly_poll_add_vote(NULL, p, v); /* pending is enough */
+    cr_assert_eq(patch(p, "{\"settings\":{\"max_choices\":2}}", &f), TLY_EEXIST);
+    cr_assert_str_eq(f, "settings.max_choices");
+    cr_assert_eq(patch(p, "{\"settings\":{\"min_choices\":2}}", &f), TLY_EEXIST);
+    cr_assert_str_eq(f, "settings.min_choices");
+    cr_assert_eq(patch(p, "{\"settings\":{\"min_choices\":9}}", &f), TLY_EINVAL, "out of range is still a 400");
+    cr_assert_eq(p->settings.max_choices, 4);
+    cr_assert_eq(p->settings.min_choices, 1);
+    cr_assert_eq(patch(p, "{\"settings\":{\"min_choices\":1,\"max_choices\":4}}", &f), 0, "the same values");
+    cr_assert_eq(patch(p, "{\"settings\":{\"allow_vote_change\":true,\"results_visibility\":\"after_close\","
+                          "\"allow_anonymous\":true,\"show_results_during_voting\":false}}",
+                       &f),
+                 0);
+    cr_assert(p->settings.allow_vote_change);
+    cr_assert(p->settings.allow_anonymous);
+    cr_assert_eq(p->settings.results_visibility, TLY_VIS_AFTER_CLOSE);
+    tly_poll_commit_vote(p, v, NOW);
+    cr_assert_eq(patch(p, "{\"settings\":{\"max_choices\":3}}", &f), TLY_EEXIST, "committed too");
+    tly_poll_retract_vote(NULL, p, v, NOW);
+    cr_assert_eq(patch(p, "{\"settings\":{\"max_choices\":3}}", &f), 0, "no vote left");
+    tly_poll_free(p);
+
+    p = create_ok(body_n("score", 3));
+    cast(NULL, p, "a", "{\"scores\":{\"$0\":3}}");
+    cr_assert_eq(patch(p, "{\"settings\":{\"max_score\":10}}", &f), TLY_EEXIST);
+    cr_assert_str_eq(f, "settings.max_score");
+    cr_assert_eq(patch(p, "{\"settings\":{\"max_score\":500}}", &f), TLY_EINVAL);
+    cr_assert_eq(patch(p, "{\"settings\":{\"max_score\":5}}", &f), 0);
+    cr_assert_eq(p->settings.max_score, 5);
+    tly_poll_free(p);
+}
+
+Test(patch, new_options_start_an_empty_timeline)
+{
+    tly_poll_t *p = create_ok(body_n("single", 2));
+    tly_vote_t *v = cast(NULL, p, "a", "{\"option_id\":\"$1\"}");
+    tly_poll_retract_vote(NULL, p, v, NOW);
+    cr_assert_eq(patch(p, "{\"options\":[{\"text\":\"x\"},{\"text\":\"y\"},{\"text\":\"z\"}]}", NULL), 0);
+    cast(NULL, p, "b", "{\"option_id\":\"$2\"}");
+    json_t *all = timeline_all(p, TLY_TIMELINE_1M, 0, INT64_MAX);
+    cr_assert_eq(json_array_size(all), 1);
+    cr_assert_eq(item_count(p, json_array_get(all, 0), 2), 1);
+    json_decref(all);
+    tly_poll_free(p);
 }

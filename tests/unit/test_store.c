@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 static char dir[64];
@@ -158,6 +159,7 @@ typedef struct {
     int users, polls, ballots, requests;
     char poll_ids[8][32];
     size_t noptions[8];
+    char final_results[8][64]; /* "(null)" when none */
     char ballot_vote_ids[16][32];
     char req_ids[8][32], req_state[8][32], req_vote[8][32], req_error[8][32];
 } seen_t;
@@ -173,6 +175,8 @@ static void see_poll(void *ctx, const tly_poll_row_t *p)
     if (seen->polls < 8) {
         snprintf(seen->poll_ids[seen->polls], 32, "%s", p->poll_id);
         seen->noptions[seen->polls] = p->noptions;
+        snprintf(seen->final_results[seen->polls], 64, "%s",
+                 p->final_results ? p->final_results : "(null)");
     }
     seen->polls++;
 }
@@ -244,6 +248,7 @@ static void rt_poll(void *ctx, const tly_poll_row_t *p)
     cr_assert_str_eq(p->settings_json, e->settings_json);
     cr_assert(str_eq(p->idem_key, e->idem_key));
     cr_assert_arr_eq(p->body_hash, e->body_hash, 16);
+    cr_assert(str_eq(p->final_results, e->final_results));
     cr_assert_eq(p->noptions, e->noptions);
     for (size_t i = 0; i < p->noptions; i++) {
         cr_assert_str_eq(p->options[i].option_id, e->options[i].option_id);
@@ -296,6 +301,7 @@ Test(store, round_trip_every_field)
     rt_ops[2].u.poll.start_time = 1700000000500;
     rt_ops[2].u.poll.end_time = 1800000000000;
     rt_ops[2].u.poll.idem_key = "idem-poll-1";
+    rt_ops[2].u.poll.final_results = "{\"total\":0}";
     for (int i = 0; i < 16; i++)
         rt_ops[2].u.poll.body_hash[i] = (uint8_t)(i + 1);
     rt_ops[3] = poll_op("poll2", 2); /* NULL description, no times, no key, zero hash */
@@ -871,4 +877,762 @@ Test(store, open_rejects_a_path_that_is_a_file)
     tly_store_conf_t conf = {.data_dir = path};
     cr_assert_lt(tly_store_open(&conf, &s), 0);
     cr_assert_null(s);
+}
+
+/* ---- schema migration --------------------------------------------------------------- */
+
+static void db_file(char *path, size_t n)
+{
+    snprintf(path, n, "%s/data/nested/tally.db", dir);
+}
+
+/* A connection of the test's own, beside the store, as another process would have. */
+static sqlite3 *raw_open(int flags)
+{
+    char path[160];
+    sqlite3 *db = NULL;
+    db_file(path, sizeof path);
+    cr_assert_eq(sqlite3_open_v2(path, &db, flags, NULL), SQLITE_OK);
+    sqlite3_busy_timeout(db, 5000);
+    return db;
+}
+
+static long long raw_int(sqlite3 *db, const char *sql)
+{
+    sqlite3_stmt *st;
+    cr_assert_eq(sqlite3_prepare_v2(db, sql, -1, &st, NULL), SQLITE_OK, "%s", sqlite3_errmsg(db));
+    cr_assert_eq(sqlite3_step(st), SQLITE_ROW);
+    long long v = sqlite3_column_int64(st, 0);
+    sqlite3_finalize(st);
+    return v;
+}
+
+/* The schema as version 1 of tally shipped it, frozen here: a data directory written by
+ * that version looks like this whatever happens to the code. */
+static const char v1_schema[] =
+    "CREATE TABLE users(user_id TEXT PRIMARY KEY, username TEXT NOT NULL UNIQUE COLLATE NOCASE,"
+    "  password_hash TEXT NOT NULL, email TEXT, created_at INTEGER NOT NULL);"
+    "CREATE TABLE polls(poll_id TEXT PRIMARY KEY, owner_id TEXT NOT NULL, title TEXT NOT NULL,"
+    "  description TEXT, type INTEGER NOT NULL, status INTEGER NOT NULL, start_time INTEGER,"
+    "  end_time INTEGER, settings TEXT NOT NULL, created_at INTEGER, updated_at INTEGER,"
+    "  idem_key TEXT, body_hash BLOB);"
+    "CREATE INDEX polls_owner ON polls(owner_id, created_at);"
+    "CREATE TABLE options(poll_id TEXT NOT NULL REFERENCES polls ON DELETE CASCADE,"
+    "  position INTEGER NOT NULL, option_id TEXT NOT NULL, text TEXT NOT NULL,"
+    "  display_order INTEGER NOT NULL, PRIMARY KEY(poll_id, position));"
+    "CREATE TABLE ballots(seq INTEGER PRIMARY KEY,"
+    "  poll_id TEXT NOT NULL REFERENCES polls ON DELETE CASCADE, voter_id TEXT NOT NULL,"
+    "  vote_id TEXT NOT NULL UNIQUE, receipt TEXT NOT NULL UNIQUE, choices BLOB NOT NULL,"
+    "  scores BLOB, recorded_at INTEGER NOT NULL, idem_key TEXT, body_hash BLOB,"
+    "  client_meta TEXT, UNIQUE(poll_id, voter_id));"
+    "CREATE TABLE vote_requests(request_id TEXT PRIMARY KEY, poll_id TEXT NOT NULL,"
+    "  voter_id TEXT NOT NULL, state TEXT NOT NULL, vote_id TEXT, error TEXT,"
+    "  created_at INTEGER NOT NULL);"
+    "CREATE INDEX vote_requests_poll ON vote_requests(poll_id);";
+
+/* Audit rows copied out of a page callback (rows die after it). */
+typedef struct {
+    int n;
+    int64_t seq[16];
+    char poll[16][32], voter[16][32], event[16][16];
+    uint8_t nchoices[16], choices[16][8], scores[16][8];
+    int has_choices[16], has_scores[16];
+    int64_t at[16];
+} audit_seen_t;
+
+static void see_audit(void *ctx, const tly_audit_row_t *a)
+{
+    audit_seen_t *as = ctx;
+    int i = as->n++;
+    cr_assert_lt(i, 16);
+    as->seq[i] = a->seq;
+    snprintf(as->poll[i], 32, "%s", a->poll_id);
+    snprintf(as->voter[i], 32, "%s", a->voter_id);
+    snprintf(as->event[i], 16, "%s", a->event);
+    as->nchoices[i] = a->nchoices;
+    as->has_choices[i] = a->choices != NULL;
+    as->has_scores[i] = a->scores != NULL;
+    cr_assert_leq(a->nchoices, 8);
+    if (a->choices)
+        memcpy(as->choices[i], a->choices, a->nchoices);
+    if (a->scores)
+        memcpy(as->scores[i], a->scores, a->nchoices);
+    as->at[i] = a->at;
+}
+
+/* Every audit row of a poll, through a reader opened for the occasion. */
+static void read_audit(tly_store_t *s, const char *poll_id, audit_seen_t *as)
+{
+    tly_store_reader_t *r = tly_store_reader_open(s);
+    cr_assert_not_null(r);
+    memset(as, 0, sizeof *as);
+    int n = tly_store_audit_page(r, poll_id, 0, 100, see_audit, as);
+    cr_assert_eq(n, as->n);
+    cr_assert_eq(tly_store_audit_page(r, poll_id, n ? as->seq[n - 1] : 0, 100, see_audit, as), 0);
+    tly_store_reader_close(r);
+}
+
+Test(store, migration_1_to_2_upgrades_an_existing_file_in_place)
+{
+    char sub[128];
+    snprintf(sub, sizeof sub, "%s/data", dir);
+    cr_assert_eq(mkdir(sub, 0700), 0);
+    snprintf(sub, sizeof sub, "%s/data/nested", dir);
+    cr_assert_eq(mkdir(sub, 0700), 0);
+
+    /* What tally version 1 left behind: WAL mode, user_version 1, some rows. */
+    sqlite3 *db = raw_open(SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE);
+    cr_assert_eq(sqlite3_exec(db, "PRAGMA journal_mode = WAL", NULL, NULL, NULL), SQLITE_OK);
+    cr_assert_eq(sqlite3_exec(db, v1_schema, NULL, NULL, NULL), SQLITE_OK, "%s", sqlite3_errmsg(db));
+    cr_assert_eq(sqlite3_exec(db,
+                              "INSERT INTO users VALUES('user1', 'Alice', 'h', NULL, 1);"
+                              "INSERT INTO polls VALUES('poll1', 'user1', 'Old poll', NULL, 2, 1,"
+                              "  NULL, NULL, '{}', 1700000000000, 1700000000000, NULL, NULL);"
+                              "INSERT INTO options VALUES('poll1', 0, 'optA', 'A', 0);"
+                              "INSERT INTO options VALUES('poll1', 1, 'optB', 'B', 1);"
+                              "INSERT INTO ballots(poll_id, voter_id, vote_id, receipt, choices,"
+                              "  scores, recorded_at) VALUES('poll1', 'voter1', 'v_1', 'r_1',"
+                              "  x'0001', x'0509', 1700000001000);"
+                              "INSERT INTO ballots(poll_id, voter_id, vote_id, receipt, choices,"
+                              "  recorded_at) VALUES('poll1', 'voter2', 'v_2', 'r_2', x'01',"
+                              "  1700000002000);"
+                              "INSERT INTO vote_requests VALUES('req1', 'poll1', 'voter2',"
+                              "  'completed', 'v_2', NULL, 1700000002000);"
+                              "PRAGMA user_version = 1;",
+                              NULL, NULL, NULL),
+                 SQLITE_OK, "%s", sqlite3_errmsg(db));
+    sqlite3_close(db);
+
+    tly_store_t *s = open_store();
+    seen_t seen = {0};
+    cr_assert_eq(tly_store_load(s, &seen_cb, &seen), 0);
+    cr_assert_eq(seen.users, 1);
+    cr_assert_eq(seen.polls, 1);
+    cr_assert_eq(seen.noptions[0], 2);
+    cr_assert_str_eq(seen.final_results[0], "(null)");
+    cr_assert_eq(seen.ballots, 2);
+    cr_assert_str_eq(seen.ballot_vote_ids[0], "v_1");
+    cr_assert_str_eq(seen.ballot_vote_ids[1], "v_2");
+    cr_assert_eq(seen.requests, 1);
+
+    /* The ballots cast under version 1 have their "cast" rows, in commit order. */
+    audit_seen_t as;
+    read_audit(s, "poll1", &as);
+    cr_assert_eq(as.n, 2);
+    cr_assert_str_eq(as.event[0], "cast");
+    cr_assert_str_eq(as.voter[0], "voter1");
+    cr_assert_eq(as.nchoices[0], 2);
+    cr_assert_eq(as.choices[0][1], 1);
+    cr_assert_eq(as.scores[0][1], 9);
+    cr_assert_eq(as.at[0], 1700000001000);
+    cr_assert_str_eq(as.voter[1], "voter2");
+    cr_assert_not(as.has_scores[1]);
+    cr_assert_lt(as.seq[0], as.seq[1]);
+
+    /* And the upgraded file takes the new operations. */
+    tly_store_op_t b3 = ballot_op("poll1", "voter3", "v_3", "r_3");
+    submit_wait(s, &b3);
+    cr_assert_eq(b3.result, 0);
+    tly_store_op_t ch = {.type = TLY_OP_BALLOT_REPLACE,
+                         .u.ballot = {.poll_id = "poll1", .voter_id = "voter1", .nchoices = 1,
+                                      .choices = choices2, .recorded_at = 1700000009000}};
+    submit_wait(s, &ch);
+    cr_assert_eq(ch.result, 0);
+    tly_store_op_t up = poll_op("poll1", 2);
+    up.type = TLY_OP_POLL_UPDATE;
+    up.u.poll.final_results = "{\"winner\":\"optA\"}";
+    submit_wait(s, &up);
+    cr_assert_eq(up.result, 0);
+    read_audit(s, "poll1", &as);
+    cr_assert_eq(as.n, 4);
+    cr_assert_str_eq(as.event[2], "cast");
+    cr_assert_str_eq(as.event[3], "changed");
+    tly_store_close(s);
+
+    db = raw_open(SQLITE_OPEN_READONLY);
+    cr_assert_eq(raw_int(db, "PRAGMA user_version"), 2);
+    sqlite3_close(db);
+    s = reopen_load(open_store(), &seen);
+    cr_assert_eq(seen.ballots, 3);
+    cr_assert_str_eq(seen.final_results[0], "{\"winner\":\"optA\"}");
+    tly_store_close(s);
+}
+
+Test(store, a_newer_schema_is_refused)
+{
+    tly_store_close(open_store());
+    sqlite3 *db = raw_open(SQLITE_OPEN_READWRITE);
+    cr_assert_eq(sqlite3_exec(db, "PRAGMA user_version = 99", NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(db);
+    char sub[128];
+    tly_store_t *s = NULL;
+    snprintf(sub, sizeof sub, "%s/data/nested", dir);
+    tly_store_conf_t conf = {.data_dir = sub};
+    cr_assert_lt(tly_store_open(&conf, &s), 0);
+    cr_assert_null(s);
+}
+
+/* ---- ballot changes, retractions and the audit log ---------------------------------- */
+
+static tly_store_op_t change_op(tly_op_type_t type, const char *poll_id, const char *voter,
+                                int64_t at)
+{
+    tly_store_op_t op = {.type = type};
+    op.u.ballot.poll_id = poll_id;
+    op.u.ballot.voter_id = voter;
+    op.u.ballot.recorded_at = at;
+    return op;
+}
+
+/* Current ballots copied out of a page callback. */
+typedef struct {
+    int n;
+    int64_t seq[16];
+    char voter[16][32], vote_id[16][32], receipt[16][32], idem[16][32];
+    uint8_t nchoices[16], choices[16][8], scores[16][8];
+    int has_scores[16];
+    int64_t at[16];
+    uint8_t body_hash[16][16];
+} ballots_seen_t;
+
+static void see_page_ballot(void *ctx, const tly_ballot_row_t *b, int64_t seq)
+{
+    ballots_seen_t *bs = ctx;
+    int i = bs->n++;
+    cr_assert_lt(i, 16);
+    bs->seq[i] = seq;
+    snprintf(bs->voter[i], 32, "%s", b->voter_id);
+    snprintf(bs->vote_id[i], 32, "%s", b->vote_id);
+    snprintf(bs->receipt[i], 32, "%s", b->receipt);
+    snprintf(bs->idem[i], 32, "%s", b->idem_key ? b->idem_key : "(null)");
+    bs->nchoices[i] = b->nchoices;
+    cr_assert_leq(b->nchoices, 8);
+    if (b->choices)
+        memcpy(bs->choices[i], b->choices, b->nchoices);
+    bs->has_scores[i] = b->scores != NULL;
+    if (b->scores)
+        memcpy(bs->scores[i], b->scores, b->nchoices);
+    bs->at[i] = b->recorded_at;
+    memcpy(bs->body_hash[i], b->body_hash, 16);
+    cr_assert_null(b->request_id);
+}
+
+Test(store, audit_records_cast_changed_revoked_in_order)
+{
+    static const uint8_t c1[] = {2}, s1[] = {7};
+    tly_store_t *s = open_store();
+    tly_store_op_t p = poll_op("poll1", 3), p2 = poll_op("poll2", 2);
+    submit_wait(s, &p);
+    submit_wait(s, &p2);
+
+    tly_store_op_t b1 = ballot_op("poll1", "voter1", "v_1", "r_1");
+    b1.u.ballot.scores = scores2;
+    b1.u.ballot.idem_key = "idem-cast";
+    memset(b1.u.ballot.body_hash, 0x11, 16);
+    submit_wait(s, &b1);
+    cr_assert_eq(b1.result, 0);
+    tly_store_op_t dup = ballot_op("poll1", "voter1", "v_9", "r_9");
+    submit_wait(s, &dup);
+    cr_assert_eq(dup.result, TLY_EEXIST, "a duplicate writes no audit row (checked below)");
+    tly_store_op_t other = ballot_op("poll2", "voter1", "v_2", "r_2"); /* another poll's log */
+    submit_wait(s, &other);
+    tly_store_op_t b3 = ballot_op("poll1", "voter3", "v_3", "r_3");
+    submit_wait(s, &b3);
+
+    tly_store_op_t ch = change_op(TLY_OP_BALLOT_REPLACE, "poll1", "voter1", 1700000005000);
+    ch.u.ballot.nchoices = 1;
+    ch.u.ballot.choices = c1;
+    ch.u.ballot.scores = s1;
+    ch.u.ballot.idem_key = "idem-change";
+    memset(ch.u.ballot.body_hash, 0x22, 16);
+    ch.u.ballot.vote_id = "ignored"; /* the ballot keeps its vote id and receipt */
+    submit_wait(s, &ch);
+    cr_assert_eq(ch.result, 0);
+
+    /* The changed ballot is current, under its old vote id, receipt and seq. */
+    tly_store_reader_t *r = tly_store_reader_open(s);
+    cr_assert_not_null(r);
+    ballots_seen_t bs = {0};
+    cr_assert_eq(tly_store_ballots_page(r, "poll1", 0, 10, see_page_ballot, &bs), 2);
+    cr_assert_str_eq(bs.voter[0], "voter1", "a change keeps the ballot's place");
+    cr_assert_str_eq(bs.vote_id[0], "v_1");
+    cr_assert_str_eq(bs.receipt[0], "r_1");
+    cr_assert_eq(bs.nchoices[0], 1);
+    cr_assert_eq(bs.choices[0][0], 2);
+    cr_assert_eq(bs.scores[0][0], 7);
+    cr_assert_eq(bs.at[0], 1700000005000);
+    cr_assert_str_eq(bs.idem[0], "idem-change");
+    cr_assert_eq(bs.body_hash[0][0], 0x22);
+    cr_assert_str_eq(bs.voter[1], "voter3");
+    int64_t seq_voter1 = bs.seq[0];
+
+    tly_store_op_t del = change_op(TLY_OP_BALLOT_DELETE, "poll1", "voter1", 1700000006000);
+    submit_wait(s, &del);
+    cr_assert_eq(del.result, 0);
+    memset(&bs, 0, sizeof bs);
+    cr_assert_eq(tly_store_ballots_page(r, "poll1", 0, 10, see_page_ballot, &bs), 1);
+    cr_assert_str_eq(bs.voter[0], "voter3");
+
+    /* A retracted voter may vote again: a new ballot, after everyone else's. */
+    tly_store_op_t again = ballot_op("poll1", "voter1", "v_4", "r_4");
+    again.u.ballot.recorded_at = 1700000007000;
+    submit_wait(s, &again);
+    cr_assert_eq(again.result, 0);
+    memset(&bs, 0, sizeof bs);
+    cr_assert_eq(tly_store_ballots_page(r, "poll1", 0, 10, see_page_ballot, &bs), 2);
+    cr_assert_str_eq(bs.vote_id[1], "v_4");
+    cr_assert_gt(bs.seq[1], seq_voter1);
+    tly_store_reader_close(r);
+
+    audit_seen_t as;
+    read_audit(s, "poll1", &as);
+    cr_assert_eq(as.n, 5);
+    const char *events[] = {"cast", "cast", "changed", "revoked", "cast"};
+    const char *voters[] = {"voter1", "voter3", "voter1", "voter1", "voter1"};
+    for (int i = 0; i < 5; i++) {
+        cr_assert_str_eq(as.event[i], events[i], "row %d", i);
+        cr_assert_str_eq(as.voter[i], voters[i], "row %d", i);
+        cr_assert_str_eq(as.poll[i], "poll1");
+        if (i > 0)
+            cr_assert_gt(as.seq[i], as.seq[i - 1]);
+    }
+    cr_assert_eq(as.nchoices[0], 2);
+    cr_assert_arr_eq(as.choices[0], choices2, 2);
+    cr_assert_arr_eq(as.scores[0], scores2, 2);
+    cr_assert_eq(as.at[0], 1700000001000);
+    cr_assert_eq(as.nchoices[2], 1, "the changed row holds the new ballot");
+    cr_assert_eq(as.choices[2][0], 2);
+    cr_assert_eq(as.scores[2][0], 7);
+    cr_assert_eq(as.at[2], 1700000005000);
+    cr_assert_eq(as.nchoices[3], 0);
+    cr_assert_not(as.has_choices[3], "revoked: no choices");
+    cr_assert_not(as.has_scores[3]);
+    cr_assert_eq(as.at[3], 1700000006000);
+    cr_assert_not(as.has_scores[4]);
+    cr_assert_eq(as.at[4], 1700000007000);
+    read_audit(s, "poll2", &as);
+    cr_assert_eq(as.n, 1);
+
+    /* A restart replays the current ballots only: the audit log is not load's business. */
+    seen_t seen;
+    s = reopen_load(s, &seen);
+    cr_assert_eq(seen.ballots, 3);
+    cr_assert_str_eq(seen.ballot_vote_ids[0], "v_2");
+    cr_assert_str_eq(seen.ballot_vote_ids[1], "v_3");
+    cr_assert_str_eq(seen.ballot_vote_ids[2], "v_4");
+    tly_store_close(s);
+}
+
+Test(store, replace_and_delete_of_a_missing_ballot_fail_alone)
+{
+    tly_store_t *s = open_store();
+    tly_store_op_t p = poll_op("poll1", 2);
+    submit_wait(s, &p);
+    tly_store_op_t b1 = ballot_op("poll1", "voter1", "v_1", "r_1");
+    submit_wait(s, &b1);
+
+    tly_store_op_t ops[5] = {
+        change_op(TLY_OP_BALLOT_REPLACE, "poll1", "nobody", 5),
+        change_op(TLY_OP_BALLOT_DELETE, "poll1", "nobody", 5),
+        change_op(TLY_OP_BALLOT_REPLACE, "nope", "voter1", 5),
+        change_op(TLY_OP_BALLOT_DELETE, "nope", "voter1", 5),
+        ballot_op("poll1", "voter2", "v_2", "r_2"),
+    };
+    ops[0].u.ballot.nchoices = ops[2].u.ballot.nchoices = 1;
+    ops[0].u.ballot.choices = ops[2].u.ballot.choices = choices2;
+    for (int i = 0; i < 5; i++) {
+        ops[i].done = on_done;
+        ops[i].next = i < 4 ? &ops[i + 1] : NULL;
+    }
+    tly_store_stats_t before, after;
+    tly_store_stats(s, &before);
+    tly_store_submit_list(s, &ops[0]);
+    wait_done(s, ndone + 5);
+    tly_store_stats(s, &after);
+    cr_assert_eq(after.batches - before.batches, 1, "one batch");
+    for (int i = 0; i < 4; i++)
+        cr_assert_eq(ops[i].result, TLY_ENOTFOUND, "op %d: %d", i, ops[i].result);
+    cr_assert_eq(ops[4].result, 0, "the batch's other ballot commits");
+
+    audit_seen_t as;
+    read_audit(s, "poll1", &as);
+    cr_assert_eq(as.n, 2, "two casts, nothing else");
+    read_audit(s, "nope", &as);
+    cr_assert_eq(as.n, 0);
+    tly_store_close(s);
+}
+
+Test(store, audit_rows_cannot_be_changed_and_go_only_with_their_poll)
+{
+    tly_store_t *s = open_store();
+    tly_store_op_t p1 = poll_op("poll1", 2), p2 = poll_op("poll2", 2);
+    submit_wait(s, &p1);
+    submit_wait(s, &p2);
+    tly_store_op_t b1 = ballot_op("poll1", "voter1", "v_1", "r_1");
+    tly_store_op_t b2 = ballot_op("poll2", "voter1", "v_2", "r_2");
+    submit_wait(s, &b1);
+    submit_wait(s, &b2);
+
+    /* Another connection (the store stays open: the writer is idle between batches). */
+    sqlite3 *db = raw_open(SQLITE_OPEN_READWRITE);
+    cr_assert_eq(raw_int(db, "SELECT count(*) FROM audit"), 2);
+    int rc = sqlite3_exec(db, "UPDATE audit SET event = 'revoked'", NULL, NULL, NULL);
+    cr_assert_eq(rc, SQLITE_CONSTRAINT, "UPDATE: %s", sqlite3_errmsg(db));
+    rc = sqlite3_exec(db, "UPDATE audit SET at = at + 1 WHERE poll_id = 'poll1'", NULL, NULL, NULL);
+    cr_assert_eq(rc, SQLITE_CONSTRAINT);
+    rc = sqlite3_exec(db, "DELETE FROM audit WHERE poll_id = 'poll1'", NULL, NULL, NULL);
+    cr_assert_eq(rc, SQLITE_CONSTRAINT, "DELETE: %s", sqlite3_errmsg(db));
+    rc = sqlite3_exec(db, "DELETE FROM audit", NULL, NULL, NULL);
+    cr_assert_eq(rc, SQLITE_CONSTRAINT);
+    cr_assert_eq(raw_int(db, "SELECT count(*) FROM audit"), 2);
+    cr_assert_eq(raw_int(db, "SELECT count(*) FROM audit WHERE event = 'cast'"), 2);
+
+    /* Deleting the poll takes its history with it, and only its. */
+    tly_store_op_t del = {.type = TLY_OP_POLL_DELETE, .u.poll.poll_id = "poll1"};
+    submit_wait(s, &del);
+    cr_assert_eq(del.result, 0);
+    cr_assert_eq(raw_int(db, "SELECT count(*) FROM audit WHERE poll_id = 'poll1'"), 0);
+    cr_assert_eq(raw_int(db, "SELECT count(*) FROM audit WHERE poll_id = 'poll2'"), 1);
+    sqlite3_close(db);
+
+    /* A poll re-created under the same id starts with an empty log. */
+    tly_store_op_t p1b = poll_op("poll1", 2);
+    submit_wait(s, &p1b);
+    cr_assert_eq(p1b.result, 0);
+    audit_seen_t as;
+    read_audit(s, "poll1", &as);
+    cr_assert_eq(as.n, 0);
+    tly_store_close(s);
+}
+
+/* The ballot and its "cast" row are written without a savepoint (the audit insert
+ * cannot fail alone under today's schema). Make it fail alone, with a trigger added to
+ * the file, and the ballot must not be left behind without its history. */
+Test(store, a_ballot_whose_audit_row_fails_is_not_kept)
+{
+    tly_store_t *s = open_store();
+    tly_store_op_t p = poll_op("poll1", 2);
+    submit_wait(s, &p);
+    sqlite3 *db = raw_open(SQLITE_OPEN_READWRITE);
+    cr_assert_eq(sqlite3_exec(db, "CREATE TRIGGER poison BEFORE INSERT ON audit"
+                                  " WHEN NEW.voter_id = 'poison' BEGIN SELECT RAISE(ABORT, 'no'); END;",
+                              NULL, NULL, NULL),
+                 SQLITE_OK, "%s", sqlite3_errmsg(db));
+
+    tly_store_op_t good = ballot_op("poll1", "voter1", "v_1", "r_1");
+    tly_store_op_t bad = ballot_op("poll1", "poison", "v_2", "r_2");
+    tly_store_op_t bad_req = ballot_op("poll1", "poison", "v_3", "r_3");
+    bad_req.u.ballot.request_id = "req1";
+    good.done = bad.done = bad_req.done = on_done;
+    bad.next = &good;
+    good.next = &bad_req;
+    bad_req.next = NULL;
+    tly_store_submit_list(s, &bad);
+    wait_done(s, ndone + 3);
+    cr_assert_eq(bad.result, TLY_EINVAL);
+    cr_assert_eq(bad_req.result, TLY_EINVAL);
+    cr_assert_eq(good.result, 0);
+    cr_assert_eq(raw_int(db, "SELECT count(*) FROM ballots"), 1);
+    cr_assert_eq(raw_int(db, "SELECT count(*) FROM audit"), 1);
+    cr_assert_eq(raw_int(db, "SELECT count(*) FROM vote_requests"), 0);
+    cr_assert_eq(raw_int(db, "SELECT count(*) FROM ballots b JOIN audit a USING(poll_id, voter_id)"
+                             " WHERE b.voter_id = 'voter1' AND a.event = 'cast'"), 1);
+    sqlite3_close(db);
+    tly_store_close(s);
+}
+
+/* ---- final results ------------------------------------------------------------------ */
+
+Test(store, final_results_round_trip)
+{
+    const char *json = "{\"method\":\"plurality\",\"winners\":[\"optA\"],\"counts\":[3,1]}";
+    tly_store_t *s = open_store();
+    tly_store_op_t p1 = poll_op("poll1", 2), p2 = poll_op("poll2", 2);
+    p2.u.poll.final_results = "{\"closed\":true}"; /* insert writes it too */
+    submit_wait(s, &p1);
+    submit_wait(s, &p2);
+
+    seen_t seen;
+    s = reopen_load(s, &seen);
+    cr_assert_eq(seen.polls, 2);
+    cr_assert_str_eq(seen.final_results[0], "(null)");
+    cr_assert_str_eq(seen.final_results[1], "{\"closed\":true}");
+
+    tly_store_op_t up = poll_op("poll1", 2);
+    up.type = TLY_OP_POLL_UPDATE;
+    up.u.poll.status = 3;
+    up.u.poll.final_results = json;
+    submit_wait(s, &up);
+    cr_assert_eq(up.result, 0);
+    s = reopen_load(s, &seen);
+    cr_assert_str_eq(seen.final_results[0], json);
+
+    /* An update is a replacement: NULL clears. */
+    tly_store_op_t up2 = poll_op("poll1", 2);
+    up2.type = TLY_OP_POLL_UPDATE;
+    submit_wait(s, &up2);
+    s = reopen_load(s, &seen);
+    cr_assert_str_eq(seen.final_results[0], "(null)");
+    tly_store_close(s);
+}
+
+/* ---- paged reads -------------------------------------------------------------------- */
+
+#define PAGED 2500
+
+/* Walk state: every voter "voter<i>" must be seen once, in ascending seq. */
+typedef struct {
+    int64_t last_seq;
+    int rows, out_of_order, foreign;
+    unsigned char *seen; /* counts per voter index */
+    int nvoters;
+} walk_t;
+
+static void walk_note(walk_t *w, int64_t seq, const char *poll_id, const char *voter)
+{
+    int i;
+    if (seq <= w->last_seq)
+        w->out_of_order++;
+    w->last_seq = seq;
+    w->rows++;
+    if (strcmp(poll_id, "poll1") != 0 || sscanf(voter, "voter%d", &i) != 1 || i < 0 || i >= w->nvoters)
+        w->foreign++;
+    else if (w->seen[i] < 255)
+        w->seen[i]++;
+}
+
+static void walk_ballot(void *ctx, const tly_ballot_row_t *b, int64_t seq)
+{
+    walk_note(ctx, seq, b->poll_id, b->voter_id);
+}
+
+static void walk_audit(void *ctx, const tly_audit_row_t *a)
+{
+    walk_note(ctx, a->seq, a->poll_id, a->voter_id);
+}
+
+/* Submits ballots voter<from>..voter<to-1> for poll1, each followed by one for poll2 so
+ * the two polls' rows interleave, and waits for them. ids is indexed by voter (two
+ * entries each), ops from 0 for this call. */
+typedef char ids_t[3][40]; /* voter id, vote id, receipt */
+
+static void cast_range(tly_store_t *s, int from, int to, ids_t *ids, tly_store_op_t *ops)
+{
+    int n = 0;
+    for (int i = from; i < to; i++) {
+        for (int k = 0; k < 2; k++) {
+            char(*id)[40] = ids[2 * i + k];
+            snprintf(id[0], 40, "voter%d", i);
+            snprintf(id[1], 40, "v_%d_%d", k, i);
+            snprintf(id[2], 40, "r_%d_%d", k, i);
+            ops[n] = ballot_op(k == 0 ? "poll1" : "poll2", id[0], id[1], id[2]);
+            ops[n].done = on_done;
+            ops[n].next = NULL;
+            if (n > 0)
+                ops[n - 1].next = &ops[n];
+            n++;
+        }
+    }
+    if (n == 0)
+        return;
+    tly_store_submit_list(s, &ops[0]);
+    wait_done(s, ndone + n);
+    for (int i = 0; i < n; i++)
+        cr_assert_eq(ops[i].result, 0, "ballot %d: %d", i, ops[i].result);
+}
+
+Test(store, pages_walk_every_row_once_in_seq_order)
+{
+    tly_store_t *s = open_store();
+    tly_store_op_t p1 = poll_op("poll1", 3), p2 = poll_op("poll2", 2);
+    submit_wait(s, &p1);
+    submit_wait(s, &p2);
+    ids_t *ids = calloc(2 * PAGED, sizeof *ids);
+    tly_store_op_t *ops = calloc(2 * PAGED, sizeof *ops);
+    cr_assert(ids && ops);
+    cast_range(s, 0, PAGED, ids, ops);
+
+    tly_store_reader_t *r = tly_store_reader_open(s);
+    cr_assert_not_null(r);
+    for (int pass = 0; pass < 2; pass++) {
+        walk_t w = {.seen = calloc(PAGED, 1), .nvoters = PAGED};
+        int pages = 0, n, expect[] = {1000, 1000, 500};
+        while ((n = pass == 0 ? tly_store_ballots_page(r, "poll1", w.last_seq, 1000, walk_ballot, &w)
+                              : tly_store_audit_page(r, "poll1", w.last_seq, 1000, walk_audit, &w)) > 0) {
+            cr_assert_lt(pages, 3);
+            cr_assert_eq(n, expect[pages], "pass %d page %d: %d rows", pass, pages, n);
+            pages++;
+        }
+        cr_assert_eq(n, 0, "pass %d ended with %d", pass, n);
+        cr_assert_eq(pages, 3);
+        cr_assert_eq(w.rows, PAGED);
+        cr_assert_eq(w.out_of_order, 0);
+        cr_assert_eq(w.foreign, 0, "only poll1's rows");
+        for (int i = 0; i < PAGED; i++)
+            cr_assert_eq(w.seen[i], 1, "pass %d: voter%d seen %d times", pass, i, w.seen[i]);
+        free(w.seen);
+    }
+    /* Beyond the end, a poll with no rows, a zero limit: empty pages, not errors. */
+    walk_t w = {.seen = calloc(PAGED, 1), .nvoters = PAGED, .last_seq = INT64_MAX - 1};
+    cr_assert_eq(tly_store_ballots_page(r, "poll1", INT64_MAX - 1, 10, walk_ballot, &w), 0);
+    cr_assert_eq(tly_store_audit_page(r, "poll3", 0, 10, walk_audit, &w), 0);
+    cr_assert_eq(tly_store_ballots_page(r, "poll1", 0, 0, walk_ballot, &w), 0);
+    cr_assert_eq(w.rows, 0);
+    free(w.seen);
+    tly_store_reader_close(r);
+    tly_store_close(s);
+    free(ids);
+    free(ops);
+}
+
+/* Each page query must search its (poll_id, seq) index: a scan of the table or a sort
+ * would make a page cost the size of the poll (or the store), and an export O(n^2). */
+Test(store, page_queries_search_the_seq_indexes)
+{
+    tly_store_close(open_store());
+    sqlite3 *db = raw_open(SQLITE_OPEN_READONLY);
+    const char *sqls[] = {tly_store_audit_page_sql, tly_store_ballots_page_sql};
+    const char *index[] = {"audit_poll_seq", "ballots_poll_seq"};
+    for (int i = 0; i < 2; i++) {
+        char q[512];
+        sqlite3_stmt *st;
+        int rows = 0;
+        snprintf(q, sizeof q, "EXPLAIN QUERY PLAN %s", sqls[i]);
+        cr_assert_eq(sqlite3_prepare_v2(db, q, -1, &st, NULL), SQLITE_OK, "%s", sqlite3_errmsg(db));
+        while (sqlite3_step(st) == SQLITE_ROW) {
+            const char *detail = (const char *)sqlite3_column_text(st, 3);
+            rows++;
+            cr_assert_not_null(strstr(detail, "SEARCH"), "%s", detail);
+            cr_assert_not_null(strstr(detail, index[i]), "%s", detail);
+            cr_assert_null(strstr(detail, "TEMP B-TREE"), "%s", detail);
+        }
+        cr_assert_eq(rows, 1);
+        sqlite3_finalize(st);
+    }
+    sqlite3_close(db);
+}
+
+/* A reader on another thread (an export worker) walks the poll again and again while
+ * the writer commits more ballots: it never fails, never sees a row twice or out of
+ * order, and never holds the writer up. */
+#define CONCURRENT 6000
+
+typedef struct {
+    tly_store_t *s;
+    atomic_int stop;
+    int open_failed, errors, bad_walks, walks, last_rows;
+} bg_reader_t;
+
+static void *read_in_background(void *arg)
+{
+    bg_reader_t *bg = arg;
+    tly_store_reader_t *r = tly_store_reader_open(bg->s); /* opened on its own thread */
+    if (r == NULL) {
+        bg->open_failed = 1;
+        return NULL;
+    }
+    unsigned char *seen = malloc(CONCURRENT);
+    for (;;) {
+        int stopping = atomic_load(&bg->stop), n;
+        walk_t w = {.seen = seen, .nvoters = CONCURRENT};
+        memset(seen, 0, CONCURRENT);
+        while ((n = tly_store_ballots_page(r, "poll1", w.last_seq, 250, walk_ballot, &w)) > 0)
+            ;
+        if (n < 0)
+            bg->errors++;
+        int dup = 0;
+        for (int i = 0; i < CONCURRENT; i++)
+            dup += seen[i] > 1;
+        if (w.out_of_order || w.foreign || dup)
+            bg->bad_walks++;
+        bg->walks++;
+        bg->last_rows = w.rows;
+        if (stopping) /* one full walk after the last commit */
+            break;
+    }
+    free(seen);
+    tly_store_reader_close(r);
+    return NULL;
+}
+
+Test(store, reader_on_another_thread_while_the_writer_commits)
+{
+    tly_store_t *s = open_store();
+    tly_store_op_t p1 = poll_op("poll1", 3), p2 = poll_op("poll2", 2);
+    submit_wait(s, &p1);
+    submit_wait(s, &p2);
+    ids_t *ids = calloc(2 * CONCURRENT, sizeof *ids);
+    tly_store_op_t *ops = calloc(2 * CONCURRENT, sizeof *ops);
+    cr_assert(ids && ops);
+
+    bg_reader_t bg = {.s = s};
+    pthread_t th;
+    cr_assert_eq(pthread_create(&th, NULL, read_in_background, &bg), 0);
+    /* Many small batches, so that commits land in the middle of the reader's walks. */
+    for (int i = 0; i < CONCURRENT; i += 100)
+        cast_range(s, i, i + 100, ids, ops + 2 * i);
+    /* An event-loop thread may hold a reader of its own at the same time. */
+    tly_store_reader_t *r = tly_store_reader_open(s);
+    cr_assert_not_null(r);
+    walk_t w = {.seen = calloc(CONCURRENT, 1), .nvoters = CONCURRENT};
+    while (tly_store_ballots_page(r, "poll1", w.last_seq, 1000, walk_ballot, &w) > 0)
+        ;
+    cr_assert_eq(w.rows, CONCURRENT);
+    free(w.seen);
+    tly_store_reader_close(r);
+
+    atomic_store(&bg.stop, 1);
+    pthread_join(th, NULL);
+    cr_assert_not(bg.open_failed);
+    cr_assert_eq(bg.errors, 0);
+    cr_assert_eq(bg.bad_walks, 0);
+    cr_assert_gt(bg.walks, 0);
+    cr_assert_eq(bg.last_rows, CONCURRENT, "the walk after the last commit sees every ballot");
+    fprintf(stderr, "store: %d background walks while %d ballots committed\n", bg.walks, CONCURRENT);
+    tly_store_close(s);
+    free(ids);
+    free(ops);
+}
+
+/* ---- generated ballots -------------------------------------------------------------- */
+
+typedef struct {
+    int rows, bad_choice;
+} gen_seen_t;
+
+static void see_generated(void *ctx, const tly_ballot_row_t *b)
+{
+    gen_seen_t *g = ctx;
+    g->rows++;
+    if (b->nchoices != 1 || b->choices[0] >= 3 || b->scores != NULL)
+        g->bad_choice++;
+}
+
+Test(store, generate_ballots_for_tests_and_benchmarks)
+{
+    tly_store_t *s = open_store();
+    tly_store_op_t p = poll_op("poll1", 3);
+    submit_wait(s, &p);
+    cr_assert_eq(tly_store_generate_ballots(s, "poll1", 3, 25001), 0);
+    cr_assert_eq(tly_store_generate_ballots(s, "poll1", 3, 10), TLY_EEXIST);
+    cr_assert_eq(tly_store_generate_ballots(s, "nope", 3, 10), TLY_ENOTFOUND);
+    cr_assert_eq(tly_store_generate_ballots(s, "poll1", 0, 10), TLY_EINVAL);
+    cr_assert_eq(tly_store_generate_ballots(s, "poll1", 257, 10), TLY_EINVAL);
+    /* The writer still works beside it. */
+    tly_store_op_t b = ballot_op("poll1", "voter1", "v_1", "r_1");
+    submit_wait(s, &b);
+    cr_assert_eq(b.result, 0);
+
+    tly_store_close(s);
+    s = open_store();
+    gen_seen_t g = {0};
+    tly_store_load_cb_t cb = {.ballot = see_generated};
+    cr_assert_eq(tly_store_load(s, &cb, &g), 0);
+    cr_assert_eq(g.rows, 25002);
+    cr_assert_eq(g.bad_choice, 1, "only voter1's two-choice ballot");
+    sqlite3 *db = raw_open(SQLITE_OPEN_READONLY);
+    cr_assert_eq(raw_int(db, "SELECT count(*) FROM audit WHERE event = 'cast'"), 25002);
+    cr_assert_eq(raw_int(db, "SELECT count(DISTINCT choices) FROM ballots WHERE voter_id LIKE 'gen%'"), 3);
+    sqlite3_close(db);
+    tly_store_close(s);
 }

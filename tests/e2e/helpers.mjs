@@ -1,0 +1,110 @@
+// Browser test helpers: the real tally binary (started by ../api/harness.mjs) serving
+// ../../web, and Debian's chromium driven by playwright-core. Only 127.0.0.1 is contacted;
+// every page records its requests, dialogs, console errors (CSP violations) and page errors
+// so each test can assert that nothing went to another origin and nothing ran that should not.
+import { chromium } from 'playwright-core';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { startServer } from '../api/harness.mjs';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+export const WEB_ROOT = path.resolve(here, '../../web');
+export const SHOTS = path.resolve(here, '../../docs/screenshots');
+export const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+export const DESKTOP = { width: 1280, height: 800 };
+export const PHONE = { width: 360, height: 740 };
+
+export async function launch() {
+  const server = await startServer({ args: ['--web-root', WEB_ROOT] });
+  let browser;
+  try {
+    browser = await chromium.launch({
+      executablePath: CHROMIUM,
+      headless: true,
+      // launch() gives every run a fresh temporary profile (user data dir)
+      args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+        '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+    });
+  } catch (e) {
+    await server.close();
+    throw e;
+  }
+  const contexts = [];
+  const env = {
+    server,
+    browser,
+    url: (p = '/') => server.url + p,
+    /** A new browser context (separate storage = a separate voter) with one page. */
+    async open(viewport = DESKTOP, { isMobile = false } = {}) {
+      const context = await browser.newContext({ viewport, isMobile, hasTouch: isMobile, deviceScaleFactor: 1, reducedMotion: 'no-preference' });
+      const page = await context.newPage();
+      const rec = { requests: [], dialogs: [], consoleErrors: [], pageErrors: [] };
+      page.on('request', (r) => rec.requests.push(r.url()));
+      page.on('dialog', (d) => { rec.dialogs.push(d.message()); d.dismiss().catch(() => {}); });
+      page.on('console', (m) => { if (m.type() === 'error') rec.consoleErrors.push(m.text()); });
+      page.on('pageerror', (e) => rec.pageErrors.push(String(e)));
+      page.rec = rec;
+      contexts.push({ context, page });
+      return page;
+    },
+    /** No request left this origin, no dialog, no script error, no CSP violation. */
+    assertClean(page, { allowConsole = [] } = {}) {
+      const origin = new URL(server.url).origin;
+      const foreign = page.rec.requests.filter((u) => !(u.startsWith(origin + '/') || u.startsWith('data:') || u.startsWith('blob:' + origin)));
+      assert.deepEqual(foreign, [], 'requests to another origin');
+      assert.deepEqual(page.rec.dialogs, [], 'dialogs fired');
+      assert.deepEqual(page.rec.pageErrors, [], 'uncaught script errors');
+      const csp = page.rec.consoleErrors.filter((t) => /Content Security Policy/i.test(t));
+      assert.deepEqual(csp, [], 'CSP violations');
+      const other = page.rec.consoleErrors.filter((t) => !/Content Security Policy/i.test(t) &&
+        !/Failed to load resource/i.test(t) && !allowConsole.some((re) => re.test(t)));
+      assert.deepEqual(other, [], 'console errors');
+    },
+    async close() {
+      for (const { context } of contexts) await context.close().catch(() => {});
+      await browser.close().catch(() => {});
+      await server.close();
+    },
+  };
+  return env;
+}
+
+export async function shot(page, name) {
+  fs.mkdirSync(SHOTS, { recursive: true });
+  await page.waitForTimeout(700); // let bar transitions finish
+  await page.screenshot({ path: path.join(SHOTS, `${name}.png`), fullPage: true });
+}
+
+export async function noHorizontalScroll(page, what) {
+  const want = page.viewportSize().width;
+  const sw = await page.evaluate(() => document.documentElement.scrollWidth);
+  assert.ok(sw <= want, `${what}: page is ${sw}px wide in a ${want}px viewport (horizontal scrolling)`);
+}
+
+/**
+ * Fills the create form and submits it. opts: {title, options: [..], type, settings: {...}}
+ * Returns the new poll's id (from the share page's URL).
+ */
+export async function createPollUI(page, env, { title, options = ['Red', 'Green', 'Blue'], type = 'single', description, anonymous = true, voteChange = false, minChoices, maxChoices, maxScore, visibility } = {}) {
+  await page.goto(env.url('/'));
+  await page.getByLabel('Question').fill(title);
+  if (description) await page.getByLabel('Description (optional)').fill(description);
+  await page.locator(`input[type=radio][value="${type}"]`).check();
+  const rows = page.locator('.option-row input[type=text]');
+  for (let i = 0; i < options.length; i++) {
+    if (i >= (await rows.count())) await page.getByRole('button', { name: '+ Add option' }).click();
+    await rows.nth(i).fill(options[i]);
+  }
+  const anon = page.getByLabel(/Allow anonymous voting/);
+  if ((await anon.isChecked()) !== anonymous) await anon.click();
+  if (voteChange) await page.getByLabel(/Let voters change/).check();
+  if (visibility) await page.getByLabel('Who can see the results').selectOption(visibility);
+  if (minChoices !== undefined) await page.getByLabel('Minimum choices').fill(String(minChoices));
+  if (maxChoices !== undefined) await page.getByLabel('Maximum choices').fill(String(maxChoices));
+  if (maxScore !== undefined) await page.getByLabel('Maximum score').fill(String(maxScore));
+  await page.getByRole('button', { name: 'Create poll' }).click();
+  await page.waitForURL(/\/p\/[A-Za-z0-9_-]+\/share$/);
+  return /\/p\/([A-Za-z0-9_-]+)\/share$/.exec(page.url())[1];
+}

@@ -1,0 +1,179 @@
+// The public HTTP API of tally, from the browser. Tokens live in localStorage:
+//   tally.user   {user_id, username, token, expires_at}  (signed in)
+//   tally.device {voter_id, token, expires_at}           (anonymous device token)
+// Requests go to this origin only.
+
+const USER_KEY = 'tally.user';
+const DEVICE_KEY = 'tally.device';
+const RECEIPTS_KEY = 'tally.receipts';
+
+export class ApiError extends Error {
+  constructor(status, body) {
+    const e = (body && body.error) || {};
+    super(e.message || `request failed (HTTP ${status})`);
+    this.status = status;
+    this.code = e.code || (status === 0 ? 'NETWORK' : 'HTTP_' + status);
+    this.field = e.field;
+    this.detail = e;
+  }
+}
+
+function load(key) {
+  try {
+    const v = JSON.parse(localStorage.getItem(key));
+    if (v && v.token && (!v.expires_at || Date.parse(v.expires_at) > Date.now() + 30_000)) return v;
+  } catch { /* corrupt or unavailable */ }
+  return null;
+}
+function save(key, v) {
+  try {
+    if (v) localStorage.setItem(key, JSON.stringify(v));
+    else localStorage.removeItem(key);
+  } catch { /* private mode: tokens last for this page only */ }
+  window.dispatchEvent(new CustomEvent('tally:auth'));
+}
+
+export const getUser = () => load(USER_KEY);
+export const setUser = (u) => save(USER_KEY, u);
+export const getDevice = () => load(DEVICE_KEY);
+const setDevice = (d) => save(DEVICE_KEY, d);
+
+/** The token that identifies this browser: the account if signed in, else the device. */
+export function identityToken() {
+  return getUser()?.token || getDevice()?.token || null;
+}
+
+/** A device token for anonymous voting, obtained once and kept. */
+export async function ensureDevice() {
+  const d = getDevice();
+  if (d) return d;
+  const r = await request('POST', '/v1/auth/anonymous', { body: {} });
+  setDevice(r);
+  return r;
+}
+
+/**
+ * One JSON request. Resolves with the parsed body (null for 204); rejects with ApiError.
+ * opts: {body, token, headers, raw: true to get the Response}
+ */
+export async function request(method, path, opts = {}) {
+  const headers = { Accept: 'application/json', ...(opts.headers || {}) };
+  if (opts.token) headers.Authorization = `Bearer ${opts.token}`;
+  let body;
+  if (opts.body !== undefined) {
+    headers['Content-Type'] = 'application/json';
+    body = JSON.stringify(opts.body);
+  }
+  let res;
+  try {
+    res = await fetch(path, { method, headers, body, cache: 'no-store', credentials: 'omit' });
+  } catch (e) {
+    throw new ApiError(0, { error: { code: 'NETWORK', message: 'The server could not be reached. Check your connection and try again.' } });
+  }
+  if (res.status === 401 && opts.token) forgetToken(opts.token);
+  if (opts.raw && res.ok) return res;
+  if (res.status === 204) return null;
+  const text = await res.text();
+  let json = null;
+  try { json = text ? JSON.parse(text) : null; } catch { /* not JSON */ }
+  if (!res.ok) throw new ApiError(res.status, json);
+  return json;
+}
+
+/** A token the server no longer accepts (expired, new secret) is dropped. */
+function forgetToken(token) {
+  if (getUser()?.token === token) setUser(null);
+  if (getDevice()?.token === token) setDevice(null);
+}
+
+/** Like request() with the identity token (if any). */
+export const call = (method, path, opts = {}) => request(method, path, { token: identityToken(), ...opts });
+
+export const pollPath = (id, rest = '') => `/v1/polls/${encodeURIComponent(id)}${rest}`;
+
+// ---- receipts of this browser's ballots (the server gives them only once) ----
+export function getReceipt(pollId) {
+  try { return (JSON.parse(localStorage.getItem(RECEIPTS_KEY)) || {})[pollId] || null; } catch { return null; }
+}
+export function setReceipt(pollId, r) {
+  try {
+    const all = JSON.parse(localStorage.getItem(RECEIPTS_KEY)) || {};
+    if (r) all[pollId] = r; else delete all[pollId];
+    localStorage.setItem(RECEIPTS_KEY, JSON.stringify(all));
+  } catch { /* ignore */ }
+}
+
+/** Fetches a file with the Authorization header and saves it through a Blob URL. */
+export async function download(path, filename) {
+  const res = await request('GET', path, { token: identityToken(), raw: true, headers: { Accept: '*/*' } });
+  const blob = await res.blob();
+  const url = URL.createObjectURL(blob);
+  const a = document.createElement('a');
+  a.href = url;
+  a.download = filename;
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10_000);
+}
+
+/** The poll's QR code as a data: URL (fetched with the token, so drafts work too). */
+export async function qrDataUrl(pollId) {
+  const res = await request('GET', pollPath(pollId, '/qr.svg'), { token: identityToken(), raw: true, headers: { Accept: 'image/svg+xml' } });
+  const svg = await res.text();
+  return 'data:image/svg+xml;base64,' + btoa(unescape(encodeURIComponent(svg)));
+}
+
+export const shareUrl = (pollId) => `${location.origin}/p/${encodeURIComponent(pollId)}`;
+
+/**
+ * Live results over Server-Sent Events, reconnecting by itself.
+ * handlers: {onResults(data), onClosed(), onDeleted(), onState('live'|'reconnecting')}
+ * Returns {close(), reopen()} (reopen picks up a new token, e.g. after voting).
+ */
+export function subscribeLive(pollId, handlers) {
+  let es = null;
+  let stopped = false;
+  let timer = null;
+  let delay = 1000;
+  const open = () => {
+    clearTimeout(timer);
+    timer = null;
+    if (es) es.close();
+    const tok = identityToken();
+    const url = pollPath(pollId, '/live') + (tok ? `?access_token=${encodeURIComponent(tok)}` : '');
+    const src = new EventSource(url);
+    es = src;
+    src.addEventListener('open', () => { delay = 1000; handlers.onState?.('live'); });
+    src.addEventListener('results', (e) => {
+      let data;
+      try { data = JSON.parse(e.data); } catch { return; }
+      handlers.onResults?.(data);
+    });
+    src.addEventListener('closed', () => {
+      stopped = true;
+      src.close();
+      handlers.onClosed?.();
+    });
+    src.addEventListener('deleted', () => {
+      stopped = true;
+      src.close();
+      handlers.onDeleted?.();
+    });
+    src.addEventListener('error', () => {
+      if (stopped || es !== src) return;
+      handlers.onState?.('reconnecting');
+      // EventSource retries network errors itself; when it gives up (CLOSED: an HTTP
+      // error such as 503 during a restart) we reopen after a growing delay.
+      if (src.readyState === EventSource.CLOSED && !timer) {
+        timer = setTimeout(open, delay);
+        delay = Math.min(delay * 2, 15_000);
+      }
+    });
+  };
+  open();
+  return {
+    close() { stopped = true; clearTimeout(timer); if (es) es.close(); },
+    reopen() { if (!stopped) open(); },
+  };
+}

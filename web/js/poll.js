@@ -1,0 +1,381 @@
+// /p/<id>: the vote page (one form per poll type), "you voted" with the receipt, change
+// and retract where the poll allows it, and the live results below.
+import { h, newId, statusLine, fmtTime, announce, TYPE_NAMES } from './dom.js';
+import { request, call, pollPath, getUser, getDevice, ensureDevice, getReceipt, setReceipt } from './api.js';
+import { createResults, connectResults } from './results.js';
+import { authPanel } from './auth.js';
+
+export function pollError(main, e) {
+  document.title = 'Poll not found · tally';
+  const notFound = e.status === 404;
+  main.append(h('h1', { text: notFound ? 'Poll not found' : 'Could not load the poll' }),
+    h('p', { class: 'alert is-error', role: 'alert', text: notFound ? 'There is no poll at this address. It may have been deleted, or the link is incomplete.' : e.message }),
+    h('p', {}, h('a', { href: '/', 'data-link': '', text: 'Create a poll' })));
+}
+
+const minMax = (poll) => {
+  const n = poll.options.length;
+  const s = poll.settings || {};
+  if (poll.type === 'single') return [1, 1];
+  return [s.min_choices || 1, Math.min(s.max_choices || n, n)];
+};
+
+function choiceHint(poll) {
+  const [mn, mx] = minMax(poll);
+  switch (poll.type) {
+    case 'single': return 'Choose one option.';
+    case 'multiple':
+    case 'approval': {
+      const verb = poll.type === 'approval' ? 'Approve' : 'Choose';
+      if (mn === mx) return `${verb} exactly ${mn}.`;
+      if (mn === 1 && mx >= poll.options.length) return `${verb} one or more.`;
+      return `${verb} ${mn} to ${mx}.`;
+    }
+    case 'ranked':
+      return mx < poll.options.length
+        ? `Put the options in order of preference: your top ${mx} count. Drag them, or use the Up and Down buttons.`
+        : 'Put the options in order of preference, most preferred first. Drag them, or use the Up and Down buttons.';
+    case 'score': {
+      const ms = poll.settings?.max_score || 5;
+      return `Give each option a score from 0 (worst) to ${ms} (best).${mx < poll.options.length ? ` Score at most ${mx} options.` : ''}`;
+    }
+    default: return '';
+  }
+}
+
+/**
+ * The ballot form for the poll's type. Returns {el, ballot() → body | throws Error(msg), focus()}.
+ * `initial` is a ballot to start from (changing a vote).
+ */
+export function ballotForm(poll, initial) {
+  const name = newId('ballot');
+  const [mn, mx] = minMax(poll);
+  const err = h('p', { class: 'field-error', id: `${name}-err`, hidden: true, role: 'alert' });
+  const hintId = `${name}-hint`;
+  const legend = h('legend', { text: 'Your vote' });
+  const hint = h('p', { class: 'hint', id: hintId, text: choiceHint(poll) });
+  const fs = h('fieldset', { class: ['ballot', `ballot-${poll.type}`], 'aria-describedby': `${hintId} ${err.id}` }, legend, hint);
+  const setErr = (msg) => { err.textContent = msg || ''; err.hidden = !msg; fs.toggleAttribute('aria-invalid', !!msg); };
+  let ballot;
+  let focus;
+
+  if (poll.type === 'single' || poll.type === 'multiple' || poll.type === 'approval') {
+    const single = poll.type === 'single';
+    const chosen = new Set(initial?.option_ids || (initial?.option_id ? [initial.option_id] : []));
+    const list = h('div', { class: 'choices' }, poll.options.map((o) => {
+      const id = `${name}-${o.option_id}`;
+      return h('div', { class: 'choice big' },
+        h('input', { type: single ? 'radio' : 'checkbox', name, id, value: o.option_id, checked: chosen.has(o.option_id) }),
+        h('label', { for: id, text: o.text }));
+    }));
+    fs.append(list);
+    list.addEventListener('change', () => setErr(null));
+    ballot = () => {
+      const ids = [...list.querySelectorAll('input:checked')].map((i) => i.value);
+      if (single) {
+        if (ids.length !== 1) throw new Error('Choose an option.');
+        return { option_id: ids[0] };
+      }
+      if (ids.length < mn) throw new Error(`Choose at least ${mn} option${mn === 1 ? '' : 's'}.`);
+      if (ids.length > mx) throw new Error(`Choose at most ${mx} option${mx === 1 ? '' : 's'}.`);
+      return { option_ids: ids };
+    };
+    focus = () => (list.querySelector('input:checked') || list.querySelector('input')).focus();
+  } else if (poll.type === 'ranked') {
+    const byId = new Map(poll.options.map((o) => [o.option_id, o]));
+    let order = poll.options.map((o) => o.option_id);
+    if (initial?.ranking?.length) {
+      const first = initial.ranking.filter((id) => byId.has(id));
+      order = [...first, ...order.filter((id) => !first.includes(id))];
+    }
+    const list = h('ol', { class: 'rank-list' });
+    const liFor = new Map();
+    for (const id of order) {
+      const o = byId.get(id);
+      const pos = h('span', { class: 'rank-pos', 'aria-hidden': 'true' });
+      const up = h('button', { type: 'button', class: 'icon secondary up', text: '↑', title: 'Move up', 'aria-label': `Move ${o.text} up` });
+      const down = h('button', { type: 'button', class: 'icon secondary down', text: '↓', title: 'Move down', 'aria-label': `Move ${o.text} down` });
+      const li = h('li', { class: 'rank-item', draggable: 'true', 'data-option-id': id },
+        h('span', { class: 'grip', 'aria-hidden': 'true', text: '⠿' }), pos,
+        h('span', { class: 'rank-label', text: o.text }), h('span', { class: 'rank-buttons' }, up, down));
+      up.addEventListener('click', () => moveBy(li, -1, 'up'));
+      down.addEventListener('click', () => moveBy(li, 1, 'down'));
+      liFor.set(id, li);
+      list.append(li);
+    }
+    const cutoff = mx < poll.options.length ? mx : null;
+    function refresh() {
+      [...list.children].forEach((li, i) => {
+        li.querySelector('.rank-pos').textContent = `${i + 1}.`;
+        li.querySelector('.up').disabled = i === 0;
+        li.querySelector('.down').disabled = i === list.children.length - 1;
+        li.classList.toggle('beyond', cutoff !== null && i >= cutoff);
+      });
+    }
+    function moveBy(li, dir, cls) {
+      const items = [...list.children];
+      const i = items.indexOf(li);
+      const j = i + dir;
+      if (j < 0 || j >= items.length) return;
+      if (dir < 0) list.insertBefore(li, items[j]); else list.insertBefore(items[j], li);
+      refresh();
+      const btn = li.querySelector(`.${cls}`);
+      (btn.disabled ? li.querySelector(dir < 0 ? '.down' : '.up') : btn).focus();
+      announce(`${li.querySelector('.rank-label').textContent}: position ${j + 1} of ${items.length}`);
+    }
+    // drag and drop (mouse); the buttons do the same from the keyboard or on touch screens
+    let dragging = null;
+    list.addEventListener('dragstart', (e) => {
+      dragging = e.target.closest('.rank-item');
+      if (!dragging) return;
+      dragging.classList.add('dragging');
+      e.dataTransfer.effectAllowed = 'move';
+      e.dataTransfer.setData('text/plain', dragging.dataset.optionId);
+    });
+    list.addEventListener('dragover', (e) => {
+      if (!dragging) return;
+      e.preventDefault();
+      const over = e.target.closest('.rank-item');
+      if (!over || over === dragging) return;
+      const box = over.getBoundingClientRect();
+      const after = e.clientY > box.top + box.height / 2;
+      list.insertBefore(dragging, after ? over.nextSibling : over);
+      refresh();
+    });
+    list.addEventListener('drop', (e) => { e.preventDefault(); });
+    list.addEventListener('dragend', () => {
+      if (!dragging) return;
+      dragging.classList.remove('dragging');
+      const items = [...list.children];
+      announce(`${dragging.querySelector('.rank-label').textContent}: position ${items.indexOf(dragging) + 1} of ${items.length}`);
+      dragging = null;
+    });
+    fs.append(list);
+    refresh();
+    ballot = () => {
+      const ids = [...list.children].map((li) => li.dataset.optionId);
+      return { ranking: ids.slice(0, mx) };
+    };
+    focus = () => list.querySelector('button:not([disabled])').focus();
+  } else if (poll.type === 'score') {
+    const ms = poll.settings?.max_score || 5;
+    const optional = mx < poll.options.length; // some options must stay unscored
+    const init = initial?.scores || {};
+    const rows = poll.options.map((o) => {
+      const group = `${name}-${o.option_id}`;
+      let control;
+      if (ms <= 10) {
+        const values = [...(optional ? [''] : []), ...Array.from({ length: ms + 1 }, (_, i) => String(i))];
+        const start = o.option_id in init ? String(init[o.option_id]) : (optional ? '' : '0');
+        control = h('div', { class: 'score-radios' }, values.map((v) => {
+          const id = `${group}-${v || 'none'}`;
+          return h('span', { class: 'score-pill' },
+            h('input', { type: 'radio', name: group, id, value: v, checked: v === start }),
+            h('label', { for: id, text: v === '' ? '–' : v, 'aria-label': v === '' ? 'no score' : undefined }));
+        }));
+        control.value = () => control.querySelector('input:checked')?.value ?? '';
+        return h('fieldset', { class: 'score-row', 'data-option-id': o.option_id },
+          h('legend', { text: o.text }), control);
+      }
+      const id = `${group}-range`;
+      const out = h('output', { for: id });
+      const input = h('input', { type: 'range', id, min: '0', max: String(ms), step: '1', value: String(init[o.option_id] ?? 0) });
+      const sync = () => { out.textContent = input.value; input.setAttribute('aria-valuetext', `${input.value} of ${ms}`); };
+      input.addEventListener('input', sync);
+      sync();
+      control = h('div', { class: 'score-slider' }, input, out);
+      control.value = () => input.value;
+      return h('div', { class: 'score-row', 'data-option-id': o.option_id },
+        h('label', { for: id, text: o.text }), control);
+    });
+    const wrap = h('div', { class: 'score-list' }, rows);
+    wrap.addEventListener('change', () => setErr(null));
+    fs.append(wrap);
+    ballot = () => {
+      const scores = {};
+      rows.forEach((r, i) => {
+        const v = r.querySelector('.score-radios, .score-slider').value();
+        if (v !== '') scores[poll.options[i].option_id] = Number(v);
+      });
+      const k = Object.keys(scores).length;
+      if (k < mn) throw new Error(`Score at least ${mn} option${mn === 1 ? '' : 's'}.`);
+      if (k > mx) throw new Error(`Score at most ${mx} option${mx === 1 ? '' : 's'}.`);
+      return { scores };
+    };
+    focus = () => (wrap.querySelector('input:checked') || wrap.querySelector('input')).focus();
+  }
+  fs.append(err);
+  return { el: fs, ballot, focus, setErr };
+}
+
+function ballotSummary(poll, mine) {
+  const labels = new Map(poll.options.map((o) => [o.option_id, o.text]));
+  const b = mine.ballot || {};
+  if (poll.type === 'ranked') {
+    const ids = b.ranking || mine.option_ids || [];
+    return h('ol', { class: 'summary' }, ids.map((id) => h('li', { text: labels.get(id) || id })));
+  }
+  if (poll.type === 'score' && b.scores) {
+    return h('ul', { class: 'summary' }, poll.options.filter((o) => o.option_id in b.scores)
+      .map((o) => h('li', {}, `${o.text}: `, h('strong', { text: String(b.scores[o.option_id]) }))));
+  }
+  const ids = mine.option_ids || (b.option_id ? [b.option_id] : b.option_ids || []);
+  return h('ul', { class: 'summary' }, ids.map((id) => h('li', { text: labels.get(id) || id })));
+}
+
+export async function render(main, { id }) {
+  let poll;
+  try { poll = await call('GET', pollPath(id)); } catch (e) { return pollError(main, e); }
+  document.title = `${poll.title} · tally`;
+  const user = getUser();
+  const isOwner = !!user && user.user_id === poll.owner_id || getDevice()?.voter_id === poll.owner_id && !user;
+  const voterToken = () => getUser()?.token || (poll.settings?.allow_anonymous ? getDevice()?.token : null);
+
+  const header = h('header', { class: 'poll-head' },
+    h('h1', { class: 'poll-title', text: poll.title }),
+    poll.description ? h('p', { class: 'poll-desc', text: poll.description }) : null,
+    h('p', { class: 'meta' }, metaText(poll)));
+  const area = h('div', { class: 'vote-area' });
+  const view = createResults(poll);
+  const resultsBox = h('section', { class: 'results-box', 'aria-labelledby': 'results-h' },
+    h('h2', { id: 'results-h', text: 'Live results' }), view.el);
+  const links = h('p', { class: 'actions poll-links' },
+    h('a', { class: 'button secondary', href: `/p/${id}/share`, 'data-link': '', text: 'Share' }),
+    h('a', { class: 'button secondary', href: `/p/${id}/results`, 'data-link': '', text: 'Results page' }),
+    isOwner ? h('a', { class: 'button secondary', href: `/p/${id}/present`, 'data-link': '', text: 'Presenter mode' }) : null);
+  main.append(header, area, resultsBox, links);
+  const sub = connectResults(poll, view, { onClosed: () => { if (poll.status !== 'closed') { poll.status = 'closed'; refresh(); } } });
+
+  async function myVote() {
+    const tok = voterToken();
+    if (!tok) return null;
+    try { return await request('GET', pollPath(id, '/votes/me'), { token: tok }); } catch { return null; }
+  }
+
+  async function refresh() {
+    const mine = await myVote();
+    if (mine?.has_voted) showVoted(mine);
+    else showForm(null);
+  }
+
+  function openState() {
+    if (poll.status === 'closed') return 'This poll is closed. No more votes are taken.';
+    if (poll.status === 'draft') return 'This poll is a draft: publish it from My polls to take votes.';
+    if (poll.start_time && Date.parse(poll.start_time) > Date.now()) return `Voting opens ${fmtTime(poll.start_time)}.`;
+    if (poll.end_time && Date.parse(poll.end_time) <= Date.now()) return 'This poll is closed. No more votes are taken.';
+    return null;
+  }
+
+  function showForm(changing) {
+    area.replaceChildren();
+    const closedMsg = openState();
+    if (closedMsg && !changing) {
+      area.append(h('p', { class: 'alert', role: 'status', text: closedMsg }));
+      return;
+    }
+    if (!getUser() && !poll.settings?.allow_anonymous) {
+      area.append(authPanel(() => refresh(), 'This poll needs an account to vote. Sign up or log in, then vote.'));
+      return;
+    }
+    const form = ballotForm(poll, changing?.ballot);
+    const status = statusLine('alert', 'alert');
+    const submit = h('button', { type: 'submit', class: 'primary big', text: changing ? 'Update my vote' : 'Vote' });
+    const cancel = changing ? h('button', { type: 'button', class: 'secondary', text: 'Cancel', onclick: () => showVoted(changing) }) : null;
+    const f = h('form', { class: 'vote-form', novalidate: true, 'aria-label': changing ? 'Change your vote' : 'Vote' },
+      form.el, status, h('div', { class: 'actions' }, submit, cancel));
+    let idemKey = crypto.randomUUID();
+    let lastBody = null;
+    f.addEventListener('submit', async (e) => {
+      e.preventDefault();
+      status.set(null);
+      form.setErr(null);
+      let body;
+      try { body = form.ballot(); } catch (err) { form.setErr(err.message); form.focus(); return; }
+      const text = JSON.stringify(body);
+      if (text !== lastBody) { idemKey = crypto.randomUUID(); lastBody = text; }
+      submit.disabled = true;
+      try {
+        const tok = getUser()?.token || (await ensureDevice()).token;
+        if (changing) {
+          await request('PUT', pollPath(id, '/votes/me'), { token: tok, body });
+        } else {
+          const r = await request('POST', pollPath(id, '/votes'), { token: tok, body, headers: { 'Idempotency-Key': idemKey } });
+          setReceipt(id, { receipt: r.receipt, vote_id: r.vote_id, recorded_at: r.recorded_at });
+        }
+        sub.reopen(); // the stream now knows who we are (results shown after voting)
+        announce(changing ? 'Your vote was changed.' : 'Your vote was recorded.');
+        await refresh();
+        area.querySelector('h2')?.focus();
+      } catch (err) {
+        if (err.code === 'ALREADY_VOTED') { await refresh(); return; }
+        if ((err.status === 405 || err.status === 404) && changing && err.code !== 'POLL_NOT_FOUND') {
+          status.set('Changing a vote is not available on this server yet.', 'error');
+        } else if (err.status === 400 && err.field) {
+          form.setErr(err.message);
+          form.focus();
+        } else if (err.code === 'FORBIDDEN' && !getUser()) {
+          status.set('This poll needs an account to vote: sign up or log in on My polls.', 'error');
+        } else if (err.code === 'POLL_NOT_ACTIVE') {
+          status.set(err.message, 'error');
+        } else {
+          status.set(err.message, 'error');
+        }
+        if (!status.hidden) status.focus();
+      } finally {
+        submit.disabled = false;
+      }
+    });
+    status.setAttribute('tabindex', '-1');
+    area.append(f);
+  }
+
+  function showVoted(mine) {
+    area.replaceChildren();
+    const rec = getReceipt(id);
+    const heading = h('h2', { tabindex: '-1', text: '✓ You voted' });
+    const box = h('section', { class: 'voted', 'aria-labelledby': 'voted-h' }, heading);
+    heading.id = 'voted-h';
+    box.append(h('p', { class: 'meta', text: mine.voted_at ? `Recorded ${fmtTime(mine.voted_at)}` : 'Recorded.' }));
+    box.append(h('p', { text: 'Your ballot:' }), ballotSummary(poll, mine));
+    if (rec?.receipt && (!mine.vote_id || !rec.vote_id || rec.vote_id === mine.vote_id)) {
+      box.append(h('p', { class: 'receipt' }, 'Your receipt: ', h('code', { class: 'receipt-code', text: rec.receipt })),
+        h('p', { class: 'hint', text: 'Keep it to check later that your ballot is counted.' }));
+    }
+    const status = statusLine('alert', 'alert');
+    status.setAttribute('tabindex', '-1');
+    if (poll.settings?.allow_vote_change && !openState()) {
+      const change = h('button', { type: 'button', class: 'secondary', text: 'Change my vote', onclick: () => showForm(mine) });
+      const retract = h('button', { type: 'button', class: 'secondary danger', text: 'Retract my vote' });
+      retract.addEventListener('click', async () => {
+        status.set(null);
+        retract.disabled = true;
+        try {
+          await request('DELETE', pollPath(id, '/votes/me'), { token: voterToken() });
+          setReceipt(id, null);
+          announce('Your vote was retracted.');
+          showForm(null);
+          area.querySelector('input, button')?.focus();
+        } catch (err) {
+          status.set(err.status === 405 || (err.status === 404 && err.code !== 'POLL_NOT_FOUND')
+            ? 'Retracting a vote is not available on this server yet.' : err.message, 'error');
+          status.focus();
+        } finally { retract.disabled = false; }
+      });
+      box.append(h('div', { class: 'actions' }, change, retract));
+    }
+    box.append(status);
+    area.append(box);
+  }
+
+  await refresh();
+  return () => sub.close();
+}
+
+function metaText(poll) {
+  const parts = [TYPE_NAMES[poll.type] || poll.type];
+  if (poll.status === 'closed') parts.push('closed');
+  else if (poll.status === 'draft') parts.push('draft');
+  else if (poll.end_time) parts.push(`closes ${fmtTime(poll.end_time)}`);
+  if (poll.settings?.allow_anonymous) parts.push('no account needed');
+  return parts.join(' · ');
+}
