@@ -204,6 +204,20 @@ static bool owner_or_answer(tly_req_t *req, const tly_poll_t *p, const caller_t 
     return false;
 }
 
+static void count_row(void *ctx, const tly_audit_row_t *row)
+{
+    (*(int *)ctx)++;
+}
+
+/* Whether any ballot was ever cast in p (a one-row indexed read of the audit log). When
+ * the store cannot answer, assume yes: refusing a change is the safe mistake. */
+static bool has_history(tly_app_t *app, const tly_poll_t *p)
+{
+    tly_store_reader_t *r = api_reader(app);
+    int n = 0;
+    return r == NULL || tly_store_audit_page(r, p->poll_id, 0, 1, count_row, &n) != 0;
+}
+
 void api_polls_patch(tly_req_t *req, const tly_params_t *params, void *arg)
 {
     tly_app_t *app = arg;
@@ -216,6 +230,13 @@ void api_polls_patch(tly_req_t *req, const tly_params_t *params, void *arg)
     json_t *body = api_parse_body(req, false);
     if (body == NULL)
         return;
+    /* Ballots and audit rows name options by position: once a poll has any history (even
+     * if every ballot was retracted since), replacing its options would rewrite it. */
+    if (json_object_get(body, "options") != NULL && p->votes == NULL && has_history(app, p)) {
+        json_decref(body);
+        api_respond_error(req, 409, "POLL_HAS_VOTES", "options cannot change once a vote has been cast", NULL);
+        return;
+    }
     const char *field = NULL, *msg = NULL;
     char errbuf[256];
     int rc = tly_poll_patch(p, body, tly_now_ms(), &field, &msg, errbuf, sizeof(errbuf));

@@ -466,7 +466,10 @@ void api_votes_change(tly_req_t *req, const tly_params_t *params, void *arg)
     row->nchoices = bo->ballot.nchoices;
     row->choices = bo->ballot.choices;
     row->scores = p->type == TLY_TYPE_SCORE ? bo->ballot.scores : NULL;
-    api_body_hash(req, row->body_hash);
+    /* the ballot keeps the Idempotency-Key and body hash of the POST that cast it, in
+     * memory (core) and so in the store: a retry of that POST still replays */
+    row->idem_key = v->idem_key;
+    memcpy(row->body_hash, v->body_hash, 16);
     HASH_ADD_PTR(app->pending_ballots, vote, bo);
     api_begin_async(app);
     tly_store_submit(app->store, &bo->op);

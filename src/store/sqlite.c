@@ -1296,10 +1296,12 @@ static int page_end(sqlite3 *db, sqlite3_stmt *st, int src, int n)
 static int col_choices(sqlite3_stmt *st, int ichoices, int iscores, uint8_t *n,
                        const uint8_t **choices, const uint8_t **scores)
 {
-    int nchoices = sqlite3_column_bytes(st, ichoices);
+    /* Pointer first, then size: SQLite's documented order for a value it may convert. */
     *choices = sqlite3_column_blob(st, ichoices);
+    int nchoices = sqlite3_column_bytes(st, ichoices);
     *scores = sqlite3_column_blob(st, iscores);
-    if (nchoices > UINT8_MAX || (*scores != NULL && sqlite3_column_bytes(st, iscores) != nchoices)) {
+    int nscores = sqlite3_column_bytes(st, iscores);
+    if (nchoices > UINT8_MAX || (*scores != NULL && nscores != nchoices)) {
         fprintf(stderr, "{\"level\":\"error\",\"msg\":\"store: malformed ballot row\"}\n");
         return TLY_EIO;
     }
