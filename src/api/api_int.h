@@ -178,6 +178,7 @@ void api_receipts_get(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_results_get(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_ops_healthz(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_ops_readyz(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_ops_metrics(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_static_get(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_live_sse(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_live_ws(tly_req_t *req, const tly_params_t *params, void *arg);

@@ -41,6 +41,7 @@ void api_respond_json(tly_req_t *req, int status, json_t *body)
 
 void api_respond_error(tly_req_t *req, int status, const char *code, const char *message, json_t *extra)
 {
+    tly_req_set_note(req, code);
     json_t *err = json_pack("{s:s, s:s}", "code", code, "message", message);
     if (err != NULL && extra != NULL)
         json_object_update(err, extra);
@@ -268,6 +269,71 @@ static void notify_store(void *arg)
     tly_waker_wake(arg);
 }
 
+static const char *method_label(tly_method_t m)
+{
+    switch (m) {
+    case TLY_M_GET: return "GET";
+    case TLY_M_HEAD: return "HEAD";
+    case TLY_M_POST: return "POST";
+    case TLY_M_PUT: return "PUT";
+    case TLY_M_PATCH: return "PATCH";
+    case TLY_M_DELETE: return "DELETE";
+    case TLY_M_OPTIONS: return "OPTIONS";
+    default: return "OTHER";
+    }
+}
+
+/* Every response: one log line and the metrics. Nothing of the request's content. */
+static void on_response(tly_req_t *req, int status, void *arg)
+{
+    tly_app_t *app = arg;
+    const char *route = tly_req_route(req), *code = tly_req_note(req);
+    const char *method = method_label(tly_req_method(req));
+    double ms = (double)(tly_loop_now(app->loop) - tly_req_start(req));
+    tly_metrics_request(route, method, status, ms);
+    if (code != NULL)
+        tly_metrics_count("tally_errors_total", "code", code);
+    if (route != NULL && strcmp(route, "/v1/polls/{poll_id}/votes") == 0)
+        tly_metrics_count("tally_votes_total", "outcome",
+                          code ? code : status == 200 ? "recorded" : status == 202 ? "accepted" : "other");
+    else if (route != NULL && strcmp(route, "/v1/polls/{poll_id}/votes/me") == 0 && strcmp(method, "GET") != 0)
+        tly_metrics_count("tally_vote_changes_total", "outcome",
+                          code ? code : strcmp(method, "PUT") == 0 ? "changed" : "retracted");
+    if (code != NULL && strcmp(code, "RATE_LIMITED") == 0)
+        tly_metrics_count("tally_rate_limited_total", "route", route ? route : "unmatched");
+    tly_log_request(method, route ? route : "unmatched", status, code, ms, tly_req_peer(req));
+}
+
+void api_ops_metrics(tly_req_t *req, const tly_params_t *params, void *arg)
+{
+    tly_app_t *app = arg;
+    tly_store_stats_t st;
+    tly_store_stats(app->store, &st);
+    tly_metrics_extra_t x = {.batch_bounds = tly_store_batch_bounds,
+                             .commit_us_bounds = tly_store_commit_us_bounds,
+                             .nbounds = TLY_STORE_HIST,
+                             .batch_hist = st.batch_hist,
+                             .commit_hist = st.commit_hist,
+                             .batch_sum = st.batch_sum,
+                             .commit_us_sum = st.commit_us_sum,
+                             .failed_batches = st.failed_batches,
+                             .queued = st.queued,
+                             .writable = tly_store_writable(app->store),
+                             .live_subscribers = api_live_subscribers(app->live),
+                             .connections = tly_server_connections(app->server),
+                             .polls = tly_registry_count(app->registry)};
+    size_t len;
+    char *text = tly_metrics_render(&x, &len);
+    if (text == NULL) {
+        tly_req_add_header(req, "Retry-After", "1");
+        api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
+        return;
+    }
+    tly_req_add_header(req, "Cache-Control", "no-store");
+    tly_req_respond(req, 200, "text/plain; version=0.0.4; charset=utf-8", text, len);
+    tly_free(text);
+}
+
 static void handle(tly_req_t *req, void *arg)
 {
     tly_app_t *app = arg;
@@ -277,6 +343,7 @@ static void handle(tly_req_t *req, void *arg)
     unsigned allowed;
     switch (tly_router_match(app->router, tly_req_method(req), path, &fn, &params, &allowed)) {
     case TLY_ROUTE_FOUND:
+        tly_req_set_route(req, params.route);
         fn(req, &params, app);
         return;
     case TLY_ROUTE_NO_METHOD: {
@@ -291,6 +358,7 @@ static void handle(tly_req_t *req, void *arg)
     }
     bool api_path = (path.len >= 3 && memcmp(path.ptr, "/v1", 3) == 0 && (path.len == 3 || path.ptr[3] == '/'));
     if (!api_path && (tly_req_method(req) == TLY_M_GET || tly_req_method(req) == TLY_M_HEAD)) {
+        tly_req_set_route(req, "static");
         api_static_get(req, &params, app);
         return;
     }
@@ -328,6 +396,7 @@ static int add_routes(tly_router_t *r)
         {TLY_M_GET, "/v1/receipts/{receipt}", api_receipts_get},
         {TLY_M_GET, "/healthz", api_ops_healthz},
         {TLY_M_GET, "/readyz", api_ops_readyz},
+        {TLY_M_GET, "/metrics", api_ops_metrics},
     };
     for (size_t i = 0; i < TLY_ARRAY_SIZE(routes); i++)
         if (tly_router_add(r, routes[i].methods, routes[i].pattern, routes[i].fn) != 0)
@@ -381,7 +450,8 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
                             .max_connections = (size_t)conf->max_connections,
                             .handler = handle,
                             .arg = app,
-                            .render_error = render_error};
+                            .render_error = render_error,
+                            .on_response = on_response};
     if ((app->live = api_live_new(app)) == NULL) {
         snprintf(err, 512, "out of memory");
         goto fail;

@@ -40,6 +40,7 @@ struct sub {
     bool sent_visible, sent_any;
     bool want;        /* a newer state waits for the socket to drain */
     uint64_t last_progress, last_write;
+    const char *close_reason; /* WebSocket: close once the last message has drained */
 };
 
 struct live_poll {
@@ -106,10 +107,14 @@ static size_t sub_pending(sub_t *s)
     return s->ws ? tly_ws_pending(s->req) : tly_req_stream_pending(s->req);
 }
 
-static void sub_end(sub_t *s)
+static void sub_end(sub_t *s, const char *reason)
 {
-    if (s->ws)
-        tly_ws_close(s->req, 1000, "poll closed");
+    /* wslay sends control frames ahead of queued messages, so the close frame waits until
+     * the final message is on the wire (on_drain) */
+    if (s->ws && tly_ws_pending(s->req) > 0)
+        s->close_reason = reason;
+    else if (s->ws)
+        tly_ws_close(s->req, 1000, reason);
     else
         tly_req_stream_end(s->req);
 }
@@ -152,21 +157,43 @@ static int write_event(sub_t *s, const char *event, uint64_t id, const char *dat
     return 0;
 }
 
+/* The event id: grows with every change of counts (seq) and of status (draft, active,
+ * closed only move forward), so Last-Event-ID tells any two states apart. seq restarts
+ * from the current ballots when the server starts, so ids carry a base taken from the
+ * start time in microseconds: ids of a later run are larger than any id of an earlier
+ * one unless that run made more than 300,000 changes per millisecond of its uptime.
+ * They stay below 2^53, so JavaScript reads them exactly. */
+static uint64_t id_base;
+
+static uint64_t event_id(const tly_poll_t *p, int status)
+{
+    return id_base + p->seq * 3 + (uint64_t)status + 1;
+}
+
 /* Offers the poll's current state to s: sent now if its socket is idle, else later. */
 static void offer(sub_t *s, tly_poll_t *p, int64_t now)
 {
+    if (s->close_reason != NULL)
+        return; /* ending */
     int status = (int)tly_poll_effective_status(p, now);
-    bool voted = s->caller_id != NULL && tly_poll_find_vote(p, s->caller_id) != NULL;
+    tly_vote_t *mine = s->caller_id != NULL ? tly_poll_find_vote(p, s->caller_id) : NULL;
+    bool voted = mine != NULL && mine->state == TLY_VOTE_COMMITTED;
     bool visible = tly_results_visible(p, s->caller_id, voted, now);
-    if (s->sent_any && s->sent_seq == p->seq && s->sent_status == status && s->sent_visible == visible)
+    if (s->sent_any && s->sent_seq == p->seq && s->sent_status == status && s->sent_visible == visible) {
+        if (status == TLY_STATUS_CLOSED && sub_pending(s) == 0) {
+            /* a client that resumed with the final state's id: just say it is over */
+            write_event(s, "closed", 0, "{}");
+            sub_end(s, "poll closed");
+        }
         return; /* nothing new for this one */
+    }
     if (sub_pending(s) > 0) {
         s->want = true;
         return;
     }
     s->want = false;
     const char *data = visible ? tly_results_render(p, now, NULL) : hidden_state(s->lp, p, status);
-    if (data == NULL || write_event(s, "results", p->seq + 1, data) != 0) {
+    if (data == NULL || write_event(s, "results", event_id(p, status), data) != 0) {
         s->want = true; /* out of memory: try again on the next tick */
         return;
     }
@@ -177,7 +204,7 @@ static void offer(sub_t *s, tly_poll_t *p, int64_t now)
     if (status == TLY_STATUS_CLOSED) {
         /* final message, then the stream ends; clients need not reconnect */
         write_event(s, "closed", 0, "{}");
-        sub_end(s);
+        sub_end(s, "poll closed");
     }
 }
 
@@ -219,6 +246,12 @@ static void on_drain(tly_req_t *req, void *arg)
 {
     sub_t *s = arg;
     s->last_progress = tly_loop_now(s->live->app->loop);
+    if (s->close_reason != NULL) {
+        const char *reason = s->close_reason;
+        s->close_reason = NULL;
+        tly_ws_close(req, 1000, reason);
+        return;
+    }
     if (!s->want)
         return;
     tly_poll_t *p = tly_registry_find_poll(s->live->app->registry, s->lp->poll_id);
@@ -241,7 +274,7 @@ static void on_tick(tly_timer_t *t)
             bool last = next == NULL;
             if (p == NULL) { /* deleted */
                 write_event(s, "deleted", 0, "{}");
-                sub_end(s);
+                sub_end(s, "poll deleted");
             } else if (sub_pending(s) > 0 && mono - s->last_progress > STALL_MS) {
                 tly_log(TLY_LOG_INFO, "live subscriber dropped: no progress for 30 s", "poll_id", lp->poll_id,
                         "peer", s->ip, NULL);
@@ -386,11 +419,13 @@ static void subscribe(tly_req_t *req, const tly_params_t *params, tly_app_t *app
         buf[last.len] = '\0';
         char *end;
         unsigned long long id = strtoull(buf, &end, 10);
-        bool voted = caller.present && tly_poll_find_vote(p, caller.id) != NULL;
-        if (*end == '\0' && id == p->seq + 1) {
+        tly_vote_t *mine = caller.present ? tly_poll_find_vote(p, caller.id) : NULL;
+        bool voted = mine != NULL && mine->state == TLY_VOTE_COMMITTED;
+        int status = (int)tly_poll_effective_status(p, now);
+        if (*end == '\0' && id == event_id(p, status)) {
             s->sent_any = true;
             s->sent_seq = p->seq;
-            s->sent_status = (int)tly_poll_effective_status(p, now);
+            s->sent_status = status;
             s->sent_visible = tly_results_visible(p, caller.present ? caller.id : NULL, voted, now);
         }
     }
@@ -421,6 +456,7 @@ live_t *api_live_new(tly_app_t *app)
         return NULL;
     l->app = app;
     the_live = l;
+    id_base = (uint64_t)tly_now_ms() * 1000;
     tly_timer_start(app->loop, &l->tick, (uint64_t)app->conf->live_tick, on_tick);
     return l;
 }

@@ -251,7 +251,8 @@ void api_polls_patch(tly_req_t *req, const tly_params_t *params, void *arg)
         return;
     }
     if (rc == TLY_EEXIST) {
-        api_respond_error(req, 409, "POLL_HAS_VOTES", "options cannot change once a vote exists", NULL);
+        api_respond_error(req, 409, "POLL_HAS_VOTES", msg ? msg : "options cannot change once a vote exists",
+                          field ? json_pack("{s:s}", "field", field) : NULL);
         return;
     }
     if (rc != 0) {

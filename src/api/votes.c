@@ -339,6 +339,10 @@ static tly_vote_t *own_vote_for_change(tly_app_t *app, tly_req_t *req, const tly
     if (p == NULL)
         return NULL;
     *pp = p;
+    if (caller->anonymous && !p->settings.allow_anonymous) {
+        api_respond_error(req, 403, "FORBIDDEN", "this poll needs a registered voter; sign in to vote", NULL);
+        return NULL;
+    }
     if (!p->settings.allow_vote_change) {
         api_respond_error(req, 409, "VOTE_CHANGE_NOT_ALLOWED", "this poll does not allow changing or retracting a vote",
                           NULL);

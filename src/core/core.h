@@ -155,6 +155,8 @@ typedef struct tly_registry tly_registry_t;
 tly_registry_t *tly_registry_new(void);
 void tly_registry_free(tly_registry_t *r);
 tly_poll_t *tly_registry_find_poll(tly_registry_t *r, const char *poll_id);
+/* How many polls the registry holds. */
+size_t tly_registry_count(const tly_registry_t *r);
 /* Takes ownership of p (which must have a unique poll_id). */
 void tly_registry_add_poll(tly_registry_t *r, tly_poll_t *p);
 /* Removes and frees p with all its votes (and their receipts). */

@@ -171,3 +171,8 @@ size_t tly_registry_list_owner(tly_registry_t *r, const char *owner_id, const ch
     *more = q != NULL;
     return n;
 }
+
+size_t tly_registry_count(const tly_registry_t *r)
+{
+    return HASH_COUNT(r->polls);
+}

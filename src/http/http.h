@@ -86,6 +86,9 @@ typedef struct {
      * rendered in the application's error format: must write a body into buf (at most
      * cap bytes) and return its length. */
     size_t (*render_error)(int status, char *buf, size_t cap);
+    /* Called once per request when its response starts (status line written or
+     * queued), for logs and metrics. Optional. */
+    void (*on_response)(tly_req_t *req, int status, void *arg);
 } tly_server_conf_t;
 
 /* Listens on host:port ("127.0.0.1:8080", "[::1]:8080", "0.0.0.0:80"). Returns NULL and
@@ -117,6 +120,12 @@ void *tly_req_alloc(tly_req_t *req, size_t n);
 char *tly_req_strdup(tly_req_t *req, tly_str_t s);
 /* Monotonic ms at which the request head was complete. */
 uint64_t tly_req_start(tly_req_t *req);
+/* Labels for logs and metrics: the route pattern that served the request and a note
+ * (an error code); both must be static strings. NULL until set. */
+void tly_req_set_route(tly_req_t *req, const char *route);
+const char *tly_req_route(tly_req_t *req);
+void tly_req_set_note(tly_req_t *req, const char *note);
+const char *tly_req_note(tly_req_t *req);
 
 /* Adds a response header (copied). */
 void tly_req_add_header(tly_req_t *req, const char *name, const char *value);
@@ -194,6 +203,7 @@ typedef struct {
     const char *names[4];
     tly_str_t values[4];
     size_t n;
+    const char *route; /* the matched pattern */
 } tly_params_t;
 typedef void (*tly_route_fn)(tly_req_t *req, const tly_params_t *params, void *arg);
 

@@ -65,6 +65,7 @@ struct tly_req {
         const char *name, *value;
     } resp_headers[MAX_RESP_HEADERS];
     size_t nresp;
+    const char *route, *note;
 };
 
 struct conn {
@@ -96,6 +97,8 @@ struct conn {
 };
 
 void http_on_read(h2o_socket_t *sock, const char *err);
+/* Tells the application a response started (logs, metrics). */
+void http_notify_response(conn_t *c, int status);
 void http_conn_close(conn_t *c);
 void http_conn_free(conn_t *c);
 /* Swaps the pending output in and writes it, one write in flight at a time. */

@@ -19,6 +19,7 @@ typedef struct {
 
 typedef struct {
     unsigned methods;
+    char *pattern;
     segment_t segs[MAX_SEGMENTS];
     size_t nsegs;
     tly_route_fn fn;
@@ -38,9 +39,11 @@ void tly_router_free(tly_router_t *r)
 {
     if (r == NULL)
         return;
-    for (size_t i = 0; i < r->n; i++)
+    for (size_t i = 0; i < r->n; i++) {
         for (size_t j = 0; j < r->routes[i].nsegs; j++)
             tly_free(r->routes[i].segs[j].text);
+        tly_free(r->routes[i].pattern);
+    }
     tly_free(r->routes);
     tly_free(r);
 }
@@ -59,6 +62,8 @@ int tly_router_add(tly_router_t *r, unsigned methods, const char *pattern, tly_r
     memset(rt, 0, sizeof(*rt));
     rt->methods = methods;
     rt->fn = fn;
+    if ((rt->pattern = tly_strdup(pattern)) == NULL)
+        return TLY_ENOMEM;
     const char *p = pattern;
     while (*p == '/') {
         p++;
@@ -118,6 +123,7 @@ tly_route_result_t tly_router_match(tly_router_t *r, tly_method_t method, tly_st
         if (r->routes[i].methods & want) {
             *fn = r->routes[i].fn;
             *params = tmp;
+            params->route = r->routes[i].pattern;
             return TLY_ROUTE_FOUND;
         }
     }

@@ -291,6 +291,7 @@ static void dispatch(conn_t *c)
     set_timeout(c, NULL);
     h2o_socket_read_stop(c->sock);
     c->req.start = h2o_now(c->server->loop->h2o);
+    c->req.route = c->req.note = NULL;
     c->server->conf.handler(&c->req, c->server->conf.arg);
 }
 
@@ -694,6 +695,16 @@ tly_str_t tly_req_query(tly_req_t *req) { return req->query; }
 tly_str_t tly_req_body(tly_req_t *req) { return req->body; }
 const char *tly_req_peer(tly_req_t *req) { return req->conn->peer; }
 uint64_t tly_req_start(tly_req_t *req) { return req->start; }
+void tly_req_set_route(tly_req_t *req, const char *route) { req->route = route; }
+const char *tly_req_route(tly_req_t *req) { return req->route; }
+void tly_req_set_note(tly_req_t *req, const char *note) { req->note = note; }
+const char *tly_req_note(tly_req_t *req) { return req->note; }
+
+void http_notify_response(conn_t *c, int status)
+{
+    if (c->server->conf.on_response != NULL)
+        c->server->conf.on_response(&c->req, status, c->server->conf.arg);
+}
 bool tly_req_client_gone(tly_req_t *req) { return req->conn->sock == NULL; }
 
 tly_str_t tly_req_header(tly_req_t *req, const char *name)
@@ -779,6 +790,7 @@ void tly_req_add_header(tly_req_t *req, const char *name, const char *value)
 void tly_req_respond(tly_req_t *req, int status, const char *content_type, const char *body, size_t len)
 {
     conn_t *c = req->conn;
+    http_notify_response(c, status);
     if (c->sock == NULL) {
         /* the client left while we worked; the connection waited only for this */
         http_conn_free(c);
@@ -859,6 +871,7 @@ int http_pend_append(conn_t *c, const char *s, size_t n)
 void tly_req_stream_start(tly_req_t *req, int status, const char *content_type, const tly_stream_cb_t *cb)
 {
     conn_t *c = req->conn;
+    http_notify_response(c, status);
     c->stream = *cb;
     c->stream_ended = false;
     if (c->sock == NULL) {
@@ -889,6 +902,13 @@ void tly_req_stream_start(tly_req_t *req, int status, const char *content_type, 
     }
     static const char tail[] = "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
     http_pend_append(c, tail, sizeof(tail) - 1);
+    if (req->method == TLY_M_HEAD) {
+        /* HEAD: the head of the stream only; the owner hears on_close when it is sent */
+        c->stream_ended = true;
+        h2o_socket_read_start(c->sock, http_on_read);
+        http_stream_flush(c);
+        return;
+    }
     /* the request's strings live in the input buffer, which reading may now move */
     req->nheaders = 0;
     req->body = (tly_str_t){"", 0};

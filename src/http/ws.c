@@ -169,6 +169,7 @@ int tly_req_ws_accept(tly_req_t *req, const tly_ws_cb_t *cb)
     req->path = req->query = (tly_str_t){"", 0};
     h2o_buffer_consume(&c->sock->input, consumed > c->sock->input->size ? c->sock->input->size : consumed);
     c->state = ST_WEBSOCKET;
+    http_notify_response(c, 101);
     h2o_socket_read_start(c->sock, http_on_read);
     http_stream_flush(c);
     /* frames may have arrived with the handshake */

@@ -62,7 +62,8 @@ void tly_log(tly_log_level_t level, const char *msg, ...)
     json_decref(o);
 }
 
-void tly_log_request(const char *method, const char *route, int status, double ms, const char *peer)
+void tly_log_request(const char *method, const char *route, int status, const char *code, double ms,
+                     const char *peer)
 {
     if (TLY_LOG_INFO < min_level)
         return;
@@ -72,6 +73,8 @@ void tly_log_request(const char *method, const char *route, int status, double m
     json_object_set_new(o, "method", json_string(method));
     json_object_set_new(o, "route", json_string(route));
     json_object_set_new(o, "status", json_integer(status));
+    if (code != NULL)
+        json_object_set_new(o, "code", json_string(code));
     json_object_set_new(o, "ms", json_real((double)(int64_t)(ms * 1000) / 1000));
     json_object_set_new(o, "peer", json_string(peer));
     emit(o);

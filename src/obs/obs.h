@@ -16,7 +16,32 @@ int tly_log_set_level(const char *name);
 /* Writes {"ts","level","msg", k1:v1, ...}: `kv` is a NULL-terminated list of key,
  * value string pairs. */
 void tly_log(tly_log_level_t level, const char *msg, ...);
-/* One line per request: method, route pattern, status, duration, request size. */
-void tly_log_request(const char *method, const char *route, int status, double ms, const char *peer);
+/* One line per request: method, route pattern, status, error code (or NULL), duration
+ * and the peer's address. Never the path's query, a header or a body. */
+void tly_log_request(const char *method, const char *route, int status, const char *code, double ms,
+                     const char *peer);
+
+/* ---- metrics (GET /metrics). Record on the event-loop thread only; every string must
+ * be static (series are keyed by pointer). ---- */
+
+/* One answered request: route pattern (NULL: no route matched), method, status, and
+ * the milliseconds from a complete head to the response. */
+void tly_metrics_request(const char *route, const char *method, int status, double ms);
+/* +1 on the counter `family`{label="value"}. */
+void tly_metrics_count(const char *family, const char *label, const char *value);
+/* HELP text of a counter family (metrics_help.c keeps the list). */
+const char *tly_metrics_help(const char *family);
+
+/* What the caller adds at scrape time: the store's statistics and gauges. */
+typedef struct {
+    const uint64_t *batch_bounds, *commit_us_bounds;
+    size_t nbounds;
+    const uint64_t *batch_hist, *commit_hist; /* nbounds + 1 entries */
+    uint64_t batch_sum, commit_us_sum, failed_batches, queued;
+    int writable;
+    uint64_t live_subscribers, connections, polls;
+} tly_metrics_extra_t;
+/* The whole exposition (heap, caller frees), or NULL on allocation failure. */
+char *tly_metrics_render(const tly_metrics_extra_t *x, size_t *len);
 
 #endif

@@ -527,11 +527,28 @@ int tly_store_writable(tly_store_t *s)
     return !atomic_load(&s->failed);
 }
 
+const uint64_t tly_store_batch_bounds[TLY_STORE_HIST] = {1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000};
+const uint64_t tly_store_commit_us_bounds[TLY_STORE_HIST] = {100,   250,   500,    1000,   2500,   5000,
+                                                             10000, 25000, 50000, 100000, 250000, 1000000};
+
+static size_t hist_bucket(const uint64_t *bounds, uint64_t v)
+{
+    size_t i = 0;
+    while (i < TLY_STORE_HIST && v > bounds[i])
+        i++;
+    return i;
+}
+
 void tly_store_stats(tly_store_t *s, tly_store_stats_t *out)
 {
     pthread_mutex_lock(&s->done_mu);
     *out = s->stats;
     pthread_mutex_unlock(&s->done_mu);
+    pthread_mutex_lock(&s->mu);
+    out->queued = 0;
+    for (tly_store_op_t *op = s->head; op != NULL && out->queued < 1000000; op = op->next)
+        out->queued++;
+    pthread_mutex_unlock(&s->mu);
 }
 
 /* ---- the writer ------------------------------------------------------------------ */
@@ -970,6 +987,12 @@ static void *writer_main(void *arg)
             s->stats.ops += n;
             s->stats.last_batch_size = n;
             s->stats.last_commit_us = commit_us;
+            s->stats.batch_hist[hist_bucket(tly_store_batch_bounds, n)]++;
+            s->stats.commit_hist[hist_bucket(tly_store_commit_us_bounds, commit_us)]++;
+            s->stats.batch_sum += n;
+            s->stats.commit_us_sum += commit_us;
+        } else {
+            s->stats.failed_batches++;
         }
         pthread_mutex_unlock(&s->done_mu);
         if (s->conf.notify != NULL)

@@ -245,10 +245,17 @@ int tly_store_ballots_page(tly_store_reader_t *r, const char *poll_id, int64_t a
  */
 int tly_store_generate_ballots(tly_store_t *s, const char *poll_id, size_t noptions, size_t n);
 
-/* Statistics for metrics: batches committed, operations, last batch size, last commit
- * (fsync) time in microseconds. */
+/* Statistics for metrics: batches committed and failed, operations, the last batch's
+ * size and commit (fsync) time, operations queued and not yet taken by the writer, and
+ * histograms (counts per bucket, not cumulative) of batch sizes and commit times in
+ * microseconds with the bounds below (a last, implicit bucket holds the rest). */
+#define TLY_STORE_HIST 12
+extern const uint64_t tly_store_batch_bounds[TLY_STORE_HIST];
+extern const uint64_t tly_store_commit_us_bounds[TLY_STORE_HIST];
 typedef struct {
-    uint64_t batches, ops, last_batch_size, last_commit_us;
+    uint64_t batches, failed_batches, ops, last_batch_size, last_commit_us, queued;
+    uint64_t batch_hist[TLY_STORE_HIST + 1], commit_hist[TLY_STORE_HIST + 1];
+    uint64_t batch_sum, commit_us_sum;
 } tly_store_stats_t;
 void tly_store_stats(tly_store_t *s, tly_store_stats_t *out);
 
