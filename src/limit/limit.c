@@ -229,6 +229,8 @@ static void evict_one(tly_limiter_t *l, uint64_t now)
 {
     bucket_t *victim = l->oldest;
     bucket_t *b = l->oldest;
+    if (victim == NULL) /* only called with count >= max_keys >= 1 */
+        return;
     for (int n = 0; b != NULL && n < EVICT_SCAN; n++, b = b->newer) {
         if (bucket_full(b, now)) {
             victim = b;
@@ -299,15 +301,15 @@ int tly_limit_take(tly_limiter_t *l, const tly_limit_rule_t *rule, const char *k
     size_t slot = find_slot(l, k, len, hash);
     bucket_t *b = l->slots[slot];
     if (b == NULL) {
+        /* allocate before evicting, so that running out of memory never costs a bucket */
+        size_t size = offsetof(bucket_t, key) + len;
+        b = tly_malloc(size > sizeof(bucket_t) ? size : sizeof(bucket_t));
+        if (b == NULL)
+            goto fail;
         if (l->count >= l->max_keys)
             evict_one(l, now_ms);
-        int rc = table_reserve(l);
-        if (rc == 0 && (b = tly_malloc(offsetof(bucket_t, key) + len)) == NULL)
-            rc = TLY_ENOMEM;
-        if (rc != 0) {
-            describe(out, true, p, c, p); /* what a fresh bucket would say */
-            return rc;
-        }
+        if (table_reserve(l) != 0) /* never at the bound: the table is already large enough */
+            goto fail;
         memcpy(b->key, k, len);
         b->keylen = (uint16_t)len;
         b->hash = hash;
@@ -329,6 +331,10 @@ int tly_limit_take(tly_limiter_t *l, const tly_limit_rule_t *rule, const char *k
     }
     describe(out, allowed, debt, c, p);
     return 0;
+fail:
+    tly_free(b);
+    describe(out, true, p, c, p); /* what a fresh bucket would say */
+    return TLY_ENOMEM;
 }
 
 void tly_limiter_sweep(tly_limiter_t *l, uint64_t now_ms, size_t max_work)
@@ -343,10 +349,12 @@ void tly_limiter_sweep(tly_limiter_t *l, uint64_t now_ms, size_t max_work)
     }
 }
 
+/* Values from valid rules fit easily (seconds <= 10^9); the clamp is for a hand-made
+ * result, so the text always fits its 16 bytes. */
 static void format_u64(char out[TLY_LIMIT_HDR_LEN], uint64_t v)
 {
     if (out != NULL)
-        snprintf(out, TLY_LIMIT_HDR_LEN, "%" PRIu64, v);
+        snprintf(out, TLY_LIMIT_HDR_LEN, "%" PRIu64, v < 999999999999999u ? v : 999999999999999u);
 }
 
 void tly_limit_headers(const tly_limit_result_t *r, char limit[TLY_LIMIT_HDR_LEN],

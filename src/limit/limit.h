@@ -20,7 +20,9 @@
  * key starts again from a full bucket: the bound trades a little extra allowance for a
  * key evicted under pressure for a fixed memory ceiling. tly_limiter_sweep drops full
  * buckets so that keys seen once do not pin memory until evicted. Measured on x86-64
- * glibc: about 80 bytes per key plus the key (rule name + key) length.
+ * glibc with 1,000,000 keys like "ip:10.1.2.3" under rule "vote" (19.5 bytes stored
+ * per key: name, NUL, key): 80.8 bytes per key in all, i.e. 61 + key length: a 34-byte
+ * bucket plus the stored key as malloc rounds it, and 16.8 bytes of hash table.
  *
  * Threads: a tly_limiter_t belongs to the one event-loop thread that uses it; nothing
  * here locks. Each event-loop thread that limits requests has its own limiter (or its
@@ -62,8 +64,9 @@ typedef struct {
 
 typedef struct tly_limiter tly_limiter_t;
 
-/* Creates a limiter that holds at most max_keys buckets (1..2^30; 1,000,000 costs about
- * 100 MB when full). Returns NULL when max_keys is out of range or memory runs out.
+/* Creates a limiter that holds at most max_keys buckets (1..2^30; 1,000,000 short keys
+ * cost about 81 MB when all are held). Returns NULL when max_keys is out of range or
+ * memory runs out.
  * Reads 16 random bytes once (through libsodium) to key the hash, so that clients who
  * choose their keys (IPv6 addresses) cannot make the table degrade. The caller owns it;
  * free with tly_limiter_free. Any thread; the limiter then belongs to one thread. */
