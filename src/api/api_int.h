@@ -46,6 +46,14 @@ typedef struct poll_idem {
     bool committed;
 } poll_idem_t;
 
+/* ---- Idempotency-Keys of retracted ballots: "poll\nvoter\nkey" -> body hash, so that a
+ * late retry of the POST that cast a retracted ballot does not cast it again ---- */
+typedef struct retracted_key {
+    UT_hash_handle hh;
+    char *key;
+    uint8_t body_hash[16];
+} retracted_key_t;
+
 /* ---- polls being deleted: votes and changes are refused until the delete commits ---- */
 typedef struct poll_mark {
     UT_hash_handle hh;
@@ -74,6 +82,7 @@ struct tly_app {
     vote_request_t *requests;
     poll_idem_t *poll_idem;
     poll_mark_t *deleting;
+    retracted_key_t *retracted;
     struct ballot_op *pending_ballots; /* votes.c: ballots in the writer, by vote */
     struct live *live;
     tly_store_reader_t *reader; /* loop thread's, opened on first use */

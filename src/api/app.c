@@ -522,6 +522,12 @@ void tly_app_free(tly_app_t *app)
         tly_free(r->voter_id);
         tly_free(r);
     }
+    retracted_key_t *rk, *rktmp;
+    HASH_ITER(hh, app->retracted, rk, rktmp) {
+        HASH_DEL(app->retracted, rk);
+        tly_free(rk->key);
+        tly_free(rk);
+    }
     poll_idem_t *pi, *pitmp;
     HASH_ITER(hh, app->poll_idem, pi, pitmp) {
         HASH_DEL(app->poll_idem, pi);

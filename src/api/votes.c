@@ -113,6 +113,35 @@ static void ballot_committed(tly_store_op_t *op)
     tly_free(bo);
 }
 
+static char *retracted_key_of(const char *poll_id, const char *voter_id, const char *idem)
+{
+    size_t n = strlen(poll_id) + strlen(voter_id) + strlen(idem) + 3;
+    char *k = tly_malloc(n);
+    if (k != NULL)
+        snprintf(k, n, "%s\n%s\n%s", poll_id, voter_id, idem);
+    return k;
+}
+
+static void remember_retracted(tly_app_t *app, const tly_poll_t *p, const tly_vote_t *v)
+{
+    if (v->idem_key == NULL)
+        return;
+    retracted_key_t *rk = tly_calloc(1, sizeof(*rk));
+    if (rk == NULL || (rk->key = retracted_key_of(p->poll_id, v->voter_id, v->idem_key)) == NULL) {
+        tly_free(rk);
+        return;
+    }
+    retracted_key_t *old;
+    HASH_FIND_STR(app->retracted, rk->key, old);
+    if (old != NULL) {
+        HASH_DEL(app->retracted, old);
+        tly_free(old->key);
+        tly_free(old);
+    }
+    memcpy(rk->body_hash, v->body_hash, 16);
+    HASH_ADD_KEYPTR(hh, app->retracted, rk->key, strlen(rk->key), rk);
+}
+
 static bool prefers_async(tly_req_t *req)
 {
     tly_str_t h = tly_req_header(req, "prefer");
@@ -181,6 +210,24 @@ void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg)
             respond_already_voted(req, prev);
         }
         goto done;
+    }
+    if (idem != NULL && app->retracted != NULL) {
+        char *k = retracted_key_of(p->poll_id, caller.id, idem);
+        retracted_key_t *rk = NULL;
+        if (k != NULL)
+            HASH_FIND_STR(app->retracted, k, rk);
+        tly_free(k);
+        if (rk != NULL) {
+            if (memcmp(rk->body_hash, hash, 16) == 0)
+                api_respond_error(req, 409, "VOTE_RETRACTED",
+                                  "the ballot this request cast was retracted; vote again without this "
+                                  "Idempotency-Key",
+                                  NULL);
+            else
+                api_respond_error(req, 422, "IDEMPOTENCY_KEY_REUSED",
+                                  "this Idempotency-Key was used with a different ballot", NULL);
+            goto done;
+        }
     }
     int64_t now = tly_now_ms();
     if (!tly_poll_accepts_votes(p, now)) {
@@ -403,6 +450,7 @@ static void retract_committed(tly_store_op_t *op)
     api_end_async(app);
     tly_req_t *req = bo->waiters->req;
     if (op->result == 0) {
+        remember_retracted(app, bo->poll, bo->vote);
         tly_poll_retract_vote(app->registry, bo->poll, bo->vote, op->u.ballot.recorded_at);
         tly_req_respond(req, 204, NULL, "", 0);
     } else if (op->result == TLY_ENOTFOUND) {
