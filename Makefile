@@ -24,7 +24,7 @@ UNIT_BIN := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 DATA_DIR ?= ./data
 LISTEN   ?= 127.0.0.1:8080
 
-.PHONY: all run test test-unit test-api test-live test-e2e check-asan deps deps-test clean bench bench-live lint fmt
+.PHONY: all run test test-unit test-api test-live test-e2e check-asan deps deps-test clean bench bench-live bench-export lint fmt
 .DEFAULT_GOAL := all
 
 all: $(BUILD)/tally
@@ -39,6 +39,9 @@ $(BUILD)/libtally.a: $(LIB_OBJ)
 
 $(BUILD)/tally: $(MAIN_OBJ) $(BUILD)/libtally.a
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/tally-genballots: tools/genballots.c $(BUILD)/libtally.a
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libtally.a $(LDFLAGS) $(LDLIBS)
 
 $(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libtally.a
 	@mkdir -p $(dir $@)
@@ -79,6 +82,11 @@ check-asan: deps-test
 	@$(MAKE) --no-print-directory BUILD=build-asan OPT=-O1 \
 	    SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \
 	    all test-unit test-api test-live
+
+# 1,000,000 ballots written through the store layer, then streamed as CSV and JSON
+# while the server's RSS is sampled (issue: < 100 MiB growth)
+bench-export: $(BUILD)/tally $(BUILD)/tally-genballots
+	node bench/export.mjs --bin $(abspath $(BUILD)/tally) --gen $(abspath $(BUILD)/tally-genballots)
 
 lint:
 	clang-tidy $(LIB_SRC) src/main.c -- $(CFLAGS)
