@@ -13,6 +13,7 @@
 #include "api/api.h"
 #include "auth/auth.h"
 #include "core/core.h"
+#include "limit/limit.h"
 #include "store/store.h"
 
 /* ---- users (registered accounts) ---- */
@@ -68,6 +69,8 @@ struct work {
     work_t *next;
 };
 
+typedef enum { API_LIMIT_AUTH, API_LIMIT_ANON, API_LIMIT_POLL, API_LIMIT_VOTE_IP, API_LIMIT_VOTER, API_LIMIT_N } api_limit_t;
+
 struct tly_app {
     const tly_conf_t *conf;
     tly_loop_t *loop;
@@ -83,6 +86,9 @@ struct tly_app {
     poll_idem_t *poll_idem;
     poll_mark_t *deleting;
     retracted_key_t *retracted;
+    tly_limiter_t *limiter; /* NULL with --rate-limits off */
+    tly_limit_rule_t rules[API_LIMIT_N];
+    tly_timer_t limit_sweep;
     struct ballot_op *pending_ballots; /* votes.c: ballots in the writer, by vote */
     struct live *live;
     tly_store_reader_t *reader; /* loop thread's, opened on first use */
@@ -141,6 +147,13 @@ bool api_is_owner(const tly_poll_t *p, const caller_t *caller);
 void api_begin_async(tly_app_t *app);
 void api_end_async(tly_app_t *app);
 void api_work_submit(tly_app_t *app, work_t *w);
+
+/* ---- rate limits (limits.c) ---- */
+int api_limits_init(tly_app_t *app);
+void api_limits_free(tly_app_t *app);
+/* Takes one request of class `which` for voter_id (NULL: the peer's address) and adds
+ * the RateLimit-* headers. Returns false after answering 429 RATE_LIMITED. */
+bool api_limit(tly_app_t *app, tly_req_t *req, api_limit_t which, const char *voter_id);
 
 /* ---- persistence glue (persist.c) ---- */
 /* A store operation with its own copy of a poll row, freed with poll_op_free. */

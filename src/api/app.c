@@ -452,7 +452,7 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
                             .arg = app,
                             .render_error = render_error,
                             .on_response = on_response};
-    if ((app->live = api_live_new(app)) == NULL) {
+    if (api_limits_init(app) != 0 || (app->live = api_live_new(app)) == NULL) {
         snprintf(err, 512, "out of memory");
         goto fail;
     }
@@ -504,6 +504,7 @@ void tly_app_free(tly_app_t *app)
     api_live_shutdown(app->live);
     tly_server_free(app->server); /* closes open streams; their subscribers unlink */
     api_live_free(app->live);
+    api_limits_free(app);
     tly_router_free(app->router);
     tly_registry_free(app->registry);
     user_t *u, *tmp;

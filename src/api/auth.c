@@ -181,6 +181,8 @@ static void register_hashed(work_t *w)
 void api_auth_register(tly_req_t *req, const tly_params_t *params, void *arg)
 {
     tly_app_t *app = arg;
+    if (!api_limit(app, req, API_LIMIT_AUTH, NULL))
+        return;
     json_t *body = api_parse_body(req, false);
     if (body == NULL)
         return;
@@ -277,6 +279,8 @@ static void login_done(work_t *w)
 void api_auth_login(tly_req_t *req, const tly_params_t *params, void *arg)
 {
     tly_app_t *app = arg;
+    if (!api_limit(app, req, API_LIMIT_AUTH, NULL))
+        return;
     json_t *body = api_parse_body(req, false);
     if (body == NULL)
         return;
@@ -323,6 +327,8 @@ done:
 void api_auth_anonymous(tly_req_t *req, const tly_params_t *params, void *arg)
 {
     tly_app_t *app = arg;
+    if (!api_limit(app, req, API_LIMIT_ANON, NULL))
+        return;
     char voter_id[32];
     tly_random_id(voter_id, "anon_", 15);
     respond_token(app, req, 201, "voter_id", voter_id, true);

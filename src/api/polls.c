@@ -61,7 +61,8 @@ void api_polls_create(tly_req_t *req, const tly_params_t *params, void *arg)
     tly_app_t *app = arg;
     caller_t caller;
     char *idem;
-    if (!api_caller(app, req, true, &caller) || !api_idempotency_key(req, &idem))
+    if (!api_caller(app, req, true, &caller) || !api_limit(app, req, API_LIMIT_POLL, caller.id) ||
+        !api_idempotency_key(req, &idem))
         return;
     json_t *body = api_parse_body(req, false);
     if (body == NULL)

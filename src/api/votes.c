@@ -179,7 +179,10 @@ void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg)
     tly_app_t *app = arg;
     caller_t caller;
     char *idem;
-    if (!api_caller(app, req, true, &caller) || !api_idempotency_key(req, &idem))
+    if (!api_caller(app, req, true, &caller) ||
+        !api_limit(app, req, caller.anonymous ? API_LIMIT_VOTE_IP : API_LIMIT_VOTER,
+                   caller.anonymous ? NULL : caller.id) ||
+        !api_idempotency_key(req, &idem))
         return;
     tly_poll_t *p = api_find_poll(app, req, params, &caller);
     if (p == NULL)
@@ -380,7 +383,9 @@ void api_receipts_get(tly_req_t *req, const tly_params_t *params, void *arg)
 static tly_vote_t *own_vote_for_change(tly_app_t *app, tly_req_t *req, const tly_params_t *params, caller_t *caller,
                                        tly_poll_t **pp)
 {
-    if (!api_caller(app, req, true, caller))
+    if (!api_caller(app, req, true, caller) ||
+        !api_limit(app, req, caller->anonymous ? API_LIMIT_VOTE_IP : API_LIMIT_VOTER,
+                   caller->anonymous ? NULL : caller->id))
         return NULL;
     tly_poll_t *p = api_find_poll(app, req, params, caller);
     if (p == NULL)

@@ -49,6 +49,19 @@ static const option_t options[] = {
     {"live-max", OPT_LONG, OFF(live_max), "19000", 1, 10000000, "serve", "live subscribers at most, in total"},
     {"live-max-per-ip", OPT_LONG, OFF(live_max_per_ip), "2000", 1, 10000000, "serve",
      "live subscribers at most from one IP address"},
+    {"rate-limits", OPT_BOOL, OFF(rate_limits), "true", 0, 0, "serve",
+     "rate limits on (true) or off (false, for benchmarks and tests about something else)"},
+    {"rate-vote-ip", OPT_LONG, OFF(rate_vote_ip), "10", 1, 1000000, "serve",
+     "ballots per minute per IP address from anonymous voters"},
+    {"rate-vote-voter", OPT_LONG, OFF(rate_vote_voter), "60", 1, 1000000, "serve",
+     "ballots, changes and retractions per minute per authenticated voter"},
+    {"rate-poll-user", OPT_LONG, OFF(rate_poll_user), "5", 1, 1000000, "serve", "polls created per hour per user"},
+    {"rate-auth-ip", OPT_LONG, OFF(rate_auth_ip), "20", 1, 1000000, "serve",
+     "register and login requests per minute per IP address"},
+    {"rate-anon-ip", OPT_LONG, OFF(rate_anon_ip), "20", 1, 1000000, "serve",
+     "anonymous device tokens per minute per IP address"},
+    {"rate-keys", OPT_LONG, OFF(rate_keys), "1000000", 1000, 100000000, "serve",
+     "rate-limit buckets kept at most (about 80 bytes each)"},
     {"sub", OPT_STR, OFF(sub), "", 0, 0, "token", "subject (voter id) of the token"},
     {"ttl", OPT_LONG, OFF(ttl), "86400", 1, 31622400, "token", "lifetime of the token, seconds"},
     {"anonymous", OPT_BOOL, OFF(anonymous), "false", 0, 0, "token", "mint an anonymous device token"},
@@ -212,7 +225,14 @@ int tly_conf_load(tly_conf_t *c, const char *command, int argc, char **argv, cha
         if (eq != NULL) {
             value = eq + 1;
         } else if (o->type == OPT_BOOL) {
+            /* "--rate-limits off" as well as "--anonymous" */
+            static const char *const words[] = {"true", "false", "on", "off", "yes", "no", "1", "0"};
             value = "true";
+            for (size_t w = 0; i + 1 < argc && w < TLY_ARRAY_SIZE(words); w++)
+                if (strcmp(argv[i + 1], words[w]) == 0) {
+                    value = argv[++i];
+                    break;
+                }
         } else if (i + 1 < argc) {
             value = argv[++i];
         } else {

@@ -31,6 +31,13 @@ typedef struct {
     long live_tick;
     long live_max;
     long live_max_per_ip;
+    bool rate_limits;
+    long rate_vote_ip;
+    long rate_vote_voter;
+    long rate_poll_user;
+    long rate_auth_ip;
+    long rate_anon_ip;
+    long rate_keys;
     /* `tally token` */
     char *sub;
     long ttl;
