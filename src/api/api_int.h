@@ -55,6 +55,14 @@ typedef struct retracted_key {
     uint8_t body_hash[16];
 } retracted_key_t;
 
+/* ---- proof-of-work challenges already answered, until they expire (auth.c) ---- */
+typedef struct pow_used {
+    UT_hash_handle hh;
+    char nonce_id[24]; /* the challenge's random part */
+    int64_t expires;   /* seconds */
+    struct pow_used *next; /* expiry order (all live equally long) */
+} pow_used_t;
+
 /* ---- polls being deleted: votes and changes are refused until the delete commits ---- */
 typedef struct poll_mark {
     UT_hash_handle hh;
@@ -86,6 +94,8 @@ struct tly_app {
     poll_idem_t *poll_idem;
     poll_mark_t *deleting;
     retracted_key_t *retracted;
+    pow_used_t *pow_used, *pow_head, *pow_tail;
+    size_t pow_count;
     tly_limiter_t *limiter; /* NULL with --rate-limits off */
     tly_limit_rule_t rules[API_LIMIT_N];
     tly_timer_t limit_sweep;
@@ -173,6 +183,8 @@ int api_load(tly_app_t *app);
 void api_auth_register(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_auth_login(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_auth_anonymous(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_auth_challenge(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_pow_free(tly_app_t *app);
 void api_auth_me(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_polls_create(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_polls_get(tly_req_t *req, const tly_params_t *params, void *arg);

@@ -375,6 +375,7 @@ static int add_routes(tly_router_t *r)
         {TLY_M_POST, "/v1/auth/register", api_auth_register},
         {TLY_M_POST, "/v1/auth/login", api_auth_login},
         {TLY_M_POST, "/v1/auth/anonymous", api_auth_anonymous},
+        {TLY_M_POST, "/v1/auth/challenge", api_auth_challenge},
         {TLY_M_GET, "/v1/auth/me", api_auth_me},
         {TLY_M_POST, "/v1/polls", api_polls_create},
         {TLY_M_GET, "/v1/polls", api_polls_list},
@@ -523,6 +524,7 @@ void tly_app_free(tly_app_t *app)
         tly_free(r->voter_id);
         tly_free(r);
     }
+    api_pow_free(app);
     retracted_key_t *rk, *rktmp;
     HASH_ITER(hh, app->retracted, rk, rktmp) {
         HASH_DEL(app->retracted, rk);

@@ -5,6 +5,10 @@
  * threads; the loop only reserves the username (so two concurrent registrations of one
  * name cannot both succeed) and commits the account through the store.
  */
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <sodium.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "api/api_int.h"
@@ -322,12 +326,156 @@ done:
     json_decref(body);
 }
 
-/* ---- anonymous device tokens ---- */
+/* ---- anonymous device tokens, behind a proof of work ----
+ *
+ * A device token costs the client a small search: find a nonce such that
+ * SHA-256(challenge ":" nonce) starts with --pow-difficulty zero bits (16: about 65,000
+ * hashes, well under a second in a browser's Web Worker), so that minting thousands of
+ * voters costs real CPU while one person notices nothing. Challenges are stateless until
+ * answered: "<expiry>.<random>.<difficulty>.<mac>" with an HMAC under the server secret;
+ * an answered challenge is remembered until it expires so it cannot be used twice.
+ */
+
+#define POW_TTL_S 300
+#define POW_MAX_USED 1000000 /* answered challenges remembered at most (~100 B each) */
+
+static void pow_mac(tly_app_t *app, const char *body, size_t len, char out[24])
+{
+    unsigned char mac[32];
+    unsigned int maclen = sizeof(mac);
+    char msg[160];
+    int n = snprintf(msg, sizeof(msg), "pow\n%.*s", (int)len, body);
+    HMAC(EVP_sha256(), app->secret, (int)app->secret_len, (const unsigned char *)msg, (size_t)n, mac, &maclen);
+    tly_b64url_encode(mac, 16, out);
+}
+
+void api_auth_challenge(tly_req_t *req, const tly_params_t *params, void *arg)
+{
+    tly_app_t *app = arg;
+    if (!api_limit(app, req, API_LIMIT_ANON, NULL))
+        return;
+    int64_t exp = tly_now_ms() / 1000 + POW_TTL_S;
+    char rnd[24], body[96], mac[24], challenge[128], expires[TLY_TIME_LEN];
+    tly_random_id(rnd, "", 12);
+    int n = snprintf(body, sizeof(body), "%lld.%s.%ld", (long long)exp, rnd, app->conf->pow_difficulty);
+    pow_mac(app, body, (size_t)n, mac);
+    snprintf(challenge, sizeof(challenge), "%s.%s", body, mac);
+    tly_time_format(exp * 1000, expires);
+    api_respond_json(req, 200,
+                     json_pack("{s:s, s:i, s:s, s:s}", "challenge", challenge, "difficulty",
+                               (int)app->conf->pow_difficulty, "algorithm", "sha256-leading-zero-bits",
+                               "expires_at", expires));
+}
+
+static void pow_forget_expired(tly_app_t *app, int64_t now_s)
+{
+    while (app->pow_head != NULL && (app->pow_head->expires < now_s || app->pow_count > POW_MAX_USED)) {
+        pow_used_t *u = app->pow_head;
+        app->pow_head = u->next;
+        if (app->pow_head == NULL)
+            app->pow_tail = NULL;
+        HASH_DEL(app->pow_used, u);
+        tly_free(u);
+        app->pow_count--;
+    }
+}
+
+void api_pow_free(tly_app_t *app)
+{
+    pow_used_t *u, *tmp;
+    HASH_ITER(hh, app->pow_used, u, tmp) {
+        HASH_DEL(app->pow_used, u);
+        tly_free(u);
+    }
+    app->pow_head = app->pow_tail = NULL;
+    app->pow_count = 0;
+}
+
+static int leading_zero_bits(const unsigned char *h, size_t n)
+{
+    int bits = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (h[i] == 0) {
+            bits += 8;
+            continue;
+        }
+        for (unsigned char m = 0x80; m && !(h[i] & m); m >>= 1)
+            bits++;
+        break;
+    }
+    return bits;
+}
+
+/* Checks the body's answer. Returns true, or false after answering 400/403. */
+static bool pow_check(tly_app_t *app, tly_req_t *req)
+{
+    json_t *body = api_parse_body(req, true);
+    if (body == NULL)
+        return false;
+    json_t *jc = json_object_get(body, "challenge"), *jn = json_object_get(body, "nonce");
+    bool ok = false;
+    if (!json_is_string(jc) || json_string_length(jc) > 200) {
+        api_respond_validation(req, "challenge",
+                               "an anonymous token needs a solved challenge: POST /v1/auth/challenge first");
+        goto done;
+    }
+    const char *nonce = json_string_value(jn);
+    size_t nlen = json_is_string(jn) ? json_string_length(jn) : 0;
+    bool nonce_ok = nlen >= 1 && nlen <= 64;
+    for (size_t i = 0; nonce_ok && i < nlen; i++)
+        nonce_ok = nonce[i] >= 0x21 && nonce[i] <= 0x7e;
+    if (!nonce_ok) {
+        api_respond_validation(req, "nonce", "nonce must be 1 to 64 printable ASCII characters");
+        goto done;
+    }
+    /* "<exp>.<rand>.<difficulty>.<mac>" */
+    const char *c = json_string_value(jc), *last = strrchr(c, '.');
+    char exp_s[24] = "", rnd[24] = "", mac[24];
+    long difficulty = -1;
+    bool shape = last != NULL && sscanf(c, "%20[0-9].%20[A-Za-z0-9_-].%ld.", exp_s, rnd, &difficulty) == 3;
+    if (shape) {
+        pow_mac(app, c, (size_t)(last - c), mac);
+        shape = strlen(last + 1) == strlen(mac) && sodium_memcmp(last + 1, mac, strlen(mac)) == 0;
+    }
+    int64_t now_s = tly_now_ms() / 1000;
+    pow_forget_expired(app, now_s);
+    pow_used_t *used = NULL;
+    if (shape)
+        HASH_FIND_STR(app->pow_used, rnd, used);
+    unsigned char h[32];
+    char buf[300];
+    int n = snprintf(buf, sizeof(buf), "%s:%.*s", c, (int)nlen, nonce);
+    crypto_hash_sha256(h, (const unsigned char *)buf, (size_t)n);
+    if (!shape || strtoll(exp_s, NULL, 10) < now_s || used != NULL || difficulty < app->conf->pow_difficulty ||
+        leading_zero_bits(h, sizeof(h)) < difficulty) {
+        api_respond_error(req, 403, "POW_FAILED",
+                          "the challenge is unknown, expired, already used, or the nonce does not solve it", NULL);
+        goto done;
+    }
+    pow_used_t *u = tly_calloc(1, sizeof(*u));
+    if (u != NULL) {
+        snprintf(u->nonce_id, sizeof(u->nonce_id), "%s", rnd);
+        u->expires = strtoll(exp_s, NULL, 10);
+        HASH_ADD_STR(app->pow_used, nonce_id, u);
+        if (app->pow_tail)
+            app->pow_tail->next = u;
+        else
+            app->pow_head = u;
+        app->pow_tail = u;
+        app->pow_count++;
+    }
+    ok = true;
+done:
+    json_decref(body);
+    return ok;
+}
 
 void api_auth_anonymous(tly_req_t *req, const tly_params_t *params, void *arg)
 {
     tly_app_t *app = arg;
     if (!api_limit(app, req, API_LIMIT_ANON, NULL))
+        return;
+    if (app->conf->pow_difficulty > 0 && !pow_check(app, req))
         return;
     char voter_id[32];
     tly_random_id(voter_id, "anon_", 15);

@@ -38,6 +38,7 @@ typedef struct {
     long rate_auth_ip;
     long rate_anon_ip;
     long rate_keys;
+    long pow_difficulty;
     /* `tally token` */
     char *sub;
     long ttl;

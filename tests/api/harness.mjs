@@ -90,7 +90,7 @@ export async function startServer(opts = {}) {
     const port = await freePort();
     const args = ['serve', '--listen', `127.0.0.1:${port}`, '--data-dir', dataDir, '--secret', secret,
       ...(opts.args || [])];
-    const env = { ...process.env, TALLY_RATE_LIMITS: 'off', ...(opts.env || {}) };
+    const env = { ...process.env, TALLY_RATE_LIMITS: 'off', TALLY_POW_DIFFICULTY: '0', ...(opts.env || {}) };
     const child = spawn(BIN, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
     live.add(child);
     server._expectedExit = false;
