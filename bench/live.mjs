@@ -465,7 +465,7 @@ async function parent() {
     const args = ['serve', '--listen', `127.0.0.1:${port}`, '--data-dir', dataDir, '--secret', secret,
       '--log-level', 'warn', '--live-max', '20000', '--live-max-per-ip', '20000', '--live-tick', String(o.tick),
       // the default --max-connections (19000) would leave no room for the voters' connections
-      '--max-connections', '19900'];
+      '--max-connections', '19900', '--max-connections-per-ip', '0'];
     server = spawn(o.bin, args, { env: { ...process.env, TALLY_RATE_LIMITS: 'off' }, stdio: ['ignore', 'inherit', 'inherit'] });
     server.on('exit', (code, sig) => { if (!cleaning) { console.error(`bench-live: tally exited (code ${code}, signal ${sig})`); cleanup(1); } });
     const agent = new http.Agent({ keepAlive: true, maxSockets: 32 });

@@ -449,6 +449,7 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
                             .head_timeout_ms = (uint64_t)conf->header_timeout * 1000,
                             .idle_timeout_ms = (uint64_t)conf->idle_timeout * 1000,
                             .max_connections = (size_t)conf->max_connections,
+                            .max_connections_per_ip = (size_t)conf->max_connections_per_ip,
                             .handler = handle,
                             .arg = app,
                             .render_error = render_error,

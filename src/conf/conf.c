@@ -42,6 +42,8 @@ static const option_t options[] = {
      "seconds a request head may take to arrive"},
     {"idle-timeout", OPT_LONG, OFF(idle_timeout), "60", 1, 86400, "serve", "seconds an idle keep-alive connection stays"},
     {"max-connections", OPT_LONG, OFF(max_connections), "19000", 1, 10000000, "serve", "open connections at most"},
+    {"max-connections-per-ip", OPT_LONG, OFF(max_connections_per_ip), "4096", 0, 10000000, "serve",
+     "open connections at most from one address (IPv6: one /64); 0: no limit"},
     {"token-ttl", OPT_LONG, OFF(token_ttl), "2592000", 60, 31622400, "serve", "lifetime of issued tokens, seconds"},
     {"batch-max", OPT_LONG, OFF(batch_max), "4096", 1, 1000000, "serve", "most writes in one store transaction"},
     {"live-tick", OPT_LONG, OFF(live_tick), "250", 10, 10000, "serve",

@@ -26,6 +26,7 @@ typedef struct {
     long header_timeout;
     long idle_timeout;
     long max_connections;
+    long max_connections_per_ip;
     long token_ttl;
     long batch_max;
     long live_tick;

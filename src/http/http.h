@@ -78,6 +78,7 @@ typedef struct {
     uint64_t head_timeout_ms;   /* a request head must arrive within this (slowloris) */
     uint64_t idle_timeout_ms;   /* a keep-alive connection idle this long is closed */
     size_t max_connections;     /* further connections are accepted and closed at once */
+    size_t max_connections_per_ip; /* the same, per client address (IPv6: per /64); 0 = none */
     /* Every parsed request goes here. The handler answers now or later with
      * tly_req_respond; until then the connection reads nothing more. */
     void (*handler)(tly_req_t *req, void *arg);

@@ -6,6 +6,7 @@
 
 #include <h2o.h>
 #include <sys/types.h>
+#include <uthash.h>
 
 #include "http/http.h"
 
@@ -43,6 +44,13 @@ typedef struct {
 } timer_priv_t;
 
 /* ---- connections (server.c), shared with ws.c ---- */
+
+/* open connections per client address, for the per-IP cap */
+typedef struct ip_conns {
+    UT_hash_handle hh;
+    char key[INET6_ADDRSTRLEN];
+    size_t n;
+} ip_conns_t;
 
 #define MAX_HEADERS 64
 #define MAX_RESP_HEADERS 24
@@ -86,6 +94,7 @@ struct conn {
     bool idle;                      /* waiting between requests on the idle timeout */
     h2o_timeout_entry_t timeout;
     char peer[INET6_ADDRSTRLEN];
+    struct ip_conns *ipc; /* its address's connection count */
     char *out;
     size_t out_len, out_cap;
     /* streaming: `out` is being written while `pend` collects what comes next */

@@ -33,6 +33,7 @@ struct tly_server {
     int port;
     conn_t *conns;
     size_t nconns;
+    ip_conns_t *ips;
     h2o_timeout_t head_timeout, idle_timeout, linger_timeout;
     bool accepting;
 };
@@ -489,6 +490,10 @@ void http_conn_free(conn_t *c)
     if (c->next)
         c->next->prev = c->prev;
     s->nconns--;
+    if (c->ipc != NULL && --c->ipc->n == 0) {
+        HASH_DEL(s->ips, c->ipc);
+        tly_free(c->ipc);
+    }
     http_ws_free(c);
     h2o_mem_clear_pool(&c->pool);
     tly_free(c->out);
@@ -544,6 +549,32 @@ static void on_accept(h2o_socket_t *listener, const char *err)
         socklen_t len = h2o_socket_getpeername(sock, (struct sockaddr *)&ss);
         if (len == 0 || h2o_socket_getnumerichost((struct sockaddr *)&ss, len, c->peer) == SIZE_MAX)
             strcpy(c->peer, "unknown");
+        if (s->conf.max_connections_per_ip > 0) {
+            /* IPv6 hosts usually hold a whole /64: count them by it */
+            char key[INET6_ADDRSTRLEN];
+            if (ss.ss_family == AF_INET6) {
+                const uint8_t *b = ((struct sockaddr_in6 *)&ss)->sin6_addr.s6_addr;
+                snprintf(key, sizeof(key), "%02x%02x:%02x%02x:%02x%02x:%02x%02x::/64", b[0], b[1], b[2], b[3], b[4],
+                         b[5], b[6], b[7]);
+            } else {
+                snprintf(key, sizeof(key), "%s", c->peer);
+            }
+            ip_conns_t *ic;
+            HASH_FIND_STR(s->ips, key, ic);
+            if (ic != NULL && ic->n >= s->conf.max_connections_per_ip) {
+                h2o_socket_close(sock);
+                tly_free(c);
+                continue;
+            }
+            if (ic == NULL && (ic = tly_calloc(1, sizeof(*ic))) != NULL) {
+                memcpy(ic->key, key, sizeof(ic->key));
+                HASH_ADD_STR(s->ips, key, ic);
+            }
+            if (ic != NULL) {
+                ic->n++;
+                c->ipc = ic;
+            }
+        }
         c->next = s->conns;
         if (s->conns)
             s->conns->prev = c;

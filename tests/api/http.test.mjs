@@ -368,3 +368,33 @@ test('percent-encoded and odd poll ids are just unknown polls', async () => {
   }
   await assertStillHealthy();
 });
+
+test('--max-connections-per-ip: connections beyond the cap from one address are closed at once', async () => {
+  const net = await import('node:net');
+  const capped = await startServer({ args: ['--max-connections-per-ip', '3'] });
+  const socks = [];
+  try {
+    const open = () => new Promise((resolve) => {
+      const s = net.connect(capped.port, '127.0.0.1');
+      socks.push(s);
+      let closed = false;
+      s.on('close', () => { closed = true; });
+      s.on('error', () => {});
+      s.on('connect', () => setTimeout(() => resolve(() => closed), 200));
+    });
+    const states = [];
+    for (let i = 0; i < 5; i++) states.push(await open());
+    const closed = states.map((isClosed) => isClosed());
+    // the harness's keep-alive health check may hold one of the 3 slots
+    const firstClosed = closed.indexOf(true);
+    assert.ok(firstClosed === 2 || firstClosed === 3, `the cap closes the 3rd or 4th connection: ${closed}`);
+    assert.ok(closed.slice(firstClosed).every(Boolean), `every connection past the cap is closed: ${closed}`);
+    socks[0].destroy();
+    await new Promise((r) => setTimeout(r, 200));
+    const again = await open();
+    assert.equal(again(), false, 'a slot freed by a closed connection can be used again');
+  } finally {
+    socks.forEach((s) => s.destroy());
+    await capped.close();
+  }
+});
