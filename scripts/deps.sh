@@ -5,7 +5,7 @@
 set -eu
 RUN_PKGS="build-essential pkg-config libh2o-evloop-dev libwslay-dev libssl-dev zlib1g-dev libjansson-dev \
 libsqlite3-dev libsodium-dev libqrencode-dev uthash-dev"
-TEST_PKGS="libcriterion-dev sqlite3 curl chromium"
+TEST_PKGS="libcriterion-dev sqlite3 curl chromium prometheus"
 pkgs="$RUN_PKGS"
 [ "${1:-run}" = test ] && pkgs="$pkgs $TEST_PKGS"
 missing=""
@@ -17,7 +17,17 @@ if [ -n "$missing" ]; then
     SUDO=""
     [ "$(id -u)" -ne 0 ] && SUDO=sudo
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing
+    # The tests need promtool from the prometheus package, not its daemon: keep package
+    # scripts from starting services (policy-rc.d), so nothing listens on other addresses.
+    policy=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+        $SUDO chmod +x /usr/sbin/policy-rc.d
+        policy=1
+    fi
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing || rc=$?
+    [ -n "$policy" ] && $SUDO rm -f /usr/sbin/policy-rc.d
+    [ "${rc:-0}" -eq 0 ] || exit "$rc"
 fi
 if [ "${1:-run}" = test ]; then
     if ! command -v node >/dev/null 2>&1; then
