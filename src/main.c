@@ -15,6 +15,7 @@
 #include "conf/conf.h"
 #include "http/http.h"
 #include "obs/obs.h"
+#include "store/store.h"
 
 static volatile sig_atomic_t stop_requested;
 
@@ -73,9 +74,46 @@ static int cmd_token(const tly_conf_t *conf)
     return 0;
 }
 
+/*
+ * Fault injection for the tests in tests/crash/, read from the environment at start and
+ * deliberately not options (no flag, no config file, not in --help): nobody should turn
+ * them on by accident. Unset or empty = off. A value that is not a positive integer
+ * stops the start, so that a typo cannot quietly turn a fault test into a plain one.
+ *   TALLY_FAULT_FSYNC_AFTER=n  the n-th fsync of the database or its WAL fails with EIO
+ *                              (tly_store_fault_fsync), counted from before the store opens
+ *   TALLY_FAULT_ALLOC_EVERY=n  every n-th allocation fails (tly_alloc_fail_every), from
+ *                              when the store is loaded and the server listens
+ * Returns 0 (off), the value, or -1 when malformed.
+ */
+static long fault_env(const char *name)
+{
+    const char *v = getenv(name);
+    if (v == NULL || v[0] == '\0')
+        return 0;
+    char *end;
+    long n = strtol(v, &end, 10);
+    if (*end != '\0' || n < 1) {
+        fprintf(stderr, "tally serve: %s must be a positive integer\n", name);
+        return -1;
+    }
+    return n;
+}
+
 static int cmd_serve(const tly_conf_t *conf)
 {
     char err[512];
+    long fault_fsync = fault_env("TALLY_FAULT_FSYNC_AFTER"), fault_alloc = fault_env("TALLY_FAULT_ALLOC_EVERY");
+    if (fault_fsync < 0 || fault_alloc < 0)
+        return 2;
+    if (fault_fsync > 0) {
+        char n[24];
+        snprintf(n, sizeof(n), "%ld", fault_fsync);
+        tly_log(TLY_LOG_WARN, "fault injection: a failing fsync", "fsync_after", n, NULL);
+        if (tly_store_fault_fsync(fault_fsync) != 0) {
+            tly_log(TLY_LOG_ERROR, "cannot start", "reason", "cannot install the fault-injection VFS", NULL);
+            return 1;
+        }
+    }
     if (tly_log_set_level(conf->log_level) != 0) {
         fprintf(stderr, "tally serve: --log-level must be debug, info, warn or error\n");
         return 2;
@@ -102,6 +140,12 @@ static int cmd_serve(const tly_conf_t *conf)
     char port[16];
     snprintf(port, sizeof(port), "%d", tly_app_port(app));
     tly_log(TLY_LOG_INFO, "listening", "listen", conf->listen, "port", port, "data_dir", conf->data_dir, NULL);
+    if (fault_alloc > 0) {
+        char n[24];
+        snprintf(n, sizeof(n), "%ld", fault_alloc);
+        tly_log(TLY_LOG_WARN, "fault injection: failing allocations", "every", n, NULL);
+        tly_alloc_fail_every(fault_alloc);
+    }
     while (!stop_requested)
         tly_loop_run_once(loop, 200);
     /* Graceful stop: no new connections; answer what is in flight (each waits for its

@@ -186,6 +186,8 @@ static char *csv_line(json_t *cells)
     size_t need = 2;
     size_t i;
     json_t *c;
+    if (cells == NULL) /* json_array() failed: an empty array would overflow `need` below */
+        return NULL;
     json_array_foreach(cells, i, c) need += 2 * json_string_length(c) + 4;
     char *out = tly_malloc(need), *o = out;
     if (out == NULL)

@@ -65,6 +65,10 @@ static void ip_key(const char *peer, char *out, size_t cap)
     struct in6_addr a6;
     if (strchr(peer, ':') != NULL && inet_pton(AF_INET6, peer, &a6) == 1) {
         const uint8_t *b = a6.s6_addr;
+        if (IN6_IS_ADDR_V4MAPPED(&a6)) { /* a dual-stack listener's IPv4 client */
+            snprintf(out, cap, "ip:%u.%u.%u.%u", b[12], b[13], b[14], b[15]);
+            return;
+        }
         snprintf(out, cap, "ip6:%02x%02x:%02x%02x:%02x%02x:%02x%02x::/64", b[0], b[1], b[2], b[3], b[4], b[5], b[6],
                  b[7]);
         return;

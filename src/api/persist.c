@@ -12,26 +12,38 @@
 static char *settings_json(const tly_poll_t *p)
 {
     const tly_settings_t *s = &p->settings;
-    json_t *o = json_pack("{s:b, s:s, s:b, s:b, s:i, s:i, s:i}", "show_results_during_voting",
+    json_t *o = json_pack("{s:b, s:s, s:b, s:b, s:i, s:i, s:i, s:s}", "show_results_during_voting",
                           s->show_results_during_voting, "results_visibility",
                           tly_visibility_name(s->results_visibility), "allow_anonymous", s->allow_anonymous,
                           "allow_vote_change", s->allow_vote_change, "min_choices", s->min_choices, "max_choices",
-                          s->max_choices, "max_score", s->max_score);
+                          s->max_choices, "max_score", s->max_score, "voter_check",
+                          tly_voter_check_name(s->voter_check));
     char *out = o ? json_dumps(o, JSON_COMPACT) : NULL;
     json_decref(o);
     return out;
 }
 
+/* Settings stored before voter_check existed have none: they were "token". An unknown
+ * voter_check is refused (the load fails) rather than read as a weaker rule. */
 static int settings_parse(const char *text, tly_settings_t *s)
 {
     json_t *o = json_loads(text, 0, NULL);
     if (o == NULL)
         return TLY_EINVAL;
-    const char *vis = "always";
+    const char *vis = "always", *check = "token";
     int show = 1, anon = 0, change = 0, min = 1, max = 1, score = 0;
-    int rc = json_unpack(o, "{s?b, s?s, s?b, s?b, s?i, s?i, s?i}", "show_results_during_voting", &show,
+    int rc = json_unpack(o, "{s?b, s?s, s?b, s?b, s?i, s?i, s?i, s?s}", "show_results_during_voting", &show,
                          "results_visibility", &vis, "allow_anonymous", &anon, "allow_vote_change", &change,
-                         "min_choices", &min, "max_choices", &max, "max_score", &score);
+                         "min_choices", &min, "max_choices", &max, "max_score", &score, "voter_check", &check);
+    s->voter_check = TLY_VOTER_CHECK_TOKEN;
+    bool known = false;
+    for (int c = TLY_VOTER_CHECK_TOKEN; rc == 0 && c <= TLY_VOTER_CHECK_TOKEN_IP; c++)
+        if (strcmp(check, tly_voter_check_name((tly_voter_check_t)c)) == 0) {
+            s->voter_check = (tly_voter_check_t)c;
+            known = true;
+        }
+    if (rc == 0 && !known)
+        rc = -1;
     s->show_results_during_voting = show;
     s->allow_anonymous = anon;
     s->allow_vote_change = change;
@@ -234,6 +246,10 @@ static void load_ballot(void *ctx, const tly_ballot_row_t *row)
     }
     memcpy(v->body_hash, row->body_hash, 16);
     tly_poll_add_vote(l->app->registry, p, v);
+    /* the address set of voter_check comes back from the hashes kept with the ballots
+     * (the store allows one ballot per hash and poll, so TLY_EEXIST cannot happen) */
+    if (row->ip_hash != NULL && tly_poll_set_vote_ip(p, v, row->ip_hash) == TLY_ENOMEM)
+        l->failed = 1;
     tly_poll_commit_vote(p, v, row->recorded_at);
     l->ballots++;
 }

@@ -6,7 +6,15 @@
  * before it reaches the store) -> time window -> ballot validation -> the writer's next
  * batch -> commit -> counts move -> 200 (or 202 for Prefer: respond-async). The store's
  * UNIQUE(poll_id, voter_id) is the last word should memory and disk ever disagree.
+ *
+ * settings.voter_check "ip" / "token+ip" adds a second dedup key: the client address,
+ * kept only as HMAC(server secret, "ip\n" poll_id "\n" address key) cut to 16 bytes, so
+ * neither memory nor the store ever holds an address, and hashes cannot be linked
+ * across polls. The address is the TCP peer's: behind a reverse proxy every voter has
+ * the proxy's address (X-Forwarded-For is not trusted).
  */
+#include <arpa/inet.h>
+#include <openssl/hmac.h>
 #include <string.h>
 
 #include "api/api_int.h"
@@ -32,6 +40,7 @@ typedef struct ballot_op {
     char request_id[24];
     char *client_meta;
     tly_ballot_t ballot; /* a change: the new ballot */
+    uint8_t ip_hash[TLY_IP_HASH_LEN]; /* a cast under an address rule: op.u.ballot.ip_hash */
 } ballot_op_t;
 
 static json_t *recorded_json(const tly_poll_t *p, const tly_vote_t *v)
@@ -56,6 +65,49 @@ static void respond_already_voted(tly_req_t *req, const tly_vote_t *v)
 {
     api_respond_error(req, 409, "ALREADY_VOTED", "this voter has already voted in this poll",
                       v ? json_pack("{s:s}", "vote_id", v->vote_id) : NULL);
+}
+
+static void respond_address_voted(tly_req_t *req, const tly_vote_t *v)
+{
+    api_respond_error(req, 409, "ALREADY_VOTED", "a ballot from this network address was already cast in this poll",
+                      json_pack("{s:s, s:s}", "vote_id", v->vote_id, "rule", "ip"));
+}
+
+/*
+ * The key an address counts under: IPv4 as it is (also when it arrives IPv4-mapped on
+ * an IPv6 socket, or every IPv4 client would share ::/64), IPv6 by its /64, which one
+ * host usually holds whole (as in limits.c's rate-limit keys).
+ */
+static void address_key(const char *peer, char *out, size_t cap)
+{
+    struct in6_addr a6;
+    if (strchr(peer, ':') != NULL && inet_pton(AF_INET6, peer, &a6) == 1) {
+        const uint8_t *b = a6.s6_addr;
+        if (IN6_IS_ADDR_V4MAPPED(&a6))
+            snprintf(out, cap, "ip:%u.%u.%u.%u", b[12], b[13], b[14], b[15]);
+        else
+            snprintf(out, cap, "ip6:%02x%02x:%02x%02x:%02x%02x:%02x%02x::/64", b[0], b[1], b[2], b[3], b[4], b[5],
+                     b[6], b[7]);
+        return;
+    }
+    snprintf(out, cap, "ip:%s", peer);
+}
+
+/* The keyed hash of the request's client address for poll_id. false when OpenSSL fails. */
+static bool address_hash(tly_app_t *app, tly_req_t *req, const char *poll_id, uint8_t out[TLY_IP_HASH_LEN])
+{
+    char key[80], msg[TLY_POLL_ID_LEN + 96];
+    unsigned char mac[EVP_MAX_MD_SIZE];
+    unsigned int len = sizeof(mac);
+    address_key(tly_req_peer(req), key, sizeof(key));
+    int n = snprintf(msg, sizeof(msg), "ip\n%s\n%s", poll_id, key);
+    if (n < 0 || (size_t)n >= sizeof(msg) ||
+        HMAC(EVP_sha256(), app->secret, (int)app->secret_len, (const unsigned char *)msg, (size_t)n, mac, &len) ==
+            NULL ||
+        len < TLY_IP_HASH_LEN)
+        return false;
+    memcpy(out, mac, TLY_IP_HASH_LEN);
+    return true;
 }
 
 static void remember_request(tly_app_t *app, const char *request_id, const tly_poll_t *p, const char *voter_id,
@@ -232,6 +284,21 @@ void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg)
             goto done;
         }
     }
+    /* the address rule: one ballot per address, whoever the token names */
+    bool by_address = tly_voter_check_ip(p->settings.voter_check);
+    uint8_t ip_hash[TLY_IP_HASH_LEN];
+    if (by_address) {
+        if (!address_hash(app, req, p->poll_id, ip_hash)) {
+            tly_req_add_header(req, "Retry-After", "1");
+            api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
+            goto done;
+        }
+        tly_vote_t *other = tly_poll_find_ip(p, ip_hash);
+        if (other != NULL) {
+            respond_address_voted(req, other);
+            goto done;
+        }
+    }
     int64_t now = tly_now_ms();
     if (!tly_poll_accepts_votes(p, now)) {
         const char *why = tly_poll_effective_status(p, now) == TLY_STATUS_CLOSED ? "the poll is closed"
@@ -272,6 +339,14 @@ void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg)
     }
     memcpy(v->body_hash, hash, 16);
     tly_poll_add_vote(app->registry, p, v);
+    if (by_address && tly_poll_set_vote_ip(p, v, ip_hash) != 0) { /* only ENOMEM: checked above */
+        tly_poll_drop_vote(app->registry, p, v);
+        free(bo->client_meta);
+        tly_free(bo);
+        tly_req_add_header(req, "Retry-After", "1");
+        api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
+        goto done;
+    }
     p->pending_votes++;
     bo->app = app;
     bo->poll = p;
@@ -296,6 +371,10 @@ void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg)
     memcpy(row->body_hash, hash, 16);
     row->client_meta = bo->client_meta;
     row->request_id = async ? bo->request_id : NULL;
+    if (by_address) {
+        memcpy(bo->ip_hash, ip_hash, TLY_IP_HASH_LEN);
+        row->ip_hash = bo->ip_hash;
+    }
     HASH_ADD_PTR(app->pending_ballots, vote, bo);
     api_begin_async(app);
     tly_store_submit(app->store, &bo->op);

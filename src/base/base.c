@@ -10,23 +10,39 @@
 #include <string.h>
 #include <time.h>
 
-/* Injection counter: -1 means off; otherwise the number of allocations still allowed. */
+/* Injection, two independent modes (tests only; both off by default):
+ * - alloc_budget: -1 means off; otherwise the number of allocations still allowed.
+ * - alloc_every: 0 means off; otherwise every alloc_every-th allocation fails, counted
+ *   by alloc_count over all threads (the event loop, workers and the store's writer all
+ *   allocate), so the failures are spread evenly whatever thread hits them. */
 static _Atomic long alloc_budget = -1;
+static _Atomic long alloc_every = 0;
+static _Atomic unsigned long alloc_count = 0;
 
 static int alloc_should_fail(void)
 {
-    long b = atomic_load_explicit(&alloc_budget, memory_order_relaxed);
-    if (b < 0)
-        return 0;
-    if (b == 0)
+    long every = atomic_load_explicit(&alloc_every, memory_order_relaxed);
+    if (every > 0 &&
+        (atomic_fetch_add_explicit(&alloc_count, 1, memory_order_relaxed) + 1) % (unsigned long)every == 0)
         return 1;
-    atomic_fetch_sub_explicit(&alloc_budget, 1, memory_order_relaxed);
-    return 0;
+    /* Take one from the budget only while it is positive: a plain load-then-subtract
+     * lets two threads that both saw 1 drive it to -1, which would switch injection off. */
+    long b = atomic_load_explicit(&alloc_budget, memory_order_relaxed);
+    while (b > 0 && !atomic_compare_exchange_weak_explicit(&alloc_budget, &b, b - 1, memory_order_relaxed,
+                                                           memory_order_relaxed))
+        ;
+    return b == 0;
 }
 
 void tly_alloc_fail_after(long n)
 {
     atomic_store(&alloc_budget, n < 0 ? -1 : n);
+}
+
+void tly_alloc_fail_every(long n)
+{
+    atomic_store(&alloc_count, 0);
+    atomic_store(&alloc_every, n > 0 ? n : 0);
 }
 
 void *tly_malloc(size_t n)

@@ -35,6 +35,11 @@ char *tly_strdup(const char *s);
 char *tly_strndup(const char *s, size_t n);
 /* Make every allocation after the next `n` fail; n < 0 disables injection. For tests. */
 void tly_alloc_fail_after(long n);
+/* Make every n-th allocation fail from now on (counted over all threads: the n-th, 2n-th,
+ * ... call of tly_malloc, tly_calloc or tly_realloc returns NULL); n <= 0 disables it.
+ * Independent of tly_alloc_fail_after: an allocation fails when either says so. For
+ * tests (TALLY_FAULT_ALLOC_EVERY, see main.c); any thread. */
+void tly_alloc_fail_every(long n);
 
 /* Wall-clock milliseconds since the Unix epoch. */
 int64_t tly_now_ms(void);

@@ -64,7 +64,7 @@ static const option_t options[] = {
      "anonymous device tokens per minute per IP address"},
     {"rate-keys", OPT_LONG, OFF(rate_keys), "1000000", 1000, 100000000, "serve",
      "rate-limit buckets kept at most (about 80 bytes each)"},
-    {"pow-difficulty", OPT_LONG, OFF(pow_difficulty), "16", 0, 32, "serve",
+    {"pow-difficulty", OPT_LONG, OFF(pow_difficulty), "14", 0, 32, "serve",
      "leading zero bits of SHA-256 an anonymous token's proof of work needs (0: none)"},
     {"sub", OPT_STR, OFF(sub), "", 0, 0, "token", "subject (voter id) of the token"},
     {"ttl", OPT_LONG, OFF(ttl), "86400", 1, 31622400, "token", "lifetime of the token, seconds"},

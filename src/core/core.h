@@ -35,10 +35,25 @@
 typedef enum { TLY_TYPE_SINGLE, TLY_TYPE_MULTIPLE, TLY_TYPE_APPROVAL, TLY_TYPE_RANKED, TLY_TYPE_SCORE } tly_poll_type_t;
 typedef enum { TLY_STATUS_DRAFT, TLY_STATUS_ACTIVE, TLY_STATUS_CLOSED } tly_poll_status_t;
 typedef enum { TLY_VIS_ALWAYS, TLY_VIS_AFTER_VOTE, TLY_VIS_AFTER_CLOSE, TLY_VIS_OWNER_ONLY } tly_visibility_t;
+/*
+ * settings.voter_check: what makes a second ballot a duplicate. "token": the same voter
+ * (token `sub`); "ip": the same client address (IPv6 by its /64), whoever the token
+ * names; "token+ip": either. A ballot always belongs to one voter (votes/me, change,
+ * retract and the store's UNIQUE(poll_id, voter_id) are per voter), so under "ip" a
+ * voter still holds at most one ballot too.
+ */
+typedef enum { TLY_VOTER_CHECK_TOKEN, TLY_VOTER_CHECK_IP, TLY_VOTER_CHECK_TOKEN_IP } tly_voter_check_t;
 
 const char *tly_poll_type_name(tly_poll_type_t t);
 const char *tly_poll_status_name(tly_poll_status_t s);
 const char *tly_visibility_name(tly_visibility_t v);
+/* "token", "ip" or "token+ip". */
+const char *tly_voter_check_name(tly_voter_check_t c);
+/* Whether ballots of a poll with this setting are checked by client address. */
+static inline bool tly_voter_check_ip(tly_voter_check_t c)
+{
+    return c == TLY_VOTER_CHECK_IP || c == TLY_VOTER_CHECK_TOKEN_IP;
+}
 
 typedef struct {
     char option_id[TLY_OPTION_ID_LEN + 1];
@@ -55,7 +70,11 @@ typedef struct {
     int min_choices;
     int max_choices;
     int max_score; /* score polls only; 0 otherwise */
+    tly_voter_check_t voter_check; /* TLY_VOTER_CHECK_TOKEN (zero) by default */
 } tly_settings_t;
+
+/* Bytes of the keyed hash of a client address (see tly_poll_set_vote_ip). */
+#define TLY_IP_HASH_LEN 16
 
 /*
  * A voter's ballot in a poll. `choices` holds option indexes (into poll->options):
@@ -78,6 +97,7 @@ typedef struct tly_vote {
     struct tly_poll *poll;
     char *voter_id;
     char *idem_key;            /* NULL when none */
+    struct tly_ip_vote *ip;    /* its entry in poll->ip_votes, NULL when none (core's) */
     uint8_t body_hash[16];     /* hash of the request body, for Idempotency-Key replay */
     char vote_id[TLY_VOTE_ID_LEN + 1];
     char receipt[TLY_RECEIPT_LEN + 1];
@@ -145,6 +165,10 @@ typedef struct tly_poll {
     char *final_json;          /* the frozen final results, NULL until frozen; owned by p */
     tly_timeline_t timeline[TLY_TIMELINE_RESOLUTIONS]; /* 10 s, 1 min, 1 h */
     tly_activity_t activity;   /* ballots cast or changed per second, the last 60 s */
+    /* Added for settings.voter_check (NULL is an empty set): the keyed hashes of the
+     * client addresses ballots were cast from -> those ballots (pending and committed),
+     * uthash by the TLY_IP_HASH_LEN bytes. Core's; see tly_poll_set_vote_ip. */
+    struct tly_ip_vote *ip_votes;
 } tly_poll_t;
 
 typedef struct tly_registry tly_registry_t;
@@ -193,10 +217,12 @@ tly_poll_t *tly_poll_from_json(json_t *body, const char *owner_id, int64_t now, 
  *     change); its final results are final. Extending the end_time of a poll still
  *     open stays allowed.
  *   TLY_EEXIST (409 POLL_HAS_VOTES) when options, settings.min_choices,
- *     settings.max_choices or settings.max_score would change while any vote (pending
- *     or committed) exists: ballots already cast were validated against them. Sending
- *     the current value is not a change. allow_vote_change, results_visibility,
- *     show_results_during_voting and allow_anonymous may change at any time.
+ *     settings.max_choices, settings.max_score or settings.voter_check would change
+ *     while any vote (pending or committed) exists: ballots already cast were validated
+ *     (or checked for duplicates) against them, and the address set of voter_check
+ *     holds only ballots cast under it. Sending the current value is not a change.
+ *     allow_vote_change, results_visibility, show_results_during_voting and
+ *     allow_anonymous may change at any time.
  *   TLY_ENOMEM.
  * Settings out of range are a 400 before they are a 409. p is unchanged unless 0 is
  * returned. Marks the results dirty and sets updated_at = now. `type` may be repeated
@@ -256,14 +282,16 @@ void tly_poll_add_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v);
  * votes_last_minute at v->recorded_at, seq, as_of = now, results dirty). Committing an
  * already committed vote does nothing. pending_votes is the caller's to maintain. */
 void tly_poll_commit_vote(tly_poll_t *p, tly_vote_t *v, int64_t now);
-/* Removes a pending vote whose commit failed (p->votes and receipts) and frees it. */
+/* Removes a pending vote whose commit failed (p->votes, receipts and its address in
+ * p->ip_votes) and frees it. */
 void tly_poll_drop_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v);
 /* Retracts v (DELETE votes/me): uncounts it when committed (total_votes, options, the
  * timelines at v->recorded_at, seq, as_of = now, results dirty), removes it from
- * p->votes and the receipts and frees it. votes_last_minute is not lowered: it counts
- * activity (ballots cast or changed), not ballots standing. r may be NULL for a poll
- * outside one. Whether a retraction is allowed (allow_vote_change, the poll still
- * accepting votes: tly_poll_accepts_votes) is the caller's to check. */
+ * p->votes, the receipts and p->ip_votes (so its address may vote again) and frees
+ * it. votes_last_minute is not lowered: it counts activity (ballots cast or changed),
+ * not ballots standing. r may be NULL for a poll outside one. Whether a retraction is
+ * allowed (allow_vote_change, the poll still accepting votes: tly_poll_accepts_votes)
+ * is the caller's to check. */
 void tly_poll_retract_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v, int64_t now);
 /*
  * Replaces committed vote v's ballot with b (PUT votes/me, after the store committed
@@ -273,7 +301,8 @@ void tly_poll_retract_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v, int6
  * voter_id, idem_key and body_hash are kept (an Idempotency-Key replay of the original
  * cast is the API's to answer); recorded_at becomes now; total_votes is unchanged; seq
  * grows, as_of = now, results dirty, and the change counts in votes_last_minute (even
- * when b equals the old ballot: the API may skip such a no-op before calling).
+ * when b equals the old ballot: the API may skip such a no-op before calling). The
+ * vote's address stays in p->ip_votes (a change is not a new ballot).
  *
  * A ballot with more choices than v holds needs a larger vote: v is then reallocated
  * and the new address replaces it in p->votes and r's receipt map (moved in place, no
@@ -289,6 +318,34 @@ void tly_poll_retract_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v, int6
  */
 int tly_poll_change_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v, const tly_ballot_t *b, int64_t now,
                          tly_vote_t **out);
+
+/* ---- client addresses (settings.voter_check "ip" / "token+ip") ---- */
+
+/*
+ * Each poll keeps the set of addresses its ballots were cast from, as keyed hashes
+ * (TLY_IP_HASH_LEN bytes; the API computes them, core never sees an address), each
+ * mapped to its ballot. A ballot enters the set when it is accepted (pending), leaves
+ * it when retracted or dropped, and keeps its entry across changes; the set is rebuilt
+ * at load from the hashes stored with the ballots. Memory: one entry (about 90 bytes)
+ * per ballot of a poll that checks addresses, none otherwise; bounded by the ballots.
+ * Loop thread.
+ */
+
+/* The vote (pending or committed) cast from the address with this hash, or NULL. */
+tly_vote_t *tly_poll_find_ip(const tly_poll_t *p, const uint8_t ip_hash[TLY_IP_HASH_LEN]);
+/*
+ * Records that v, already added to p (tly_poll_add_vote), was cast from the address
+ * with this hash: p->ip_votes maps it to v until v is retracted or dropped. Copies the
+ * hash. Returns 0, TLY_EEXIST (another vote holds that hash: nothing changes; check
+ * with tly_poll_find_ip first), TLY_EINVAL (v is not p's, or already has an address)
+ * or TLY_ENOMEM (nothing changes).
+ */
+int tly_poll_set_vote_ip(tly_poll_t *p, tly_vote_t *v, const uint8_t ip_hash[TLY_IP_HASH_LEN]);
+/* v's address hash (TLY_IP_HASH_LEN bytes, owned by p, valid while v is p's), or NULL
+ * when v has none. */
+const uint8_t *tly_vote_ip_hash(const tly_vote_t *v);
+/* How many addresses p's set holds (one per ballot cast under an address rule). */
+size_t tly_poll_ip_count(const tly_poll_t *p);
 
 /* ---- timelines and votes_last_minute ---- */
 

@@ -52,6 +52,16 @@ void core_timeline_reset(tly_poll_t *p);
 /* Counts one ballot cast or changed at t in votes_last_minute. */
 void core_activity_add(tly_poll_t *p, int64_t t);
 
+/* One entry of a poll's address set (tly_poll_t.ip_votes). */
+struct tly_ip_vote {
+    UT_hash_handle hh; /* keyed by hash */
+    uint8_t hash[TLY_IP_HASH_LEN];
+    tly_vote_t *vote;
+};
+
+/* Frees p's address set (the poll goes). */
+void core_ip_votes_clear(tly_poll_t *p);
+
 /* The registry's receipt map (the registry is opaque outside registry.c). */
 tly_vote_t **core_registry_receipts(tly_registry_t *r);
 

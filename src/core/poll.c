@@ -12,6 +12,7 @@
 static const char *const type_names[] = {"single", "multiple", "approval", "ranked", "score"};
 static const char *const status_names[] = {"draft", "active", "closed"};
 static const char *const vis_names[] = {"always", "after_vote", "after_close", "owner_only"};
+static const char *const voter_check_names[] = {"token", "ip", "token+ip"};
 
 const char *tly_poll_type_name(tly_poll_type_t t)
 {
@@ -26,6 +27,11 @@ const char *tly_poll_status_name(tly_poll_status_t s)
 const char *tly_visibility_name(tly_visibility_t v)
 {
     return (unsigned)v < TLY_ARRAY_SIZE(vis_names) ? vis_names[v] : "unknown";
+}
+
+const char *tly_voter_check_name(tly_voter_check_t c)
+{
+    return (unsigned)c < TLY_ARRAY_SIZE(voter_check_names) ? voter_check_names[c] : "unknown";
 }
 
 /* Index of s in names, or -1 (also for a non-string). */
@@ -270,6 +276,13 @@ static int parse_settings(json_t *obj, tly_poll_type_t type, core_err_t *e, tly_
                              "results_visibility must be always, after_vote, after_close or owner_only");
         s->results_visibility = (tly_visibility_t)i;
     }
+    json_t *vc = json_object_get(obj, "voter_check");
+    if (vc != NULL) {
+        int i = name_index(voter_check_names, TLY_ARRAY_SIZE(voter_check_names), vc);
+        if (i < 0)
+            return core_fail(e, "settings.voter_check", "voter_check must be token, ip or token+ip");
+        s->voter_check = (tly_voter_check_t)i;
+    }
     if ((rc = parse_int(obj, "min_choices", "settings.min_choices", e, &s->min_choices, has_min)) != 0 ||
         (rc = parse_int(obj, "max_choices", "settings.max_choices", e, &s->max_choices, has_max)) != 0)
         return rc;
@@ -313,6 +326,7 @@ static void settings_defaults(tly_poll_type_t type, size_t noptions, tly_setting
     s->min_choices = 1;
     s->max_choices = type == TLY_TYPE_SINGLE ? 1 : (int)noptions;
     s->max_score = type == TLY_TYPE_SCORE ? 5 : 0;
+    s->voter_check = TLY_VOTER_CHECK_TOKEN;
 }
 
 /* ---- create ---- */
@@ -566,6 +580,13 @@ int tly_poll_patch(tly_poll_t *p, json_t *body, int64_t now, const char **err_fi
             rc = TLY_EEXIST;
             goto fail;
         }
+        /* the ballots standing were admitted under the old rule, and only ballots cast
+         * under an address rule have their address in the set */
+        if (settings.voter_check != p->settings.voter_check) {
+            core_fail(&e, "settings.voter_check", "voter_check cannot change once a vote exists");
+            rc = TLY_EEXIST;
+            goto fail;
+        }
     }
     if (opts != NULL && p->type == TLY_TYPE_SCORE && (score_sum = tly_calloc(2 * n, sizeof(uint64_t))) == NULL)
         goto oom;
@@ -612,6 +633,7 @@ void tly_poll_free(tly_poll_t *p)
 {
     if (p == NULL)
         return;
+    core_ip_votes_clear(p);
     tly_vote_t *v, *tmp;
     HASH_ITER(hh, p->votes, v, tmp) {
         HASH_DELETE(hh, p->votes, v);
@@ -672,11 +694,11 @@ json_t *tly_poll_to_json(const tly_poll_t *p, int64_t now)
         }
     }
     const tly_settings_t *s = &p->settings;
-    json_t *settings = json_pack("{s:b, s:s, s:b, s:b, s:i, s:i}", "show_results_during_voting",
+    json_t *settings = json_pack("{s:b, s:s, s:b, s:b, s:i, s:i, s:s}", "show_results_during_voting",
                                  s->show_results_during_voting, "results_visibility",
                                  tly_visibility_name(s->results_visibility), "allow_anonymous", s->allow_anonymous,
                                  "allow_vote_change", s->allow_vote_change, "min_choices", s->min_choices,
-                                 "max_choices", s->max_choices);
+                                 "max_choices", s->max_choices, "voter_check", tly_voter_check_name(s->voter_check));
     if (settings != NULL && p->type == TLY_TYPE_SCORE &&
         json_object_set_new(settings, "max_score", json_integer(s->max_score)) != 0) {
         json_decref(settings);

@@ -1,6 +1,7 @@
 /*
- * vote.c: recorded ballots: allocation, the per-poll dedup map, the receipt map, and
- * counting on commit and retraction. Counters change only here.
+ * vote.c: recorded ballots: allocation, the per-poll dedup map, the receipt map, the
+ * per-poll address set (voter_check), and counting on commit and retraction. Counters
+ * change only here.
  */
 #include "core/core_int.h"
 
@@ -119,8 +120,19 @@ void tly_poll_commit_vote(tly_poll_t *p, tly_vote_t *v, int64_t now)
     p->results_dirty = true;
 }
 
+/* Takes v's address out of p's set: that address may cast a ballot again. */
+static void remove_ip(tly_poll_t *p, tly_vote_t *v)
+{
+    if (v->ip == NULL)
+        return;
+    HASH_DELETE(hh, p->ip_votes, v->ip);
+    tly_free(v->ip);
+    v->ip = NULL;
+}
+
 static void remove_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v)
 {
+    remove_ip(p, v);
     HASH_DELETE(hh, p->votes, v);
     tly_vote_t **receipts = r != NULL ? core_registry_receipts(r) : NULL;
     if (receipts != NULL && *receipts != NULL && v->hh_receipt.tbl != NULL)
@@ -211,6 +223,8 @@ int tly_poll_change_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v, const 
             if (move_in_table(&v->hh_receipt, &w->hh_receipt, w))
                 *receipts = w;
         }
+        if (w->ip != NULL)
+            w->ip->vote = w; /* the address entry is keyed by its hash: only its pointer moves */
         tly_free(v); /* not tly_vote_free: voter_id and idem_key moved to w */
     }
     w->nchoices = (uint8_t)n;
@@ -224,4 +238,50 @@ int tly_poll_change_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v, const 
     p->results_dirty = true;
     *out = w;
     return 0;
+}
+
+/* ---- client addresses ---- */
+
+tly_vote_t *tly_poll_find_ip(const tly_poll_t *p, const uint8_t ip_hash[TLY_IP_HASH_LEN])
+{
+    struct tly_ip_vote *e = NULL;
+    HASH_FIND(hh, p->ip_votes, ip_hash, TLY_IP_HASH_LEN, e);
+    return e != NULL ? e->vote : NULL;
+}
+
+int tly_poll_set_vote_ip(tly_poll_t *p, tly_vote_t *v, const uint8_t ip_hash[TLY_IP_HASH_LEN])
+{
+    if (v->poll != p || v->ip != NULL)
+        return TLY_EINVAL;
+    if (tly_poll_find_ip(p, ip_hash) != NULL)
+        return TLY_EEXIST;
+    struct tly_ip_vote *e = tly_calloc(1, sizeof(*e));
+    if (e == NULL)
+        return TLY_ENOMEM;
+    memcpy(e->hash, ip_hash, TLY_IP_HASH_LEN);
+    e->vote = v;
+    HASH_ADD(hh, p->ip_votes, hash, TLY_IP_HASH_LEN, e);
+    v->ip = e;
+    return 0;
+}
+
+const uint8_t *tly_vote_ip_hash(const tly_vote_t *v)
+{
+    return v->ip != NULL ? v->ip->hash : NULL;
+}
+
+size_t tly_poll_ip_count(const tly_poll_t *p)
+{
+    return HASH_COUNT(p->ip_votes);
+}
+
+void core_ip_votes_clear(tly_poll_t *p)
+{
+    struct tly_ip_vote *e, *tmp;
+    HASH_ITER(hh, p->ip_votes, e, tmp) {
+        HASH_DELETE(hh, p->ip_votes, e);
+        if (e->vote != NULL)
+            e->vote->ip = NULL;
+        tly_free(e);
+    }
 }

@@ -552,8 +552,12 @@ static void on_accept(h2o_socket_t *listener, const char *err)
         if (s->conf.max_connections_per_ip > 0) {
             /* IPv6 hosts usually hold a whole /64: count them by it */
             char key[INET6_ADDRSTRLEN];
-            if (ss.ss_family == AF_INET6) {
-                const uint8_t *b = ((struct sockaddr_in6 *)&ss)->sin6_addr.s6_addr;
+            const struct in6_addr *a6 = &((struct sockaddr_in6 *)&ss)->sin6_addr;
+            if (ss.ss_family == AF_INET6 && IN6_IS_ADDR_V4MAPPED(a6)) {
+                snprintf(key, sizeof(key), "%u.%u.%u.%u", a6->s6_addr[12], a6->s6_addr[13], a6->s6_addr[14],
+                         a6->s6_addr[15]);
+            } else if (ss.ss_family == AF_INET6) {
+                const uint8_t *b = a6->s6_addr;
                 snprintf(key, sizeof(key), "%02x%02x:%02x%02x:%02x%02x:%02x%02x::/64", b[0], b[1], b[2], b[3], b[4],
                          b[5], b[6], b[7]);
             } else {

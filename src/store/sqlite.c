@@ -127,6 +127,14 @@ static const char *const migrations[] = {
     "  WHEN EXISTS(SELECT 1 FROM polls WHERE poll_id = OLD.poll_id) BEGIN"
     "  SELECT RAISE(ABORT, 'audit rows go only with their poll');"
     "END;",
+
+    /* 3: settings.voter_check. The keyed hash (16 bytes, never the address) of the client
+     * address of ballots cast under an address rule; NULL for every other ballot, those
+     * before this version included. One ballot per address per poll is the store's last
+     * word too, as UNIQUE(poll_id, voter_id) is for voters. The index is partial: ballots
+     * without a hash (most of them) cost it nothing. */
+    "ALTER TABLE ballots ADD COLUMN ip_hash BLOB;"
+    "CREATE UNIQUE INDEX ballots_poll_ip ON ballots(poll_id, ip_hash) WHERE ip_hash IS NOT NULL;",
 };
 
 _Static_assert(TLY_ARRAY_SIZE(migrations) == TLY_STORE_SCHEMA_VERSION,
@@ -180,8 +188,8 @@ static const char *const stmt_sql[ST__COUNT] = {
     [ST_OPTION_INSERT] = "INSERT INTO options(poll_id, position, option_id, text, display_order)"
                          " VALUES(?1, ?2, ?3, ?4, ?5)",
     [ST_BALLOT_INSERT] = "INSERT INTO ballots(poll_id, voter_id, vote_id, receipt, choices, scores,"
-                         " recorded_at, idem_key, body_hash, client_meta)"
-                         " VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                         " recorded_at, idem_key, body_hash, client_meta, ip_hash)"
+                         " VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     /* Replace and delete bind poll_id, voter_id as ?1, ?2 (see ballot_change). */
     [ST_BALLOT_REPLACE] = "UPDATE ballots SET choices = ?3, scores = ?4, recorded_at = ?5,"
                           " idem_key = ?6, body_hash = ?7 WHERE poll_id = ?1 AND voter_id = ?2",
@@ -775,6 +783,8 @@ static int ballot_insert(tly_store_t *s, tly_store_op_t *op)
     bind_str(st, 8, b->idem_key);
     bind_hash(st, 9, b->body_hash);
     bind_str(st, 10, b->client_meta);
+    if (b->ip_hash != NULL)
+        sqlite3_bind_blob(st, 11, b->ip_hash, 16, SQLITE_STATIC);
     rc = step_reset(st);
     if (rc == SQLITE_OK && (rc = audit_insert(s, b, "cast")) != SQLITE_OK && is_constraint(rc)) {
         int urc;
@@ -1018,6 +1028,148 @@ void tly_store_close(tly_store_t *s)
     store_free(s);
 }
 
+/* ---- fault injection: a failing fsync (test hook) --------------------------------- */
+
+/*
+ * A shim VFS for tly_store_fault_fsync, which tests/crash/fsync.test.mjs reaches through
+ * TALLY_FAULT_FSYNC_AFTER. Nothing here runs unless that hook was called: production
+ * connections use SQLite's own VFS directly. Each file opened through the shim is the
+ * real VFS's file placed right after our header; every method forwards to it, and
+ * xSync of a database or WAL file counts. Version 2 methods (no xFetch), so SQLite does
+ * not memory-map the database behind the shim's back (it would not anyway: mmap_size
+ * is 0 by default).
+ */
+typedef struct {
+    sqlite3_file base;
+    sqlite3_file *real; /* lives right after this struct */
+    int counted;        /* a database or WAL file: its fsyncs count */
+} fault_file_t;
+
+static sqlite3_vfs *fault_real_vfs;
+static sqlite3_vfs fault_vfs;
+static atomic_long fault_syncs_left; /* fsyncs until the failing one; <= 0: spent */
+
+#define FAULT_REAL(f) (((fault_file_t *)(f))->real)
+
+static int fault_close(sqlite3_file *f)
+{
+    return FAULT_REAL(f)->pMethods->xClose(FAULT_REAL(f));
+}
+static int fault_read(sqlite3_file *f, void *b, int n, sqlite3_int64 o)
+{
+    return FAULT_REAL(f)->pMethods->xRead(FAULT_REAL(f), b, n, o);
+}
+static int fault_write(sqlite3_file *f, const void *b, int n, sqlite3_int64 o)
+{
+    return FAULT_REAL(f)->pMethods->xWrite(FAULT_REAL(f), b, n, o);
+}
+static int fault_truncate(sqlite3_file *f, sqlite3_int64 size)
+{
+    return FAULT_REAL(f)->pMethods->xTruncate(FAULT_REAL(f), size);
+}
+static int fault_sync(sqlite3_file *f, int flags)
+{
+    if (((fault_file_t *)f)->counted && atomic_fetch_sub(&fault_syncs_left, 1) == 1) {
+        fprintf(stderr, "{\"level\":\"warn\",\"msg\":\"fault injection: this fsync fails with EIO\"}\n");
+        return SQLITE_IOERR_FSYNC;
+    }
+    return FAULT_REAL(f)->pMethods->xSync(FAULT_REAL(f), flags);
+}
+static int fault_size(sqlite3_file *f, sqlite3_int64 *size)
+{
+    return FAULT_REAL(f)->pMethods->xFileSize(FAULT_REAL(f), size);
+}
+static int fault_lock(sqlite3_file *f, int l)
+{
+    return FAULT_REAL(f)->pMethods->xLock(FAULT_REAL(f), l);
+}
+static int fault_unlock(sqlite3_file *f, int l)
+{
+    return FAULT_REAL(f)->pMethods->xUnlock(FAULT_REAL(f), l);
+}
+static int fault_reserved(sqlite3_file *f, int *out)
+{
+    return FAULT_REAL(f)->pMethods->xCheckReservedLock(FAULT_REAL(f), out);
+}
+static int fault_fcntl(sqlite3_file *f, int op, void *arg)
+{
+    return FAULT_REAL(f)->pMethods->xFileControl(FAULT_REAL(f), op, arg);
+}
+static int fault_sector(sqlite3_file *f)
+{
+    return FAULT_REAL(f)->pMethods->xSectorSize(FAULT_REAL(f));
+}
+static int fault_devchar(sqlite3_file *f)
+{
+    return FAULT_REAL(f)->pMethods->xDeviceCharacteristics(FAULT_REAL(f));
+}
+static int fault_shmmap(sqlite3_file *f, int pg, int sz, int ext, void volatile **pp)
+{
+    return FAULT_REAL(f)->pMethods->xShmMap(FAULT_REAL(f), pg, sz, ext, pp);
+}
+static int fault_shmlock(sqlite3_file *f, int off, int n, int flags)
+{
+    return FAULT_REAL(f)->pMethods->xShmLock(FAULT_REAL(f), off, n, flags);
+}
+static void fault_shmbarrier(sqlite3_file *f)
+{
+    FAULT_REAL(f)->pMethods->xShmBarrier(FAULT_REAL(f));
+}
+static int fault_shmunmap(sqlite3_file *f, int del)
+{
+    return FAULT_REAL(f)->pMethods->xShmUnmap(FAULT_REAL(f), del);
+}
+
+static const sqlite3_io_methods fault_methods = {
+    .iVersion = 2,
+    .xClose = fault_close,
+    .xRead = fault_read,
+    .xWrite = fault_write,
+    .xTruncate = fault_truncate,
+    .xSync = fault_sync,
+    .xFileSize = fault_size,
+    .xLock = fault_lock,
+    .xUnlock = fault_unlock,
+    .xCheckReservedLock = fault_reserved,
+    .xFileControl = fault_fcntl,
+    .xSectorSize = fault_sector,
+    .xDeviceCharacteristics = fault_devchar,
+    .xShmMap = fault_shmmap,
+    .xShmLock = fault_shmlock,
+    .xShmBarrier = fault_shmbarrier,
+    .xShmUnmap = fault_shmunmap,
+};
+
+static int fault_open(sqlite3_vfs *vfs, const char *name, sqlite3_file *f, int flags, int *out)
+{
+    fault_file_t *p = (fault_file_t *)f;
+    p->real = (sqlite3_file *)(p + 1);
+    p->counted = (flags & (SQLITE_OPEN_MAIN_DB | SQLITE_OPEN_WAL)) != 0;
+    int rc = fault_real_vfs->xOpen(fault_real_vfs, name, p->real, flags, out);
+    /* No methods means SQLite will not call xClose: neither may we. */
+    p->base.pMethods = p->real->pMethods != NULL ? &fault_methods : NULL;
+    return rc;
+}
+
+int tly_store_fault_fsync(long n)
+{
+    if (n < 1)
+        return TLY_EINVAL;
+    if (fault_real_vfs == NULL) {
+        if ((fault_real_vfs = sqlite3_vfs_find(NULL)) == NULL)
+            return TLY_EIO;
+        fault_vfs = *fault_real_vfs;
+        fault_vfs.zName = "tally-fault-fsync";
+        fault_vfs.szOsFile = (int)sizeof(fault_file_t) + fault_real_vfs->szOsFile;
+        fault_vfs.xOpen = fault_open;
+        fault_vfs.pNext = NULL;
+        if (sqlite3_vfs_register(&fault_vfs, 1) != SQLITE_OK) /* the default from now on */
+            return TLY_EIO;
+    }
+    atomic_store(&fault_syncs_left, n);
+    return 0;
+}
+
 /* ---- load ------------------------------------------------------------------------ */
 
 static const char *col_str(sqlite3_stmt *st, int i)
@@ -1174,7 +1326,7 @@ int tly_store_load(tly_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
 
     /* seq order is commit order: replaying in it rebuilds exactly the committed state. */
     src = sqlite3_prepare_v2(db, "SELECT poll_id, voter_id, vote_id, receipt, choices, scores,"
-                                 " recorded_at, idem_key, body_hash, client_meta"
+                                 " recorded_at, idem_key, body_hash, client_meta, ip_hash"
                                  " FROM ballots ORDER BY seq", -1, &st, NULL);
     if (src != SQLITE_OK)
         goto sqlite_fail;
@@ -1190,9 +1342,11 @@ int tly_store_load(tly_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
             .recorded_at = sqlite3_column_int64(st, 6),
             .idem_key = col_str(st, 7),
             .client_meta = col_str(st, 9),
+            .ip_hash = sqlite3_column_blob(st, 10),
         };
         if (nchoices > UINT8_MAX ||
-            (b.scores != NULL && sqlite3_column_bytes(st, 5) != nchoices)) {
+            (b.scores != NULL && sqlite3_column_bytes(st, 5) != nchoices) ||
+            (b.ip_hash != NULL && sqlite3_column_bytes(st, 10) != 16)) {
             fprintf(stderr, "{\"level\":\"error\",\"msg\":\"store: malformed ballot row\"}\n");
             goto fail;
         }

@@ -63,8 +63,15 @@ typedef struct {
     const char *client_meta; /* JSON text or NULL; stored, never trusted */
     /* When request_id is set (a `Prefer: respond-async` vote) a row in vote_requests is
      * written in the same transaction: state "completed" with vote_id, or "failed" with
-     * error "ALREADY_VOTED" when the ballot hits UNIQUE(poll_id, voter_id). */
+     * error "ALREADY_VOTED" when the ballot hits UNIQUE(poll_id, voter_id) (or the
+     * address rule below). */
     const char *request_id;
+    /* NULL, or the 16-byte keyed hash of the client address the ballot was cast from
+     * (settings.voter_check "ip" / "token+ip"; never a raw address). BALLOT_INSERT
+     * stores it; within a poll no two ballots share one (TLY_EEXIST, like a second
+     * ballot of a voter); BALLOT_REPLACE keeps it; BALLOT_DELETE removes it with the
+     * row, freeing the address. Load returns it; ballot pages (exports) do not (NULL). */
+    const uint8_t *ip_hash;
 } tly_ballot_row_t;
 
 typedef struct {
@@ -97,7 +104,8 @@ typedef enum {
      * deleted poll is gone entirely: its owner deleted it, and an audit log of a poll
      * nobody can see any more would only be personal data kept without a purpose. */
     TLY_OP_POLL_DELETE,
-    /* u.ballot; TLY_EEXIST on UNIQUE(poll_id, voter_id) (or a reused vote_id/receipt).
+    /* u.ballot; TLY_EEXIST on UNIQUE(poll_id, voter_id) (or a reused vote_id/receipt, or
+     * an ip_hash another ballot of the poll holds).
      * Writes the ballot row and an audit "cast" row (its choices and scores, at =
      * recorded_at) in the same transaction: never one without the other; a duplicate
      * writes neither. */
@@ -176,6 +184,18 @@ int tly_store_writable(tly_store_t *s);
 
 /* Commits what is queued, stops the writer, runs remaining done callbacks and closes. */
 void tly_store_close(tly_store_t *s);
+
+/*
+ * Test hook, never for production: tests/crash/fsync.test.mjs sets it through
+ * TALLY_FAULT_FSYNC_AFTER=n, which main.c reads at start. Installs as SQLite's default a
+ * VFS that passes everything to the real one, except that the n-th fsync (n >= 1,
+ * counted over the database and WAL files of every connection of the process from this
+ * call on) is not done and fails as an EIO from fsync(2) does (SQLITE_IOERR_FSYNC).
+ * Later fsyncs succeed again, as they may on Linux once a failure has been reported:
+ * the store must not be fooled by that. Call once, before tly_store_open. Returns 0,
+ * or TLY_EINVAL when n < 1. Owning thread.
+ */
+int tly_store_fault_fsync(long n);
 
 /*
  * Paged reads for owner-only exports (the ballots of a poll, its audit log).

@@ -8,7 +8,7 @@
 #include "store/store.h"
 
 /* The schema version tly_store_open migrates to (PRAGMA user_version). */
-#define TLY_STORE_SCHEMA_VERSION 2
+#define TLY_STORE_SCHEMA_VERSION 3
 
 /* Default most operations in one transaction when conf->batch_max is 0. */
 #define TLY_STORE_BATCH_MAX 4096

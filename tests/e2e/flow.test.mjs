@@ -112,4 +112,6 @@ test('create → share → two voters → live results without reloading → pre
   await shot(p, 'presenter-phone');
 
   for (const pg of [a, b, c, d, p]) env.assertClean(pg);
+  // every anonymous voter (and the anonymous creator) paid one proof of work, in the worker
+  for (const pg of [a, b, c, d]) assert.equal(env.assertProofOfWork(pg), 1);
 });

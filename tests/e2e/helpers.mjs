@@ -4,6 +4,7 @@
 // so each test can assert that nothing went to another origin and nothing ran that should not.
 import { chromium } from 'playwright-core';
 import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -15,9 +16,13 @@ export const SHOTS = path.resolve(here, '../../docs/screenshots');
 export const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 export const DESKTOP = { width: 1280, height: 800 };
 export const PHONE = { width: 360, height: 740 };
+// Anonymous device tokens cost a proof of work (solved by the page in a Web Worker); the
+// e2e servers ask for one so that every anonymous vote goes through the worker.
+export const POW_DIFFICULTY = 14;
 
-export async function launch() {
-  const server = await startServer({ args: ['--web-root', WEB_ROOT] });
+/** opts: {powDifficulty (default POW_DIFFICULTY), args: [more server flags]} */
+export async function launch({ powDifficulty = POW_DIFFICULTY, args = [] } = {}) {
+  const server = await startServer({ args: ['--web-root', WEB_ROOT, '--pow-difficulty', String(powDifficulty), ...args] });
   let browser;
   try {
     browser = await chromium.launch({
@@ -40,8 +45,12 @@ export async function launch() {
     async open(viewport = DESKTOP, { isMobile = false } = {}) {
       const context = await browser.newContext({ viewport, isMobile, hasTouch: isMobile, deviceScaleFactor: 1, reducedMotion: 'no-preference' });
       const page = await context.newPage();
-      const rec = { requests: [], dialogs: [], consoleErrors: [], pageErrors: [] };
-      page.on('request', (r) => rec.requests.push(r.url()));
+      const rec = { requests: [], posts: [], workers: [], dialogs: [], consoleErrors: [], pageErrors: [] };
+      page.on('request', (r) => {
+        rec.requests.push(r.url());
+        if (r.method() === 'POST') rec.posts.push({ path: new URL(r.url()).pathname, body: r.postData() });
+      });
+      page.on('worker', (w) => rec.workers.push(w.url()));
       page.on('dialog', (d) => { rec.dialogs.push(d.message()); d.dismiss().catch(() => {}); });
       page.on('console', (m) => { if (m.type() === 'error') rec.consoleErrors.push(m.text()); });
       page.on('pageerror', (e) => rec.pageErrors.push(String(e)));
@@ -62,6 +71,30 @@ export async function launch() {
         !/Failed to load resource/i.test(t) && !allowConsole.some((re) => re.test(t)));
       assert.deepEqual(other, [], 'console errors');
     },
+    /**
+     * Every anonymous device token this page got came the proof-of-work way: a challenge
+     * first, then a nonce (found by the page's worker) whose SHA-256 has `difficulty` zero
+     * bits. Returns how many tokens the page asked for.
+     */
+    assertProofOfWork(page, { difficulty = POW_DIFFICULTY } = {}) {
+      const posts = page.rec.posts.filter((p) => p.path === '/v1/auth/challenge' || p.path === '/v1/auth/anonymous');
+      const anon = posts.filter((p) => p.path === '/v1/auth/anonymous');
+      assert.ok(anon.length > 0, 'the page asked for no anonymous token');
+      posts.forEach((p, i) => {
+        if (p.path !== '/v1/auth/anonymous') return;
+        assert.equal(posts[i - 1]?.path, '/v1/auth/challenge', 'POST /v1/auth/anonymous without a challenge before it');
+        const body = JSON.parse(p.body || 'null');
+        assert.equal(typeof body?.challenge, 'string', `no challenge in ${p.body}`);
+        if (difficulty === 0) return;
+        assert.match(body.nonce, /^[\x21-\x7e]{1,64}$/, `nonce in ${p.body}`);
+        const bits = leadingZeroBits(crypto.createHash('sha256').update(`${body.challenge}:${body.nonce}`, 'utf8').digest());
+        assert.ok(bits >= difficulty, `the nonce in ${p.body} gives ${bits} zero bits, not ${difficulty}`);
+      });
+      const origin = new URL(server.url).origin;
+      if (difficulty > 0) assert.ok(page.rec.workers.includes(`${origin}/js/pow-worker.js`), `no proof-of-work worker started: ${page.rec.workers}`);
+      else assert.deepEqual(page.rec.workers, [], 'a worker started although no proof of work was asked for');
+      return anon.length;
+    },
     async close() {
       for (const { context } of contexts) await context.close().catch(() => {});
       await browser.close().catch(() => {});
@@ -69,6 +102,15 @@ export async function launch() {
     },
   };
   return env;
+}
+
+export function leadingZeroBits(buf) {
+  let bits = 0;
+  for (const b of buf) {
+    if (b === 0) { bits += 8; continue; }
+    return bits + Math.clz32(b) - 24;
+  }
+  return bits;
 }
 
 export async function shot(page, name) {

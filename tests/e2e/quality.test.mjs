@@ -73,6 +73,7 @@ test('keyboard only: rank with the buttons and vote without a mouse', async () =
   await k.getByRole('heading', { name: /You voted/ }).waitFor();
   assert.deepEqual(await k.locator('.voted .summary li').allTextContents(), ['Two']);
   env.assertClean(k);
+  assert.equal(env.assertProofOfWork(k), 1); // one device token for both polls
 });
 
 test('360 px wide: no horizontal scrolling on any page', async () => {

@@ -27,6 +27,7 @@ test('single', async () => {
   await vote(a); await voted(a);
   await a.locator('.results[data-total="1"]').waitFor();
   env.assertClean(a);
+  assert.equal(env.assertProofOfWork(a), 1);
 });
 
 test('multiple with min/max choices, validation mirrored in the page', async () => {
@@ -84,6 +85,7 @@ test('ranked: drag to reorder, the rounds shown', async () => {
   await a.locator('.results[data-total="2"] .round').first().waitFor();
   await shot(a, 'results-ranked-desktop');
   env.assertClean(a); env.assertClean(b);
+  assert.equal(env.assertProofOfWork(b), 1);
 });
 
 test('score: radio rows, means in the results', async () => {

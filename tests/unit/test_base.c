@@ -257,3 +257,56 @@ Test(alloc, fail_after)
     tly_free(p2);
     tly_free(p5);
 }
+
+Test(alloc, fail_every)
+{
+    /* every third call fails, whichever of the three allocators it is, then never again */
+    tly_alloc_fail_every(3);
+    void *p[9];
+    for (int i = 0; i < 9; i++)
+        p[i] = i % 3 == 0 ? tly_malloc(8) : i % 3 == 1 ? tly_calloc(2, 4) : tly_realloc(NULL, 8);
+    tly_alloc_fail_every(0);
+    for (int i = 0; i < 9; i++) {
+        if (i % 3 == 2)
+            cr_assert_null(p[i], "allocation %d should have failed", i + 1);
+        else
+            cr_assert_not_null(p[i], "allocation %d should have succeeded", i + 1);
+        tly_free(p[i]);
+    }
+    void *q = tly_malloc(8);
+    cr_assert_not_null(q, "0 switches it off");
+    tly_free(q);
+}
+
+/* Many threads taking from one budget: exactly `budget` allocations succeed. A plain
+ * load-then-decrement let two threads that both saw 1 take the budget to -1, which
+ * switched injection off for everyone. */
+#include <pthread.h>
+#include <stdatomic.h>
+
+static atomic_int budget_ok;
+
+static void *budget_worker(void *arg)
+{
+    (void)arg;
+    for (int i = 0; i < 2000; i++) {
+        void *p = tly_malloc(8);
+        if (p != NULL)
+            atomic_fetch_add(&budget_ok, 1);
+        tly_free(p);
+    }
+    return NULL;
+}
+
+Test(alloc, fail_after_is_exact_across_threads)
+{
+    pthread_t t[4];
+    atomic_store(&budget_ok, 0);
+    tly_alloc_fail_after(1000);
+    for (int i = 0; i < 4; i++)
+        pthread_create(&t[i], NULL, budget_worker, NULL);
+    for (int i = 0; i < 4; i++)
+        pthread_join(t[i], NULL);
+    tly_alloc_fail_after(-1);
+    cr_assert_eq(atomic_load(&budget_ok), 1000);
+}

@@ -2143,3 +2143,220 @@ Test(patch, new_options_start_an_empty_timeline)
     json_decref(all);
     tly_poll_free(p);
 }
+
+/* ---- settings.voter_check and the per-poll address set ---- */
+
+Test(voter_check, values_default_and_errors)
+{
+    tly_poll_t *p = create_ok(body_n("single", 2));
+    cr_assert_eq(p->settings.voter_check, TLY_VOTER_CHECK_TOKEN, "token by default");
+    json_t *o = tly_poll_to_json(p, NOW);
+    cr_assert_str_eq(json_string_value(json_object_get(json_object_get(o, "settings"), "voter_check")), "token");
+    json_decref(o);
+    tly_poll_free(p);
+
+    static const struct {
+        const char *name;
+        tly_voter_check_t value;
+    } ok[] = {{"token", TLY_VOTER_CHECK_TOKEN}, {"ip", TLY_VOTER_CHECK_IP}, {"token+ip", TLY_VOTER_CHECK_TOKEN_IP}};
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(ok); i++) {
+        char settings[64];
+        snprintf(settings, sizeof(settings), "{\"voter_check\":\"%s\"}", ok[i].name);
+        p = create_ok(with_settings(body_n("multiple", 3), settings));
+        cr_assert_eq(p->settings.voter_check, ok[i].value, "%s", ok[i].name);
+        cr_assert_str_eq(tly_voter_check_name(p->settings.voter_check), ok[i].name);
+        cr_assert_eq(tly_voter_check_ip(p->settings.voter_check), ok[i].value != TLY_VOTER_CHECK_TOKEN);
+        o = tly_poll_to_json(p, NOW);
+        cr_assert_str_eq(json_string_value(json_object_get(json_object_get(o, "settings"), "voter_check")),
+                         ok[i].name);
+        json_decref(o);
+        tly_poll_free(p);
+    }
+    static const char *const bad[] = {"{\"voter_check\":\"cookie\"}", "{\"voter_check\":\"IP\"}",
+                                      "{\"voter_check\":\"ip+token\"}", "{\"voter_check\":\"\"}",
+                                      "{\"voter_check\":1}", "{\"voter_check\":null}",
+                                      "{\"voter_check\":[\"ip\"]}"};
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(bad); i++)
+        create_fails(with_settings(body_n("single", 2), bad[i]), "settings.voter_check");
+    cr_assert_str_eq(tly_voter_check_name((tly_voter_check_t)7), "unknown");
+}
+
+Test(voter_check, patch_only_while_the_poll_has_no_votes)
+{
+    tly_poll_t *p = create_ok(body_n("single", 2));
+    const char *f;
+    cr_assert_eq(patch(p, "{\"settings\":{\"voter_check\":\"ip\"}}", &f), 0, "no votes yet");
+    cr_assert_eq(p->settings.voter_check, TLY_VOTER_CHECK_IP);
+    cr_assert_eq(patch(p, "{\"settings\":{\"voter_check\":\"nope\"}}", &f), TLY_EINVAL);
+    cr_assert_str_eq(f, "settings.voter_check");
+    cr_assert_eq(p->settings.voter_check, TLY_VOTER_CHECK_IP, "unchanged by a refused PATCH");
+
+    tly_ballot_t b = {.nchoices = 1, .choices = {0}};
+    tly_vote_t *v = tly_vote_new(&b, "v1", NULL, NULL, NULL, NOW);
+    tly_poll_add_vote(NULL, p, v); /* pending is enough */
+    cr_assert_eq(patch(p, "{\"settings\":{\"voter_check\":\"token\"}}", &f), TLY_EEXIST);
+    cr_assert_str_eq(f, "settings.voter_check");
+    cr_assert_eq(patch(p, "{\"settings\":{\"voter_check\":\"token+ip\",\"allow_vote_change\":true}}", &f),
+                 TLY_EEXIST);
+    cr_assert_not(p->settings.allow_vote_change, "nothing of a refused PATCH applies");
+    cr_assert_eq(patch(p, "{\"settings\":{\"voter_check\":\"cookie\"}}", &f), TLY_EINVAL,
+                 "out of range is still a 400");
+    cr_assert_eq(patch(p, "{\"settings\":{\"voter_check\":\"ip\",\"allow_anonymous\":true}}", &f), 0,
+                 "the same value is not a change");
+    cr_assert(p->settings.allow_anonymous);
+    tly_poll_commit_vote(p, v, NOW);
+    cr_assert_eq(patch(p, "{\"settings\":{\"voter_check\":\"token\"}}", &f), TLY_EEXIST, "committed too");
+    tly_poll_retract_vote(NULL, p, v, NOW);
+    cr_assert_eq(patch(p, "{\"settings\":{\"voter_check\":\"token+ip\"}}", &f), 0, "no vote left");
+    cr_assert_eq(p->settings.voter_check, TLY_VOTER_CHECK_TOKEN_IP);
+    tly_poll_free(p);
+}
+
+static void ip_of(uint8_t out[TLY_IP_HASH_LEN], int n)
+{
+    memset(out, 0, TLY_IP_HASH_LEN);
+    out[0] = 0xa5;
+    out[15] = (uint8_t)n;
+}
+
+/* A pending vote of ballot "$0" added to p and given address n. */
+static tly_vote_t *cast_from(tly_registry_t *r, tly_poll_t *p, const char *voter, int n)
+{
+    tly_ballot_t b = parsed(p, "{\"option_ids\":[\"$0\"]}");
+    tly_vote_t *v = tly_vote_new(&b, voter, NULL, NULL, NULL, NOW);
+    cr_assert_not_null(v);
+    tly_poll_add_vote(r, p, v);
+    uint8_t h[TLY_IP_HASH_LEN];
+    ip_of(h, n);
+    cr_assert_eq(tly_poll_set_vote_ip(p, v, h), 0);
+    return v;
+}
+
+/* The set holds exactly the addresses of p's votes that have one, each to its vote. */
+static void assert_ip_set(tly_poll_t *p, size_t want)
+{
+    size_t n = 0;
+    cr_assert_eq(tly_poll_ip_count(p), want);
+    for (tly_vote_t *v = p->votes; v != NULL; v = v->hh.next) {
+        const uint8_t *h = tly_vote_ip_hash(v);
+        if (h != NULL) {
+            cr_assert_eq(tly_poll_find_ip(p, h), v, "address of %s", v->voter_id);
+            n++;
+        }
+    }
+    cr_assert_eq(n, want);
+}
+
+Test(voter_check, ip_set_pending_committed_dropped_retracted)
+{
+    tly_registry_t *r = tly_registry_new();
+    tly_poll_t *p = create_ok(with_settings(body_n("multiple", 3), "{\"voter_check\":\"ip\"}"));
+    tly_registry_add_poll(r, p);
+    uint8_t h1[TLY_IP_HASH_LEN], h2[TLY_IP_HASH_LEN], h3[TLY_IP_HASH_LEN];
+    ip_of(h1, 1);
+    ip_of(h2, 2);
+    ip_of(h3, 3);
+    cr_assert_null(tly_poll_find_ip(p, h1), "empty set");
+
+    tly_vote_t *a = cast_from(r, p, "alice", 1);
+    cr_assert_eq(tly_poll_find_ip(p, h1), a, "a pending vote holds its address");
+    cr_assert_arr_eq(tly_vote_ip_hash(a), h1, TLY_IP_HASH_LEN);
+    cr_assert_null(tly_poll_find_ip(p, h2));
+
+    /* a second ballot from the same address, and misuse, change nothing */
+    tly_ballot_t b = parsed(p, "{\"option_ids\":[\"$1\"]}");
+    tly_vote_t *bob = tly_vote_new(&b, "bob", NULL, NULL, NULL, NOW);
+    tly_poll_add_vote(r, p, bob);
+    cr_assert_eq(tly_poll_set_vote_ip(p, bob, h1), TLY_EEXIST);
+    cr_assert_null(tly_vote_ip_hash(bob));
+    cr_assert_eq(tly_poll_find_ip(p, h1), a);
+    cr_assert_eq(tly_poll_set_vote_ip(p, a, h2), TLY_EINVAL, "one address per vote");
+    cr_assert_null(tly_poll_find_ip(p, h2));
+    tly_poll_t *q = create_ok(body_n("single", 2));
+    cr_assert_eq(tly_poll_set_vote_ip(q, bob, h2), TLY_EINVAL, "not q's vote");
+    cr_assert_eq(tly_poll_ip_count(q), 0);
+    tly_poll_free(q);
+    assert_ip_set(p, 1);
+
+    /* bob from another address; a vote without an address (voter rule only) is fine */
+    cr_assert_eq(tly_poll_set_vote_ip(p, bob, h2), 0);
+    tly_vote_t *carol = cast(r, p, "carol", "{\"option_ids\":[\"$2\"]}");
+    cr_assert_null(tly_vote_ip_hash(carol));
+    assert_ip_set(p, 2);
+
+    /* a failed commit drops the pending vote and frees its address */
+    tly_poll_drop_vote(r, p, bob);
+    cr_assert_null(tly_poll_find_ip(p, h2));
+    assert_ip_set(p, 1);
+
+    /* committing keeps it; retracting frees it, and that address may vote again */
+    tly_poll_commit_vote(p, a, NOW);
+    cr_assert_eq(tly_poll_find_ip(p, h1), a);
+    tly_poll_retract_vote(r, p, a, NOW + 1);
+    cr_assert_null(tly_poll_find_ip(p, h1));
+    assert_ip_set(p, 0);
+    tly_vote_t *dave = cast_from(r, p, "dave", 1);
+    cr_assert_eq(tly_poll_find_ip(p, h1), dave);
+    cr_assert_null(tly_poll_find_ip(p, h3));
+    assert_ip_set(p, 1);
+    /* removing the poll frees the set (ASan / valgrind would see a leak) */
+    tly_registry_remove_poll(r, p);
+    tly_registry_free(r);
+}
+
+Test(voter_check, a_change_keeps_the_address_even_when_the_vote_moves)
+{
+    tly_registry_t *r = tly_registry_new();
+    tly_poll_t *p = create_ok(with_settings(body_n("multiple", 4), "{\"voter_check\":\"token+ip\"}"));
+    tly_registry_add_poll(r, p);
+    tly_vote_t *v[4];
+    const char *names[4] = {"a", "b", "c", "d"};
+    for (int i = 0; i < 4; i++) {
+        v[i] = cast_from(r, p, names[i], i + 1);
+        tly_poll_commit_vote(p, v[i], NOW);
+    }
+    assert_ip_set(p, 4);
+    uint8_t h[TLY_IP_HASH_LEN];
+    for (int i = 0; i < 4; i += 3) {
+        /* more choices than the vote holds: it is reallocated */
+        tly_vote_t *w = change(r, p, v[i], "{\"option_ids\":[\"$1\",\"$2\",\"$3\"]}", NOW + MIN);
+        cr_assert_neq(w, v[i], "moved");
+        v[i] = w;
+        ip_of(h, i + 1);
+        cr_assert_eq(tly_poll_find_ip(p, h), w, "the address follows the moved vote");
+        cr_assert_arr_eq(tly_vote_ip_hash(w), h, TLY_IP_HASH_LEN);
+        assert_maps(r, p);
+        assert_ip_set(p, 4);
+    }
+    /* in place */
+    tly_vote_t *w = change(r, p, v[1], "{\"option_ids\":[\"$3\"]}", NOW + 2 * MIN);
+    cr_assert_eq(w, v[1]);
+    ip_of(h, 2);
+    cr_assert_eq(tly_poll_find_ip(p, h), w);
+    /* retracting a moved vote frees its address */
+    tly_poll_retract_vote(r, p, v[0], NOW + 3 * MIN);
+    ip_of(h, 1);
+    cr_assert_null(tly_poll_find_ip(p, h));
+    assert_ip_set(p, 3);
+    tly_registry_free(r);
+}
+
+Test(oom, set_vote_ip_fails_cleanly)
+{
+    tly_poll_t *p = create_ok(with_settings(body_n("multiple", 3), "{\"voter_check\":\"ip\"}"));
+    tly_ballot_t b = parsed(p, "{\"option_ids\":[\"$0\"]}");
+    tly_vote_t *v = tly_vote_new(&b, "a", NULL, NULL, NULL, NOW);
+    tly_poll_add_vote(NULL, p, v);
+    uint8_t h[TLY_IP_HASH_LEN];
+    ip_of(h, 9);
+    tly_alloc_fail_after(0);
+    int rc = tly_poll_set_vote_ip(p, v, h);
+    tly_alloc_fail_after(-1);
+    cr_assert_eq(rc, TLY_ENOMEM);
+    cr_assert_null(tly_vote_ip_hash(v));
+    cr_assert_null(tly_poll_find_ip(p, h));
+    cr_assert_eq(tly_poll_ip_count(p), 0);
+    cr_assert_eq(tly_poll_set_vote_ip(p, v, h), 0, "and with memory it works");
+    cr_assert_eq(tly_poll_find_ip(p, h), v);
+    tly_poll_free(p);
+}

@@ -279,6 +279,10 @@ static void rt_ballot(void *ctx, const tly_ballot_row_t *b)
     cr_assert_arr_eq(b->body_hash, e->body_hash, 16);
     cr_assert(str_eq(b->client_meta, e->client_meta));
     cr_assert_null(b->request_id);
+    if (e->ip_hash == NULL)
+        cr_assert_null(b->ip_hash);
+    else
+        cr_assert_arr_eq(b->ip_hash, e->ip_hash, 16);
     n[2]++;
 }
 
@@ -313,6 +317,8 @@ Test(store, round_trip_every_field)
     rt_ops[4].u.ballot.idem_key = "idem-vote-1";
     rt_ops[4].u.ballot.client_meta = "{\"ua\":\"test\"}";
     memset(rt_ops[4].u.ballot.body_hash, 0xab, 16);
+    static const uint8_t ip_hash[16] = {0x10, 0, 0xff, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 0x99};
+    rt_ops[4].u.ballot.ip_hash = ip_hash;
     rt_ops[5] = ballot_op("poll2", "voter1", "v_2", "rcpt2");
     rt_ops[5].u.ballot.nchoices = 1;
 
@@ -1050,12 +1056,165 @@ Test(store, migration_1_to_2_upgrades_an_existing_file_in_place)
     tly_store_close(s);
 
     db = raw_open(SQLITE_OPEN_READONLY);
-    cr_assert_eq(raw_int(db, "PRAGMA user_version"), 2);
+    cr_assert_eq(raw_int(db, "PRAGMA user_version"), TLY_STORE_SCHEMA_VERSION);
     sqlite3_close(db);
     s = reopen_load(open_store(), &seen);
     cr_assert_eq(seen.ballots, 3);
     cr_assert_str_eq(seen.final_results[0], "{\"winner\":\"optA\"}");
     tly_store_close(s);
+}
+
+/* Version 2 of the schema as it shipped (migration 2 on top of v1_schema), frozen here. */
+static const char v2_upgrade[] =
+    "ALTER TABLE polls ADD COLUMN final_results TEXT;"
+    "CREATE TABLE audit(seq INTEGER PRIMARY KEY, poll_id TEXT NOT NULL, voter_id TEXT NOT NULL,"
+    "  event TEXT NOT NULL CHECK(event IN ('cast','changed','revoked')), choices BLOB, scores BLOB,"
+    "  at INTEGER NOT NULL);"
+    "CREATE INDEX audit_poll_seq ON audit(poll_id, seq);"
+    "CREATE INDEX ballots_poll_seq ON ballots(poll_id, seq);"
+    "CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN"
+    "  SELECT RAISE(ABORT, 'audit is append-only');"
+    "END;"
+    "CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit"
+    "  WHEN EXISTS(SELECT 1 FROM polls WHERE poll_id = OLD.poll_id) BEGIN"
+    "  SELECT RAISE(ABORT, 'audit rows go only with their poll');"
+    "END;";
+
+/* Ballots as load hands them over, with their address hashes copied out. */
+typedef struct {
+    int n;
+    char voter[16][32];
+    int has_ip[16];
+    uint8_t ip[16][16];
+} ip_seen_t;
+
+static void see_ip_ballot(void *ctx, const tly_ballot_row_t *b)
+{
+    ip_seen_t *is = ctx;
+    int i = is->n++;
+    cr_assert_lt(i, 16);
+    snprintf(is->voter[i], 32, "%s", b->voter_id);
+    is->has_ip[i] = b->ip_hash != NULL;
+    if (b->ip_hash != NULL)
+        memcpy(is->ip[i], b->ip_hash, 16);
+}
+
+static void load_ips(tly_store_t *s, ip_seen_t *is)
+{
+    tly_store_load_cb_t cb = {.ballot = see_ip_ballot};
+    memset(is, 0, sizeof *is);
+    cr_assert_eq(tly_store_load(s, &cb, is), 0);
+}
+
+static const uint8_t ip_a[16] = {0xa1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+static const uint8_t ip_b[16] = {0xb2, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+Test(store, migration_2_to_3_adds_ip_hash_and_keeps_one_ballot_per_address)
+{
+    char sub[128];
+    snprintf(sub, sizeof sub, "%s/data", dir);
+    cr_assert_eq(mkdir(sub, 0700), 0);
+    snprintf(sub, sizeof sub, "%s/data/nested", dir);
+    cr_assert_eq(mkdir(sub, 0700), 0);
+
+    /* What tally with schema version 2 left behind: two ballots, no address column. */
+    sqlite3 *db = raw_open(SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE);
+    cr_assert_eq(sqlite3_exec(db, "PRAGMA journal_mode = WAL", NULL, NULL, NULL), SQLITE_OK);
+    cr_assert_eq(sqlite3_exec(db, v1_schema, NULL, NULL, NULL), SQLITE_OK, "%s", sqlite3_errmsg(db));
+    cr_assert_eq(sqlite3_exec(db, v2_upgrade, NULL, NULL, NULL), SQLITE_OK, "%s", sqlite3_errmsg(db));
+    cr_assert_eq(sqlite3_exec(db,
+                              "INSERT INTO polls VALUES('poll1', 'user1', 'Old poll', NULL, 2, 1,"
+                              "  NULL, NULL, '{}', 1700000000000, 1700000000000, NULL, NULL, NULL);"
+                              "INSERT INTO options VALUES('poll1', 0, 'optA', 'A', 0);"
+                              "INSERT INTO options VALUES('poll1', 1, 'optB', 'B', 1);"
+                              "INSERT INTO ballots(poll_id, voter_id, vote_id, receipt, choices,"
+                              "  recorded_at) VALUES('poll1', 'voter1', 'v_1', 'r_1', x'00', 1700000001000);"
+                              "INSERT INTO ballots(poll_id, voter_id, vote_id, receipt, choices,"
+                              "  recorded_at) VALUES('poll1', 'voter2', 'v_2', 'r_2', x'01', 1700000002000);"
+                              "INSERT INTO audit(poll_id, voter_id, event, choices, at)"
+                              "  SELECT poll_id, voter_id, 'cast', choices, recorded_at FROM ballots;"
+                              "PRAGMA user_version = 2;",
+                              NULL, NULL, NULL),
+                 SQLITE_OK, "%s", sqlite3_errmsg(db));
+    sqlite3_close(db);
+
+    tly_store_t *s = open_store();
+    ip_seen_t is;
+    load_ips(s, &is);
+    cr_assert_eq(is.n, 2);
+    cr_assert_str_eq(is.voter[0], "voter1");
+    cr_assert_not(is.has_ip[0], "ballots from before version 3 have no address hash");
+    cr_assert_not(is.has_ip[1]);
+
+    /* new ballots carry one; within a poll no two share it */
+    tly_store_op_t b3 = ballot_op("poll1", "voter3", "v_3", "r_3");
+    b3.u.ballot.ip_hash = ip_a;
+    submit_wait(s, &b3);
+    cr_assert_eq(b3.result, 0);
+    tly_store_op_t b4 = ballot_op("poll1", "voter4", "v_4", "r_4");
+    b4.u.ballot.ip_hash = ip_a;
+    submit_wait(s, &b4);
+    cr_assert_eq(b4.result, TLY_EEXIST, "a second ballot from one address is refused like a second voter's");
+    /* ... with a request row saying so, in the same transaction */
+    tly_store_op_t b4r = ballot_op("poll1", "voter4", "v_4", "r_4");
+    b4r.u.ballot.ip_hash = ip_a;
+    b4r.u.ballot.request_id = "req4";
+    submit_wait(s, &b4r);
+    cr_assert_eq(b4r.result, TLY_EEXIST);
+    b4.u.ballot.ip_hash = ip_b;
+    submit_wait(s, &b4);
+    cr_assert_eq(b4.result, 0, "another address");
+    tly_store_op_t b5 = ballot_op("poll1", "voter5", "v_5", "r_5"); /* no address: any number of them */
+    submit_wait(s, &b5);
+    cr_assert_eq(b5.result, 0);
+    tly_store_op_t p2 = poll_op("poll2", 2);
+    submit_wait(s, &p2);
+    cr_assert_eq(p2.result, 0);
+    tly_store_op_t c1 = ballot_op("poll2", "voter9", "v_9", "r_9");
+    c1.u.ballot.ip_hash = ip_a;
+    submit_wait(s, &c1);
+    cr_assert_eq(c1.result, 0, "the same hash in another poll (hashes are per poll anyway)");
+
+    /* a change keeps the address; a retraction frees it */
+    tly_store_op_t ch = {.type = TLY_OP_BALLOT_REPLACE,
+                         .u.ballot = {.poll_id = "poll1", .voter_id = "voter3", .nchoices = 1,
+                                      .choices = choices2, .recorded_at = 1700000009000}};
+    submit_wait(s, &ch);
+    cr_assert_eq(ch.result, 0);
+    tly_store_op_t b6 = ballot_op("poll1", "voter6", "v_6", "r_6");
+    b6.u.ballot.ip_hash = ip_a;
+    submit_wait(s, &b6);
+    cr_assert_eq(b6.result, TLY_EEXIST, "still held after the change");
+
+    s = reopen_load(s, &(seen_t){0});
+    load_ips(s, &is);
+    cr_assert_eq(is.n, 6);
+    cr_assert_str_eq(is.voter[2], "voter3");
+    cr_assert(is.has_ip[2]);
+    cr_assert_arr_eq(is.ip[2], ip_a, 16);
+    cr_assert_str_eq(is.voter[3], "voter4");
+    cr_assert_arr_eq(is.ip[3], ip_b, 16);
+    cr_assert_str_eq(is.voter[4], "voter5");
+    cr_assert_not(is.has_ip[4]);
+    cr_assert_str_eq(is.voter[5], "voter9");
+    cr_assert_arr_eq(is.ip[5], ip_a, 16);
+
+    tly_store_op_t del = {.type = TLY_OP_BALLOT_DELETE,
+                          .u.ballot = {.poll_id = "poll1", .voter_id = "voter3", .recorded_at = 1700000010000}};
+    submit_wait(s, &del);
+    cr_assert_eq(del.result, 0);
+    b6.u.ballot.ip_hash = ip_a;
+    submit_wait(s, &b6);
+    cr_assert_eq(b6.result, 0, "a retraction frees the address");
+    tly_store_close(s);
+
+    db = raw_open(SQLITE_OPEN_READONLY);
+    cr_assert_eq(raw_int(db, "PRAGMA user_version"), 3);
+    cr_assert_eq(raw_int(db, "SELECT count(*) FROM ballots WHERE ip_hash IS NOT NULL"), 3);
+    cr_assert_eq(raw_int(db, "SELECT count(*) FROM vote_requests WHERE request_id = 'req4'"
+                             " AND state = 'failed' AND error = 'ALREADY_VOTED'"),
+                 1);
+    sqlite3_close(db);
 }
 
 Test(store, a_newer_schema_is_refused)

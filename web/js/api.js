@@ -43,13 +43,88 @@ export function identityToken() {
   return getUser()?.token || getDevice()?.token || null;
 }
 
-/** A device token for anonymous voting, obtained once and kept. */
-export async function ensureDevice() {
+/**
+ * A device token for anonymous voting, obtained once and kept. It costs a proof of work:
+ * POST /v1/auth/challenge, solve it in a Web Worker (when its difficulty is above 0), then
+ * POST /v1/auth/anonymous with the answer; a refused answer (403 POW_FAILED: the challenge
+ * expired or was used meanwhile) is retried once with a new challenge.
+ * opts.onWork() is called when the work starts (for a "preparing…" status).
+ */
+let devicePending = null;
+export function ensureDevice(opts = {}) {
   const d = getDevice();
-  if (d) return d;
-  const r = await request('POST', '/v1/auth/anonymous', { body: {} });
-  setDevice(r);
-  return r;
+  if (d) return Promise.resolve(d);
+  if (!devicePending) {
+    devicePending = newDevice(opts).finally(() => { devicePending = null; });
+  } else {
+    opts.onWork?.(); // already under way for another caller
+  }
+  return devicePending;
+}
+
+async function newDevice({ onWork } = {}) {
+  for (let attempt = 1; ; attempt++) {
+    let ch;
+    try {
+      ch = await request('POST', '/v1/auth/challenge');
+    } catch (e) {
+      // a server from before proofs of work: tokens are free there
+      if (e.status !== 404 && e.status !== 405) throw e;
+      ch = { difficulty: 0 };
+    }
+    const body = {};
+    if (ch.challenge) body.challenge = ch.challenge;
+    if (ch.difficulty > 0) {
+      if (ch.algorithm && ch.algorithm !== 'sha256-leading-zero-bits') throw powError(new Error(`unknown algorithm ${ch.algorithm}`));
+      onWork?.();
+      body.nonce = await solvePow(ch.challenge, ch.difficulty);
+    }
+    try {
+      const r = await request('POST', '/v1/auth/anonymous', { body });
+      setDevice(r);
+      return r;
+    } catch (e) {
+      if (e.code === 'POW_FAILED' && attempt < 2) continue;
+      if (e.code === 'POW_FAILED') e.message = 'The server did not accept this browser\'s proof of work for an anonymous token. Try again.';
+      throw e;
+    }
+  }
+}
+
+/** Solves a challenge in a module Web Worker (on the page only if no worker can start). */
+function solvePow(challenge, difficulty) {
+  return new Promise((resolve, reject) => {
+    let worker;
+    let settled = false;
+    const finish = (fn, v) => {
+      if (settled) return;
+      settled = true;
+      worker?.terminate();
+      fn(v);
+    };
+    const onPage = () => {
+      worker?.terminate();
+      worker = null;
+      import('./pow.js').then((m) => m.solve(challenge, difficulty))
+        .then((nonce) => finish(resolve, nonce), (e) => finish(reject, powError(e)));
+    };
+    try {
+      worker = new Worker(new URL('./pow-worker.js', import.meta.url), { type: 'module', name: 'tally-pow' });
+    } catch {
+      onPage();
+      return;
+    }
+    worker.addEventListener('message', (e) => {
+      if (typeof e.data?.nonce === 'string') finish(resolve, e.data.nonce);
+      else finish(reject, powError(new Error(e.data?.error || 'no answer')));
+    });
+    worker.addEventListener('error', (e) => { e.preventDefault(); if (!settled) onPage(); });
+    worker.postMessage({ challenge, difficulty });
+  });
+}
+
+function powError(e) {
+  return new ApiError(0, { error: { code: 'POW_UNSOLVED', message: `This browser could not prepare its anonymous device token (${e?.message || e}). Reload the page and try again.` } });
 }
 
 /**
@@ -76,7 +151,17 @@ export async function request(method, path, opts = {}) {
   const text = await res.text();
   let json = null;
   try { json = text ? JSON.parse(text) : null; } catch { /* not JSON */ }
-  if (!res.ok) throw new ApiError(res.status, json);
+  if (!res.ok) {
+    const err = new ApiError(res.status, json);
+    if (res.status === 429) {
+      const wait = Number(res.headers.get('Retry-After'));
+      err.retryAfter = Number.isFinite(wait) && wait >= 0 ? wait : null;
+      err.message = err.retryAfter !== null
+        ? `Too many requests from this network right now. Try again in ${Math.max(1, Math.ceil(err.retryAfter))} second${Math.ceil(err.retryAfter) > 1 ? 's' : ''}.`
+        : 'Too many requests from this network right now. Try again in a minute.';
+    }
+    throw err;
+  }
   return json;
 }
 

@@ -1,6 +1,6 @@
 // Home: create a poll. Client-side checks mirror the server's; the server's own errors
 // (error.field) are shown next to the field they name.
-import { h, field, newId, statusLine, localToIso, setFieldError, TYPE_NAMES } from './dom.js';
+import { h, field, newId, statusLine, busyStatus, localToIso, setFieldError, TYPE_NAMES } from './dom.js';
 import { request, getUser, ensureDevice } from './api.js';
 import { navigate } from './app.js';
 
@@ -146,12 +146,13 @@ export function render(main) {
 
   // ---- submit ----
   const submit = h('button', { type: 'submit', class: 'primary big', text: 'Create poll' });
+  const preparing = busyStatus();
   const who = user
     ? h('p', { class: 'hint', text: `You are signed in as ${user.username}; the poll will be listed in My polls.` })
     : h('p', { class: 'hint' }, 'You are not signed in: the poll belongs to this browser. ',
       h('a', { href: '/mine', 'data-link': '', text: 'Sign up or log in' }), ' to manage your polls from any device.');
   const form = h('form', { class: 'create', novalidate: true, 'aria-labelledby': 'create-h1' },
-    top, title.wrap, desc.wrap, typeFs, optFs, settingsFs, who, h('div', { class: 'actions' }, submit));
+    top, title.wrap, desc.wrap, typeFs, optFs, settingsFs, who, h('div', { class: 'actions' }, submit), preparing);
 
   const fieldMap = {
     title: title, description: desc,
@@ -255,7 +256,8 @@ export function render(main) {
     submit.disabled = true;
     submit.textContent = 'Creating…';
     try {
-      const token = getUser()?.token || (await ensureDevice()).token;
+      const token = getUser()?.token || (await ensureDevice({ onWork: () => preparing.busy('Preparing your anonymous device token…') })).token;
+      preparing.busy(null);
       const poll = await request('POST', '/v1/polls', { body, token, headers: { 'Idempotency-Key': idemKey } });
       navigate(`/p/${poll.poll_id}/share`);
     } catch (err) {
@@ -263,6 +265,7 @@ export function render(main) {
       top.set(el ? 'The server refused the poll: see the field marked below.' : err.message, 'error');
       (el || top).focus();
     } finally {
+      preparing.busy(null);
       submit.disabled = false;
       submit.textContent = 'Create poll';
     }

@@ -107,6 +107,20 @@ export function statusLine(cls = 'status', role = 'status') {
   return el;
 }
 
+/**
+ * A polite live region for work in progress ("Preparing…"), with a spinner while busy.
+ * It stays in the page (empty and without height when idle) so that screen readers
+ * announce the text when it is set. el.busy(msg) shows msg; el.busy(null) clears it.
+ */
+export function busyStatus() {
+  const el = h('p', { class: 'busy-status', role: 'status', 'aria-live': 'polite' });
+  el.busy = (msg) => {
+    el.textContent = msg || '';
+    el.classList.toggle('is-busy', !!msg);
+  };
+  return el;
+}
+
 export const TYPE_NAMES = {
   single: 'Single choice',
   multiple: 'Multiple choice',

@@ -1,6 +1,6 @@
 // /p/<id>: the vote page (one form per poll type), "you voted" with the receipt, change
 // and retract where the poll allows it, and the live results below.
-import { h, newId, statusLine, fmtTime, announce, TYPE_NAMES } from './dom.js';
+import { h, newId, statusLine, busyStatus, fmtTime, announce, TYPE_NAMES } from './dom.js';
 import { request, call, pollPath, getUser, getDevice, ensureDevice, getReceipt, setReceipt } from './api.js';
 import { createResults, connectResults } from './results.js';
 import { authPanel } from './auth.js';
@@ -279,10 +279,11 @@ export async function render(main, { id }) {
     }
     const form = ballotForm(poll, changing?.ballot);
     const status = statusLine('alert', 'alert');
+    const preparing = busyStatus();
     const submit = h('button', { type: 'submit', class: 'primary big', text: changing ? 'Update my vote' : 'Vote' });
     const cancel = changing ? h('button', { type: 'button', class: 'secondary', text: 'Cancel', onclick: () => showVoted(changing) }) : null;
     const f = h('form', { class: 'vote-form', novalidate: true, 'aria-label': changing ? 'Change your vote' : 'Vote' },
-      form.el, status, h('div', { class: 'actions' }, submit, cancel));
+      form.el, status, h('div', { class: 'actions' }, submit, cancel), preparing);
     let idemKey = crypto.randomUUID();
     let lastBody = null;
     f.addEventListener('submit', async (e) => {
@@ -295,7 +296,12 @@ export async function render(main, { id }) {
       if (text !== lastBody) { idemKey = crypto.randomUUID(); lastBody = text; }
       submit.disabled = true;
       try {
-        const tok = getUser()?.token || (await ensureDevice()).token;
+        // without an account: a device token, which costs a proof of work the first time
+        const tok = getUser()?.token || (await ensureDevice({
+          onWork: () => { preparing.busy('Preparing your anonymous ballot…'); f.setAttribute('aria-busy', 'true'); },
+        })).token;
+        preparing.busy(null);
+        f.removeAttribute('aria-busy');
         if (changing) {
           await request('PUT', pollPath(id, '/votes/me'), { token: tok, body });
         } else {
@@ -315,6 +321,8 @@ export async function render(main, { id }) {
           form.focus();
         } else if (err.code === 'FORBIDDEN' && !getUser()) {
           status.set('This poll needs an account to vote: sign up or log in on My polls.', 'error');
+        } else if (err.code === 'POW_FAILED') {
+          status.set('Your anonymous ballot could not be prepared: the server did not accept its proof of work. Try again.', 'error');
         } else if (err.code === 'POLL_NOT_ACTIVE') {
           status.set(err.message, 'error');
         } else {
@@ -323,6 +331,8 @@ export async function render(main, { id }) {
         if (!status.hidden) status.focus();
       } finally {
         submit.disabled = false;
+        preparing.busy(null);
+        f.removeAttribute('aria-busy');
       }
     });
     status.setAttribute('tabindex', '-1');
