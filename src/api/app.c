@@ -182,7 +182,7 @@ tly_poll_t *api_find_poll(tly_app_t *app, tly_req_t *req, const tly_params_t *pa
         if (m == NULL)
             p = tly_registry_find_poll(app->registry, key);
     }
-    if (p != NULL && p->status == TLY_STATUS_DRAFT && !api_is_owner(p, caller))
+    if (p != NULL && tly_poll_effective_status(p, tly_now_ms()) == TLY_STATUS_DRAFT && !api_is_owner(p, caller))
         p = NULL;
     if (p == NULL)
         api_respond_error(req, 404, "POLL_NOT_FOUND", "no poll with that id", NULL);

@@ -302,7 +302,7 @@ void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg)
     int64_t now = tly_now_ms();
     if (!tly_poll_accepts_votes(p, now)) {
         const char *why = tly_poll_effective_status(p, now) == TLY_STATUS_CLOSED ? "the poll is closed"
-                          : p->status == TLY_STATUS_DRAFT                        ? "the poll is a draft"
+                          : tly_poll_effective_status(p, now) == TLY_STATUS_DRAFT  ? "the poll is a draft"
                                                                                  : "the poll has not started yet";
         api_respond_error(req, 409, "POLL_NOT_ACTIVE", why, json_pack("{s:s}", "status",
                                                                       tly_poll_status_name(tly_poll_effective_status(p, now))));

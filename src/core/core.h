@@ -232,7 +232,8 @@ tly_poll_t *tly_poll_from_json(json_t *body, const char *owner_id, int64_t now, 
 int tly_poll_patch(tly_poll_t *p, json_t *body, int64_t now, const char **err_field, const char **err_msg,
                    char *err_buf, size_t err_buf_len);
 void tly_poll_free(tly_poll_t *p);
-/* The status a reader sees at `now`: active polls whose end_time has passed are closed. */
+/* The status a reader sees at `now`: a draft with a start_time is active once it passes
+ * (a scheduled poll), and an active poll whose end_time has passed is closed. */
 tly_poll_status_t tly_poll_effective_status(const tly_poll_t *p, int64_t now);
 /* Whether a ballot may be cast at `now` (active, start_time reached, end_time not reached). */
 bool tly_poll_accepts_votes(const tly_poll_t *p, int64_t now);

@@ -653,9 +653,13 @@ void tly_poll_free(tly_poll_t *p)
 
 tly_poll_status_t tly_poll_effective_status(const tly_poll_t *p, int64_t now)
 {
-    if (p->status == TLY_STATUS_ACTIVE && p->end_time != 0 && now >= p->end_time)
-        return TLY_STATUS_CLOSED;
-    return p->status;
+    tly_poll_status_t s = p->status;
+    /* a draft with a start_time is scheduled: it opens by itself when that time comes */
+    if (s == TLY_STATUS_DRAFT && p->start_time != 0 && now >= p->start_time)
+        s = TLY_STATUS_ACTIVE;
+    if (s == TLY_STATUS_ACTIVE && p->end_time != 0 && now >= p->end_time)
+        s = TLY_STATUS_CLOSED;
+    return s;
 }
 
 bool tly_poll_accepts_votes(const tly_poll_t *p, int64_t now)

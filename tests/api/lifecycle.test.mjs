@@ -222,3 +222,19 @@ test('end_time passing while the server is down: closed and final after the star
   const again = await results(server, poll.poll_id);
   assert.deepEqual(tally(again.json), tally(r.json), 'the same final tally after another restart');
 });
+
+test('a draft with a start_time is scheduled: hidden until then, open by itself when it passes', async () => {
+  const start = Date.now() + 1500;
+  const poll = await createPoll(server, ownerTok, { status: 'draft', start_time: new Date(start).toISOString() });
+  const voter = server.mint(`sched-${rand()}`);
+  const vote = () => api(server, 'POST', `/v1/polls/${poll.poll_id}/votes`,
+    { token: voter, body: { option_id: poll.options[0].option_id } });
+  assert.equal(poll.status, 'draft');
+  assertError(await api(server, 'GET', `/v1/polls/${poll.poll_id}`), 404, 'POLL_NOT_FOUND');
+  assertError(await vote(), 404, 'POLL_NOT_FOUND');
+  await new Promise((r) => setTimeout(r, Math.max(0, start - Date.now()) + 200));
+  const open = await api(server, 'GET', `/v1/polls/${poll.poll_id}`);
+  assert.equal(open.status, 200, 'visible to everyone once started');
+  assert.equal(open.json.status, 'active');
+  assert.equal((await vote()).status, 200, 'accepts ballots without anyone calling anything');
+});
