@@ -24,7 +24,7 @@ UNIT_BIN := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 DATA_DIR ?= ./data
 LISTEN   ?= 127.0.0.1:8080
 
-.PHONY: all run test test-unit test-api test-live test-e2e check-asan deps deps-test clean bench bench-live bench-export lint fmt
+.PHONY: all run test test-unit test-api test-live test-e2e test-crash check-asan check-valgrind deps deps-test clean bench bench-live bench-export lint fmt
 .DEFAULT_GOAL := all
 
 all: $(BUILD)/tally
@@ -71,6 +71,12 @@ test-live: $(BUILD)/tally
 test-e2e: $(BUILD)/tally
 	TALLY_BIN=$(abspath $(BUILD)/tally) TALLY_WEB_ROOT=$(abspath web) node --test --test-concurrency=2 tests/e2e/
 
+# Fault tests: a full disk (a 3 MiB tmpfs: needs root, skipped otherwise), a failed
+# fsync and failing allocations (TALLY_FAULT_* hooks, see src/main.c). One at a time:
+# the disk test mounts a file system and the others count fsyncs and allocations.
+test-crash: $(BUILD)/tally
+	TALLY_BIN=$(abspath $(BUILD)/tally) node --test --test-concurrency=1 tests/crash/
+
 test: deps-test
 	@$(MAKE) --no-print-directory all
 	@$(MAKE) --no-print-directory test-unit
@@ -83,6 +89,16 @@ check-asan: deps-test
 	    SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \
 	    all test-unit test-api test-live
 
+# The vote and auth API tests against tally under valgrind (tests/valgrind/tally.sh): a
+# memory error or a definite or possible leak makes tally exit 99, which fails the test
+# that stopped it; the reports are in $(VALGRIND_LOG).<pid>.
+VALGRIND_LOG ?= /tmp/tally-valgrind
+check-valgrind: $(BUILD)/tally
+	@command -v valgrind >/dev/null || { echo "check-valgrind needs valgrind (apt-get install valgrind)"; exit 1; }
+	rm -f $(VALGRIND_LOG).*
+	TALLY_BIN=$(abspath tests/valgrind/tally.sh) TALLY_VALGRIND_BIN=$(abspath $(BUILD)/tally) \
+	    TALLY_VALGRIND_LOG=$(VALGRIND_LOG) node --test --test-concurrency=1 tests/api/votes.test.mjs tests/api/auth.test.mjs
+
 # 19,000 live subscribers (SSE + WebSocket) while votes arrive at 200/s
 bench-live: $(BUILD)/tally
 	node bench/live.mjs --bin $(abspath $(BUILD)/tally)
@@ -92,6 +108,53 @@ bench-live: $(BUILD)/tally
 bench-export: $(BUILD)/tally $(BUILD)/tally-genballots
 	node bench/export.mjs --bin $(abspath $(BUILD)/tally) --gen $(abspath $(BUILD)/tally-genballots)
 
+# ---- fuzzing: libFuzzer harnesses in tests/fuzz/ (clang, Debian's libfuzzer-14) ----
+#   make fuzz [FUZZ_SECONDS=60]   build each harness into build-fuzz/ and run it for
+#                                 FUZZ_SECONDS on a copy of its corpus; fails on a crash
+#                                 or leak (the input is left in build-fuzz/crashes/<harness>/)
+FUZZ_CC      ?= clang
+FUZZ_BUILD   ?= build-fuzz
+FUZZ_SECONDS ?= 60
+FUZZ_SAN      = -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+# the project's warnings are gcc's (make all); clang's differ, so -Werror only on the harnesses
+FUZZ_CFLAGS   = -std=c11 -O1 -g -D_GNU_SOURCE -DH2O_USE_LIBUV=0 -Isrc $(PKG_CFLAGS) $(FUZZ_SAN)
+FUZZ_LIB_OBJ := $(LIB_SRC:%.c=$(FUZZ_BUILD)/obj/%.o)
+FUZZ_NAMES   := $(patsubst tests/fuzz/%.c,%,$(sort $(wildcard tests/fuzz/fuzz_*.c)))
+FUZZ_BIN     := $(FUZZ_NAMES:%=$(FUZZ_BUILD)/%)
+
+.PHONY: fuzz fuzz-build deps-fuzz
+
+deps-fuzz:
+	@command -v $(FUZZ_CC) >/dev/null || apt-get install -y -qq clang libclang-rt-14-dev libfuzzer-14-dev
+
+$(FUZZ_BUILD)/obj/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -MMD -MP -c $< -o $@
+
+$(FUZZ_BUILD)/libtally.a: $(FUZZ_LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(FUZZ_BUILD)/fuzz_%: tests/fuzz/fuzz_%.c $(FUZZ_BUILD)/libtally.a
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -Wall -Wextra -Werror -fsanitize=fuzzer -o $@ $< $(FUZZ_BUILD)/libtally.a $(PKG_LIBS) -lwslay -lpthread -lm
+
+-include $(FUZZ_LIB_OBJ:.o=.d)
+
+fuzz-build: $(FUZZ_BIN)
+
+fuzz: deps-fuzz
+	@$(MAKE) --no-print-directory fuzz-build
+	@set -e; for f in $(FUZZ_NAMES); do \
+	    echo "== $$f ($(FUZZ_SECONDS) s)"; \
+	    rm -rf $(FUZZ_BUILD)/corpus/$$f $(FUZZ_BUILD)/crashes/$$f; \
+	    mkdir -p $(FUZZ_BUILD)/corpus/$$f $(FUZZ_BUILD)/crashes/$$f; \
+	    cp tests/fuzz/corpus/$$f/* $(FUZZ_BUILD)/corpus/$$f/; \
+	    dict=; if [ -f tests/fuzz/$$f.dict ]; then dict=-dict=tests/fuzz/$$f.dict; fi; \
+	    $(FUZZ_BUILD)/$$f -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+	        $$dict -artifact_prefix=$(FUZZ_BUILD)/crashes/$$f/ $(FUZZ_BUILD)/corpus/$$f \
+	        || { echo "fuzz: $$f failed; the input is in $(FUZZ_BUILD)/crashes/$$f/"; exit 1; }; \
+	done
+
 lint:
 	clang-tidy $(LIB_SRC) src/main.c -- $(CFLAGS)
 	cppcheck --quiet --error-exitcode=1 --enable=warning,portability --std=c11 -Isrc src
@@ -100,4 +163,4 @@ fmt:
 	clang-format -i $(LIB_SRC) src/main.c src/*/*.h
 
 clean:
-	rm -rf build build-asan
+	rm -rf build build-asan build-fuzz

@@ -19,7 +19,23 @@ static _Atomic long alloc_budget = -1;
 static _Atomic long alloc_every = 0;
 static _Atomic unsigned long alloc_count = 0;
 
-static int alloc_should_fail(void)
+/* Per thread, so that a caller can tell whether its own call failed (tly_alloc_failures). */
+static _Thread_local uint64_t alloc_failures;
+
+/* Counts a NULL from malloc, calloc or realloc (p is what it returned). */
+static void *counted(void *p)
+{
+    if (p == NULL)
+        alloc_failures++;
+    return p;
+}
+
+uint64_t tly_alloc_failures(void)
+{
+    return alloc_failures;
+}
+
+static int alloc_injected(void)
 {
     long every = atomic_load_explicit(&alloc_every, memory_order_relaxed);
     if (every > 0 &&
@@ -32,6 +48,14 @@ static int alloc_should_fail(void)
                                                            memory_order_relaxed))
         ;
     return b == 0;
+}
+
+static int alloc_should_fail(void)
+{
+    if (!alloc_injected())
+        return 0;
+    alloc_failures++;
+    return 1;
 }
 
 void tly_alloc_fail_after(long n)
@@ -47,17 +71,17 @@ void tly_alloc_fail_every(long n)
 
 void *tly_malloc(size_t n)
 {
-    return alloc_should_fail() ? NULL : malloc(n ? n : 1);
+    return alloc_should_fail() ? NULL : counted(malloc(n ? n : 1));
 }
 
 void *tly_calloc(size_t n, size_t size)
 {
-    return alloc_should_fail() ? NULL : calloc(n ? n : 1, size ? size : 1);
+    return alloc_should_fail() ? NULL : counted(calloc(n ? n : 1, size ? size : 1));
 }
 
 void *tly_realloc(void *p, size_t n)
 {
-    return alloc_should_fail() ? NULL : realloc(p, n ? n : 1);
+    return alloc_should_fail() ? NULL : counted(realloc(p, n ? n : 1));
 }
 
 void tly_free(void *p)
@@ -175,7 +199,12 @@ int tly_time_parse(const char *s, int64_t *ms)
     int doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     int64_t days = (int64_t)era * 146097 + doe - 719468;
     int64_t secs = days * 86400 + hour * 3600 + min * 60 + (sec > 59 ? 59 : sec) - offset_min * 60;
-    *ms = secs * 1000 + frac_ms;
+    /* an offset can carry the instant out of 1970..9999 UTC, which tly_time_format cannot
+     * write back (a poll would echo a start_time its own PATCH refuses): refuse it here */
+    int64_t t = secs * 1000 + frac_ms;
+    if (t < 0 || t > INT64_C(253402300799999)) /* 9999-12-31T23:59:59.999Z */
+        return TLY_EINVAL;
+    *ms = t;
     return 0;
 }
 

@@ -35,6 +35,12 @@ char *tly_strdup(const char *s);
 char *tly_strndup(const char *s, size_t n);
 /* Make every allocation after the next `n` fail; n < 0 disables injection. For tests. */
 void tly_alloc_fail_after(long n);
+/* How many allocations through these wrappers have failed on the calling thread so far
+ * (injected or real). Some libraries cannot report an allocation failure as such:
+ * jansson's parser reports "invalid token" and its json_dumps may silently leave out a
+ * piece of the text. A caller reads this before and after such a call and, when it
+ * moved, treats the result as "out of memory" (503), not as bad input or good output. */
+uint64_t tly_alloc_failures(void);
 /* Make every n-th allocation fail from now on (counted over all threads: the n-th, 2n-th,
  * ... call of tly_malloc, tly_calloc or tly_realloc returns NULL); n <= 0 disables it.
  * Independent of tly_alloc_fail_after: an allocation fails when either says so. For
@@ -48,7 +54,9 @@ int64_t tly_now_ms(void);
 /* Formats ms since the epoch as RFC 3339 UTC with milliseconds into out. */
 void tly_time_format(int64_t ms, char out[TLY_TIME_LEN]);
 /* Parses RFC 3339 ("2026-04-05T10:00:00Z", optional fraction, "Z" or "+hh:mm")
- * into ms since the epoch. Returns 0 or TLY_EINVAL. */
+ * into ms since the epoch. Returns 0 or TLY_EINVAL; instants outside
+ * 1970-01-01T00:00:00Z..9999-12-31T23:59:59.999Z (after the offset) are refused, so
+ * every time parsed can be written back by tly_time_format. */
 int tly_time_parse(const char *s, int64_t *ms);
 
 /* Fills out with `nbytes` random bytes encoded as base64url without padding, after

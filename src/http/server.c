@@ -199,7 +199,9 @@ static void on_write_complete(h2o_socket_t *sock, const char *err)
         c->idle = true;
         set_timeout(c, &c->server->idle_timeout);
     }
-    if (c->sock != NULL && c->state == ST_HEAD)
+    /* dispatch stopped reading: resume it unless the next request is already being handled
+     * or answered; a pipelined request whose body is still arriving (ST_BODY) needs it too */
+    if (c->sock != NULL && (c->state == ST_HEAD || c->state == ST_BODY))
         h2o_socket_read_start(c->sock, http_on_read);
 }
 
@@ -368,7 +370,9 @@ static void parse_head(conn_t *c)
     req->query = q ? (tly_str_t){q + 1, path_len - (size_t)(q - path) - 1} : (tly_str_t){"", 0};
     req->body = (tly_str_t){"", 0};
     req->nresp = 0;
-    if (path_len == 0 || path[0] != '/') {
+    /* picohttpparser takes a request line that starts with a space as an empty method;
+     * HTTP's method is a token of at least one character (RFC 9112 3.1) */
+    if (method_len == 0 || path_len == 0 || path[0] != '/') {
         send_error_and_close(c, 400);
         return;
     }

@@ -192,8 +192,9 @@ void tly_store_close(tly_store_t *s);
  * counted over the database and WAL files of every connection of the process from this
  * call on) is not done and fails as an EIO from fsync(2) does (SQLITE_IOERR_FSYNC).
  * Later fsyncs succeed again, as they may on Linux once a failure has been reported:
- * the store must not be fooled by that. Call once, before tly_store_open. Returns 0,
- * or TLY_EINVAL when n < 1. Owning thread.
+ * the store must not be fooled by that. Call before tly_store_open; a later call
+ * re-arms it (the count starts afresh). Returns 0, TLY_EINVAL when n < 1, or TLY_EIO
+ * when SQLite has no default VFS to wrap. Owning thread.
  */
 int tly_store_fault_fsync(long n);
 

@@ -310,3 +310,16 @@ Test(alloc, fail_after_is_exact_across_threads)
     tly_alloc_fail_after(-1);
     cr_assert_eq(atomic_load(&budget_ok), 1000);
 }
+
+Test(alloc, failures_are_counted_per_thread)
+{
+    uint64_t before = tly_alloc_failures();
+    void *p = tly_malloc(8);
+    cr_assert_eq(tly_alloc_failures(), before, "a success does not count");
+    tly_alloc_fail_after(0);
+    cr_assert_null(tly_malloc(8));
+    cr_assert_null(tly_realloc(p, 16), "a failed realloc leaves p alone");
+    tly_alloc_fail_after(-1);
+    cr_assert_eq(tly_alloc_failures(), before + 2);
+    tly_free(p);
+}

@@ -223,6 +223,31 @@ Test(poll, times)
     tly_poll_free(p);
 }
 
+/* Found by tests/fuzz/fuzz_ballot (corpus: regress_*_offset_*): an offset that carried a
+ * time out of 1970..9999 UTC was accepted, and the poll then showed a start_time that
+ * its own PATCH refused (1969-12-31T23:00:00.000Z) or an end_time other than the one
+ * stored (9999-12-31T23:59:59.999Z, the formatter's ceiling). */
+Test(poll, times_are_ones_the_poll_can_show_and_take_back)
+{
+    create_fails(with(body_n("single", 2), "start_time", json_string("1970-01-01T00:00:00+01:00")), "start_time");
+    create_fails(with(body_n("single", 2), "end_time", json_string("9999-12-31T23:59:59-01:00")), "end_time");
+    /* the first and last instants that can be written back still work, both ways */
+    tly_poll_t *p = create_ok(with(with(body_n("single", 2), "start_time", json_string("1970-01-01T01:00:00.001+01:00")),
+                                   "end_time", json_string("9999-12-31T23:59:59.999Z")));
+    cr_assert_eq(p->start_time, 1);
+    cr_assert_eq(p->end_time, INT64_C(253402300799999));
+    json_t *shown = tly_poll_to_json(p, NOW);
+    cr_assert_str_eq(json_string_value(json_object_get(shown, "start_time")), "1970-01-01T00:00:00.001Z");
+    cr_assert_str_eq(json_string_value(json_object_get(shown, "end_time")), "9999-12-31T23:59:59.999Z");
+    const char *f = NULL, *m = NULL;
+    char buf[64];
+    cr_assert_eq(tly_poll_patch(p, shown, NOW, &f, &m, buf, sizeof(buf)), 0, "%s: %s", f ? f : "", m ? m : "");
+    cr_assert_eq(p->start_time, 1);
+    cr_assert_eq(p->end_time, INT64_C(253402300799999));
+    json_decref(shown);
+    tly_poll_free(p);
+}
+
 Test(poll, settings_types_and_limits)
 {
     create_fails(with(body_n("single", 2), "settings", json_string("x")), "settings");

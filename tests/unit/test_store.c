@@ -872,6 +872,36 @@ Test(store, failed_fsync_latches_the_store)
     sqlite3_vfs_unregister(&faulty_vfs);
 }
 
+/* The hook behind TALLY_FAULT_FSYNC_AFTER (tests/crash/fsync.test.mjs): the n-th fsync
+ * fails, the store latches, and a restart finds exactly what was acknowledged. */
+Test(store, fault_fsync_hook_fails_the_nth_fsync)
+{
+    cr_assert_eq(tly_store_fault_fsync(0), TLY_EINVAL);
+    cr_assert_eq(tly_store_fault_fsync(1000000), 0);
+    tly_store_t *s = open_store();
+    tly_store_op_t p = poll_op("poll1", 2);
+    submit_wait(s, &p);
+    cr_assert_eq(p.result, 0);
+    /* re-armed: a batch of one ballot costs one fsync of the WAL */
+    cr_assert_eq(tly_store_fault_fsync(2), 0);
+    tly_store_op_t b0 = ballot_op("poll1", "voter0", "v_0", "r_0");
+    submit_wait(s, &b0);
+    cr_assert_eq(b0.result, 0, "the first fsync succeeds");
+    tly_store_op_t b1 = ballot_op("poll1", "voter1", "v_1", "r_1");
+    submit_wait(s, &b1);
+    cr_assert_eq(b1.result, TLY_EIO, "the second fails");
+    cr_assert_not(tly_store_writable(s));
+    tly_store_op_t b2 = ballot_op("poll1", "voter2", "v_2", "r_2");
+    submit_wait(s, &b2);
+    cr_assert_eq(b2.result, TLY_EIO, "later fsyncs would succeed, but the store stays latched");
+
+    seen_t seen;
+    s = reopen_load(s, &seen);
+    cr_assert_eq(seen.ballots, 1, "only the acknowledged ballot (a clean close drops the failed batch)");
+    cr_assert_str_eq(seen.ballot_vote_ids[0], "v_0");
+    tly_store_close(s);
+}
+
 Test(store, open_rejects_a_path_that_is_a_file)
 {
     char path[128];

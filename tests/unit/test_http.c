@@ -1,0 +1,170 @@
+/*
+ * test_http.c: the http module. What a user would notice: a request the server cannot
+ * frame or read unambiguously never reaches the application, and gets the server's own
+ * error answer.
+ *
+ * Each test runs a real tly_server_t on 127.0.0.1 (port 0) on the test's thread and talks
+ * to it over a socket: the request parsing is inside server.c, reachable only so.
+ */
+#include <criterion/criterion.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "base/base.h"
+#include "http/http.h"
+
+static tly_loop_t *loop;
+static tly_server_t *server;
+static int handled; /* requests that reached the application */
+
+static void handle(tly_req_t *req, void *arg)
+{
+    (void)arg;
+    handled++;
+    tly_req_respond(req, 200, "text/plain", "ok", 2);
+}
+
+static size_t render_error(int status, char *buf, size_t cap)
+{
+    int n = snprintf(buf, cap, "{\"status\":%d}", status);
+    return n < 0 || (size_t)n >= cap ? 0 : (size_t)n;
+}
+
+static void start(void)
+{
+    loop = tly_loop_new();
+    cr_assert_not_null(loop);
+    tly_server_conf_t conf = {.body_max = 1024,
+                              .head_max = 4096,
+                              .uri_max = 1024,
+                              .head_timeout_ms = 10000,
+                              .idle_timeout_ms = 10000,
+                              .max_connections = 16,
+                              .handler = handle,
+                              .render_error = render_error};
+    char err[256];
+    server = tly_server_new(loop, "127.0.0.1:0", &conf, err);
+    cr_assert_not_null(server, "%s", err);
+    handled = 0;
+}
+
+static void stop(void)
+{
+    tly_server_free(server);
+    tly_loop_free(loop);
+}
+
+static int64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Sends req, half-closes, and returns (NUL-terminated in out) all the server wrote
+ * until it closed the connection. */
+static void exchange(const char *req, char *out, size_t cap)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    cr_assert_geq(fd, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET,
+                             .sin_port = htons((uint16_t)tly_server_port(server)),
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    cr_assert_eq(connect(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    cr_assert_eq(send(fd, req, strlen(req), MSG_NOSIGNAL), (ssize_t)strlen(req));
+    shutdown(fd, SHUT_WR);
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    size_t o = 0;
+    int64_t deadline = mono_ms() + 5000;
+    for (;;) {
+        tly_loop_run_once(loop, 10);
+        ssize_t n = recv(fd, out + o, cap - 1 - o, 0);
+        if (n > 0)
+            o += (size_t)n;
+        else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+            break;
+        cr_assert_lt(mono_ms(), deadline, "the server neither answered nor closed; got: %.*s", (int)o, out);
+    }
+    out[o] = '\0';
+    close(fd);
+}
+
+static size_t count(const char *s, const char *needle)
+{
+    size_t n = 0;
+    for (const char *p = strstr(s, needle); p != NULL; p = strstr(p + 1, needle))
+        n++;
+    return n;
+}
+
+/* Found by tests/fuzz/fuzz_server (corpus: regress_empty_method*): picohttpparser reads
+ * a request line that starts with a space as an empty method, and the server handed
+ * such a request to the application instead of answering 400. */
+Test(server, request_line_without_a_method_is_400, .init = start, .fini = stop)
+{
+    char out[4096];
+    exchange(" /admin HTTP/1.1\r\nHost: a\r\n\r\n", out, sizeof(out));
+    cr_assert(strncmp(out, "HTTP/1.1 400 ", 13) == 0, "%s", out);
+    cr_assert_eq(handled, 0);
+}
+
+Test(server, request_without_a_method_after_a_body_is_400, .init = start, .fini = stop)
+{
+    /* the body is 8 bytes, "0\r\n\r\nGET", so what follows starts with a space */
+    char out[4096];
+    exchange("POST /v1/polls HTTP/1.1\r\nHost: a\r\nContent-Length: 8\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\n\r\n",
+             out, sizeof(out));
+    cr_assert(strncmp(out, "HTTP/1.1 200 ", 13) == 0, "%s", out);
+    cr_assert_eq(count(out, "HTTP/1.1 400 "), 1, "%s", out);
+    cr_assert_eq(handled, 1, "only the POST reaches the application");
+}
+
+/* Reads what has arrived on fd (non-blocking) into out after *o, running the loop, until
+ * `want` responses' status lines are there or 3 s pass. */
+static void await_responses(int fd, char *out, size_t cap, size_t *o, size_t want)
+{
+    int64_t deadline = mono_ms() + 3000;
+    while (count(out, "HTTP/1.1 ") < want && mono_ms() < deadline) {
+        tly_loop_run_once(loop, 10);
+        ssize_t n = recv(fd, out + *o, cap - 1 - *o, 0);
+        if (n > 0) {
+            *o += (size_t)n;
+            out[*o] = '\0';
+        } else if (n == 0) {
+            break;
+        }
+    }
+}
+
+/* Found by tests/fuzz/fuzz_server (corpus: regress_pipelined_body_still_arriving): when a
+ * pipelined request's head was in but its body was not, the server stopped reading after
+ * answering the request before it, so the body never arrived and the request hung until
+ * the header timeout closed the connection without an answer. */
+Test(server, pipelined_request_whose_body_is_still_arriving_is_answered, .init = start, .fini = stop)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    cr_assert_geq(fd, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET,
+                             .sin_port = htons((uint16_t)tly_server_port(server)),
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    cr_assert_eq(connect(fd, (struct sockaddr *)&sa, sizeof(sa)), 0);
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    static const char first[] = "GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+                                "POST /v1/polls HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nab";
+    cr_assert_eq(send(fd, first, sizeof(first) - 1, MSG_NOSIGNAL), (ssize_t)(sizeof(first) - 1));
+    char out[4096] = "";
+    size_t o = 0;
+    await_responses(fd, out, sizeof(out), &o, 1);
+    cr_assert_eq(count(out, "HTTP/1.1 200 "), 1, "%s", out);
+    cr_assert_eq(send(fd, "cde", 3, MSG_NOSIGNAL), 3);
+    await_responses(fd, out, sizeof(out), &o, 2);
+    cr_assert_eq(count(out, "HTTP/1.1 200 "), 2, "the POST is answered once its body is in: %s", out);
+    cr_assert_eq(handled, 2);
+    close(fd);
+}
