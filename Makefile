@@ -82,6 +82,7 @@ test: deps-test
 	@$(MAKE) --no-print-directory test-unit
 	@$(MAKE) --no-print-directory test-api
 	@$(MAKE) --no-print-directory test-live
+	@$(MAKE) --no-print-directory test-crash
 	@$(MAKE) --no-print-directory test-e2e
 
 check-asan: deps-test

@@ -27,8 +27,13 @@ void api_respond_raw_json(tly_req_t *req, int status, const char *json, size_t l
 
 void api_respond_json(tly_req_t *req, int status, json_t *body)
 {
+    uint64_t failed = tly_alloc_failures();
     char *s = body ? json_dumps(body, JSON_COMPACT | JSON_REAL_PRECISION(15)) : NULL;
     json_decref(body);
+    if (s != NULL && tly_alloc_failures() != failed) { /* jansson may have left out a piece */
+        free(s);
+        s = NULL;
+    }
     if (s == NULL) {
         static const char oom[] = "{\"error\":{\"code\":\"UNAVAILABLE\",\"message\":\"out of memory\"}}";
         tly_req_add_header(req, "Retry-After", "1");
@@ -62,7 +67,9 @@ void api_respond_store_error(tly_req_t *req, int result)
     if (result == TLY_EFULL)
         api_respond_error(req, 507, "INSUFFICIENT_STORAGE", "the server's disk is full; nothing was stored", NULL);
     else
-        api_respond_error(req, 503, "UNAVAILABLE", "the store could not commit the write; nothing was stored", NULL);
+        api_respond_error(req, 503, "UNAVAILABLE",
+                          "the store could not commit the write; it was not acknowledged and may not have been stored",
+                          NULL);
 }
 
 /* Errors the HTTP layer answers itself, before a request reaches a route. */
@@ -95,7 +102,13 @@ json_t *api_parse_body(tly_req_t *req, bool allow_empty)
     if (body.len == 0 && allow_empty)
         return json_object();
     json_error_t jerr;
+    uint64_t failed = tly_alloc_failures();
     json_t *v = json_loadb(body.ptr, body.len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &jerr);
+    if (v == NULL && tly_alloc_failures() != failed) {
+        tly_req_add_header(req, "Retry-After", "1");
+        api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
+        return NULL;
+    }
     if (v == NULL) {
         char msg[200];
         snprintf(msg, sizeof(msg), "the body is not valid JSON: %s (at byte %d)", jerr.text, jerr.position);
@@ -130,7 +143,13 @@ bool api_caller_token(tly_app_t *app, tly_req_t *req, tly_str_t token, caller_t 
 {
     memset(out, 0, sizeof(*out));
     tly_claims_t claims;
+    uint64_t failed = tly_alloc_failures();
     if (tly_jwt_verify(app->secret, app->secret_len, token.ptr, token.len, tly_now_ms() / 1000, &claims) != 0) {
+        if (tly_alloc_failures() != failed) {
+            tly_req_add_header(req, "Retry-After", "1");
+            api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
+            return false;
+        }
         api_respond_error(req, 401, "UNAUTHENTICATED", "the token is invalid or expired", NULL);
         return false;
     }

@@ -183,7 +183,7 @@ static void csv_cell(json_t *arr, const char *s)
 
 static char *csv_line(json_t *cells)
 {
-    size_t need = 2;
+    size_t need = 3; /* "\r\n" and the NUL */
     size_t i;
     json_t *c;
     if (cells == NULL) /* json_array() failed: an empty array would overflow `need` below */
@@ -253,7 +253,7 @@ static void export_ballot(void *ctx, const tly_ballot_row_t *row, int64_t seq)
         csv_cell(cells, at);
         for (size_t o = 0; o < p->noptions; o++)
             csv_cell(cells, vals[o]);
-        char *line = csv_line(cells);
+        char *line = json_array_size(cells) == 2 + p->noptions ? csv_line(cells) : NULL; /* no cell lost */
         json_decref(cells);
         if (line == NULL) {
             e->failed = 1;
@@ -335,7 +335,7 @@ void api_polls_export(tly_req_t *req, const tly_params_t *params, void *arg)
         csv_cell(cells, "recorded_at");
         for (size_t o = 0; o < p->noptions; o++)
             csv_cell(cells, p->options[o].text);
-        head = csv_line(cells);
+        head = json_array_size(cells) == 2 + p->noptions ? csv_line(cells) : NULL;
         json_decref(cells);
     } else {
         /* {"poll":..., "results":..., "timeline":..., "ballots":[ streamed ]} */

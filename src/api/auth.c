@@ -52,7 +52,13 @@ static void respond_token(tly_app_t *app, tly_req_t *req, int status, const char
 {
     int64_t now = tly_now_ms() / 1000, exp = now + app->conf->token_ttl;
     char token[TLY_JWT_MAX + 1], expires[TLY_TIME_LEN];
-    if (tly_jwt_sign(app->secret, app->secret_len, sub, anonymous, now, exp, token) < 0) {
+    int src = tly_jwt_sign(app->secret, app->secret_len, sub, anonymous, now, exp, token);
+    if (src == TLY_ENOMEM) {
+        tly_req_add_header(req, "Retry-After", "1");
+        api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
+        return;
+    }
+    if (src < 0) {
         api_respond_error(req, 500, "INTERNAL", "could not sign a token", NULL);
         return;
     }

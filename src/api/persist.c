@@ -202,7 +202,11 @@ static void load_poll(void *ctx, const tly_poll_row_t *row)
         p->options[pos].text = tly_strdup(o->text);
         p->options[pos].display_order = o->display_order;
     }
-    tly_registry_add_poll(l->app->registry, p);
+    if (tly_registry_add_poll(l->app->registry, p) != 0) {
+        tly_poll_free(p);
+        l->failed = 1;
+        return;
+    }
     if (row->final_results != NULL && tly_poll_set_final_results(p, row->final_results) != 0)
         l->failed = 1;
     if (p->idem_key != NULL) {
@@ -245,7 +249,11 @@ static void load_ballot(void *ctx, const tly_ballot_row_t *row)
         return;
     }
     memcpy(v->body_hash, row->body_hash, 16);
-    tly_poll_add_vote(l->app->registry, p, v);
+    if (tly_poll_add_vote(l->app->registry, p, v) != 0) {
+        tly_vote_free(v);
+        l->failed = 1;
+        return;
+    }
     /* the address set of voter_check comes back from the hashes kept with the ballots
      * (the store allows one ballot per hash and poll, so TLY_EEXIST cannot happen) */
     if (row->ip_hash != NULL && tly_poll_set_vote_ip(p, v, row->ip_hash) == TLY_ENOMEM)

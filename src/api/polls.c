@@ -39,8 +39,12 @@ static void create_committed(tly_store_op_t *op)
             tly_free(key);
         }
     }
+    if (op->result == 0 && tly_registry_add_poll(app->registry, p) != 0) {
+        /* stored, but memory could not index it: the next start loads it */
+        tly_log(TLY_LOG_ERROR, "poll stored but not loaded (out of memory)", "poll_id", p->poll_id, NULL);
+        op->result = TLY_ENOMEM;
+    }
     if (op->result == 0) {
-        tly_registry_add_poll(app->registry, p);
         if (pi != NULL)
             pi->committed = true;
         respond_created(po->req, p);

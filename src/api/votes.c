@@ -338,7 +338,14 @@ void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg)
         goto done;
     }
     memcpy(v->body_hash, hash, 16);
-    tly_poll_add_vote(app->registry, p, v);
+    if (tly_poll_add_vote(app->registry, p, v) != 0) {
+        tly_vote_free(v);
+        free(bo->client_meta);
+        tly_free(bo);
+        tly_req_add_header(req, "Retry-After", "1");
+        api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
+        goto done;
+    }
     if (by_address && tly_poll_set_vote_ip(p, v, ip_hash) != 0) { /* only ENOMEM: checked above */
         tly_poll_drop_vote(app->registry, p, v);
         free(bo->client_meta);

@@ -182,7 +182,7 @@ tly_poll_t *tly_registry_find_poll(tly_registry_t *r, const char *poll_id);
 /* How many polls the registry holds. */
 size_t tly_registry_count(const tly_registry_t *r);
 /* Takes ownership of p (which must have a unique poll_id). */
-void tly_registry_add_poll(tly_registry_t *r, tly_poll_t *p);
+int tly_registry_add_poll(tly_registry_t *r, tly_poll_t *p); /* 0 or TLY_ENOMEM (not added, not taken) */
 /* Removes and frees p with all its votes (and their receipts). */
 void tly_registry_remove_poll(tly_registry_t *r, tly_poll_t *p);
 tly_vote_t *tly_registry_find_receipt(tly_registry_t *r, const char *receipt);
@@ -278,7 +278,7 @@ void tly_vote_free(tly_vote_t *v);
 tly_vote_t *tly_poll_find_vote(tly_poll_t *p, const char *voter_id);
 /* Adds v to p's dedup map and the registry's receipt map (p must not already have a
  * vote from v->voter_id). Counts are not touched until tly_poll_commit_vote. */
-void tly_poll_add_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v);
+int tly_poll_add_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v); /* 0 or TLY_ENOMEM (not added) */
 /* Marks v committed and counts it (options' votes, total_votes, the timelines and
  * votes_last_minute at v->recorded_at, seq, as_of = now, results dirty). Committing an
  * already committed vote does nothing. pending_votes is the caller's to maintain. */

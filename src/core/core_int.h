@@ -14,6 +14,10 @@
 
 #define uthash_malloc(sz) tly_malloc(sz)
 #define uthash_free(ptr, sz) tly_free(ptr)
+/* A failed table allocation leaves the item out of the table (its hh.tbl is NULL)
+ * instead of exiting: the caller sees it and refuses the operation (503). Nothing is
+ * lost silently, so a dedup map can never admit a second ballot by it. */
+#define HASH_NONFATAL_OOM 1
 
 #include "core/core.h"
 

@@ -78,9 +78,11 @@ static owner_list_t *find_owner(tly_registry_t *r, const char *owner_id)
  * missing from that owner's listing; add_poll has no way to report it, and refusing
  * the poll would be worse.
  */
-void tly_registry_add_poll(tly_registry_t *r, tly_poll_t *p)
+int tly_registry_add_poll(tly_registry_t *r, tly_poll_t *p)
 {
     HASH_ADD_STR(r->polls, poll_id, p);
+    if (p->hh.tbl == NULL)
+        return TLY_ENOMEM;
     if (p->type == TLY_TYPE_SCORE && p->score_sum == NULL && p->total_votes == 0)
         p->score_sum = tly_calloc(p->noptions ? 2 * p->noptions : 1, sizeof(uint64_t));
     p->owner_next = NULL;
@@ -90,9 +92,14 @@ void tly_registry_add_poll(tly_registry_t *r, tly_poll_t *p)
         o = tly_calloc(1, sizeof(*o));
         if (o == NULL || (o->owner_id = tly_strdup(owner)) == NULL) {
             tly_free(o);
-            return;
+            return 0;
         }
         HASH_ADD_KEYPTR(hh, r->owners, o->owner_id, strlen(o->owner_id), o);
+        if (o->hh.tbl == NULL) {
+            tly_free(o->owner_id);
+            tly_free(o);
+            return 0;
+        }
     }
     if (o->head == NULL) {
         o->head = o->tail = p;
@@ -111,6 +118,7 @@ void tly_registry_add_poll(tly_registry_t *r, tly_poll_t *p)
         if (p->owner_next == NULL)
             o->tail = p;
     }
+    return 0;
 }
 
 void tly_registry_remove_poll(tly_registry_t *r, tly_poll_t *p)

@@ -60,14 +60,21 @@ tly_vote_t *tly_poll_find_vote(tly_poll_t *p, const char *voter_id)
     return v;
 }
 
-void tly_poll_add_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v)
+int tly_poll_add_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v)
 {
     v->poll = p;
     HASH_ADD_KEYPTR(hh, p->votes, v->voter_id, strlen(v->voter_id), v);
+    if (v->hh.tbl == NULL)
+        return TLY_ENOMEM;
     if (r != NULL) {
         tly_vote_t **receipts = core_registry_receipts(r);
         HASH_ADD_KEYPTR(hh_receipt, *receipts, v->receipt, strlen(v->receipt), v);
+        if (v->hh_receipt.tbl == NULL) {
+            HASH_DELETE(hh, p->votes, v);
+            return TLY_ENOMEM;
+        }
     }
+    return 0;
 }
 
 size_t core_counted_options(const tly_poll_t *p, const tly_vote_t *v, uint8_t *out)
@@ -261,6 +268,10 @@ int tly_poll_set_vote_ip(tly_poll_t *p, tly_vote_t *v, const uint8_t ip_hash[TLY
     memcpy(e->hash, ip_hash, TLY_IP_HASH_LEN);
     e->vote = v;
     HASH_ADD(hh, p->ip_votes, hash, TLY_IP_HASH_LEN, e);
+    if (e->hh.tbl == NULL) {
+        tly_free(e);
+        return TLY_ENOMEM;
+    }
     v->ip = e;
     return 0;
 }

@@ -539,6 +539,21 @@ static void on_accept(h2o_socket_t *listener, const char *err)
         }
         conn_t *c = tly_calloc(1, sizeof(*c));
         if (c == NULL) {
+            /* No memory for the connection: answer 503 from static memory, best effort,
+             * rather than close silently (the client would see a reset, not a retry hint).
+             * What the client already sent is read and dropped first: closing a socket
+             * with unread input makes the kernel send a reset that can overtake the 503. */
+            static const char busy[] = "HTTP/1.1 503 Service Unavailable\r\n"
+                                       "Content-Type: application/json; charset=utf-8\r\n"
+                                       "Retry-After: 1\r\nConnection: close\r\nContent-Length: 58\r\n\r\n"
+                                       "{\"error\":{\"code\":\"UNAVAILABLE\",\"message\":\"out of memory\"}}";
+            int fd = h2o_socket_get_fd(sock);
+            char drain[4096];
+            while (recv(fd, drain, sizeof(drain), MSG_DONTWAIT) > 0)
+                ;
+            ssize_t w = send(fd, busy, sizeof(busy) - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+            (void)w;
+            shutdown(fd, SHUT_WR);
             h2o_socket_close(sock);
             continue;
         }
