@@ -398,3 +398,31 @@ test('--max-connections-per-ip: connections beyond the cap from one address are 
     await capped.close();
   }
 });
+
+test('slowloris: a request head that trickles in is cut off at --header-timeout; an idle keep-alive connection at --idle-timeout', async () => {
+  const net = await import('node:net');
+  const slow = await startServer({ args: ['--header-timeout', '1', '--idle-timeout', '2'] });
+  try {
+    const closedAfter = (write) => new Promise((resolve) => {
+      const t0 = Date.now();
+      const s = net.connect(slow.port, '127.0.0.1');
+      let timer;
+      s.on('connect', () => write(s, (t) => { timer = t; }));
+      s.on('error', () => {});
+      s.resume(); // read (and drop) the answer, or Node never sees the server's FIN
+      s.on('close', () => { clearInterval(timer); resolve(Date.now() - t0); });
+      setTimeout(() => s.destroy(), 8000);
+    });
+    // one header byte every 200 ms: never a complete head
+    const trickle = await closedAfter((s, keep) => {
+      s.write('GET /healthz HTTP/1.1\r\nHost: x\r\n');
+      keep(setInterval(() => { if (!s.destroyed) s.write('X'); }, 200));
+    });
+    assert.ok(trickle >= 900 && trickle < 4000, `the trickling connection is closed after about 1 s (${trickle} ms)`);
+    // a complete request, then silence: closed after the idle timeout
+    const idle = await closedAfter((s) => s.write('GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n'));
+    assert.ok(idle >= 1800 && idle < 5000, `the idle keep-alive connection is closed after about 2 s (${idle} ms)`);
+  } finally {
+    await slow.close();
+  }
+});
