@@ -100,6 +100,10 @@ check-valgrind: $(BUILD)/tally
 	TALLY_BIN=$(abspath tests/valgrind/tally.sh) TALLY_VALGRIND_BIN=$(abspath $(BUILD)/tally) \
 	    TALLY_VALGRIND_LOG=$(VALGRIND_LOG) node --test --test-concurrency=1 tests/api/votes.test.mjs tests/api/auth.test.mjs
 
+# durable votes/s and results reads/s beside nginx's static reply, with ratios
+bench: $(BUILD)/tally
+	TALLY_BIN=$(abspath $(BUILD)/tally) bench/run.sh
+
 # 19,000 live subscribers (SSE + WebSocket) while votes arrive at 200/s
 bench-live: $(BUILD)/tally
 	node bench/live.mjs --bin $(abspath $(BUILD)/tally)
