@@ -86,6 +86,7 @@ struct tly_app {
     tly_router_t *router;
     tly_store_t *store;
     tly_waker_t *store_waker;
+    char instance_id[64]; /* --instance-id, or host name:port */
     tly_registry_t *registry;
     uint8_t *secret;
     size_t secret_len;

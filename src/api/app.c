@@ -444,22 +444,33 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
         snprintf(err, 512, "out of memory");
         goto fail;
     }
+    if (conf->instance_id[0] != '\0') {
+        snprintf(app->instance_id, sizeof(app->instance_id), "%s", conf->instance_id);
+    } else {
+        char host[48] = "tally";
+        const char *port = strrchr(conf->listen, ':');
+        gethostname(host, sizeof(host) - 1);
+        snprintf(app->instance_id, sizeof(app->instance_id), "%s:%s", host, port ? port + 1 : "0");
+    }
     pthread_mutex_init(&app->work.mu, NULL);
     pthread_cond_init(&app->work.cond, NULL);
     for (size_t i = 0; i < TLY_ARRAY_SIZE(app->work.threads); i++)
         pthread_create(&app->work.threads[i], NULL, work_main, app);
 
-    tly_store_conf_t sc = {.data_dir = conf->data_dir,
+    tly_store_conf_t sc = {.url = conf->store,
+                           .data_dir = conf->data_dir,
+                           .origin = app->instance_id,
                            .batch_max = (size_t)conf->batch_max,
                            .notify = notify_store,
                            .notify_arg = app->store_waker};
     int rc = tly_store_open(&sc, &app->store);
     if (rc != 0) {
-        snprintf(err, 512, "cannot open the store in %s (error %d); see the log above", conf->data_dir, rc);
+        snprintf(err, 512, "cannot open the store %s (error %d); see the log above",
+                 conf->store[0] ? "named by --store" : conf->data_dir, rc);
         goto fail;
     }
     if (api_load(app) != 0) {
-        snprintf(err, 512, "cannot load the store in %s", conf->data_dir);
+        snprintf(err, 512, "cannot load the store %s", conf->store[0] ? "named by --store" : conf->data_dir);
         goto fail;
     }
     tly_server_conf_t hc = {.body_max = (size_t)conf->body_limit,

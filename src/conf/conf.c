@@ -31,6 +31,14 @@ static const option_t options[] = {
     {"data-dir", OPT_STR, OFF(data_dir), "./data", 0, 0, "serve token", "directory of the store and the secret"},
     {"secret", OPT_STR, OFF(secret), "", 0, 0, "serve token",
      "token signing secret (default: generated once into DATA_DIR/secret)"},
+    {"store", OPT_STR, OFF(store), "", 0, 0, "serve reconcile",
+     "where the ballots live: empty for SQLite in DATA_DIR, or a PostgreSQL URI (postgres://...) that "
+     "many instances may share"},
+    {"bus", OPT_STR, OFF(bus), "", 0, 0, "serve",
+     "empty for one instance, or a Redis URI (redis://host:port[/db]) joining the instances of a --store "
+     "for live fan-out, shared limits, dedup and the async ingest log"},
+    {"instance-id", OPT_STR, OFF(instance_id), "", 0, 0, "serve",
+     "this instance's name among those sharing a store (default: host name and port)"},
     {"web-root", OPT_STR, OFF(web_root), "web", 0, 0, "serve", "directory of the web UI served at /"},
     {"public-url", OPT_STR, OFF(public_url), "", 0, 0, "serve", "base URL used in share links (default: from Host)"},
     {"log-level", OPT_STR, OFF(log_level), "info", 0, 0, "serve", "debug, info, warn or error"},

@@ -16,6 +16,9 @@ typedef struct {
     char *config;
     char *listen;
     char *data_dir;
+    char *store;       /* "" = SQLite in data_dir, or postgres://... */
+    char *bus;         /* "" = none, or redis://... */
+    char *instance_id; /* "" = host name and port */
     char *secret;
     char *web_root;
     char *log_level;

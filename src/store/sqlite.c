@@ -20,6 +20,9 @@
  */
 #include "store/store_int.h"
 
+typedef struct sq_store sq_store_t;
+typedef struct sq_reader sq_reader_t;
+
 #include "base/base.h"
 
 #include <errno.h>
@@ -208,7 +211,8 @@ static const char *const stmt_sql[ST__COUNT] = {
     [ST_REQUESTS_DELETE] = "DELETE FROM vote_requests WHERE poll_id = ?1",
 };
 
-struct tly_store {
+struct sq_store {
+    tly_store_t base; /* first: see store_int.h */
     tly_store_conf_t conf; /* conf.data_dir points at data_dir below */
     char *data_dir;
     char *db_path;
@@ -337,7 +341,7 @@ static int configure(sqlite3 *db)
     return rc;
 }
 
-static int migrate(tly_store_t *s)
+static int migrate(sq_store_t *s)
 {
     long version = 0;
     char sql[64];
@@ -375,14 +379,14 @@ static int migrate(tly_store_t *s)
  * acknowledgement of the batch; we checkpoint after notifying instead. */
 static int wal_hook(void *arg, sqlite3 *db, const char *name, int nframes)
 {
-    tly_store_t *s = arg;
+    sq_store_t *s = arg;
     s->wal_frames = nframes;
     return SQLITE_OK;
 }
 
 static void *writer_main(void *arg);
 
-static void store_free(tly_store_t *s)
+static void store_free(sq_store_t *s)
 {
     for (size_t i = 0; i < ST__COUNT; i++)
         sqlite3_finalize(s->st[i]);
@@ -398,12 +402,12 @@ static void store_free(tly_store_t *s)
     tly_free(s);
 }
 
-int tly_store_open(const tly_store_conf_t *conf, tly_store_t **out)
+static int sq_open(const tly_store_conf_t *conf, sq_store_t **out)
 {
     int rc = TLY_EINVAL, src;
     char mode[32];
     long page_size = 0;
-    tly_store_t *s = NULL;
+    sq_store_t *s = NULL;
 
     *out = NULL;
     if (conf == NULL || conf->data_dir == NULL || conf->data_dir[0] == '\0')
@@ -411,6 +415,7 @@ int tly_store_open(const tly_store_conf_t *conf, tly_store_t **out)
     rc = TLY_ENOMEM;
     if ((s = tly_calloc(1, sizeof *s)) == NULL)
         goto fail;
+    s->base.be = &tly_store_sqlite;
     s->conf = *conf;
     if (s->conf.batch_max == 0)
         s->conf.batch_max = TLY_STORE_BATCH_MAX;
@@ -493,7 +498,7 @@ fail:
 
 /* ---- submit / reap --------------------------------------------------------------- */
 
-void tly_store_submit_list(tly_store_t *s, tly_store_op_t *first)
+static void sq_submit_list(sq_store_t *s, tly_store_op_t *first)
 {
     tly_store_op_t *last = first;
     if (first == NULL)
@@ -510,13 +515,7 @@ void tly_store_submit_list(tly_store_t *s, tly_store_op_t *first)
     pthread_mutex_unlock(&s->mu);
 }
 
-void tly_store_submit(tly_store_t *s, tly_store_op_t *op)
-{
-    op->next = NULL;
-    tly_store_submit_list(s, op);
-}
-
-void tly_store_reap(tly_store_t *s)
+static void sq_reap(sq_store_t *s)
 {
     tly_store_op_t *op, *next;
     pthread_mutex_lock(&s->done_mu);
@@ -530,24 +529,12 @@ void tly_store_reap(tly_store_t *s)
     }
 }
 
-int tly_store_writable(tly_store_t *s)
+static int sq_writable(sq_store_t *s)
 {
     return !atomic_load(&s->failed);
 }
 
-const uint64_t tly_store_batch_bounds[TLY_STORE_HIST] = {1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000};
-const uint64_t tly_store_commit_us_bounds[TLY_STORE_HIST] = {100,   250,   500,    1000,   2500,   5000,
-                                                             10000, 25000, 50000, 100000, 250000, 1000000};
-
-static size_t hist_bucket(const uint64_t *bounds, uint64_t v)
-{
-    size_t i = 0;
-    while (i < TLY_STORE_HIST && v > bounds[i])
-        i++;
-    return i;
-}
-
-void tly_store_stats(tly_store_t *s, tly_store_stats_t *out)
+static void sq_stats(sq_store_t *s, tly_store_stats_t *out)
 {
     pthread_mutex_lock(&s->done_mu);
     *out = s->stats;
@@ -618,7 +605,7 @@ static void bind_hash(sqlite3_stmt *st, int i, const uint8_t h[16])
         sqlite3_bind_blob(st, i, h, 16, SQLITE_STATIC);
 }
 
-static int user_insert(tly_store_t *s, tly_store_op_t *op)
+static int user_insert(sq_store_t *s, tly_store_op_t *op)
 {
     const tly_user_row_t *u = &op->u.user;
     sqlite3_stmt *st = s->st[ST_USER_INSERT];
@@ -648,7 +635,7 @@ static void bind_poll(sqlite3_stmt *st, const tly_poll_row_t *p)
     bind_str(st, 14, p->final_results);
 }
 
-static int options_insert(tly_store_t *s, const tly_poll_row_t *p)
+static int options_insert(sq_store_t *s, const tly_poll_row_t *p)
 {
     sqlite3_stmt *st = s->st[ST_OPTION_INSERT];
     for (size_t i = 0; i < p->noptions; i++) {
@@ -665,14 +652,14 @@ static int options_insert(tly_store_t *s, const tly_poll_row_t *p)
     return SQLITE_OK;
 }
 
-static int poll_insert(tly_store_t *s, tly_store_op_t *op)
+static int poll_insert(sq_store_t *s, tly_store_op_t *op)
 {
     bind_poll(s->st[ST_POLL_INSERT], &op->u.poll);
     int rc = step_reset(s->st[ST_POLL_INSERT]);
     return rc != SQLITE_OK ? rc : options_insert(s, &op->u.poll);
 }
 
-static int poll_update(tly_store_t *s, tly_store_op_t *op)
+static int poll_update(sq_store_t *s, tly_store_op_t *op)
 {
     const tly_poll_row_t *p = &op->u.poll;
     bind_poll(s->st[ST_POLL_UPDATE], p);
@@ -692,7 +679,7 @@ static int poll_update(tly_store_t *s, tly_store_op_t *op)
 /* Options and ballots go by ON DELETE CASCADE; requests and audit rows have no foreign
  * key. The audit rows go after the poll row: the trigger guarding them lets a row go
  * only once its poll is gone. */
-static int poll_delete(tly_store_t *s, tly_store_op_t *op)
+static int poll_delete(sq_store_t *s, tly_store_op_t *op)
 {
     int rc;
     bind_str(s->st[ST_REQUESTS_DELETE], 1, op->u.poll.poll_id);
@@ -719,7 +706,7 @@ static void bind_choices(sqlite3_stmt *st, int ichoices, int iscores, const tly_
         sqlite3_bind_blob(st, iscores, b->nchoices ? b->scores : empty_blob, b->nchoices, SQLITE_STATIC);
 }
 
-static int audit_insert(tly_store_t *s, const tly_ballot_row_t *b, const char *event)
+static int audit_insert(sq_store_t *s, const tly_ballot_row_t *b, const char *event)
 {
     sqlite3_stmt *st = s->st[ST_AUDIT_INSERT];
     bind_str(st, 1, b->poll_id);
@@ -733,7 +720,7 @@ static int audit_insert(tly_store_t *s, const tly_ballot_row_t *b, const char *e
 
 /* BALLOT_REPLACE and BALLOT_DELETE: change the voter's ballot row, and only if there
  * was one append the audit row, all inside run_op's savepoint. */
-static int ballot_change(tly_store_t *s, tly_store_op_t *op)
+static int ballot_change(sq_store_t *s, tly_store_op_t *op)
 {
     const tly_ballot_row_t *b = &op->u.ballot;
     int replace = op->type == TLY_OP_BALLOT_REPLACE;
@@ -768,7 +755,7 @@ static int ballot_change(tly_store_t *s, tly_store_op_t *op)
  * a constraint of its own, a failure of it deletes the ballot row again by hand and
  * fails this op alone.
  */
-static int ballot_insert(tly_store_t *s, tly_store_op_t *op)
+static int ballot_insert(sq_store_t *s, tly_store_op_t *op)
 {
     const tly_ballot_row_t *b = &op->u.ballot;
     sqlite3_stmt *st = s->st[ST_BALLOT_INSERT];
@@ -830,7 +817,7 @@ static int ballot_insert(tly_store_t *s, tly_store_op_t *op)
  * failure undoes the operation as a whole; a plain ballot and its audit row do without
  * (see ballot_insert).
  */
-static int run_op(tly_store_t *s, tly_store_op_t *op)
+static int run_op(sq_store_t *s, tly_store_op_t *op)
 {
     int rc, rc2;
     int multi = op->type == TLY_OP_POLL_INSERT || op->type == TLY_OP_POLL_UPDATE ||
@@ -879,7 +866,7 @@ static int run_op(tly_store_t *s, tly_store_op_t *op)
 
 /* Runs a batch in one transaction. Returns 1 when it committed. On failure every op of
  * the batch gets the same result: nothing of it is durable. */
-static int run_batch(tly_store_t *s, tly_store_op_t *first, uint64_t *commit_us)
+static int run_batch(sq_store_t *s, tly_store_op_t *first, uint64_t *commit_us)
 {
     tly_store_op_t *op;
     int rc, result;
@@ -938,7 +925,7 @@ fail_all:
  * database once it has grown enough. PASSIVE never waits for readers and never
  * truncates the WAL: once fully checkpointed SQLite reuses it from the start, so no big
  * file is deleted or truncated (which stalls fsyncs on this disk). */
-static void maybe_checkpoint(tly_store_t *s)
+static void maybe_checkpoint(sq_store_t *s)
 {
     int rc, log = 0, done = 0;
     if (s->wal_frames < s->ckpt_frames)
@@ -958,7 +945,7 @@ static void maybe_checkpoint(tly_store_t *s)
 
 static void *writer_main(void *arg)
 {
-    tly_store_t *s = arg;
+    sq_store_t *s = arg;
     for (;;) {
         tly_store_op_t *first, *last;
         uint64_t n = 1, commit_us = 0;
@@ -997,8 +984,8 @@ static void *writer_main(void *arg)
             s->stats.ops += n;
             s->stats.last_batch_size = n;
             s->stats.last_commit_us = commit_us;
-            s->stats.batch_hist[hist_bucket(tly_store_batch_bounds, n)]++;
-            s->stats.commit_hist[hist_bucket(tly_store_commit_us_bounds, commit_us)]++;
+            s->stats.batch_hist[(size_t)tly_store_hist_bucket(tly_store_batch_bounds, n)]++;
+            s->stats.commit_hist[(size_t)tly_store_hist_bucket(tly_store_commit_us_bounds, commit_us)]++;
             s->stats.batch_sum += n;
             s->stats.commit_us_sum += commit_us;
         } else {
@@ -1014,7 +1001,7 @@ static void *writer_main(void *arg)
     return NULL;
 }
 
-void tly_store_close(tly_store_t *s)
+static void sq_close(sq_store_t *s)
 {
     if (s == NULL)
         return;
@@ -1024,7 +1011,7 @@ void tly_store_close(tly_store_t *s)
     pthread_mutex_unlock(&s->mu);
     if (s->writer_started)
         pthread_join(s->writer, NULL);
-    tly_store_reap(s);
+    sq_reap(s);
     store_free(s);
 }
 
@@ -1238,7 +1225,7 @@ static int option_buf_add(option_buf_t *ob, sqlite3_stmt *st)
     return 0;
 }
 
-int tly_store_load(tly_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
+static int sq_load(sq_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
 {
     int rc = TLY_EIO, src;
     sqlite3 *db = NULL;
@@ -1407,12 +1394,13 @@ const char tly_store_ballots_page_sql[] =
     "SELECT seq, poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key,"
     " body_hash, client_meta FROM ballots WHERE poll_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3";
 
-struct tly_store_reader {
+struct sq_reader {
+    tly_store_reader_t base; /* first: see store_int.h */
     sqlite3 *db; /* read-only, NOMUTEX: one thread at a time, as the header says */
     sqlite3_stmt *audit, *ballots;
 };
 
-void tly_store_reader_close(tly_store_reader_t *r)
+static void sq_reader_close(sq_reader_t *r)
 {
     if (r == NULL)
         return;
@@ -1423,12 +1411,13 @@ void tly_store_reader_close(tly_store_reader_t *r)
     tly_free(r);
 }
 
-tly_store_reader_t *tly_store_reader_open(tly_store_t *s)
+static sq_reader_t *sq_reader_open(sq_store_t *s)
 {
     int src;
-    tly_store_reader_t *r = tly_calloc(1, sizeof *r);
+    sq_reader_t *r = tly_calloc(1, sizeof *r);
     if (r == NULL)
         return NULL;
+    r->base.be = &tly_store_sqlite;
     /* s->db_path is set once in tly_store_open and never changes: any thread may read it. */
     src = sqlite3_open_v2(s->db_path, &r->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL);
     if (src == SQLITE_OK)
@@ -1441,7 +1430,7 @@ tly_store_reader_t *tly_store_reader_open(tly_store_t *s)
                                  &r->ballots, NULL);
     if (src != SQLITE_OK) {
         log_sqlite("reader open failed", r->db, src);
-        tly_store_reader_close(r);
+        sq_reader_close(r);
         return NULL;
     }
     return r;
@@ -1486,7 +1475,7 @@ static int col_choices(sqlite3_stmt *st, int ichoices, int iscores, uint8_t *n,
     return 0;
 }
 
-int tly_store_audit_page(tly_store_reader_t *r, const char *poll_id, int64_t after_seq,
+static int sq_audit_page(sq_reader_t *r, const char *poll_id, int64_t after_seq,
                          size_t limit, void (*cb)(void *ctx, const tly_audit_row_t *row),
                          void *ctx)
 {
@@ -1513,7 +1502,7 @@ int tly_store_audit_page(tly_store_reader_t *r, const char *poll_id, int64_t aft
     return page_end(r->db, st, src, n);
 }
 
-int tly_store_ballots_page(tly_store_reader_t *r, const char *poll_id, int64_t after_seq,
+static int sq_ballots_page(sq_reader_t *r, const char *poll_id, int64_t after_seq,
                            size_t limit,
                            void (*cb)(void *ctx, const tly_ballot_row_t *row, int64_t seq),
                            void *ctx)
@@ -1548,7 +1537,7 @@ int tly_store_ballots_page(tly_store_reader_t *r, const char *poll_id, int64_t a
 
 #define GENERATE_CHUNK 10000
 
-int tly_store_generate_ballots(tly_store_t *s, const char *poll_id, size_t noptions, size_t n)
+static int sq_generate_ballots(sq_store_t *s, const char *poll_id, size_t noptions, size_t n)
 {
     int rc = TLY_EINVAL, src = SQLITE_OK;
     sqlite3 *db = NULL;
@@ -1622,3 +1611,76 @@ fail:
     tly_free(buf);
     return rc;
 }
+
+/* ---- the backend table store.c dispatches through ---- */
+
+static int be_open(const tly_store_conf_t *conf, tly_store_t **out)
+{
+    sq_store_t *s;
+    int rc = sq_open(conf, &s);
+    *out = rc == 0 ? &s->base : NULL;
+    return rc;
+}
+static int be_load(tly_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
+{
+    return sq_load((sq_store_t *)s, cb, ctx);
+}
+static void be_submit_list(tly_store_t *s, tly_store_op_t *first)
+{
+    sq_submit_list((sq_store_t *)s, first);
+}
+static void be_reap(tly_store_t *s)
+{
+    sq_reap((sq_store_t *)s);
+}
+static int be_writable(tly_store_t *s)
+{
+    return sq_writable((sq_store_t *)s);
+}
+static void be_close(tly_store_t *s)
+{
+    sq_close((sq_store_t *)s);
+}
+static tly_store_reader_t *be_reader_open(tly_store_t *s)
+{
+    sq_reader_t *r = sq_reader_open((sq_store_t *)s);
+    return r ? &r->base : NULL;
+}
+static void be_reader_close(tly_store_reader_t *r)
+{
+    sq_reader_close((sq_reader_t *)r);
+}
+static int be_audit_page(tly_store_reader_t *r, const char *poll_id, int64_t after_seq, size_t limit,
+                         void (*cb)(void *ctx, const tly_audit_row_t *row), void *ctx)
+{
+    return sq_audit_page((sq_reader_t *)r, poll_id, after_seq, limit, cb, ctx);
+}
+static int be_ballots_page(tly_store_reader_t *r, const char *poll_id, int64_t after_seq, size_t limit,
+                           void (*cb)(void *ctx, const tly_ballot_row_t *row, int64_t seq), void *ctx)
+{
+    return sq_ballots_page((sq_reader_t *)r, poll_id, after_seq, limit, cb, ctx);
+}
+static int be_generate_ballots(tly_store_t *s, const char *poll_id, size_t noptions, size_t n)
+{
+    return sq_generate_ballots((sq_store_t *)s, poll_id, noptions, n);
+}
+static void be_stats(tly_store_t *s, tly_store_stats_t *out)
+{
+    sq_stats((sq_store_t *)s, out);
+}
+
+const tly_store_backend_t tly_store_sqlite = {
+    .name = "sqlite",
+    .open = be_open,
+    .load = be_load,
+    .submit_list = be_submit_list,
+    .reap = be_reap,
+    .writable = be_writable,
+    .close = be_close,
+    .reader_open = be_reader_open,
+    .reader_close = be_reader_close,
+    .audit_page = be_audit_page,
+    .ballots_page = be_ballots_page,
+    .generate_ballots = be_generate_ballots,
+    .stats = be_stats,
+};

@@ -4,8 +4,16 @@
  * An operation's `done` callback runs only after its batch has committed (or failed),
  * so a caller acknowledges a ballot only when it is durable.
  *
- * The embedded implementation is SQLite (sqlite.c) in WAL mode with synchronous=FULL;
- * the schema is versioned and migrated on open (see migrations in sqlite.c).
+ * Two implementations behind this one interface, chosen by tly_store_conf_t.url: SQLite
+ * (sqlite.c, the default: a file in data_dir, WAL mode, synchronous=FULL) and PostgreSQL
+ * (pg.c, url "postgres://..." or "postgresql://..."), which many tally instances may share.
+ * store.c dispatches. Both version their schema and migrate it on open.
+ *
+ * Sharing (PostgreSQL): every committed batch also appends one row to a change feed whose
+ * order is the commit order across all instances. Each instance follows the feed and gets
+ * what the others committed through tly_store_follow's callback, in that order, in
+ * tly_store_reap, interleaved with its own done callbacks at their batches' places. So the
+ * in-memory state of every instance is the same fold of the same sequence of changes.
  *
  * Threads: tly_store_open, tly_store_load, tly_store_reap and tly_store_close are
  * called from the owning (event-loop) thread; tly_store_submit from any thread. `done`
@@ -96,6 +104,8 @@ typedef struct {
 } tly_audit_row_t;
 
 typedef enum {
+    /* Feed only: a vote request's row (tly_store_follow; never submitted). */
+    TLY_OP_REQUEST = -1,
     TLY_OP_USER_INSERT,  /* u.user; TLY_EEXIST when the username (case-insensitive) exists */
     TLY_OP_POLL_INSERT,  /* u.poll; TLY_EEXIST when the poll_id exists */
     TLY_OP_POLL_UPDATE,  /* u.poll: replaces the poll row (final_results included) and its
@@ -142,12 +152,19 @@ struct tly_store_op {
         tly_user_row_t user;
         tly_poll_row_t poll;
         tly_ballot_row_t ballot;
+        tly_request_row_t request; /* TLY_OP_REQUEST (feed only) */
     } u;
     tly_store_op_t *next; /* the store's; do not touch */
 };
 
 typedef struct {
+    /* NULL or "" for SQLite in data_dir; "postgres://..." / "postgresql://..." (a libpq
+     * connection URI) for PostgreSQL. */
+    const char *url;
     const char *data_dir;
+    /* This instance's name in the change feed (PostgreSQL): unique among the instances
+     * sharing the store while they run, at most 63 bytes. */
+    const char *origin;
     size_t batch_max;      /* most operations in one transaction (default 4096) */
     /* Called from the writer thread after a batch is done, so that the owning thread
      * wakes up and calls tly_store_reap. Must be thread-safe and must not block. */
@@ -178,9 +195,40 @@ void tly_store_submit(tly_store_t *s, tly_store_op_t *op);
 /* Runs the done callbacks of finished operations, in submission order. Owning thread. */
 void tly_store_reap(tly_store_t *s);
 
-/* 1 while the store accepts writes; 0 after an unrecoverable I/O error (a failed fsync:
- * from then on every operation fails with TLY_EIO and nothing more is acknowledged). */
+/* 1 while the store accepts writes. SQLite: 0 after an unrecoverable I/O error (a failed
+ * fsync: from then on every operation fails with TLY_EIO and nothing more is
+ * acknowledged). PostgreSQL: 0 while the server cannot be reached (operations fail with
+ * TLY_EIO, nothing is acknowledged); 1 again once the writer has reconnected. */
 int tly_store_writable(tly_store_t *s);
+
+/*
+ * Sharing a store between instances. Changes other instances committed are passed to cb
+ * in tly_store_reap, one operation at a time, in commit order: TLY_OP_USER_INSERT,
+ * POLL_INSERT, POLL_UPDATE, POLL_DELETE, BALLOT_INSERT (with request_id when the vote was
+ * async), BALLOT_REPLACE, BALLOT_DELETE, and TLY_OP_REQUEST (a request that failed, e.g.
+ * ALREADY_VOTED). op->result is 0 and op->done NULL; op and its rows are valid only
+ * during the call. A ballot row carries what this store's load gives (ip_hash included).
+ * Set it before the first reap. SQLite is never shared: cb is never called. Owning thread.
+ */
+void tly_store_follow(tly_store_t *s, void (*cb)(void *ctx, const tly_store_op_t *op), void *ctx);
+
+/* 1 when other instances may write to this store (PostgreSQL), 0 for SQLite. */
+int tly_store_shared(tly_store_t *s);
+
+/*
+ * Calls cb(arg) in a later tly_store_reap, once every change that other instances had
+ * committed when this was called has been passed to the follow callback (and every own
+ * batch submitted before has run its done callbacks). For a request that met a fact
+ * memory did not know yet (a ballot insert refused as a duplicate, a poll not found):
+ * after cb, memory knows it. If the store cannot be read (PostgreSQL down) cb still runs,
+ * once the attempt has failed. SQLite (never shared): cb runs before this returns, so
+ * callers that may meet either store must not hold state cb changes. Owning thread.
+ */
+void tly_store_sync(tly_store_t *s, void (*cb)(void *arg), void *arg);
+
+/* The feed has advanced (a message from another instance on the bus): follow it now
+ * rather than at the next periodic read. Any thread; a no-op for SQLite. */
+void tly_store_poke(tly_store_t *s);
 
 /* Commits what is queued, stops the writer, runs remaining done callbacks and closes. */
 void tly_store_close(tly_store_t *s);

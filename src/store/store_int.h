@@ -7,7 +7,47 @@
 
 #include "store/store.h"
 
-/* The schema version tly_store_open migrates to (PRAGMA user_version). */
+/*
+ * A backend: the functions store.c dispatches to. Every backend's store and reader
+ * structs begin with a tly_store_t / tly_store_reader_t (their `be`), so a pointer to
+ * one is a pointer to the other.
+ */
+typedef struct tly_store_backend {
+    const char *name; /* "sqlite", "postgres" */
+    int (*open)(const tly_store_conf_t *conf, tly_store_t **out);
+    int (*load)(tly_store_t *s, const tly_store_load_cb_t *cb, void *ctx);
+    void (*submit_list)(tly_store_t *s, tly_store_op_t *first);
+    void (*reap)(tly_store_t *s);
+    int (*writable)(tly_store_t *s);
+    void (*follow)(tly_store_t *s, void (*cb)(void *ctx, const tly_store_op_t *op), void *ctx);
+    int (*shared)(tly_store_t *s);
+    void (*sync)(tly_store_t *s, void (*cb)(void *arg), void *arg);
+    void (*poke)(tly_store_t *s);
+    void (*close)(tly_store_t *s);
+    tly_store_reader_t *(*reader_open)(tly_store_t *s);
+    void (*reader_close)(tly_store_reader_t *r);
+    int (*audit_page)(tly_store_reader_t *r, const char *poll_id, int64_t after_seq, size_t limit,
+                      void (*cb)(void *ctx, const tly_audit_row_t *row), void *ctx);
+    int (*ballots_page)(tly_store_reader_t *r, const char *poll_id, int64_t after_seq, size_t limit,
+                        void (*cb)(void *ctx, const tly_ballot_row_t *row, int64_t seq), void *ctx);
+    int (*generate_ballots)(tly_store_t *s, const char *poll_id, size_t noptions, size_t n);
+    void (*stats)(tly_store_t *s, tly_store_stats_t *out);
+} tly_store_backend_t;
+
+struct tly_store {
+    const tly_store_backend_t *be;
+};
+struct tly_store_reader {
+    const tly_store_backend_t *be;
+};
+
+extern const tly_store_backend_t tly_store_sqlite; /* sqlite.c */
+extern const tly_store_backend_t tly_store_pg;     /* pg.c */
+
+/* For histograms: the index of the bucket of v among bounds (TLY_STORE_HIST of them). */
+int tly_store_hist_bucket(const uint64_t *bounds, uint64_t v);
+
+/* The schema version sqlite.c migrates to (PRAGMA user_version). */
 #define TLY_STORE_SCHEMA_VERSION 3
 
 /* Default most operations in one transaction when conf->batch_max is 0. */

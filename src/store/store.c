@@ -1,0 +1,130 @@
+/*
+ * store.c: the one interface of store.h over its two backends (sqlite.c, pg.c), chosen
+ * by the URL the store is opened with. What a backend does not have (a SQLite store is
+ * never shared) has its obvious meaning here.
+ */
+#include <stdbool.h>
+#include <string.h>
+
+#include "base/base.h"
+#include "store/store_int.h"
+
+const uint64_t tly_store_batch_bounds[TLY_STORE_HIST] = {1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000};
+const uint64_t tly_store_commit_us_bounds[TLY_STORE_HIST] = {100,   250,   500,    1000,   2500,   5000,
+                                                             10000, 25000, 50000, 100000, 250000, 1000000};
+
+int tly_store_hist_bucket(const uint64_t *bounds, uint64_t v)
+{
+    int i = 0;
+    while (i < TLY_STORE_HIST && v > bounds[i])
+        i++;
+    return i;
+}
+
+static bool is_pg_url(const char *url)
+{
+    return url != NULL && (strncmp(url, "postgres://", 11) == 0 || strncmp(url, "postgresql://", 13) == 0);
+}
+
+int tly_store_open(const tly_store_conf_t *conf, tly_store_t **out)
+{
+    *out = NULL;
+    if (conf == NULL)
+        return TLY_EINVAL;
+    if (conf->url != NULL && conf->url[0] != '\0' && !is_pg_url(conf->url))
+        return TLY_EINVAL;
+    if (is_pg_url(conf->url))
+        return TLY_EINVAL; /* pg.c comes next */
+    return tly_store_sqlite.open(conf, out);
+}
+
+int tly_store_load(tly_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
+{
+    return s->be->load(s, cb, ctx);
+}
+
+void tly_store_submit_list(tly_store_t *s, tly_store_op_t *first)
+{
+    s->be->submit_list(s, first);
+}
+
+void tly_store_submit(tly_store_t *s, tly_store_op_t *op)
+{
+    op->next = NULL;
+    s->be->submit_list(s, op);
+}
+
+void tly_store_reap(tly_store_t *s)
+{
+    s->be->reap(s);
+}
+
+int tly_store_writable(tly_store_t *s)
+{
+    return s->be->writable(s);
+}
+
+void tly_store_follow(tly_store_t *s, void (*cb)(void *ctx, const tly_store_op_t *op), void *ctx)
+{
+    if (s->be->follow != NULL)
+        s->be->follow(s, cb, ctx);
+}
+
+int tly_store_shared(tly_store_t *s)
+{
+    return s->be->shared != NULL && s->be->shared(s);
+}
+
+void tly_store_sync(tly_store_t *s, void (*cb)(void *arg), void *arg)
+{
+    if (s->be->sync != NULL) {
+        s->be->sync(s, cb, arg);
+        return;
+    }
+    cb(arg); /* not shared: nothing can be missing */
+}
+
+void tly_store_poke(tly_store_t *s)
+{
+    if (s->be->poke != NULL)
+        s->be->poke(s);
+}
+
+void tly_store_close(tly_store_t *s)
+{
+    if (s != NULL)
+        s->be->close(s);
+}
+
+tly_store_reader_t *tly_store_reader_open(tly_store_t *s)
+{
+    return s->be->reader_open(s);
+}
+
+void tly_store_reader_close(tly_store_reader_t *r)
+{
+    if (r != NULL)
+        r->be->reader_close(r);
+}
+
+int tly_store_audit_page(tly_store_reader_t *r, const char *poll_id, int64_t after_seq, size_t limit,
+                         void (*cb)(void *ctx, const tly_audit_row_t *row), void *ctx)
+{
+    return r->be->audit_page(r, poll_id, after_seq, limit, cb, ctx);
+}
+
+int tly_store_ballots_page(tly_store_reader_t *r, const char *poll_id, int64_t after_seq, size_t limit,
+                           void (*cb)(void *ctx, const tly_ballot_row_t *row, int64_t seq), void *ctx)
+{
+    return r->be->ballots_page(r, poll_id, after_seq, limit, cb, ctx);
+}
+
+int tly_store_generate_ballots(tly_store_t *s, const char *poll_id, size_t noptions, size_t n)
+{
+    return s->be->generate_ballots(s, poll_id, noptions, n);
+}
+
+void tly_store_stats(tly_store_t *s, tly_store_stats_t *out)
+{
+    s->be->stats(s, out);
+}
