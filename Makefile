@@ -6,7 +6,7 @@
 
 CC       ?= cc
 BUILD    ?= build
-PKGS      = libh2o-evloop jansson sqlite3 libsodium openssl libqrencode
+PKGS      = libh2o-evloop jansson sqlite3 libsodium openssl libqrencode libpq hiredis
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 OPT      ?= -O2
