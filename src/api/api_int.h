@@ -27,6 +27,8 @@ typedef struct user {
     bool committed; /* false while the insert is in the writer */
 } user_t;
 
+typedef struct deferred deferred_t; /* follow.c */
+
 /* ---- async vote requests (Prefer: respond-async) ---- */
 typedef struct vote_request {
     UT_hash_handle hh;
@@ -101,6 +103,10 @@ struct tly_app {
     tly_limit_rule_t rules[API_LIMIT_N];
     tly_timer_t limit_sweep;
     struct ballot_op *pending_ballots; /* votes.c: ballots in the writer, by vote */
+    /* follow.c: a shared store's changes from other instances */
+    deferred_t *deferred;   /* waiting for a write of ours on the same key */
+    tly_req_t *redispatch;  /* the request running a second time after a sync */
+    uint64_t followed, resyncs;
     struct live *live;
     tly_store_reader_t *reader; /* loop thread's, opened on first use */
     size_t in_flight; /* requests waiting for the store or a worker */
@@ -179,6 +185,18 @@ typedef struct {
 poll_op_t *poll_op_new(tly_app_t *app, tly_op_type_t type, const tly_poll_t *p);
 void poll_op_free(poll_op_t *po);
 int api_load(tly_app_t *app);
+/* Store rows into memory, for load and for other instances' changes (follow.c). Each
+ * returns 0, TLY_ENOMEM, or TLY_EINVAL for a row memory cannot hold (a ballot naming an
+ * option the poll does not have, unreadable settings). */
+int api_user_from_row(tly_app_t *app, const tly_user_row_t *row);
+/* A poll built from its row, not in the registry (NULL with *rc set on failure). */
+tly_poll_t *api_poll_build(const tly_poll_row_t *row, int *rc);
+/* The same, added to the registry with its create Idempotency-Key. */
+int api_poll_from_row(tly_app_t *app, const tly_poll_row_t *row);
+/* A committed ballot of p (counted; its address hash kept). */
+int api_ballot_from_row(tly_app_t *app, tly_poll_t *p, const tly_ballot_row_t *row);
+/* A vote request's outcome; a request already known keeps its first outcome. */
+int api_request_from_row(tly_app_t *app, const tly_request_row_t *row);
 
 /* ---- routes ---- */
 void api_auth_register(tly_req_t *req, const tly_params_t *params, void *arg);
@@ -229,5 +247,26 @@ size_t api_live_subscribers(live_t *l);
 /* user map helpers (auth.c) */
 user_t *api_user_find(tly_app_t *app, const char *user_id);
 void api_user_add(tly_app_t *app, user_t *u);
+/* By username, case-insensitively; pending registrations included. */
+user_t *api_user_find_name(tly_app_t *app, const char *username);
+
+/* follow.c: other instances' changes (a shared store) */
+void api_follow_init(tly_app_t *app);  /* after api_load */
+void api_follow_flush(tly_app_t *app); /* after our own writes are done */
+void api_follow_free(tly_app_t *app);
+/* A request that found nothing where another instance may just have made something:
+ * with a shared store, waits until memory has caught up with the store and runs the
+ * request again (once), and returns true: the caller returns without answering. false
+ * (not shared, already the second run, out of memory): the caller answers the miss. */
+bool api_resync(tly_app_t *app, tly_req_t *req);
+/* Routes a request (app.c); follow.c runs a request again through it. */
+void api_dispatch(tly_app_t *app, tly_req_t *req);
+/* votes.c: whether this instance has a write about v (or, v NULL, any ballot of p) in
+ * the store's queue. */
+bool api_votes_busy(tly_app_t *app, tly_poll_t *p, tly_vote_t *v);
+/* polls.c: a deleted poll leaves memory (its vote requests with it); a poll about to be
+ * deleted is hidden from readers and voters. */
+void api_poll_forget(tly_app_t *app, const char *poll_id);
+void api_poll_mark_deleting(tly_app_t *app, const char *poll_id);
 
 #endif

@@ -203,7 +203,7 @@ tly_poll_t *api_find_poll(tly_app_t *app, tly_req_t *req, const tly_params_t *pa
     }
     if (p != NULL && tly_poll_effective_status(p, tly_now_ms()) == TLY_STATUS_DRAFT && !api_is_owner(p, caller))
         p = NULL;
-    if (p == NULL)
+    if (p == NULL && !api_resync(app, req)) /* made on another instance a moment ago? */
         api_respond_error(req, 404, "POLL_NOT_FOUND", "no poll with that id", NULL);
     return p;
 }
@@ -281,6 +281,7 @@ static void on_store_wake(void *arg)
 {
     tly_app_t *app = arg;
     tly_store_reap(app->store);
+    api_follow_flush(app); /* other instances' changes that waited for ours */
 }
 
 static void notify_store(void *arg)
@@ -353,9 +354,15 @@ void api_ops_metrics(tly_req_t *req, const tly_params_t *params, void *arg)
     tly_free(text);
 }
 
+void api_dispatch(tly_app_t *app, tly_req_t *req);
+
 static void handle(tly_req_t *req, void *arg)
 {
-    tly_app_t *app = arg;
+    api_dispatch(arg, req);
+}
+
+void api_dispatch(tly_app_t *app, tly_req_t *req)
+{
     tly_str_t path = tly_req_path(req);
     tly_route_fn fn;
     tly_params_t params;
@@ -473,6 +480,7 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
         snprintf(err, 512, "cannot load the store %s", conf->store[0] ? "named by --store" : conf->data_dir);
         goto fail;
     }
+    api_follow_init(app);
     tly_server_conf_t hc = {.body_max = (size_t)conf->body_limit,
                             .head_max = (size_t)conf->head_limit,
                             .uri_max = (size_t)conf->uri_limit,
@@ -533,6 +541,7 @@ void tly_app_free(tly_app_t *app)
     tly_store_reader_close(app->reader);
     if (app->store != NULL)
         tly_store_close(app->store);
+    api_follow_free(app);
     api_live_shutdown(app->live);
     tly_server_free(app->server); /* closes open streams; their subscribers unlink */
     api_live_free(app->live);

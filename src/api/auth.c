@@ -29,6 +29,17 @@ static user_t *user_find_name(tly_app_t *app, const char *name_key)
     return u;
 }
 
+user_t *api_user_find_name(tly_app_t *app, const char *username)
+{
+    char key[72];
+    size_t n = strlen(username);
+    if (n >= sizeof(key))
+        return NULL;
+    for (size_t i = 0; i <= n; i++)
+        key[i] = (username[i] >= 'A' && username[i] <= 'Z') ? (char)(username[i] + 32) : username[i];
+    return user_find_name(app, key);
+}
+
 void api_user_add(tly_app_t *app, user_t *u)
 {
     HASH_ADD_KEYPTR(hh_id, app->users_by_id, u->user_id, strlen(u->user_id), u);
@@ -308,6 +319,8 @@ void api_auth_login(tly_req_t *req, const tly_params_t *params, void *arg)
         if (u != NULL && !u->committed)
             u = NULL;
     }
+    if (u == NULL && api_resync(app, req)) /* registered on another instance a moment ago? */
+        goto done;
     login_t *l = tly_calloc(1, sizeof(*l));
     if (l == NULL || (l->password = tly_strndup(password, pwlen > 1024 ? 1024 : pwlen)) == NULL ||
         (u != NULL && ((l->hash = tly_strdup(u->password_hash)) == NULL ||

@@ -78,7 +78,7 @@ static void ip_key(const char *peer, char *out, size_t cap)
 
 bool api_limit(tly_app_t *app, tly_req_t *req, api_limit_t which, const char *voter_id)
 {
-    if (app->limiter == NULL)
+    if (app->limiter == NULL || app->redispatch == req) /* counted on its first run */
         return true;
     char key[TLY_LIMIT_KEY_MAX + 1];
     if (voter_id != NULL)

@@ -132,46 +132,42 @@ void poll_op_free(poll_op_t *po)
     tly_free(po);
 }
 
-/* ---- loading ---- */
+/* ---- rows -> memory (load, and other instances' changes: follow.c) ---- */
 
-typedef struct {
-    tly_app_t *app;
-    size_t users, polls, ballots, requests, skipped;
-    int failed;
-} load_t;
-
-static void load_user(void *ctx, const tly_user_row_t *row)
+int api_user_from_row(tly_app_t *app, const tly_user_row_t *row)
 {
-    load_t *l = ctx;
     user_t *u = tly_calloc(1, sizeof(*u));
-    if (u == NULL) {
-        l->failed = 1;
-        return;
-    }
+    if (u == NULL)
+        return TLY_ENOMEM;
     u->user_id = tly_strdup(row->user_id);
     u->username = tly_strdup(row->username);
     u->name_key = tly_strdup(row->username);
     u->password_hash = tly_strdup(row->password_hash);
     u->committed = true;
     if (!u->user_id || !u->username || !u->name_key || !u->password_hash) {
-        l->failed = 1;
-        return;
+        tly_free(u->user_id);
+        tly_free(u->username);
+        tly_free(u->name_key);
+        tly_free(u->password_hash);
+        tly_free(u);
+        return TLY_ENOMEM;
     }
     for (char *c = u->name_key; *c; c++)
         if (*c >= 'A' && *c <= 'Z')
             *c += 32;
-    api_user_add(l->app, u);
-    l->users++;
+    api_user_add(app, u);
+    return 0;
 }
 
-static void load_poll(void *ctx, const tly_poll_row_t *row)
+tly_poll_t *api_poll_build(const tly_poll_row_t *row, int *rc)
 {
-    load_t *l = ctx;
+    *rc = TLY_ENOMEM;
     tly_poll_t *p = tly_calloc(1, sizeof(*p));
     if (p == NULL || row->noptions > TLY_MAX_OPTIONS) {
+        if (p != NULL)
+            *rc = TLY_EINVAL;
         tly_free(p);
-        l->failed = 1;
-        return;
+        return NULL;
     }
     snprintf(p->poll_id, sizeof(p->poll_id), "%s", row->poll_id);
     p->owner_id = tly_strdup(row->owner_id);
@@ -189,26 +185,43 @@ static void load_poll(void *ctx, const tly_poll_row_t *row)
     p->results_dirty = true;
     p->noptions = row->noptions;
     p->options = tly_calloc(row->noptions ? row->noptions : 1, sizeof(*p->options));
-    if (p->owner_id == NULL || p->title == NULL || p->options == NULL ||
-        settings_parse(row->settings_json, &p->settings) != 0) {
+    if (p->owner_id == NULL || p->title == NULL || p->options == NULL) {
         tly_poll_free(p);
-        l->failed = 1;
-        return;
+        return NULL;
+    }
+    if (settings_parse(row->settings_json, &p->settings) != 0) {
+        tly_poll_free(p);
+        *rc = TLY_EINVAL;
+        return NULL;
     }
     for (size_t i = 0; i < row->noptions; i++) {
         const tly_option_row_t *o = &row->options[i];
         size_t pos = (size_t)o->position < row->noptions ? (size_t)o->position : i;
         snprintf(p->options[pos].option_id, sizeof(p->options[pos].option_id), "%s", o->option_id);
-        p->options[pos].text = tly_strdup(o->text);
         p->options[pos].display_order = o->display_order;
+        if ((p->options[pos].text = tly_strdup(o->text)) == NULL) {
+            tly_poll_free(p);
+            return NULL;
+        }
     }
-    if (tly_registry_add_poll(l->app->registry, p) != 0) {
+    if (row->final_results != NULL && (*rc = tly_poll_set_final_results(p, row->final_results)) != 0) {
         tly_poll_free(p);
-        l->failed = 1;
-        return;
+        return NULL;
     }
-    if (row->final_results != NULL && tly_poll_set_final_results(p, row->final_results) != 0)
-        l->failed = 1;
+    *rc = 0;
+    return p;
+}
+
+int api_poll_from_row(tly_app_t *app, const tly_poll_row_t *row)
+{
+    int rc;
+    tly_poll_t *p = api_poll_build(row, &rc);
+    if (p == NULL)
+        return rc;
+    if (tly_registry_add_poll(app->registry, p) != 0) {
+        tly_poll_free(p);
+        return TLY_ENOMEM;
+    }
     if (p->idem_key != NULL) {
         poll_idem_t *pi = tly_calloc(1, sizeof(*pi));
         size_t klen = strlen(p->owner_id) + strlen(p->idem_key) + 2;
@@ -217,67 +230,110 @@ static void load_poll(void *ctx, const tly_poll_row_t *row)
             memcpy(pi->poll_id, p->poll_id, sizeof(pi->poll_id));
             memcpy(pi->body_hash, p->body_hash, 16);
             pi->committed = true;
-            HASH_ADD_KEYPTR(hh, l->app->poll_idem, pi->key, strlen(pi->key), pi);
+            HASH_ADD_KEYPTR(hh, app->poll_idem, pi->key, strlen(pi->key), pi);
         } else {
-            tly_free(pi);
+            tly_free(pi); /* a retry of the create would make a second poll; not fatal */
         }
     }
-    l->polls++;
+    return 0;
 }
 
-static void load_ballot(void *ctx, const tly_ballot_row_t *row)
+int api_ballot_from_row(tly_app_t *app, tly_poll_t *p, const tly_ballot_row_t *row)
 {
-    load_t *l = ctx;
-    tly_poll_t *p = tly_registry_find_poll(l->app->registry, row->poll_id);
-    if (p == NULL || row->nchoices > p->noptions) {
-        l->skipped++;
-        return;
-    }
+    if (row->nchoices > p->noptions || row->nchoices > TLY_MAX_OPTIONS)
+        return TLY_EINVAL;
     tly_ballot_t b;
     b.nchoices = row->nchoices;
     for (size_t i = 0; i < row->nchoices; i++) {
-        if (row->choices[i] >= p->noptions) {
-            l->skipped++;
-            return;
-        }
+        if (row->choices[i] >= p->noptions)
+            return TLY_EINVAL;
         b.choices[i] = row->choices[i];
         b.scores[i] = row->scores ? row->scores[i] : 0;
     }
     tly_vote_t *v = tly_vote_new(&b, row->voter_id, row->idem_key, row->vote_id, row->receipt, row->recorded_at);
-    if (v == NULL) {
-        l->failed = 1;
-        return;
-    }
+    if (v == NULL)
+        return TLY_ENOMEM;
     memcpy(v->body_hash, row->body_hash, 16);
-    if (tly_poll_add_vote(l->app->registry, p, v) != 0) {
+    if (tly_poll_add_vote(app->registry, p, v) != 0) {
         tly_vote_free(v);
-        l->failed = 1;
-        return;
+        return TLY_ENOMEM;
     }
     /* the address set of voter_check comes back from the hashes kept with the ballots
      * (the store allows one ballot per hash and poll, so TLY_EEXIST cannot happen) */
-    if (row->ip_hash != NULL && tly_poll_set_vote_ip(p, v, row->ip_hash) == TLY_ENOMEM)
-        l->failed = 1;
+    if (row->ip_hash != NULL && tly_poll_set_vote_ip(p, v, row->ip_hash) == TLY_ENOMEM) {
+        tly_poll_drop_vote(app->registry, p, v);
+        return TLY_ENOMEM;
+    }
     tly_poll_commit_vote(p, v, row->recorded_at);
-    l->ballots++;
+    return 0;
 }
 
-static void load_request(void *ctx, const tly_request_row_t *row)
+int api_request_from_row(tly_app_t *app, const tly_request_row_t *row)
 {
-    load_t *l = ctx;
-    vote_request_t *r = tly_calloc(1, sizeof(*r));
+    vote_request_t *r;
+    HASH_FIND_STR(app->requests, row->request_id, r);
+    if (r != NULL)
+        return 0; /* a request's first final outcome wins, as in the store */
+    r = tly_calloc(1, sizeof(*r));
     if (r == NULL || (r->voter_id = tly_strdup(row->voter_id)) == NULL) {
         tly_free(r);
-        l->failed = 1;
-        return;
+        return TLY_ENOMEM;
     }
     snprintf(r->request_id, sizeof(r->request_id), "%s", row->request_id);
     snprintf(r->poll_id, sizeof(r->poll_id), "%s", row->poll_id);
     snprintf(r->state, sizeof(r->state), "%s", row->state);
     snprintf(r->vote_id, sizeof(r->vote_id), "%s", row->vote_id ? row->vote_id : "");
     snprintf(r->error, sizeof(r->error), "%s", row->error ? row->error : "");
-    HASH_ADD_STR(l->app->requests, request_id, r);
-    l->requests++;
+    HASH_ADD_STR(app->requests, request_id, r);
+    return 0;
+}
+
+/* ---- loading ---- */
+
+typedef struct {
+    tly_app_t *app;
+    size_t users, polls, ballots, requests, skipped;
+    int failed;
+} load_t;
+
+static void load_user(void *ctx, const tly_user_row_t *row)
+{
+    load_t *l = ctx;
+    if (api_user_from_row(l->app, row) != 0)
+        l->failed = 1;
+    else
+        l->users++;
+}
+
+static void load_poll(void *ctx, const tly_poll_row_t *row)
+{
+    load_t *l = ctx;
+    if (api_poll_from_row(l->app, row) != 0)
+        l->failed = 1;
+    else
+        l->polls++;
+}
+
+static void load_ballot(void *ctx, const tly_ballot_row_t *row)
+{
+    load_t *l = ctx;
+    tly_poll_t *p = tly_registry_find_poll(l->app->registry, row->poll_id);
+    int rc = p != NULL ? api_ballot_from_row(l->app, p, row) : TLY_EINVAL;
+    if (rc == TLY_EINVAL)
+        l->skipped++;
+    else if (rc != 0)
+        l->failed = 1;
+    else
+        l->ballots++;
+}
+
+static void load_request(void *ctx, const tly_request_row_t *row)
+{
+    load_t *l = ctx;
+    if (api_request_from_row(l->app, row) != 0)
+        l->failed = 1;
+    else
+        l->requests++;
 }
 
 int api_load(tly_app_t *app)

@@ -188,6 +188,14 @@ static void patch_committed(tly_store_op_t *op)
     api_end_async(po->app);
     if (op->result == 0) {
         tly_poll_t *p = tly_registry_find_poll(po->app->registry, op->u.poll.poll_id);
+        if (p != NULL && tly_store_shared(po->app->store)) {
+            /* Another instance's change committed before ours may have been applied
+             * over ours meanwhile; ours is the later one, so it is what memory shows. */
+            int rc;
+            tly_poll_t *from = api_poll_build(&op->u.poll, &rc);
+            if (from != NULL)
+                tly_poll_adopt(p, from);
+        }
         if (p != NULL)
             respond_poll(po->req, 200, p);
         else
@@ -284,6 +292,38 @@ void api_polls_patch(tly_req_t *req, const tly_params_t *params, void *arg)
 
 /* ---- delete ---- */
 
+void api_poll_forget(tly_app_t *app, const char *poll_id)
+{
+    poll_mark_t *m;
+    HASH_FIND_STR(app->deleting, poll_id, m);
+    if (m != NULL) {
+        HASH_DEL(app->deleting, m);
+        tly_free(m);
+    }
+    tly_poll_t *p = tly_registry_find_poll(app->registry, poll_id);
+    if (p != NULL)
+        tly_registry_remove_poll(app->registry, p);
+    /* the store deleted the poll's vote requests with it; so does memory */
+    vote_request_t *r, *tmp;
+    HASH_ITER(hh, app->requests, r, tmp) {
+        if (strcmp(r->poll_id, poll_id) == 0) {
+            HASH_DEL(app->requests, r);
+            tly_free(r->voter_id);
+            tly_free(r);
+        }
+    }
+}
+
+void api_poll_mark_deleting(tly_app_t *app, const char *poll_id)
+{
+    poll_mark_t *m;
+    HASH_FIND_STR(app->deleting, poll_id, m);
+    if (m != NULL || (m = tly_calloc(1, sizeof(*m))) == NULL)
+        return;
+    snprintf(m->poll_id, sizeof(m->poll_id), "%s", poll_id);
+    HASH_ADD_STR(app->deleting, poll_id, m);
+}
+
 static void delete_committed(tly_store_op_t *op)
 {
     poll_op_t *po = op->ctx;
@@ -296,18 +336,7 @@ static void delete_committed(tly_store_op_t *op)
         tly_free(m);
     }
     if (op->result == 0) {
-        tly_poll_t *p = tly_registry_find_poll(app->registry, op->u.poll.poll_id);
-        if (p != NULL)
-            tly_registry_remove_poll(app->registry, p);
-        /* the store deleted the poll's vote requests with it; so does memory */
-        vote_request_t *r, *tmp;
-        HASH_ITER(hh, app->requests, r, tmp) {
-            if (strcmp(r->poll_id, op->u.poll.poll_id) == 0) {
-                HASH_DEL(app->requests, r);
-                tly_free(r->voter_id);
-                tly_free(r);
-            }
-        }
+        api_poll_forget(app, op->u.poll.poll_id);
         tly_req_respond(po->req, 204, NULL, "", 0);
     } else {
         api_respond_store_error(po->req, op->result);

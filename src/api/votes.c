@@ -126,6 +126,79 @@ static void remember_request(tly_app_t *app, const char *request_id, const tly_p
     HASH_ADD_STR(app->requests, request_id, r);
 }
 
+bool api_votes_busy(tly_app_t *app, tly_poll_t *p, tly_vote_t *v)
+{
+    ballot_op_t *bo, *tmp;
+    if (v != NULL) {
+        if (v->state != TLY_VOTE_COMMITTED)
+            return true;
+        HASH_FIND_PTR(app->pending_ballots, &v, bo);
+        return bo != NULL;
+    }
+    if (p->pending_votes > 0)
+        return true;
+    HASH_ITER(hh, app->pending_ballots, bo, tmp)
+        if (bo->poll == p)
+            return true;
+    return false;
+}
+
+/*
+ * A shared store refused a ballot memory did not know (TLY_EEXIST): another instance
+ * holds this voter's ballot (or one from this address) and its change has not reached
+ * us yet. Once memory has caught up (tly_store_sync), the waiters are answered as a
+ * duplicate arriving here later would be: a retry with the same Idempotency-Key and
+ * body gets the ballot's receipt, anything else 409 ALREADY_VOTED.
+ */
+typedef struct {
+    tly_app_t *app;
+    waiter_t *waiters;
+    char poll_id[TLY_POLL_ID_LEN + 1];
+    char *voter_id, *idem;
+    uint8_t body_hash[16];
+} conflict_t;
+
+static void conflict_resolved(void *arg)
+{
+    conflict_t *c = arg;
+    tly_app_t *app = c->app;
+    api_follow_flush(app);
+    tly_poll_t *p = tly_registry_find_poll(app->registry, c->poll_id);
+    tly_vote_t *v = p ? tly_poll_find_vote(p, c->voter_id) : NULL;
+    if (v != NULL && v->state != TLY_VOTE_COMMITTED)
+        v = NULL;
+    bool same = v != NULL && c->idem != NULL && v->idem_key != NULL && strcmp(c->idem, v->idem_key) == 0 &&
+                memcmp(c->body_hash, v->body_hash, 16) == 0;
+    for (waiter_t *w = c->waiters; w != NULL; w = w->next) {
+        api_end_async(app);
+        if (same)
+            api_respond_json(w->req, 200, recorded_json(p, v));
+        else
+            respond_already_voted(w->req, v);
+    }
+    tly_free(c->voter_id);
+    tly_free(c->idem);
+    tly_free(c);
+}
+
+static bool await_conflict(tly_app_t *app, ballot_op_t *bo)
+{
+    conflict_t *c = tly_calloc(1, sizeof(*c));
+    if (c == NULL || (c->voter_id = tly_strdup(bo->vote->voter_id)) == NULL ||
+        (bo->vote->idem_key != NULL && (c->idem = tly_strdup(bo->vote->idem_key)) == NULL)) {
+        if (c != NULL)
+            tly_free(c->voter_id);
+        tly_free(c);
+        return false;
+    }
+    c->app = app;
+    c->waiters = bo->waiters;
+    memcpy(c->poll_id, bo->poll->poll_id, sizeof(c->poll_id));
+    memcpy(c->body_hash, bo->vote->body_hash, 16);
+    tly_store_sync(app->store, conflict_resolved, c);
+    return true;
+}
+
 static void ballot_committed(tly_store_op_t *op)
 {
     ballot_op_t *bo = op->ctx;
@@ -146,6 +219,15 @@ static void ballot_committed(tly_store_op_t *op)
                 api_respond_json(w->req, 200, recorded_json(p, v));
         }
     } else {
+        if (op->result == TLY_EEXIST && tly_store_shared(app->store) && await_conflict(app, bo)) {
+            /* another instance's ballot; it is in the feed, on its way here */
+            if (bo->request_id[0])
+                remember_request(app, bo->request_id, p, v->voter_id, "failed", NULL, "ALREADY_VOTED");
+            tly_poll_drop_vote(app->registry, p, v);
+            tly_free(bo->client_meta);
+            tly_free(bo);
+            return;
+        }
         if (op->result == TLY_EEXIST) {
             /* memory did not know this ballot but the store did: trust the store */
             tly_log(TLY_LOG_ERROR, "ballot already in store but not in memory", "poll_id", p->poll_id, NULL);
@@ -429,6 +511,8 @@ void api_votes_request(tly_req_t *req, const tly_params_t *params, void *arg)
     }
     if (r == NULL || strcmp(r->voter_id, caller.id) != 0 || strlen(r->poll_id) != plen ||
         memcmp(r->poll_id, pid, plen) != 0) {
+        if (r == NULL && api_resync(app, req))
+            return;
         api_respond_error(req, 404, "REQUEST_NOT_FOUND", "no vote request with that id for this voter", NULL);
         return;
     }
@@ -453,6 +537,8 @@ void api_receipts_get(tly_req_t *req, const tly_params_t *params, void *arg)
         v = tly_registry_find_receipt(app->registry, key);
     }
     if (v == NULL || v->state != TLY_VOTE_COMMITTED) {
+        if (v == NULL && api_resync(app, req))
+            return;
         api_respond_error(req, 404, "RECEIPT_NOT_FOUND", "no counted ballot has that receipt", NULL);
         return;
     }
@@ -502,7 +588,7 @@ static tly_vote_t *own_vote_for_change(tly_app_t *app, tly_req_t *req, const tly
                           NULL);
         return NULL;
     }
-    if (v == NULL)
+    if (v == NULL && !api_resync(app, req))
         api_respond_error(req, 404, "VOTE_NOT_FOUND", "you have no ballot in this poll", NULL);
     return v;
 }

@@ -232,6 +232,12 @@ tly_poll_t *tly_poll_from_json(json_t *body, const char *owner_id, int64_t now, 
 int tly_poll_patch(tly_poll_t *p, json_t *body, int64_t now, const char **err_field, const char **err_msg,
                    char *err_buf, size_t err_buf_len);
 void tly_poll_free(tly_poll_t *p);
+/* Another instance changed p (a PATCH, a close, frozen results): takes over from `from`,
+ * a poll built from the stored row, its title, description, status, times, settings,
+ * final results and option texts (the option list itself only while p has no ballot,
+ * which is also when a PATCH may change it), keeps p's ballots and counts, marks the
+ * results for re-rendering, and frees `from`. Loop thread. */
+void tly_poll_adopt(tly_poll_t *p, tly_poll_t *from);
 /* The status a reader sees at `now`: a draft with a start_time is active once it passes
  * (a scheduled poll), and an active poll whose end_time has passed is closed. */
 tly_poll_status_t tly_poll_effective_status(const tly_poll_t *p, int64_t now);

@@ -627,6 +627,46 @@ fail:
     return rc;
 }
 
+/* ---- another instance's change ---- */
+
+#define SWAP(a, b)                                                                                                     \
+    do {                                                                                                               \
+        __typeof__(a) t_ = (a);                                                                                        \
+        (a) = (b);                                                                                                     \
+        (b) = t_;                                                                                                      \
+    } while (0)
+
+void tly_poll_adopt(tly_poll_t *p, tly_poll_t *from)
+{
+    SWAP(p->title, from->title);
+    SWAP(p->description, from->description);
+    SWAP(p->final_json, from->final_json);
+    p->status = from->status;
+    p->start_time = from->start_time;
+    p->end_time = from->end_time;
+    p->updated_at = from->updated_at;
+    p->settings = from->settings;
+    if (p->votes == NULL && p->total_votes == 0) {
+        /* no ballot refers to an option position yet: the option list may change */
+        SWAP(p->options, from->options);
+        SWAP(p->noptions, from->noptions);
+        tly_free(p->score_sum);
+        p->score_sum = NULL; /* recomputed from the (no) ballots when rendering */
+        core_timeline_reset(p);
+    } else {
+        for (size_t i = 0; i < p->noptions && i < from->noptions; i++) {
+            SWAP(p->options[i].text, from->options[i].text);
+            p->options[i].display_order = from->options[i].display_order;
+        }
+    }
+    p->results_dirty = true;
+    p->results_final = false;
+    p->seq++;
+    tly_poll_free(from);
+}
+
+#undef SWAP
+
 /* ---- the rest ---- */
 
 void tly_poll_free(tly_poll_t *p)

@@ -1,0 +1,303 @@
+/*
+ * follow.c: what other instances sharing the store committed, applied to this instance's
+ * memory, and the two ways a request waits for memory to catch up.
+ *
+ * With a shared store (PostgreSQL) every instance holds the same state in memory: the
+ * fold of the store's change feed (store.h, tly_store_follow). The store hands us the
+ * other instances' operations in commit order, between our own done callbacks, and we
+ * apply them with the same core functions our own writes use, so live results, receipts,
+ * dedup and idempotent replays work whichever instance a request reaches.
+ *
+ * One conflict needs care: an operation about a ballot (or username, or poll) on which
+ * this instance has its own write in flight. Our write is then about to fail or to land
+ * on top of theirs, and its done callback holds pointers into memory that the foreign
+ * operation would free or replace. So such an operation waits in `deferred` until our
+ * write is done, then applies (api_follow_flush). Only that key waits; the rest goes on.
+ *
+ * Misses: memory may lag the store by the feed's delay (a few ms with the bus, at most a
+ * follow period without). A request that finds no poll, ballot, vote request or user
+ * where another instance may just have made one asks the store to catch up
+ * (tly_store_sync) and runs once more (api_resync); the second run answers whatever it
+ * finds. A ballot refused by the store as a duplicate that memory did not know waits the
+ * same way (votes.c), so a retry that lands on another instance is answered like a retry
+ * on the first one.
+ *
+ * Threads: the loop thread only.
+ */
+#include <string.h>
+
+#include "api/api_int.h"
+#include "base/base.h"
+#include "obs/obs.h"
+
+struct deferred {
+    deferred_t *next;
+    tly_store_op_t op; /* strings and arrays point into buf */
+    uint8_t ip_hash[TLY_IP_HASH_LEN];
+    char buf[];
+};
+
+static size_t slen(const char *s)
+{
+    return s ? strlen(s) + 1 : 0;
+}
+
+static const char *put(char **cur, const char *s)
+{
+    if (s == NULL)
+        return NULL;
+    size_t n = strlen(s) + 1;
+    char *d = *cur;
+    memcpy(d, s, n);
+    *cur += n;
+    return d;
+}
+
+/* A copy of the kinds of operation that may have to wait (users, ballots, poll deletes). */
+static deferred_t *deferred_new(const tly_store_op_t *op)
+{
+    size_t need = 0;
+    const tly_user_row_t *u = &op->u.user;
+    const tly_ballot_row_t *b = &op->u.ballot;
+    if (op->type == TLY_OP_USER_INSERT)
+        need = slen(u->user_id) + slen(u->username) + slen(u->password_hash) + slen(u->email);
+    else if (op->type == TLY_OP_POLL_DELETE)
+        need = slen(op->u.poll.poll_id);
+    else
+        need = slen(b->poll_id) + slen(b->voter_id) + slen(b->vote_id) + slen(b->receipt) + slen(b->idem_key) +
+               slen(b->request_id) + 2 * (size_t)b->nchoices;
+    deferred_t *d = tly_calloc(1, sizeof(*d) + need);
+    if (d == NULL)
+        return NULL;
+    d->op.type = op->type;
+    char *cur = d->buf;
+    if (op->type == TLY_OP_USER_INSERT) {
+        tly_user_row_t *c = &d->op.u.user;
+        *c = *u;
+        c->user_id = put(&cur, u->user_id);
+        c->username = put(&cur, u->username);
+        c->password_hash = put(&cur, u->password_hash);
+        c->email = put(&cur, u->email);
+    } else if (op->type == TLY_OP_POLL_DELETE) {
+        d->op.u.poll.poll_id = put(&cur, op->u.poll.poll_id);
+    } else {
+        tly_ballot_row_t *c = &d->op.u.ballot;
+        *c = *b;
+        c->poll_id = put(&cur, b->poll_id);
+        c->voter_id = put(&cur, b->voter_id);
+        c->vote_id = put(&cur, b->vote_id);
+        c->receipt = put(&cur, b->receipt);
+        c->idem_key = put(&cur, b->idem_key);
+        c->request_id = put(&cur, b->request_id);
+        c->client_meta = NULL; /* never read back into memory */
+        if (b->nchoices > 0 && b->choices != NULL) {
+            memcpy(cur, b->choices, b->nchoices);
+            c->choices = (const uint8_t *)cur;
+            cur += b->nchoices;
+        }
+        if (b->nchoices > 0 && b->scores != NULL) {
+            memcpy(cur, b->scores, b->nchoices);
+            c->scores = (const uint8_t *)cur;
+        }
+        if (b->ip_hash != NULL) {
+            memcpy(d->ip_hash, b->ip_hash, TLY_IP_HASH_LEN);
+            c->ip_hash = d->ip_hash;
+        }
+    }
+    return d;
+}
+
+/* Whether this instance has a write in flight that op must wait for. */
+static bool blocked(tly_app_t *app, const tly_store_op_t *op)
+{
+    switch (op->type) {
+    case TLY_OP_USER_INSERT: {
+        user_t *u = api_user_find_name(app, op->u.user.username);
+        return u != NULL && !u->committed;
+    }
+    case TLY_OP_POLL_DELETE: {
+        tly_poll_t *p = tly_registry_find_poll(app->registry, op->u.poll.poll_id);
+        return p != NULL && api_votes_busy(app, p, NULL);
+    }
+    case TLY_OP_BALLOT_INSERT:
+    case TLY_OP_BALLOT_REPLACE:
+    case TLY_OP_BALLOT_DELETE: {
+        tly_poll_t *p = tly_registry_find_poll(app->registry, op->u.ballot.poll_id);
+        tly_vote_t *v = p ? tly_poll_find_vote(p, op->u.ballot.voter_id) : NULL;
+        return v != NULL && api_votes_busy(app, p, v);
+    }
+    default:
+        return false;
+    }
+}
+
+static void log_failed(const char *what, const char *id, int rc)
+{
+    char code[16];
+    snprintf(code, sizeof(code), "%d", rc);
+    tly_log(rc == TLY_ENOMEM ? TLY_LOG_ERROR : TLY_LOG_WARN, what, "id", id, "error", code, NULL);
+}
+
+static void apply_ballot(tly_app_t *app, const tly_store_op_t *op)
+{
+    const tly_ballot_row_t *row = &op->u.ballot;
+    tly_poll_t *p = tly_registry_find_poll(app->registry, row->poll_id);
+    if (p == NULL)
+        return; /* deleted here already (or never seen: a poll created and deleted meanwhile) */
+    tly_vote_t *v = tly_poll_find_vote(p, row->voter_id);
+    int rc = 0;
+    switch (op->type) {
+    case TLY_OP_BALLOT_INSERT:
+        if (v == NULL)
+            rc = api_ballot_from_row(app, p, row);
+        if (rc == 0 && row->request_id != NULL && row->request_id[0]) {
+            tly_request_row_t r = {.request_id = row->request_id, .poll_id = row->poll_id,
+                                   .voter_id = row->voter_id, .state = "completed", .vote_id = row->vote_id,
+                                   .created_at = row->recorded_at};
+            rc = api_request_from_row(app, &r);
+        }
+        break;
+    case TLY_OP_BALLOT_REPLACE: {
+        if (v == NULL || row->nchoices > TLY_MAX_OPTIONS) {
+            rc = TLY_ENOTFOUND;
+            break;
+        }
+        tly_ballot_t b;
+        b.nchoices = row->nchoices;
+        for (size_t i = 0; i < row->nchoices; i++) {
+            b.choices[i] = row->choices[i];
+            b.scores[i] = row->scores ? row->scores[i] : 0;
+        }
+        tly_vote_t *nv;
+        rc = tly_poll_change_vote(app->registry, p, v, &b, row->recorded_at, &nv);
+        break;
+    }
+    case TLY_OP_BALLOT_DELETE:
+        if (v != NULL)
+            tly_poll_retract_vote(app->registry, p, v, row->recorded_at);
+        break;
+    default:
+        break;
+    }
+    if (rc != 0)
+        log_failed("another instance's ballot change not applied here", row->poll_id, rc);
+}
+
+static void apply(tly_app_t *app, const tly_store_op_t *op)
+{
+    int rc = 0;
+    const char *id = "";
+    switch (op->type) {
+    case TLY_OP_USER_INSERT:
+        id = op->u.user.user_id;
+        if (api_user_find(app, op->u.user.user_id) == NULL)
+            rc = api_user_from_row(app, &op->u.user);
+        break;
+    case TLY_OP_POLL_INSERT:
+    case TLY_OP_POLL_UPDATE: {
+        id = op->u.poll.poll_id;
+        tly_poll_t *p = tly_registry_find_poll(app->registry, op->u.poll.poll_id);
+        if (p == NULL) {
+            rc = api_poll_from_row(app, &op->u.poll);
+        } else if (op->type == TLY_OP_POLL_UPDATE) {
+            tly_poll_t *from = api_poll_build(&op->u.poll, &rc);
+            if (from != NULL)
+                tly_poll_adopt(p, from);
+        }
+        break;
+    }
+    case TLY_OP_POLL_DELETE:
+        api_poll_forget(app, op->u.poll.poll_id);
+        break;
+    case TLY_OP_BALLOT_INSERT:
+    case TLY_OP_BALLOT_REPLACE:
+    case TLY_OP_BALLOT_DELETE:
+        apply_ballot(app, op);
+        break;
+    case TLY_OP_REQUEST:
+        id = op->u.request.request_id;
+        rc = api_request_from_row(app, &op->u.request);
+        break;
+    }
+    if (rc != 0)
+        log_failed("another instance's change not applied here", id, rc);
+}
+
+static void follow_op(void *ctx, const tly_store_op_t *op)
+{
+    tly_app_t *app = ctx;
+    app->followed++;
+    /* behind an earlier operation that waits, so that order is kept per key */
+    if (app->deferred == NULL && !blocked(app, op)) {
+        apply(app, op);
+        return;
+    }
+    deferred_t *d = deferred_new(op);
+    if (d == NULL) {
+        log_failed("another instance's change dropped here (out of memory)", "", TLY_ENOMEM);
+        return;
+    }
+    if (op->type == TLY_OP_POLL_DELETE) /* gone for readers and voters from now on */
+        api_poll_mark_deleting(app, op->u.poll.poll_id);
+    deferred_t **tail = &app->deferred;
+    while (*tail != NULL)
+        tail = &(*tail)->next;
+    *tail = d;
+}
+
+void api_follow_flush(tly_app_t *app)
+{
+    while (app->deferred != NULL && !blocked(app, &app->deferred->op)) {
+        deferred_t *d = app->deferred;
+        app->deferred = d->next;
+        apply(app, &d->op);
+        tly_free(d);
+    }
+}
+
+void api_follow_init(tly_app_t *app)
+{
+    if (tly_store_shared(app->store))
+        tly_store_follow(app->store, follow_op, app);
+}
+
+void api_follow_free(tly_app_t *app)
+{
+    while (app->deferred != NULL) {
+        deferred_t *d = app->deferred;
+        app->deferred = d->next;
+        tly_free(d);
+    }
+}
+
+/* ---- a request that missed: catch up and run it once more ---- */
+
+typedef struct {
+    tly_app_t *app;
+    tly_req_t *req;
+} resync_t;
+
+static void resync_done(void *arg)
+{
+    resync_t *r = arg;
+    tly_app_t *app = r->app;
+    api_end_async(app);
+    app->redispatch = r->req;
+    api_dispatch(app, r->req);
+    app->redispatch = NULL;
+}
+
+bool api_resync(tly_app_t *app, tly_req_t *req)
+{
+    if (app->redispatch == req || !tly_store_shared(app->store))
+        return false;
+    resync_t *r = tly_req_alloc(req, sizeof(*r));
+    if (r == NULL)
+        return false;
+    r->app = app;
+    r->req = req;
+    app->resyncs++;
+    api_begin_async(app);
+    tly_store_sync(app->store, resync_done, r);
+    return true;
+}
