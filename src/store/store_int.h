@@ -47,7 +47,7 @@ extern const tly_store_backend_t tly_store_pg;     /* pg.c */
 /* For histograms: the index of the bucket of v among bounds (TLY_STORE_HIST of them). */
 int tly_store_hist_bucket(const uint64_t *bounds, uint64_t v);
 
-/* The schema version sqlite.c migrates to (PRAGMA user_version). */
+/* The schema version sqlite_schema.c migrates to (PRAGMA user_version). */
 #define TLY_STORE_SCHEMA_VERSION 3
 
 /* Default most operations in one transaction when conf->batch_max is 0. */

@@ -6,7 +6,7 @@
 // before the failure is counted and none of those refused after it.
 //
 // The failure is injected with TALLY_FAULT_FSYNC_AFTER=n (a test-only SQLite VFS shim in
-// src/store/sqlite.c, installed by main.c at start): the n-th fsync fails with EIO. Each
+// src/store/sqlite_fault.c, installed by main.c at start): the n-th fsync fails with EIO. Each
 // vote below is cast alone and awaited, so each is a batch of its own and costs one
 // fsync of the WAL; the votes before the failure all succeed, whatever number of fsyncs
 // the start itself took, as long as it took fewer than n.

@@ -1,0 +1,126 @@
+/*
+ * sqlite_int.h: what the SQLite backend's files share. Nothing outside src/store/sqlite*.c
+ * includes this.
+ *
+ *  - sqlite.c: the writer (submission queue, batches, the per-op statements,
+ *    checkpoints), reap, stats, open and close, the backend table, and the helpers every
+ *    piece uses (result codes, logging, stepping a statement);
+ *  - sqlite_schema.c: the schema and its migrations, and the opening and configuration
+ *    (pragmas) of connections;
+ *  - sqlite_read.c: load, the readers (paged reads for exports) and generated ballots,
+ *    each on a connection of its own;
+ *  - sqlite_fault.c: the test-only VFS whose n-th fsync fails (tly_store_fault_fsync).
+ */
+#ifndef TALLY_STORE_SQLITE_INT_H
+#define TALLY_STORE_SQLITE_INT_H
+
+#include "store/store_int.h"
+
+#include <pthread.h>
+#include <sqlite3.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+typedef struct sq_store sq_store_t;
+typedef struct sq_reader sq_reader_t;
+
+/* ---- the writer's prepared statements (their SQL: stmt_sql in sqlite.c) ------------ */
+
+enum {
+    ST_BEGIN,
+    ST_COMMIT,
+    ST_ROLLBACK,
+    ST_SAVEPOINT,
+    ST_RELEASE,
+    ST_ROLLBACK_TO,
+    ST_USER_INSERT,
+    ST_POLL_INSERT,
+    ST_POLL_UPDATE,
+    ST_POLL_DELETE,
+    ST_OPTIONS_DELETE,
+    ST_OPTION_INSERT,
+    ST_BALLOT_INSERT,
+    ST_BALLOT_REPLACE,
+    ST_BALLOT_DELETE,
+    ST_AUDIT_INSERT,
+    ST_AUDIT_DELETE,
+    ST_REQUEST_UPSERT,
+    ST_REQUESTS_DELETE,
+    ST__COUNT
+};
+
+struct sq_store {
+    tly_store_t base; /* first: see store_int.h */
+    tly_store_conf_t conf; /* conf.data_dir points at data_dir below */
+    char *data_dir;
+    char *db_path;
+
+    /* The writer's. Opened on the owning thread in tly_store_open, then used only by the
+     * writer thread until it is joined in tly_store_close. */
+    sqlite3 *db;
+    sqlite3_stmt *st[ST__COUNT];
+    int wal_frames;  /* frames in the WAL after the last commit (wal hook) */
+    int ckpt_frames; /* wal_frames when the last checkpoint ran */
+    int page_size;
+
+    /* Submission queue. Unbounded here on purpose: the store cannot refuse a write it
+     * has no way to report back except through done, so callers bound their in-flight
+     * operations (each holds its op until done runs) and the queue can never hold more
+     * than they allow. */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    tly_store_op_t *head, *tail;
+    int stopping;
+
+    /* Finished operations waiting for tly_store_reap, in submission order, and the
+     * statistics (both written by the writer, read by the owning thread). */
+    pthread_mutex_t done_mu;
+    tly_store_op_t *done_head, *done_tail;
+    tly_store_stats_t stats;
+
+    atomic_int failed; /* latched on an I/O error; never cleared */
+    pthread_t writer;
+    int writer_started, sync_ready;
+};
+
+/* A reader: its own read-only connection and the two page statements (sqlite_read.c). */
+struct sq_reader {
+    tly_store_reader_t base; /* first: see store_int.h */
+    sqlite3 *db; /* read-only, NOMUTEX: one thread at a time, as the header says */
+    sqlite3_stmt *audit, *ballots;
+};
+
+/* ---- sqlite.c -------------------------------------------------------------------- */
+
+/* One JSON line on stderr saying why an SQLite call failed. Any thread. */
+void sq_log_sqlite(const char *msg, sqlite3 *db, int rc);
+/* The TLY_E* code (or 0) of an SQLite result code. */
+int sq_sqlite_to_tly(int rc);
+/* Steps a statement, then resets it and clears its bindings; SQLITE_OK or the error. */
+int sq_step_reset(sqlite3_stmt *st);
+/* Whether an (extended) SQLite result code is a constraint failure. */
+int sq_is_constraint(int rc);
+/* The op result (TLY_EEXIST, TLY_ENOTFOUND, TLY_EINVAL) of a constraint failure. */
+int sq_constraint_result(int rc);
+
+/* ---- sqlite_schema.c ------------------------------------------------------------- */
+
+/* Applies the settings every connection needs. Returns an SQLite result code. */
+int sq_configure(sqlite3 *db);
+/* Opens the writer's connection s->db on s->db_path in WAL mode, sets its pragmas,
+ * migrates the schema to TLY_STORE_SCHEMA_VERSION and reads s->page_size. Returns an
+ * SQLite result code; on failure s->db may be set all the same (store_free closes it). */
+int sq_open_writer_db(sq_store_t *s);
+
+/* ---- sqlite_read.c: the backend's load, readers and generate_ballots (store.h) ----- */
+
+int sq_load(sq_store_t *s, const tly_store_load_cb_t *cb, void *ctx);
+sq_reader_t *sq_reader_open(sq_store_t *s);
+void sq_reader_close(sq_reader_t *r);
+int sq_audit_page(sq_reader_t *r, const char *poll_id, int64_t after_seq, size_t limit,
+                  void (*cb)(void *ctx, const tly_audit_row_t *row), void *ctx);
+int sq_ballots_page(sq_reader_t *r, const char *poll_id, int64_t after_seq, size_t limit,
+                    void (*cb)(void *ctx, const tly_ballot_row_t *row, int64_t seq), void *ctx);
+int sq_generate_ballots(sq_store_t *s, const char *poll_id, size_t noptions, size_t n);
+
+#endif

@@ -1,0 +1,462 @@
+/*
+ * sqlite_read.c: what the SQLite backend reads beside the writer, each on a connection
+ * of its own: load (the whole state, at start), the readers' paged reads for exports,
+ * and generated ballots for tests and benchmarks.
+ */
+#include "store/sqlite_int.h"
+
+#include "base/base.h"
+
+#include <limits.h>
+#include <sqlite3.h>
+#include <stdio.h>
+#include <string.h>
+
+/* ---- load ------------------------------------------------------------------------ */
+
+static const char *col_str(sqlite3_stmt *st, int i)
+{
+    return (const char *)sqlite3_column_text(st, i);
+}
+
+static void col_hash(sqlite3_stmt *st, int i, uint8_t out[16])
+{
+    const void *p = sqlite3_column_blob(st, i);
+    if (p != NULL && sqlite3_column_bytes(st, i) == 16)
+        memcpy(out, p, 16);
+    else
+        memset(out, 0, 16);
+}
+
+/* A poll's options, gathered before its callback: they come from a second statement, so
+ * their strings are copied (SQLite's pointers die at the next step). Reused per poll. */
+typedef struct {
+    size_t id, text; /* offsets into buf: buf may move while rows are gathered */
+} option_off_t;
+
+typedef struct {
+    tly_option_row_t *rows;
+    option_off_t *off;
+    size_t n, cap;
+    char *buf;
+    size_t len, bufcap;
+} option_buf_t;
+
+static int option_buf_add(option_buf_t *ob, sqlite3_stmt *st)
+{
+    const char *id = col_str(st, 0), *text = col_str(st, 1);
+    size_t idn = id ? strlen(id) + 1 : 1, textn = text ? strlen(text) + 1 : 1;
+    if (ob->n == ob->cap) {
+        size_t cap = ob->cap ? ob->cap * 2 : 16;
+        tly_option_row_t *rows = tly_realloc(ob->rows, cap * sizeof *rows);
+        if (rows == NULL)
+            return TLY_ENOMEM;
+        ob->rows = rows;
+        option_off_t *off = tly_realloc(ob->off, cap * sizeof *off);
+        if (off == NULL)
+            return TLY_ENOMEM;
+        ob->off = off;
+        ob->cap = cap;
+    }
+    if (ob->len + idn + textn > ob->bufcap) {
+        size_t cap = ob->bufcap ? ob->bufcap : 1024;
+        while (cap < ob->len + idn + textn)
+            cap *= 2;
+        char *buf = tly_realloc(ob->buf, cap);
+        if (buf == NULL)
+            return TLY_ENOMEM;
+        ob->buf = buf;
+        ob->bufcap = cap;
+    }
+    ob->off[ob->n].id = ob->len;
+    memcpy(ob->buf + ob->len, id ? id : "", idn);
+    ob->len += idn;
+    ob->off[ob->n].text = ob->len;
+    memcpy(ob->buf + ob->len, text ? text : "", textn);
+    ob->len += textn;
+    ob->rows[ob->n].display_order = sqlite3_column_int(st, 2);
+    ob->rows[ob->n].position = sqlite3_column_int(st, 3);
+    ob->n++;
+    return 0;
+}
+
+int sq_load(sq_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
+{
+    int rc = TLY_EIO, src;
+    sqlite3 *db = NULL;
+    sqlite3_stmt *st = NULL, *ost = NULL;
+    option_buf_t ob = {0};
+
+    /* A connection of its own: the writer's belongs to the writer thread, and a WAL
+     * reader sees a consistent snapshot whatever the writer does meanwhile. */
+    src = sqlite3_open_v2(s->db_path, &db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL);
+    if (src != SQLITE_OK || (src = sq_configure(db)) != SQLITE_OK)
+        goto sqlite_fail;
+    /* One read transaction over all four tables: one snapshot. */
+    if ((src = sqlite3_exec(db, "BEGIN", NULL, NULL, NULL)) != SQLITE_OK)
+        goto sqlite_fail;
+
+    src = sqlite3_prepare_v2(db, "SELECT user_id, username, password_hash, email, created_at"
+                                 " FROM users ORDER BY rowid", -1, &st, NULL);
+    if (src != SQLITE_OK)
+        goto sqlite_fail;
+    while ((src = sqlite3_step(st)) == SQLITE_ROW) {
+        tly_user_row_t u = {
+            .user_id = col_str(st, 0),
+            .username = col_str(st, 1),
+            .password_hash = col_str(st, 2),
+            .email = col_str(st, 3),
+            .created_at = sqlite3_column_int64(st, 4),
+        };
+        if (cb->user != NULL)
+            cb->user(ctx, &u);
+    }
+    if (src != SQLITE_DONE)
+        goto sqlite_fail;
+    sqlite3_finalize(st);
+    st = NULL;
+
+    src = sqlite3_prepare_v2(db, "SELECT poll_id, owner_id, title, description, type, status,"
+                                 " start_time, end_time, settings, created_at, updated_at,"
+                                 " idem_key, body_hash, final_results FROM polls ORDER BY rowid",
+                             -1, &st, NULL);
+    if (src == SQLITE_OK)
+        src = sqlite3_prepare_v2(db, "SELECT option_id, text, display_order, position"
+                                     " FROM options WHERE poll_id = ?1 ORDER BY position",
+                                 -1, &ost, NULL);
+    if (src != SQLITE_OK)
+        goto sqlite_fail;
+    while ((src = sqlite3_step(st)) == SQLITE_ROW) {
+        tly_poll_row_t p = {
+            .poll_id = col_str(st, 0),
+            .owner_id = col_str(st, 1),
+            .title = col_str(st, 2),
+            .description = col_str(st, 3),
+            .type = sqlite3_column_int(st, 4),
+            .status = sqlite3_column_int(st, 5),
+            .start_time = sqlite3_column_int64(st, 6), /* NULL reads as 0: unset */
+            .end_time = sqlite3_column_int64(st, 7),
+            .settings_json = col_str(st, 8),
+            .created_at = sqlite3_column_int64(st, 9),
+            .updated_at = sqlite3_column_int64(st, 10),
+            .idem_key = col_str(st, 11),
+            .final_results = col_str(st, 13),
+        };
+        col_hash(st, 12, p.body_hash);
+        ob.n = ob.len = 0;
+        sqlite3_bind_text(ost, 1, p.poll_id, -1, SQLITE_STATIC);
+        while ((src = sqlite3_step(ost)) == SQLITE_ROW)
+            if ((rc = option_buf_add(&ob, ost)) != 0)
+                goto fail;
+        rc = TLY_EIO;
+        if (src != SQLITE_DONE)
+            goto sqlite_fail;
+        sqlite3_reset(ost);
+        for (size_t i = 0; i < ob.n; i++) {
+            ob.rows[i].option_id = ob.buf + ob.off[i].id;
+            ob.rows[i].text = ob.buf + ob.off[i].text;
+        }
+        p.noptions = ob.n;
+        p.options = ob.rows;
+        if (cb->poll != NULL)
+            cb->poll(ctx, &p);
+    }
+    if (src != SQLITE_DONE)
+        goto sqlite_fail;
+    sqlite3_finalize(st);
+    st = NULL;
+
+    /* seq order is commit order: replaying in it rebuilds exactly the committed state. */
+    src = sqlite3_prepare_v2(db, "SELECT poll_id, voter_id, vote_id, receipt, choices, scores,"
+                                 " recorded_at, idem_key, body_hash, client_meta, ip_hash"
+                                 " FROM ballots ORDER BY seq", -1, &st, NULL);
+    if (src != SQLITE_OK)
+        goto sqlite_fail;
+    while ((src = sqlite3_step(st)) == SQLITE_ROW) {
+        int nchoices = sqlite3_column_bytes(st, 4);
+        tly_ballot_row_t b = {
+            .poll_id = col_str(st, 0),
+            .voter_id = col_str(st, 1),
+            .vote_id = col_str(st, 2),
+            .receipt = col_str(st, 3),
+            .choices = sqlite3_column_blob(st, 4),
+            .scores = sqlite3_column_blob(st, 5),
+            .recorded_at = sqlite3_column_int64(st, 6),
+            .idem_key = col_str(st, 7),
+            .client_meta = col_str(st, 9),
+            .ip_hash = sqlite3_column_blob(st, 10),
+        };
+        if (nchoices > UINT8_MAX ||
+            (b.scores != NULL && sqlite3_column_bytes(st, 5) != nchoices) ||
+            (b.ip_hash != NULL && sqlite3_column_bytes(st, 10) != 16)) {
+            fprintf(stderr, "{\"level\":\"error\",\"msg\":\"store: malformed ballot row\"}\n");
+            goto fail;
+        }
+        b.nchoices = (uint8_t)nchoices;
+        col_hash(st, 8, b.body_hash);
+        if (cb->ballot != NULL)
+            cb->ballot(ctx, &b);
+    }
+    if (src != SQLITE_DONE)
+        goto sqlite_fail;
+    sqlite3_finalize(st);
+    st = NULL;
+
+    src = sqlite3_prepare_v2(db, "SELECT request_id, poll_id, voter_id, state, vote_id, error,"
+                                 " created_at FROM vote_requests ORDER BY rowid", -1, &st, NULL);
+    if (src != SQLITE_OK)
+        goto sqlite_fail;
+    while ((src = sqlite3_step(st)) == SQLITE_ROW) {
+        tly_request_row_t r = {
+            .request_id = col_str(st, 0),
+            .poll_id = col_str(st, 1),
+            .voter_id = col_str(st, 2),
+            .state = col_str(st, 3),
+            .vote_id = col_str(st, 4),
+            .error = col_str(st, 5),
+            .created_at = sqlite3_column_int64(st, 6),
+        };
+        if (cb->request != NULL)
+            cb->request(ctx, &r);
+    }
+    if (src != SQLITE_DONE)
+        goto sqlite_fail;
+    rc = 0;
+    goto fail;
+
+sqlite_fail:
+    sq_log_sqlite("load failed", db, src);
+    rc = src == SQLITE_NOMEM ? TLY_ENOMEM : TLY_EIO;
+fail:
+    sqlite3_finalize(st);
+    sqlite3_finalize(ost);
+    if (db != NULL)
+        sqlite3_close_v2(db); /* ends the read transaction */
+    tly_free(ob.rows);
+    tly_free(ob.off);
+    tly_free(ob.buf);
+    return rc;
+}
+
+/* ---- readers: paged reads for exports ------------------------------------------------ */
+
+/* Both walk their (poll_id, seq) index from after_seq on: no OFFSET and no sort, so a
+ * page costs the rows it returns however deep into the poll it starts. */
+const char tly_store_audit_page_sql[] =
+    "SELECT seq, poll_id, voter_id, event, choices, scores, at FROM audit"
+    " WHERE poll_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3";
+const char tly_store_ballots_page_sql[] =
+    "SELECT seq, poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key,"
+    " body_hash, client_meta FROM ballots WHERE poll_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3";
+
+void sq_reader_close(sq_reader_t *r)
+{
+    if (r == NULL)
+        return;
+    sqlite3_finalize(r->audit);
+    sqlite3_finalize(r->ballots);
+    if (r->db != NULL)
+        sqlite3_close_v2(r->db);
+    tly_free(r);
+}
+
+sq_reader_t *sq_reader_open(sq_store_t *s)
+{
+    int src;
+    sq_reader_t *r = tly_calloc(1, sizeof *r);
+    if (r == NULL)
+        return NULL;
+    r->base.be = &tly_store_sqlite;
+    /* s->db_path is set once in tly_store_open and never changes: any thread may read it. */
+    src = sqlite3_open_v2(s->db_path, &r->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL);
+    if (src == SQLITE_OK)
+        src = sq_configure(r->db);
+    if (src == SQLITE_OK)
+        src = sqlite3_prepare_v3(r->db, tly_store_audit_page_sql, -1, SQLITE_PREPARE_PERSISTENT,
+                                 &r->audit, NULL);
+    if (src == SQLITE_OK)
+        src = sqlite3_prepare_v3(r->db, tly_store_ballots_page_sql, -1, SQLITE_PREPARE_PERSISTENT,
+                                 &r->ballots, NULL);
+    if (src != SQLITE_OK) {
+        sq_log_sqlite("reader open failed", r->db, src);
+        sq_reader_close(r);
+        return NULL;
+    }
+    return r;
+}
+
+/* Binds a page's parameters. A limit beyond INT_MAX is INT_MAX, so the count of rows
+ * passed fits the int the page functions return. */
+static void page_bind(sqlite3_stmt *st, const char *poll_id, int64_t after_seq, size_t limit)
+{
+    sqlite3_bind_text(st, 1, poll_id, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, after_seq);
+    sqlite3_bind_int64(st, 3, limit > INT_MAX ? INT_MAX : (int64_t)limit);
+}
+
+/* Ends a page: the reset ends the statement's read transaction, so an idle reader holds
+ * no snapshot and never keeps a checkpoint from recycling the WAL. */
+static int page_end(sqlite3 *db, sqlite3_stmt *st, int src, int n)
+{
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    if (src == SQLITE_DONE)
+        return n;
+    sq_log_sqlite("page read failed", db, src);
+    return (src & 0xff) == SQLITE_NOMEM ? TLY_ENOMEM : TLY_EIO;
+}
+
+/* Choices and scores of a row; 0 when they are well formed. A zero-length blob reads as
+ * NULL (SQLite's rule), so an empty ballot has nchoices 0 and NULL choices. */
+static int col_choices(sqlite3_stmt *st, int ichoices, int iscores, uint8_t *n,
+                       const uint8_t **choices, const uint8_t **scores)
+{
+    /* Pointer first, then size: SQLite's documented order for a value it may convert. */
+    *choices = sqlite3_column_blob(st, ichoices);
+    int nchoices = sqlite3_column_bytes(st, ichoices);
+    *scores = sqlite3_column_blob(st, iscores);
+    int nscores = sqlite3_column_bytes(st, iscores);
+    if (nchoices > UINT8_MAX || (*scores != NULL && nscores != nchoices)) {
+        fprintf(stderr, "{\"level\":\"error\",\"msg\":\"store: malformed ballot row\"}\n");
+        return TLY_EIO;
+    }
+    *n = (uint8_t)nchoices;
+    return 0;
+}
+
+int sq_audit_page(sq_reader_t *r, const char *poll_id, int64_t after_seq,
+                  size_t limit, void (*cb)(void *ctx, const tly_audit_row_t *row),
+                  void *ctx)
+{
+    sqlite3_stmt *st = r->audit;
+    int src, n = 0;
+    if (limit == 0)
+        return 0;
+    page_bind(st, poll_id, after_seq, limit);
+    while ((src = sqlite3_step(st)) == SQLITE_ROW) {
+        tly_audit_row_t a = {
+            .seq = sqlite3_column_int64(st, 0),
+            .poll_id = col_str(st, 1),
+            .voter_id = col_str(st, 2),
+            .event = col_str(st, 3),
+            .at = sqlite3_column_int64(st, 6),
+        };
+        if (col_choices(st, 4, 5, &a.nchoices, &a.choices, &a.scores) != 0) {
+            page_end(r->db, st, SQLITE_DONE, 0);
+            return TLY_EIO;
+        }
+        cb(ctx, &a);
+        n++;
+    }
+    return page_end(r->db, st, src, n);
+}
+
+int sq_ballots_page(sq_reader_t *r, const char *poll_id, int64_t after_seq,
+                    size_t limit,
+                    void (*cb)(void *ctx, const tly_ballot_row_t *row, int64_t seq),
+                    void *ctx)
+{
+    sqlite3_stmt *st = r->ballots;
+    int src, n = 0;
+    if (limit == 0)
+        return 0;
+    page_bind(st, poll_id, after_seq, limit);
+    while ((src = sqlite3_step(st)) == SQLITE_ROW) {
+        tly_ballot_row_t b = {
+            .poll_id = col_str(st, 1),
+            .voter_id = col_str(st, 2),
+            .vote_id = col_str(st, 3),
+            .receipt = col_str(st, 4),
+            .recorded_at = sqlite3_column_int64(st, 7),
+            .idem_key = col_str(st, 8),
+            .client_meta = col_str(st, 10),
+        };
+        if (col_choices(st, 5, 6, &b.nchoices, &b.choices, &b.scores) != 0) {
+            page_end(r->db, st, SQLITE_DONE, 0);
+            return TLY_EIO;
+        }
+        col_hash(st, 9, b.body_hash);
+        cb(ctx, &b, sqlite3_column_int64(st, 0));
+        n++;
+    }
+    return page_end(r->db, st, src, n);
+}
+
+/* ---- generated ballots, for tests and benchmarks ------------------------------------- */
+
+#define GENERATE_CHUNK 10000
+
+int sq_generate_ballots(sq_store_t *s, const char *poll_id, size_t noptions, size_t n)
+{
+    int rc = TLY_EINVAL, src = SQLITE_OK;
+    sqlite3 *db = NULL;
+    sqlite3_stmt *st = NULL, *ast = NULL;
+    char *buf = NULL;
+    int64_t now = tly_now_ms();
+
+    if (poll_id == NULL || noptions == 0 || noptions > 256)
+        return TLY_EINVAL;
+    size_t idn = strlen(poll_id) + 32; /* "g_<poll_id>_<i>": vote ids are unique store-wide */
+    rc = TLY_ENOMEM;
+    if ((buf = tly_malloc(3 * idn)) == NULL)
+        goto fail;
+    char *voter = buf, *vote_id = buf + idn, *receipt = buf + 2 * idn;
+
+    /* A connection of its own, beside the writer: busy_timeout covers the moments when
+     * the writer holds the write lock, and the writer's wait for ours (one chunk). */
+    src = sqlite3_open_v2(s->db_path, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL);
+    if (src == SQLITE_OK)
+        src = sq_configure(db);
+    if (src == SQLITE_OK) /* the writer's cache size and temp store, for the same reasons */
+        src = sqlite3_exec(db, "PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY;", NULL, NULL, NULL);
+    if (src == SQLITE_OK)
+        src = sqlite3_prepare_v2(db, "INSERT INTO ballots(poll_id, voter_id, vote_id, receipt,"
+                                     " choices, recorded_at) VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
+                                 -1, &st, NULL);
+    if (src == SQLITE_OK)
+        src = sqlite3_prepare_v2(db, "INSERT INTO audit(poll_id, voter_id, event, choices, at)"
+                                     " VALUES(?1, ?2, 'cast', ?3, ?4)", -1, &ast, NULL);
+    for (size_t i = 0; src == SQLITE_OK && i < n; i++) {
+        /* Fibonacci hashing: choices spread over the options, not round-robin. */
+        uint8_t choice = (uint8_t)(((uint32_t)i * 2654435761u >> 8) % noptions);
+        if (i % GENERATE_CHUNK == 0 && (src = sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL)) != SQLITE_OK)
+            break;
+        snprintf(voter, idn, "gen%zu", i);
+        snprintf(vote_id, idn, "g_%s_%zu", poll_id, i);
+        snprintf(receipt, idn, "gr_%s_%zu", poll_id, i);
+        sqlite3_bind_text(st, 1, poll_id, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 2, voter, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 3, vote_id, -1, SQLITE_STATIC);
+        sqlite3_bind_text(st, 4, receipt, -1, SQLITE_STATIC);
+        sqlite3_bind_blob(st, 5, &choice, 1, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 6, now);
+        if ((src = sq_step_reset(st)) != SQLITE_OK)
+            break;
+        sqlite3_bind_text(ast, 1, poll_id, -1, SQLITE_STATIC);
+        sqlite3_bind_text(ast, 2, voter, -1, SQLITE_STATIC);
+        sqlite3_bind_blob(ast, 3, &choice, 1, SQLITE_STATIC);
+        sqlite3_bind_int64(ast, 4, now);
+        if ((src = sq_step_reset(ast)) != SQLITE_OK)
+            break;
+        if ((i + 1) % GENERATE_CHUNK == 0 || i + 1 == n)
+            src = sqlite3_exec(db, "COMMIT", NULL, NULL, NULL);
+    }
+    if (src == SQLITE_OK) {
+        rc = 0;
+        goto fail;
+    }
+    rc = sq_is_constraint(src) ? sq_constraint_result(src) : sq_sqlite_to_tly(src);
+    if (rc == 0)
+        rc = TLY_EIO;
+    if (!sq_is_constraint(src))
+        sq_log_sqlite("generate failed", db, src);
+    if (db != NULL && !sqlite3_get_autocommit(db))
+        sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+fail:
+    sqlite3_finalize(st);
+    sqlite3_finalize(ast);
+    if (db != NULL)
+        sqlite3_close_v2(db);
+    tly_free(buf);
+    return rc;
+}
