@@ -15,6 +15,7 @@
 #include "core/core.h"
 #include "limit/limit.h"
 #include "store/store.h"
+#include "bus/bus.h"
 
 /* ---- users (registered accounts) ---- */
 typedef struct user {
@@ -107,6 +108,8 @@ struct tly_app {
     deferred_t *deferred;   /* waiting for a write of ours on the same key */
     tly_req_t *redispatch;  /* the request running a second time after a sync */
     uint64_t followed, resyncs;
+    tly_bus_t *bus;          /* --bus: Redis, joining the instances; NULL without */
+    uint64_t announced;      /* store batches committed when we last told the bus */
     struct live *live;
     tly_store_reader_t *reader; /* loop thread's, opened on first use */
     size_t in_flight; /* requests waiting for the store or a worker */
@@ -254,6 +257,10 @@ user_t *api_user_find_name(tly_app_t *app, const char *username);
 void api_follow_init(tly_app_t *app);  /* after api_load */
 void api_follow_flush(tly_app_t *app); /* after our own writes are done */
 void api_follow_free(tly_app_t *app);
+/* --bus: joins the instances through Redis (0, or -1 with a message in err[512]). */
+int api_bus_open(tly_app_t *app, char *err);
+/* Tells the other instances that our store batches committed (after a reap). */
+void api_bus_announce(tly_app_t *app);
 /* A request that found nothing where another instance may just have made something:
  * with a shared store, waits until memory has caught up with the store and runs the
  * request again (once), and returns true: the caller returns without answering. false

@@ -282,6 +282,7 @@ static void on_store_wake(void *arg)
     tly_app_t *app = arg;
     tly_store_reap(app->store);
     api_follow_flush(app); /* other instances' changes that waited for ours */
+    api_bus_announce(app);
 }
 
 static void notify_store(void *arg)
@@ -481,6 +482,8 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
         goto fail;
     }
     api_follow_init(app);
+    if (api_bus_open(app, err) != 0)
+        goto fail;
     tly_server_conf_t hc = {.body_max = (size_t)conf->body_limit,
                             .head_max = (size_t)conf->head_limit,
                             .uri_max = (size_t)conf->uri_limit,
@@ -542,6 +545,7 @@ void tly_app_free(tly_app_t *app)
     if (app->store != NULL)
         tly_store_close(app->store);
     api_follow_free(app);
+    tly_bus_close(app->bus);
     api_live_shutdown(app->live);
     tly_server_free(app->server); /* closes open streams; their subscribers unlink */
     api_live_free(app->live);

@@ -301,3 +301,62 @@ bool api_resync(tly_app_t *app, tly_req_t *req)
     tly_store_sync(app->store, resync_done, r);
     return true;
 }
+
+/* ---- the bus: "the feed moved" between instances ---- */
+
+/* Every instance publishes its name here after its batches commit; the others read
+ * their store's feed at once instead of at the next periodic read. The message carries
+ * no data: the feed is the truth, so a lost message costs only latency. */
+#define FEED_CHANNEL "tally:feed"
+
+static void on_bus_message(void *arg, const char *channel, const char *payload, size_t len)
+{
+    tly_app_t *app = arg;
+    if (len == strlen(app->instance_id) && memcmp(payload, app->instance_id, len) == 0)
+        return; /* our own */
+    tly_store_poke(app->store);
+}
+
+static void on_bus_state(void *arg, bool up)
+{
+    tly_app_t *app = arg;
+    if (up) /* messages sent while we were away are lost: look at the feed now */
+        tly_store_poke(app->store);
+}
+
+int api_bus_open(tly_app_t *app, char *err)
+{
+    const char *url = app->conf->bus;
+    if (url == NULL || url[0] == '\0')
+        return 0;
+    if (!tly_store_shared(app->store)) {
+        snprintf(err, 512, "--bus joins instances that share a store: it needs --store postgres://...");
+        return -1;
+    }
+    tly_bus_conf_t bc = {.loop = app->loop,
+                         .url = url,
+                         .instance_id = app->instance_id,
+                         .on_message = on_bus_message,
+                         .on_state = on_bus_state,
+                         .arg = app};
+    int rc = tly_bus_open(&bc, &app->bus);
+    if (rc == 0)
+        rc = tly_bus_subscribe(app->bus, FEED_CHANNEL);
+    if (rc != 0) {
+        snprintf(err, 512, "cannot use the bus %s (error %d): expected redis://host:port[/db]", url, rc);
+        return -1;
+    }
+    return 0;
+}
+
+void api_bus_announce(tly_app_t *app)
+{
+    if (app->bus == NULL)
+        return;
+    tly_store_stats_t st;
+    tly_store_stats(app->store, &st);
+    if (st.batches == app->announced)
+        return;
+    app->announced = st.batches;
+    tly_bus_publish(app->bus, FEED_CHANNEL, app->instance_id, strlen(app->instance_id));
+}

@@ -55,6 +55,20 @@ void tly_timer_start(tly_loop_t *loop, tly_timer_t *t, uint64_t ms, void (*cb)(t
 void tly_timer_stop(tly_timer_t *t);
 bool tly_timer_active(const tly_timer_t *t);
 
+/* A file-descriptor watch: on_ready runs on the loop thread while fd is readable (when
+ * read is wanted) or once it is writable (when write is wanted), one call per readiness
+ * with exactly one of readable/writable true. For clients that do their own reads and
+ * writes on a socket the loop does not own (hiredis): the loop never reads, writes or
+ * closes fd. tly_fdwatch_new makes fd non-blocking and returns NULL when out of memory;
+ * nothing is wanted at first. A write no longer wanted may still be reported once. */
+typedef struct tly_fdwatch tly_fdwatch_t;
+tly_fdwatch_t *tly_fdwatch_new(tly_loop_t *loop, int fd, void (*on_ready)(void *arg, bool readable, bool writable),
+                               void *arg);
+void tly_fdwatch_want(tly_fdwatch_t *w, bool read, bool write);
+/* Stops watching and releases w, leaving fd open for its owner to close. May be called
+ * from inside on_ready. */
+void tly_fdwatch_free(tly_fdwatch_t *w);
+
 /* ---- server ---- */
 
 typedef enum {

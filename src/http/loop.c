@@ -163,3 +163,100 @@ bool tly_timer_active(const tly_timer_t *t)
     const timer_priv_t *p = (const timer_priv_t *)t->priv;
     return p->entry._link.next != NULL && h2o_timeout_is_linked((h2o_timeout_entry_t *)&p->entry);
 }
+
+/*
+ * fd watches: an h2o socket with H2O_SOCKET_FLAG_DONT_READ, so readiness reaches us
+ * without h2o reading into its own buffer; h2o_socket_notify_write with nothing queued
+ * is h2o's "tell me when writable". Freeing exports the socket, which detaches the fd
+ * from the loop without closing it.
+ */
+struct tly_fdwatch {
+    h2o_socket_t *sock; /* NULL once freed inside on_ready */
+    void (*on_ready)(void *arg, bool readable, bool writable);
+    void *arg;
+    bool want_read, want_write;
+    bool write_armed; /* h2o_socket_notify_write outstanding */
+    bool busy;        /* inside on_ready: freeing waits until it returns */
+};
+
+static void fdwatch_arm(tly_fdwatch_t *w);
+
+static void fdwatch_notify(tly_fdwatch_t *w, bool readable, bool writable)
+{
+    w->busy = true;
+    w->on_ready(w->arg, readable, writable);
+    w->busy = false;
+    if (w->sock == NULL) {
+        tly_free(w);
+        return;
+    }
+    fdwatch_arm(w);
+}
+
+static void on_fdwatch_read(h2o_socket_t *sock, const char *err)
+{
+    (void)err; /* with DONT_READ h2o reads nothing, so never fails; errors show as readable */
+    tly_fdwatch_t *w = sock->data;
+    if (w->want_read)
+        fdwatch_notify(w, true, false);
+}
+
+static void on_fdwatch_write(h2o_socket_t *sock, const char *err)
+{
+    (void)err;
+    tly_fdwatch_t *w = sock->data;
+    w->write_armed = false;
+    if (w->want_write)
+        fdwatch_notify(w, false, true);
+}
+
+static void fdwatch_arm(tly_fdwatch_t *w)
+{
+    if (w->want_read != h2o_socket_is_reading(w->sock)) {
+        if (w->want_read)
+            h2o_socket_read_start(w->sock, on_fdwatch_read);
+        else
+            h2o_socket_read_stop(w->sock);
+    }
+    /* h2o cannot cancel a write notification: an unwanted one is ignored when it fires */
+    if (w->want_write && !w->write_armed) {
+        w->write_armed = true;
+        h2o_socket_notify_write(w->sock, on_fdwatch_write);
+    }
+}
+
+tly_fdwatch_t *tly_fdwatch_new(tly_loop_t *loop, int fd, void (*on_ready)(void *arg, bool readable, bool writable),
+                               void *arg)
+{
+    tly_fdwatch_t *w = tly_calloc(1, sizeof(*w));
+    if (w == NULL)
+        return NULL;
+    w->on_ready = on_ready;
+    w->arg = arg;
+    w->sock = h2o_evloop_socket_create(loop->h2o, fd, H2O_SOCKET_FLAG_DONT_READ);
+    w->sock->data = w;
+    return w;
+}
+
+void tly_fdwatch_want(tly_fdwatch_t *w, bool read, bool write)
+{
+    w->want_read = read;
+    w->want_write = write;
+    if (!w->busy) /* inside on_ready the change is applied when it returns */
+        fdwatch_arm(w);
+}
+
+void tly_fdwatch_free(tly_fdwatch_t *w)
+{
+    if (w == NULL || w->sock == NULL)
+        return;
+    /* h2o_socket_export refuses a socket with a write pending; the pending notification
+     * dies with the socket (h2o skips disposed sockets) */
+    w->sock->_cb.write = NULL;
+    h2o_socket_export_t info;
+    if (h2o_socket_export(w->sock, &info) == 0)
+        h2o_buffer_dispose(&info.input); /* not h2o_socket_dispose_export: that closes fd */
+    w->sock = NULL;
+    if (!w->busy)
+        tly_free(w);
+}
