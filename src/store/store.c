@@ -34,7 +34,7 @@ int tly_store_open(const tly_store_conf_t *conf, tly_store_t **out)
     if (conf->url != NULL && conf->url[0] != '\0' && !is_pg_url(conf->url))
         return TLY_EINVAL;
     if (is_pg_url(conf->url))
-        return TLY_EINVAL; /* pg.c comes next */
+        return tly_store_pg.open(conf, out);
     return tly_store_sqlite.open(conf, out);
 }
 

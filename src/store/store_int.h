@@ -72,5 +72,9 @@ void tly_store_submit_list(tly_store_t *s, tly_store_op_t *first);
  * scan or sort: that is what keeps a whole-poll export O(n). */
 extern const char tly_store_audit_page_sql[];
 extern const char tly_store_ballots_page_sql[];
+/* The same two reads of the PostgreSQL backend ($1 poll_id, $2 after_seq, $3 limit), for
+ * an EXPLAIN of their plans in its tests (pg_read.c). */
+extern const char tly_store_pg_audit_page_sql[];
+extern const char tly_store_pg_ballots_page_sql[];
 
 #endif

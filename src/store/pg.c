@@ -1,0 +1,1344 @@
+/*
+ * pg.c: the PostgreSQL store, which many tally instances may share. This file opens
+ * it (schema migrations under an advisory lock), and runs the writer: one thread, one
+ * connection, operations committed in batches exactly as sqlite.c does (group commit),
+ * so a vote is acknowledged only once the transaction holding it has committed.
+ *
+ * What sharing adds (pg_feed.c has the rest): every batch that changed anything also
+ * appends one row to the change feed in its own transaction, right before COMMIT. The
+ * feed's sequence number comes from the single row of feed_head, whose row lock every
+ * committing batch of every instance takes last and holds until its COMMIT: so the feed
+ * order is the commit order, without gaps (a batch that rolls back rolls its increment
+ * back). The follower of each instance reads the feed and hands the other instances'
+ * changes to the follow callback, in that order, interleaved with this instance's own
+ * done callbacks at their batches' places.
+ *
+ * Counters: option_counts and poll_counts are kept in the same statement as the change
+ * they count. Consecutive ballot inserts of a batch are ONE statement (a data-modifying
+ * CTE: insert ... on conflict do nothing, then count only what was inserted): measured
+ * here, separate INSERT and UPDATE statements moved counters for duplicates under
+ * concurrency, and one statement was exact.
+ *
+ * Availability: when the writer's connection drops the batch in flight fails (TLY_EIO),
+ * later batches fail at once while a connector thread reconnects with backoff (100 ms
+ * doubling to 2 s), and tly_store_writable says 0 until it has. Nothing is ever
+ * acknowledged that did not commit; a COMMIT whose outcome is unknown is a failure
+ * (if it did commit after all, the follower delivers the batch as a foreign change).
+ */
+#include "store/pg_int.h"
+
+#include "base/base.h"
+#include "obs/obs.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* The advisory lock key of migrations: "tally" as a number (0x74616c6c79). */
+#define PG_MIGRATION_LOCK "499850701945"
+#define PG_RETENTION_US (60 * 1000000LL)
+#define PG_PING_US 1000000LL
+#define PG_BACKOFF_MIN_MS 100
+#define PG_BACKOFF_MAX_MS 2000
+#define PG_BATCH_ATTEMPTS 3 /* a batch chosen as a deadlock victim runs again, this often */
+
+/* ---- schema ---------------------------------------------------------------------- */
+
+/*
+ * migrations[i] takes schema_version i to i + 1, each in its own transaction with the
+ * version bump, under an advisory lock (instances starting together migrate once).
+ * Append only. No foreign keys: a poll's rows go with it in POLL_DELETE explicitly, and
+ * a ballot insert takes a KEY SHARE lock on its poll row itself (see ballot_sql), which
+ * is all a foreign key would add, without its per-row trigger.
+ */
+static const char *const migrations[] = {
+    /* 1: everything. */
+    "CREATE TABLE users("
+    "  user_id text PRIMARY KEY,"
+    "  username text NOT NULL,"
+    "  password_hash text NOT NULL,"
+    "  email text,"
+    "  created_at bigint NOT NULL,"
+    "  ord bigserial NOT NULL);"
+    "CREATE UNIQUE INDEX users_username ON users(lower(username));"
+    "CREATE TABLE polls("
+    "  poll_id text PRIMARY KEY,"
+    "  owner_id text NOT NULL,"
+    "  title text NOT NULL,"
+    "  description text,"
+    "  type integer NOT NULL,"
+    "  status integer NOT NULL,"
+    "  start_time bigint,"
+    "  end_time bigint,"
+    "  settings text NOT NULL,"
+    "  created_at bigint,"
+    "  updated_at bigint,"
+    "  idem_key text,"
+    "  body_hash bytea,"
+    "  final_results text,"
+    "  ord bigserial NOT NULL);"
+    "CREATE INDEX polls_owner ON polls(owner_id, created_at);"
+    "CREATE TABLE options("
+    "  poll_id text NOT NULL,"
+    "  position integer NOT NULL,"
+    "  option_id text NOT NULL,"
+    "  text text NOT NULL,"
+    "  display_order integer NOT NULL,"
+    "  PRIMARY KEY(poll_id, position));"
+    /* seq: load order, kept by a change. Unique keys must include the partition key,
+     * so vote ids and receipts are unique per poll here (SQLite: store-wide). */
+    "CREATE SEQUENCE ballots_seq;"
+    "CREATE TABLE ballots("
+    "  seq bigint NOT NULL DEFAULT nextval('ballots_seq'),"
+    "  poll_id text NOT NULL,"
+    "  voter_id text NOT NULL,"
+    "  vote_id text NOT NULL,"
+    "  receipt text NOT NULL,"
+    "  choices bytea NOT NULL,"
+    "  scores bytea,"
+    "  recorded_at bigint NOT NULL,"
+    "  idem_key text,"
+    "  body_hash bytea,"
+    "  client_meta text,"
+    "  ip_hash bytea,"
+    "  PRIMARY KEY(poll_id, voter_id),"
+    "  UNIQUE(poll_id, vote_id),"
+    "  UNIQUE(poll_id, receipt),"
+    "  UNIQUE(poll_id, ip_hash)) PARTITION BY HASH (poll_id);"
+    "CREATE INDEX ballots_poll_seq ON ballots(poll_id, seq);"
+    "CREATE INDEX ballots_seq_order ON ballots(seq);" /* load streams it: a merge, no sort */
+    "CREATE SEQUENCE audit_seq;"
+    "CREATE TABLE audit("
+    "  seq bigint NOT NULL DEFAULT nextval('audit_seq'),"
+    "  poll_id text NOT NULL,"
+    "  voter_id text NOT NULL,"
+    "  event text NOT NULL CHECK(event IN ('cast','changed','revoked')),"
+    "  choices bytea,"
+    "  scores bytea,"
+    "  at bigint NOT NULL,"
+    "  PRIMARY KEY(poll_id, seq)) PARTITION BY HASH (poll_id);"
+    "DO $$ BEGIN"
+    "  FOR i IN 0..15 LOOP"
+    "    EXECUTE format('CREATE TABLE ballots_p%s PARTITION OF ballots"
+    "                    FOR VALUES WITH (MODULUS 16, REMAINDER %s)', i, i);"
+    "    EXECUTE format('CREATE TABLE audit_p%s PARTITION OF audit"
+    "                    FOR VALUES WITH (MODULUS 16, REMAINDER %s)', i, i);"
+    "  END LOOP;"
+    "END $$;"
+    /* History is never rewritten (a guard against bugs: the owner of the database can
+     * drop it). Rows go only with their poll, by DELETE. */
+    "CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS"
+    "  $$ BEGIN RAISE EXCEPTION 'audit is append-only'; END $$;"
+    "CREATE TRIGGER audit_no_update BEFORE UPDATE OR TRUNCATE ON audit"
+    "  FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only();"
+    /* votes = the current ballots of the poll whose choices include the position. */
+    "CREATE TABLE option_counts("
+    "  poll_id text NOT NULL,"
+    "  position integer NOT NULL,"
+    "  votes bigint NOT NULL DEFAULT 0,"
+    "  PRIMARY KEY(poll_id, position));"
+    "CREATE TABLE poll_counts("
+    "  poll_id text PRIMARY KEY,"
+    "  ballots bigint NOT NULL DEFAULT 0);"
+    "CREATE TABLE vote_requests("
+    "  request_id text PRIMARY KEY,"
+    "  poll_id text NOT NULL,"
+    "  voter_id text NOT NULL,"
+    "  state text NOT NULL,"
+    "  vote_id text,"
+    "  error text,"
+    "  created_at bigint NOT NULL,"
+    "  ord bigserial NOT NULL);"
+    "CREATE INDEX vote_requests_poll ON vote_requests(poll_id);"
+    "CREATE TABLE feed_head("
+    "  id integer PRIMARY KEY CHECK (id = 1),"
+    "  seq bigint NOT NULL);"
+    "INSERT INTO feed_head VALUES (1, 0);"
+    "CREATE TABLE feed("
+    "  seq bigint PRIMARY KEY,"
+    "  origin text NOT NULL,"
+    "  at timestamptz NOT NULL DEFAULT now(),"
+    "  ops text NOT NULL);"
+    "CREATE INDEX feed_at ON feed(at);",
+};
+
+/* ---- the writer's statements (prepared on each of its connections) ---------------- */
+
+/* Every op travels as the JSON the feed carries (pg_op_json): one text parameter, so
+ * no SQL is ever built from data and the feed row is the statement's own input. */
+#define BALLOT_FIELDS                                                                      \
+    "poll_id text, voter_id text, vote_id text, receipt text, choices text, scores text,"  \
+    " recorded_at bigint, idem_key text, body_hash text, client_meta text, ip_hash text,"  \
+    " request_id text"
+#define POLL_FIELDS                                                                        \
+    "poll_id text, owner_id text, title text, description text, type int, status int,"    \
+    " start_time bigint, end_time bigint, settings text, created_at bigint,"              \
+    " updated_at bigint, idem_key text, body_hash text, final_results text"
+#define OPTION_FIELDS "position int, option_id text, text text, display_order int"
+
+/* Consecutive ballot inserts: $1 is a JSON array of ballots. Returns (i, 0) for each
+ * inserted ballot (i: 1-based place in the array), (i, 2) for each request row written
+ * (first op of a request_id), (i, 1) for each ballot whose poll does not exist. Any op
+ * not returned as inserted was a duplicate. The poll rows are KEY SHARE locked, so a
+ * concurrent POLL_DELETE waits for this batch (and then deletes its ballots) or wins
+ * (and these ballots find no poll). DISTINCT per ballot and position: a ballot counts
+ * once for an option however it lists it. */
+static const char ballot_sql[] =
+    "WITH x AS ("
+    "  SELECT e.i, r.* FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(j, i),"
+    "    jsonb_to_record(e.j) AS r(" BALLOT_FIELDS ")),"
+    "src AS ("
+    "  SELECT x.i, x.poll_id, x.voter_id, x.vote_id, x.receipt, decode(x.choices, 'hex') AS choices,"
+    "    decode(x.scores, 'hex') AS scores, x.recorded_at, x.idem_key,"
+    "    decode(x.body_hash, 'hex') AS body_hash, x.client_meta, decode(x.ip_hash, 'hex') AS ip_hash,"
+    "    x.request_id"
+    "  FROM x JOIN polls p ON p.poll_id = x.poll_id FOR KEY SHARE OF p),"
+    "ins AS ("
+    "  INSERT INTO ballots(poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at,"
+    "    idem_key, body_hash, client_meta, ip_hash)"
+    "  SELECT poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key,"
+    "    body_hash, client_meta, ip_hash FROM src ORDER BY i"
+    "  ON CONFLICT DO NOTHING"
+    "  RETURNING poll_id, voter_id, vote_id, receipt, ip_hash, choices, scores, recorded_at),"
+    "ok AS ("
+    "  SELECT DISTINCT ON (ins.poll_id, ins.voter_id) src.i, ins.*"
+    "  FROM ins JOIN src ON src.poll_id = ins.poll_id AND src.voter_id = ins.voter_id"
+    "    AND src.vote_id = ins.vote_id AND src.receipt = ins.receipt"
+    "    AND src.ip_hash IS NOT DISTINCT FROM ins.ip_hash"
+    "  ORDER BY ins.poll_id, ins.voter_id, src.i),"
+    "c AS ("
+    "  UPDATE option_counts oc SET votes = oc.votes + d.n"
+    "  FROM (SELECT y.poll_id, y.position, count(*) AS n"
+    "        FROM (SELECT DISTINCT ok.poll_id, ok.voter_id, get_byte(ok.choices, g) AS position"
+    "              FROM ok, generate_series(0, length(ok.choices) - 1) AS g) y"
+    "        GROUP BY 1, 2) d"
+    "  WHERE oc.poll_id = d.poll_id AND oc.position = d.position),"
+    "t AS ("
+    "  UPDATE poll_counts pc SET ballots = pc.ballots + d.n"
+    "  FROM (SELECT poll_id, count(*) AS n FROM ok GROUP BY 1) d WHERE pc.poll_id = d.poll_id),"
+    "a AS ("
+    "  INSERT INTO audit(poll_id, voter_id, event, choices, scores, at)"
+    "  SELECT poll_id, voter_id, 'cast', choices, scores, recorded_at FROM ok ORDER BY i),"
+    "r AS ("
+    "  INSERT INTO vote_requests(request_id, poll_id, voter_id, state, vote_id, error, created_at)"
+    "  SELECT DISTINCT ON (s.request_id) s.request_id, s.poll_id, s.voter_id,"
+    "    CASE WHEN ok.i IS NULL THEN 'failed' ELSE 'completed' END,"
+    "    CASE WHEN ok.i IS NULL THEN NULL ELSE s.vote_id END,"
+    "    CASE WHEN ok.i IS NULL THEN 'ALREADY_VOTED' END, s.recorded_at"
+    "  FROM src s LEFT JOIN ok ON ok.i = s.i"
+    "  WHERE s.request_id IS NOT NULL ORDER BY s.request_id, s.i"
+    /* A request's first final outcome wins (a consumer replaying it must not turn
+     * "completed" into "failed"); only a "pending" row is overwritten. */
+    "  ON CONFLICT (request_id) DO UPDATE SET state = excluded.state, vote_id = excluded.vote_id,"
+    "    error = excluded.error WHERE vote_requests.state = 'pending'"
+    "  RETURNING request_id)"
+    "SELECT i, 0 FROM ok"
+    " UNION ALL SELECT min(s.i), 2 FROM r JOIN src s USING (request_id) GROUP BY r.request_id"
+    " UNION ALL SELECT x.i, 1 FROM x WHERE NOT EXISTS (SELECT 1 FROM src WHERE src.i = x.i)";
+
+static const char user_sql[] =
+    "INSERT INTO users(user_id, username, password_hash, email, created_at)"
+    " SELECT user_id, username, password_hash, email, created_at"
+    " FROM jsonb_to_record($1::jsonb) AS r(user_id text, username text, password_hash text,"
+    " email text, created_at bigint) RETURNING user_id";
+
+static const char poll_insert_sql[] =
+    "WITH r AS (SELECT * FROM jsonb_to_record($1::jsonb) AS r(" POLL_FIELDS ")),"
+    "o AS (SELECT * FROM jsonb_to_recordset($1::jsonb -> 'options') AS o(" OPTION_FIELDS ")),"
+    "p AS ("
+    "  INSERT INTO polls(poll_id, owner_id, title, description, type, status, start_time,"
+    "    end_time, settings, created_at, updated_at, idem_key, body_hash, final_results)"
+    "  SELECT poll_id, owner_id, title, description, type, status, nullif(start_time, 0),"
+    "    nullif(end_time, 0), settings, nullif(created_at, 0), nullif(updated_at, 0), idem_key,"
+    "    decode(body_hash, 'hex'), final_results FROM r RETURNING poll_id),"
+    "io AS (INSERT INTO options(poll_id, position, option_id, text, display_order)"
+    "  SELECT p.poll_id, o.position, o.option_id, o.text, o.display_order FROM p, o),"
+    "ic AS (INSERT INTO option_counts(poll_id, position, votes)"
+    "  SELECT p.poll_id, o.position, 0 FROM p, o),"
+    "ip AS (INSERT INTO poll_counts(poll_id, ballots) SELECT poll_id, 0 FROM p)"
+    "SELECT count(*) FROM p";
+
+/* An update replaces the row and drops the options (a second statement inserts the new
+ * ones: deleting and inserting one key in the same statement is not safe). */
+static const char poll_update_sql[] =
+    "WITH r AS (SELECT * FROM jsonb_to_record($1::jsonb) AS r(" POLL_FIELDS ")),"
+    "u AS ("
+    "  UPDATE polls SET owner_id = r.owner_id, title = r.title, description = r.description,"
+    "    type = r.type, status = r.status, start_time = nullif(r.start_time, 0),"
+    "    end_time = nullif(r.end_time, 0), settings = r.settings,"
+    "    created_at = nullif(r.created_at, 0), updated_at = nullif(r.updated_at, 0),"
+    "    idem_key = r.idem_key, body_hash = decode(r.body_hash, 'hex'),"
+    "    final_results = r.final_results"
+    "  FROM r WHERE polls.poll_id = r.poll_id RETURNING polls.poll_id),"
+    "d AS (DELETE FROM options WHERE poll_id IN (SELECT poll_id FROM u))"
+    "SELECT count(*) FROM u";
+
+/* The new options, and the counters of a changed option set: rows of positions gone
+ * go; a new position is counted from the ballots (only ballots cast while an earlier
+ * option set had that position can hold it, so this costs nothing in the usual case of
+ * options edited before anyone voted); kept positions keep their counts. */
+static const char poll_options_sql[] =
+    "WITH o AS (SELECT * FROM jsonb_to_recordset($1::jsonb -> 'options') AS o(" OPTION_FIELDS ")),"
+    "io AS (INSERT INTO options(poll_id, position, option_id, text, display_order)"
+    "  SELECT $1::jsonb ->> 'poll_id', o.position, o.option_id, o.text, o.display_order FROM o),"
+    "dc AS (DELETE FROM option_counts WHERE poll_id = $1::jsonb ->> 'poll_id'"
+    "  AND position NOT IN (SELECT position FROM o)),"
+    "ic AS (INSERT INTO option_counts(poll_id, position, votes)"
+    "  SELECT $1::jsonb ->> 'poll_id', o.position,"
+    "    (SELECT count(*) FROM ballots b WHERE b.poll_id = $1::jsonb ->> 'poll_id'"
+    "       AND position(set_byte('\\x00'::bytea, 0, o.position) IN b.choices) > 0)"
+    "  FROM o WHERE NOT EXISTS (SELECT 1 FROM option_counts c"
+    "    WHERE c.poll_id = $1::jsonb ->> 'poll_id' AND c.position = o.position))"
+    "SELECT 1";
+
+/* The poll row first, alone: if a batch of another instance holds it (ballots being
+ * inserted), this waits for that COMMIT, and the next statement, with a fresh snapshot,
+ * then sees and deletes those ballots too. */
+static const char poll_delete_sql[] =
+    "WITH d AS (DELETE FROM polls WHERE poll_id = $1 RETURNING 1) SELECT count(*) FROM d";
+static const char poll_delete_rest_sql[] =
+    "WITH o AS (DELETE FROM options WHERE poll_id = $1),"
+    "b AS (DELETE FROM ballots WHERE poll_id = $1),"
+    "a AS (DELETE FROM audit WHERE poll_id = $1),"
+    "r AS (DELETE FROM vote_requests WHERE poll_id = $1),"
+    "oc AS (DELETE FROM option_counts WHERE poll_id = $1),"
+    "pc AS (DELETE FROM poll_counts WHERE poll_id = $1)"
+    "SELECT 1";
+
+/* The old choices are read under the row lock (FOR UPDATE returns the newest version if
+ * another instance changed it meanwhile), and the counters move by the difference in
+ * one UPDATE (two UPDATEs of one row in one statement would lose one). */
+static const char ballot_replace_sql[] =
+    "WITH n AS (SELECT * FROM jsonb_to_record($1::jsonb) AS n(" BALLOT_FIELDS ")),"
+    "old AS (SELECT b.poll_id, b.voter_id, b.choices FROM ballots b"
+    "  JOIN n ON b.poll_id = n.poll_id AND b.voter_id = n.voter_id FOR UPDATE OF b),"
+    "u AS ("
+    "  UPDATE ballots b SET choices = decode(n.choices, 'hex'), scores = decode(n.scores, 'hex'),"
+    "    recorded_at = n.recorded_at, idem_key = n.idem_key, body_hash = decode(n.body_hash, 'hex')"
+    "  FROM old, n WHERE b.poll_id = old.poll_id AND b.voter_id = old.voter_id"
+    "  RETURNING b.poll_id, b.voter_id, b.choices, b.scores, b.recorded_at),"
+    "d AS ("
+    "  SELECT poll_id, position, sum(delta) AS delta FROM ("
+    "    SELECT DISTINCT old.poll_id, get_byte(old.choices, g) AS position, -1 AS delta"
+    "    FROM old, generate_series(0, length(old.choices) - 1) AS g"
+    "    UNION ALL"
+    "    SELECT DISTINCT u.poll_id, get_byte(u.choices, g), 1"
+    "    FROM u, generate_series(0, length(u.choices) - 1) AS g) z GROUP BY 1, 2),"
+    "c AS (UPDATE option_counts oc SET votes = oc.votes + d.delta FROM d"
+    "  WHERE oc.poll_id = d.poll_id AND oc.position = d.position AND d.delta <> 0),"
+    "a AS (INSERT INTO audit(poll_id, voter_id, event, choices, scores, at)"
+    "  SELECT poll_id, voter_id, 'changed', choices, scores, recorded_at FROM u)"
+    "SELECT count(*) FROM u";
+
+static const char ballot_delete_sql[] =
+    "WITH n AS (SELECT * FROM jsonb_to_record($1::jsonb) AS n(" BALLOT_FIELDS ")),"
+    "d AS (DELETE FROM ballots b USING n WHERE b.poll_id = n.poll_id AND b.voter_id = n.voter_id"
+    "  RETURNING b.poll_id, b.voter_id, b.choices),"
+    "c AS (UPDATE option_counts oc SET votes = oc.votes - x.n"
+    "  FROM (SELECT y.poll_id, y.position, count(*) AS n"
+    "        FROM (SELECT DISTINCT d.poll_id, d.voter_id, get_byte(d.choices, g) AS position"
+    "              FROM d, generate_series(0, length(d.choices) - 1) AS g) y"
+    "        GROUP BY 1, 2) x"
+    "  WHERE oc.poll_id = x.poll_id AND oc.position = x.position),"
+    "t AS (UPDATE poll_counts pc SET ballots = pc.ballots - 1 FROM d WHERE pc.poll_id = d.poll_id),"
+    "a AS (INSERT INTO audit(poll_id, voter_id, event, at)"
+    "  SELECT d.poll_id, d.voter_id, 'revoked', n.recorded_at FROM d, n)"
+    "SELECT count(*) FROM d";
+
+/* The last statement of a batch that changed anything: the feed_head row lock is held
+ * from here to COMMIT, which orders the commits of all instances. */
+static const char feed_sql[] =
+    "WITH h AS (UPDATE feed_head SET seq = seq + 1 RETURNING seq)"
+    " INSERT INTO feed(seq, origin, ops) SELECT seq, $1, $2 FROM h RETURNING seq";
+
+/* At most once a minute. The newest row always stays, so a follower that lags behind
+ * the retention finds a row beyond its position and knows it. */
+static const char retention_sql[] =
+    "DELETE FROM feed WHERE at < now() - interval '1 hour'"
+    " AND seq < (SELECT seq FROM feed_head)";
+
+static const struct {
+    const char *name, *sql;
+} stmts[] = {
+    {"ballots", ballot_sql},
+    {"user", user_sql},
+    {"poll_insert", poll_insert_sql},
+    {"poll_update", poll_update_sql},
+    {"poll_options", poll_options_sql},
+    {"poll_delete", poll_delete_sql},
+    {"poll_delete_rest", poll_delete_rest_sql},
+    {"ballot_replace", ballot_replace_sql},
+    {"ballot_delete", ballot_delete_sql},
+    {"feed", feed_sql},
+};
+
+/* ---- helpers ----------------------------------------------------------------------- */
+
+int64_t pg_now_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+void pg_log_error(const char *msg, PGconn *c, const PGresult *res)
+{
+    char text[512];
+    const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+    const char *m = res ? PQresultErrorMessage(res) : NULL;
+    if (m == NULL || m[0] == '\0')
+        m = c ? PQerrorMessage(c) : "no connection";
+    /* libpq's messages name tables, constraints and hosts, never the password; keys
+     * of a failed unique check may quote ids, which are not secrets. One line. */
+    snprintf(text, sizeof text, "%s", m);
+    for (char *p = text; *p; p++)
+        if (*p == '\n' || *p == '\r' || *p == '\t')
+            *p = ' ';
+    tly_log(TLY_LOG_ERROR, msg, "sqlstate", state ? state : "", "pg", text, NULL);
+}
+
+int pg_conn_lost(PGconn *c)
+{
+    return c == NULL || PQstatus(c) != CONNECTION_OK;
+}
+
+int pg_exec(PGconn *c, const char *sql, ExecStatusType want)
+{
+    PGresult *res = PQexec(c, sql);
+    int ok = PQresultStatus(res) == want;
+    if (!ok)
+        pg_log_error("store: postgres statement failed", c, res);
+    PQclear(res);
+    return ok ? 0 : TLY_EIO;
+}
+
+/* Server notices (e.g. "relation already exists, skipping") are not ours to print:
+ * libpq's default writes them raw to stderr, outside the JSON log. */
+static void quiet_notice(void *arg, const char *message)
+{
+}
+
+PGconn *pg_connect(const pg_store_t *s, const char *role)
+{
+    /* dbname first: it is the URL, expanded; the parameters after it override it. */
+    const char *keys[] = {"dbname", "connect_timeout", "application_name", NULL};
+    const char *vals[] = {s->url, "5", "tally", NULL};
+    PGconn *c = PQconnectdbParams(keys, vals, 1);
+    if (c == NULL) {
+        tly_log(TLY_LOG_ERROR, "store: postgres connect failed", "conn", role, "pg", "out of memory", NULL);
+        return NULL;
+    }
+    if (PQstatus(c) != CONNECTION_OK) {
+        char text[512];
+        snprintf(text, sizeof text, "%s", PQerrorMessage(c));
+        for (char *p = text; *p; p++)
+            if (*p == '\n')
+                *p = ' ';
+        tly_log(TLY_LOG_ERROR, "store: postgres connect failed", "conn", role, "pg", text, NULL);
+        PQfinish(c);
+        return NULL;
+    }
+    PQsetNoticeProcessor(c, quiet_notice, NULL);
+    /* Strings are UTF-8 in and out whatever the server's default; times are ours
+     * (bigint ms), so the session's time zone does not matter. */
+    if (PQsetClientEncoding(c, "UTF8") != 0) {
+        pg_log_error("store: postgres client encoding", c, NULL);
+        PQfinish(c);
+        return NULL;
+    }
+    return c;
+}
+
+static int prepare_writer(PGconn *c)
+{
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(stmts); i++) {
+        PGresult *res = PQprepare(c, stmts[i].name, stmts[i].sql, 0, NULL);
+        int ok = PQresultStatus(res) == PGRES_COMMAND_OK;
+        if (!ok)
+            pg_log_error("store: postgres prepare failed", c, res);
+        PQclear(res);
+        if (!ok)
+            return TLY_EIO;
+    }
+    return 0;
+}
+
+static PGconn *connect_writer(pg_store_t *s)
+{
+    PGconn *c = pg_connect(s, "writer");
+    if (c != NULL && prepare_writer(c) != 0) {
+        PQfinish(c);
+        c = NULL;
+    }
+    return c;
+}
+
+static int migrate(PGconn *c)
+{
+    int rc = TLY_EIO;
+    long version = 0;
+    char sql[96];
+    PGresult *res = NULL;
+
+    /* Session-level: held across the per-step transactions, released below. */
+    if (pg_exec(c, "SELECT pg_advisory_lock(" PG_MIGRATION_LOCK ")", PGRES_TUPLES_OK) != 0)
+        return TLY_EIO;
+    if (pg_exec(c, "CREATE TABLE IF NOT EXISTS schema_version(version integer NOT NULL)", PGRES_COMMAND_OK) != 0)
+        goto fail;
+    res = PQexec(c, "SELECT coalesce(max(version), 0) FROM schema_version");
+    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
+        pg_log_error("store: postgres schema version", c, res);
+        goto fail;
+    }
+    version = strtol(PQgetvalue(res, 0, 0), NULL, 10);
+    if (version < 0 || version > (long)TLY_ARRAY_SIZE(migrations)) {
+        tly_log(TLY_LOG_ERROR, "store: postgres schema is newer than this tally", NULL);
+        goto fail;
+    }
+    for (long v = version; v < (long)TLY_ARRAY_SIZE(migrations); v++) {
+        if (pg_exec(c, "BEGIN", PGRES_COMMAND_OK) != 0)
+            goto fail;
+        snprintf(sql, sizeof sql, "DELETE FROM schema_version; INSERT INTO schema_version VALUES (%ld)", v + 1);
+        if (pg_exec(c, migrations[v], PGRES_COMMAND_OK) != 0 || pg_exec(c, sql, PGRES_COMMAND_OK) != 0 ||
+            pg_exec(c, "COMMIT", PGRES_COMMAND_OK) != 0) {
+            PQclear(PQexec(c, "ROLLBACK"));
+            goto fail;
+        }
+    }
+    rc = 0;
+fail:
+    PQclear(res);
+    PQclear(PQexec(c, "SELECT pg_advisory_unlock(" PG_MIGRATION_LOCK ")"));
+    return rc;
+}
+
+/* ---- submit -------------------------------------------------------------------------- */
+
+static void pg_submit_list(pg_store_t *s, tly_store_op_t *first)
+{
+    tly_store_op_t *last = first;
+    uint64_t n = 1;
+    if (first == NULL)
+        return;
+    while (last->next != NULL) {
+        last = last->next;
+        n++;
+    }
+    pthread_mutex_lock(&s->mu);
+    if (s->tail != NULL)
+        s->tail->next = first;
+    else
+        s->head = first;
+    s->tail = last;
+    s->submitted += n;
+    pthread_cond_signal(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* ---- the writer ------------------------------------------------------------------ */
+
+/* How a statement ended, for run_op and the batch. */
+enum { R_OK, R_OP, R_RETRY, R_FATAL };
+
+static int classify(PGconn *c, PGresult *res, ExecStatusType want, int *op_result)
+{
+    if (PQresultStatus(res) == want)
+        return R_OK;
+    const char *st = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+    if (pg_conn_lost(c) || st == NULL || strlen(st) != 5)
+        return R_FATAL;
+    if (strcmp(st, "40P01") == 0 || strcmp(st, "40001") == 0)
+        return R_RETRY; /* deadlock victim or serialization failure: run it again */
+    if (strcmp(st, "23505") == 0) {
+        *op_result = TLY_EEXIST;
+        return R_OP;
+    }
+    if (strcmp(st, "23503") == 0) {
+        *op_result = TLY_ENOTFOUND;
+        return R_OP;
+    }
+    /* Any other integrity (23) or data (22: bad input, e.g. a byte beyond 255) error is
+     * this operation's alone. */
+    if (strncmp(st, "23", 2) == 0 || strncmp(st, "22", 2) == 0) {
+        *op_result = TLY_EINVAL;
+        return R_OP;
+    }
+    return R_FATAL;
+}
+
+static PGresult *exec_json(PGconn *c, const char *stmt, const char *param)
+{
+    const char *params[1] = {param};
+    return PQexecPrepared(c, stmt, 1, params, NULL, NULL, 0);
+}
+
+/* Scratch of one batch (writer thread only). */
+typedef struct {
+    tly_store_op_t **op;
+    json_t **js;     /* the op as JSON, or NULL (op failed before reaching the database) */
+    char *req;       /* 1: an async ballot's failed request row was written */
+    size_t n;
+} batch_t;
+
+/* Runs one statement taking the op's JSON; *count gets the first column of the first
+ * row (the statements end in SELECT count(*)). */
+static int exec_count(PGconn *c, const char *stmt, const char *param, long *count, int *op_result)
+{
+    PGresult *res = exec_json(c, stmt, param);
+    int r = classify(c, res, PGRES_TUPLES_OK, op_result);
+    if (r == R_OK && count != NULL)
+        *count = PQntuples(res) > 0 ? strtol(PQgetvalue(res, 0, 0), NULL, 10) : 0;
+    if (r == R_FATAL || r == R_RETRY)
+        pg_log_error("store: postgres batch statement failed", c, res);
+    PQclear(res);
+    return r;
+}
+
+/* A non-ballot op (or a single ballot, in the fallback) inside its own savepoint, so
+ * that a constraint failure undoes it alone. Returns R_OK (op->result set) or R_RETRY /
+ * R_FATAL for the batch. */
+static int run_op(pg_store_t *s, tly_store_op_t *op, const char *param)
+{
+    PGconn *c = s->wconn;
+    int r, res_op = 0;
+    long n = 0;
+
+    op->result = 0;
+    PGresult *res = PQexec(c, "SAVEPOINT op");
+    r = classify(c, res, PGRES_COMMAND_OK, &res_op);
+    PQclear(res);
+    if (r != R_OK)
+        return r == R_OP ? R_FATAL : r;
+    switch (op->type) {
+    case TLY_OP_USER_INSERT:
+        r = exec_count(c, "user", param, NULL, &res_op);
+        break;
+    case TLY_OP_POLL_INSERT:
+        r = exec_count(c, "poll_insert", param, NULL, &res_op);
+        break;
+    case TLY_OP_POLL_UPDATE:
+        r = exec_count(c, "poll_update", param, &n, &res_op);
+        if (r == R_OK && n == 0)
+            op->result = TLY_ENOTFOUND;
+        else if (r == R_OK)
+            r = exec_count(c, "poll_options", param, NULL, &res_op);
+        break;
+    case TLY_OP_POLL_DELETE:
+        r = exec_count(c, "poll_delete", op->u.poll.poll_id, &n, &res_op);
+        if (r == R_OK && n == 0)
+            op->result = TLY_ENOTFOUND;
+        else if (r == R_OK)
+            r = exec_count(c, "poll_delete_rest", op->u.poll.poll_id, NULL, &res_op);
+        break;
+    case TLY_OP_BALLOT_REPLACE:
+    case TLY_OP_BALLOT_DELETE:
+        r = exec_count(c, op->type == TLY_OP_BALLOT_REPLACE ? "ballot_replace" : "ballot_delete", param, &n,
+                       &res_op);
+        if (r == R_OK && n == 0)
+            op->result = TLY_ENOTFOUND;
+        break;
+    default:
+        r = R_OP;
+        res_op = TLY_EINVAL;
+        break;
+    }
+    if (r == R_RETRY || r == R_FATAL)
+        return r;
+    if (r == R_OP) {
+        op->result = res_op;
+        res = PQexec(c, "ROLLBACK TO SAVEPOINT op");
+    } else {
+        res = PQexec(c, "RELEASE SAVEPOINT op");
+    }
+    r = classify(c, res, PGRES_COMMAND_OK, &res_op);
+    PQclear(res);
+    return r == R_OK ? R_OK : r == R_RETRY ? R_RETRY : R_FATAL;
+}
+
+/* The ballots b->op[from..to) (consecutive BALLOT_INSERTs; those with js NULL already
+ * failed and are left out) in one statement. */
+static int run_ballots(pg_store_t *s, batch_t *b, size_t from, size_t to, int *rc_nomem)
+{
+    PGconn *c = s->wconn;
+    json_t *arr = json_array();
+    size_t *idx = tly_malloc((to - from) * sizeof *idx);
+    char *text = NULL;
+    int r = R_FATAL, dummy = 0;
+    size_t k = 0;
+    PGresult *res = NULL;
+
+    if (arr == NULL || idx == NULL)
+        goto nomem;
+    for (size_t i = from; i < to; i++) {
+        if (b->js[i] == NULL)
+            continue;
+        if (json_array_append(arr, b->js[i]) != 0)
+            goto nomem;
+        idx[k++] = i;
+        b->op[i]->result = TLY_EEXIST; /* unless the statement says otherwise */
+        b->req[i] = 0;
+    }
+    if (k == 0) {
+        r = R_OK;
+        goto out;
+    }
+    if ((text = json_dumps(arr, JSON_COMPACT)) == NULL)
+        goto nomem;
+    res = exec_json(c, "ballots", text);
+    r = classify(c, res, PGRES_TUPLES_OK, &dummy);
+    if (r == R_OK) {
+        for (int row = 0; row < PQntuples(res); row++) {
+            long i = strtol(PQgetvalue(res, row, 0), NULL, 10), kind = strtol(PQgetvalue(res, row, 1), NULL, 10);
+            if (i < 1 || (size_t)i > k)
+                continue;
+            size_t at = idx[i - 1];
+            if (kind == 0)
+                b->op[at]->result = 0;
+            else if (kind == 1)
+                b->op[at]->result = TLY_ENOTFOUND;
+            else
+                b->req[at] = 1;
+        }
+    } else if (r == R_RETRY || r == R_FATAL) {
+        pg_log_error("store: postgres ballot statement failed", c, res);
+    }
+    goto out;
+nomem:
+    *rc_nomem = 1;
+    r = R_FATAL;
+out:
+    PQclear(res);
+    free(text);
+    json_decref(arr);
+    tly_free(idx);
+    return r;
+}
+
+/* Consecutive ballots: one statement inside a savepoint. Should it fail with a data or
+ * constraint error that ON CONFLICT does not absorb (a malformed field), the ballots run
+ * again one by one, each in its own savepoint, so that only the bad one fails. */
+static int run_ballot_group(pg_store_t *s, batch_t *b, size_t from, size_t to, int *nomem)
+{
+    PGconn *c = s->wconn;
+    int r, dummy = 0;
+    PGresult *res = PQexec(c, "SAVEPOINT ballots");
+    r = classify(c, res, PGRES_COMMAND_OK, &dummy);
+    PQclear(res);
+    if (r != R_OK)
+        return r == R_RETRY ? R_RETRY : R_FATAL;
+    r = run_ballots(s, b, from, to, nomem);
+    if (r == R_OP) {
+        res = PQexec(c, "ROLLBACK TO SAVEPOINT ballots");
+        r = classify(c, res, PGRES_COMMAND_OK, &dummy);
+        PQclear(res);
+        for (size_t i = from; r == R_OK && i < to; i++) {
+            if (b->js[i] == NULL)
+                continue;
+            res = PQexec(c, "SAVEPOINT one");
+            r = classify(c, res, PGRES_COMMAND_OK, &dummy);
+            PQclear(res);
+            if (r != R_OK)
+                break;
+            r = run_ballots(s, b, i, i + 1, nomem);
+            if (r == R_OP) {
+                b->op[i]->result = TLY_EINVAL;
+                b->req[i] = 0;
+                res = PQexec(c, "ROLLBACK TO SAVEPOINT one");
+                r = classify(c, res, PGRES_COMMAND_OK, &dummy);
+                PQclear(res);
+            }
+            if (r == R_OK) {
+                res = PQexec(c, "RELEASE SAVEPOINT one");
+                r = classify(c, res, PGRES_COMMAND_OK, &dummy);
+                PQclear(res);
+            }
+        }
+    }
+    if (r != R_OK)
+        return r == R_RETRY ? R_RETRY : R_FATAL;
+    res = PQexec(c, "RELEASE SAVEPOINT ballots");
+    r = classify(c, res, PGRES_COMMAND_OK, &dummy);
+    PQclear(res);
+    return r == R_OK ? R_OK : r == R_RETRY ? R_RETRY : R_FATAL;
+}
+
+/* The connection is gone: drop it and schedule the first reconnection. */
+static void writer_lost(pg_store_t *s)
+{
+    if (s->wconn != NULL)
+        PQfinish(s->wconn);
+    s->wconn = NULL;
+    if (!atomic_exchange(&s->wdown, 1))
+        tly_log(TLY_LOG_ERROR, "store: postgres writer connection lost; failing writes until it is back", NULL);
+    s->backoff_ms = PG_BACKOFF_MIN_MS;
+    s->retry_at_us = pg_now_us() + PG_BACKOFF_MIN_MS * 1000;
+}
+
+static void fail_all(batch_t *b, int result)
+{
+    for (size_t i = 0; i < b->n; i++)
+        b->op[i]->result = result;
+}
+
+/*
+ * One batch, one transaction. Returns 1 when it committed; then *item is its place in
+ * the feed (NULL when it changed nothing). On failure every op has TLY_EIO and *item is
+ * NULL or a marked item that pg_feed_batch_done unmarks.
+ */
+static int run_batch(pg_store_t *s, batch_t *b, tly_store_op_t *first, pg_item_t **item, uint64_t *commit_us)
+{
+    int nomem = 0, r = R_FATAL, dummy = 0;
+    char *feed_text = NULL;
+    json_t *feed = NULL;
+    PGresult *res = NULL;
+
+    *item = NULL;
+    for (size_t i = 0; i < b->n; i++) {
+        int rc = 0;
+        tly_store_op_t *op = b->op[i];
+        b->js[i] = NULL;
+        b->req[i] = 0;
+        op->result = 0;
+        if (op->type == TLY_OP_BALLOT_INSERT) {
+            const tly_ballot_row_t *bl = &op->u.ballot;
+            /* NOT NULL columns, checked here: the ballot statement has no per-op
+             * savepoint, and a NULL would fail every ballot of the group. */
+            if (bl->poll_id == NULL || bl->voter_id == NULL || bl->vote_id == NULL || bl->receipt == NULL ||
+                (bl->nchoices > 0 && bl->choices == NULL)) {
+                op->result = TLY_EINVAL;
+                continue;
+            }
+        }
+        if (op->type == TLY_OP_POLL_DELETE) {
+            if (op->u.poll.poll_id == NULL)
+                op->result = TLY_EINVAL;
+            else if ((b->js[i] = pg_op_json(op, &rc)) == NULL)
+                op->result = rc;
+            continue;
+        }
+        if (op->type < TLY_OP_USER_INSERT || op->type > TLY_OP_BALLOT_DELETE) {
+            op->result = TLY_EINVAL;
+            continue;
+        }
+        if ((b->js[i] = pg_op_json(op, &rc)) == NULL) {
+            if (rc != TLY_EINVAL)
+                goto nomem;
+            op->result = TLY_EINVAL;
+        }
+    }
+    if (s->wconn == NULL)
+        goto fail;
+
+    for (int attempt = 0; attempt < PG_BATCH_ATTEMPTS; attempt++) {
+        res = PQexec(s->wconn, "BEGIN");
+        r = classify(s->wconn, res, PGRES_COMMAND_OK, &dummy);
+        if (r != R_OK)
+            pg_log_error("store: postgres BEGIN failed", s->wconn, res);
+        PQclear(res);
+        res = NULL;
+        if (r != R_OK)
+            goto fail;
+        for (size_t i = 0; r == R_OK && i < b->n;) {
+            if (b->js[i] == NULL) {
+                i++;
+                continue;
+            }
+            if (b->op[i]->type == TLY_OP_BALLOT_INSERT) {
+                size_t j = i;
+                while (j < b->n && b->op[j]->type == TLY_OP_BALLOT_INSERT)
+                    j++;
+                r = run_ballot_group(s, b, i, j, &nomem);
+                i = j;
+            } else {
+                char *param = NULL;
+                if (b->op[i]->type != TLY_OP_POLL_DELETE && (param = json_dumps(b->js[i], JSON_COMPACT)) == NULL) {
+                    nomem = 1;
+                    r = R_FATAL;
+                    break;
+                }
+                r = run_op(s, b->op[i], param);
+                free(param);
+                i++;
+            }
+        }
+        if (r == R_OK)
+            break;
+        PQclear(PQexec(s->wconn, "ROLLBACK"));
+        if (r != R_RETRY || nomem)
+            goto fail;
+        for (size_t i = 0; i < b->n; i++) /* a fresh start: same JSON, results again */
+            if (b->js[i] != NULL)
+                b->op[i]->result = 0;
+    }
+    if (r != R_OK)
+        goto fail;
+
+    /* The feed row: every op that changed something, in order. */
+    if ((feed = json_array()) == NULL)
+        goto nomem_rollback;
+    for (size_t i = 0; i < b->n; i++) {
+        tly_store_op_t *op = b->op[i];
+        if (op->result == 0 && b->js[i] != NULL) {
+            if (json_array_append(feed, b->js[i]) != 0)
+                goto nomem_rollback;
+        } else if (op->type == TLY_OP_BALLOT_INSERT && b->req[i]) {
+            json_t *rq = pg_request_json(&op->u.ballot);
+            if (rq == NULL || json_array_append_new(feed, rq) != 0)
+                goto nomem_rollback;
+        }
+    }
+    if (json_array_size(feed) > 0) {
+        const char *params[2] = {s->origin, NULL};
+        if ((feed_text = json_dumps(feed, JSON_COMPACT)) == NULL)
+            goto nomem_rollback;
+        params[1] = feed_text;
+        res = PQexecPrepared(s->wconn, "feed", 2, params, NULL, NULL, 0);
+        if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
+            pg_log_error("store: postgres feed append failed", s->wconn, res);
+            PQclear(PQexec(s->wconn, "ROLLBACK"));
+            goto fail;
+        }
+        int64_t seq = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+        PQclear(res);
+        res = NULL;
+        /* Marked before COMMIT: from the moment the row is visible, the follower knows
+         * it is ours and waits for the outcome instead of delivering it. */
+        *item = pg_feed_committing(s, first, b->n, seq);
+    }
+    int64_t t0 = pg_now_us();
+    res = PQexec(s->wconn, "COMMIT");
+    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+        pg_log_error("store: postgres COMMIT failed", s->wconn, res);
+        goto fail;
+    }
+    *commit_us = (uint64_t)(pg_now_us() - t0);
+    PQclear(res);
+    json_decref(feed);
+    free(feed_text);
+    return 1;
+
+nomem_rollback:
+    PQclear(PQexec(s->wconn, "ROLLBACK"));
+nomem:
+    tly_log(TLY_LOG_ERROR, "store: out of memory in a postgres batch", NULL);
+fail:
+    PQclear(res);
+    json_decref(feed);
+    free(feed_text);
+    if (s->wconn != NULL && pg_conn_lost(s->wconn))
+        writer_lost(s);
+    else if (s->wconn != NULL && PQtransactionStatus(s->wconn) != PQTRANS_IDLE)
+        PQclear(PQexec(s->wconn, "ROLLBACK"));
+    fail_all(b, TLY_EIO);
+    return 0;
+}
+
+static void *connector_main(void *arg)
+{
+    pg_store_t *s = arg;
+    PGconn *c = connect_writer(s);
+    pthread_mutex_lock(&s->mu);
+    s->connected = c;
+    s->connecting = 2;
+    pthread_cond_signal(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+/* Between batches: notice a connection the server closed while we were idle, so that
+ * writable says so before the next batch fails; trim the feed once a minute. */
+static void writer_idle(pg_store_t *s)
+{
+    int64_t now = pg_now_us();
+    if (s->wconn == NULL)
+        return;
+    if (now - s->last_ping_us >= PG_PING_US) {
+        s->last_ping_us = now;
+        struct pollfd p = {.fd = PQsocket(s->wconn), .events = POLLIN};
+        if (p.fd < 0 || (poll(&p, 1, 0) > 0 && (PQconsumeInput(s->wconn) == 0 || pg_conn_lost(s->wconn)))) {
+            writer_lost(s);
+            return;
+        }
+    }
+    if (now - s->last_retention_us >= PG_RETENTION_US) {
+        s->last_retention_us = now;
+        PGresult *res = PQexec(s->wconn, retention_sql);
+        if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+            pg_log_error("store: postgres feed retention failed", s->wconn, res);
+            if (pg_conn_lost(s->wconn))
+                writer_lost(s);
+        }
+        PQclear(res);
+    }
+}
+
+static void *writer_main(void *arg)
+{
+    pg_store_t *s = arg;
+    batch_t b = {0};
+    size_t cap = 0;
+
+    for (;;) {
+        tly_store_op_t *first = NULL, *last = NULL;
+        uint64_t n = 0, commit_us = 0;
+        PGconn *got = NULL;
+        int have_got = 0, stop = 0;
+
+        pthread_mutex_lock(&s->mu);
+        for (;;) {
+            int64_t now = pg_now_us(), due = now + PG_PING_US;
+            if (s->connecting == 2 || s->head != NULL || s->stopping)
+                break;
+            if (s->wconn == NULL && s->connecting == 0) {
+                if (now >= s->retry_at_us)
+                    break;
+                if (s->retry_at_us < due)
+                    due = s->retry_at_us;
+            } else if (s->wconn != NULL && now - s->last_ping_us >= PG_PING_US) {
+                break;
+            }
+            struct timespec ts;
+            clock_gettime(CLOCK_REALTIME, &ts);
+            int64_t ns = ts.tv_nsec + (due - now) * 1000;
+            ts.tv_sec += ns / 1000000000;
+            ts.tv_nsec = ns % 1000000000;
+            pthread_cond_timedwait(&s->cv, &s->mu, &ts);
+        }
+        if (s->connecting == 2) {
+            pthread_join(s->connector, NULL);
+            got = s->connected;
+            s->connected = NULL;
+            s->connecting = 0;
+            have_got = 1;
+        }
+        if (s->head != NULL) {
+            first = last = s->head;
+            n = 1;
+            while (n < s->conf.batch_max && last->next != NULL) {
+                last = last->next;
+                n++;
+            }
+            s->head = last->next;
+            if (s->head == NULL)
+                s->tail = NULL;
+            last->next = NULL;
+        } else if (s->stopping) {
+            stop = 1;
+        }
+        pthread_mutex_unlock(&s->mu);
+
+        if (have_got) {
+            if (got != NULL) {
+                s->wconn = got;
+                s->backoff_ms = PG_BACKOFF_MIN_MS;
+                s->last_ping_us = pg_now_us();
+                atomic_store(&s->wdown, 0);
+                tly_log(TLY_LOG_INFO, "store: postgres writer reconnected", NULL);
+            } else {
+                s->backoff_ms = s->backoff_ms * 2 > PG_BACKOFF_MAX_MS ? PG_BACKOFF_MAX_MS : s->backoff_ms * 2;
+                s->retry_at_us = pg_now_us() + s->backoff_ms * 1000;
+            }
+        }
+
+        if (first != NULL) {
+            pg_item_t *item = NULL;
+            int committed = 0;
+            if (n > cap) {
+                size_t ncap = n < 64 ? 64 : n;
+                void *o = tly_realloc(b.op, ncap * sizeof *b.op), *j = NULL, *q = NULL;
+                if (o != NULL)
+                    b.op = o;
+                if (o != NULL && (j = tly_realloc(b.js, ncap * sizeof *b.js)) != NULL)
+                    b.js = j;
+                if (j != NULL && (q = tly_realloc(b.req, ncap)) != NULL)
+                    b.req = q;
+                if (q != NULL)
+                    cap = ncap;
+            }
+            b.n = 0;
+            for (tly_store_op_t *op = first; op != NULL && b.n < cap; op = op->next)
+                b.op[b.n++] = op;
+            if (b.n == n) {
+                committed = run_batch(s, &b, first, &item, &commit_us);
+                for (size_t i = 0; i < b.n; i++) {
+                    json_decref(b.js[i]);
+                    b.js[i] = NULL;
+                }
+            } else {
+                tly_log(TLY_LOG_ERROR, "store: out of memory for a postgres batch", NULL);
+                for (tly_store_op_t *op = first; op != NULL; op = op->next)
+                    op->result = TLY_EIO;
+            }
+            /* From here the ops belong to the delivery order (and then to reap). */
+            pg_feed_batch_done(s, item, first, n, committed, commit_us);
+        } else if (!stop) {
+            writer_idle(s);
+        }
+
+        if (stop) {
+            int joined = 0;
+            pthread_mutex_lock(&s->mu);
+            if (s->connecting != 0) {
+                pthread_mutex_unlock(&s->mu);
+                pthread_join(s->connector, NULL); /* at most connect_timeout */
+                joined = 1;
+            } else {
+                pthread_mutex_unlock(&s->mu);
+            }
+            if (joined && s->connected != NULL)
+                PQfinish(s->connected);
+            break;
+        }
+        if (s->wconn == NULL) {
+            pthread_mutex_lock(&s->mu);
+            if (s->connecting == 0 && pg_now_us() >= s->retry_at_us && !s->stopping) {
+                if (pthread_create(&s->connector, NULL, connector_main, s) == 0)
+                    s->connecting = 1;
+                else
+                    s->retry_at_us = pg_now_us() + PG_BACKOFF_MAX_MS * 1000;
+            }
+            pthread_mutex_unlock(&s->mu);
+        }
+    }
+    tly_free(b.op);
+    tly_free(b.js);
+    tly_free(b.req);
+    return NULL;
+}
+
+/* ---- open / close ------------------------------------------------------------------ */
+
+static void store_free(pg_store_t *s)
+{
+    if (s->wconn != NULL)
+        PQfinish(s->wconn);
+    if (s->fconn != NULL)
+        PQfinish(s->fconn);
+    if (s->locks_ready) {
+        pthread_cond_destroy(&s->cv);
+        pthread_mutex_destroy(&s->mu);
+        pthread_cond_destroy(&s->fcv);
+        pthread_mutex_destroy(&s->fmu);
+    }
+    pg_free_items(s->rq_head);
+    tly_free(s->url);
+    tly_free(s->origin);
+    tly_free(s);
+}
+
+static int pg_open(const tly_store_conf_t *conf, pg_store_t **out)
+{
+    int rc = TLY_EINVAL;
+    pg_store_t *s = NULL;
+    PGresult *res = NULL;
+
+    *out = NULL;
+    if (conf == NULL || conf->url == NULL)
+        goto fail;
+    if (conf->origin != NULL && strlen(conf->origin) > 63)
+        goto fail;
+    rc = TLY_ENOMEM;
+    if ((s = tly_calloc(1, sizeof *s)) == NULL)
+        goto fail;
+    s->base.be = &tly_store_pg;
+    s->conf = *conf;
+    if (s->conf.batch_max == 0)
+        s->conf.batch_max = TLY_STORE_BATCH_MAX;
+    if ((s->url = tly_strdup(conf->url)) == NULL)
+        goto fail;
+    if ((s->origin = tly_strdup(conf->origin != NULL && conf->origin[0] ? conf->origin : "tally")) == NULL)
+        goto fail;
+    s->conf.url = s->url;
+    s->conf.origin = s->origin;
+    s->conf.data_dir = NULL; /* not ours to keep */
+
+    rc = TLY_EIO;
+    if (pthread_mutex_init(&s->mu, NULL) != 0)
+        goto fail;
+    if (pthread_mutex_init(&s->fmu, NULL) != 0) {
+        pthread_mutex_destroy(&s->mu);
+        goto fail;
+    }
+    if (pthread_cond_init(&s->cv, NULL) != 0) {
+        pthread_mutex_destroy(&s->fmu);
+        pthread_mutex_destroy(&s->mu);
+        goto fail;
+    }
+    if (pthread_cond_init(&s->fcv, NULL) != 0) {
+        pthread_cond_destroy(&s->cv);
+        pthread_mutex_destroy(&s->fmu);
+        pthread_mutex_destroy(&s->mu);
+        goto fail;
+    }
+    s->locks_ready = 1;
+
+    if ((s->wconn = pg_connect(s, "writer")) == NULL)
+        goto fail;
+    if ((rc = migrate(s->wconn)) != 0)
+        goto fail;
+    rc = TLY_EIO;
+    if (prepare_writer(s->wconn) != 0)
+        goto fail;
+    /* Where the follower starts unless load says otherwise (load reads it in the same
+     * snapshot as the rows it returns). */
+    res = PQexec(s->wconn, "SELECT seq FROM feed_head");
+    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
+        pg_log_error("store: postgres feed head", s->wconn, res);
+        goto fail;
+    }
+    s->next_seq = strtoll(PQgetvalue(res, 0, 0), NULL, 10) + 1;
+    PQclear(res);
+    res = NULL;
+    if ((s->fconn = pg_connect(s, "follower")) == NULL)
+        goto fail;
+    s->backoff_ms = PG_BACKOFF_MIN_MS;
+    s->last_ping_us = s->last_retention_us = pg_now_us();
+    s->last_retention_us -= PG_RETENTION_US; /* trim once soon after start */
+
+    if (pthread_create(&s->writer, NULL, writer_main, s) != 0)
+        goto fail;
+    s->writer_started = 1;
+    if (pthread_create(&s->follower, NULL, pg_follower_main, s) != 0) {
+        pthread_mutex_lock(&s->mu);
+        s->stopping = 1;
+        pthread_cond_signal(&s->cv);
+        pthread_mutex_unlock(&s->mu);
+        pthread_join(s->writer, NULL);
+        goto fail;
+    }
+    s->follower_started = 1;
+    *out = s;
+    return 0;
+
+fail:
+    PQclear(res);
+    if (s != NULL)
+        store_free(s);
+    return rc;
+}
+
+static void pg_close(pg_store_t *s)
+{
+    if (s == NULL)
+        return;
+    /* The writer first: it commits what is queued. Then the follower (own batches still
+     * waiting for foreign rows before them get them if it can read them in time). */
+    pthread_mutex_lock(&s->mu);
+    s->stopping = 1;
+    pthread_cond_signal(&s->cv);
+    pthread_mutex_unlock(&s->mu);
+    if (s->writer_started)
+        pthread_join(s->writer, NULL);
+    pthread_mutex_lock(&s->fmu);
+    s->fstopping = 1;
+    pthread_cond_signal(&s->fcv);
+    pthread_mutex_unlock(&s->fmu);
+    if (s->follower_started)
+        pthread_join(s->follower, NULL);
+    pg_feed_flush(s);
+    pg_reap(s);
+    store_free(s);
+}
+
+static int pg_writable(pg_store_t *s)
+{
+    return !atomic_load(&s->wdown) && !atomic_load(&s->behind);
+}
+
+static void pg_stats(pg_store_t *s, tly_store_stats_t *out)
+{
+    pthread_mutex_lock(&s->fmu);
+    *out = s->stats;
+    pthread_mutex_unlock(&s->fmu);
+    pthread_mutex_lock(&s->mu);
+    out->queued = 0;
+    for (tly_store_op_t *op = s->head; op != NULL && out->queued < 1000000; op = op->next)
+        out->queued++;
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* ---- the backend table store.c dispatches through ---- */
+
+static int be_open(const tly_store_conf_t *conf, tly_store_t **out)
+{
+    pg_store_t *s;
+    int rc = pg_open(conf, &s);
+    *out = rc == 0 ? &s->base : NULL;
+    return rc;
+}
+static int be_load(tly_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
+{
+    return pg_load((pg_store_t *)s, cb, ctx);
+}
+static void be_submit_list(tly_store_t *s, tly_store_op_t *first)
+{
+    pg_store_t *p = (pg_store_t *)s;
+    pg_feed_start(p, 0, 0); /* no load: follow from the position at open */
+    pg_submit_list(p, first);
+}
+static void be_reap(tly_store_t *s)
+{
+    pg_reap((pg_store_t *)s);
+}
+static int be_writable(tly_store_t *s)
+{
+    return pg_writable((pg_store_t *)s);
+}
+static void be_follow(tly_store_t *s, void (*cb)(void *ctx, const tly_store_op_t *op), void *ctx)
+{
+    pg_store_t *p = (pg_store_t *)s;
+    p->follow_cb = cb;
+    p->follow_ctx = ctx;
+}
+static int be_shared(tly_store_t *s)
+{
+    return 1;
+}
+static void be_sync(tly_store_t *s, void (*cb)(void *arg), void *arg)
+{
+    pg_sync((pg_store_t *)s, cb, arg);
+}
+static void be_poke(tly_store_t *s)
+{
+    pg_feed_wake((pg_store_t *)s);
+}
+static void be_close(tly_store_t *s)
+{
+    pg_close((pg_store_t *)s);
+}
+static tly_store_reader_t *be_reader_open(tly_store_t *s)
+{
+    return pg_reader_open((pg_store_t *)s);
+}
+static int be_generate_ballots(tly_store_t *s, const char *poll_id, size_t noptions, size_t n)
+{
+    return pg_generate_ballots((pg_store_t *)s, poll_id, noptions, n);
+}
+static void be_stats(tly_store_t *s, tly_store_stats_t *out)
+{
+    pg_stats((pg_store_t *)s, out);
+}
+
+const tly_store_backend_t tly_store_pg = {
+    .name = "postgres",
+    .open = be_open,
+    .load = be_load,
+    .submit_list = be_submit_list,
+    .reap = be_reap,
+    .writable = be_writable,
+    .follow = be_follow,
+    .shared = be_shared,
+    .sync = be_sync,
+    .poke = be_poke,
+    .close = be_close,
+    .reader_open = be_reader_open,
+    .reader_close = pg_reader_close,
+    .audit_page = pg_audit_page,
+    .ballots_page = pg_ballots_page,
+    .generate_ballots = be_generate_ballots,
+    .stats = be_stats,
+};
