@@ -29,6 +29,9 @@ typedef struct user {
 } user_t;
 
 typedef struct deferred deferred_t; /* follow.c */
+typedef struct waiter waiter_t;     /* votes.c: a request waiting for its ballot's batch */
+/* The outcome of a ballot cast from the ingest log: 0 (vote_id set) or a TLY_E* code. */
+typedef void (*api_cast_done_fn)(void *arg, int result, const char *vote_id);
 
 /* ---- async vote requests (Prefer: respond-async) ---- */
 typedef struct vote_request {
@@ -109,6 +112,7 @@ struct tly_app {
     tly_req_t *redispatch;  /* the request running a second time after a sync */
     uint64_t followed, resyncs;
     tly_bus_t *bus;          /* --bus: Redis, joining the instances; NULL without */
+    struct ingest *ingest;   /* ingest.c: the async ingest log; NULL without a bus */
     uint64_t announced;      /* store batches committed when we last told the bus */
     struct live *live;
     tly_store_reader_t *reader; /* loop thread's, opened on first use */
@@ -268,6 +272,23 @@ void api_bus_announce(tly_app_t *app);
 bool api_resync(tly_app_t *app, tly_req_t *req);
 /* Routes a request (app.c); follow.c runs a request again through it. */
 void api_dispatch(tly_app_t *app, tly_req_t *req);
+/* votes.c: a validated ballot into memory (pending) and the store's queue; see votes.c. */
+waiter_t *api_waiter_new(tly_req_t *req, bool async); /* in request memory; NULL: none */
+int api_cast_submit(tly_app_t *app, tly_poll_t *p, const char *voter_id, const tly_ballot_t *ballot,
+                    const char *idem, const uint8_t hash[16], const uint8_t *ip_hash, char *client_meta,
+                    const char *request_id, int64_t now, waiter_t *w, api_cast_done_fn on_done, void *done_arg);
+/* ingest.c: the durable ingest log for Prefer: respond-async (Redis Streams, --bus). */
+bool api_ingest_up(tly_app_t *app);
+/* Appends a validated ballot to the log and answers req: 202 once Redis has it, a replay
+ * or 409 when the voter's ballot is already in the log, or (the log unreachable) falls
+ * back to casting it straight into the store. */
+void api_ingest_enqueue(tly_app_t *app, tly_req_t *req, tly_poll_t *p, const char *voter_id,
+                        const tly_ballot_t *ballot, const char *idem, const uint8_t hash[16],
+                        const uint8_t *ip_hash, char *client_meta);
+int api_ingest_open(tly_app_t *app);
+void api_ingest_close(tly_app_t *app);
+/* GET .../votes/requests/{id} for a request memory does not know: asks the log. */
+bool api_ingest_status(tly_app_t *app, tly_req_t *req, const char *request_id, const char *voter_id);
 /* votes.c: whether this instance has a write about v (or, v NULL, any ballot of p) in
  * the store's queue. */
 bool api_votes_busy(tly_app_t *app, tly_poll_t *p, tly_vote_t *v);

@@ -484,6 +484,10 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
     api_follow_init(app);
     if (api_bus_open(app, err) != 0)
         goto fail;
+    if (api_ingest_open(app) != 0) {
+        snprintf(err, 512, "out of memory");
+        goto fail;
+    }
     tly_server_conf_t hc = {.body_max = (size_t)conf->body_limit,
                             .head_max = (size_t)conf->head_limit,
                             .uri_max = (size_t)conf->uri_limit,
@@ -545,6 +549,7 @@ void tly_app_free(tly_app_t *app)
     if (app->store != NULL)
         tly_store_close(app->store);
     api_follow_free(app);
+    api_ingest_close(app);
     tly_bus_close(app->bus);
     api_live_shutdown(app->live);
     tly_server_free(app->server); /* closes open streams; their subscribers unlink */

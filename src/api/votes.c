@@ -21,11 +21,11 @@
 #include "base/base.h"
 #include "obs/obs.h"
 
-typedef struct waiter {
+struct waiter {
     tly_req_t *req;
     bool async;
     struct waiter *next;
-} waiter_t;
+};
 
 /* A write about one voter's ballot (cast, change or retraction) waiting for its batch.
  * While one is in the writer for a vote, no other change or retraction of that vote is
@@ -41,6 +41,8 @@ typedef struct ballot_op {
     char *client_meta;
     tly_ballot_t ballot; /* a change: the new ballot */
     uint8_t ip_hash[TLY_IP_HASH_LEN]; /* a cast under an address rule: op.u.ballot.ip_hash */
+    api_cast_done_fn on_done; /* a cast from the ingest log (no waiters): its outcome */
+    void *done_arg;
 } ballot_op_t;
 
 static json_t *recorded_json(const tly_poll_t *p, const tly_vote_t *v)
@@ -124,6 +126,14 @@ static void remember_request(tly_app_t *app, const char *request_id, const tly_p
     snprintf(r->vote_id, sizeof(r->vote_id), "%s", vote_id ? vote_id : "");
     snprintf(r->error, sizeof(r->error), "%s", error ? error : "");
     HASH_ADD_STR(app->requests, request_id, r);
+}
+
+waiter_t *api_waiter_new(tly_req_t *req, bool async)
+{
+    waiter_t *w = tly_req_alloc(req, sizeof(*w));
+    if (w != NULL)
+        *w = (waiter_t){req, async, NULL};
+    return w;
 }
 
 bool api_votes_busy(tly_app_t *app, tly_poll_t *p, tly_vote_t *v)
@@ -211,6 +221,8 @@ static void ballot_committed(tly_store_op_t *op)
         tly_poll_commit_vote(p, v, tly_now_ms());
         if (bo->request_id[0])
             remember_request(app, bo->request_id, p, v->voter_id, "completed", v->vote_id, NULL);
+        if (bo->on_done != NULL)
+            bo->on_done(bo->done_arg, 0, v->vote_id);
         for (waiter_t *w = bo->waiters; w != NULL; w = w->next) {
             api_end_async(app);
             if (w->async && bo->request_id[0])
@@ -219,7 +231,10 @@ static void ballot_committed(tly_store_op_t *op)
                 api_respond_json(w->req, 200, recorded_json(p, v));
         }
     } else {
-        if (op->result == TLY_EEXIST && tly_store_shared(app->store) && await_conflict(app, bo)) {
+        if (bo->on_done != NULL)
+            bo->on_done(bo->done_arg, op->result, NULL);
+        if (op->result == TLY_EEXIST && bo->waiters != NULL && tly_store_shared(app->store) &&
+            await_conflict(app, bo)) {
             /* another instance's ballot; it is in the feed, on its way here */
             if (bo->request_id[0])
                 remember_request(app, bo->request_id, p, v->voter_id, "failed", NULL, "ALREADY_VOTED");
@@ -229,8 +244,10 @@ static void ballot_committed(tly_store_op_t *op)
             return;
         }
         if (op->result == TLY_EEXIST) {
-            /* memory did not know this ballot but the store did: trust the store */
-            tly_log(TLY_LOG_ERROR, "ballot already in store but not in memory", "poll_id", p->poll_id, NULL);
+            /* memory did not know this ballot but the store did: trust the store (with a
+             * shared store that is only another instance's ballot on its way here) */
+            if (!tly_store_shared(app->store))
+                tly_log(TLY_LOG_ERROR, "ballot already in store but not in memory", "poll_id", p->poll_id, NULL);
             if (bo->request_id[0])
                 remember_request(app, bo->request_id, p, v->voter_id, "failed", NULL, "ALREADY_VOTED");
         }
@@ -306,6 +323,72 @@ static void replay(tly_app_t *app, tly_req_t *req, tly_poll_t *p, tly_vote_t *v,
     w->next = bo->waiters;
     bo->waiters = w;
     api_begin_async(app);
+}
+
+/*
+ * Puts a validated ballot of voter_id into memory (pending) and the store's queue. The
+ * caller has checked everything (dedup in memory, the address rule, the poll accepting
+ * votes). w: the request waiting for the outcome (NULL for the ingest log, which gets
+ * on_done instead). Takes client_meta (malloc'd JSON or NULL) in every case. Returns 0,
+ * or TLY_ENOMEM with nothing changed.
+ */
+int api_cast_submit(tly_app_t *app, tly_poll_t *p, const char *voter_id, const tly_ballot_t *ballot,
+                    const char *idem, const uint8_t hash[16], const uint8_t *ip_hash, char *client_meta,
+                    const char *request_id, int64_t now, struct waiter *w, api_cast_done_fn on_done, void *done_arg)
+{
+    ballot_op_t *bo = tly_calloc(1, sizeof(*bo));
+    tly_vote_t *v = tly_vote_new(ballot, voter_id, idem, NULL, NULL, now);
+    if (bo == NULL || v == NULL)
+        goto fail;
+    memcpy(v->body_hash, hash, 16);
+    if (tly_poll_add_vote(app->registry, p, v) != 0)
+        goto fail;
+    if (ip_hash != NULL && tly_poll_set_vote_ip(p, v, ip_hash) != 0) { /* only ENOMEM: checked before */
+        tly_poll_drop_vote(app->registry, p, v);
+        v = NULL;
+        goto fail;
+    }
+    p->pending_votes++;
+    bo->app = app;
+    bo->poll = p;
+    bo->vote = v;
+    bo->waiters = w;
+    bo->client_meta = client_meta;
+    bo->on_done = on_done;
+    bo->done_arg = done_arg;
+    snprintf(bo->request_id, sizeof(bo->request_id), "%s", request_id ? request_id : "");
+    bool async = bo->request_id[0] != '\0';
+    bo->op.type = TLY_OP_BALLOT_INSERT;
+    bo->op.ctx = bo;
+    bo->op.done = ballot_committed;
+    tly_ballot_row_t *row = &bo->op.u.ballot;
+    row->poll_id = p->poll_id;
+    row->voter_id = v->voter_id;
+    row->vote_id = v->vote_id;
+    row->receipt = v->receipt;
+    row->nchoices = v->nchoices;
+    row->choices = v->data;
+    row->scores = p->type == TLY_TYPE_SCORE ? v->data + v->nchoices : NULL;
+    row->recorded_at = v->recorded_at;
+    row->idem_key = v->idem_key;
+    memcpy(row->body_hash, hash, 16);
+    row->client_meta = bo->client_meta;
+    row->request_id = async ? bo->request_id : NULL;
+    if (ip_hash != NULL) {
+        memcpy(bo->ip_hash, ip_hash, TLY_IP_HASH_LEN);
+        row->ip_hash = bo->ip_hash;
+    }
+    HASH_ADD_PTR(app->pending_ballots, vote, bo);
+    if (w != NULL)
+        api_begin_async(app);
+    tly_store_submit(app->store, &bo->op);
+    return 0;
+fail:
+    if (v != NULL)
+        tly_vote_free(v);
+    tly_free(bo);
+    free(client_meta);
+    return TLY_ENOMEM;
 }
 
 void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg)
@@ -404,69 +487,29 @@ void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg)
         goto done;
     }
     json_t *meta = json_object_get(body, "client_meta");
-    ballot_op_t *bo = tly_calloc(1, sizeof(*bo));
-    tly_vote_t *v = tly_vote_new(&ballot, caller.id, idem, NULL, NULL, now);
+    char *client_meta = meta != NULL ? json_dumps(meta, JSON_COMPACT | JSON_ENCODE_ANY) : NULL;
     waiter_t *w = tly_req_alloc(req, sizeof(*w));
-    if (meta != NULL && bo != NULL)
-        bo->client_meta = json_dumps(meta, JSON_COMPACT | JSON_ENCODE_ANY);
-    if (bo == NULL || v == NULL || w == NULL || (meta != NULL && bo->client_meta == NULL)) {
-        if (bo)
-            free(bo->client_meta);
-        tly_free(bo);
-        if (v)
-            tly_vote_free(v);
+    if ((meta != NULL && client_meta == NULL) || w == NULL) {
+        free(client_meta);
         tly_req_add_header(req, "Retry-After", "1");
         api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
         goto done;
     }
-    memcpy(v->body_hash, hash, 16);
-    if (tly_poll_add_vote(app->registry, p, v) != 0) {
-        tly_vote_free(v);
-        free(bo->client_meta);
-        tly_free(bo);
-        tly_req_add_header(req, "Retry-After", "1");
-        api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
+    if (async && api_ingest_up(app)) {
+        /* into the durable ingest log; a consumer (any instance) applies it */
+        api_ingest_enqueue(app, req, p, caller.id, &ballot, idem, hash, by_address ? ip_hash : NULL, client_meta);
+        free(client_meta);
         goto done;
     }
-    if (by_address && tly_poll_set_vote_ip(p, v, ip_hash) != 0) { /* only ENOMEM: checked above */
-        tly_poll_drop_vote(app->registry, p, v);
-        free(bo->client_meta);
-        tly_free(bo);
-        tly_req_add_header(req, "Retry-After", "1");
-        api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
-        goto done;
-    }
-    p->pending_votes++;
-    bo->app = app;
-    bo->poll = p;
-    bo->vote = v;
     *w = (waiter_t){req, async, NULL};
-    bo->waiters = w;
+    char request_id[24] = "";
     if (async)
-        tly_random_id(bo->request_id, "r_", 12);
-    bo->op.type = TLY_OP_BALLOT_INSERT;
-    bo->op.ctx = bo;
-    bo->op.done = ballot_committed;
-    tly_ballot_row_t *row = &bo->op.u.ballot;
-    row->poll_id = p->poll_id;
-    row->voter_id = v->voter_id;
-    row->vote_id = v->vote_id;
-    row->receipt = v->receipt;
-    row->nchoices = v->nchoices;
-    row->choices = v->data;
-    row->scores = p->type == TLY_TYPE_SCORE ? v->data + v->nchoices : NULL;
-    row->recorded_at = v->recorded_at;
-    row->idem_key = v->idem_key;
-    memcpy(row->body_hash, hash, 16);
-    row->client_meta = bo->client_meta;
-    row->request_id = async ? bo->request_id : NULL;
-    if (by_address) {
-        memcpy(bo->ip_hash, ip_hash, TLY_IP_HASH_LEN);
-        row->ip_hash = bo->ip_hash;
+        tly_random_id(request_id, "r_", 12);
+    if (api_cast_submit(app, p, caller.id, &ballot, idem, hash, by_address ? ip_hash : NULL, client_meta,
+                        request_id, now, w, NULL, NULL) != 0) {
+        tly_req_add_header(req, "Retry-After", "1");
+        api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
     }
-    HASH_ADD_PTR(app->pending_ballots, vote, bo);
-    api_begin_async(app);
-    tly_store_submit(app->store, &bo->op);
 done:
     json_decref(body);
 }
@@ -493,6 +536,14 @@ void api_votes_me(tly_req_t *req, const tly_params_t *params, void *arg)
                                "voted_at", at, "vote_id", v->vote_id, "ballot", tly_ballot_to_json(p, v)));
 }
 
+/* The request id of the path as a string (in static memory: used at once). */
+static const char *rid_key(const char *rid, size_t len)
+{
+    static char key[24];
+    snprintf(key, sizeof(key), "%.*s", len < sizeof(key) ? (int)len : 0, rid);
+    return key;
+}
+
 void api_votes_request(tly_req_t *req, const tly_params_t *params, void *arg)
 {
     tly_app_t *app = arg;
@@ -511,7 +562,7 @@ void api_votes_request(tly_req_t *req, const tly_params_t *params, void *arg)
     }
     if (r == NULL || strcmp(r->voter_id, caller.id) != 0 || strlen(r->poll_id) != plen ||
         memcmp(r->poll_id, pid, plen) != 0) {
-        if (r == NULL && api_resync(app, req))
+        if (r == NULL && (api_resync(app, req) || api_ingest_status(app, req, rid_key(rid, rlen), caller.id)))
             return;
         api_respond_error(req, 404, "REQUEST_NOT_FOUND", "no vote request with that id for this voter", NULL);
         return;
