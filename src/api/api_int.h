@@ -111,6 +111,7 @@ struct tly_app {
     deferred_t *deferred;   /* waiting for a write of ours on the same key */
     tly_req_t *redispatch;  /* the request running a second time after a sync */
     uint64_t followed, resyncs;
+    unsigned settling;       /* polls.c: closed polls waiting for a sync to be frozen */
     tly_bus_t *bus;          /* --bus: Redis, joining the instances; NULL without */
     struct ingest *ingest;   /* ingest.c: the async ingest log; NULL without a bus */
     uint64_t announced;      /* store batches committed when we last told the bus */

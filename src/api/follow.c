@@ -25,6 +25,7 @@
  * Threads: the loop thread only.
  */
 #include <string.h>
+#include <strings.h>
 
 #include "api/api_int.h"
 #include "base/base.h"
@@ -223,12 +224,47 @@ static void apply(tly_app_t *app, const tly_store_op_t *op)
         log_failed("another instance's change not applied here", id, rc);
 }
 
+static const char *poll_of(const tly_store_op_t *op)
+{
+    return op->type == TLY_OP_POLL_DELETE ? op->u.poll.poll_id : op->u.ballot.poll_id;
+}
+
+/* Whether a and b (both kinds that may wait) are about the same thing, so that their
+ * order matters: the same username, the same voter in a poll, or a poll and anything in
+ * it. Operations on different keys commute. */
+static bool same_key(const tly_store_op_t *a, const tly_store_op_t *b)
+{
+    if ((a->type == TLY_OP_USER_INSERT) != (b->type == TLY_OP_USER_INSERT))
+        return false;
+    if (a->type == TLY_OP_USER_INSERT)
+        return strcasecmp(a->u.user.username, b->u.user.username) == 0;
+    if (strcmp(poll_of(a), poll_of(b)) != 0)
+        return false;
+    return a->type == TLY_OP_POLL_DELETE || b->type == TLY_OP_POLL_DELETE ||
+           strcmp(a->u.ballot.voter_id, b->u.ballot.voter_id) == 0;
+}
+
+static bool waits_behind(tly_app_t *app, const tly_store_op_t *op, const deferred_t *upto)
+{
+    for (const deferred_t *d = app->deferred; d != upto; d = d->next)
+        if (same_key(&d->op, op))
+            return true;
+    return false;
+}
+
+static bool can_wait(const tly_store_op_t *op)
+{
+    return op->type == TLY_OP_USER_INSERT || op->type == TLY_OP_POLL_DELETE || op->type == TLY_OP_BALLOT_INSERT ||
+           op->type == TLY_OP_BALLOT_REPLACE || op->type == TLY_OP_BALLOT_DELETE;
+}
+
 static void follow_op(void *ctx, const tly_store_op_t *op)
 {
     tly_app_t *app = ctx;
     app->followed++;
-    /* behind an earlier operation that waits, so that order is kept per key */
-    if (app->deferred == NULL && !blocked(app, op)) {
+    /* behind an earlier operation on the same key that waits, so that order is kept per
+     * key; other keys go on */
+    if (!can_wait(op) || (!blocked(app, op) && !waits_behind(app, op, NULL))) {
         apply(app, op);
         return;
     }
@@ -247,11 +283,17 @@ static void follow_op(void *ctx, const tly_store_op_t *op)
 
 void api_follow_flush(tly_app_t *app)
 {
-    while (app->deferred != NULL && !blocked(app, &app->deferred->op)) {
-        deferred_t *d = app->deferred;
-        app->deferred = d->next;
+    deferred_t **link = &app->deferred;
+    while (*link != NULL) {
+        deferred_t *d = *link;
+        if (blocked(app, &d->op) || waits_behind(app, &d->op, d)) {
+            link = &d->next;
+            continue;
+        }
+        *link = d->next;
         apply(app, &d->op);
         tly_free(d);
+        link = &app->deferred; /* an applied entry may unblock an earlier one's key */
     }
 }
 

@@ -151,7 +151,45 @@ static void settle_committed(tly_store_op_t *op)
     poll_op_free(po);
 }
 
+typedef struct {
+    tly_app_t *app;
+    char poll_id[TLY_POLL_ID_LEN + 1];
+} settle_t;
+
+static void settle_now(tly_app_t *app, tly_poll_t *p, int64_t now);
+
+static void settle_synced(void *arg)
+{
+    settle_t *st = arg;
+    tly_app_t *app = st->app;
+    api_follow_flush(app);
+    tly_poll_t *p = tly_registry_find_poll(app->registry, st->poll_id);
+    app->settling--;
+    if (p != NULL)
+        settle_now(app, p, tly_now_ms());
+    tly_free(st);
+}
+
 void api_poll_settle(tly_app_t *app, tly_poll_t *p, int64_t now)
+{
+    if (tly_poll_final_results(p) != NULL || tly_poll_effective_status(p, now) != TLY_STATUS_CLOSED)
+        return;
+    if (tly_store_shared(app->store)) {
+        /* Other instances' last ballots must be in memory before the tally is frozen:
+         * catch up with the store first (reads meanwhile show the live counts). */
+        settle_t *st = app->settling < 64 ? tly_calloc(1, sizeof(*st)) : NULL;
+        if (st == NULL)
+            return; /* tried again on the next read */
+        st->app = app;
+        memcpy(st->poll_id, p->poll_id, sizeof(st->poll_id));
+        app->settling++;
+        tly_store_sync(app->store, settle_synced, st);
+        return;
+    }
+    settle_now(app, p, now);
+}
+
+static void settle_now(tly_app_t *app, tly_poll_t *p, int64_t now)
 {
     if (tly_poll_final_results(p) != NULL || tly_poll_effective_status(p, now) != TLY_STATUS_CLOSED)
         return;
@@ -236,6 +274,10 @@ void api_polls_patch(tly_req_t *req, const tly_params_t *params, void *arg)
     tly_app_t *app = arg;
     caller_t caller;
     if (!api_caller(app, req, true, &caller))
+        return;
+    /* A change (a close freezes the tally) is made on the store's latest state, not on
+     * one this instance has not caught up with yet. */
+    if (tly_store_shared(app->store) && app->redispatch != req && api_resync(app, req))
         return;
     tly_poll_t *p = api_find_poll(app, req, params, &caller);
     if (p == NULL || !owner_or_answer(req, p, &caller))

@@ -1,0 +1,273 @@
+// Many instances on one PostgreSQL and one Redis, behind nginx (scripts/cluster.sh):
+// exactly-once ballots however voters retry and race across instances, live results
+// across instances, and no acknowledged vote lost when an instance is killed or Redis or
+// PostgreSQL restart under load.
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+
+import { api, mintToken, sleep } from '../api/harness.mjs';
+import { openSse } from '../live/client.mjs';
+import { startCluster } from './cluster.mjs';
+
+let c;
+before(async () => { c = await startCluster(); });
+after(async () => { if (c) await c.stop(); });
+
+const tok = (sub) => mintToken(c.secret, sub);
+
+async function newPoll(overrides = {}) {
+  const owner = tok(`owner-${Math.random().toString(36).slice(2)}`);
+  const res = await api(c.lb, 'POST', '/v1/polls', {
+    token: owner,
+    body: { title: 'Cluster poll', options: [{ text: 'A' }, { text: 'B' }, { text: 'C' }], ...overrides },
+  });
+  assert.equal(res.status, 201, res.text);
+  return { poll: res.json, owner };
+}
+
+function vote(server, voter, pollId, optionId, key, extra = {}) {
+  const headers = key ? { 'Idempotency-Key': key, ...extra } : extra;
+  return api(server, 'POST', `/v1/polls/${pollId}/votes`, { token: tok(voter), body: { option_id: optionId }, headers });
+}
+
+/** Runs fn(i) for i in [0, n) with at most `width` at once. */
+async function pool(n, width, fn) {
+  let next = 0;
+  const out = new Array(n);
+  await Promise.all(Array.from({ length: width }, async () => {
+    while (next < n) {
+      const i = next++;
+      out[i] = await fn(i);
+    }
+  }));
+  return out;
+}
+
+/** Polls fn until it returns truthy or ms pass; returns the last value. */
+async function eventually(fn, ms, what) {
+  const end = Date.now() + ms;
+  let v;
+  while (Date.now() < end) {
+    v = await fn();
+    if (v) return v;
+    await sleep(100);
+  }
+  assert.fail(`${what}: not within ${ms} ms (last: ${JSON.stringify(v)})`);
+}
+
+async function storeCounts(pollId) {
+  const [[ballots]] = await c.sql(`SELECT count(*) FROM ballots WHERE poll_id = '${pollId}'`);
+  const [[counted]] = await c.sql(`SELECT coalesce(sum(ballots), 0) FROM poll_counts WHERE poll_id = '${pollId}'`);
+  const drift = await c.sql(
+    `SELECT oc.position, oc.votes, (SELECT count(*) FROM ballots b WHERE b.poll_id = oc.poll_id
+       AND EXISTS (SELECT 1 FROM generate_series(0, length(b.choices) - 1) i
+                   WHERE get_byte(b.choices, i) = oc.position)) AS real
+     FROM option_counts oc WHERE oc.poll_id = '${pollId}'`);
+  return { ballots: Number(ballots), counted: Number(counted), drift: drift.filter((r) => r[1] !== r[2]) };
+}
+
+async function totalsEverywhere(pollId, want) {
+  for (const n of c.nodes) {
+    await eventually(async () => {
+      const r = await api(n, 'GET', `/v1/polls/${pollId}/results`);
+      return r.status === 200 && r.json.total_votes === want;
+    }, 5000, `${n.name} shows ${want} ballots`);
+  }
+}
+
+test('5,000 voters at once, retries spread over the instances: 5,000 ballots, counters equal', async () => {
+  const { poll } = await newPoll();
+  const opts = poll.options.map((o) => o.option_id);
+  const N = 5000;
+  const results = await pool(N, 96, async (i) => {
+    const voter = `voter-${i}`;
+    const key = `k-${i}`;
+    const opt = opts[i % 3];
+    const first = c.nodes[i % 3];
+    const tries = [vote(first, voter, poll.poll_id, opt, key)];
+    // a third of the voters send the same request to a second instance at the same time
+    if (i % 3 === 0) tries.push(vote(c.nodes[(i + 1) % 3], voter, poll.poll_id, opt, key));
+    const answers = await Promise.all(tries);
+    // and every voter retries once more through another instance (a lost reply)
+    answers.push(await vote(c.nodes[(i + 2) % 3], voter, poll.poll_id, opt, key));
+    return answers;
+  });
+  const ids = new Set();
+  for (const [i, answers] of results.entries()) {
+    for (const a of answers) assert.equal(a.status, 200, `voter ${i}: ${a.status} ${a.text}`);
+    const vids = new Set(answers.map((a) => a.json.vote_id));
+    assert.equal(vids.size, 1, `voter ${i} got several vote ids: ${[...vids]}`);
+    ids.add([...vids][0]);
+  }
+  assert.equal(ids.size, N);
+  const s = await storeCounts(poll.poll_id);
+  assert.equal(s.ballots, N);
+  assert.equal(s.counted, N);
+  assert.deepEqual(s.drift, []);
+  await totalsEverywhere(poll.poll_id, N);
+});
+
+test('one voter hammering every instance at once gets one ballot', async () => {
+  const { poll } = await newPoll();
+  const opt = poll.options[0].option_id;
+  const answers = await Promise.all(Array.from({ length: 30 }, (_, i) =>
+    vote(c.nodes[i % 3], 'hammer', poll.poll_id, opt)));
+  const ok = answers.filter((a) => a.status === 200);
+  assert.equal(ok.length, 1, answers.map((a) => a.status).join(','));
+  for (const a of answers.filter((x) => x.status !== 200)) {
+    assert.equal(a.status, 409, a.text);
+    assert.equal(a.json.error.code, 'ALREADY_VOTED');
+  }
+  assert.equal((await storeCounts(poll.poll_id)).ballots, 1);
+  await totalsEverywhere(poll.poll_id, 1);
+});
+
+test('a watcher on one instance sees votes cast on the others within a second', async () => {
+  const { poll } = await newPoll();
+  const s = await openSse(c.nodes[0], `/v1/polls/${poll.poll_id}/live`, {});
+  assert.equal(s.status, 200);
+  try {
+    await s.waitFor((e) => e.json?.total_votes === 0, 2000, 'the first state');
+    const t0 = Date.now();
+    assert.equal((await vote(c.nodes[1], 'w1', poll.poll_id, poll.options[0].option_id)).status, 200);
+    await s.waitFor((e) => e.json?.total_votes === 1, 1500, 'the vote from instance 2');
+    assert.equal((await vote(c.nodes[2], 'w2', poll.poll_id, poll.options[1].option_id)).status, 200);
+    await s.waitFor((e) => e.json?.total_votes === 2, 1500, 'the vote from instance 3');
+    assert.ok(Date.now() - t0 < 3000);
+  } finally {
+    s.close?.();
+  }
+});
+
+test('a poll made on one instance can be voted on, changed and read at once on another', async () => {
+  const owner = tok('owner-fresh');
+  const created = await api(c.nodes[0], 'POST', '/v1/polls', {
+    token: owner,
+    body: { title: 'Fresh', options: [{ text: 'A' }, { text: 'B' }], settings: { allow_vote_change: true } },
+  });
+  assert.equal(created.status, 201, created.text);
+  const p = created.json;
+  const cast = await vote(c.nodes[1], 'fresh-voter', p.poll_id, p.options[0].option_id);
+  assert.equal(cast.status, 200, cast.text);
+  const changed = await api(c.nodes[2], 'PUT', `/v1/polls/${p.poll_id}/votes/me`,
+    { token: tok('fresh-voter'), body: { option_id: p.options[1].option_id } });
+  assert.equal(changed.status, 200, changed.text);
+  const closed = await api(c.nodes[1], 'PATCH', `/v1/polls/${p.poll_id}`, { token: owner, body: { status: 'closed' } });
+  assert.equal(closed.status, 200, closed.text);
+  for (const n of c.nodes) {
+    await eventually(async () => {
+      const r = await api(n, 'GET', `/v1/polls/${p.poll_id}/results`);
+      return r.status === 200 && r.json.status === 'closed' && r.json.options.find((o) => o.option_id ===
+        p.options[1].option_id).votes === 1;
+    }, 3000, `${n.name} shows the change and the close`);
+  }
+});
+
+/** Votes through nginx until `stop` is set, retrying each voter (same key) until it gets
+ *  an answer that is not 5xx or a dropped connection; returns the acknowledged voters. */
+function loadThroughLb(pollId, opts, prefix, stop) {
+  const acked = new Map();
+  let errors = 0;
+  let i = 0;
+  const worker = async () => {
+    while (!stop.done) {
+      const n = i++;
+      const voter = `${prefix}-${n}`;
+      for (let attempt = 0; attempt < 200 && !stop.done; attempt++) {
+        let r;
+        try {
+          r = await vote(c.lb, voter, pollId, opts[n % opts.length], `key-${voter}`);
+        } catch {
+          errors++;
+          await sleep(50);
+          continue;
+        }
+        if (r.status === 200) {
+          acked.set(voter, r.json.vote_id);
+          break;
+        }
+        if (r.status >= 500) {
+          errors++;
+          await sleep(50);
+          continue;
+        }
+        assert.fail(`${voter}: ${r.status} ${r.text}`);
+      }
+    }
+  };
+  const done = Promise.all(Array.from({ length: 16 }, worker));
+  return { acked, done, errors: () => errors };
+}
+
+async function checkAcked(pollId, acked) {
+  const rows = await c.sql(`SELECT voter_id, vote_id FROM ballots WHERE poll_id = '${pollId}'`);
+  const stored = new Map(rows.map(([v, id]) => [v, id]));
+  for (const [voter, id] of acked) assert.equal(stored.get(voter), id, `acknowledged ${voter} missing or changed`);
+  const s = await storeCounts(pollId);
+  assert.equal(s.ballots, stored.size);
+  assert.equal(s.counted, stored.size);
+  assert.deepEqual(s.drift, []);
+  return stored.size;
+}
+
+test('kill -9 of one instance mid-load loses no acknowledged vote', async () => {
+  const { poll } = await newPoll();
+  const stop = { done: false };
+  const load = loadThroughLb(poll.poll_id, poll.options.map((o) => o.option_id), 'k9', stop);
+  await sleep(1500);
+  await c.kill('tally-2', 'KILL');
+  await sleep(1500);
+  await c.start('tally-2');
+  await sleep(1500);
+  stop.done = true;
+  await load.done;
+  assert.ok(load.acked.size > 100, `only ${load.acked.size} votes acknowledged`);
+  const n = await checkAcked(poll.poll_id, load.acked);
+  await totalsEverywhere(poll.poll_id, n);
+});
+
+test('Redis stopped and started again mid-load: votes go on, live results come back', async () => {
+  const { poll } = await newPoll();
+  const stop = { done: false };
+  const load = loadThroughLb(poll.poll_id, poll.options.map((o) => o.option_id), 'rd', stop);
+  await sleep(1000);
+  await c.stopService('redis');
+  const during = load.acked.size;
+  await sleep(2000);
+  assert.ok(load.acked.size > during, 'votes were accepted while Redis was down');
+  await c.startService('redis');
+  await sleep(2000);
+  stop.done = true;
+  await load.done;
+  const n = await checkAcked(poll.poll_id, load.acked);
+  await totalsEverywhere(poll.poll_id, n);
+  const s = await openSse(c.nodes[0], `/v1/polls/${poll.poll_id}/live`, {});
+  try {
+    await s.waitFor((e) => e.json?.total_votes === n, 2000, 'the current state');
+    assert.equal((await vote(c.nodes[2], 'after-redis', poll.poll_id, poll.options[0].option_id)).status, 200);
+    await s.waitFor((e) => e.json?.total_votes === n + 1, 1500, 'a vote from another instance');
+  } finally {
+    s.close?.();
+  }
+});
+
+test('PostgreSQL restarted mid-load: 503 with Retry-After meanwhile, nothing acknowledged lost', async () => {
+  const { poll } = await newPoll();
+  const stop = { done: false };
+  const load = loadThroughLb(poll.poll_id, poll.options.map((o) => o.option_id), 'pg', stop);
+  await sleep(1000);
+  await c.stopService('pg');
+  await sleep(300);
+  const r = await vote(c.nodes[0], 'while-down', poll.poll_id, poll.options[0].option_id, 'wd');
+  assert.equal(r.status, 503, r.text);
+  assert.ok(r.headers.get('retry-after'), 'Retry-After');
+  assert.equal(r.json.error.code, 'UNAVAILABLE');
+  await sleep(1000);
+  await c.startService('pg');
+  await sleep(4000);
+  stop.done = true;
+  await load.done;
+  assert.ok(load.errors() > 0, 'the outage was seen');
+  const n = await checkAcked(poll.poll_id, load.acked);
+  await totalsEverywhere(poll.poll_id, n);
+});
