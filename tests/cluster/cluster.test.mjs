@@ -3,12 +3,15 @@
 // across instances, and no acknowledged vote lost when an instance is killed or Redis or
 // PostgreSQL restart under load.
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
 import { after, before, test } from 'node:test';
+import { promisify } from 'node:util';
 
 import { api, mintToken, sleep } from '../api/harness.mjs';
 import { openSse } from '../live/client.mjs';
 import { startCluster } from './cluster.mjs';
 
+const run = promisify(execFile);
 let c;
 before(async () => { c = await startCluster(); });
 after(async () => { if (c) await c.stop(); });
@@ -270,4 +273,85 @@ test('PostgreSQL restarted mid-load: 503 with Retry-After meanwhile, nothing ack
   assert.ok(load.errors() > 0, 'the outage was seen');
   const n = await checkAcked(poll.poll_id, load.acked);
   await totalsEverywhere(poll.poll_id, n);
+});
+
+async function requestState(server, voter, pollId, rid) {
+  const r = await api(server, 'GET', `/v1/polls/${pollId}/votes/requests/${rid}`, { token: tok(voter) });
+  return r.status === 200 ? r.json : { state: `HTTP ${r.status}` };
+}
+
+test('async votes: into the ingest log (202), retried across instances, one killed: each applied once', async () => {
+  const { poll } = await newPoll();
+  const opts = poll.options.map((o) => o.option_id);
+  const N = 1500;
+  const async = { Prefer: 'respond-async' };
+  let killed = false;
+  const accepted = await pool(N, 48, async (i) => {
+    if (i === 500 && !killed) {
+      killed = true;
+      await c.kill('tally-3', 'KILL');
+    }
+    const voter = `async-${i}`;
+    const key = `ak-${i}`;
+    // a request in flight to the instance being killed fails: sent again elsewhere
+    const send = async (k) => {
+      for (let t = 0; ; t++) {
+        const live = killed ? c.nodes.slice(0, 2) : c.nodes;
+        try {
+          return await vote(live[(k + t) % live.length], voter, poll.poll_id, opts[i % 3], key, async);
+        } catch (e) {
+          if (t > 5) throw e;
+        }
+      }
+    };
+    const a = await send(i);
+    assert.equal(a.status, 202, `voter ${i}: ${a.status} ${a.text}`);
+    assert.equal(a.json.status, 'accepted');
+    // the same request again on another instance: the same request id
+    const b = await send(i + 1);
+    assert.ok(b.status === 202 || b.status === 200, `voter ${i} retry: ${b.status} ${b.text}`);
+    if (b.status === 202) assert.equal(b.json.request_id, a.json.request_id);
+    return a.json.request_id;
+  });
+  await c.start('tally-3'); // its unacknowledged entries are claimed by the others meanwhile
+  for (let i = 0; i < N; i += 1) {
+    await eventually(async () => {
+      const s = await requestState(c.nodes[i % 3], `async-${i}`, poll.poll_id, accepted[i]);
+      return s.state === 'completed' ? s : null;
+    }, 20_000, `request of voter ${i} completed`);
+  }
+  const s = await storeCounts(poll.poll_id);
+  assert.equal(s.ballots, N);
+  assert.equal(s.counted, N);
+  assert.deepEqual(s.drift, []);
+  const [[reqs]] = await c.sql(`SELECT count(*) FROM vote_requests WHERE poll_id = '${poll.poll_id}' AND state = 'completed'`);
+  assert.equal(Number(reqs), N);
+  await totalsEverywhere(poll.poll_id, N);
+});
+
+test('an async ballot of a voter who already voted fails ALREADY_VOTED; a broken entry goes to the dead letters', async () => {
+  const { poll } = await newPoll();
+  const opt = poll.options[0].option_id;
+  assert.equal((await vote(c.nodes[0], 'sync-first', poll.poll_id, opt)).status, 200);
+  const a = await vote(c.nodes[1], 'sync-first', poll.poll_id, opt, 'x1', { Prefer: 'respond-async' });
+  // memory of instance 2 may already know the ballot (409) or not yet (202, then failed)
+  if (a.status === 202) {
+    const st = await eventually(async () => {
+      const x = await requestState(c.nodes[2], 'sync-first', poll.poll_id, a.json.request_id);
+      return x.state === 'failed' ? x : null;
+    }, 10_000, 'the request failed');
+    assert.equal(st.error.code, 'ALREADY_VOTED');
+  } else {
+    assert.equal(a.status, 409, a.text);
+  }
+  await run('redis-cli', ['-u', c.info.redis, 'XADD', 'tally:ingest', '*', 'r', 'r_broken', 'p', poll.poll_id]);
+  const dead = await eventually(async () => {
+    const { stdout } = await run('redis-cli', ['-u', c.info.redis, 'XRANGE', 'tally:ingest:dead', '-', '+']);
+    return stdout.includes('r_broken') ? stdout : null;
+  }, 10_000, 'the broken entry in tally:ingest:dead');
+  assert.match(dead, /malformed entry/);
+  await eventually(async () => {
+    const { stdout: pending } = await run('redis-cli', ['-u', c.info.redis, 'XPENDING', 'tally:ingest', 'tally']);
+    return /^0/.test(pending.trim());
+  }, 15_000, 'every entry acknowledged');
 });
