@@ -114,6 +114,7 @@ struct tly_app {
     unsigned settling;       /* polls.c: closed polls waiting for a sync to be frozen */
     tly_bus_t *bus;          /* --bus: Redis, joining the instances; NULL without */
     struct ingest *ingest;   /* ingest.c: the async ingest log; NULL without a bus */
+    tly_bus_script_t *counts_script; /* follow.c: live counters in Redis */
     uint64_t announced;      /* store batches committed when we last told the bus */
     struct live *live;
     tly_store_reader_t *reader; /* loop thread's, opened on first use */
@@ -264,6 +265,10 @@ void api_follow_flush(tly_app_t *app); /* after our own writes are done */
 void api_follow_free(tly_app_t *app);
 /* --bus: joins the instances through Redis (0, or -1 with a message in err[512]). */
 int api_bus_open(tly_app_t *app, char *err);
+/* Moves the poll's live counters in Redis for one committed change of a ballot: its
+ * option positions before (none for a cast) and after (none for a retraction). */
+void api_bus_count(tly_app_t *app, const char *poll_id, const uint8_t *before, size_t nbefore,
+                   const uint8_t *after, size_t nafter);
 /* Tells the other instances that our store batches committed (after a reap). */
 void api_bus_announce(tly_app_t *app);
 /* A request that found nothing where another instance may just have made something:
@@ -287,6 +292,8 @@ void api_ingest_enqueue(tly_app_t *app, tly_req_t *req, tly_poll_t *p, const cha
                         const tly_ballot_t *ballot, const char *idem, const uint8_t hash[16],
                         const uint8_t *ip_hash, char *client_meta);
 int api_ingest_open(tly_app_t *app);
+/* A retracted ballot frees its voter's dedup key, so the voter may vote again. */
+void api_ingest_forget(tly_app_t *app, const char *poll_id, const char *voter_id);
 void api_ingest_close(tly_app_t *app);
 /* GET .../votes/requests/{id} for a request memory does not know: asks the log. */
 bool api_ingest_status(tly_app_t *app, tly_req_t *req, const char *request_id, const char *voter_id);

@@ -366,6 +366,60 @@ static void on_bus_state(void *arg, bool up)
         tly_store_poke(app->store);
 }
 
+/* Live counters in Redis, a hash per poll (`tally:counts:{poll_id}`: field "ballots" =
+ * current ballots, field "<position>" = current ballots that include that option
+ * position, as the store's counter rows). The instance that committed a change moves
+ * them, one script call per change, without waiting; a change lost on the way (bus down,
+ * a crash between commit and call) is drift that reconciliation repairs. */
+static const char counts_lua[] =
+    "for i = 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end\n"
+    "return 0\n";
+
+static void counted_ignore(void *arg, const tly_bus_reply_t *r)
+{
+    (void)arg;
+    (void)r;
+}
+
+void api_bus_count(tly_app_t *app, const char *poll_id, const uint8_t *before, size_t nbefore,
+                   const uint8_t *after, size_t nafter)
+{
+    if (app->bus == NULL || app->counts_script == NULL || !tly_bus_up(app->bus))
+        return;
+    int delta[TLY_MAX_OPTIONS] = {0};
+    for (size_t i = 0; i < nbefore; i++)
+        if (before[i] < TLY_MAX_OPTIONS)
+            delta[before[i]]--;
+    for (size_t i = 0; i < nafter; i++)
+        if (after[i] < TLY_MAX_OPTIONS)
+            delta[after[i]]++;
+    char key[TLY_POLL_ID_LEN + 16], buf[2 * TLY_MAX_OPTIONS + 2][8];
+    const char *argv[2 * TLY_MAX_OPTIONS + 3];
+    size_t lens[2 * TLY_MAX_OPTIONS + 3], n = 0;
+    snprintf(key, sizeof(key), "tally:counts:%s", poll_id);
+    argv[n] = key;
+    lens[n++] = strlen(key);
+    int total = (nafter > 0) - (nbefore > 0);
+    for (int pos = -1; pos < TLY_MAX_OPTIONS; pos++) {
+        int d = pos < 0 ? total : delta[pos];
+        if (d == 0)
+            continue;
+        size_t k = n - 1;
+        if (pos < 0)
+            snprintf(buf[k], sizeof(buf[k]), "ballots");
+        else
+            snprintf(buf[k], sizeof(buf[k]), "%d", pos);
+        snprintf(buf[k + 1], sizeof(buf[k + 1]), "%d", d);
+        argv[n] = buf[k];
+        lens[n] = strlen(buf[k]);
+        argv[n + 1] = buf[k + 1];
+        lens[n + 1] = strlen(buf[k + 1]);
+        n += 2;
+    }
+    if (n > 1)
+        tly_bus_script(app->bus, app->counts_script, counted_ignore, NULL, 1, n, argv, lens);
+}
+
 int api_bus_open(tly_app_t *app, char *err)
 {
     const char *url = app->conf->bus;
@@ -384,6 +438,8 @@ int api_bus_open(tly_app_t *app, char *err)
     int rc = tly_bus_open(&bc, &app->bus);
     if (rc == 0)
         rc = tly_bus_subscribe(app->bus, FEED_CHANNEL);
+    if (rc == 0 && (app->counts_script = tly_bus_script_new(app->bus, counts_lua)) == NULL)
+        rc = TLY_ENOMEM;
     if (rc != 0) {
         snprintf(err, 512, "cannot use the bus %s (error %d): expected redis://host:port[/db]", url, rc);
         return -1;

@@ -628,3 +628,9 @@ bool api_ingest_status(tly_app_t *app, tly_req_t *req, const char *request_id, c
     }
     return true;
 }
+
+void api_ingest_forget(tly_app_t *app, const char *poll_id, const char *voter_id)
+{
+    if (app->ingest != NULL)
+        tly_bus_command(app->bus, ignore_reply, NULL, "DEL tally:dedup:%s:%s", poll_id, voter_id);
+}

@@ -219,6 +219,7 @@ static void ballot_committed(tly_store_op_t *op)
     p->pending_votes--;
     if (op->result == 0) {
         tly_poll_commit_vote(p, v, tly_now_ms());
+        api_bus_count(app, p->poll_id, NULL, 0, v->data, v->nchoices);
         if (bo->request_id[0])
             remember_request(app, bo->request_id, p, v->voter_id, "completed", v->vote_id, NULL);
         if (bo->on_done != NULL)
@@ -653,6 +654,10 @@ static void change_committed(tly_store_op_t *op)
     tly_req_t *req = bo->waiters->req;
     if (op->result == 0) {
         tly_vote_t *nv = NULL;
+        uint8_t before[TLY_MAX_OPTIONS];
+        size_t nbefore = bo->vote->nchoices;
+        memcpy(before, bo->vote->data, nbefore);
+        api_bus_count(app, bo->poll->poll_id, before, nbefore, bo->ballot.choices, bo->ballot.nchoices);
         if (tly_poll_change_vote(app->registry, bo->poll, bo->vote, &bo->ballot, op->u.ballot.recorded_at, &nv) != 0) {
             /* stored but not applied in memory: the next start recounts from the store */
             tly_log(TLY_LOG_ERROR, "vote change stored but not counted (out of memory)", "poll_id",
@@ -678,6 +683,8 @@ static void retract_committed(tly_store_op_t *op)
     api_end_async(app);
     tly_req_t *req = bo->waiters->req;
     if (op->result == 0) {
+        api_bus_count(app, bo->poll->poll_id, bo->vote->data, bo->vote->nchoices, NULL, 0);
+        api_ingest_forget(app, bo->poll->poll_id, bo->vote->voter_id); /* may vote again */
         remember_retracted(app, bo->poll, bo->vote);
         tly_poll_retract_vote(app->registry, bo->poll, bo->vote, op->u.ballot.recorded_at);
         tly_req_respond(req, 204, NULL, "", 0);
