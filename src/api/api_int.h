@@ -110,6 +110,8 @@ struct tly_app {
     /* follow.c: a shared store's changes from other instances */
     deferred_t *deferred;   /* waiting for a write of ours on the same key */
     tly_req_t *redispatch;  /* the request running a second time after a sync */
+    tly_req_t *limit_passed; /* the request running again after its rate limit passed */
+    tly_bus_script_t *limit_script; /* limits.c: shared buckets in Redis (with a bus) */
     uint64_t followed, resyncs;
     unsigned settling;       /* polls.c: closed polls waiting for a sync to be frozen */
     tly_bus_t *bus;          /* --bus: Redis, joining the instances; NULL without */

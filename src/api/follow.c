@@ -325,8 +325,10 @@ static void resync_done(void *arg)
     tly_app_t *app = r->app;
     api_end_async(app);
     app->redispatch = r->req;
+    app->limit_passed = r->req; /* checked on the first run */
     api_dispatch(app, r->req);
     app->redispatch = NULL;
+    app->limit_passed = NULL;
 }
 
 bool api_resync(tly_app_t *app, tly_req_t *req)
