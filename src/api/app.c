@@ -536,6 +536,9 @@ void tly_app_free(tly_app_t *app)
 {
     if (app == NULL)
         return;
+    /* From here on, callbacks that closing the store and the bus still run only release
+     * what they hold (and answer 503): the app they would act on is going away. */
+    app->closing = true;
     if (app->work.waker != NULL) {
         pthread_mutex_lock(&app->work.mu);
         app->work.stop = true;

@@ -324,6 +324,11 @@ static void resync_done(void *arg)
     resync_t *r = arg;
     tly_app_t *app = r->app;
     api_end_async(app);
+    if (app->closing) {
+        tly_req_add_header(r->req, "Retry-After", "1");
+        api_respond_error(r->req, 503, "UNAVAILABLE", "the server is shutting down", NULL);
+        return;
+    }
     app->redispatch = r->req;
     app->limit_passed = r->req; /* checked on the first run */
     api_dispatch(app, r->req);

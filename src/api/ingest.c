@@ -161,11 +161,22 @@ static void enqueue_fallback(enqueue_t *e)
     }
 }
 
+static void respond_closing(tly_req_t *req)
+{
+    tly_req_add_header(req, "Retry-After", "1");
+    api_respond_error(req, 503, "UNAVAILABLE", "the server is shutting down", NULL);
+}
+
 static void enqueued(void *arg, const tly_bus_reply_t *r)
 {
     enqueue_t *e = arg;
     tly_app_t *app = e->app;
     api_end_async(app);
+    if (app->closing) {
+        respond_closing(e->req);
+        enqueue_free(e);
+        return;
+    }
     if (is_error(r) || r->type != TLY_BUS_ARRAY || r->nelements != 2 || r->elements[0].type != TLY_BUS_INT ||
         r->elements[1].type != TLY_BUS_STRING) {
         tly_log(TLY_LOG_WARN, "ingest log unavailable, vote stored directly", "error",
@@ -323,7 +334,10 @@ static void applied(void *arg, int result, const char *vote_id)
 {
     entry_t *en = arg;
     tly_app_t *app = en->app;
-    if (result == 0) {
+    if (app->closing) {
+        /* unacknowledged: the outcome is in the store, and a consumer claiming the entry
+         * finds the request known and only acknowledges it */
+    } else if (result == 0) {
         app->ingest->applied++;
         set_status(app, en->request_id, "completed", vote_id, NULL);
         ack(app, en->id);
@@ -344,6 +358,10 @@ static void apply_entry(entry_t *en);
 static void synced(void *arg)
 {
     entry_t *en = arg;
+    if (en->app->closing) {
+        entry_free(en);
+        return;
+    }
     api_follow_flush(en->app);
     apply_entry(en);
 }
@@ -456,6 +474,8 @@ static void read_done(void *arg, const tly_bus_reply_t *r)
     tly_app_t *app = arg;
     struct ingest *in = app->ingest;
     in->reading = false;
+    if (app->closing)
+        return; /* delivered, unacknowledged: claimed by another consumer later */
     if (is_error(r)) {
         if (r->len >= 7 && memcmp(r->str, "NOGROUP", 7) == 0)
             in->group_ok = false;
@@ -480,6 +500,10 @@ static void read_done(void *arg, const tly_bus_reply_t *r)
 static void counted(void *arg, const tly_bus_reply_t *r)
 {
     entry_t *en = arg;
+    if (en->app->closing) {
+        entry_free(en);
+        return;
+    }
     en->attempts = r->type == TLY_BUS_INT ? r->integer : MAX_ATTEMPTS + 1;
     if (en->attempts > MAX_ATTEMPTS)
         dead_letter(en, "not applied after 3 attempts");
@@ -491,6 +515,8 @@ static void claim_done(void *arg, const tly_bus_reply_t *r)
 {
     tly_app_t *app = arg;
     app->ingest->claiming = false;
+    if (app->closing)
+        return;
     /* [next, [entry, ...], [deleted ids]] */
     if (is_error(r) || r->type != TLY_BUS_ARRAY || r->nelements < 2 || r->elements[1].type != TLY_BUS_ARRAY)
         return;
@@ -505,6 +531,8 @@ static void claim_done(void *arg, const tly_bus_reply_t *r)
 static void group_created(void *arg, const tly_bus_reply_t *r)
 {
     tly_app_t *app = arg;
+    if (app->closing)
+        return;
     if (!is_error(r) || (r->len >= 9 && memcmp(r->str, "BUSYGROUP", 9) == 0)) {
         app->ingest->group_ok = true;
         kick(app->ingest);
@@ -589,6 +617,12 @@ static void status_done(void *arg, const tly_bus_reply_t *r)
 {
     status_t *st = arg;
     api_end_async(st->app);
+    if (st->app->closing) {
+        respond_closing(st->req);
+        tly_free(st->voter_id);
+        tly_free(st);
+        return;
+    }
     /* HGETALL: [field, value, ...] */
     const tly_bus_reply_t *state = r->type == TLY_BUS_ARRAY ? field(r, "state") : NULL;
     const tly_bus_reply_t *voter = r->type == TLY_BUS_ARRAY ? field(r, "v") : NULL;

@@ -143,6 +143,11 @@ static void shared_done(void *arg, const tly_bus_reply_t *reply)
     shared_t *sh = arg;
     tly_app_t *app = sh->app;
     api_end_async(app);
+    if (app->closing) {
+        tly_req_add_header(sh->req, "Retry-After", "1");
+        api_respond_error(sh->req, 503, "UNAVAILABLE", "the server is shutting down", NULL);
+        return;
+    }
     tly_limit_result_t r = {0};
     if (reply->type == TLY_BUS_ARRAY && reply->nelements == 4 && reply->elements[0].type == TLY_BUS_INT) {
         r.allowed = reply->elements[0].integer == 1;

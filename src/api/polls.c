@@ -162,9 +162,13 @@ static void settle_synced(void *arg)
 {
     settle_t *st = arg;
     tly_app_t *app = st->app;
+    app->settling--;
+    if (app->closing) {
+        tly_free(st);
+        return;
+    }
     api_follow_flush(app);
     tly_poll_t *p = tly_registry_find_poll(app->registry, st->poll_id);
-    app->settling--;
     if (p != NULL)
         settle_now(app, p, tly_now_ms());
     tly_free(st);
