@@ -1,7 +1,9 @@
 # tally: build, run, test. See README.md.
 #   make run         install missing Debian packages, build, serve http://localhost:8080
-#   make test        install what tests need, run unit, API and browser tests
-#   make check-asan  the same tests against an AddressSanitizer+UBSan build
+#   make test        install what tests need, run unit, API (SQLite and PostgreSQL), live,
+#                    crash, browser and cluster tests (PostgreSQL and Redis started for the run)
+#   make check-asan  unit, API and live tests against an AddressSanitizer+UBSan build
+#   make cluster     three instances on PostgreSQL + Redis behind nginx (make cluster-stop)
 #   make bench       load benchmarks with a reference run beside tally (bench/)
 
 CC       ?= cc
@@ -24,7 +26,8 @@ UNIT_BIN := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 DATA_DIR ?= ./data
 LISTEN   ?= 127.0.0.1:8080
 
-.PHONY: all run test test-unit test-api test-live test-e2e test-crash check-asan check-valgrind deps deps-test clean bench bench-live bench-export lint fmt
+.PHONY: all run test test-unit test-api test-api-pg test-live test-e2e test-crash test-cluster with-services \
+        cluster cluster-stop check-asan check-valgrind deps deps-test clean bench bench-live bench-export bench-cluster lint fmt
 .DEFAULT_GOAL := all
 
 all: $(BUILD)/tally
@@ -59,36 +62,83 @@ run: deps
 	@$(MAKE) --no-print-directory all
 	$(BUILD)/tally serve --listen $(LISTEN) --data-dir $(DATA_DIR)
 
+# The PostgreSQL and Redis unit suites run when TALLY_TEST_PG / TALLY_TEST_REDIS are set
+# (`make test` starts both with scripts/services.sh and exports them).
 test-unit: $(UNIT_BIN)
 	@set -e; for t in $(UNIT_BIN); do echo "== $$t"; $$t --jobs 2; done
 
+# The API suite on the SQLite store (TALLY_TEST_PG emptied: the harness then uses SQLite).
 test-api: $(BUILD)/tally
-	TALLY_BIN=$(abspath $(BUILD)/tally) node --test --test-concurrency=2 tests/api/
+	TALLY_TEST_PG= TALLY_BIN=$(abspath $(BUILD)/tally) node --test --test-concurrency=2 tests/api/
+
+# The same suite on the PostgreSQL store: each server gets a database of its own on
+# TALLY_TEST_PG (a URI on which CREATE DATABASE works); without it, a PostgreSQL is
+# started for this run alone (scripts/services.sh) and stopped after.
+test-api-pg: $(BUILD)/tally
+	@if [ -n "$$TALLY_TEST_PG" ]; then \
+	    echo "TALLY_BIN=$(abspath $(BUILD)/tally) node --test --test-concurrency=2 tests/api/  (TALLY_TEST_PG=$$TALLY_TEST_PG)"; \
+	    TALLY_BIN=$(abspath $(BUILD)/tally) node --test --test-concurrency=2 tests/api/; \
+	else \
+	    $(MAKE) --no-print-directory with-services SERVICES=pg WITH_SERVICES=test-api-pg; \
+	fi
 
 test-live: $(BUILD)/tally
-	TALLY_BIN=$(abspath $(BUILD)/tally) node --test --test-concurrency=1 tests/live/
+	TALLY_TEST_PG= TALLY_BIN=$(abspath $(BUILD)/tally) node --test --test-concurrency=1 tests/live/
 
 test-e2e: $(BUILD)/tally
-	TALLY_BIN=$(abspath $(BUILD)/tally) TALLY_WEB_ROOT=$(abspath web) node --test --test-concurrency=2 tests/e2e/
+	TALLY_TEST_PG= TALLY_BIN=$(abspath $(BUILD)/tally) TALLY_WEB_ROOT=$(abspath web) node --test --test-concurrency=2 tests/e2e/
+
+# Several instances on PostgreSQL + Redis behind nginx (tests/cluster/; each test starts
+# its own with `scripts/cluster.sh start DIR`). One file at a time: each runs a cluster.
+test-cluster: $(BUILD)/tally
+	@if [ -n "$$(find tests/cluster -name '*.test.mjs' 2>/dev/null | head -n 1)" ]; then \
+	    echo "TALLY_BIN=$(abspath $(BUILD)/tally) node --test --test-concurrency=1 tests/cluster/"; \
+	    TALLY_BIN=$(abspath $(BUILD)/tally) TALLY_WEB_ROOT=$(abspath web) TALLY_CLUSTER_SH=$(abspath scripts/cluster.sh) \
+	        node --test --test-concurrency=1 tests/cluster/; \
+	else \
+	    echo "test-cluster: no tests in tests/cluster/ yet"; \
+	fi
+
+# Runs the targets in WITH_SERVICES, one after another, with PostgreSQL and Redis (or
+# only SERVICES) started for the run in a mktemp directory (scripts/services.sh) and
+# TALLY_TEST_PG / TALLY_TEST_REDIS exported. The services are stopped whatever happens
+# (a failure, Ctrl-C); the first failing target ends the run with its exit status.
+SERVICES      ?= pg redis
+WITH_SERVICES ?=
+with-services:
+	@d=$$(mktemp -d /tmp/tally-services.XXXXXX) || exit 1; \
+	trap 'scripts/services.sh stop "$$d"' EXIT; trap 'exit 130' INT; trap 'exit 143' TERM HUP; \
+	scripts/services.sh start "$$d" $(SERVICES) || exit $$?; \
+	. "$$d/env"; export TALLY_TEST_PG TALLY_TEST_REDIS; \
+	for t in $(WITH_SERVICES); do \
+	    echo "== make $$t"; \
+	    $(MAKE) --no-print-directory $$t || { rc=$$?; echo "make: $$t failed (exit $$rc); stopping the services" >&2; exit $$rc; }; \
+	done
 
 # Fault tests: a full disk (a 3 MiB tmpfs: needs root, skipped otherwise), a failed
 # fsync and failing allocations (TALLY_FAULT_* hooks, see src/main.c). One at a time:
 # the disk test mounts a file system and the others count fsyncs and allocations.
 test-crash: $(BUILD)/tally
-	TALLY_BIN=$(abspath $(BUILD)/tally) node --test --test-concurrency=1 tests/crash/
+	TALLY_TEST_PG= TALLY_BIN=$(abspath $(BUILD)/tally) node --test --test-concurrency=1 tests/crash/
 
 test: deps-test
 	@$(MAKE) --no-print-directory all
-	@$(MAKE) --no-print-directory test-unit
-	@$(MAKE) --no-print-directory test-api
-	@$(MAKE) --no-print-directory test-live
-	@$(MAKE) --no-print-directory test-crash
-	@$(MAKE) --no-print-directory test-e2e
+	@$(MAKE) --no-print-directory with-services \
+	    WITH_SERVICES="test-unit test-api test-api-pg test-live test-crash test-e2e test-cluster"
 
 check-asan: deps-test
 	@$(MAKE) --no-print-directory BUILD=build-asan OPT=-O1 \
 	    SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined" \
-	    all test-unit test-api test-live
+	    all with-services WITH_SERVICES="test-unit test-api test-api-pg test-live"
+
+# Three instances on PostgreSQL + Redis behind nginx on http://127.0.0.1:$(CLUSTER_PORT)
+# (scripts/cluster.sh; state in .cluster/). `make cluster-stop` stops exactly those.
+CLUSTER_PORT ?= 8090
+cluster: $(BUILD)/tally
+	@CLUSTER_PORT=$(CLUSTER_PORT) TALLY_BIN=$${TALLY_BIN:-$(abspath $(BUILD)/tally)} scripts/cluster.sh up
+
+cluster-stop:
+	@scripts/cluster.sh down
 
 # The vote and auth API tests against tally under valgrind (tests/valgrind/tally.sh): a
 # memory error or a definite or possible leak makes tally exit 99, which fails the test
@@ -112,6 +162,12 @@ bench-live: $(BUILD)/tally
 # while the server's RSS is sampled (issue: < 100 MiB growth)
 bench-export: $(BUILD)/tally $(BUILD)/tally-genballots
 	node bench/export.mjs --bin $(abspath $(BUILD)/tally) --gen $(abspath $(BUILD)/tally-genballots)
+
+# durable votes/s through nginx to 3 instances on PostgreSQL + Redis (scripts/cluster.sh),
+# exactly-once checked in the store, beside pgbench running the same vote as one SQL
+# statement on the same PostgreSQL; prints the ratio (bench/cluster.sh; issue: >= 8x)
+bench-cluster: $(BUILD)/tally
+	TALLY_BIN=$(abspath $(BUILD)/tally) bench/cluster.sh
 
 # ---- fuzzing: libFuzzer harnesses in tests/fuzz/ (clang, Debian's libfuzzer-14) ----
 #   make fuzz [FUZZ_SECONDS=60]   build each harness into build-fuzz/ and run it for

@@ -3,8 +3,16 @@
 // raw sockets) and assertion helpers shared by the *.test.mjs files.
 //
 // Only 127.0.0.1 is ever contacted.
+//
+// The store: SQLite in the data directory by default. With TALLY_TEST_PG set to a
+// PostgreSQL URI on which CREATE DATABASE works (scripts/services.sh starts one; `make
+// test-api-pg`), every server started on a fresh data directory gets a fresh database of
+// its own (`--store postgres://.../tally_t_<pid>_<random>`); a restart on the same data
+// directory, or startServer({dataDir}) with a directory seen before, reuses it. The
+// databases are dropped when their server is closed or the test process exits.
+// `STORE` says which ('sqlite' or 'postgres') for the rare test that must know.
 
-import { spawn, execFile } from 'node:child_process';
+import { spawn, execFile, execFileSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import fsp from 'node:fs/promises';
@@ -38,7 +46,85 @@ process.on('exit', () => {
   for (const dir of tempDirs) {
     try { fs.rmSync(dir, { recursive: true, force: true }); } catch { /* ignore */ }
   }
+  dropAllDatabasesSync();
 });
+
+// ---------------------------------------------------------------------------------------
+// the store: SQLite (default) or one PostgreSQL database per data directory
+
+export const PG_BASE = process.env.TALLY_TEST_PG || '';
+export const STORE = PG_BASE ? 'postgres' : 'sqlite';
+const pgDatabases = new Map(); // resolved data dir -> { name, uri }
+const PSQL = ['-X', '-q', '-v', 'ON_ERROR_STOP=1'];
+
+/** PG_BASE with its database replaced by `name`. */
+function pgUri(name) {
+  const u = new URL(PG_BASE);
+  u.pathname = '/' + name;
+  return u.toString();
+}
+
+function psql(sql) {
+  return new Promise((resolve, reject) => {
+    execFile('psql', [...PSQL, '-d', PG_BASE, '-c', sql], { timeout: 30_000 }, (err, stdout, stderr) => {
+      if (err) return reject(new Error(`psql ${JSON.stringify(sql)} on ${PG_BASE} failed: ${err.message}\n${stderr}`));
+      resolve(stdout);
+    });
+  });
+}
+
+/** The --store URI for a data directory: null for SQLite; a database of its own on PG. */
+async function storeFor(dataDir) {
+  if (!PG_BASE) return null;
+  const key = path.resolve(dataDir);
+  let db = pgDatabases.get(key);
+  if (!db) {
+    const name = `tally_t_${process.pid}_${crypto.randomBytes(5).toString('hex')}`;
+    await psql(`CREATE DATABASE ${name}`);
+    db = { name, uri: pgUri(name) };
+    pgDatabases.set(key, db);
+  }
+  return db.uri;
+}
+
+async function dropDatabase(dataDir) {
+  const key = path.resolve(dataDir);
+  const db = pgDatabases.get(key);
+  if (!db) return;
+  pgDatabases.delete(key);
+  try {
+    await psql(`DROP DATABASE IF EXISTS ${db.name} WITH (FORCE)`);
+  } catch (e) {
+    process.stderr.write(`[harness] could not drop database ${db.name}: ${e.message}\n`);
+  }
+}
+
+function dropAllDatabasesSync() {
+  if (!PG_BASE || pgDatabases.size === 0) return;
+  const args = [...PSQL, '-d', PG_BASE];
+  for (const { name } of pgDatabases.values()) args.push('-c', `DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
+  pgDatabases.clear();
+  try { execFileSync('psql', args, { timeout: 30_000, stdio: 'ignore' }); } catch { /* the server may be gone */ }
+}
+
+/**
+ * Everything the server's store holds, as [{name, bytes}] (for tests that look for text
+ * that must never be stored): the files of the data directory, and on PostgreSQL a
+ * plain-text pg_dump of the server's database besides.
+ */
+export function storeContents(server) {
+  const out = [];
+  for (const f of fs.readdirSync(server.dataDir)) {
+    const full = path.join(server.dataDir, f);
+    if (fs.statSync(full).isFile()) out.push({ name: f, bytes: fs.readFileSync(full) });
+  }
+  if (server.store) {
+    const bytes = execFileSync('pg_dump', ['--no-owner', '--no-privileges', '-d', server.store],
+      { timeout: 60_000, maxBuffer: 1 << 30 });
+    out.push({ name: `pg_dump ${new URL(server.store).pathname.slice(1)}`, bytes });
+  }
+  return out;
+}
 
 export function freePort() {
   return new Promise((resolve, reject) => {
@@ -73,23 +159,26 @@ async function healthy(url) {
 /**
  * Starts `tally serve` on a free port with a fresh (or given) data directory.
  * opts: { args: [extra flags], env: {extra environment}, dataDir, secret, printLogs }
- * Returns { url, port, dataDir, secret, proc, stop(), kill9(), restart(), close(),
+ * Returns { url, port, dataDir, secret, store, proc, stop(), kill9(), restart(), close(),
  *           token(sub, ttl?), mint(sub, opts?), logs() }.
+ * `store` is the --store URI given (PostgreSQL, with TALLY_TEST_PG), or null (SQLite).
  */
 export async function startServer(opts = {}) {
   if (!fs.existsSync(BIN)) throw new Error(`tally binary not found at ${BIN} (run make first)`);
   const dataDir = opts.dataDir || (await fsp.mkdtemp(path.join(os.tmpdir(), 'tally-api-')));
   if (!opts.dataDir) tempDirs.add(dataDir);
   const secret = opts.secret || crypto.randomBytes(24).toString('hex');
+  const ownStore = (opts.args || []).some((a) => a === '--store' || a.startsWith('--store='));
+  const store = ownStore ? null : await storeFor(dataDir);
   const server = {
-    url: null, port: null, dataDir, secret, proc: null,
+    url: null, port: null, dataDir, secret, store, proc: null,
     _log: '', _expectedExit: false, _crashed: null,
   };
 
   const launch = async () => {
     const port = await freePort();
     const args = ['serve', '--listen', `127.0.0.1:${port}`, '--data-dir', dataDir, '--secret', secret,
-      ...(opts.args || [])];
+      ...(store ? ['--store', store] : []), ...(opts.args || [])];
     const env = { ...process.env, TALLY_RATE_LIMITS: 'off', TALLY_POW_DIFFICULTY: '0', ...(opts.env || {}) };
     const child = spawn(BIN, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
     live.add(child);
@@ -173,6 +262,7 @@ export async function startServer(opts = {}) {
     if (!opts.dataDir) {
       await fsp.rm(dataDir, { recursive: true, force: true });
       tempDirs.delete(dataDir);
+      await dropDatabase(dataDir);
     }
     return r;
   };
