@@ -1,6 +1,8 @@
 /*
  * main.c: the tally command: `tally serve` runs the server, `tally token` mints a token
- * with the server secret (for scripts, tests and benchmarks).
+ * with the server secret (for scripts, tests and benchmarks), `tally reconcile` checks
+ * (and with --repair puts right) a shared store's counters and Redis's live counters
+ * against the ballots, once.
  */
 #include <jansson.h>
 #include <signal.h>
@@ -30,11 +32,18 @@ static void usage(FILE *out)
     fprintf(out, "usage: tally <command> [options]\n\n"
                  "commands:\n"
                  "  serve    run the server (HTTP API, live results, web UI)\n"
-                 "  token    print a bearer token for --sub, signed with the server secret\n\n"
+                 "  token    print a bearer token for --sub, signed with the server secret\n"
+                 "  reconcile\n"
+                 "           compare a shared store's counter rows (and, with --bus, Redis's live\n"
+                 "           counters) with the ballots and print every drift; --repair puts them\n"
+                 "           right. Exit status: 0 no drift left, 1 drift found and not repaired,\n"
+                 "           2 error\n\n"
                  "options of serve (flags > TALLY_* environment > config file > defaults):\n");
     tly_conf_help(out, "serve");
     fprintf(out, "\noptions of token:\n");
     tly_conf_help(out, "token");
+    fprintf(out, "\noptions of reconcile:\n");
+    tly_conf_help(out, "reconcile");
 }
 
 /* The signing secret, as a heap string the caller frees. */
@@ -164,6 +173,8 @@ static int cmd_serve(const tly_conf_t *conf)
     return 0;
 }
 
+/* ---- tally reconcile ---- */
+
 int main(int argc, char **argv)
 {
     /* every allocation, jansson's too, goes through the wrapper tests can fail */
@@ -177,7 +188,7 @@ int main(int argc, char **argv)
         return argc < 2 ? 2 : 0;
     }
     const char *command = argv[1];
-    if (strcmp(command, "serve") != 0 && strcmp(command, "token") != 0) {
+    if (strcmp(command, "serve") != 0 && strcmp(command, "token") != 0 && strcmp(command, "reconcile") != 0) {
         fprintf(stderr, "tally: unknown command \"%s\"\n\n", command);
         usage(stderr);
         return 2;
@@ -195,7 +206,9 @@ int main(int argc, char **argv)
         tly_conf_free(&conf);
         return 2;
     }
-    int rc = strcmp(command, "serve") == 0 ? cmd_serve(&conf) : cmd_token(&conf);
+    int rc = strcmp(command, "serve") == 0   ? cmd_serve(&conf)
+             : strcmp(command, "token") == 0 ? cmd_token(&conf)
+                                             : tly_reconcile_cli(&conf);
     tly_conf_free(&conf);
     return rc;
 }

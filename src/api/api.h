@@ -29,4 +29,9 @@ int tly_app_port(tly_app_t *app);
  * 0600) when absent. Returns a heap string or NULL with a reason in err (512 bytes). */
 char *tly_secret_load(const char *data_dir, char *err);
 
+/* `tally reconcile`: compares the counter rows (and, with --bus, Redis's live counters)
+ * with the ballots once, prints every drift, repairs with --repair. Exit status: 0 when
+ * no drift is left, 1 when drift was found and not repaired, 2 on errors. */
+int tly_reconcile_cli(const tly_conf_t *conf);
+
 #endif

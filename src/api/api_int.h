@@ -121,6 +121,7 @@ struct tly_app {
     uint64_t announced;      /* store batches committed when we last told the bus */
     struct live *live;
     tly_store_reader_t *reader; /* loop thread's, opened on first use */
+    struct api_reconcile *reconcile; /* reconcile.c: the periodic job; NULL when off */
     size_t in_flight; /* requests waiting for the store or a worker */
     /* worker threads for slow work */
     struct {
@@ -307,5 +308,81 @@ bool api_votes_busy(tly_app_t *app, tly_poll_t *p, tly_vote_t *v);
  * deleted is hidden from readers and voters. */
 void api_poll_forget(tly_app_t *app, const char *poll_id);
 void api_poll_mark_deleting(tly_app_t *app, const char *poll_id);
+
+/* ---- reconcile.c: counters put right when they drift from the ballots ----
+ * The periodic job (serve) and the pieces `tally reconcile` (main.c) runs once. */
+typedef struct api_reconcile api_reconcile_t;
+/* Starts the job every --reconcile-interval seconds on a worker thread; a no-op when 0
+ * or without a shared store. After api_bus_open. 0 or TLY_ENOMEM. Loop thread. */
+int api_reconcile_init(tly_app_t *app);
+/* Stops the timer; a pass still queued does nothing. Before the workers stop. */
+void api_reconcile_stop(tly_app_t *app);
+/* Frees the job. After the workers have stopped and the bus is closed. */
+void api_reconcile_free(tly_app_t *app);
+/* For /metrics: runs completed, counters repaired (store rows, Redis fields), and the
+ * time of the last run (ms since the epoch, 0: none yet). */
+void api_reconcile_stats(const tly_app_t *app, uint64_t *runs, uint64_t *repairs_store, uint64_t *repairs_redis,
+                         int64_t *last_run_ms);
+
+/* The true counts of one tly_store_reconcile pass, as its `actual` callback gives them
+ * (polls in strcmp order, each poll's position -1 first): fields[first .. first + n) are
+ * polls[i]'s. Bounded; beyond the bound (or out of memory) `truncated` is set and the
+ * rest is not kept. Zero-initialise; free with api_rec_counts_free. */
+typedef struct {
+    int position; /* -1: the poll's ballots */
+    int64_t count;
+} api_rec_field_t;
+typedef struct {
+    char poll_id[TLY_POLL_ID_LEN + 1];
+    size_t first, n;
+} api_rec_poll_t;
+typedef struct {
+    api_rec_poll_t *polls;
+    size_t npolls, pcap;
+    api_rec_field_t *fields;
+    size_t nfields, fcap;
+    bool truncated;
+} api_rec_counts_t;
+/* The `actual` callback of tly_store_reconcile; ctx is an api_rec_counts_t. */
+void api_rec_counts_add(void *ctx, const char *poll_id, int position, int64_t count);
+void api_rec_counts_free(api_rec_counts_t *c);
+/* Whether poll a->polls[poll] has the same counts in b. Call with increasing `poll`
+ * and one cursor (starting at 0) per walk over b. */
+bool api_rec_unchanged(const api_rec_counts_t *a, const api_rec_counts_t *b, size_t poll, size_t *cursor);
+
+/* A Redis live counter (tally:counts:{poll}) that differs from the true count. */
+typedef struct {
+    size_t poll;     /* index in counts->polls */
+    int position;    /* -1: field "ballots" */
+    int64_t redis, actual;
+    bool del;        /* a field of a position the poll does not have: repaired by HDEL */
+    bool repaired, skipped; /* set by api_rec_redis_repair */
+} api_rec_diff_t;
+typedef struct api_rec_redis api_rec_redis_t;
+struct api_rec_redis {
+    /* set by the caller */
+    tly_bus_t *bus;
+    const api_rec_counts_t *counts; /* kept alive until done */
+    void (*done)(api_rec_redis_t *rr); /* on the loop thread, once everything answered */
+    void *arg;
+    /* results: the differences found (grouped by poll, in poll order); replies that
+     * were errors or could not be kept (bus down, out of memory) */
+    api_rec_diff_t *diffs;
+    size_t ndiffs, dcap, errors;
+    /* reconcile.c's */
+    struct rec_req *reqs;
+    size_t next, inflight;
+    bool repairing, finished;
+    bool (*keep)(void *arg, size_t poll);
+    void *keep_arg;
+};
+/* Reads every poll's hash (HGETALL, a bounded number in flight) and fills diffs; then
+ * calls done. 0, or TLY_ENOMEM (done not called). Loop thread of rr->bus. */
+int api_rec_redis_read(api_rec_redis_t *rr);
+/* After a read: sets the differing fields of every poll that keep(keep_arg, poll)
+ * allows (keep NULL: all) to the true counts (HSET; HDEL for `del`), marks each diff
+ * repaired or skipped, then calls done again. */
+void api_rec_redis_repair(api_rec_redis_t *rr, bool (*keep)(void *arg, size_t poll), void *keep_arg);
+void api_rec_redis_free(api_rec_redis_t *rr);
 
 #endif

@@ -343,6 +343,8 @@ void api_ops_metrics(tly_req_t *req, const tly_params_t *params, void *arg)
                              .live_subscribers = api_live_subscribers(app->live),
                              .connections = tly_server_connections(app->server),
                              .polls = tly_registry_count(app->registry)};
+    api_reconcile_stats(app, &x.reconcile_runs, &x.reconcile_repairs_store, &x.reconcile_repairs_redis,
+                        &x.reconcile_last_run_ms);
     size_t len;
     char *text = tly_metrics_render(&x, &len);
     if (text == NULL) {
@@ -488,6 +490,10 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
         snprintf(err, 512, "out of memory");
         goto fail;
     }
+    if (api_reconcile_init(app) != 0) {
+        snprintf(err, 512, "out of memory");
+        goto fail;
+    }
     tly_server_conf_t hc = {.body_max = (size_t)conf->body_limit,
                             .head_max = (size_t)conf->head_limit,
                             .uri_max = (size_t)conf->uri_limit,
@@ -539,6 +545,7 @@ void tly_app_free(tly_app_t *app)
     /* From here on, callbacks that closing the store and the bus still run only release
      * what they hold (and answer 503): the app they would act on is going away. */
     app->closing = true;
+    api_reconcile_stop(app); /* a pass still queued for a worker does nothing */
     if (app->work.waker != NULL) {
         pthread_mutex_lock(&app->work.mu);
         app->work.stop = true;
@@ -554,6 +561,7 @@ void tly_app_free(tly_app_t *app)
     api_follow_free(app);
     api_ingest_close(app);
     tly_bus_close(app->bus);
+    api_reconcile_free(app); /* after the bus: its last replies reach the job */
     api_live_shutdown(app->live);
     tly_server_free(app->server); /* closes open streams; their subscribers unlink */
     api_live_free(app->live);

@@ -26,7 +26,7 @@ typedef struct {
 #define OFF(f) offsetof(tly_conf_t, f)
 
 static const option_t options[] = {
-    {"config", OPT_STR, OFF(config), "", 0, 0, "serve token", "config file of `name = value` lines"},
+    {"config", OPT_STR, OFF(config), "", 0, 0, "serve token reconcile", "config file of `name = value` lines"},
     {"listen", OPT_STR, OFF(listen), "127.0.0.1:8080", 0, 0, "serve", "address to serve HTTP on (host:port)"},
     {"data-dir", OPT_STR, OFF(data_dir), "./data", 0, 0, "serve token", "directory of the store and the secret"},
     {"secret", OPT_STR, OFF(secret), "", 0, 0, "serve token",
@@ -34,14 +34,14 @@ static const option_t options[] = {
     {"store", OPT_STR, OFF(store), "", 0, 0, "serve reconcile",
      "where the ballots live: empty for SQLite in DATA_DIR, or a PostgreSQL URI (postgres://...) that "
      "many instances may share"},
-    {"bus", OPT_STR, OFF(bus), "", 0, 0, "serve",
+    {"bus", OPT_STR, OFF(bus), "", 0, 0, "serve reconcile",
      "empty for one instance, or a Redis URI (redis://host:port[/db]) joining the instances of a --store "
      "for live fan-out, shared limits, dedup and the async ingest log"},
     {"instance-id", OPT_STR, OFF(instance_id), "", 0, 0, "serve",
      "this instance's name among those sharing a store (default: host name and port)"},
     {"web-root", OPT_STR, OFF(web_root), "web", 0, 0, "serve", "directory of the web UI served at /"},
     {"public-url", OPT_STR, OFF(public_url), "", 0, 0, "serve", "base URL used in share links (default: from Host)"},
-    {"log-level", OPT_STR, OFF(log_level), "info", 0, 0, "serve", "debug, info, warn or error"},
+    {"log-level", OPT_STR, OFF(log_level), "info", 0, 0, "serve reconcile", "debug, info, warn or error"},
     {"body-limit", OPT_LONG, OFF(body_limit), "65536", 1024, 64L << 20, "serve", "largest request body, bytes (413)"},
     {"head-limit", OPT_LONG, OFF(head_limit), "8192", 1024, 1L << 20, "serve",
      "largest request line + headers, bytes (431)"},
@@ -74,6 +74,11 @@ static const option_t options[] = {
      "rate-limit buckets kept at most (about 80 bytes each)"},
     {"pow-difficulty", OPT_LONG, OFF(pow_difficulty), "14", 0, 32, "serve",
      "leading zero bits of SHA-256 an anonymous token's proof of work needs (0: none)"},
+    {"reconcile-interval", OPT_LONG, OFF(reconcile_interval), "300", 0, 86400, "serve",
+     "seconds between reconciliations of the shared store's counter rows and Redis's live counters "
+     "with the ballots (0: never); only with --store postgres://..."},
+    {"repair", OPT_BOOL, OFF(repair), "false", 0, 0, "reconcile",
+     "put the drifted counters right (without it, only report them)"},
     {"sub", OPT_STR, OFF(sub), "", 0, 0, "token", "subject (voter id) of the token"},
     {"ttl", OPT_LONG, OFF(ttl), "86400", 1, 31622400, "token", "lifetime of the token, seconds"},
     {"anonymous", OPT_BOOL, OFF(anonymous), "false", 0, 0, "token", "mint an anonymous device token"},

@@ -43,6 +43,9 @@ typedef struct {
     long rate_anon_ip;
     long rate_keys;
     long pow_difficulty;
+    long reconcile_interval; /* seconds; 0 = off */
+    /* `tally reconcile` */
+    bool repair;
     /* `tally token` */
     char *sub;
     long ttl;
@@ -55,7 +58,7 @@ typedef struct {
 int tly_conf_load(tly_conf_t *c, const char *command, int argc, char **argv, char *err, size_t errlen);
 /* Frees the strings tly_conf_load allocated. */
 void tly_conf_free(tly_conf_t *c);
-/* Prints the options of `command` ("serve" or "token") with defaults and help. */
+/* Prints the options of `command` ("serve", "token" or "reconcile") with defaults and help. */
 void tly_conf_help(FILE *out, const char *command);
 
 #endif

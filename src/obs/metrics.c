@@ -247,6 +247,18 @@ char *tly_metrics_render(const tly_metrics_extra_t *x, size_t *len)
         (unsigned long long)x->connections);
     put(&o, "# HELP tally_polls Polls in memory.\n# TYPE tally_polls gauge\ntally_polls %llu\n",
         (unsigned long long)x->polls);
+    put(&o, "# HELP tally_reconcile_runs_total Reconciliations of the counters with the ballots this instance "
+            "completed.\n# TYPE tally_reconcile_runs_total counter\ntally_reconcile_runs_total %llu\n",
+        (unsigned long long)x->reconcile_runs);
+    put(&o, "# HELP tally_reconcile_repairs_total Counters found drifted from the ballots and put right, by where "
+            "they are kept.\n# TYPE tally_reconcile_repairs_total counter\n"
+            "tally_reconcile_repairs_total{where=\"store\"} %llu\n"
+            "tally_reconcile_repairs_total{where=\"redis\"} %llu\n",
+        (unsigned long long)x->reconcile_repairs_store, (unsigned long long)x->reconcile_repairs_redis);
+    put(&o, "# HELP tally_reconcile_last_run_timestamp_seconds When this instance last completed a reconciliation "
+            "(0: never).\n# TYPE tally_reconcile_last_run_timestamp_seconds gauge\n"
+            "tally_reconcile_last_run_timestamp_seconds %.3f\n",
+        (double)x->reconcile_last_run_ms / 1000);
     put(&o, "# HELP tally_metrics_dropped_total Observations not recorded because a series table was full.\n"
             "# TYPE tally_metrics_dropped_total counter\ntally_metrics_dropped_total %llu\n",
         (unsigned long long)dropped);

@@ -40,6 +40,11 @@ typedef struct {
     uint64_t batch_sum, commit_us_sum, failed_batches, queued;
     int writable;
     uint64_t live_subscribers, connections, polls;
+    /* reconciliation of counters with the ballots: runs completed, counters repaired in
+     * the store and in Redis, and when the last run completed (ms since the epoch; 0:
+     * never) */
+    uint64_t reconcile_runs, reconcile_repairs_store, reconcile_repairs_redis;
+    int64_t reconcile_last_run_ms;
 } tly_metrics_extra_t;
 /* The whole exposition (heap, caller frees), or NULL on allocation failure. */
 char *tly_metrics_render(const tly_metrics_extra_t *x, size_t *len);

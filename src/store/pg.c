@@ -1341,4 +1341,5 @@ const tly_store_backend_t tly_store_pg = {
     .ballots_page = pg_ballots_page,
     .generate_ballots = be_generate_ballots,
     .stats = be_stats,
+    .reconcile = tly_store_pg_reconcile,
 };

@@ -151,4 +151,10 @@ int pg_unhex(const char *hex, uint8_t *out, size_t cap);
 /* Lowercase hex of n bytes into out (2n + 1 bytes). */
 void pg_hex(const uint8_t *in, size_t n, char *out);
 
+/* A reader (pg_read.c): its own connection, blocking calls; also reconcile's. */
+typedef struct {
+    tly_store_reader_t base; /* first: see store_int.h */
+    PGconn *c;
+} pg_reader_t;
+
 #endif

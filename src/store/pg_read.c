@@ -255,11 +255,6 @@ const char tly_store_pg_ballots_page_sql[] =
     "SELECT seq, poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key,"
     " body_hash, client_meta FROM ballots WHERE poll_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
 
-typedef struct {
-    tly_store_reader_t base; /* first: see store_int.h */
-    PGconn *c;
-} pg_reader_t;
-
 tly_store_reader_t *pg_reader_open(pg_store_t *s)
 {
     pg_reader_t *r = tly_calloc(1, sizeof *r);

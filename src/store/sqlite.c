@@ -824,4 +824,5 @@ const tly_store_backend_t tly_store_sqlite = {
     .ballots_page = be_ballots_page,
     .generate_ballots = be_generate_ballots,
     .stats = be_stats,
+    .reconcile = tly_store_sqlite_reconcile,
 };

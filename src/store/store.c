@@ -128,3 +128,11 @@ void tly_store_stats(tly_store_t *s, tly_store_stats_t *out)
 {
     s->be->stats(s, out);
 }
+
+int tly_store_reconcile(tly_store_reader_t *r, int repair, void (*drift)(void *ctx, const tly_store_drift_t *d),
+                        void (*actual)(void *ctx, const char *poll_id, int position, int64_t count), void *ctx)
+{
+    if (r->be->reconcile == NULL)
+        return 0; /* no counters beside the ballots: nothing can drift */
+    return r->be->reconcile(r, repair, drift, actual, ctx);
+}

@@ -303,6 +303,53 @@ int tly_store_ballots_page(tly_store_reader_t *r, const char *poll_id, int64_t a
                            void *ctx);
 
 /*
+ * Reconciliation: the counters a shared store keeps beside the ballots against the
+ * ballots themselves.
+ *
+ * PostgreSQL keeps counter rows (option_counts: per poll and option position, the current
+ * ballots whose choices include it; poll_counts: per poll, its current ballots), moved in
+ * the same statement as every ballot change, so they should never drift; this finds out
+ * whether they did (a bug, a hand edit, a restore) and puts them right. One drift is one
+ * counter whose stored value is not the true count: `position` is an option position, or
+ * -1 for the poll's ballot count; a missing row counts as stored 0.
+ */
+typedef struct {
+    const char *poll_id;
+    int position; /* -1: the poll's ballots */
+    int64_t stored, actual;
+} tly_store_drift_t;
+
+/*
+ * Counts the current ballots of every poll (in total and per option position) in one
+ * consistent read, compares each counter with its true count and, when `repair`,
+ * corrects those that differ in the same transaction. Then, counter by counter, calls
+ * drift(ctx, d) for each that differed, and actual(ctx, poll_id, position, count) for
+ * every true count of every existing poll: polls in bytewise (strcmp) poll_id order,
+ * each with position -1 (its ballots) first and then its option positions in order; so
+ * a caller can check other copies of the counters (Redis's live counters) against
+ * them. Either callback may be NULL; both run only once the transaction has committed,
+ * and their pointers are valid only during the call.
+ *
+ * A repair moves a counter by the difference it found (actual - stored) rather than
+ * setting the count, so a ballot another instance commits meanwhile (and counts in the
+ * same row) is neither lost nor counted twice. A poll's option positions are those of its
+ * options plus any that have a counter row; a missing row of an existing poll's option
+ * is created on repair (even at 0, since the writer only moves rows that exist).
+ *
+ * Instances sharing the store never reconcile at the same time: an advisory lock is
+ * taken for the transaction, and while another holds it this returns TLY_ESTATE having
+ * done nothing. Otherwise returns the number of drifts found (0: none), or TLY_EIO
+ * (nothing repaired, nothing called). It reads every ballot (a scan of the whole table,
+ * in set-based SQL): run it on a thread that may block, never the event-loop thread.
+ *
+ * SQLite keeps no counter rows (the counts live in memory, rebuilt from the ballots at
+ * every load), so there is nothing to drift: returns 0 without calling either callback.
+ * The thread that owns the reader.
+ */
+int tly_store_reconcile(tly_store_reader_t *r, int repair, void (*drift)(void *ctx, const tly_store_drift_t *d),
+                        void (*actual)(void *ctx, const char *poll_id, int position, int64_t count), void *ctx);
+
+/*
  * For tests and benchmarks only, never while serving: writes n generated ballots for
  * poll_id (voters "gen<i>", one choice each, spread over the first noptions options,
  * no scores) and their audit "cast" rows, committing every 10,000, through a connection

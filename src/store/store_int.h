@@ -32,6 +32,9 @@ typedef struct tly_store_backend {
                         void (*cb)(void *ctx, const tly_ballot_row_t *row, int64_t seq), void *ctx);
     int (*generate_ballots)(tly_store_t *s, const char *poll_id, size_t noptions, size_t n);
     void (*stats)(tly_store_t *s, tly_store_stats_t *out);
+    /* tly_store_reconcile; NULL: nothing to reconcile (returns 0). */
+    int (*reconcile)(tly_store_reader_t *r, int repair, void (*drift)(void *ctx, const tly_store_drift_t *d),
+                     void (*actual)(void *ctx, const char *poll_id, int position, int64_t count), void *ctx);
 } tly_store_backend_t;
 
 struct tly_store {
@@ -76,5 +79,15 @@ extern const char tly_store_ballots_page_sql[];
  * an EXPLAIN of their plans in its tests (pg_read.c). */
 extern const char tly_store_pg_audit_page_sql[];
 extern const char tly_store_pg_ballots_page_sql[];
+
+/* The backends' tly_store_reconcile (pg_reconcile.c; sqlite_read.c). */
+int tly_store_pg_reconcile(tly_store_reader_t *r, int repair, void (*drift)(void *ctx, const tly_store_drift_t *d),
+                           void (*actual)(void *ctx, const char *poll_id, int position, int64_t count), void *ctx);
+int tly_store_sqlite_reconcile(tly_store_reader_t *r, int repair,
+                               void (*drift)(void *ctx, const tly_store_drift_t *d),
+                               void (*actual)(void *ctx, const char *poll_id, int position, int64_t count),
+                               void *ctx);
+/* Its key for pg_try_advisory_xact_lock, so that a test can hold it. */
+#define TLY_STORE_PG_RECONCILE_LOCK "499850701946"
 
 #endif

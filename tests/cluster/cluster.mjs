@@ -21,11 +21,13 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 export const ROOT = path.resolve(here, '../..');
 const SCRIPT = path.join(ROOT, 'scripts/cluster.sh');
 
-export async function startCluster({ instances = 3, env: extra = {} } = {}) {
+// args: extra `tally serve` arguments for every instance (e.g. ['--reconcile-interval', '1']).
+export async function startCluster({ instances = 3, env: extra = {}, args = [] } = {}) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'tally-cluster-'));
   const env = { ...process.env, CLUSTER_INSTANCES: String(instances), TALLY_RATE_LIMITS: 'off', ...extra };
   delete env.CLUSTER_PORT;
-  const { stdout } = await run(SCRIPT, ['start', dir], { env, maxBuffer: 1 << 20, timeout: 120_000 });
+  const { stdout } = await run(SCRIPT, ['start', dir, ...(args.length ? ['--', ...args] : [])],
+    { env, maxBuffer: 1 << 20, timeout: 120_000 });
   const info = JSON.parse(stdout.trim().split('\n').pop());
   const c = {
     dir,

@@ -1383,3 +1383,248 @@ Test(store_pg, two_instances_starting_at_once_migrate_once)
     cr_assert_lt(tly_store_open(&bad, &a), 0);
     cr_assert_null(a);
 }
+
+/* ---- reconciliation: counter rows against the ballots -------------------------------- */
+
+typedef struct {
+    int ndrift, nactual;
+    struct {
+        char poll_id[32];
+        int position;
+        int64_t stored, actual;
+    } drift[32];
+    struct {
+        char poll_id[32];
+        int position;
+        int64_t count;
+    } actual[64];
+} rec_seen_t;
+
+static void rec_drift(void *ctx, const tly_store_drift_t *d)
+{
+    rec_seen_t *r = ctx;
+    cr_assert_lt(r->ndrift, 32);
+    snprintf(r->drift[r->ndrift].poll_id, 32, "%s", d->poll_id);
+    r->drift[r->ndrift].position = d->position;
+    r->drift[r->ndrift].stored = d->stored;
+    r->drift[r->ndrift].actual = d->actual;
+    r->ndrift++;
+}
+
+static void rec_actual(void *ctx, const char *poll_id, int position, int64_t count)
+{
+    rec_seen_t *r = ctx;
+    cr_assert_lt(r->nactual, 64);
+    snprintf(r->actual[r->nactual].poll_id, 32, "%s", poll_id);
+    r->actual[r->nactual].position = position;
+    r->actual[r->nactual].count = count;
+    r->nactual++;
+}
+
+static int rec_run(tly_store_reader_t *rd, int repair, rec_seen_t *seen)
+{
+    memset(seen, 0, sizeof *seen);
+    return tly_store_reconcile(rd, repair, rec_drift, rec_actual, seen);
+}
+
+/* The drift reported for (poll_id, position), or fails. */
+static void rec_expect_drift(const rec_seen_t *r, const char *poll_id, int position, int64_t stored, int64_t actual)
+{
+    for (int i = 0; i < r->ndrift; i++)
+        if (strcmp(r->drift[i].poll_id, poll_id) == 0 && r->drift[i].position == position) {
+            cr_assert_eq(r->drift[i].stored, stored, "%s/%d stored", poll_id, position);
+            cr_assert_eq(r->drift[i].actual, actual, "%s/%d actual", poll_id, position);
+            return;
+        }
+    cr_assert_fail("no drift reported for %s/%d", poll_id, position);
+}
+
+/* poll1 (3 options): voter1 {0, 2}, voter2 {1}, voter3 {0, 0} (a position listed twice
+ * counts once); poll2 (2 options): no ballots. */
+static tly_store_t *rec_fixture(void)
+{
+    static const uint8_t twice0[] = {0, 0};
+    tly_store_t *s = open_store();
+    tly_store_op_t p1 = poll_op("poll1", 3), p2 = poll_op("poll2", 2);
+    submit_wait(s, &p1);
+    submit_wait(s, &p2);
+    tly_store_op_t b[3] = {ballot_op("poll1", "voter1", "v_1", "r_1"), ballot_op("poll1", "voter2", "v_2", "r_2"),
+                           ballot_op("poll1", "voter3", "v_3", "r_3")};
+    b[1].u.ballot.choices = choice1;
+    b[1].u.ballot.nchoices = 1;
+    b[2].u.ballot.choices = twice0;
+    b[2].u.ballot.nchoices = 2;
+    submit_chain(s, b, 3);
+    for (int i = 0; i < 3; i++)
+        cr_assert_eq(b[i].result, 0);
+    assert_counters_exact();
+    return s;
+}
+
+Test(store_pg, reconcile_reports_drift_and_repairs_it_only_when_asked)
+{
+    NEED_PG();
+    tly_store_t *s = rec_fixture();
+    tly_store_reader_t *rd = tly_store_reader_open(s);
+    cr_assert_not_null(rd);
+    rec_seen_t r;
+
+    /* Nothing drifted: no drift, and every true count of every poll, in order. */
+    cr_assert_eq(rec_run(rd, 0, &r), 0);
+    cr_assert_eq(r.ndrift, 0);
+    static const struct {
+        const char *poll;
+        int position;
+        int64_t count;
+    } want[] = {{"poll1", -1, 3}, {"poll1", 0, 2}, {"poll1", 1, 1}, {"poll1", 2, 1},
+                {"poll2", -1, 0}, {"poll2", 0, 0}, {"poll2", 1, 0}};
+    cr_assert_eq(r.nactual, (int)(sizeof want / sizeof want[0]));
+    for (int i = 0; i < r.nactual; i++) {
+        cr_assert_str_eq(r.actual[i].poll_id, want[i].poll);
+        cr_assert_eq(r.actual[i].position, want[i].position);
+        cr_assert_eq(r.actual[i].count, want[i].count, "%s/%d", want[i].poll, want[i].position);
+    }
+
+    /* Corrupt: a counter too high, a missing option row, a poll without ballots counting
+     * some, a missing poll row, and an orphan row of a poll that does not exist. */
+    exec_on(db_url, "UPDATE option_counts SET votes = votes + 5 WHERE poll_id = 'poll1' AND position = 0", NULL, 0);
+    exec_on(db_url, "DELETE FROM option_counts WHERE poll_id = 'poll1' AND position = 1", NULL, 0);
+    exec_on(db_url, "UPDATE poll_counts SET ballots = 7 WHERE poll_id = 'poll2'", NULL, 0);
+    exec_on(db_url, "DELETE FROM poll_counts WHERE poll_id = 'poll1'", NULL, 0);
+    exec_on(db_url, "INSERT INTO option_counts VALUES ('ghost', 0, 3)", NULL, 0);
+
+    /* Without repair: reported, nothing changed. */
+    cr_assert_eq(rec_run(rd, 0, &r), 5);
+    cr_assert_eq(r.ndrift, 5);
+    rec_expect_drift(&r, "poll1", 0, 7, 2);
+    rec_expect_drift(&r, "poll1", 1, 0, 1);
+    rec_expect_drift(&r, "poll1", -1, 0, 3);
+    rec_expect_drift(&r, "poll2", -1, 7, 0);
+    rec_expect_drift(&r, "ghost", 0, 3, 0);
+    for (int i = 0; i < r.nactual; i++) /* the true counts, not the rows; no orphan */
+        cr_assert_str_neq(r.actual[i].poll_id, "ghost");
+    cr_assert_eq(r.nactual, 7);
+    cr_assert_eq(db_int("SELECT votes FROM option_counts WHERE poll_id = 'poll1' AND position = 0"), 7);
+    cr_assert_eq(db_int("SELECT count(*) FROM option_counts WHERE poll_id = 'poll1' AND position = 1"), 0);
+    cr_assert_eq(db_int("SELECT ballots FROM poll_counts WHERE poll_id = 'poll2'"), 7);
+
+    /* With repair: the same report, and the rows are the true counts afterwards. */
+    cr_assert_eq(rec_run(rd, 1, &r), 5);
+    rec_expect_drift(&r, "poll1", 0, 7, 2);
+    rec_expect_drift(&r, "ghost", 0, 3, 0);
+    assert_counters_exact();
+    cr_assert_eq(db_int("SELECT votes FROM option_counts WHERE poll_id = 'poll1' AND position = 1"), 1);
+    cr_assert_eq(db_int("SELECT ballots FROM poll_counts WHERE poll_id = 'poll1'"), 3);
+    cr_assert_eq(db_int("SELECT ballots FROM poll_counts WHERE poll_id = 'poll2'"), 0);
+    cr_assert_eq(db_int("SELECT votes FROM option_counts WHERE poll_id = 'ghost'"), 0);
+
+    /* And then nothing is left; the writer keeps the repaired rows right. */
+    cr_assert_eq(rec_run(rd, 0, &r), 0);
+    tly_store_op_t del = change_op(TLY_OP_BALLOT_DELETE, "poll1", "voter2", 5);
+    submit_wait(s, &del);
+    cr_assert_eq(del.result, 0);
+    assert_counters_exact();
+    cr_assert_eq(rec_run(rd, 0, &r), 0);
+    tly_store_reader_close(rd);
+    tly_store_close(s);
+}
+
+Test(store_pg, reconcile_does_nothing_while_another_holds_the_lock)
+{
+    NEED_PG();
+    tly_store_t *s = rec_fixture();
+    tly_store_reader_t *rd = tly_store_reader_open(s);
+    cr_assert_not_null(rd);
+    exec_on(db_url, "UPDATE option_counts SET votes = 9 WHERE poll_id = 'poll1' AND position = 2", NULL, 0);
+    PGconn *other = PQconnectdb(db_url);
+    cr_assert_eq(PQstatus(other), CONNECTION_OK);
+    PQclear(PQexec(other, "BEGIN"));
+    PGresult *res = PQexec(other, "SELECT pg_advisory_xact_lock(" TLY_STORE_PG_RECONCILE_LOCK ")");
+    cr_assert_eq(PQresultStatus(res), PGRES_TUPLES_OK, "%s", PQresultErrorMessage(res));
+    PQclear(res);
+    rec_seen_t r;
+    cr_assert_eq(rec_run(rd, 1, &r), TLY_ESTATE);
+    cr_assert_eq(r.ndrift + r.nactual, 0);
+    cr_assert_eq(db_int("SELECT votes FROM option_counts WHERE poll_id = 'poll1' AND position = 2"), 9);
+    PQclear(PQexec(other, "COMMIT"));
+    PQfinish(other);
+    cr_assert_eq(rec_run(rd, 1, &r), 1);
+    rec_expect_drift(&r, "poll1", 2, 9, 1);
+    assert_counters_exact();
+    tly_store_reader_close(rd);
+    tly_store_close(s);
+}
+
+typedef struct {
+    tly_store_reader_t *rd;
+    rec_seen_t seen;
+    int rc;
+} rec_thread_t;
+
+static void *rec_thread(void *arg)
+{
+    rec_thread_t *t = arg;
+    t->rc = rec_run(t->rd, 1, &t->seen);
+    return NULL;
+}
+
+/* A repair running while another instance commits ballots (and moves the same counter
+ * rows) neither loses nor double-counts them: counters move by the drift found. */
+Test(store_pg, reconcile_repair_is_right_while_ballots_commit_meanwhile)
+{
+    NEED_PG();
+    tly_store_t *s = rec_fixture();
+    rec_thread_t t = {.rd = tly_store_reader_open(s)};
+    cr_assert_not_null(t.rd);
+    exec_on(db_url, "UPDATE option_counts SET votes = votes + 5 WHERE poll_id = 'poll1' AND position = 0", NULL, 0);
+    exec_on(db_url, "UPDATE poll_counts SET ballots = ballots + 2 WHERE poll_id = 'poll1'", NULL, 0);
+    /* "Another instance": a ballot for option 0 and its counters, not yet committed. */
+    PGconn *other = PQconnectdb(db_url);
+    cr_assert_eq(PQstatus(other), CONNECTION_OK);
+    static const char *const steps[] = {
+        "BEGIN",
+        "INSERT INTO ballots(poll_id, voter_id, vote_id, receipt, choices, recorded_at)"
+        " VALUES ('poll1', 'late', 'v_late', 'r_late', '\\x00', 1)",
+        "UPDATE option_counts SET votes = votes + 1 WHERE poll_id = 'poll1' AND position = 0",
+        "UPDATE poll_counts SET ballots = ballots + 1 WHERE poll_id = 'poll1'",
+    };
+    for (size_t i = 0; i < sizeof steps / sizeof steps[0]; i++) {
+        PGresult *res = PQexec(other, steps[i]);
+        cr_assert_eq(PQresultStatus(res), PGRES_COMMAND_OK, "%s", PQresultErrorMessage(res));
+        PQclear(res);
+    }
+    pthread_t th;
+    cr_assert_eq(pthread_create(&th, NULL, rec_thread, &t), 0);
+    usleep(500 * 1000); /* the repair reads its snapshot and waits for the row locks */
+    PQclear(PQexec(other, "COMMIT"));
+    pthread_join(th, NULL);
+    PQfinish(other);
+    cr_assert_eq(t.rc, 2);
+    rec_expect_drift(&t.seen, "poll1", 0, 7, 2); /* as of its snapshot: without "late" */
+    rec_expect_drift(&t.seen, "poll1", -1, 5, 3);
+    assert_counters_exact(); /* and yet right with it */
+    cr_assert_eq(db_int("SELECT votes FROM option_counts WHERE poll_id = 'poll1' AND position = 0"), 3);
+    cr_assert_eq(db_int("SELECT ballots FROM poll_counts WHERE poll_id = 'poll1'"), 4);
+    tly_store_reader_close(t.rd);
+    tly_store_close(s);
+}
+
+/* SQLite keeps no counter rows: nothing to reconcile, nothing called. */
+Test(store_pg, reconcile_on_sqlite_is_a_no_op)
+{
+    char dir[] = "/tmp/tally-rec-XXXXXX";
+    cr_assert_not_null(mkdtemp(dir));
+    tly_store_t *s = NULL;
+    tly_store_conf_t conf = {.data_dir = dir, .notify = notify};
+    cr_assert_eq(tly_store_open(&conf, &s), 0);
+    tly_store_reader_t *rd = tly_store_reader_open(s);
+    cr_assert_not_null(rd);
+    rec_seen_t r;
+    cr_assert_eq(rec_run(rd, 1, &r), 0);
+    cr_assert_eq(r.ndrift + r.nactual, 0);
+    tly_store_reader_close(rd);
+    tly_store_close(s);
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    cr_assert_eq(system(cmd), 0);
+}
