@@ -185,8 +185,8 @@ static const char *const migrations[] = {
  * (first op of a request_id), (i, 1) for each ballot whose poll does not exist. Any op
  * not returned as inserted was a duplicate. The poll rows are KEY SHARE locked, so a
  * concurrent POLL_DELETE waits for this batch (and then deletes its ballots) or wins
- * (and these ballots find no poll). DISTINCT per ballot and position: a ballot counts
- * once for an option however it lists it. */
+ * (and these ballots find no poll). The counter rows move in feed_sql, by what this
+ * statement reports inserted. */
 static const char ballot_sql[] =
     "WITH x AS ("
     "  SELECT e.i, r.* FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(j, i),"
@@ -210,16 +210,6 @@ static const char ballot_sql[] =
     "    AND src.vote_id = ins.vote_id AND src.receipt = ins.receipt"
     "    AND src.ip_hash IS NOT DISTINCT FROM ins.ip_hash"
     "  ORDER BY ins.poll_id, ins.voter_id, src.i),"
-    "c AS ("
-    "  UPDATE option_counts oc SET votes = oc.votes + d.n"
-    "  FROM (SELECT y.poll_id, y.position, count(*) AS n"
-    "        FROM (SELECT DISTINCT ok.poll_id, ok.voter_id, get_byte(ok.choices, g) AS position"
-    "              FROM ok, generate_series(0, length(ok.choices) - 1) AS g) y"
-    "        GROUP BY 1, 2) d"
-    "  WHERE oc.poll_id = d.poll_id AND oc.position = d.position),"
-    "t AS ("
-    "  UPDATE poll_counts pc SET ballots = pc.ballots + d.n"
-    "  FROM (SELECT poll_id, count(*) AS n FROM ok GROUP BY 1) d WHERE pc.poll_id = d.poll_id),"
     "a AS ("
     "  INSERT INTO audit(poll_id, voter_id, event, choices, scores, at)"
     "  SELECT poll_id, voter_id, 'cast', choices, scores, recorded_at FROM ok ORDER BY i),"
@@ -310,8 +300,8 @@ static const char poll_delete_rest_sql[] =
     "SELECT 1";
 
 /* The old choices are read under the row lock (FOR UPDATE returns the newest version if
- * another instance changed it meanwhile), and the counters move by the difference in
- * one UPDATE (two UPDATEs of one row in one statement would lose one). */
+ * another instance changed it meanwhile) and returned (hex), so that the counters move
+ * by the difference in feed_sql. */
 static const char ballot_replace_sql[] =
     "WITH n AS (SELECT * FROM jsonb_to_record($1::jsonb) AS n(" BALLOT_FIELDS ")),"
     "old AS (SELECT b.poll_id, b.voter_id, b.choices FROM ballots b"
@@ -321,38 +311,38 @@ static const char ballot_replace_sql[] =
     "    recorded_at = n.recorded_at, idem_key = n.idem_key, body_hash = decode(n.body_hash, 'hex')"
     "  FROM old, n WHERE b.poll_id = old.poll_id AND b.voter_id = old.voter_id"
     "  RETURNING b.poll_id, b.voter_id, b.choices, b.scores, b.recorded_at),"
-    "d AS ("
-    "  SELECT poll_id, position, sum(delta) AS delta FROM ("
-    "    SELECT DISTINCT old.poll_id, get_byte(old.choices, g) AS position, -1 AS delta"
-    "    FROM old, generate_series(0, length(old.choices) - 1) AS g"
-    "    UNION ALL"
-    "    SELECT DISTINCT u.poll_id, get_byte(u.choices, g), 1"
-    "    FROM u, generate_series(0, length(u.choices) - 1) AS g) z GROUP BY 1, 2),"
-    "c AS (UPDATE option_counts oc SET votes = oc.votes + d.delta FROM d"
-    "  WHERE oc.poll_id = d.poll_id AND oc.position = d.position AND d.delta <> 0),"
     "a AS (INSERT INTO audit(poll_id, voter_id, event, choices, scores, at)"
     "  SELECT poll_id, voter_id, 'changed', choices, scores, recorded_at FROM u)"
-    "SELECT count(*) FROM u";
+    "SELECT (SELECT count(*) FROM u), (SELECT encode(choices, 'hex') FROM old LIMIT 1)";
 
 static const char ballot_delete_sql[] =
     "WITH n AS (SELECT * FROM jsonb_to_record($1::jsonb) AS n(" BALLOT_FIELDS ")),"
     "d AS (DELETE FROM ballots b USING n WHERE b.poll_id = n.poll_id AND b.voter_id = n.voter_id"
     "  RETURNING b.poll_id, b.voter_id, b.choices),"
-    "c AS (UPDATE option_counts oc SET votes = oc.votes - x.n"
-    "  FROM (SELECT y.poll_id, y.position, count(*) AS n"
-    "        FROM (SELECT DISTINCT d.poll_id, d.voter_id, get_byte(d.choices, g) AS position"
-    "              FROM d, generate_series(0, length(d.choices) - 1) AS g) y"
-    "        GROUP BY 1, 2) x"
-    "  WHERE oc.poll_id = x.poll_id AND oc.position = x.position),"
-    "t AS (UPDATE poll_counts pc SET ballots = pc.ballots - 1 FROM d WHERE pc.poll_id = d.poll_id),"
     "a AS (INSERT INTO audit(poll_id, voter_id, event, at)"
     "  SELECT d.poll_id, d.voter_id, 'revoked', n.recorded_at FROM d, n)"
-    "SELECT count(*) FROM d";
+    "SELECT (SELECT count(*) FROM d), (SELECT encode(choices, 'hex') FROM d LIMIT 1)";
 
-/* The last statement of a batch that changed anything: the feed_head row lock is held
- * from here to COMMIT, which orders the commits of all instances. */
+/*
+ * The last statement of a batch that changed anything: the feed_head row lock is held
+ * from here to COMMIT, which orders the commits of all instances.
+ *
+ * It also moves the counter rows, by the batch's ballot changes ($3: [{"p": poll_id,
+ * "o": position or -1 for the poll's ballots, "n": delta}], computed from what the
+ * ballot statements reported inserted, replaced or deleted, so a duplicate never moves a
+ * counter). Every instance updates the same rows, whose locks are held to COMMIT: taken
+ * in the ballot statements they serialised the instances' whole batches (measured: three
+ * instances together slower than one). Taken here, after feed_head (c and t join h, so h
+ * runs first), only the holder of feed_head ever waits for them, and never deadlocks.
+ */
 static const char feed_sql[] =
-    "WITH h AS (UPDATE feed_head SET seq = seq + 1 RETURNING seq)"
+    "WITH h AS (UPDATE feed_head SET seq = seq + 1 RETURNING seq),"
+    "d AS (SELECT p, o, sum(n) AS n FROM jsonb_to_recordset($3::jsonb) AS d(p text, o int, n bigint)"
+    "  GROUP BY 1, 2 HAVING sum(n) <> 0),"
+    "c AS (UPDATE option_counts oc SET votes = oc.votes + d.n FROM d, h"
+    "  WHERE d.o >= 0 AND oc.poll_id = d.p AND oc.position = d.o),"
+    "t AS (UPDATE poll_counts pc SET ballots = pc.ballots + d.n FROM d, h"
+    "  WHERE d.o = -1 AND pc.poll_id = d.p)"
     " INSERT INTO feed(seq, origin, ops) SELECT seq, $1, $2 FROM h RETURNING seq";
 
 /* At most once a minute. The newest row always stays, so a follower that lags behind
@@ -582,7 +572,25 @@ typedef struct {
     json_t **js;     /* the op as JSON, or NULL (op failed before reaching the database) */
     char *req;       /* 1: an async ballot's failed request row was written */
     size_t n;
+    json_t *deltas;  /* counter deltas of replaced and deleted ballots (feed_sql's $3) */
 } batch_t;
+
+/* Appends to d the counter deltas of one ballot: `sign` for its poll's ballots (0: none,
+ * a replacement) and for every option position in choices (hex), each once. Returns 0 or
+ * TLY_ENOMEM. */
+static int add_deltas(json_t *d, const char *poll_id, int total, const uint8_t *choices, size_t n, int sign)
+{
+    uint8_t seen[256] = {0};
+    if (total != 0 && json_array_append_new(d, json_pack("{s:s, s:i, s:i}", "p", poll_id, "o", -1, "n", total)) != 0)
+        return TLY_ENOMEM;
+    for (size_t k = 0; k < n; k++) {
+        if (seen[choices[k]]++)
+            continue;
+        if (json_array_append_new(d, json_pack("{s:s, s:i, s:i}", "p", poll_id, "o", (int)choices[k], "n", sign)) != 0)
+            return TLY_ENOMEM;
+    }
+    return 0;
+}
 
 /* Runs one statement taking the op's JSON; *count gets the first column of the first
  * row (the statements end in SELECT count(*)). */
@@ -601,7 +609,7 @@ static int exec_count(PGconn *c, const char *stmt, const char *param, long *coun
 /* A non-ballot op (or a single ballot, in the fallback) inside its own savepoint, so
  * that a constraint failure undoes it alone. Returns R_OK (op->result set) or R_RETRY /
  * R_FATAL for the batch. */
-static int run_op(pg_store_t *s, tly_store_op_t *op, const char *param)
+static int run_op(pg_store_t *s, tly_store_op_t *op, const char *param, json_t *deltas)
 {
     PGconn *c = s->wconn;
     int r, res_op = 0;
@@ -635,12 +643,27 @@ static int run_op(pg_store_t *s, tly_store_op_t *op, const char *param)
             r = exec_count(c, "poll_delete_rest", op->u.poll.poll_id, NULL, &res_op);
         break;
     case TLY_OP_BALLOT_REPLACE:
-    case TLY_OP_BALLOT_DELETE:
-        r = exec_count(c, op->type == TLY_OP_BALLOT_REPLACE ? "ballot_replace" : "ballot_delete", param, &n,
-                       &res_op);
-        if (r == R_OK && n == 0)
-            op->result = TLY_ENOTFOUND;
+    case TLY_OP_BALLOT_DELETE: {
+        PGresult *q = exec_json(c, op->type == TLY_OP_BALLOT_REPLACE ? "ballot_replace" : "ballot_delete", param);
+        r = classify(c, q, PGRES_TUPLES_OK, &res_op);
+        if (r == R_FATAL || r == R_RETRY)
+            pg_log_error("store: postgres batch statement failed", c, q);
+        if (r == R_OK) {
+            n = PQntuples(q) > 0 ? strtol(PQgetvalue(q, 0, 0), NULL, 10) : 0;
+            uint8_t old[256];
+            int nold = n > 0 ? pg_unhex(PQgetvalue(q, 0, 1), old, sizeof old) : 0;
+            const tly_ballot_row_t *bl = &op->u.ballot;
+            if (n == 0)
+                op->result = TLY_ENOTFOUND;
+            else if (add_deltas(deltas, bl->poll_id, op->type == TLY_OP_BALLOT_DELETE ? -1 : 0, old,
+                                nold > 0 ? (size_t)nold : 0, -1) != 0 ||
+                     (op->type == TLY_OP_BALLOT_REPLACE &&
+                      add_deltas(deltas, bl->poll_id, 0, bl->choices, bl->nchoices, 1) != 0))
+                r = R_FATAL; /* out of memory: the batch fails as a whole */
+        }
+        PQclear(q);
         break;
+    }
     default:
         r = R_OP;
         res_op = TLY_EINVAL;
@@ -789,10 +812,31 @@ static void fail_all(batch_t *b, int result)
  * the feed (NULL when it changed nothing). On failure every op has TLY_EIO and *item is
  * NULL or a marked item that pg_feed_batch_done unmarks.
  */
+/* feed_sql's $3: the counter deltas of the ballots the batch inserted (from what the
+ * ballot statements reported) and of those it replaced or deleted (b->deltas). Malloc'd
+ * JSON text, NULL when out of memory. */
+static char *counter_deltas(const batch_t *b)
+{
+    json_t *d = json_copy(b->deltas);
+    char *text = NULL;
+    if (d == NULL)
+        return NULL;
+    for (size_t i = 0; i < b->n; i++) {
+        const tly_store_op_t *op = b->op[i];
+        if (op->type == TLY_OP_BALLOT_INSERT && op->result == 0 &&
+            add_deltas(d, op->u.ballot.poll_id, 1, op->u.ballot.choices, op->u.ballot.nchoices, 1) != 0)
+            goto out;
+    }
+    text = json_dumps(d, JSON_COMPACT);
+out:
+    json_decref(d);
+    return text;
+}
+
 static int run_batch(pg_store_t *s, batch_t *b, tly_store_op_t *first, pg_item_t **item, uint64_t *commit_us)
 {
     int nomem = 0, r = R_FATAL, dummy = 0;
-    char *feed_text = NULL;
+    char *feed_text = NULL, *counts_text = NULL;
     json_t *feed = NULL;
     PGresult *res = NULL;
 
@@ -834,6 +878,9 @@ static int run_batch(pg_store_t *s, batch_t *b, tly_store_op_t *first, pg_item_t
         goto fail;
 
     for (int attempt = 0; attempt < PG_BATCH_ATTEMPTS; attempt++) {
+        json_decref(b->deltas); /* a fresh start: deltas again */
+        if ((b->deltas = json_array()) == NULL)
+            goto nomem;
         res = PQexec(s->wconn, "BEGIN");
         r = classify(s->wconn, res, PGRES_COMMAND_OK, &dummy);
         if (r != R_OK)
@@ -860,7 +907,7 @@ static int run_batch(pg_store_t *s, batch_t *b, tly_store_op_t *first, pg_item_t
                     r = R_FATAL;
                     break;
                 }
-                r = run_op(s, b->op[i], param);
+                r = run_op(s, b->op[i], param, b->deltas);
                 free(param);
                 i++;
             }
@@ -892,11 +939,12 @@ static int run_batch(pg_store_t *s, batch_t *b, tly_store_op_t *first, pg_item_t
         }
     }
     if (json_array_size(feed) > 0) {
-        const char *params[2] = {s->origin, NULL};
-        if ((feed_text = json_dumps(feed, JSON_COMPACT)) == NULL)
+        const char *params[3] = {s->origin, NULL, NULL};
+        if ((feed_text = json_dumps(feed, JSON_COMPACT)) == NULL || (counts_text = counter_deltas(b)) == NULL)
             goto nomem_rollback;
         params[1] = feed_text;
-        res = PQexecPrepared(s->wconn, "feed", 2, params, NULL, NULL, 0);
+        params[2] = counts_text;
+        res = PQexecPrepared(s->wconn, "feed", 3, params, NULL, NULL, 0);
         if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
             pg_log_error("store: postgres feed append failed", s->wconn, res);
             PQclear(PQexec(s->wconn, "ROLLBACK"));
@@ -919,6 +967,9 @@ static int run_batch(pg_store_t *s, batch_t *b, tly_store_op_t *first, pg_item_t
     PQclear(res);
     json_decref(feed);
     free(feed_text);
+    free(counts_text);
+    json_decref(b->deltas);
+    b->deltas = NULL;
     return 1;
 
 nomem_rollback:
@@ -929,6 +980,9 @@ fail:
     PQclear(res);
     json_decref(feed);
     free(feed_text);
+    free(counts_text);
+    json_decref(b->deltas);
+    b->deltas = NULL;
     if (s->wconn != NULL && pg_conn_lost(s->wconn))
         writer_lost(s);
     else if (s->wconn != NULL && PQtransactionStatus(s->wconn) != PQTRANS_IDLE)
