@@ -296,6 +296,8 @@ void api_ingest_enqueue(tly_app_t *app, tly_req_t *req, tly_poll_t *p, const cha
                         const tly_ballot_t *ballot, const char *idem, const uint8_t hash[16],
                         const uint8_t *ip_hash, char *client_meta);
 int api_ingest_open(tly_app_t *app);
+void api_ingest_stats(const tly_app_t *app, uint64_t *enqueued, uint64_t *applied, uint64_t *failed,
+                      uint64_t *dead);
 /* A retracted ballot frees its voter's dedup key, so the voter may vote again. */
 void api_ingest_forget(tly_app_t *app, const char *poll_id, const char *voter_id);
 void api_ingest_close(tly_app_t *app);

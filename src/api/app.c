@@ -345,6 +345,17 @@ void api_ops_metrics(tly_req_t *req, const tly_params_t *params, void *arg)
                              .polls = tly_registry_count(app->registry)};
     api_reconcile_stats(app, &x.reconcile_runs, &x.reconcile_repairs_store, &x.reconcile_repairs_redis,
                         &x.reconcile_last_run_ms);
+    x.followed = app->followed;
+    x.resyncs = app->resyncs;
+    x.bus_up = -1;
+    if (app->bus != NULL) {
+        tly_bus_stats_t bs;
+        tly_bus_stats(app->bus, &bs);
+        x.bus_up = bs.up;
+        x.bus_reconnects = bs.reconnects;
+        x.bus_dropped = bs.dropped;
+        api_ingest_stats(app, &x.ingest_enqueued, &x.ingest_applied, &x.ingest_failed, &x.ingest_dead);
+    }
     size_t len;
     char *text = tly_metrics_render(&x, &len);
     if (text == NULL) {

@@ -668,3 +668,13 @@ void api_ingest_forget(tly_app_t *app, const char *poll_id, const char *voter_id
     if (app->ingest != NULL)
         tly_bus_command(app->bus, ignore_reply, NULL, "DEL tally:dedup:%s:%s", poll_id, voter_id);
 }
+
+void api_ingest_stats(const tly_app_t *app, uint64_t *enqueued, uint64_t *applied, uint64_t *failed,
+                      uint64_t *dead)
+{
+    const struct ingest *in = app->ingest;
+    *enqueued = in ? in->enqueued : 0;
+    *applied = in ? in->applied : 0;
+    *failed = in ? in->failed : 0;
+    *dead = in ? in->dead : 0;
+}

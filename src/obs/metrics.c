@@ -255,6 +255,32 @@ char *tly_metrics_render(const tly_metrics_extra_t *x, size_t *len)
             "tally_reconcile_repairs_total{where=\"store\"} %llu\n"
             "tally_reconcile_repairs_total{where=\"redis\"} %llu\n",
         (unsigned long long)x->reconcile_repairs_store, (unsigned long long)x->reconcile_repairs_redis);
+    put(&o, "# HELP tally_follow_ops_total Changes committed by other instances sharing the store, applied to "
+            "this one's memory.\n# TYPE tally_follow_ops_total counter\ntally_follow_ops_total %llu\n",
+        (unsigned long long)x->followed);
+    put(&o, "# HELP tally_resyncs_total Requests that found nothing in memory and waited for it to catch up with "
+            "the shared store before answering.\n# TYPE tally_resyncs_total counter\ntally_resyncs_total %llu\n",
+        (unsigned long long)x->resyncs);
+    if (x->bus_up >= 0) {
+        put(&o, "# HELP tally_bus_up Whether the Redis bus is connected.\n# TYPE tally_bus_up gauge\n"
+                "tally_bus_up %d\n",
+            x->bus_up);
+        put(&o, "# HELP tally_bus_reconnects_total Times the Redis bus came back after being down.\n"
+                "# TYPE tally_bus_reconnects_total counter\ntally_bus_reconnects_total %llu\n",
+            (unsigned long long)x->bus_reconnects);
+        put(&o, "# HELP tally_bus_dropped_total Messages to other instances dropped while the bus was down (they "
+                "read the feed on their own within 100 ms).\n# TYPE tally_bus_dropped_total counter\n"
+                "tally_bus_dropped_total %llu\n",
+            (unsigned long long)x->bus_dropped);
+        put(&o, "# HELP tally_ingest_total Async ballots through the ingest log, by outcome on this instance.\n"
+                "# TYPE tally_ingest_total counter\n"
+                "tally_ingest_total{outcome=\"enqueued\"} %llu\n"
+                "tally_ingest_total{outcome=\"applied\"} %llu\n"
+                "tally_ingest_total{outcome=\"failed\"} %llu\n"
+                "tally_ingest_total{outcome=\"dead_lettered\"} %llu\n",
+            (unsigned long long)x->ingest_enqueued, (unsigned long long)x->ingest_applied,
+            (unsigned long long)x->ingest_failed, (unsigned long long)x->ingest_dead);
+    }
     put(&o, "# HELP tally_reconcile_last_run_timestamp_seconds When this instance last completed a reconciliation "
             "(0: never).\n# TYPE tally_reconcile_last_run_timestamp_seconds gauge\n"
             "tally_reconcile_last_run_timestamp_seconds %.3f\n",

@@ -45,6 +45,12 @@ typedef struct {
      * never) */
     uint64_t reconcile_runs, reconcile_repairs_store, reconcile_repairs_redis;
     int64_t reconcile_last_run_ms;
+    /* scale-out: other instances' changes applied, requests that waited for a catch-up,
+     * the bus and the ingest log */
+    uint64_t followed, resyncs;
+    int bus_up; /* -1: no bus */
+    uint64_t bus_reconnects, bus_dropped;
+    uint64_t ingest_enqueued, ingest_applied, ingest_failed, ingest_dead;
 } tly_metrics_extra_t;
 /* The whole exposition (heap, caller frees), or NULL on allocation failure. */
 char *tly_metrics_render(const tly_metrics_extra_t *x, size_t *len);

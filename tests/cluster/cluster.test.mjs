@@ -137,6 +137,10 @@ test('a watcher on one instance sees votes cast on the others within a second', 
     assert.equal((await vote(c.nodes[2], 'w2', poll.poll_id, poll.options[1].option_id)).status, 200);
     await s.waitFor((e) => e.json?.total_votes === 2, 1500, 'the vote from instance 3');
     assert.ok(Date.now() - t0 < 3000);
+    const m = await api(c.nodes[0], 'GET', '/metrics');
+    const followed = Number(/^tally_follow_ops_total (\d+)$/m.exec(m.text)?.[1]);
+    assert.ok(followed >= 2, `tally_follow_ops_total ${followed}`);
+    assert.match(m.text, /^tally_bus_up 1$/m);
   } finally {
     s.close?.();
   }
