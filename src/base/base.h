@@ -66,6 +66,11 @@ void tly_random_id(char *out, const char *prefix, size_t nbytes);
 /* base64url without padding. encode writes a NUL-terminated string and returns its
  * length; out must hold 4 * (n + 2) / 3 + 1 bytes. decode returns the decoded
  * length or TLY_EINVAL; out must hold 3 * len / 4 + 1 bytes. */
+/* Lower-case hex of n bytes into out (2n + 1 bytes, NUL-terminated). */
+void tly_hex_encode(const uint8_t *in, size_t n, char *out);
+/* Decodes len hex digits (either case) into out, at most cap bytes. Returns the byte
+ * count, or -1 for an odd length, a non-hex digit or more than cap bytes. */
+int tly_hex_decode(const char *in, size_t len, uint8_t *out, size_t cap);
 size_t tly_b64url_encode(const uint8_t *in, size_t n, char *out);
 int tly_b64url_decode(const char *in, size_t len, uint8_t *out);
 

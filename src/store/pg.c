@@ -13,11 +13,14 @@
  * changes to the follow callback, in that order, interleaved with this instance's own
  * done callbacks at their batches' places.
  *
- * Counters: option_counts and poll_counts are kept in the same statement as the change
- * they count. Consecutive ballot inserts of a batch are ONE statement (a data-modifying
- * CTE: insert ... on conflict do nothing, then count only what was inserted): measured
- * here, separate INSERT and UPDATE statements moved counters for duplicates under
- * concurrency, and one statement was exact.
+ * Counters: consecutive ballot inserts of a batch are ONE statement (a data-modifying
+ * CTE: insert ... on conflict do nothing returning), and the counter rows move in the
+ * batch's last statement (feed_sql) by the deltas of what the statements reported
+ * inserted, replaced or deleted, so a duplicate never moves a counter. They move there,
+ * after feed_head, because every instance updates the same rows: locked earlier, they
+ * serialised the instances' whole batches (measured: three instances slower than one).
+ *
+ * The schema, its migrations and connecting are in pg_schema.c.
  *
  * Availability: when the writer's connection drops the batch in flight fails (TLY_EIO),
  * later batches fail at once while a connector thread reconnects with backoff (100 ms
@@ -38,133 +41,11 @@
 #include <string.h>
 #include <time.h>
 
-/* The advisory lock key of migrations: "tally" as a number (0x74616c6c79). */
-#define PG_MIGRATION_LOCK "499850701945"
 #define PG_RETENTION_US (60 * 1000000LL)
 #define PG_PING_US 1000000LL
 #define PG_BACKOFF_MIN_MS 100
 #define PG_BACKOFF_MAX_MS 2000
 #define PG_BATCH_ATTEMPTS 3 /* a batch chosen as a deadlock victim runs again, this often */
-
-/* ---- schema ---------------------------------------------------------------------- */
-
-/*
- * migrations[i] takes schema_version i to i + 1, each in its own transaction with the
- * version bump, under an advisory lock (instances starting together migrate once).
- * Append only. No foreign keys: a poll's rows go with it in POLL_DELETE explicitly, and
- * a ballot insert takes a KEY SHARE lock on its poll row itself (see ballot_sql), which
- * is all a foreign key would add, without its per-row trigger.
- */
-static const char *const migrations[] = {
-    /* 1: everything. */
-    "CREATE TABLE users("
-    "  user_id text PRIMARY KEY,"
-    "  username text NOT NULL,"
-    "  password_hash text NOT NULL,"
-    "  email text,"
-    "  created_at bigint NOT NULL,"
-    "  ord bigserial NOT NULL);"
-    "CREATE UNIQUE INDEX users_username ON users(lower(username));"
-    "CREATE TABLE polls("
-    "  poll_id text PRIMARY KEY,"
-    "  owner_id text NOT NULL,"
-    "  title text NOT NULL,"
-    "  description text,"
-    "  type integer NOT NULL,"
-    "  status integer NOT NULL,"
-    "  start_time bigint,"
-    "  end_time bigint,"
-    "  settings text NOT NULL,"
-    "  created_at bigint,"
-    "  updated_at bigint,"
-    "  idem_key text,"
-    "  body_hash bytea,"
-    "  final_results text,"
-    "  ord bigserial NOT NULL);"
-    "CREATE INDEX polls_owner ON polls(owner_id, created_at);"
-    "CREATE TABLE options("
-    "  poll_id text NOT NULL,"
-    "  position integer NOT NULL,"
-    "  option_id text NOT NULL,"
-    "  text text NOT NULL,"
-    "  display_order integer NOT NULL,"
-    "  PRIMARY KEY(poll_id, position));"
-    /* seq: load order, kept by a change. Unique keys must include the partition key,
-     * so vote ids and receipts are unique per poll here (SQLite: store-wide). */
-    "CREATE SEQUENCE ballots_seq;"
-    "CREATE TABLE ballots("
-    "  seq bigint NOT NULL DEFAULT nextval('ballots_seq'),"
-    "  poll_id text NOT NULL,"
-    "  voter_id text NOT NULL,"
-    "  vote_id text NOT NULL,"
-    "  receipt text NOT NULL,"
-    "  choices bytea NOT NULL,"
-    "  scores bytea,"
-    "  recorded_at bigint NOT NULL,"
-    "  idem_key text,"
-    "  body_hash bytea,"
-    "  client_meta text,"
-    "  ip_hash bytea,"
-    "  PRIMARY KEY(poll_id, voter_id),"
-    "  UNIQUE(poll_id, vote_id),"
-    "  UNIQUE(poll_id, receipt),"
-    "  UNIQUE(poll_id, ip_hash)) PARTITION BY HASH (poll_id);"
-    "CREATE INDEX ballots_poll_seq ON ballots(poll_id, seq);"
-    "CREATE INDEX ballots_seq_order ON ballots(seq);" /* load streams it: a merge, no sort */
-    "CREATE SEQUENCE audit_seq;"
-    "CREATE TABLE audit("
-    "  seq bigint NOT NULL DEFAULT nextval('audit_seq'),"
-    "  poll_id text NOT NULL,"
-    "  voter_id text NOT NULL,"
-    "  event text NOT NULL CHECK(event IN ('cast','changed','revoked')),"
-    "  choices bytea,"
-    "  scores bytea,"
-    "  at bigint NOT NULL,"
-    "  PRIMARY KEY(poll_id, seq)) PARTITION BY HASH (poll_id);"
-    "DO $$ BEGIN"
-    "  FOR i IN 0..15 LOOP"
-    "    EXECUTE format('CREATE TABLE ballots_p%s PARTITION OF ballots"
-    "                    FOR VALUES WITH (MODULUS 16, REMAINDER %s)', i, i);"
-    "    EXECUTE format('CREATE TABLE audit_p%s PARTITION OF audit"
-    "                    FOR VALUES WITH (MODULUS 16, REMAINDER %s)', i, i);"
-    "  END LOOP;"
-    "END $$;"
-    /* History is never rewritten (a guard against bugs: the owner of the database can
-     * drop it). Rows go only with their poll, by DELETE. */
-    "CREATE FUNCTION audit_append_only() RETURNS trigger LANGUAGE plpgsql AS"
-    "  $$ BEGIN RAISE EXCEPTION 'audit is append-only'; END $$;"
-    "CREATE TRIGGER audit_no_update BEFORE UPDATE OR TRUNCATE ON audit"
-    "  FOR EACH STATEMENT EXECUTE FUNCTION audit_append_only();"
-    /* votes = the current ballots of the poll whose choices include the position. */
-    "CREATE TABLE option_counts("
-    "  poll_id text NOT NULL,"
-    "  position integer NOT NULL,"
-    "  votes bigint NOT NULL DEFAULT 0,"
-    "  PRIMARY KEY(poll_id, position));"
-    "CREATE TABLE poll_counts("
-    "  poll_id text PRIMARY KEY,"
-    "  ballots bigint NOT NULL DEFAULT 0);"
-    "CREATE TABLE vote_requests("
-    "  request_id text PRIMARY KEY,"
-    "  poll_id text NOT NULL,"
-    "  voter_id text NOT NULL,"
-    "  state text NOT NULL,"
-    "  vote_id text,"
-    "  error text,"
-    "  created_at bigint NOT NULL,"
-    "  ord bigserial NOT NULL);"
-    "CREATE INDEX vote_requests_poll ON vote_requests(poll_id);"
-    "CREATE TABLE feed_head("
-    "  id integer PRIMARY KEY CHECK (id = 1),"
-    "  seq bigint NOT NULL);"
-    "INSERT INTO feed_head VALUES (1, 0);"
-    "CREATE TABLE feed("
-    "  seq bigint PRIMARY KEY,"
-    "  origin text NOT NULL,"
-    "  at timestamptz NOT NULL DEFAULT now(),"
-    "  ops text NOT NULL);"
-    "CREATE INDEX feed_at ON feed(at);",
-};
 
 /* ---- the writer's statements (prepared on each of its connections) ---------------- */
 
@@ -366,83 +247,6 @@ static const struct {
     {"feed", feed_sql},
 };
 
-/* ---- helpers ----------------------------------------------------------------------- */
-
-int64_t pg_now_us(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
-}
-
-void pg_log_error(const char *msg, PGconn *c, const PGresult *res)
-{
-    char text[512];
-    const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
-    const char *m = res ? PQresultErrorMessage(res) : NULL;
-    if (m == NULL || m[0] == '\0')
-        m = c ? PQerrorMessage(c) : "no connection";
-    /* libpq's messages name tables, constraints and hosts, never the password; keys
-     * of a failed unique check may quote ids, which are not secrets. One line. */
-    snprintf(text, sizeof text, "%s", m);
-    for (char *p = text; *p; p++)
-        if (*p == '\n' || *p == '\r' || *p == '\t')
-            *p = ' ';
-    tly_log(TLY_LOG_ERROR, msg, "sqlstate", state ? state : "", "pg", text, NULL);
-}
-
-int pg_conn_lost(PGconn *c)
-{
-    return c == NULL || PQstatus(c) != CONNECTION_OK;
-}
-
-int pg_exec(PGconn *c, const char *sql, ExecStatusType want)
-{
-    PGresult *res = PQexec(c, sql);
-    int ok = PQresultStatus(res) == want;
-    if (!ok)
-        pg_log_error("store: postgres statement failed", c, res);
-    PQclear(res);
-    return ok ? 0 : TLY_EIO;
-}
-
-/* Server notices (e.g. "relation already exists, skipping") are not ours to print:
- * libpq's default writes them raw to stderr, outside the JSON log. */
-static void quiet_notice(void *arg, const char *message)
-{
-}
-
-PGconn *pg_connect(const pg_store_t *s, const char *role)
-{
-    /* dbname first: it is the URL, expanded; the parameters after it override it. */
-    const char *keys[] = {"dbname", "connect_timeout", "application_name", NULL};
-    const char *vals[] = {s->url, "5", "tally", NULL};
-    PGconn *c = PQconnectdbParams(keys, vals, 1);
-    if (c == NULL) {
-        tly_log(TLY_LOG_ERROR, "store: postgres connect failed", "conn", role, "pg", "out of memory", NULL);
-        return NULL;
-    }
-    if (PQstatus(c) != CONNECTION_OK) {
-        char text[512];
-        snprintf(text, sizeof text, "%s", PQerrorMessage(c));
-        for (char *p = text; *p; p++)
-            if (*p == '\n')
-                *p = ' ';
-        tly_log(TLY_LOG_ERROR, "store: postgres connect failed", "conn", role, "pg", text, NULL);
-        PQfinish(c);
-        return NULL;
-    }
-    PQsetNoticeProcessor(c, quiet_notice, NULL);
-    /* Strings are UTF-8 in and out whatever the server's default; times are ours
-     * (bigint ms), so the session's time zone does not matter. */
-    if (PQsetClientEncoding(c, "UTF8") != 0) {
-        pg_log_error("store: postgres client encoding", c, NULL);
-        PQfinish(c);
-        return NULL;
-    }
-    return c;
-}
-
 static int prepare_writer(PGconn *c)
 {
     for (size_t i = 0; i < TLY_ARRAY_SIZE(stmts); i++) {
@@ -465,45 +269,6 @@ static PGconn *connect_writer(pg_store_t *s)
         c = NULL;
     }
     return c;
-}
-
-static int migrate(PGconn *c)
-{
-    int rc = TLY_EIO;
-    long version = 0;
-    char sql[96];
-    PGresult *res = NULL;
-
-    /* Session-level: held across the per-step transactions, released below. */
-    if (pg_exec(c, "SELECT pg_advisory_lock(" PG_MIGRATION_LOCK ")", PGRES_TUPLES_OK) != 0)
-        return TLY_EIO;
-    if (pg_exec(c, "CREATE TABLE IF NOT EXISTS schema_version(version integer NOT NULL)", PGRES_COMMAND_OK) != 0)
-        goto fail;
-    res = PQexec(c, "SELECT coalesce(max(version), 0) FROM schema_version");
-    if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
-        pg_log_error("store: postgres schema version", c, res);
-        goto fail;
-    }
-    version = strtol(PQgetvalue(res, 0, 0), NULL, 10);
-    if (version < 0 || version > (long)TLY_ARRAY_SIZE(migrations)) {
-        tly_log(TLY_LOG_ERROR, "store: postgres schema is newer than this tally", NULL);
-        goto fail;
-    }
-    for (long v = version; v < (long)TLY_ARRAY_SIZE(migrations); v++) {
-        if (pg_exec(c, "BEGIN", PGRES_COMMAND_OK) != 0)
-            goto fail;
-        snprintf(sql, sizeof sql, "DELETE FROM schema_version; INSERT INTO schema_version VALUES (%ld)", v + 1);
-        if (pg_exec(c, migrations[v], PGRES_COMMAND_OK) != 0 || pg_exec(c, sql, PGRES_COMMAND_OK) != 0 ||
-            pg_exec(c, "COMMIT", PGRES_COMMAND_OK) != 0) {
-            PQclear(PQexec(c, "ROLLBACK"));
-            goto fail;
-        }
-    }
-    rc = 0;
-fail:
-    PQclear(res);
-    PQclear(PQexec(c, "SELECT pg_advisory_unlock(" PG_MIGRATION_LOCK ")"));
-    return rc;
 }
 
 /* ---- submit -------------------------------------------------------------------------- */
@@ -1232,7 +997,7 @@ static int pg_open(const tly_store_conf_t *conf, pg_store_t **out)
 
     if ((s->wconn = pg_connect(s, "writer")) == NULL)
         goto fail;
-    if ((rc = migrate(s->wconn)) != 0)
+    if ((rc = pg_migrate(s->wconn)) != 0)
         goto fail;
     rc = TLY_EIO;
     if (prepare_writer(s->wconn) != 0)

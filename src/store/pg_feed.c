@@ -45,39 +45,12 @@
 
 /* ---- hex --------------------------------------------------------------------------- */
 
-void pg_hex(const uint8_t *in, size_t n, char *out)
-{
-    static const char digits[] = "0123456789abcdef";
-    for (size_t i = 0; i < n; i++) {
-        out[2 * i] = digits[in[i] >> 4];
-        out[2 * i + 1] = digits[in[i] & 15];
-    }
-    out[2 * n] = '\0';
-}
-
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
+/* bytea's text output is "\x" and hex; JSON fields are bare hex. */
 int pg_unhex(const char *hex, uint8_t *out, size_t cap)
 {
-    size_t n = 0;
     if (hex[0] == '\\' && hex[1] == 'x')
         hex += 2;
-    for (; hex[0] != '\0'; hex += 2) {
-        int hi = hexval(hex[0]), lo = hex[1] ? hexval(hex[1]) : -1;
-        if (hi < 0 || lo < 0 || n == cap)
-            return -1;
-        out[n++] = (uint8_t)(hi << 4 | lo);
-    }
-    return (int)n;
+    return tly_hex_decode(hex, strlen(hex), out, cap);
 }
 
 /* ---- ops as JSON ------------------------------------------------------------------- */
@@ -110,7 +83,7 @@ static int put_bytes(json_t *o, const char *k, const uint8_t *p, size_t n)
         return put(o, k, json_string(""));
     if (p == NULL)
         return put(o, k, json_null());
-    pg_hex(p, n, buf);
+    tly_hex_encode(p, n, buf);
     return put(o, k, json_string(buf));
 }
 

@@ -1,5 +1,6 @@
 /*
- * pg_int.h: what the PostgreSQL backend's files share (pg.c: open, schema, the writer;
+ * pg_int.h: what the PostgreSQL backend's files share (pg.c: open and the writer;
+ * pg_schema.c: schema, migrations, connecting;
  * pg_feed.c: the change feed, the follower and reap; pg_read.c: load, readers and
  * generated ballots). Nothing outside src/store/pg*.c includes this.
  *
@@ -110,6 +111,9 @@ void pg_log_error(const char *msg, PGconn *c, const PGresult *res);
 int pg_exec(PGconn *c, const char *sql, ExecStatusType want);
 /* The connection is gone (broken socket, terminated backend). */
 int pg_conn_lost(PGconn *c);
+/* Applies the migrations the database lacks, under an advisory lock (instances starting
+ * together migrate once). 0 or TLY_EIO. */
+int pg_migrate(PGconn *c);
 
 /* ---- pg_feed.c ---- */
 void *pg_follower_main(void *arg);
@@ -148,8 +152,6 @@ int pg_generate_ballots(pg_store_t *s, const char *poll_id, size_t noptions, siz
 /* Hex (bytea's text output "\x..." or a feed field) into out; returns the number of
  * bytes, or -1 when malformed or longer than cap. */
 int pg_unhex(const char *hex, uint8_t *out, size_t cap);
-/* Lowercase hex of n bytes into out (2n + 1 bytes). */
-void pg_hex(const uint8_t *in, size_t n, char *out);
 
 /* A reader (pg_read.c): its own connection, blocking calls; also reconcile's. */
 typedef struct {

@@ -323,3 +323,18 @@ Test(alloc, failures_are_counted_per_thread)
     cr_assert_eq(tly_alloc_failures(), before + 2);
     tly_free(p);
 }
+
+Test(base, hex_round_trip_and_malformed_input)
+{
+    const uint8_t in[] = {0x00, 0x7f, 0xa5, 0xff};
+    char out[9];
+    uint8_t back[4];
+    tly_hex_encode(in, sizeof in, out);
+    cr_assert_str_eq(out, "007fa5ff");
+    cr_assert_eq(tly_hex_decode("007FA5ff", 8, back, sizeof back), 4);
+    cr_assert_arr_eq(back, in, sizeof in);
+    cr_assert_eq(tly_hex_decode("abc", 3, back, sizeof back), -1, "odd length");
+    cr_assert_eq(tly_hex_decode("zz", 2, back, sizeof back), -1, "not hex");
+    cr_assert_eq(tly_hex_decode("0011223344", 10, back, sizeof back), -1, "longer than cap");
+    cr_assert_eq(tly_hex_decode("", 0, back, sizeof back), 0);
+}
