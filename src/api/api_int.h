@@ -273,6 +273,10 @@ int api_bus_open(tly_app_t *app, char *err);
  * option positions before (none for a cast) and after (none for a retraction). */
 void api_bus_count(tly_app_t *app, const char *poll_id, const uint8_t *before, size_t nbefore,
                    const uint8_t *after, size_t nafter);
+/* A reply callback for commands whose outcome nobody waits for. */
+void api_bus_ignore(void *arg, const tly_bus_reply_t *r);
+/* votes.c: 202 accepted with the Location of the request's status. */
+void api_respond_accepted(tly_req_t *req, const char *poll_id, const char *request_id);
 /* Tells the other instances that our store batches committed (after a reap). */
 void api_bus_announce(tly_app_t *app);
 /* A request that found nothing where another instance may just have made something:
@@ -302,7 +306,8 @@ void api_ingest_stats(const tly_app_t *app, uint64_t *enqueued, uint64_t *applie
 void api_ingest_forget(tly_app_t *app, const char *poll_id, const char *voter_id);
 void api_ingest_close(tly_app_t *app);
 /* GET .../votes/requests/{id} for a request memory does not know: asks the log. */
-bool api_ingest_status(tly_app_t *app, tly_req_t *req, const char *request_id, const char *voter_id);
+bool api_ingest_status(tly_app_t *app, tly_req_t *req, const char *poll_id, const char *request_id,
+                       const char *voter_id);
 /* votes.c: whether this instance has a write about v (or, v NULL, any ballot of p) in
  * the store's queue. */
 bool api_votes_busy(tly_app_t *app, tly_poll_t *p, tly_vote_t *v);

@@ -382,7 +382,7 @@ static const char counts_lua[] =
     "for i = 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end\n"
     "return 0\n";
 
-static void counted_ignore(void *arg, const tly_bus_reply_t *r)
+void api_bus_ignore(void *arg, const tly_bus_reply_t *r)
 {
     (void)arg;
     (void)r;
@@ -424,7 +424,7 @@ void api_bus_count(tly_app_t *app, const char *poll_id, const uint8_t *before, s
         n += 2;
     }
     if (n > 1)
-        tly_bus_script(app->bus, app->counts_script, counted_ignore, NULL, 1, n, argv, lens);
+        tly_bus_script(app->bus, app->counts_script, api_bus_ignore, NULL, 1, n, argv, lens);
 }
 
 int api_bus_open(tly_app_t *app, char *err)

@@ -66,40 +66,6 @@ struct ingest {
 
 /* ---- small helpers ---- */
 
-static void hex(const uint8_t *b, size_t n, char *out)
-{
-    static const char d[] = "0123456789abcdef";
-    for (size_t i = 0; i < n; i++) {
-        out[2 * i] = d[b[i] >> 4];
-        out[2 * i + 1] = d[b[i] & 15];
-    }
-    out[2 * n] = '\0';
-}
-
-static int unhex(const char *s, size_t len, uint8_t *out, size_t cap)
-{
-    if (len % 2 || len / 2 > cap)
-        return -1;
-    for (size_t i = 0; i < len / 2; i++) {
-        int v = 0;
-        for (int k = 0; k < 2; k++) {
-            char c = s[2 * i + k];
-            int x = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
-            if (x < 0)
-                return -1;
-            v = v * 16 + x;
-        }
-        out[i] = (uint8_t)v;
-    }
-    return (int)(len / 2);
-}
-
-static void ignore_reply(void *arg, const tly_bus_reply_t *r)
-{
-    (void)arg;
-    (void)r;
-}
-
 static bool is_error(const tly_bus_reply_t *r)
 {
     return r->type == TLY_BUS_ERROR;
@@ -127,15 +93,6 @@ static void enqueue_free(enqueue_t *e)
     tly_free(e->idem);
     free(e->client_meta);
     tly_free(e);
-}
-
-static void respond_accepted(tly_req_t *req, const char *poll_id, const char *request_id)
-{
-    char loc[128];
-    snprintf(loc, sizeof(loc), "/v1/polls/%s/votes/requests/%s", poll_id, request_id);
-    tly_req_add_header(req, "Location", loc);
-    api_respond_json(req, 202,
-                     json_pack("{s:s, s:s, s:s}", "status", "accepted", "poll_id", poll_id, "request_id", request_id));
 }
 
 static void kick(struct ingest *in);
@@ -184,7 +141,7 @@ static void enqueued(void *arg, const tly_bus_reply_t *r)
         enqueue_fallback(e);
     } else if (r->elements[0].integer == 1) {
         app->ingest->enqueued++;
-        respond_accepted(e->req, e->poll_id, e->request_id);
+        api_respond_accepted(e->req, e->poll_id, e->request_id);
         kick(app->ingest);
     } else {
         /* the voter's ballot is already in the log: "request_id hash idem" */
@@ -201,7 +158,7 @@ static void enqueued(void *arg, const tly_bus_reply_t *r)
         if (rid[0] && e->idem != NULL && strlen(e->idem) == idem_len && memcmp(e->idem, idem, idem_len) == 0 &&
             strcmp(hh, e->hash_hex) == 0) {
             app->ingest->replayed++;
-            respond_accepted(e->req, e->poll_id, rid);
+            api_respond_accepted(e->req, e->poll_id, rid);
         } else if (rid[0] && e->idem != NULL && strlen(e->idem) == idem_len && memcmp(e->idem, idem, idem_len) == 0) {
             api_respond_error(e->req, 422, "IDEMPOTENCY_KEY_REUSED",
                               "this Idempotency-Key was used with a different ballot", NULL);
@@ -236,7 +193,7 @@ void api_ingest_enqueue(tly_app_t *app, tly_req_t *req, tly_poll_t *p, const cha
     memcpy(e->poll_id, p->poll_id, sizeof(e->poll_id));
     tly_random_id(e->request_id, "r_", 12);
     memcpy(e->hash_bytes, hash, 16);
-    hex(hash, 16, e->hash_hex);
+    tly_hex_encode(hash, 16, e->hash_hex);
     e->ballot = *ballot;
     if (ip_hash != NULL) {
         e->has_ip = true;
@@ -249,9 +206,9 @@ void api_ingest_enqueue(tly_app_t *app, tly_req_t *req, tly_poll_t *p, const cha
     snprintf(dedup_key, sizeof(dedup_key), "tally:dedup:%s:%s", p->poll_id, voter_id);
     snprintf(status_key, sizeof(status_key), "tally:req:%s", e->request_id);
     snprintf(dedup_val, sizeof(dedup_val), "%s %s %.255s", e->request_id, e->hash_hex, idem ? idem : "");
-    hex(ballot->choices, ballot->nchoices, choices);
-    hex(ballot->scores, p->type == TLY_TYPE_SCORE ? ballot->nchoices : 0, scores);
-    hex(ip_hash ? ip_hash : (const uint8_t *)"", ip_hash ? TLY_IP_HASH_LEN : 0, iph);
+    tly_hex_encode(ballot->choices, ballot->nchoices, choices);
+    tly_hex_encode(ballot->scores, p->type == TLY_TYPE_SCORE ? ballot->nchoices : 0, scores);
+    tly_hex_encode(ip_hash ? ip_hash : (const uint8_t *)"", ip_hash ? TLY_IP_HASH_LEN : 0, iph);
     snprintf(at, sizeof(at), "%lld", (long long)e->at);
     const char *argv[] = {dedup_key, STREAM, status_key, dedup_val, DEDUP_TTL_MS, p->poll_id, voter_id,
                           STREAM_MAXLEN, "r", e->request_id, "p", p->poll_id, "v", voter_id, "c", choices,
@@ -294,12 +251,12 @@ static void entry_free(entry_t *en)
 
 static void ack(tly_app_t *app, const char *id)
 {
-    tly_bus_command(app->bus, ignore_reply, NULL, "XACK %s %s %s", STREAM, GROUP, id);
+    tly_bus_command(app->bus, api_bus_ignore, NULL, "XACK %s %s %s", STREAM, GROUP, id);
 }
 
 static void set_status(tly_app_t *app, const char *rid, const char *state, const char *vote_id, const char *error)
 {
-    tly_bus_command(app->bus, ignore_reply, NULL, "HSET tally:req:%s state %s vote_id %s error %s", rid, state,
+    tly_bus_command(app->bus, api_bus_ignore, NULL, "HSET tally:req:%s state %s vote_id %s error %s", rid, state,
                     vote_id ? vote_id : "", error ? error : "");
 }
 
@@ -311,7 +268,7 @@ static void refuse(entry_t *en, const char *code)
     app->ingest->failed++;
     set_status(app, en->request_id, "failed", NULL, code);
     if (strcmp(code, "ALREADY_VOTED") != 0)
-        tly_bus_command(app->bus, ignore_reply, NULL, "DEL tally:dedup:%s:%s", en->poll_id, en->voter_id);
+        tly_bus_command(app->bus, api_bus_ignore, NULL, "DEL tally:dedup:%s:%s", en->poll_id, en->voter_id);
     ack(app, en->id);
     entry_free(en);
 }
@@ -322,10 +279,10 @@ static void dead_letter(entry_t *en, const char *reason)
     app->ingest->dead++;
     tly_log(TLY_LOG_ERROR, "ingest entry moved to the dead-letter stream", "request_id", en->request_id, "reason",
             reason, NULL);
-    tly_bus_command(app->bus, ignore_reply, NULL, "XADD %s * id %s r %s p %s v %s reason %s", DEAD, en->id,
+    tly_bus_command(app->bus, api_bus_ignore, NULL, "XADD %s * id %s r %s p %s v %s reason %s", DEAD, en->id,
                     en->request_id, en->poll_id, en->voter_id, reason);
     set_status(app, en->request_id, "failed", NULL, "UNAVAILABLE");
-    tly_bus_command(app->bus, ignore_reply, NULL, "DEL tally:dedup:%s:%s", en->poll_id, en->voter_id);
+    tly_bus_command(app->bus, api_bus_ignore, NULL, "DEL tally:dedup:%s:%s", en->poll_id, en->voter_id);
     ack(app, en->id);
     entry_free(en);
 }
@@ -439,10 +396,10 @@ static entry_t *take_entry(tly_app_t *app, const tly_bus_reply_t *e)
     app->ingest->inflight++;
     en->attempts = 1;
     snprintf(en->id, sizeof(en->id), "%s", e->elements[0].str);
-    int nc = c ? unhex(c->str, c->len, en->ballot.choices, TLY_MAX_OPTIONS) : -1;
-    int ns = s ? unhex(s->str, s->len, en->ballot.scores, TLY_MAX_OPTIONS) : -1;
-    int nh = h ? unhex(h->str, h->len, en->hash, 16) : -1;
-    int ni = i ? unhex(i->str, i->len, en->ip_hash, TLY_IP_HASH_LEN) : -1;
+    int nc = c ? tly_hex_decode(c->str, c->len, en->ballot.choices, TLY_MAX_OPTIONS) : -1;
+    int ns = s ? tly_hex_decode(s->str, s->len, en->ballot.scores, TLY_MAX_OPTIONS) : -1;
+    int nh = h ? tly_hex_decode(h->str, h->len, en->hash, 16) : -1;
+    int ni = i ? tly_hex_decode(i->str, i->len, en->ip_hash, TLY_IP_HASH_LEN) : -1;
     if (!r || !p || !v || r->len >= sizeof(en->request_id) || p->len != TLY_POLL_ID_LEN || nc < 1 ||
         (ns != 0 && ns != nc) || nh != 16 || (ni != 0 && ni != TLY_IP_HASH_LEN) ||
         (en->voter_id = tly_strdup(v->str)) == NULL) {
@@ -609,6 +566,7 @@ void api_ingest_close(tly_app_t *app)
 typedef struct {
     tly_app_t *app;
     tly_req_t *req;
+    char poll_id[TLY_POLL_ID_LEN + 1];
     char request_id[24];
     char *voter_id;
 } status_t;
@@ -626,7 +584,9 @@ static void status_done(void *arg, const tly_bus_reply_t *r)
     /* HGETALL: [field, value, ...] */
     const tly_bus_reply_t *state = r->type == TLY_BUS_ARRAY ? field(r, "state") : NULL;
     const tly_bus_reply_t *voter = r->type == TLY_BUS_ARRAY ? field(r, "v") : NULL;
-    if (state == NULL || voter == NULL || strcmp(voter->str, st->voter_id) != 0) {
+    const tly_bus_reply_t *poll = r->type == TLY_BUS_ARRAY ? field(r, "p") : NULL;
+    if (state == NULL || voter == NULL || poll == NULL || strcmp(voter->str, st->voter_id) != 0 ||
+        strcmp(poll->str, st->poll_id) != 0) {
         api_respond_error(st->req, 404, "REQUEST_NOT_FOUND", "no vote request with that id for this voter", NULL);
     } else {
         json_t *o = json_pack("{s:s, s:s}", "request_id", st->request_id, "state", state->str);
@@ -641,7 +601,8 @@ static void status_done(void *arg, const tly_bus_reply_t *r)
     tly_free(st);
 }
 
-bool api_ingest_status(tly_app_t *app, tly_req_t *req, const char *request_id, const char *voter_id)
+bool api_ingest_status(tly_app_t *app, tly_req_t *req, const char *poll_id, const char *request_id,
+                       const char *voter_id)
 {
     if (app->ingest == NULL || !tly_bus_up(app->bus) || strlen(request_id) >= 24)
         return false;
@@ -653,6 +614,7 @@ bool api_ingest_status(tly_app_t *app, tly_req_t *req, const char *request_id, c
     st->app = app;
     st->req = req;
     snprintf(st->request_id, sizeof(st->request_id), "%s", request_id);
+    snprintf(st->poll_id, sizeof(st->poll_id), "%s", poll_id);
     api_begin_async(app);
     if (tly_bus_command(app->bus, status_done, st, "HGETALL tally:req:%s", request_id) != 0) {
         api_end_async(app);
@@ -666,7 +628,7 @@ bool api_ingest_status(tly_app_t *app, tly_req_t *req, const char *request_id, c
 void api_ingest_forget(tly_app_t *app, const char *poll_id, const char *voter_id)
 {
     if (app->ingest != NULL)
-        tly_bus_command(app->bus, ignore_reply, NULL, "DEL tally:dedup:%s:%s", poll_id, voter_id);
+        tly_bus_command(app->bus, api_bus_ignore, NULL, "DEL tally:dedup:%s:%s", poll_id, voter_id);
 }
 
 void api_ingest_stats(const tly_app_t *app, uint64_t *enqueued, uint64_t *applied, uint64_t *failed,

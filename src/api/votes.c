@@ -53,14 +53,13 @@ static json_t *recorded_json(const tly_poll_t *p, const tly_vote_t *v)
                      p->poll_id, "option_ids", tly_vote_option_ids(p, v), "recorded_at", at, "receipt", v->receipt);
 }
 
-static void respond_accepted(tly_req_t *req, const tly_poll_t *p, const char *request_id)
+void api_respond_accepted(tly_req_t *req, const char *poll_id, const char *request_id)
 {
     char loc[128];
-    snprintf(loc, sizeof(loc), "/v1/polls/%s/votes/requests/%s", p->poll_id, request_id);
+    snprintf(loc, sizeof(loc), "/v1/polls/%s/votes/requests/%s", poll_id, request_id);
     tly_req_add_header(req, "Location", loc);
     api_respond_json(req, 202,
-                     json_pack("{s:s, s:s, s:s}", "status", "accepted", "poll_id", p->poll_id, "request_id",
-                               request_id));
+                     json_pack("{s:s, s:s, s:s}", "status", "accepted", "poll_id", poll_id, "request_id", request_id));
 }
 
 static void respond_already_voted(tly_req_t *req, const tly_vote_t *v)
@@ -227,7 +226,7 @@ static void ballot_committed(tly_store_op_t *op)
         for (waiter_t *w = bo->waiters; w != NULL; w = w->next) {
             api_end_async(app);
             if (w->async && bo->request_id[0])
-                respond_accepted(w->req, p, bo->request_id);
+                api_respond_accepted(w->req, p->poll_id, bo->request_id);
             else
                 api_respond_json(w->req, 200, recorded_json(p, v));
         }
@@ -537,14 +536,6 @@ void api_votes_me(tly_req_t *req, const tly_params_t *params, void *arg)
                                "voted_at", at, "vote_id", v->vote_id, "ballot", tly_ballot_to_json(p, v)));
 }
 
-/* The request id of the path as a string (in static memory: used at once). */
-static const char *rid_key(const char *rid, size_t len)
-{
-    static char key[24];
-    snprintf(key, sizeof(key), "%.*s", len < sizeof(key) ? (int)len : 0, rid);
-    return key;
-}
-
 void api_votes_request(tly_req_t *req, const tly_params_t *params, void *arg)
 {
     tly_app_t *app = arg;
@@ -555,15 +546,18 @@ void api_votes_request(tly_req_t *req, const tly_params_t *params, void *arg)
     const char *pid = tly_params_get(params, "poll_id", &plen);
     const char *rid = tly_params_get(params, "request_id", &rlen);
     vote_request_t *r = NULL;
-    if (rlen < sizeof(r->request_id)) {
-        char key[sizeof(r->request_id)];
+    char key[sizeof(r->request_id)] = "", poll_id[TLY_POLL_ID_LEN + 1] = "";
+    if (rlen < sizeof(key)) {
         memcpy(key, rid, rlen);
         key[rlen] = '\0';
         HASH_FIND_STR(app->requests, key, r);
     }
+    if (plen < sizeof(poll_id))
+        memcpy(poll_id, pid, plen);
     if (r == NULL || strcmp(r->voter_id, caller.id) != 0 || strlen(r->poll_id) != plen ||
         memcmp(r->poll_id, pid, plen) != 0) {
-        if (r == NULL && (api_resync(app, req) || api_ingest_status(app, req, rid_key(rid, rlen), caller.id)))
+        /* another instance's request, or one still in the ingest log? */
+        if (r == NULL && key[0] && (api_resync(app, req) || api_ingest_status(app, req, poll_id, key, caller.id)))
             return;
         api_respond_error(req, 404, "REQUEST_NOT_FOUND", "no vote request with that id for this voter", NULL);
         return;
