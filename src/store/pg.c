@@ -5,27 +5,37 @@
  * so a vote is acknowledged only once the transaction holding it has committed.
  *
  * What sharing adds (pg_feed.c has the rest): every batch that changed anything also
- * appends one row to the change feed in its own transaction, right before COMMIT. The
- * feed's sequence number comes from the single row of feed_head, whose row lock every
- * committing batch of every instance takes last and holds until its COMMIT: so the feed
+ * appends one row to the change feed in its own transaction, at its very end. The feed's
+ * sequence number comes from the single row of feed_head, whose row lock every
+ * committing batch of every instance takes last and holds until its commit: so the feed
  * order is the commit order, without gaps (a batch that rolls back rolls its increment
  * back). The follower of each instance reads the feed and hands the other instances'
  * changes to the follow callback, in that order, interleaved with this instance's own
  * done callbacks at their batches' places.
  *
- * Counters: consecutive ballot inserts of a batch are ONE statement (a data-modifying
- * CTE: insert ... on conflict do nothing returning), and the counter rows move in the
- * batch's last statement (feed_sql) by the deltas of what the statements reported
- * inserted, replaced or deleted, so a duplicate never moves a counter. They move there,
- * after feed_head, because every instance updates the same rows: locked earlier, they
- * serialised the instances' whole batches (measured: three instances slower than one).
+ * The hot path, a batch of nothing but ballot inserts, is ONE statement and its own
+ * transaction (cast_sql): one round trip per batch. Its data-modifying CTEs insert the
+ * ballots (insert ... on conflict do nothing returning), their audit and request rows,
+ * and then call feed_append (a function of the schema) with the feed row built from what
+ * was actually inserted and the counter deltas of the same, so a duplicate never moves a
+ * counter. Any other batch is a transaction of several statements (BEGIN, each op in a
+ * savepoint, feed_sql, COMMIT).
+ *
+ * feed_append takes feed_head, moves the counter rows, and inserts the feed row. The
+ * counters move there, after feed_head, because every instance updates the same rows:
+ * locked earlier, they serialised the instances' whole batches (measured: three instances
+ * slower than one). And it is a function because its statements then run with snapshots
+ * taken once feed_head is held: in the batch's own statement, whose snapshot predates the
+ * wait, every counter row another instance had just updated was re-checked
+ * (EvalPlanQual, which sets up the whole big plan again), which made the locked section
+ * ten times longer (measured).
  *
  * The schema, its migrations and connecting are in pg_schema.c.
  *
  * Availability: when the writer's connection drops the batch in flight fails (TLY_EIO),
  * later batches fail at once while a connector thread reconnects with backoff (100 ms
  * doubling to 2 s), and tly_store_writable says 0 until it has. Nothing is ever
- * acknowledged that did not commit; a COMMIT whose outcome is unknown is a failure
+ * acknowledged that did not commit; a commit whose outcome is unknown is a failure
  * (if it did commit after all, the follower delivers the batch as a foreign change).
  */
 #include "store/pg_int.h"
@@ -39,6 +49,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <time.h>
 
 #define PG_RETENTION_US (60 * 1000000LL)
@@ -61,55 +72,90 @@
     " updated_at bigint, idem_key text, body_hash text, final_results text"
 #define OPTION_FIELDS "position int, option_id text, text text, display_order int"
 
-/* Consecutive ballot inserts: $1 is a JSON array of ballots. Returns (i, 0) for each
- * inserted ballot (i: 1-based place in the array), (i, 2) for each request row written
- * (first op of a request_id), (i, 1) for each ballot whose poll does not exist. Any op
- * not returned as inserted was a duplicate. The poll rows are KEY SHARE locked, so a
- * concurrent POLL_DELETE waits for this batch (and then deletes its ballots) or wins
- * (and these ballots find no poll). The counter rows move in feed_sql, by what this
- * statement reports inserted. */
-static const char ballot_sql[] =
-    "WITH x AS ("
-    "  SELECT e.i, r.* FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(j, i),"
-    "    jsonb_to_record(e.j) AS r(" BALLOT_FIELDS ")),"
-    "src AS ("
-    "  SELECT x.i, x.poll_id, x.voter_id, x.vote_id, x.receipt, decode(x.choices, 'hex') AS choices,"
-    "    decode(x.scores, 'hex') AS scores, x.recorded_at, x.idem_key,"
-    "    decode(x.body_hash, 'hex') AS body_hash, x.client_meta, decode(x.ip_hash, 'hex') AS ip_hash,"
-    "    x.request_id"
-    "  FROM x JOIN polls p ON p.poll_id = x.poll_id FOR KEY SHARE OF p),"
-    "ins AS ("
-    "  INSERT INTO ballots(poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at,"
-    "    idem_key, body_hash, client_meta, ip_hash)"
-    "  SELECT poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key,"
-    "    body_hash, client_meta, ip_hash FROM src ORDER BY i"
-    "  ON CONFLICT DO NOTHING"
-    "  RETURNING poll_id, voter_id, vote_id, receipt, ip_hash, choices, scores, recorded_at),"
-    "ok AS ("
-    "  SELECT DISTINCT ON (ins.poll_id, ins.voter_id) src.i, ins.*"
-    "  FROM ins JOIN src ON src.poll_id = ins.poll_id AND src.voter_id = ins.voter_id"
-    "    AND src.vote_id = ins.vote_id AND src.receipt = ins.receipt"
-    "    AND src.ip_hash IS NOT DISTINCT FROM ins.ip_hash"
-    "  ORDER BY ins.poll_id, ins.voter_id, src.i),"
-    "a AS ("
-    "  INSERT INTO audit(poll_id, voter_id, event, choices, scores, at)"
-    "  SELECT poll_id, voter_id, 'cast', choices, scores, recorded_at FROM ok ORDER BY i),"
-    "r AS ("
-    "  INSERT INTO vote_requests(request_id, poll_id, voter_id, state, vote_id, error, created_at)"
-    "  SELECT DISTINCT ON (s.request_id) s.request_id, s.poll_id, s.voter_id,"
-    "    CASE WHEN ok.i IS NULL THEN 'failed' ELSE 'completed' END,"
-    "    CASE WHEN ok.i IS NULL THEN NULL ELSE s.vote_id END,"
-    "    CASE WHEN ok.i IS NULL THEN 'ALREADY_VOTED' END, s.recorded_at"
-    "  FROM src s LEFT JOIN ok ON ok.i = s.i"
-    "  WHERE s.request_id IS NOT NULL ORDER BY s.request_id, s.i"
-    /* A request's first final outcome wins (a consumer replaying it must not turn
-     * "completed" into "failed"); only a "pending" row is overwritten. */
-    "  ON CONFLICT (request_id) DO UPDATE SET state = excluded.state, vote_id = excluded.vote_id,"
-    "    error = excluded.error WHERE vote_requests.state = 'pending'"
-    "  RETURNING request_id)"
-    "SELECT i, 0 FROM ok"
-    " UNION ALL SELECT min(s.i), 2 FROM r JOIN src s USING (request_id) GROUP BY r.request_id"
-    " UNION ALL SELECT x.i, 1 FROM x WHERE NOT EXISTS (SELECT 1 FROM src WHERE src.i = x.i)";
+/* Consecutive ballot inserts, $1 a JSON array of ballots: the CTEs both ballot
+ * statements share. `res` is (i, 0) for each inserted ballot (i: 1-based place in the
+ * array), (i, 2) for each request row written (first op of a request_id), (i, 1) for
+ * each ballot whose poll does not exist; any op not in it was a duplicate. The poll rows
+ * are KEY SHARE locked, so a concurrent POLL_DELETE waits for this batch (and then
+ * deletes its ballots) or wins (and these ballots find no poll). */
+#define BALLOT_CTES                                                                        \
+    "WITH x AS ("                                                                          \
+    "  SELECT e.i, e.j, r.* FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(j, i)," \
+    "    jsonb_to_record(e.j) AS r(" BALLOT_FIELDS ")),"                                   \
+    "src AS ("                                                                             \
+    "  SELECT x.i, x.poll_id, x.voter_id, x.vote_id, x.receipt, decode(x.choices, 'hex') AS choices," \
+    "    decode(x.scores, 'hex') AS scores, x.recorded_at, x.idem_key,"                    \
+    "    decode(x.body_hash, 'hex') AS body_hash, x.client_meta, decode(x.ip_hash, 'hex') AS ip_hash," \
+    "    x.request_id"                                                                     \
+    "  FROM x JOIN polls p ON p.poll_id = x.poll_id FOR KEY SHARE OF p),"                  \
+    "ins AS ("                                                                             \
+    "  INSERT INTO ballots(poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at," \
+    "    idem_key, body_hash, client_meta, ip_hash)"                                       \
+    "  SELECT poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key," \
+    "    body_hash, client_meta, ip_hash FROM src ORDER BY i"                              \
+    "  ON CONFLICT DO NOTHING"                                                             \
+    "  RETURNING poll_id, voter_id, vote_id, receipt, ip_hash, choices, scores, recorded_at)," \
+    "ok AS ("                                                                              \
+    "  SELECT DISTINCT ON (ins.poll_id, ins.voter_id) src.i, ins.*"                        \
+    "  FROM ins JOIN src ON src.poll_id = ins.poll_id AND src.voter_id = ins.voter_id"     \
+    "    AND src.vote_id = ins.vote_id AND src.receipt = ins.receipt"                      \
+    "    AND src.ip_hash IS NOT DISTINCT FROM ins.ip_hash"                                 \
+    "  ORDER BY ins.poll_id, ins.voter_id, src.i),"                                        \
+    "a AS ("                                                                               \
+    "  INSERT INTO audit(poll_id, voter_id, event, choices, scores, at)"                   \
+    "  SELECT poll_id, voter_id, 'cast', choices, scores, recorded_at FROM ok ORDER BY i"  \
+    "  RETURNING 1),"                                                                      \
+    "r AS ("                                                                               \
+    "  INSERT INTO vote_requests(request_id, poll_id, voter_id, state, vote_id, error, created_at)" \
+    "  SELECT DISTINCT ON (s.request_id) s.request_id, s.poll_id, s.voter_id,"             \
+    "    CASE WHEN ok.i IS NULL THEN 'failed' ELSE 'completed' END,"                       \
+    "    CASE WHEN ok.i IS NULL THEN NULL ELSE s.vote_id END,"                             \
+    "    CASE WHEN ok.i IS NULL THEN 'ALREADY_VOTED' END, s.recorded_at"                   \
+    "  FROM src s LEFT JOIN ok ON ok.i = s.i"                                              \
+    "  WHERE s.request_id IS NOT NULL ORDER BY s.request_id, s.i"                          \
+    /* A request's first final outcome wins (a consumer replaying it must not turn         \
+     * "completed" into "failed"); only a "pending" row is overwritten. */                 \
+    "  ON CONFLICT (request_id) DO UPDATE SET state = excluded.state, vote_id = excluded.vote_id," \
+    "    error = excluded.error WHERE vote_requests.state = 'pending'"                     \
+    "  RETURNING request_id),"                                                             \
+    "res AS ("                                                                             \
+    "  SELECT i, 0 AS k FROM ok"                                                           \
+    "  UNION ALL SELECT min(s.i), 2 FROM r JOIN src s USING (request_id) GROUP BY r.request_id" \
+    "  UNION ALL SELECT x.i, 1 FROM x WHERE NOT EXISTS (SELECT 1 FROM src WHERE src.i = x.i))"
+
+/* Inside a batch's transaction (with other ops): the counters move in feed_sql, by
+ * what this reports inserted. */
+static const char ballot_sql[] = BALLOT_CTES " SELECT i, k FROM res";
+
+/*
+ * A batch of nothing but ballot inserts is this one statement, its own transaction:
+ * one round trip. After the inserts (h waits for f and a, which read everything they
+ * depend on) it takes feed_head, moves the counters by what was inserted, and appends
+ * the feed row, built here from the ops that took effect: those inserted, and a failed
+ * async request (TLY_OP_REQUEST, -1) for a duplicate that wrote its request row. No
+ * row, no feed_head lock when nothing took effect. $2 origin, $3 token. Returns res,
+ * and (seq, 3) for the feed row.
+ */
+static const char cast_sql[] =
+    BALLOT_CTES ","
+    "f AS ("
+    "  SELECT jsonb_agg(o.j ORDER BY o.i)::text AS ops FROM ("
+    "    SELECT x.i, x.j FROM x JOIN ok USING (i)"
+    "    UNION ALL SELECT q.i, jsonb_build_object('t', -1, 'request_id', s.request_id,"
+    "      'poll_id', s.poll_id, 'voter_id', s.voter_id, 'state', 'failed', 'vote_id', NULL,"
+    "      'error', 'ALREADY_VOTED', 'created_at', s.recorded_at)"
+    "    FROM res q JOIN src s ON s.i = q.i"
+    "    WHERE q.k = 2 AND NOT EXISTS (SELECT 1 FROM ok WHERE ok.i = q.i)) o"
+    "  HAVING count(*) > 0),"
+    "d AS (SELECT poll_id AS p, -1 AS o, count(*) AS n FROM ok GROUP BY 1"
+    "  UNION ALL SELECT p, o::int, count(*) FROM ("
+    "    SELECT DISTINCT ok.i, ok.poll_id AS p, get_byte(ok.choices, g) AS o"
+    "    FROM ok, generate_series(0, length(ok.choices) - 1) g) v GROUP BY 1, 2),"
+    "h AS (SELECT feed_append($2::text, $3::bigint, f.ops, dd.ps, dd.os, dd.ns) AS seq"
+    "  FROM f, (SELECT array_agg(p) AS ps, array_agg(o) AS os, array_agg(n) AS ns FROM d) dd"
+    "  WHERE (SELECT count(*) FROM a) >= 0)"
+    " SELECT i, k FROM res UNION ALL SELECT seq, 3 FROM h";
+_Static_assert(TLY_OP_REQUEST == -1, "cast_sql writes failed requests as t: -1");
 
 static const char user_sql[] =
     "INSERT INTO users(user_id, username, password_hash, email, created_at)"
@@ -205,26 +251,16 @@ static const char ballot_delete_sql[] =
     "SELECT (SELECT count(*) FROM d), (SELECT encode(choices, 'hex') FROM d LIMIT 1)";
 
 /*
- * The last statement of a batch that changed anything: the feed_head row lock is held
- * from here to COMMIT, which orders the commits of all instances.
- *
- * It also moves the counter rows, by the batch's ballot changes ($3: [{"p": poll_id,
- * "o": position or -1 for the poll's ballots, "n": delta}], computed from what the
- * ballot statements reported inserted, replaced or deleted, so a duplicate never moves a
- * counter). Every instance updates the same rows, whose locks are held to COMMIT: taken
- * in the ballot statements they serialised the instances' whole batches (measured: three
- * instances together slower than one). Taken here, after feed_head (c and t join h, so h
- * runs first), only the holder of feed_head ever waits for them, and never deadlocks.
+ * The last statement of a batch of several statements that changed anything: the
+ * feed_head row lock is held from here to COMMIT. $1 origin, $2 the feed row's ops, $3
+ * the counter deltas of the batch's ballot changes ([{"p": poll_id, "o": position or -1
+ * for the poll's ballots, "n": delta}], computed from what the ballot statements
+ * reported inserted, replaced or deleted), $4 the batch's token.
  */
 static const char feed_sql[] =
-    "WITH h AS (UPDATE feed_head SET seq = seq + 1 RETURNING seq),"
-    "d AS (SELECT p, o, sum(n) AS n FROM jsonb_to_recordset($3::jsonb) AS d(p text, o int, n bigint)"
-    "  GROUP BY 1, 2 HAVING sum(n) <> 0),"
-    "c AS (UPDATE option_counts oc SET votes = oc.votes + d.n FROM d, h"
-    "  WHERE d.o >= 0 AND oc.poll_id = d.p AND oc.position = d.o),"
-    "t AS (UPDATE poll_counts pc SET ballots = pc.ballots + d.n FROM d, h"
-    "  WHERE d.o = -1 AND pc.poll_id = d.p)"
-    " INSERT INTO feed(seq, origin, ops) SELECT seq, $1, $2 FROM h RETURNING seq";
+    "SELECT feed_append($1::text, $4::bigint, $2::text, array_agg(p), array_agg(o), array_agg(n)) FROM ("
+    "  SELECT p, o, sum(n)::bigint AS n FROM jsonb_to_recordset($3::jsonb) AS d(p text, o int, n bigint)"
+    "  GROUP BY 1, 2 HAVING sum(n) <> 0) d";
 
 /* At most once a minute. The newest row always stays, so a follower that lags behind
  * the retention finds a row beyond its position and knows it. */
@@ -236,6 +272,7 @@ static const struct {
     const char *name, *sql;
 } stmts[] = {
     {"ballots", ballot_sql},
+    {"cast", cast_sql},
     {"user", user_sql},
     {"poll_insert", poll_insert_sql},
     {"poll_update", poll_update_sql},
@@ -249,6 +286,11 @@ static const struct {
 
 static int prepare_writer(PGconn *c)
 {
+    /* Every statement here is planned once: planning it again per batch with the
+     * parameters' values (PostgreSQL's default for the first runs, and later whenever
+     * the generic plan looks dearer) would cost more than the batch itself. */
+    if (pg_exec(c, "SET plan_cache_mode = force_generic_plan", PGRES_COMMAND_OK) != 0)
+        return TLY_EIO;
     for (size_t i = 0; i < TLY_ARRAY_SIZE(stmts); i++) {
         PGresult *res = PQprepare(c, stmts[i].name, stmts[i].sql, 0, NULL);
         int ok = PQresultStatus(res) == PGRES_COMMAND_OK;
@@ -448,13 +490,16 @@ static int run_op(pg_store_t *s, tly_store_op_t *op, const char *param, json_t *
 }
 
 /* The ballots b->op[from..to) (consecutive BALLOT_INSERTs; those with js NULL already
- * failed and are left out) in one statement. */
-static int run_ballots(pg_store_t *s, batch_t *b, size_t from, size_t to, int *rc_nomem)
+ * failed and are left out) in one statement: ballot_sql inside the batch's transaction,
+ * or, with token != 0, cast_sql as the whole batch (then *seq gets its feed row, 0 when
+ * it changed nothing). */
+static int run_ballots(pg_store_t *s, batch_t *b, size_t from, size_t to, int64_t token, int64_t *seq,
+                       int *rc_nomem)
 {
     PGconn *c = s->wconn;
     json_t *arr = json_array();
     size_t *idx = tly_malloc((to - from) * sizeof *idx);
-    char *text = NULL;
+    char *text = NULL, tok[24];
     int r = R_FATAL, dummy = 0;
     size_t k = 0;
     PGresult *res = NULL;
@@ -476,11 +521,22 @@ static int run_ballots(pg_store_t *s, batch_t *b, size_t from, size_t to, int *r
     }
     if ((text = json_dumps(arr, JSON_COMPACT)) == NULL)
         goto nomem;
-    res = exec_json(c, "ballots", text);
+    if (token != 0) {
+        const char *params[3] = {text, s->origin, tok};
+        snprintf(tok, sizeof tok, "%" PRId64, token);
+        res = PQexecPrepared(c, "cast", 3, params, NULL, NULL, 0);
+    } else {
+        res = exec_json(c, "ballots", text);
+    }
     r = classify(c, res, PGRES_TUPLES_OK, &dummy);
     if (r == R_OK) {
         for (int row = 0; row < PQntuples(res); row++) {
-            long i = strtol(PQgetvalue(res, row, 0), NULL, 10), kind = strtol(PQgetvalue(res, row, 1), NULL, 10);
+            long long i = strtoll(PQgetvalue(res, row, 0), NULL, 10);
+            long kind = strtol(PQgetvalue(res, row, 1), NULL, 10);
+            if (kind == 3 && seq != NULL) {
+                *seq = i;
+                continue;
+            }
             if (i < 1 || (size_t)i > k)
                 continue;
             size_t at = idx[i - 1];
@@ -518,7 +574,7 @@ static int run_ballot_group(pg_store_t *s, batch_t *b, size_t from, size_t to, i
     PQclear(res);
     if (r != R_OK)
         return r == R_RETRY ? R_RETRY : R_FATAL;
-    r = run_ballots(s, b, from, to, nomem);
+    r = run_ballots(s, b, from, to, 0, NULL, nomem);
     if (r == R_OP) {
         res = PQexec(c, "ROLLBACK TO SAVEPOINT ballots");
         r = classify(c, res, PGRES_COMMAND_OK, &dummy);
@@ -531,7 +587,7 @@ static int run_ballot_group(pg_store_t *s, batch_t *b, size_t from, size_t to, i
             PQclear(res);
             if (r != R_OK)
                 break;
-            r = run_ballots(s, b, i, i + 1, nomem);
+            r = run_ballots(s, b, i, i + 1, 0, NULL, nomem);
             if (r == R_OP) {
                 b->op[i]->result = TLY_EINVAL;
                 b->req[i] = 0;
@@ -572,11 +628,6 @@ static void fail_all(batch_t *b, int result)
         b->op[i]->result = result;
 }
 
-/*
- * One batch, one transaction. Returns 1 when it committed; then *item is its place in
- * the feed (NULL when it changed nothing). On failure every op has TLY_EIO and *item is
- * NULL or a marked item that pg_feed_batch_done unmarks.
- */
 /* feed_sql's $3: the counter deltas of the ballots the batch inserted (from what the
  * ballot statements reported) and of those it replaced or deleted (b->deltas). Malloc'd
  * JSON text, NULL when out of memory. */
@@ -598,14 +649,45 @@ out:
     return text;
 }
 
-static int run_batch(pg_store_t *s, batch_t *b, tly_store_op_t *first, pg_item_t **item, uint64_t *commit_us)
+/* The next feed token of this run: never 0. */
+static int64_t next_token(pg_store_t *s)
 {
-    int nomem = 0, r = R_FATAL, dummy = 0;
-    char *feed_text = NULL, *counts_text = NULL;
+    if (++s->batches == 0)
+        s->batches = 1;
+    return s->run | (int64_t)s->batches;
+}
+
+/* A batch of ballot inserts only, as cast_sql: R_OK (committed; *seq its feed row or
+ * 0), R_OP (a ballot the statement cannot take: the caller runs the batch the long way,
+ * which isolates it), R_FATAL. */
+static int run_cast(pg_store_t *s, batch_t *b, int64_t token, int64_t *seq, int *nomem)
+{
+    int r = R_FATAL;
+    for (int attempt = 0; attempt < PG_BATCH_ATTEMPTS; attempt++) {
+        *seq = 0;
+        r = run_ballots(s, b, 0, b->n, token, seq, nomem);
+        if (r != R_RETRY || *nomem)
+            break;
+    }
+    return r == R_RETRY ? R_FATAL : r;
+}
+
+/*
+ * One batch, one transaction. Returns 1 when it committed; then *seq is its feed row (0
+ * when it changed nothing). On failure every op has TLY_EIO. *item is NULL, or the item
+ * pg_feed_sending queued for it, which pg_feed_batch_done settles.
+ */
+static int run_batch(pg_store_t *s, batch_t *b, tly_store_op_t *first, pg_item_t **item, int64_t *seq_out,
+                     uint64_t *commit_us)
+{
+    int nomem = 0, r = R_FATAL, dummy = 0, only_ballots = 1;
+    char *feed_text = NULL, *counts_text = NULL, tok[24];
     json_t *feed = NULL;
     PGresult *res = NULL;
+    int64_t token, t0;
 
     *item = NULL;
+    *seq_out = 0;
     for (size_t i = 0; i < b->n; i++) {
         int rc = 0;
         tly_store_op_t *op = b->op[i];
@@ -627,6 +709,7 @@ static int run_batch(pg_store_t *s, batch_t *b, tly_store_op_t *first, pg_item_t
                 op->result = TLY_EINVAL;
             else if ((b->js[i] = pg_op_json(op, &rc)) == NULL)
                 op->result = rc;
+            only_ballots = 0;
             continue;
         }
         if (op->type < TLY_OP_USER_INSERT || op->type > TLY_OP_BALLOT_DELETE) {
@@ -638,9 +721,28 @@ static int run_batch(pg_store_t *s, batch_t *b, tly_store_op_t *first, pg_item_t
                 goto nomem;
             op->result = TLY_EINVAL;
         }
+        if (op->type != TLY_OP_BALLOT_INSERT)
+            only_ballots = 0;
     }
     if (s->wconn == NULL)
         goto fail;
+    token = next_token(s);
+    snprintf(tok, sizeof tok, "%" PRId64, token);
+    *item = pg_feed_sending(s, first, b->n, token);
+
+    t0 = pg_now_us();
+    if (only_ballots) {
+        r = run_cast(s, b, token, seq_out, &nomem);
+        if (r == R_OK) {
+            *commit_us = (uint64_t)(pg_now_us() - t0);
+            return 1;
+        }
+        if (r != R_OP || nomem)
+            goto fail;
+        for (size_t i = 0; i < b->n; i++) /* the long way: same JSON, results again */
+            if (b->js[i] != NULL)
+                b->op[i]->result = 0;
+    }
 
     for (int attempt = 0; attempt < PG_BATCH_ATTEMPTS; attempt++) {
         json_decref(b->deltas); /* a fresh start: deltas again */
@@ -704,25 +806,21 @@ static int run_batch(pg_store_t *s, batch_t *b, tly_store_op_t *first, pg_item_t
         }
     }
     if (json_array_size(feed) > 0) {
-        const char *params[3] = {s->origin, NULL, NULL};
+        const char *params[4] = {s->origin, NULL, NULL, tok};
         if ((feed_text = json_dumps(feed, JSON_COMPACT)) == NULL || (counts_text = counter_deltas(b)) == NULL)
             goto nomem_rollback;
         params[1] = feed_text;
         params[2] = counts_text;
-        res = PQexecPrepared(s->wconn, "feed", 3, params, NULL, NULL, 0);
+        res = PQexecPrepared(s->wconn, "feed", 4, params, NULL, NULL, 0);
         if (PQresultStatus(res) != PGRES_TUPLES_OK || PQntuples(res) != 1) {
             pg_log_error("store: postgres feed append failed", s->wconn, res);
             PQclear(PQexec(s->wconn, "ROLLBACK"));
             goto fail;
         }
-        int64_t seq = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+        *seq_out = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
         PQclear(res);
         res = NULL;
-        /* Marked before COMMIT: from the moment the row is visible, the follower knows
-         * it is ours and waits for the outcome instead of delivering it. */
-        *item = pg_feed_committing(s, first, b->n, seq);
     }
-    int64_t t0 = pg_now_us();
     res = PQexec(s->wconn, "COMMIT");
     if (PQresultStatus(res) != PGRES_COMMAND_OK) {
         pg_log_error("store: postgres COMMIT failed", s->wconn, res);
@@ -753,6 +851,7 @@ fail:
     else if (s->wconn != NULL && PQtransactionStatus(s->wconn) != PQTRANS_IDLE)
         PQclear(PQexec(s->wconn, "ROLLBACK"));
     fail_all(b, TLY_EIO);
+    *seq_out = 0;
     return 0;
 }
 
@@ -804,6 +903,7 @@ static void *writer_main(void *arg)
     for (;;) {
         tly_store_op_t *first = NULL, *last = NULL;
         uint64_t n = 0, commit_us = 0;
+        int64_t seq = 0;
         PGconn *got = NULL;
         int have_got = 0, stop = 0;
 
@@ -882,7 +982,7 @@ static void *writer_main(void *arg)
             for (tly_store_op_t *op = first; op != NULL && b.n < cap; op = op->next)
                 b.op[b.n++] = op;
             if (b.n == n) {
-                committed = run_batch(s, &b, first, &item, &commit_us);
+                committed = run_batch(s, &b, first, &item, &seq, &commit_us);
                 for (size_t i = 0; i < b.n; i++) {
                     json_decref(b.js[i]);
                     b.js[i] = NULL;
@@ -893,7 +993,7 @@ static void *writer_main(void *arg)
                     op->result = TLY_EIO;
             }
             /* From here the ops belong to the delivery order (and then to reap). */
-            pg_feed_batch_done(s, item, first, n, committed, commit_us);
+            pg_feed_batch_done(s, item, first, n, committed, seq, commit_us);
         } else if (!stop) {
             writer_idle(s);
         }
@@ -974,6 +1074,10 @@ static int pg_open(const tly_store_conf_t *conf, pg_store_t **out)
     s->conf.url = s->url;
     s->conf.origin = s->origin;
     s->conf.data_dir = NULL; /* not ours to keep */
+    uint32_t run = 0;
+    while (run == 0 && getrandom(&run, sizeof run, 0) != (ssize_t)sizeof run)
+        ;
+    s->run = (int64_t)(run & 0x7fffffff) << 32;
 
     rc = TLY_EIO;
     if (pthread_mutex_init(&s->mu, NULL) != 0)

@@ -20,13 +20,17 @@
  *    feed; it only keeps its place among this instance's batches (submission order);
  *  - sync requests are queued once next_seq has passed the feed_head seq read after the
  *    request and the ops submitted before it are queued.
- * Own rows are recognised by seq: the writer marks its seq "committing" before COMMIT
- * (the row cannot be visible earlier) and the follower never passes a committing seq.
- * COMMIT ok: the row is the writer's to queue. COMMIT failed: the mark goes, and should
- * the row exist after all (the connection died during COMMIT) it is delivered as
- * foreign: the done callbacks have already said TLY_EIO, and the follow callback now
- * says what did happen. Rows of this origin that nobody marked (an earlier run) are
- * foreign too.
+ * Own rows are recognised by token: every batch's feed row carries one (the high half
+ * random per run, the low half the writer's batch count), and the writer queues the
+ * batch's item with it, marked "committing", before it sends the statement that commits
+ * (the row cannot be visible earlier). The follower never passes a row whose token is a
+ * committing item's: the writer learns the seq only with the commit (a batch of ballots
+ * is one statement), and until it has it nothing behind that row may be queued.
+ * Committed: the item gets its seq, and the row is the writer's to queue. Failed: the
+ * token goes, and should the row exist after all (the connection died while the commit
+ * went through) it is delivered as foreign: the done callbacks have already said TLY_EIO,
+ * and the follow callback now says what did happen. Rows of this origin whose token no
+ * item holds (an earlier run) are foreign too.
  */
 #include "store/pg_int.h"
 
@@ -397,13 +401,13 @@ static pg_item_t *must_alloc(void)
     return it;
 }
 
-pg_item_t *pg_feed_committing(pg_store_t *s, tly_store_op_t *first, uint64_t nops, int64_t seq)
+pg_item_t *pg_feed_sending(pg_store_t *s, tly_store_op_t *first, uint64_t nops, int64_t token)
 {
     pg_item_t *it = must_alloc();
     it->kind = PG_ITEM_OPS;
     it->ops = first;
     it->nops = nops;
-    it->seq = seq;
+    it->token = token;
     it->committing = 1;
     pthread_mutex_lock(&s->fmu);
     if (s->pend_tail != NULL)
@@ -416,10 +420,10 @@ pg_item_t *pg_feed_committing(pg_store_t *s, tly_store_op_t *first, uint64_t nop
 }
 
 void pg_feed_batch_done(pg_store_t *s, pg_item_t *it, tly_store_op_t *first, uint64_t nops, int committed,
-                        uint64_t commit_us)
+                        int64_t seq, uint64_t commit_us)
 {
     pg_item_t *fresh = it == NULL ? must_alloc() : NULL;
-    int queued;
+    int queued, waited = 0;
 
     pthread_mutex_lock(&s->fmu);
     if (fresh != NULL) {
@@ -432,9 +436,11 @@ void pg_feed_batch_done(pg_store_t *s, pg_item_t *it, tly_store_op_t *first, uin
             s->pend_head = fresh;
         s->pend_tail = fresh;
     } else {
+        waited = it->waited;
         it->committing = 0;
+        it->seq = committed ? seq : 0;
         if (!committed)
-            it->seq = 0; /* not ours after all: if the row exists, it is foreign */
+            it->token = 0; /* not ours after all: if the row exists, it is foreign */
     }
     if (committed) {
         s->stats.batches++;
@@ -449,8 +455,9 @@ void pg_feed_batch_done(pg_store_t *s, pg_item_t *it, tly_store_op_t *first, uin
         s->stats.failed_batches++;
     }
     queued = release(s);
-    if (s->pend_head != NULL) {
-        /* Waiting for rows of other instances before it: fetch them now. */
+    if (s->pend_head != NULL || waited) {
+        /* Waiting for rows of other instances before it, or the follower stopped at
+         * this batch's row: read on now. */
         s->poked = 1;
         pthread_cond_signal(&s->fcv);
     }
@@ -627,8 +634,8 @@ static pg_item_t *feed_item(const char *text)
 
 /*
  * Reads pages of the feed from next_seq on and queues what may be queued. Returns when
- * the feed is exhausted, a committing seq of our own is reached (the writer pokes once
- * it knows), or on error.
+ * the feed is exhausted, a row of our own batch still committing is reached (the writer
+ * pokes once it knows), or on error.
  */
 static void catch_up(pg_store_t *s)
 {
@@ -643,8 +650,9 @@ static void catch_up(pg_store_t *s)
         next = s->next_seq;
         pthread_mutex_unlock(&s->fmu);
         snprintf(from, sizeof from, "%lld", (long long)next);
-        PGresult *res = PQexecParams(s->fconn, "SELECT seq, origin, ops FROM feed WHERE seq >= $1 ORDER BY seq LIMIT "
-                                               "500", 1, NULL, params, NULL, NULL, 0);
+        PGresult *res = PQexecParams(s->fconn,
+                                     "SELECT seq, origin, ops, token FROM feed WHERE seq >= $1 ORDER BY seq LIMIT 500",
+                                     1, NULL, params, NULL, NULL, 0);
         if (PQresultStatus(res) != PGRES_TUPLES_OK) {
             pg_log_error("store: postgres feed read failed", s->fconn, res);
             PQclear(res);
@@ -683,13 +691,17 @@ static void catch_up(pg_store_t *s)
                 s->next_seq = seq;
                 queued |= release(s);
             }
-            for (pg_item_t *p = s->pend_head; p != NULL; p = p->next)
-                if (p->seq == seq) {
-                    own = p;
-                    break;
-                }
+            if (!PQgetisnull(res, i, 3) && strcmp(PQgetvalue(res, i, 1), s->origin) == 0) {
+                int64_t token = strtoll(PQgetvalue(res, i, 3), NULL, 10);
+                for (pg_item_t *p = s->pend_head; p != NULL && token != 0; p = p->next)
+                    if (p->token == token) {
+                        own = p;
+                        break;
+                    }
+            }
             if (own != NULL) {
                 if (own->committing) {
+                    own->waited = 1;
                     blocked = 1;
                     break;
                 }

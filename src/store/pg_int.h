@@ -40,12 +40,13 @@ typedef struct pg_item pg_item_t;
 struct pg_item {
     pg_item_t *next;
     int kind;
-    /* PG_ITEM_OPS: the batch's ops (chained through next), how many, its feed seq, and
-     * whether its COMMIT is still under way (the follower must not pass seq then). */
+    /* PG_ITEM_OPS: the batch's ops (chained through next), how many, its feed seq, the
+     * token its feed row carries (0: none, or the batch failed), and whether its outcome
+     * is still unknown (the follower must not pass a row with this token then). */
     tly_store_op_t *ops;
     uint64_t nops;
-    int64_t seq;
-    int committing;
+    int64_t seq, token;
+    int committing, waited; /* waited: the follower stopped at its row */
     /* PG_ITEM_FEED: a row another instance (or an earlier run of this one) committed:
      * the parsed `ops` array. */
     json_t *feed;
@@ -77,6 +78,8 @@ typedef struct pg_store {
     int64_t retry_at_us, backoff_ms, last_retention_us, last_ping_us;
     atomic_int wdown;  /* the writer has no connection */
     atomic_int behind; /* the follower fell behind the feed's retention: latched */
+    int64_t run;       /* random, per open: the high half of this run's batch tokens */
+    uint32_t batches;  /* the writer's: batches sent, the low half of the next token */
 
     /* Delivery (fmu/fcv). */
     pthread_mutex_t fmu;
@@ -122,14 +125,17 @@ void *pg_follower_main(void *arg);
 json_t *pg_op_json(const tly_store_op_t *op, int *rc);
 /* The JSON of an async ballot's failed request (TLY_OP_REQUEST in the feed). */
 json_t *pg_request_json(const tly_ballot_row_t *b);
-/* Writer: the batch wrote feed row seq and is about to COMMIT; returns the item that
- * stands for it in the delivery order (allocation retried: never fails). */
-pg_item_t *pg_feed_committing(pg_store_t *s, tly_store_op_t *first, uint64_t nops, int64_t seq);
-/* Writer: the batch is over. item is the one pg_feed_committing returned (NULL when the
- * batch wrote no feed row); committed says whether COMMIT succeeded. Records stats,
- * queues what may be queued and notifies. */
+/* Writer: the batch is about to run the statement that commits it, with feed token
+ * `token`; returns the item that stands for it in the delivery order (allocation
+ * retried: never fails). Until pg_feed_batch_done, the follower stops at a row with
+ * that token. */
+pg_item_t *pg_feed_sending(pg_store_t *s, tly_store_op_t *first, uint64_t nops, int64_t token);
+/* Writer: the batch is over. item is the one pg_feed_sending returned (NULL when the
+ * batch never reached that point); committed says whether it committed, and seq is its
+ * feed row (0: it changed nothing). Records stats, queues what may be queued and
+ * notifies. */
 void pg_feed_batch_done(pg_store_t *s, pg_item_t *item, tly_store_op_t *first, uint64_t nops,
-                        int committed, uint64_t commit_us);
+                        int committed, int64_t seq, uint64_t commit_us);
 /* The follower reads from `seq` on (load; or the position at open). */
 void pg_feed_start(pg_store_t *s, int64_t next_seq, int from_load);
 void pg_feed_wake(pg_store_t *s);

@@ -133,6 +133,25 @@ static const char *const migrations[] = {
     "  at timestamptz NOT NULL DEFAULT now(),"
     "  ops text NOT NULL);"
     "CREATE INDEX feed_at ON feed(at);",
+    /* 2: the batch that wrote a feed row (token), for its instance to know the row as
+     * its own before it has the seq (a batch that is one statement learns it with the
+     * commit); and the end of every batch as a function (pg.c says why). */
+    "ALTER TABLE feed ADD COLUMN token bigint;"
+    "CREATE FUNCTION feed_append(p_origin text, p_token bigint, p_ops text,"
+    "  p_polls text[], p_positions int[], p_deltas bigint[]) RETURNS bigint"
+    "  LANGUAGE plpgsql AS $$"
+    "DECLARE s bigint;"
+    "BEGIN"
+    "  UPDATE feed_head SET seq = seq + 1 RETURNING seq INTO s;"
+    "  UPDATE option_counts oc SET votes = oc.votes + d.n"
+    "    FROM unnest(p_polls, p_positions, p_deltas) AS d(p, o, n)"
+    "    WHERE d.o >= 0 AND d.n <> 0 AND oc.poll_id = d.p AND oc.position = d.o;"
+    "  UPDATE poll_counts pc SET ballots = pc.ballots + d.n"
+    "    FROM unnest(p_polls, p_positions, p_deltas) AS d(p, o, n)"
+    "    WHERE d.o = -1 AND d.n <> 0 AND pc.poll_id = d.p;"
+    "  INSERT INTO feed(seq, origin, token, ops) VALUES (s, p_origin, p_token, p_ops);"
+    "  RETURN s;"
+    "END $$;",
 };
 
 /* ---- helpers ----------------------------------------------------------------------- */

@@ -441,7 +441,7 @@ Test(store_pg, round_trip_every_field)
     cr_assert_eq(n[2], 2);
     cr_assert_eq(n[3], 0);
     tly_store_close(s);
-    cr_assert_eq(db_int("SELECT max(version) FROM schema_version"), 1);
+    cr_assert_eq(db_int("SELECT max(version) FROM schema_version"), 2);
     cr_assert_eq(db_int("SELECT count(*) FROM pg_inherits WHERE inhparent = 'ballots'::regclass"), 16);
     cr_assert_eq(db_int("SELECT count(*) FROM pg_inherits WHERE inhparent = 'audit'::regclass"), 16);
     assert_counters_exact();
@@ -667,6 +667,31 @@ Test(store_pg, ballot_for_unknown_poll_and_bad_ops_fail_alone)
     s = reopen_load(s, &seen);
     cr_assert_eq(seen.ballots, 2);
     cr_assert_eq(seen.requests, 0, "nothing of the failed op was written");
+    tly_store_close(s);
+    assert_counters_exact();
+}
+
+/* A batch of ballots only is one statement; should the database refuse one ballot in it
+ * (here a CHECK constraint added for the test), the batch runs again the long way and
+ * only that ballot fails. */
+Test(store_pg, ballot_the_database_refuses_fails_alone_in_a_batch_of_ballots)
+{
+    NEED_PG();
+    tly_store_t *s = open_store();
+    tly_store_op_t p = poll_op("poll1", 2);
+    submit_wait(s, &p);
+    exec_on(db_url, "ALTER TABLE ballots ADD CONSTRAINT no_mallory CHECK (voter_id <> 'mallory')", NULL, 0);
+    tly_store_op_t ops[4] = {ballot_op("poll1", "alice", "v_1", "r_1"), ballot_op("poll1", "mallory", "v_2", "r_2"),
+                             ballot_op("poll1", "bob", "v_3", "r_3"), ballot_op("poll1", "alice", "v_4", "r_4")};
+    submit_chain(s, ops, 4);
+    cr_assert_eq(ops[0].result, 0);
+    cr_assert_eq(ops[1].result, TLY_EINVAL);
+    cr_assert_eq(ops[2].result, 0);
+    cr_assert_eq(ops[3].result, TLY_EEXIST);
+    cr_assert_eq(db_int("SELECT count(*) FROM ballots"), 2);
+    cr_assert_eq(db_int("SELECT count(*) FROM audit"), 2);
+    cr_assert_eq(db_int("SELECT count(*) FROM feed WHERE ops LIKE '%mallory%'"), 0);
+    cr_assert_eq(db_int("SELECT count(*) FROM feed WHERE ops LIKE '%alice%' AND ops LIKE '%bob%'"), 1);
     tly_store_close(s);
     assert_counters_exact();
 }
