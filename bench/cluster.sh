@@ -23,7 +23,8 @@
 #      clients as wrk has connections, -j 2, for the same time, synchronous_commit as the
 #      server has it (on: durable, like tally); then count(*) = sum(votes) = transactions;
 #   4. one summary: votes/s, tps, the ratio tally/pgbench (printed, never asserted), the
-#      CPU each process group used (/proc utime+stime), the commit and the flags.
+#      CPU each process group used (/proc utime+stime), the same as microseconds of CPU
+#      per vote and per pgbench transaction, the commit and the flags.
 # Every run stops by itself after BENCH_SECONDS. Exit status 1 only when a check of
 # exactly-once (tally) or of the reference's counts fails, or something did not run.
 #
@@ -358,6 +359,16 @@ printf '%-42s %9s %9s %9s %12s | %6s %6s %8s %6s %7s %6s %6s\n' "pgbench one-sta
 echo "(CPU columns: cores used over each run; client is wrk or pgbench; other is the machine's busy time outside these processes)"
 [ -n "$T_SOCK" ] && echo "tally: $T_SOCK"
 echo "ratio tally cluster votes/s / pgbench tps: $(ratio "$T_VPS" "$P_TPS")   (the issue's target: >= 8)"
+# Where the machine's time went, per vote and per reference transaction: with both runs
+# using all the CPUs, the ratio is about the second total over the first.
+per_op() { # VPS TALLY NGINX PG REDIS CLIENT: microseconds of CPU per vote of each, and the total
+    awk -v n="$1" -v t="$2" -v g="$3" -v p="$4" -v r="$5" -v c="$6" 'BEGIN {
+        if (n <= 0) { print "n/a"; exit }
+        f = 1e6 / n
+        printf "tally %.0f, nginx %.0f, postgres %.0f, redis %.0f, client %.0f; total %.0f", t * f, g * f, p * f, r * f, c * f, (t + g + p + r + c) * f }'
+}
+echo "CPU per vote (us): $(per_op "$T_VPS" "${T_CPU[0]}" "${T_CPU[1]}" "${T_CPU[2]}" "${T_CPU[3]}" "${T_CPU[4]}")"
+echo "CPU per pgbench transaction (us): $(per_op "$P_TPS" "${P_CPU[0]}" "${P_CPU[1]}" "${P_CPU[2]}" "${P_CPU[3]}" "${P_CPU[4]}")"
 echo "exactly-once (tally): $EXACT"
 echo "reference counts (pgbench): $PEXACT"
 echo "commit $COMMIT; tally instances: ${TALLY_FLAGS[*]}${TALLY_ENV:+ + environment $TALLY_ENV} (scripts/cluster.sh start); postgres: $PG_SETTINGS"
