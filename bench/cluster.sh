@@ -24,7 +24,8 @@
 #      server has it (on: durable, like tally); then count(*) = sum(votes) = transactions;
 #   4. one summary: votes/s, tps, the ratio tally/pgbench (printed, never asserted), the
 #      CPU each process group used (/proc utime+stime), the same as microseconds of CPU
-#      per vote and per pgbench transaction, the commit and the flags.
+#      per vote and per pgbench transaction, the store batches the instances committed
+#      during the run (their /metrics), the commit and the flags.
 # Every run stops by itself after BENCH_SECONDS. Exit status 1 only when a check of
 # exactly-once (tally) or of the reference's counts fails, or something did not run.
 #
@@ -178,6 +179,15 @@ cpu_line() {
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { print b - a }'; }
 
+batches() { # the instances' committed store batches and the operations in them: "BATCHES OPS"
+    local u b=0 o=0 x y
+    for u in $INST_URLS; do
+        read -r x y < <(curl -sf "$u/metrics" | awk '$1 == "tally_store_batch_size_count" { c = $2 }
+            $1 == "tally_store_batch_size_sum" { s = $2 } END { print c + 0, s + 0 }') || continue
+        b=$((b + x)); o=$((o + y))
+    done
+    echo "$b $o"
+}
 sql() { # URI QUERY: one value per line, fields separated by |
     psql -X -At -v ON_ERROR_STOP=1 -d "$1" -c "$2"
 }
@@ -233,6 +243,7 @@ echo "tokens: $TOKENS voter tokens minted in $(awk -v e="$(elapsed "$t0" "$(now)
 
 WRK_CMD="wrk -t$THREADS -c$CONNS -d${SECS}s --latency -s bench/votes.lua $URL/v1/polls/$POLL/votes"
 wait_idle
+read -r B0 O0 < <(batches)
 s0=$(snapshot); started=$(now)
 BENCH_VOTES_REPORT=$TMP/votes.report timeout -k 5 $((SECS + 60)) \
     wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --latency -s "$ROOT/bench/votes.lua" \
@@ -242,11 +253,15 @@ wait "$CLIENT_PID" || { cat "$TMP/wrk.out" >&2; die "wrk failed"; }
 CLIENT_PID=
 ended=$(now); s1=$(snapshot)
 account "$s0" "$s1" "$(elapsed "$started" "$ended")"
+read -r B1 O1 < <(batches)
+T_BATCHES=$(awk -v b=$((B1 - B0)) -v o=$((O1 - O0)) -v w="$(elapsed "$started" "$ended")" 'BEGIN {
+    if (b > 0) printf "%d store batches (%.0f a second), %.1f operations per batch", b, b / w, o / b; else print "n/a" }')
 T_CPU=("$C_TALLY" "$C_NGINX" "$C_PG" "$C_REDIS" "$C_CLIENT" "$C_OTHER" "$C_STEAL")
 echo
 echo "---- tally cluster: POST votes through nginx ($WRK_CMD)"
 sed -n '/Thread Stats/,$p' "$TMP/wrk.out"
 cpu_line wrk "tally cluster"
+echo "store batches committed by the instances during the run: $T_BATCHES"
 
 read -r W_SENT W_ANSWERED W_OK W_OTHER W_EXH < <(awk '$1 == "total" { print $2, $3, $4, $5, $6 }' "$TMP/votes.report")
 W_DUR=$(awk '/requests in/ { for (i = 1; i <= NF; i++) if ($i == "in") { d = $(i + 1); sub(/,$/, "", d);
@@ -368,6 +383,7 @@ per_op() { # VPS TALLY NGINX PG REDIS CLIENT: microseconds of CPU per vote of ea
         printf "tally %.0f, nginx %.0f, postgres %.0f, redis %.0f, client %.0f; total %.0f", t * f, g * f, p * f, r * f, c * f, (t + g + p + r + c) * f }'
 }
 echo "CPU per vote (us): $(per_op "$T_VPS" "${T_CPU[0]}" "${T_CPU[1]}" "${T_CPU[2]}" "${T_CPU[3]}" "${T_CPU[4]}")"
+echo "tally's store batches during its run: $T_BATCHES"
 echo "CPU per pgbench transaction (us): $(per_op "$P_TPS" "${P_CPU[0]}" "${P_CPU[1]}" "${P_CPU[2]}" "${P_CPU[3]}" "${P_CPU[4]}")"
 echo "exactly-once (tally): $EXACT"
 echo "reference counts (pgbench): $PEXACT"
