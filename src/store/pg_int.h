@@ -118,6 +118,11 @@ int pg_conn_lost(PGconn *c);
  * together migrate once). 0 or TLY_EIO. */
 int pg_migrate(PGconn *c);
 
+/* ---- pg_stmt.c ---- */
+/* Prepares the writer's statements on c ("ballots", "cast", "feed", ... : see there) and
+ * makes its plans generic. 0 or TLY_EIO (logged). */
+int pg_prepare_writer(PGconn *c);
+
 /* ---- pg_feed.c ---- */
 void *pg_follower_main(void *arg);
 /* JSON of one submitted op as the feed (and the writer's statements) carry it; NULL with
