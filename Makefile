@@ -62,14 +62,21 @@ run: deps
 	@$(MAKE) --no-print-directory all
 	$(BUILD)/tally serve --listen $(LISTEN) --data-dir $(DATA_DIR)
 
+# Every suite runs under a deadline, so that a hung test fails the run with its output
+# instead of running into CI's own limit: node's --test-timeout fails one test that takes
+# longer than TEST_TIMEOUT_MS, and `timeout` ends a whole suite after its minutes (a test
+# that timed out can leave handles that keep node from exiting).
+TEST_TIMEOUT_MS ?= 300000
+node_test = timeout -k 20 $(1)m node --test --test-timeout=$(TEST_TIMEOUT_MS)
+
 # The PostgreSQL and Redis unit suites run when TALLY_TEST_PG / TALLY_TEST_REDIS are set
 # (`make test` starts both with scripts/services.sh and exports them).
 test-unit: $(UNIT_BIN)
-	@set -e; for t in $(UNIT_BIN); do echo "== $$t"; $$t --jobs 2; done
+	@set -e; for t in $(UNIT_BIN); do echo "== $$t"; timeout -k 20 10m $$t --jobs 2; done
 
 # The API suite on the SQLite store (TALLY_TEST_PG emptied: the harness then uses SQLite).
 test-api: $(BUILD)/tally
-	TALLY_TEST_PG= TALLY_BIN=$(abspath $(BUILD)/tally) node --test --test-concurrency=2 tests/api/
+	TALLY_TEST_PG= TALLY_BIN=$(abspath $(BUILD)/tally) $(call node_test,15) --test-concurrency=2 tests/api/
 
 # The same suite on the PostgreSQL store: each server gets a database of its own on
 # TALLY_TEST_PG (a URI on which CREATE DATABASE works); without it, a PostgreSQL is
@@ -77,16 +84,16 @@ test-api: $(BUILD)/tally
 test-api-pg: $(BUILD)/tally
 	@if [ -n "$$TALLY_TEST_PG" ]; then \
 	    echo "TALLY_BIN=$(abspath $(BUILD)/tally) node --test --test-concurrency=2 tests/api/  (TALLY_TEST_PG=$$TALLY_TEST_PG)"; \
-	    TALLY_BIN=$(abspath $(BUILD)/tally) node --test --test-concurrency=2 tests/api/; \
+	    TALLY_BIN=$(abspath $(BUILD)/tally) $(call node_test,15) --test-concurrency=2 tests/api/; \
 	else \
 	    $(MAKE) --no-print-directory with-services SERVICES=pg WITH_SERVICES=test-api-pg; \
 	fi
 
 test-live: $(BUILD)/tally
-	TALLY_TEST_PG= TALLY_BIN=$(abspath $(BUILD)/tally) node --test --test-concurrency=1 tests/live/
+	TALLY_TEST_PG= TALLY_BIN=$(abspath $(BUILD)/tally) $(call node_test,10) --test-concurrency=1 tests/live/
 
 test-e2e: $(BUILD)/tally
-	TALLY_TEST_PG= TALLY_BIN=$(abspath $(BUILD)/tally) TALLY_WEB_ROOT=$(abspath web) node --test --test-concurrency=2 tests/e2e/
+	TALLY_TEST_PG= TALLY_BIN=$(abspath $(BUILD)/tally) TALLY_WEB_ROOT=$(abspath web) $(call node_test,15) --test-concurrency=2 tests/e2e/
 
 # Several instances on PostgreSQL + Redis behind nginx (tests/cluster/; each test starts
 # its own with `scripts/cluster.sh start DIR`). One file at a time: each runs a cluster.
@@ -94,7 +101,7 @@ test-cluster: $(BUILD)/tally
 	@if [ -n "$$(find tests/cluster -name '*.test.mjs' 2>/dev/null | head -n 1)" ]; then \
 	    echo "TALLY_BIN=$(abspath $(BUILD)/tally) node --test --test-concurrency=1 tests/cluster/"; \
 	    TALLY_BIN=$(abspath $(BUILD)/tally) TALLY_WEB_ROOT=$(abspath web) TALLY_CLUSTER_SH=$(abspath scripts/cluster.sh) \
-	        node --test --test-concurrency=1 tests/cluster/; \
+	        $(call node_test,20) --test-concurrency=1 tests/cluster/; \
 	else \
 	    echo "test-cluster: no tests in tests/cluster/ yet"; \
 	fi
@@ -119,7 +126,7 @@ with-services:
 # fsync and failing allocations (TALLY_FAULT_* hooks, see src/main.c). One at a time:
 # the disk test mounts a file system and the others count fsyncs and allocations.
 test-crash: $(BUILD)/tally
-	TALLY_TEST_PG= TALLY_BIN=$(abspath $(BUILD)/tally) node --test --test-concurrency=1 tests/crash/
+	TALLY_TEST_PG= TALLY_BIN=$(abspath $(BUILD)/tally) $(call node_test,10) --test-concurrency=1 tests/crash/
 
 test: deps-test
 	@$(MAKE) --no-print-directory all

@@ -34,45 +34,11 @@ TALLY_BIN=${TALLY_BIN:-$root/build/tally}
 WEB_ROOT=${TALLY_WEB_ROOT:-$root/web}
 N=${CLUSTER_INSTANCES:-3}
 
-die() { echo "cluster: $*" >&2; exit 1; }
-log() { echo "cluster: $*" >&2; }
-# alive PID: the process exists and has not exited (an exited child of ours that PID 1
-# has not reaped yet is a zombie: kill -0 still succeeds on it)
-alive() {
-    [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null || return 1
-    local st
-    st=$(sed -n 's/^.*) \(.\).*/\1/p' "/proc/$1/stat" 2>/dev/null) || return 0
-    [ "$st" != Z ] && [ "$st" != X ]
-}
-getenv() { [ -f "$DIR/env" ] && sed -n "s/^$1=//p" "$DIR/env" | tail -n 1; }
-setenv() {
-    grep -v "^$1=" "$DIR/env" >"$DIR/env.tmp" || true
-    printf '%s=%s\n' "$1" "$2" >>"$DIR/env.tmp"
-    mv "$DIR/env.tmp" "$DIR/env"
-}
-free_port() {
-    node -e 'const s=require("net").createServer();s.listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'
-}
+PROG=cluster
+# shellcheck source=scripts/proc.sh
+. "$here/proc.sh"
 # http_status URL: the status code of a GET (000 when nothing answers)
 http_status() { curl -s -o /dev/null -m 2 -w '%{http_code}' "$1" 2>/dev/null || true; }
-
-# ours PID: the process's command line names DIR (a PID from a stale env file that the
-# system has since given to another process is never signalled)
-ours() { tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -qF -- "$DIR/"; }
-
-# stop_pid NAME PID: TERM, up to 15 s, then KILL
-stop_pid() {
-    local name=$1 pid=$2
-    alive "$pid" || return 0
-    if ! ours "$pid"; then log "pid $pid is no longer $name; not signalling it"; return 0; fi
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for _ in $(seq 1 150); do
-        alive "$pid" || { log "stopped $name (pid $pid)"; return 0; }
-        sleep 0.1
-    done
-    log "$name (pid $pid) ignored SIGTERM for 15 s; killing it"
-    kill -KILL "$pid" 2>/dev/null || true
-}
 
 write_nginx_conf() {
     local port=$1 i
@@ -186,7 +152,7 @@ launch_tally() {
             sleep 0.1
         done
         [ -z "$ok" ] || break
-        stop_pid "tally-$i" "$pid"
+        stop_pid "tally-$i" "$pid" TERM "$DIR/"
         tail -n 5 "$DIR/tally-$i.log" | grep -qi "address already in use" || break
         if [ -n "$want" ]; then
             log "port $p is still held; retrying (try $try)"
@@ -280,12 +246,12 @@ cluster_stop() {
     [ -d "$DIR" ] || { log "no $DIR: nothing to stop"; return 0; }
     if [ -f "$DIR/env" ]; then
         local i pid n
-        stop_pid nginx "$(getenv NGINX_PID)"
+        stop_pid nginx "$(getenv NGINX_PID)" TERM "$DIR/"
         n=$(getenv CLUSTER_INSTANCES)
         for i in $(seq 1 "${n:-$N}"); do
             pid=$(getenv "TALLY_${i}_PID")
             [ -n "$pid" ] || continue
-            stop_pid "tally-$i" "$pid"
+            stop_pid "tally-$i" "$pid" TERM "$DIR/"
         done
     fi
     "$SERVICES" stop "$DIR"
@@ -301,12 +267,17 @@ cluster_kill() {
         i=${name#tally-}
         pid=$(getenv "TALLY_${i}_PID")
         [ -n "$pid" ] || die "no instance $name in $DIR"
-        if ! { alive "$pid" && ours "$pid"; }; then die "$name does not run (pid $pid)"; fi
+        if ! { alive "$pid" && ours "$pid" "$DIR/"; }; then die "$name does not run (pid $pid)"; fi
         kill "-$sig" "$pid"
-        for _ in $(seq 1 150); do alive "$pid" || { log "$name (pid $pid) is gone (SIG$sig)"; return 0; }; sleep 0.1; done
+        for _ in $(seq 1 150); do
+            # gone: its PID is forgotten, so that start-one never mistakes the PID's next
+            # owner (or its unreaped zombie) for it
+            alive "$pid" || { setenv "TALLY_${i}_PID" ""; log "$name (pid $pid) is gone (SIG$sig)"; return 0; }
+            sleep 0.1
+        done
         log "$name (pid $pid) still runs 15 s after SIG$sig; killing it"
         kill -KILL "$pid" 2>/dev/null || true
-        for _ in $(seq 1 50); do alive "$pid" || return 0; sleep 0.1; done
+        for _ in $(seq 1 50); do alive "$pid" || { setenv "TALLY_${i}_PID" ""; return 0; }; sleep 0.1; done
         die "$name (pid $pid) does not die"
         ;;
     pg | postgres | redis | nginx) "$SERVICES" kill "$DIR" "$name" "$sig" ;;
@@ -316,12 +287,13 @@ cluster_kill() {
 
 # start-one NAME: starts again what kill stopped, on the same port with the same data
 cluster_start_one() {
-    local name=$1 i
+    local name=$1 i pid
     case "$name" in
     tally-[0-9]*)
         i=${name#tally-}
         [ -n "$(getenv "TALLY_${i}_PORT")" ] || die "no instance $name in $DIR"
-        if alive "$(getenv "TALLY_${i}_PID")"; then die "$name already runs"; fi
+        pid=$(getenv "TALLY_${i}_PID")
+        if alive "$pid" && ours "$pid" "$DIR/"; then die "$name already runs (pid $pid)"; fi
         launch_tally "$i" "$(getenv "TALLY_${i}_PORT")"
         ;;
     pg | postgres | redis | nginx) "$SERVICES" start "$DIR" "$name" ;;

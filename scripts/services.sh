@@ -32,32 +32,10 @@ PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
 REDIS_SERVER=${REDIS_SERVER:-redis-server}
 NGINX=${NGINX:-/usr/sbin/nginx}
 
-die() { echo "services: $*" >&2; exit 1; }
+PROG=services
+# shellcheck source=scripts/proc.sh
+. "$(dirname "$0")/proc.sh"
 usage() { die "usage: $0 start|stop|env DIR [pg] [redis] [nginx] | kill DIR pg|redis|nginx [SIGNAL]"; }
-
-# A TCP port on 127.0.0.1 that nothing is bound to right now.
-free_port() {
-    node -e 'const s=require("net").createServer();s.listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'
-}
-
-# alive PID: the process exists and has not exited (an exited child of ours that PID 1
-# has not reaped yet is a zombie: kill -0 still succeeds on it)
-alive() {
-    [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null || return 1
-    local st
-    st=$(sed -n 's/^.*) \(.\).*/\1/p' "/proc/$1/stat" 2>/dev/null) || return 0
-    [ "$st" != Z ] && [ "$st" != X ]
-}
-
-# setenv KEY VALUE: sets KEY in DIR/env (replacing an earlier value).
-setenv() {
-    local f="$DIR/env"
-    touch "$f"
-    grep -v "^$1=" "$f" >"$f.tmp" || true
-    printf '%s=%s\n' "$1" "$2" >>"$f.tmp"
-    mv "$f.tmp" "$f"
-}
-getenv() { [ -f "$DIR/env" ] && sed -n "s/^$1=//p" "$DIR/env" | tail -n 1; }
 
 # as_pg CMD...: runs CMD as the postgres user when root (root cannot run PostgreSQL).
 as_pg() {
@@ -208,32 +186,6 @@ start_nginx() {
     setenv NGINX_PID "$pid"
     setenv NGINX_PORT "$port"
     echo "services: nginx on 127.0.0.1:$port (pid $pid)" >&2
-}
-
-# ours PID TEXT: the process's command line contains TEXT (so a PID from a stale env file
-# that the system has since given to another process is never signalled)
-ours() {
-    [ -z "${2:-}" ] && return 0
-    tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -qF -- "$2"
-}
-
-# stop_pid NAME PID [TERM-SIGNAL [TEXT]]: signal (only if its command line has TEXT), wait
-# up to 15 s, then KILL.
-stop_pid() {
-    local name=$1 pid=$2 sig=${3:-TERM} text=${4:-}
-    alive "$pid" || return 0
-    if ! ours "$pid" "$text"; then
-        echo "services: pid $pid is no longer $name (its command line lacks $text); not signalling it" >&2
-        return 0
-    fi
-    kill "-$sig" "$pid" 2>/dev/null || return 0
-    for _ in $(seq 1 150); do
-        alive "$pid" || { echo "services: stopped $name (pid $pid)" >&2; return 0; }
-        sleep 0.1
-    done
-    echo "services: $name (pid $pid) ignored SIG$sig for 15 s; killing it" >&2
-    kill -KILL "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do alive "$pid" || return 0; sleep 0.1; done
 }
 
 cmd=${1:-}

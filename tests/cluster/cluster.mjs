@@ -8,6 +8,7 @@
 //   await c.sql('SELECT count(*) FROM ballots')     -> rows (arrays of strings) via psql
 //   await c.kill('tally-2', 'KILL'); await c.start('tally-2')
 //   await c.stopService('redis'); await c.startService('redis')   (same port)
+//   await c.ensureRunning('tally-2')   (starts it unless it runs)
 //   await c.stop()
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
@@ -48,6 +49,15 @@ export async function startCluster({ instances = 3, env: extra = {}, args = [] }
     start(name) { return c.cmd('start-one', name); },
     stopService(name) { return c.cmd('kill', name, 'TERM'); },
     startService(name) { return c.cmd('start-one', name); },
+    // starts NAME again unless it runs: for a test's `finally`, so that a failure between a
+    // kill and its start does not leave the next tests a member short
+    async ensureRunning(name) {
+      try {
+        await c.cmd('start-one', name);
+      } catch (e) {
+        if (!/already runs/.test(String(e.stderr ?? e.message))) throw e;
+      }
+    },
     async stop() { await run(SCRIPT, ['stop', dir], { env, timeout: 60_000 }).catch(() => {}); },
   };
   return c;

@@ -217,36 +217,57 @@ async function checkAcked(pollId, acked) {
   return stored.size;
 }
 
+/** Runs body(load) while loadThroughLb votes on the poll; the load stops when body ends,
+ *  however it ends, and a voter's failure stops the load and fails the test. */
+async function underLoad(poll, prefix, body) {
+  const stop = { done: false };
+  const load = loadThroughLb(poll.poll_id, poll.options.map((o) => o.option_id), prefix, stop);
+  load.done.catch(() => { stop.done = true; });
+  try {
+    await body(load);
+  } finally {
+    stop.done = true;
+    await load.done.catch(() => {});
+  }
+  await load.done;
+  return load;
+}
+
 test('kill -9 of one instance mid-load loses no acknowledged vote', async () => {
   const { poll } = await newPoll();
-  const stop = { done: false };
-  const load = loadThroughLb(poll.poll_id, poll.options.map((o) => o.option_id), 'k9', stop);
-  await sleep(1500);
-  await c.kill('tally-2', 'KILL');
-  await sleep(1500);
-  await c.start('tally-2');
-  await sleep(1500);
-  stop.done = true;
-  await load.done;
-  assert.ok(load.acked.size > 100, `only ${load.acked.size} votes acknowledged`);
-  const n = await checkAcked(poll.poll_id, load.acked);
-  await totalsEverywhere(poll.poll_id, n);
+  try {
+    const load = await underLoad(poll, 'k9', async () => {
+      await sleep(1500);
+      await c.kill('tally-2', 'KILL');
+      await sleep(1500);
+      await c.start('tally-2');
+      await sleep(1500);
+    });
+    assert.ok(load.acked.size > 100, `only ${load.acked.size} votes acknowledged`);
+    const n = await checkAcked(poll.poll_id, load.acked);
+    await totalsEverywhere(poll.poll_id, n);
+  } finally {
+    await c.ensureRunning('tally-2');
+  }
 });
 
 test('Redis stopped and started again mid-load: votes go on, live results come back', async () => {
   const { poll } = await newPoll();
-  const stop = { done: false };
-  const load = loadThroughLb(poll.poll_id, poll.options.map((o) => o.option_id), 'rd', stop);
-  await sleep(1000);
-  await c.stopService('redis');
-  const during = load.acked.size;
-  await sleep(2000);
-  assert.ok(load.acked.size > during, 'votes were accepted while Redis was down');
-  await c.startService('redis');
-  await sleep(2000);
-  stop.done = true;
-  await load.done;
-  const n = await checkAcked(poll.poll_id, load.acked);
+  let n;
+  try {
+    const load = await underLoad(poll, 'rd', async (l) => {
+      await sleep(1000);
+      await c.stopService('redis');
+      const during = l.acked.size;
+      await sleep(2000);
+      assert.ok(l.acked.size > during, 'votes were accepted while Redis was down');
+      await c.startService('redis');
+      await sleep(2000);
+    });
+    n = await checkAcked(poll.poll_id, load.acked);
+  } finally {
+    await c.ensureRunning('redis');
+  }
   await totalsEverywhere(poll.poll_id, n);
   const s = await openSse(c.nodes[0], `/v1/polls/${poll.poll_id}/live`, {});
   try {
@@ -260,23 +281,25 @@ test('Redis stopped and started again mid-load: votes go on, live results come b
 
 test('PostgreSQL restarted mid-load: 503 with Retry-After meanwhile, nothing acknowledged lost', async () => {
   const { poll } = await newPoll();
-  const stop = { done: false };
-  const load = loadThroughLb(poll.poll_id, poll.options.map((o) => o.option_id), 'pg', stop);
-  await sleep(1000);
-  await c.stopService('pg');
-  await sleep(300);
-  const r = await vote(c.nodes[0], 'while-down', poll.poll_id, poll.options[0].option_id, 'wd');
-  assert.equal(r.status, 503, r.text);
-  assert.ok(r.headers.get('retry-after'), 'Retry-After');
-  assert.equal(r.json.error.code, 'UNAVAILABLE');
-  await sleep(1000);
-  await c.startService('pg');
-  await sleep(4000);
-  stop.done = true;
-  await load.done;
-  assert.ok(load.errors() > 0, 'the outage was seen');
-  const n = await checkAcked(poll.poll_id, load.acked);
-  await totalsEverywhere(poll.poll_id, n);
+  try {
+    const load = await underLoad(poll, 'pg', async () => {
+      await sleep(1000);
+      await c.stopService('pg');
+      await sleep(300);
+      const r = await vote(c.nodes[0], 'while-down', poll.poll_id, poll.options[0].option_id, 'wd');
+      assert.equal(r.status, 503, r.text);
+      assert.ok(r.headers.get('retry-after'), 'Retry-After');
+      assert.equal(r.json.error.code, 'UNAVAILABLE');
+      await sleep(1000);
+      await c.startService('pg');
+      await sleep(4000);
+    });
+    assert.ok(load.errors() > 0, 'the outage was seen');
+    const n = await checkAcked(poll.poll_id, load.acked);
+    await totalsEverywhere(poll.poll_id, n);
+  } finally {
+    await c.ensureRunning('pg');
+  }
 });
 
 async function requestState(server, voter, pollId, rid) {
@@ -290,39 +313,46 @@ test('async votes: into the ingest log (202), retried across instances, one kill
   const N = 1500;
   const async = { Prefer: 'respond-async' };
   let killed = false;
-  const accepted = await pool(N, 48, async (i) => {
-    if (i === 500 && !killed) {
-      killed = true;
-      await c.kill('tally-3', 'KILL');
-    }
-    const voter = `async-${i}`;
-    const key = `ak-${i}`;
-    // a request in flight to the instance being killed fails: sent again elsewhere
-    const send = async (k) => {
-      for (let t = 0; ; t++) {
-        const live = killed ? c.nodes.slice(0, 2) : c.nodes;
-        try {
-          return await vote(live[(k + t) % live.length], voter, poll.poll_id, opts[i % 3], key, async);
-        } catch (e) {
-          if (t > 5) throw e;
-        }
+  let accepted;
+  try {
+    accepted = await pool(N, 48, async (i) => {
+      if (i === 500 && !killed) {
+        killed = true;
+        await c.kill('tally-3', 'KILL');
       }
-    };
-    const a = await send(i);
-    assert.equal(a.status, 202, `voter ${i}: ${a.status} ${a.text}`);
-    assert.equal(a.json.status, 'accepted');
-    // the same request again on another instance: the same request id
-    const b = await send(i + 1);
-    assert.ok(b.status === 202 || b.status === 200, `voter ${i} retry: ${b.status} ${b.text}`);
-    if (b.status === 202) assert.equal(b.json.request_id, a.json.request_id);
-    return a.json.request_id;
-  });
-  await c.start('tally-3'); // its unacknowledged entries are claimed by the others meanwhile
+      const voter = `async-${i}`;
+      const key = `ak-${i}`;
+      // a request in flight to the instance being killed fails: sent again elsewhere
+      const send = async (k) => {
+        for (let t = 0; ; t++) {
+          const live = killed ? c.nodes.slice(0, 2) : c.nodes;
+          try {
+            return await vote(live[(k + t) % live.length], voter, poll.poll_id, opts[i % 3], key, async);
+          } catch (e) {
+            if (t > 5) throw e;
+          }
+        }
+      };
+      const a = await send(i);
+      assert.equal(a.status, 202, `voter ${i}: ${a.status} ${a.text}`);
+      assert.equal(a.json.status, 'accepted');
+      // the same request again on another instance: the same request id
+      const b = await send(i + 1);
+      assert.ok(b.status === 202 || b.status === 200, `voter ${i} retry: ${b.status} ${b.text}`);
+      if (b.status === 202) assert.equal(b.json.request_id, a.json.request_id);
+      return a.json.request_id;
+    });
+    await c.start('tally-3'); // its unacknowledged entries are claimed by the others meanwhile
+  } finally {
+    await c.ensureRunning('tally-3');
+  }
+  // one deadline for all of them: a stuck ingest fails the test in a minute, not N times 20 s
+  const deadline = Date.now() + 60_000;
   for (let i = 0; i < N; i += 1) {
     await eventually(async () => {
       const s = await requestState(c.nodes[i % 3], `async-${i}`, poll.poll_id, accepted[i]);
       return s.state === 'completed' ? s : null;
-    }, 20_000, `request of voter ${i} completed`);
+    }, Math.max(1000, deadline - Date.now()), `request of voter ${i} completed`);
   }
   const s = await storeCounts(poll.poll_id);
   assert.equal(s.ballots, N);
