@@ -40,8 +40,16 @@ PROG=cluster
 # http_status URL: the status code of a GET (000 when nothing answers)
 http_status() { curl -s -o /dev/null -m 2 -w '%{http_code}' "$1" 2>/dev/null || true; }
 
+# upstream_servers: the instances, as the server lines of an nginx upstream block
+upstream_servers() {
+    local i
+    for i in $(seq 1 "$N"); do
+        echo "        server 127.0.0.1:$(getenv "TALLY_${i}_PORT") max_fails=1 fail_timeout=2s;"
+    done
+}
+
 write_nginx_conf() {
-    local port=$1 i
+    local port=$1
     {
         cat <<EOF
 # written by scripts/cluster.sh; run as: nginx -c $DIR/nginx.conf -p $DIR/
@@ -66,13 +74,22 @@ http {
     server_tokens off;
 
     upstream tally {
-EOF
-        for i in $(seq 1 "$N"); do
-            echo "        server 127.0.0.1:$(getenv "TALLY_${i}_PORT") max_fails=1 fail_timeout=2s;"
-        done
-        cat <<EOF
+$(upstream_servers)
         # idle upstream connections kept open; closed before tally's own 60 s idle
         # timeout so nginx never reuses one tally is closing (a POST on it would be a 502)
+        keepalive 128;
+        keepalive_timeout 50s;
+        keepalive_requests 100000;
+    }
+
+    # The ballots of one poll go to one instance (a consistent hash of the poll id; the
+    # next one while it is down): its writer then commits them in large batches, where
+    # ballots of one poll spread over every instance would contend for the poll's counter
+    # rows in PostgreSQL, one small batch at a time. Correctness does not depend on it:
+    # any instance takes any ballot exactly once (UNIQUE(poll_id, voter_id)).
+    upstream tally_votes {
+        hash \$poll consistent;
+$(upstream_servers)
         keepalive 128;
         keepalive_timeout 50s;
         keepalive_requests 100000;
@@ -117,6 +134,10 @@ EOF
             proxy_read_timeout 24h;
             proxy_send_timeout 24h;
             add_header X-Accel-Buffering no always;
+        }
+
+        location ~ ^/v1/polls/(?<poll>[^/]+)/votes\$ {
+            proxy_pass http://tally_votes;
         }
 
         location / {

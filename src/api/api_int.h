@@ -29,6 +29,7 @@ typedef struct user {
 } user_t;
 
 typedef struct deferred deferred_t; /* follow.c */
+typedef struct count_moves count_moves_t; /* follow.c: live counter moves not yet sent */
 typedef struct waiter waiter_t;     /* votes.c: a request waiting for its ballot's batch */
 /* The outcome of a ballot cast from the ingest log: 0 (vote_id set) or a TLY_E* code. */
 typedef void (*api_cast_done_fn)(void *arg, int result, const char *vote_id);
@@ -118,6 +119,7 @@ struct tly_app {
     tly_bus_t *bus;          /* --bus: Redis, joining the instances; NULL without */
     struct ingest *ingest;   /* ingest.c: the async ingest log; NULL without a bus */
     tly_bus_script_t *counts_script; /* follow.c: live counters in Redis */
+    count_moves_t *count_moves;      /* their moves since the last reap, by poll */
     uint64_t announced;      /* store batches committed when we last told the bus */
     struct live *live;
     tly_store_reader_t *reader; /* loop thread's, opened on first use */
@@ -270,9 +272,11 @@ void api_follow_free(tly_app_t *app);
 /* --bus: joins the instances through Redis (0, or -1 with a message in err[512]). */
 int api_bus_open(tly_app_t *app, char *err);
 /* Moves the poll's live counters in Redis for one committed change of a ballot: its
- * option positions before (none for a cast) and after (none for a retraction). */
+ * option positions before (none for a cast) and after (none for a retraction). The
+ * moves are summed per poll and sent by api_bus_flush_counts (after each reap). */
 void api_bus_count(tly_app_t *app, const char *poll_id, const uint8_t *before, size_t nbefore,
                    const uint8_t *after, size_t nafter);
+void api_bus_flush_counts(tly_app_t *app);
 /* A reply callback for commands whose outcome nobody waits for. */
 void api_bus_ignore(void *arg, const tly_bus_reply_t *r);
 /* votes.c: 202 accepted with the Location of the request's status. */

@@ -282,6 +282,7 @@ static void on_store_wake(void *arg)
     tly_app_t *app = arg;
     tly_store_reap(app->store);
     api_follow_flush(app); /* other instances' changes that waited for ours */
+    api_bus_flush_counts(app);
     api_bus_announce(app);
 }
 

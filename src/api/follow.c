@@ -305,6 +305,7 @@ void api_follow_init(tly_app_t *app)
 
 void api_follow_free(tly_app_t *app)
 {
+    api_bus_flush_counts(app); /* the last batches' moves, while the bus is open */
     while (app->deferred != NULL) {
         deferred_t *d = app->deferred;
         app->deferred = d->next;
@@ -375,12 +376,21 @@ static void on_bus_state(void *arg, bool up)
 
 /* Live counters in Redis, a hash per poll (`tally:counts:{poll_id}`: field "ballots" =
  * current ballots, field "<position>" = current ballots that include that option
- * position, as the store's counter rows). The instance that committed a change moves
- * them, one script call per change, without waiting; a change lost on the way (bus down,
- * a crash between commit and call) is drift that reconciliation repairs. */
+ * position, as the store's counter rows). The instance that committed changes moves
+ * them without waiting: the changes of one store batch are summed per poll and sent as
+ * one script call per poll when the batch has been reaped (api_bus_flush_counts). A move
+ * lost on the way (bus down, a crash between commit and call) is drift that
+ * reconciliation repairs. */
 static const char counts_lua[] =
     "for i = 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end\n"
     "return 0\n";
+
+struct count_moves {
+    UT_hash_handle hh;
+    char poll_id[TLY_POLL_ID_LEN + 1];
+    int ballots;
+    int delta[TLY_MAX_OPTIONS];
+};
 
 void api_bus_ignore(void *arg, const tly_bus_reply_t *r)
 {
@@ -388,27 +398,16 @@ void api_bus_ignore(void *arg, const tly_bus_reply_t *r)
     (void)r;
 }
 
-void api_bus_count(tly_app_t *app, const char *poll_id, const uint8_t *before, size_t nbefore,
-                   const uint8_t *after, size_t nafter)
+static void send_counts(tly_app_t *app, const count_moves_t *m)
 {
-    if (app->bus == NULL || app->counts_script == NULL || !tly_bus_up(app->bus))
-        return;
-    int delta[TLY_MAX_OPTIONS] = {0};
-    for (size_t i = 0; i < nbefore; i++)
-        if (before[i] < TLY_MAX_OPTIONS)
-            delta[before[i]]--;
-    for (size_t i = 0; i < nafter; i++)
-        if (after[i] < TLY_MAX_OPTIONS)
-            delta[after[i]]++;
-    char key[TLY_POLL_ID_LEN + 16], buf[2 * TLY_MAX_OPTIONS + 2][8];
+    char key[TLY_POLL_ID_LEN + 16], buf[2 * TLY_MAX_OPTIONS + 2][16];
     const char *argv[2 * TLY_MAX_OPTIONS + 3];
     size_t lens[2 * TLY_MAX_OPTIONS + 3], n = 0;
-    snprintf(key, sizeof(key), "tally:counts:%s", poll_id);
+    snprintf(key, sizeof(key), "tally:counts:%s", m->poll_id);
     argv[n] = key;
     lens[n++] = strlen(key);
-    int total = (nafter > 0) - (nbefore > 0);
     for (int pos = -1; pos < TLY_MAX_OPTIONS; pos++) {
-        int d = pos < 0 ? total : delta[pos];
+        int d = pos < 0 ? m->ballots : m->delta[pos];
         if (d == 0)
             continue;
         size_t k = n - 1;
@@ -423,8 +422,46 @@ void api_bus_count(tly_app_t *app, const char *poll_id, const uint8_t *before, s
         lens[n + 1] = strlen(buf[k + 1]);
         n += 2;
     }
-    if (n > 1)
+    if (n > 1 && tly_bus_up(app->bus))
         tly_bus_script(app->bus, app->counts_script, api_bus_ignore, NULL, 1, n, argv, lens);
+}
+
+void api_bus_count(tly_app_t *app, const char *poll_id, const uint8_t *before, size_t nbefore,
+                   const uint8_t *after, size_t nafter)
+{
+    if (app->bus == NULL || app->counts_script == NULL || !tly_bus_up(app->bus))
+        return;
+    count_moves_t *m = NULL, one;
+    HASH_FIND_STR(app->count_moves, poll_id, m);
+    if (m == NULL) {
+        m = tly_calloc(1, sizeof(*m));
+        if (m == NULL) { /* out of memory: this change alone, now */
+            memset(&one, 0, sizeof(one));
+            m = &one;
+        }
+        snprintf(m->poll_id, sizeof(m->poll_id), "%s", poll_id);
+        if (m != &one)
+            HASH_ADD_STR(app->count_moves, poll_id, m);
+    }
+    for (size_t i = 0; i < nbefore; i++)
+        if (before[i] < TLY_MAX_OPTIONS)
+            m->delta[before[i]]--;
+    for (size_t i = 0; i < nafter; i++)
+        if (after[i] < TLY_MAX_OPTIONS)
+            m->delta[after[i]]++;
+    m->ballots += (nafter > 0) - (nbefore > 0);
+    if (m == &one)
+        send_counts(app, m);
+}
+
+void api_bus_flush_counts(tly_app_t *app)
+{
+    count_moves_t *m, *tmp;
+    HASH_ITER(hh, app->count_moves, m, tmp) {
+        HASH_DEL(app->count_moves, m);
+        send_counts(app, m);
+        tly_free(m);
+    }
 }
 
 int api_bus_open(tly_app_t *app, char *err)

@@ -9,6 +9,7 @@
 //   await c.kill('tally-2', 'KILL'); await c.start('tally-2')
 //   await c.stopService('redis'); await c.startService('redis')   (same port)
 //   await c.ensureRunning('tally-2')   (starts it unless it runs)
+//   c.voteTarget(pollId)   the instance nginx sends the poll's ballots to
 //   await c.stop()
 import { execFile } from 'node:child_process';
 import fs from 'node:fs';
@@ -57,6 +58,14 @@ export async function startCluster({ instances = 3, env: extra = {}, args = [] }
       } catch (e) {
         if (!/already runs/.test(String(e.stderr ?? e.message))) throw e;
       }
+    },
+    // the instance nginx sends the poll's ballots to (scripts/cluster.sh: a hash of the
+    // poll id), from its access log: undefined before a ballot of it went through nginx
+    voteTarget(pollId) {
+      const log = fs.readFileSync(path.join(dir, 'nginx-access.log'), 'utf8');
+      const re = new RegExp(`"POST /v1/polls/${pollId}/votes [^"]*" 200 .* upstream=127\\.0\\.0\\.1:(\\d+)`, 'g');
+      const ports = [...log.matchAll(re)].map((m) => Number(m[1]));
+      return c.nodes.find((n) => n.port === ports.at(-1));
     },
     async stop() { await run(SCRIPT, ['stop', dir], { env, timeout: 60_000 }).catch(() => {}); },
   };
