@@ -189,13 +189,14 @@ bool api_limit(tly_app_t *app, tly_req_t *req, api_limit_t which, const char *vo
 
 /* ---- persistence glue (persist.c) ---- */
 /* A store operation with its own copy of a poll row, freed with poll_op_free. */
-typedef struct {
+typedef struct poll_op {
     tly_store_op_t op;
     tly_app_t *app;
     tly_req_t *req;
     tly_poll_t *poll;
     char *scratch; /* the strings of op.u.poll */
     tly_option_row_t *options;
+    struct poll_op *before; /* PATCH: the poll as it was, put back if the store fails */
 } poll_op_t;
 poll_op_t *poll_op_new(tly_app_t *app, tly_op_type_t type, const tly_poll_t *p);
 void poll_op_free(poll_op_t *po);

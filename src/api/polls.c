@@ -243,9 +243,16 @@ static void patch_committed(tly_store_op_t *op)
         else
             api_respond_error(po->req, 404, "POLL_NOT_FOUND", "no poll with that id", NULL);
     } else {
-        /* The change is already live in memory; the store did not take it. Say so: a
-         * restart would show the previous version. */
-        tly_log(TLY_LOG_ERROR, "poll change not stored", "poll_id", op->u.poll.poll_id, NULL);
+        /* The change went live in memory before the store refused it: memory goes back
+         * to the poll as it was (what the store still has), and the caller hears so. */
+        tly_poll_t *p = tly_registry_find_poll(po->app->registry, op->u.poll.poll_id);
+        int rc;
+        tly_poll_t *was = p != NULL ? api_poll_build(&po->before->op.u.poll, &rc) : NULL;
+        if (was != NULL)
+            tly_poll_adopt(p, was);
+        tly_log(TLY_LOG_ERROR, p == NULL || was != NULL ? "poll change not stored; undone"
+                                                        : "poll change not stored; not undone (out of memory)",
+                "poll_id", op->u.poll.poll_id, NULL);
         api_respond_store_error(po->req, op->result);
     }
     poll_op_free(po);
@@ -296,10 +303,19 @@ void api_polls_patch(tly_req_t *req, const tly_params_t *params, void *arg)
         api_respond_error(req, 409, "POLL_HAS_VOTES", "options cannot change once a vote has been cast", NULL);
         return;
     }
+    poll_op_t *before = poll_op_new(app, TLY_OP_POLL_UPDATE, p);
+    if (before == NULL) {
+        json_decref(body);
+        tly_req_add_header(req, "Retry-After", "1");
+        api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
+        return;
+    }
     const char *field = NULL, *msg = NULL;
     char errbuf[256];
     int rc = tly_poll_patch(p, body, tly_now_ms(), &field, &msg, errbuf, sizeof(errbuf));
     json_decref(body);
+    if (rc != 0)
+        poll_op_free(before);
     if (rc == TLY_EINVAL) {
         api_respond_validation(req, field, msg ? msg : "invalid change");
         return;
@@ -325,10 +341,15 @@ void api_polls_patch(tly_req_t *req, const tly_params_t *params, void *arg)
         tly_poll_freeze_results(p, p->updated_at);
     poll_op_t *po = poll_op_new(app, TLY_OP_POLL_UPDATE, p);
     if (po == NULL) {
+        tly_poll_t *was = api_poll_build(&before->op.u.poll, &rc);
+        if (was != NULL)
+            tly_poll_adopt(p, was);
+        poll_op_free(before);
         tly_req_add_header(req, "Retry-After", "1");
         api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
         return;
     }
+    po->before = before;
     po->req = req;
     po->op.ctx = po;
     po->op.done = patch_committed;

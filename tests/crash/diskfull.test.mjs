@@ -110,6 +110,17 @@ test('a full disk: 507 with Retry-After, nothing acknowledged lost, recovery whe
     assertRefused(await api(server, 'POST', '/v1/auth/register', {
       body: { username: `full_${process.pid}`, password: 'a-long-password' },
     }), 'registering on a full disk');
+    // A change of a poll the store refused does not stay in memory either: the poll is
+    // what the store still has (and what a restart would show).
+    assertRefused(await api(server, 'PATCH', `/v1/polls/${poll.poll_id}`, {
+      token: owner, body: { title: 'renamed on a full disk', status: 'closed' },
+    }), 'changing a poll on a full disk');
+    const unchanged = await api(server, 'GET', `/v1/polls/${poll.poll_id}`);
+    assertStatus(unchanged, 200, 'the poll after a refused change');
+    assert.equal(unchanged.json.title, 'disk full', 'the refused title is not shown');
+    assert.equal(unchanged.json.status, 'active', 'the refused close is not in effect');
+    assertRefused(await castVote(server, server.mint('after-refused-close'), poll.poll_id, { option_id: opts[0] }),
+      'a ballot in the poll whose close was refused (refused for the disk, not as closed)');
 
     // Nothing acknowledged is lost, nothing refused is counted, reads go on.
     let r = await results(server, poll.poll_id);
