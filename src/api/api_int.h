@@ -307,6 +307,9 @@ void api_ingest_enqueue(tly_app_t *app, tly_req_t *req, tly_poll_t *p, const cha
 int api_ingest_open(tly_app_t *app);
 void api_ingest_stats(const tly_app_t *app, uint64_t *enqueued, uint64_t *applied, uint64_t *failed,
                       uint64_t *dead);
+/* votes.c: remembers the Idempotency-Key of a ballot being retracted (here or on another
+ * instance), so that a late retry of the POST that cast it is refused, not cast again. */
+void api_remember_retracted(tly_app_t *app, const tly_poll_t *p, const tly_vote_t *v);
 /* A retracted ballot frees its voter's dedup key, so the voter may vote again. */
 void api_ingest_forget(tly_app_t *app, const char *poll_id, const char *voter_id);
 void api_ingest_close(tly_app_t *app);

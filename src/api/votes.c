@@ -273,7 +273,7 @@ static char *retracted_key_of(const char *poll_id, const char *voter_id, const c
     return k;
 }
 
-static void remember_retracted(tly_app_t *app, const tly_poll_t *p, const tly_vote_t *v)
+void api_remember_retracted(tly_app_t *app, const tly_poll_t *p, const tly_vote_t *v)
 {
     if (v->idem_key == NULL)
         return;
@@ -679,7 +679,7 @@ static void retract_committed(tly_store_op_t *op)
     if (op->result == 0) {
         api_bus_count(app, bo->poll->poll_id, bo->vote->data, bo->vote->nchoices, NULL, 0);
         api_ingest_forget(app, bo->poll->poll_id, bo->vote->voter_id); /* may vote again */
-        remember_retracted(app, bo->poll, bo->vote);
+        api_remember_retracted(app, bo->poll, bo->vote);
         tly_poll_retract_vote(app->registry, bo->poll, bo->vote, op->u.ballot.recorded_at);
         tly_req_respond(req, 204, NULL, "", 0);
     } else if (op->result == TLY_ENOTFOUND) {

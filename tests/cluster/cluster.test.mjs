@@ -170,6 +170,24 @@ test('a poll made on one instance can be voted on, changed and read at once on a
   }
 });
 
+test('a ballot retracted on one instance stays retracted when its first POST is retried on another', async () => {
+  const { poll } = await newPoll({ settings: { allow_vote_change: true } });
+  const [a] = poll.options.map((o) => o.option_id);
+  const first = await vote(c.nodes[0], 'retractor', poll.poll_id, a, 'retract-key');
+  assert.equal(first.status, 200, first.text);
+  const gone = await api(c.nodes[1], 'DELETE', `/v1/polls/${poll.poll_id}/votes/me`, { token: tok('retractor') });
+  assert.equal(gone.status, 204, gone.text);
+  // the instance that cast it and a third one both learn the retraction from the feed
+  for (const n of [c.nodes[0], c.nodes[2]]) {
+    const late = await eventually(async () => {
+      const r = await vote(n, 'retractor', poll.poll_id, a, 'retract-key');
+      return r.status === 409 ? r : null;
+    }, 3000, `${n.name} refuses the late retry`);
+    assert.equal(late.json.error.code, 'VOTE_RETRACTED', late.text);
+  }
+  assert.equal((await storeCounts(poll.poll_id)).ballots, 0);
+});
+
 /** Votes through nginx until `stop` is set, retrying each voter (same key) until it gets
  *  an answer that is not 5xx or a dropped connection; returns the acknowledged voters. */
 function loadThroughLb(pollId, opts, prefix, stop) {
