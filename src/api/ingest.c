@@ -97,22 +97,50 @@ static void enqueue_free(enqueue_t *e)
 
 static void kick(struct ingest *in);
 
+/* Why a ballot taken earlier (the request was checked when it arrived) cannot be cast in
+ * p at `now`: the error code, or NULL. Meanwhile the poll may have been deleted, closed
+ * (by its owner or its end time) or given new options, and the voter or the address may
+ * have voted through another request. */
+static const char *cannot_cast(tly_poll_t *p, const char *voter_id, const tly_ballot_t *b, const uint8_t *ip_hash,
+                               int64_t now)
+{
+    if (p == NULL)
+        return "POLL_NOT_FOUND";
+    if (!tly_poll_accepts_votes(p, now))
+        return "POLL_NOT_ACTIVE";
+    if (tly_poll_find_vote(p, voter_id) != NULL || (ip_hash != NULL && tly_poll_find_ip(p, ip_hash) != NULL))
+        return "ALREADY_VOTED";
+    for (size_t i = 0; i < b->nchoices; i++)
+        if (b->choices[i] >= p->noptions)
+            return "INVALID_OPTION";
+    return NULL;
+}
+
 /* The log could not take it (Redis went away): the ballot goes straight into the store,
  * as without a bus, and is answered 202 once durable there. */
 static void enqueue_fallback(enqueue_t *e)
 {
     tly_app_t *app = e->app;
     tly_poll_t *p = tly_registry_find_poll(app->registry, e->poll_id);
-    tly_vote_t *prev = p ? tly_poll_find_vote(p, e->voter_id) : NULL;
-    if (p == NULL || prev != NULL) {
-        api_respond_error(e->req, 409, "ALREADY_VOTED", "this voter has already voted in this poll", NULL);
+    int64_t now = tly_now_ms();
+    const char *why = cannot_cast(p, e->voter_id, &e->ballot, e->has_ip ? e->ip_hash : NULL, now);
+    if (why != NULL) {
+        if (strcmp(why, "POLL_NOT_FOUND") == 0)
+            api_respond_error(e->req, 404, why, "no poll with that id", NULL);
+        else if (strcmp(why, "POLL_NOT_ACTIVE") == 0)
+            api_respond_error(e->req, 409, why, "the poll no longer accepts votes",
+                              json_pack("{s:s}", "status", tly_poll_status_name(tly_poll_effective_status(p, now))));
+        else if (strcmp(why, "INVALID_OPTION") == 0)
+            api_respond_error(e->req, 400, why, "the poll's options changed; no option with that id", NULL);
+        else
+            api_respond_error(e->req, 409, why, "this voter has already voted in this poll", NULL);
         return;
     }
     waiter_t *w = api_waiter_new(e->req, true);
     char *meta = e->client_meta;
     e->client_meta = NULL;
     if (w == NULL || api_cast_submit(app, p, e->voter_id, &e->ballot, e->idem, e->hash_bytes, e->has_ip ? e->ip_hash : NULL,
-                                     meta, e->request_id, tly_now_ms(), w, NULL, NULL) != 0) {
+                                     meta, e->request_id, now, w, NULL, NULL) != 0) {
         tly_req_add_header(e->req, "Retry-After", "1");
         api_respond_error(e->req, 503, "UNAVAILABLE", "out of memory", NULL);
     }
@@ -339,29 +367,17 @@ static void apply_entry(entry_t *en)
         tly_store_sync(app->store, synced, en);
         return;
     }
-    if (p == NULL) {
-        refuse(en, "POLL_NOT_FOUND");
-        return;
-    }
-    int64_t now = tly_now_ms();
-    if (!tly_poll_accepts_votes(p, now)) {
-        refuse(en, "POLL_NOT_ACTIVE");
-        return;
-    }
-    tly_vote_t *v = tly_poll_find_vote(p, en->voter_id);
+    tly_vote_t *v = p != NULL ? tly_poll_find_vote(p, en->voter_id) : NULL;
     if (v != NULL && v->state != TLY_VOTE_COMMITTED) {
         entry_free(en); /* our own write for this voter is under way: claimed again later */
         return;
     }
-    if (v != NULL || (en->has_ip && tly_poll_find_ip(p, en->ip_hash) != NULL)) {
-        refuse(en, "ALREADY_VOTED");
+    int64_t now = tly_now_ms();
+    const char *why = cannot_cast(p, en->voter_id, &en->ballot, en->has_ip ? en->ip_hash : NULL, now);
+    if (why != NULL) {
+        refuse(en, why);
         return;
     }
-    for (size_t i = 0; i < en->ballot.nchoices; i++)
-        if (en->ballot.choices[i] >= p->noptions) {
-            refuse(en, "INVALID_OPTION");
-            return;
-        }
     char *meta = en->client_meta;
     en->client_meta = NULL;
     if (api_cast_submit(app, p, en->voter_id, &en->ballot, en->idem, en->hash, en->has_ip ? en->ip_hash : NULL, meta,
