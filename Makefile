@@ -49,6 +49,7 @@ $(BUILD)/tally-genballots: tools/genballots.c $(BUILD)/libtally.a
 $(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libtally.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libtally.a $(LDFLAGS) $(LDLIBS) -lcriterion
+$(BUILD)/tests/test_store $(BUILD)/tests/test_store_pg: tests/unit/store_helpers.h tests/unit/store_scenarios.h
 
 -include $(LIB_OBJ:.o=.d) $(MAIN_OBJ:.o=.d)
 

@@ -4,13 +4,16 @@
  * point) closes, reopens and loads everything back.
  *
  * The done callbacks run in tly_store_reap on the test thread; the store's notify
- * writes a byte to a pipe that the test waits on, as the event loop would.
+ * writes a byte to a pipe that the test waits on, as the event loop would. The rows,
+ * callbacks and the scenarios that mean the same on PostgreSQL (test_store_pg.c) are in
+ * store_helpers.h and store_scenarios.h; what only SQLite has (files, PRAGMAs, a VFS
+ * that fails on demand, migrations of old files) is here.
  */
 #include "base/base.h"
 #include "store/store_int.h"
+#include "store_scenarios.h"
 
 #include <criterion/criterion.h>
-#include <fcntl.h>
 #include <ftw.h>
 #include <poll.h>
 #include <pthread.h>
@@ -23,21 +26,6 @@
 #include <unistd.h>
 
 static char dir[64];
-static int pipefd[2];
-static atomic_int notifies;
-static int ndone;
-
-static void notify(void *arg)
-{
-    char c = 1;
-    atomic_fetch_add(&notifies, 1);
-    (void)!write(pipefd[1], &c, 1); /* non-blocking: a full pipe already wakes the reader */
-}
-
-static void on_done(tly_store_op_t *op)
-{
-    ndone++;
-}
 
 static int rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
 {
@@ -48,16 +36,13 @@ static void setup(void)
 {
     snprintf(dir, sizeof dir, "/tmp/tally-store-XXXXXX");
     cr_assert_not_null(mkdtemp(dir));
-    cr_assert_eq(pipe2(pipefd, O_NONBLOCK | O_CLOEXEC), 0);
-    atomic_store(&notifies, 0);
-    ndone = 0;
+    open_notify_pipe();
 }
 
 static void teardown(void)
 {
     nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
-    close(pipefd[0]);
-    close(pipefd[1]);
+    close_notify_pipe();
 }
 
 TestSuite(store, .init = setup, .fini = teardown);
@@ -94,252 +79,11 @@ static void wait_done(tly_store_t *s, int target)
     }
 }
 
-static void submit_wait(tly_store_t *s, tly_store_op_t *op)
-{
-    int target = ndone + 1;
-    op->done = on_done;
-    tly_store_submit(s, op);
-    wait_done(s, target);
-}
-
-static int str_eq(const char *a, const char *b)
-{
-    return (a == NULL && b == NULL) || (a != NULL && b != NULL && strcmp(a, b) == 0);
-}
-
-/* ---- fixtures ----------------------------------------------------------------------- */
-
-static const tly_option_row_t opts1[] = {
-    {.option_id = "optA", .text = "Red", .display_order = 2, .position = 0},
-    {.option_id = "optB", .text = "Green \xc3\xa9", .display_order = 0, .position = 1},
-    {.option_id = "optC", .text = "Blue", .display_order = 1, .position = 2},
-};
-static const tly_option_row_t opts2[] = {
-    {.option_id = "optX", .text = "Yes", .display_order = 0, .position = 0},
-    {.option_id = "optY", .text = "No", .display_order = 1, .position = 1},
-};
-
-static tly_store_op_t poll_op(const char *poll_id, int nopts)
-{
-    tly_store_op_t op = {.type = TLY_OP_POLL_INSERT};
-    tly_poll_row_t *p = &op.u.poll;
-    p->poll_id = poll_id;
-    p->owner_id = "user1";
-    p->title = "Favourite colour";
-    p->type = 2;
-    p->status = 1;
-    p->settings_json = "{\"max_choices\":2}";
-    p->created_at = 1700000000000;
-    p->updated_at = 1700000000000;
-    p->noptions = (size_t)nopts;
-    p->options = nopts == 3 ? opts1 : opts2;
-    return op;
-}
-
-static const uint8_t choices2[] = {0, 2};
-static const uint8_t scores2[] = {5, 9};
-
-static tly_store_op_t ballot_op(const char *poll_id, const char *voter, const char *vote_id,
-                                const char *receipt)
-{
-    tly_store_op_t op = {.type = TLY_OP_BALLOT_INSERT};
-    tly_ballot_row_t *b = &op.u.ballot;
-    b->poll_id = poll_id;
-    b->voter_id = voter;
-    b->vote_id = vote_id;
-    b->receipt = receipt;
-    b->nchoices = 2;
-    b->choices = choices2;
-    b->recorded_at = 1700000001000;
-    return op;
-}
-
-/* Load callbacks that copy what they see (rows die after the callback). */
-typedef struct {
-    int users, polls, ballots, requests;
-    char poll_ids[8][32];
-    size_t noptions[8];
-    char final_results[8][64]; /* "(null)" when none */
-    char ballot_vote_ids[16][32];
-    char req_ids[8][32], req_state[8][32], req_vote[8][32], req_error[8][32];
-} seen_t;
-
-static void see_user(void *ctx, const tly_user_row_t *u)
-{
-    ((seen_t *)ctx)->users++;
-}
-
-static void see_poll(void *ctx, const tly_poll_row_t *p)
-{
-    seen_t *seen = ctx;
-    if (seen->polls < 8) {
-        snprintf(seen->poll_ids[seen->polls], 32, "%s", p->poll_id);
-        seen->noptions[seen->polls] = p->noptions;
-        snprintf(seen->final_results[seen->polls], 64, "%s",
-                 p->final_results ? p->final_results : "(null)");
-    }
-    seen->polls++;
-}
-
-static void see_ballot(void *ctx, const tly_ballot_row_t *b)
-{
-    seen_t *seen = ctx;
-    if (seen->ballots < 16)
-        snprintf(seen->ballot_vote_ids[seen->ballots], 32, "%s", b->vote_id);
-    seen->ballots++;
-}
-
-static void see_request(void *ctx, const tly_request_row_t *r)
-{
-    seen_t *seen = ctx;
-    int i = seen->requests++;
-    if (i >= 8)
-        return;
-    snprintf(seen->req_ids[i], 32, "%s", r->request_id);
-    snprintf(seen->req_state[i], 32, "%s", r->state);
-    snprintf(seen->req_vote[i], 32, "%s", r->vote_id ? r->vote_id : "(null)");
-    snprintf(seen->req_error[i], 32, "%s", r->error ? r->error : "(null)");
-}
-
-static const tly_store_load_cb_t seen_cb = {see_user, see_poll, see_ballot, see_request};
-
-/* Closes, reopens and loads: what a restart would see. */
-static tly_store_t *reopen_load(tly_store_t *s, seen_t *seen)
-{
-    tly_store_close(s);
-    s = open_store();
-    memset(seen, 0, sizeof *seen);
-    cr_assert_eq(tly_store_load(s, &seen_cb, seen), 0);
-    return s;
-}
-
 /* ---- round trip --------------------------------------------------------------------- */
-
-static tly_store_op_t rt_ops[6];
-
-static void rt_user(void *ctx, const tly_user_row_t *u)
-{
-    int *n = ctx;
-    const tly_user_row_t *e = &rt_ops[n[0]].u.user;
-    cr_assert_lt(n[0], 2);
-    cr_assert_str_eq(u->user_id, e->user_id);
-    cr_assert_str_eq(u->username, e->username);
-    cr_assert_str_eq(u->password_hash, e->password_hash);
-    cr_assert(str_eq(u->email, e->email));
-    cr_assert_eq(u->created_at, e->created_at);
-    n[0]++;
-}
-
-static void rt_poll(void *ctx, const tly_poll_row_t *p)
-{
-    int *n = ctx;
-    cr_assert_lt(n[1], 2);
-    const tly_poll_row_t *e = &rt_ops[2 + n[1]].u.poll;
-    cr_assert_str_eq(p->poll_id, e->poll_id);
-    cr_assert_str_eq(p->owner_id, e->owner_id);
-    cr_assert_str_eq(p->title, e->title);
-    cr_assert(str_eq(p->description, e->description));
-    cr_assert_eq(p->type, e->type);
-    cr_assert_eq(p->status, e->status);
-    cr_assert_eq(p->start_time, e->start_time);
-    cr_assert_eq(p->end_time, e->end_time);
-    cr_assert_eq(p->created_at, e->created_at);
-    cr_assert_eq(p->updated_at, e->updated_at);
-    cr_assert_str_eq(p->settings_json, e->settings_json);
-    cr_assert(str_eq(p->idem_key, e->idem_key));
-    cr_assert_arr_eq(p->body_hash, e->body_hash, 16);
-    cr_assert(str_eq(p->final_results, e->final_results));
-    cr_assert_eq(p->noptions, e->noptions);
-    for (size_t i = 0; i < p->noptions; i++) {
-        cr_assert_str_eq(p->options[i].option_id, e->options[i].option_id);
-        cr_assert_str_eq(p->options[i].text, e->options[i].text);
-        cr_assert_eq(p->options[i].display_order, e->options[i].display_order);
-        cr_assert_eq(p->options[i].position, (int)i);
-    }
-    n[1]++;
-}
-
-static void rt_ballot(void *ctx, const tly_ballot_row_t *b)
-{
-    int *n = ctx;
-    cr_assert_lt(n[2], 2);
-    const tly_ballot_row_t *e = &rt_ops[4 + n[2]].u.ballot;
-    cr_assert_str_eq(b->poll_id, e->poll_id);
-    cr_assert_str_eq(b->voter_id, e->voter_id);
-    cr_assert_str_eq(b->vote_id, e->vote_id);
-    cr_assert_str_eq(b->receipt, e->receipt);
-    cr_assert_eq(b->nchoices, e->nchoices);
-    cr_assert_arr_eq(b->choices, e->choices, e->nchoices);
-    if (e->scores == NULL)
-        cr_assert_null(b->scores);
-    else
-        cr_assert_arr_eq(b->scores, e->scores, e->nchoices);
-    cr_assert_eq(b->recorded_at, e->recorded_at);
-    cr_assert(str_eq(b->idem_key, e->idem_key));
-    cr_assert_arr_eq(b->body_hash, e->body_hash, 16);
-    cr_assert(str_eq(b->client_meta, e->client_meta));
-    cr_assert_null(b->request_id);
-    if (e->ip_hash == NULL)
-        cr_assert_null(b->ip_hash);
-    else
-        cr_assert_arr_eq(b->ip_hash, e->ip_hash, 16);
-    n[2]++;
-}
-
-static void rt_request(void *ctx, const tly_request_row_t *r)
-{
-    ((int *)ctx)[3]++;
-}
 
 Test(store, round_trip_every_field)
 {
-    tly_store_t *s = open_store();
-
-    rt_ops[0] = (tly_store_op_t){.type = TLY_OP_USER_INSERT,
-                                 .u.user = {"user1", "Alice", "$argon2id$v=19$x", "a@example.org",
-                                            1699999999000}};
-    rt_ops[1] = (tly_store_op_t){.type = TLY_OP_USER_INSERT,
-                                 .u.user = {"user2", "bob", "$argon2id$v=19$y", NULL, 1699999999500}};
-    rt_ops[2] = poll_op("poll1", 3);
-    rt_ops[2].u.poll.description = "Pick up to two";
-    rt_ops[2].u.poll.start_time = 1700000000500;
-    rt_ops[2].u.poll.end_time = 1800000000000;
-    rt_ops[2].u.poll.idem_key = "idem-poll-1";
-    rt_ops[2].u.poll.final_results = "{\"total\":0}";
-    for (int i = 0; i < 16; i++)
-        rt_ops[2].u.poll.body_hash[i] = (uint8_t)(i + 1);
-    rt_ops[3] = poll_op("poll2", 2); /* NULL description, no times, no key, zero hash */
-    rt_ops[3].u.poll.created_at = 0;
-    rt_ops[3].u.poll.updated_at = 0;
-    rt_ops[3].u.poll.type = 4;
-    rt_ops[4] = ballot_op("poll1", "voter1", "v_1", "rcpt1");
-    rt_ops[4].u.ballot.scores = scores2;
-    rt_ops[4].u.ballot.idem_key = "idem-vote-1";
-    rt_ops[4].u.ballot.client_meta = "{\"ua\":\"test\"}";
-    memset(rt_ops[4].u.ballot.body_hash, 0xab, 16);
-    static const uint8_t ip_hash[16] = {0x10, 0, 0xff, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 0x99};
-    rt_ops[4].u.ballot.ip_hash = ip_hash;
-    rt_ops[5] = ballot_op("poll2", "voter1", "v_2", "rcpt2");
-    rt_ops[5].u.ballot.nchoices = 1;
-
-    for (int i = 0; i < 6; i++) {
-        rt_ops[i].done = on_done;
-        tly_store_submit(s, &rt_ops[i]);
-    }
-    wait_done(s, 6);
-    for (int i = 0; i < 6; i++)
-        cr_assert_eq(rt_ops[i].result, 0, "op %d: %d", i, rt_ops[i].result);
-    tly_store_close(s);
-
-    s = open_store();
-    int n[4] = {0};
-    tly_store_load_cb_t cb = {rt_user, rt_poll, rt_ballot, rt_request};
-    cr_assert_eq(tly_store_load(s, &cb, n), 0);
-    cr_assert_eq(n[0], 2);
-    cr_assert_eq(n[1], 2);
-    cr_assert_eq(n[2], 2);
-    cr_assert_eq(n[3], 0);
-    tly_store_close(s);
+    tly_store_close(round_trip_scenario(open_store()));
 }
 
 Test(store, schema_version_and_wal)
@@ -374,150 +118,32 @@ Test(store, schema_version_and_wal)
 Test(store, duplicate_ballot_same_batch_and_later_batch)
 {
     tly_store_t *s = open_store();
-    tly_store_op_t p = poll_op("poll1", 2);
-    submit_wait(s, &p);
-    cr_assert_eq(p.result, 0);
-
-    /* Same (poll, voter) twice in one transaction: SQLite's ABORT backs out only the
-     * failing INSERT, so the first ballot survives and the batch commits. */
-    tly_store_stats_t before, after;
-    tly_store_stats(s, &before);
-    tly_store_op_t b1 = ballot_op("poll1", "voter1", "v_1", "r_1");
-    tly_store_op_t b2 = ballot_op("poll1", "voter1", "v_2", "r_2");
-    tly_store_op_t other = ballot_op("poll1", "voter2", "v_3", "r_3");
-    b1.done = b2.done = other.done = on_done;
-    b1.next = &b2;
-    b2.next = &other;
-    other.next = NULL;
-    tly_store_submit_list(s, &b1);
-    wait_done(s, ndone + 3);
-    tly_store_stats(s, &after);
-    cr_assert_eq(after.batches - before.batches, 1, "the three ballots were one batch");
-    cr_assert_eq(after.last_batch_size, 3);
-    cr_assert_eq(b1.result, 0);
-    cr_assert_eq(b2.result, TLY_EEXIST);
-    cr_assert_eq(other.result, 0);
-
-    /* And again in a later batch. */
-    tly_store_op_t b3 = ballot_op("poll1", "voter1", "v_4", "r_4");
-    submit_wait(s, &b3);
-    cr_assert_eq(b3.result, TLY_EEXIST);
-    /* A reused vote_id or receipt is a duplicate too. */
-    tly_store_op_t b4 = ballot_op("poll1", "voter9", "v_1", "r_9");
-    submit_wait(s, &b4);
-    cr_assert_eq(b4.result, TLY_EEXIST);
-
-    seen_t seen;
-    s = reopen_load(s, &seen);
-    cr_assert_eq(seen.ballots, 2);
-    cr_assert_str_eq(seen.ballot_vote_ids[0], "v_1");
-    cr_assert_str_eq(seen.ballot_vote_ids[1], "v_3");
-    tly_store_close(s);
+    duplicate_ballots_in_one_batch(s);
+    tly_store_close(duplicate_ballots_in_later_batches(s));
 }
 
 Test(store, duplicate_username_is_case_insensitive)
 {
-    tly_store_t *s = open_store();
-    tly_store_op_t u1 = {.type = TLY_OP_USER_INSERT, .u.user = {"u1", "Alice", "h1", NULL, 1}};
-    tly_store_op_t u2 = {.type = TLY_OP_USER_INSERT, .u.user = {"u2", "aLICE", "h2", NULL, 2}};
-    tly_store_op_t u3 = {.type = TLY_OP_USER_INSERT, .u.user = {"u1", "carol", "h3", NULL, 3}};
-    submit_wait(s, &u1);
-    submit_wait(s, &u2);
-    submit_wait(s, &u3);
-    cr_assert_eq(u1.result, 0);
-    cr_assert_eq(u2.result, TLY_EEXIST);
-    cr_assert_eq(u3.result, TLY_EEXIST, "same user_id");
-    seen_t seen;
-    s = reopen_load(s, &seen);
-    cr_assert_eq(seen.users, 1);
-    tly_store_close(s);
+    tly_store_close(duplicate_username_scenario(open_store()));
 }
 
 Test(store, duplicate_poll_id)
 {
-    tly_store_t *s = open_store();
-    tly_store_op_t p1 = poll_op("poll1", 3), p2 = poll_op("poll1", 2);
-    submit_wait(s, &p1);
-    submit_wait(s, &p2);
-    cr_assert_eq(p1.result, 0);
-    cr_assert_eq(p2.result, TLY_EEXIST);
-    seen_t seen;
-    s = reopen_load(s, &seen);
-    cr_assert_eq(seen.polls, 1);
-    cr_assert_eq(seen.noptions[0], 3, "the failed insert left no options behind");
-    tly_store_close(s);
+    tly_store_close(duplicate_poll_id_scenario(open_store()));
 }
 
 /* ---- async requests ----------------------------------------------------------------- */
 
 Test(store, ballot_with_request_writes_request_row)
 {
-    tly_store_t *s = open_store();
-    tly_store_op_t p = poll_op("poll1", 2);
-    submit_wait(s, &p);
-
-    tly_store_op_t b1 = ballot_op("poll1", "voter1", "v_1", "r_1");
-    b1.u.ballot.request_id = "req1";
-    tly_store_op_t b2 = ballot_op("poll1", "voter1", "v_2", "r_2");
-    b2.u.ballot.request_id = "req2";
-    submit_wait(s, &b1);
-    submit_wait(s, &b2);
-    cr_assert_eq(b1.result, 0);
-    cr_assert_eq(b2.result, TLY_EEXIST);
-
-    /* A consumer replaying req1 after a crash: still a duplicate, and the request's
-     * first outcome ("completed") is kept. */
-    tly_store_op_t b1again = ballot_op("poll1", "voter1", "v_1", "r_1");
-    b1again.u.ballot.request_id = "req1";
-    submit_wait(s, &b1again);
-    cr_assert_eq(b1again.result, TLY_EEXIST);
-
-    seen_t seen;
-    s = reopen_load(s, &seen);
-    cr_assert_eq(seen.ballots, 1);
-    cr_assert_eq(seen.requests, 2);
-    cr_assert_str_eq(seen.req_ids[0], "req1");
-    cr_assert_str_eq(seen.req_state[0], "completed");
-    cr_assert_str_eq(seen.req_vote[0], "v_1");
-    cr_assert_str_eq(seen.req_error[0], "(null)");
-    cr_assert_str_eq(seen.req_ids[1], "req2");
-    cr_assert_str_eq(seen.req_state[1], "failed");
-    cr_assert_str_eq(seen.req_vote[1], "(null)");
-    cr_assert_str_eq(seen.req_error[1], "ALREADY_VOTED");
-    tly_store_close(s);
+    tly_store_close(request_row_scenario(open_store()));
 }
 
 /* ---- polls -------------------------------------------------------------------------- */
 
 Test(store, poll_delete_removes_options_ballots_requests)
 {
-    tly_store_t *s = open_store();
-    tly_store_op_t p1 = poll_op("poll1", 3), p2 = poll_op("poll2", 2);
-    submit_wait(s, &p1);
-    submit_wait(s, &p2);
-    tly_store_op_t b1 = ballot_op("poll1", "voter1", "v_1", "r_1");
-    b1.u.ballot.request_id = "req1";
-    tly_store_op_t b2 = ballot_op("poll1", "voter2", "v_2", "r_2");
-    tly_store_op_t b3 = ballot_op("poll2", "voter1", "v_3", "r_3");
-    submit_wait(s, &b1);
-    submit_wait(s, &b2);
-    submit_wait(s, &b3);
-
-    tly_store_op_t del = {.type = TLY_OP_POLL_DELETE, .u.poll.poll_id = "poll1"};
-    submit_wait(s, &del);
-    cr_assert_eq(del.result, 0);
-    tly_store_op_t del_again = {.type = TLY_OP_POLL_DELETE, .u.poll.poll_id = "poll1"};
-    submit_wait(s, &del_again);
-    cr_assert_eq(del_again.result, TLY_ENOTFOUND);
-
-    seen_t seen;
-    s = reopen_load(s, &seen);
-    cr_assert_eq(seen.polls, 1);
-    cr_assert_str_eq(seen.poll_ids[0], "poll2");
-    cr_assert_eq(seen.ballots, 1);
-    cr_assert_str_eq(seen.ballot_vote_ids[0], "v_3");
-    cr_assert_eq(seen.requests, 0);
-
+    tly_store_t *s = poll_delete_scenario(open_store());
     /* The options went too: a new poll with the same id takes fresh options. */
     tly_store_op_t p1b = poll_op("poll1", 2);
     submit_wait(s, &p1b);
@@ -528,24 +154,8 @@ Test(store, poll_delete_removes_options_ballots_requests)
 Test(store, poll_update_replaces_row_and_options)
 {
     tly_store_t *s = open_store();
-    tly_store_op_t p = poll_op("poll1", 3);
-    submit_wait(s, &p);
-    tly_store_op_t up = poll_op("poll1", 2);
-    up.type = TLY_OP_POLL_UPDATE;
-    up.u.poll.title = "New title";
-    up.u.poll.status = 2;
-    submit_wait(s, &up);
-    cr_assert_eq(up.result, 0);
-    tly_store_op_t missing = poll_op("nope", 2);
-    missing.type = TLY_OP_POLL_UPDATE;
-    submit_wait(s, &missing);
-    cr_assert_eq(missing.result, TLY_ENOTFOUND);
-
-    seen_t seen;
-    s = reopen_load(s, &seen);
-    cr_assert_eq(seen.polls, 1);
-    cr_assert_eq(seen.noptions[0], 2);
-    tly_store_close(s);
+    poll_update_to_two_options(s);
+    tly_store_close(poll_update_again_and_of_a_missing_poll(s));
 }
 
 Test(store, ballot_for_unknown_poll_fails_alone)
@@ -659,37 +269,9 @@ Test(store, batch_max_bounds_a_transaction)
     tly_store_close(s);
 }
 
-/* Done callbacks may free their op: the store must not touch it afterwards (ASan). */
-static void free_done(tly_store_op_t *op)
-{
-    ndone++;
-    free(op);
-}
-
 Test(store, close_commits_queued_ops_and_runs_callbacks)
 {
-    tly_store_t *s = open_store();
-    tly_store_op_t p = poll_op("poll1", 2);
-    submit_wait(s, &p);
-    static char ids[200][3][24];
-    int target = ndone + 200;
-    for (int i = 0; i < 200; i++) {
-        tly_store_op_t *op = malloc(sizeof *op);
-        cr_assert_not_null(op);
-        snprintf(ids[i][0], 24, "voter%d", i);
-        snprintf(ids[i][1], 24, "v_%d", i);
-        snprintf(ids[i][2], 24, "r_%d", i);
-        *op = ballot_op("poll1", ids[i][0], ids[i][1], ids[i][2]);
-        op->done = free_done;
-        tly_store_submit(s, op);
-    }
-    tly_store_close(s); /* no reap: close finishes the queue and runs the callbacks */
-    cr_assert_eq(ndone, target);
-    seen_t seen = {0};
-    s = open_store();
-    cr_assert_eq(tly_store_load(s, &seen_cb, &seen), 0);
-    cr_assert_eq(seen.ballots, 200);
-    tly_store_close(s);
+    tly_store_close(close_commits_queued_scenario(open_store()));
 }
 
 /* ---- failure injection: a VFS that fails fsync or writes on demand -------------------- */
@@ -966,48 +548,6 @@ static const char v1_schema[] =
     "  created_at INTEGER NOT NULL);"
     "CREATE INDEX vote_requests_poll ON vote_requests(poll_id);";
 
-/* Audit rows copied out of a page callback (rows die after it). */
-typedef struct {
-    int n;
-    int64_t seq[16];
-    char poll[16][32], voter[16][32], event[16][16];
-    uint8_t nchoices[16], choices[16][8], scores[16][8];
-    int has_choices[16], has_scores[16];
-    int64_t at[16];
-} audit_seen_t;
-
-static void see_audit(void *ctx, const tly_audit_row_t *a)
-{
-    audit_seen_t *as = ctx;
-    int i = as->n++;
-    cr_assert_lt(i, 16);
-    as->seq[i] = a->seq;
-    snprintf(as->poll[i], 32, "%s", a->poll_id);
-    snprintf(as->voter[i], 32, "%s", a->voter_id);
-    snprintf(as->event[i], 16, "%s", a->event);
-    as->nchoices[i] = a->nchoices;
-    as->has_choices[i] = a->choices != NULL;
-    as->has_scores[i] = a->scores != NULL;
-    cr_assert_leq(a->nchoices, 8);
-    if (a->choices)
-        memcpy(as->choices[i], a->choices, a->nchoices);
-    if (a->scores)
-        memcpy(as->scores[i], a->scores, a->nchoices);
-    as->at[i] = a->at;
-}
-
-/* Every audit row of a poll, through a reader opened for the occasion. */
-static void read_audit(tly_store_t *s, const char *poll_id, audit_seen_t *as)
-{
-    tly_store_reader_t *r = tly_store_reader_open(s);
-    cr_assert_not_null(r);
-    memset(as, 0, sizeof *as);
-    int n = tly_store_audit_page(r, poll_id, 0, 100, see_audit, as);
-    cr_assert_eq(n, as->n);
-    cr_assert_eq(tly_store_audit_page(r, poll_id, n ? as->seq[n - 1] : 0, 100, see_audit, as), 0);
-    tly_store_reader_close(r);
-}
-
 Test(store, migration_1_to_2_upgrades_an_existing_file_in_place)
 {
     char sub[128];
@@ -1086,7 +626,7 @@ Test(store, migration_1_to_2_upgrades_an_existing_file_in_place)
     tly_store_close(s);
 
     db = raw_open(SQLITE_OPEN_READONLY);
-    cr_assert_eq(raw_int(db, "PRAGMA user_version"), TLY_STORE_SCHEMA_VERSION);
+    cr_assert_eq(raw_int(db, "PRAGMA user_version"), 3);
     sqlite3_close(db);
     s = reopen_load(open_store(), &seen);
     cr_assert_eq(seen.ballots, 3);
@@ -1263,191 +803,17 @@ Test(store, a_newer_schema_is_refused)
 
 /* ---- ballot changes, retractions and the audit log ---------------------------------- */
 
-static tly_store_op_t change_op(tly_op_type_t type, const char *poll_id, const char *voter,
-                                int64_t at)
-{
-    tly_store_op_t op = {.type = type};
-    op.u.ballot.poll_id = poll_id;
-    op.u.ballot.voter_id = voter;
-    op.u.ballot.recorded_at = at;
-    return op;
-}
-
-/* Current ballots copied out of a page callback. */
-typedef struct {
-    int n;
-    int64_t seq[16];
-    char voter[16][32], vote_id[16][32], receipt[16][32], idem[16][32];
-    uint8_t nchoices[16], choices[16][8], scores[16][8];
-    int has_scores[16];
-    int64_t at[16];
-    uint8_t body_hash[16][16];
-} ballots_seen_t;
-
-static void see_page_ballot(void *ctx, const tly_ballot_row_t *b, int64_t seq)
-{
-    ballots_seen_t *bs = ctx;
-    int i = bs->n++;
-    cr_assert_lt(i, 16);
-    bs->seq[i] = seq;
-    snprintf(bs->voter[i], 32, "%s", b->voter_id);
-    snprintf(bs->vote_id[i], 32, "%s", b->vote_id);
-    snprintf(bs->receipt[i], 32, "%s", b->receipt);
-    snprintf(bs->idem[i], 32, "%s", b->idem_key ? b->idem_key : "(null)");
-    bs->nchoices[i] = b->nchoices;
-    cr_assert_leq(b->nchoices, 8);
-    if (b->choices)
-        memcpy(bs->choices[i], b->choices, b->nchoices);
-    bs->has_scores[i] = b->scores != NULL;
-    if (b->scores)
-        memcpy(bs->scores[i], b->scores, b->nchoices);
-    bs->at[i] = b->recorded_at;
-    memcpy(bs->body_hash[i], b->body_hash, 16);
-    cr_assert_null(b->request_id);
-}
-
 Test(store, audit_records_cast_changed_revoked_in_order)
 {
-    static const uint8_t c1[] = {2}, s1[] = {7};
     tly_store_t *s = open_store();
-    tly_store_op_t p = poll_op("poll1", 3), p2 = poll_op("poll2", 2);
-    submit_wait(s, &p);
-    submit_wait(s, &p2);
-
-    tly_store_op_t b1 = ballot_op("poll1", "voter1", "v_1", "r_1");
-    b1.u.ballot.scores = scores2;
-    b1.u.ballot.idem_key = "idem-cast";
-    memset(b1.u.ballot.body_hash, 0x11, 16);
-    submit_wait(s, &b1);
-    cr_assert_eq(b1.result, 0);
-    tly_store_op_t dup = ballot_op("poll1", "voter1", "v_9", "r_9");
-    submit_wait(s, &dup);
-    cr_assert_eq(dup.result, TLY_EEXIST, "a duplicate writes no audit row (checked below)");
-    tly_store_op_t other = ballot_op("poll2", "voter1", "v_2", "r_2"); /* another poll's log */
-    submit_wait(s, &other);
-    tly_store_op_t b3 = ballot_op("poll1", "voter3", "v_3", "r_3");
-    submit_wait(s, &b3);
-
-    tly_store_op_t ch = change_op(TLY_OP_BALLOT_REPLACE, "poll1", "voter1", 1700000005000);
-    ch.u.ballot.nchoices = 1;
-    ch.u.ballot.choices = c1;
-    ch.u.ballot.scores = s1;
-    ch.u.ballot.idem_key = "idem-change";
-    memset(ch.u.ballot.body_hash, 0x22, 16);
-    ch.u.ballot.vote_id = "ignored"; /* the ballot keeps its vote id and receipt */
-    submit_wait(s, &ch);
-    cr_assert_eq(ch.result, 0);
-
-    /* The changed ballot is current, under its old vote id, receipt and seq. */
-    tly_store_reader_t *r = tly_store_reader_open(s);
-    cr_assert_not_null(r);
-    ballots_seen_t bs = {0};
-    cr_assert_eq(tly_store_ballots_page(r, "poll1", 0, 10, see_page_ballot, &bs), 2);
-    cr_assert_str_eq(bs.voter[0], "voter1", "a change keeps the ballot's place");
-    cr_assert_str_eq(bs.vote_id[0], "v_1");
-    cr_assert_str_eq(bs.receipt[0], "r_1");
-    cr_assert_eq(bs.nchoices[0], 1);
-    cr_assert_eq(bs.choices[0][0], 2);
-    cr_assert_eq(bs.scores[0][0], 7);
-    cr_assert_eq(bs.at[0], 1700000005000);
-    cr_assert_str_eq(bs.idem[0], "idem-change");
-    cr_assert_eq(bs.body_hash[0][0], 0x22);
-    cr_assert_str_eq(bs.voter[1], "voter3");
-    int64_t seq_voter1 = bs.seq[0];
-
-    tly_store_op_t del = change_op(TLY_OP_BALLOT_DELETE, "poll1", "voter1", 1700000006000);
-    submit_wait(s, &del);
-    cr_assert_eq(del.result, 0);
-    memset(&bs, 0, sizeof bs);
-    cr_assert_eq(tly_store_ballots_page(r, "poll1", 0, 10, see_page_ballot, &bs), 1);
-    cr_assert_str_eq(bs.voter[0], "voter3");
-
-    /* A retracted voter may vote again: a new ballot, after everyone else's. */
-    tly_store_op_t again = ballot_op("poll1", "voter1", "v_4", "r_4");
-    again.u.ballot.recorded_at = 1700000007000;
-    submit_wait(s, &again);
-    cr_assert_eq(again.result, 0);
-    memset(&bs, 0, sizeof bs);
-    cr_assert_eq(tly_store_ballots_page(r, "poll1", 0, 10, see_page_ballot, &bs), 2);
-    cr_assert_str_eq(bs.vote_id[1], "v_4");
-    cr_assert_gt(bs.seq[1], seq_voter1);
-    tly_store_reader_close(r);
-
-    audit_seen_t as;
-    read_audit(s, "poll1", &as);
-    cr_assert_eq(as.n, 5);
-    const char *events[] = {"cast", "cast", "changed", "revoked", "cast"};
-    const char *voters[] = {"voter1", "voter3", "voter1", "voter1", "voter1"};
-    for (int i = 0; i < 5; i++) {
-        cr_assert_str_eq(as.event[i], events[i], "row %d", i);
-        cr_assert_str_eq(as.voter[i], voters[i], "row %d", i);
-        cr_assert_str_eq(as.poll[i], "poll1");
-        if (i > 0)
-            cr_assert_gt(as.seq[i], as.seq[i - 1]);
-    }
-    cr_assert_eq(as.nchoices[0], 2);
-    cr_assert_arr_eq(as.choices[0], choices2, 2);
-    cr_assert_arr_eq(as.scores[0], scores2, 2);
-    cr_assert_eq(as.at[0], 1700000001000);
-    cr_assert_eq(as.nchoices[2], 1, "the changed row holds the new ballot");
-    cr_assert_eq(as.choices[2][0], 2);
-    cr_assert_eq(as.scores[2][0], 7);
-    cr_assert_eq(as.at[2], 1700000005000);
-    cr_assert_eq(as.nchoices[3], 0);
-    cr_assert_not(as.has_choices[3], "revoked: no choices");
-    cr_assert_not(as.has_scores[3]);
-    cr_assert_eq(as.at[3], 1700000006000);
-    cr_assert_not(as.has_scores[4]);
-    cr_assert_eq(as.at[4], 1700000007000);
-    read_audit(s, "poll2", &as);
-    cr_assert_eq(as.n, 1);
-
-    /* A restart replays the current ballots only: the audit log is not load's business. */
-    seen_t seen;
-    s = reopen_load(s, &seen);
-    cr_assert_eq(seen.ballots, 3);
-    cr_assert_str_eq(seen.ballot_vote_ids[0], "v_2");
-    cr_assert_str_eq(seen.ballot_vote_ids[1], "v_3");
-    cr_assert_str_eq(seen.ballot_vote_ids[2], "v_4");
-    tly_store_close(s);
+    audit_cast_and_change(s);
+    tly_store_close(audit_after_change(s));
 }
 
 Test(store, replace_and_delete_of_a_missing_ballot_fail_alone)
 {
     tly_store_t *s = open_store();
-    tly_store_op_t p = poll_op("poll1", 2);
-    submit_wait(s, &p);
-    tly_store_op_t b1 = ballot_op("poll1", "voter1", "v_1", "r_1");
-    submit_wait(s, &b1);
-
-    tly_store_op_t ops[5] = {
-        change_op(TLY_OP_BALLOT_REPLACE, "poll1", "nobody", 5),
-        change_op(TLY_OP_BALLOT_DELETE, "poll1", "nobody", 5),
-        change_op(TLY_OP_BALLOT_REPLACE, "nope", "voter1", 5),
-        change_op(TLY_OP_BALLOT_DELETE, "nope", "voter1", 5),
-        ballot_op("poll1", "voter2", "v_2", "r_2"),
-    };
-    ops[0].u.ballot.nchoices = ops[2].u.ballot.nchoices = 1;
-    ops[0].u.ballot.choices = ops[2].u.ballot.choices = choices2;
-    for (int i = 0; i < 5; i++) {
-        ops[i].done = on_done;
-        ops[i].next = i < 4 ? &ops[i + 1] : NULL;
-    }
-    tly_store_stats_t before, after;
-    tly_store_stats(s, &before);
-    tly_store_submit_list(s, &ops[0]);
-    wait_done(s, ndone + 5);
-    tly_store_stats(s, &after);
-    cr_assert_eq(after.batches - before.batches, 1, "one batch");
-    for (int i = 0; i < 4; i++)
-        cr_assert_eq(ops[i].result, TLY_ENOTFOUND, "op %d: %d", i, ops[i].result);
-    cr_assert_eq(ops[4].result, 0, "the batch's other ballot commits");
-
-    audit_seen_t as;
-    read_audit(s, "poll1", &as);
-    cr_assert_eq(as.n, 2, "two casts, nothing else");
-    read_audit(s, "nope", &as);
-    cr_assert_eq(as.n, 0);
+    missing_ballot_changes_scenario(s);
     tly_store_close(s);
 }
 
@@ -1567,111 +933,11 @@ Test(store, final_results_round_trip)
 
 /* ---- paged reads -------------------------------------------------------------------- */
 
-#define PAGED 2500
-
-/* Walk state: every voter "voter<i>" must be seen once, in ascending seq. */
-typedef struct {
-    int64_t last_seq;
-    int rows, out_of_order, foreign;
-    unsigned char *seen; /* counts per voter index */
-    int nvoters;
-} walk_t;
-
-static void walk_note(walk_t *w, int64_t seq, const char *poll_id, const char *voter)
-{
-    int i;
-    if (seq <= w->last_seq)
-        w->out_of_order++;
-    w->last_seq = seq;
-    w->rows++;
-    if (strcmp(poll_id, "poll1") != 0 || sscanf(voter, "voter%d", &i) != 1 || i < 0 || i >= w->nvoters)
-        w->foreign++;
-    else if (w->seen[i] < 255)
-        w->seen[i]++;
-}
-
-static void walk_ballot(void *ctx, const tly_ballot_row_t *b, int64_t seq)
-{
-    walk_note(ctx, seq, b->poll_id, b->voter_id);
-}
-
-static void walk_audit(void *ctx, const tly_audit_row_t *a)
-{
-    walk_note(ctx, a->seq, a->poll_id, a->voter_id);
-}
-
-/* Submits ballots voter<from>..voter<to-1> for poll1, each followed by one for poll2 so
- * the two polls' rows interleave, and waits for them. ids is indexed by voter (two
- * entries each), ops from 0 for this call. */
-typedef char ids_t[3][40]; /* voter id, vote id, receipt */
-
-static void cast_range(tly_store_t *s, int from, int to, ids_t *ids, tly_store_op_t *ops)
-{
-    int n = 0;
-    for (int i = from; i < to; i++) {
-        for (int k = 0; k < 2; k++) {
-            char(*id)[40] = ids[2 * i + k];
-            snprintf(id[0], 40, "voter%d", i);
-            snprintf(id[1], 40, "v_%d_%d", k, i);
-            snprintf(id[2], 40, "r_%d_%d", k, i);
-            ops[n] = ballot_op(k == 0 ? "poll1" : "poll2", id[0], id[1], id[2]);
-            ops[n].done = on_done;
-            ops[n].next = NULL;
-            if (n > 0)
-                ops[n - 1].next = &ops[n];
-            n++;
-        }
-    }
-    if (n == 0)
-        return;
-    tly_store_submit_list(s, &ops[0]);
-    wait_done(s, ndone + n);
-    for (int i = 0; i < n; i++)
-        cr_assert_eq(ops[i].result, 0, "ballot %d: %d", i, ops[i].result);
-}
-
 Test(store, pages_walk_every_row_once_in_seq_order)
 {
     tly_store_t *s = open_store();
-    tly_store_op_t p1 = poll_op("poll1", 3), p2 = poll_op("poll2", 2);
-    submit_wait(s, &p1);
-    submit_wait(s, &p2);
-    ids_t *ids = calloc(2 * PAGED, sizeof *ids);
-    tly_store_op_t *ops = calloc(2 * PAGED, sizeof *ops);
-    cr_assert(ids && ops);
-    cast_range(s, 0, PAGED, ids, ops);
-
-    tly_store_reader_t *r = tly_store_reader_open(s);
-    cr_assert_not_null(r);
-    for (int pass = 0; pass < 2; pass++) {
-        walk_t w = {.seen = calloc(PAGED, 1), .nvoters = PAGED};
-        int pages = 0, n, expect[] = {1000, 1000, 500};
-        while ((n = pass == 0 ? tly_store_ballots_page(r, "poll1", w.last_seq, 1000, walk_ballot, &w)
-                              : tly_store_audit_page(r, "poll1", w.last_seq, 1000, walk_audit, &w)) > 0) {
-            cr_assert_lt(pages, 3);
-            cr_assert_eq(n, expect[pages], "pass %d page %d: %d rows", pass, pages, n);
-            pages++;
-        }
-        cr_assert_eq(n, 0, "pass %d ended with %d", pass, n);
-        cr_assert_eq(pages, 3);
-        cr_assert_eq(w.rows, PAGED);
-        cr_assert_eq(w.out_of_order, 0);
-        cr_assert_eq(w.foreign, 0, "only poll1's rows");
-        for (int i = 0; i < PAGED; i++)
-            cr_assert_eq(w.seen[i], 1, "pass %d: voter%d seen %d times", pass, i, w.seen[i]);
-        free(w.seen);
-    }
-    /* Beyond the end, a poll with no rows, a zero limit: empty pages, not errors. */
-    walk_t w = {.seen = calloc(PAGED, 1), .nvoters = PAGED, .last_seq = INT64_MAX - 1};
-    cr_assert_eq(tly_store_ballots_page(r, "poll1", INT64_MAX - 1, 10, walk_ballot, &w), 0);
-    cr_assert_eq(tly_store_audit_page(r, "poll3", 0, 10, walk_audit, &w), 0);
-    cr_assert_eq(tly_store_ballots_page(r, "poll1", 0, 0, walk_ballot, &w), 0);
-    cr_assert_eq(w.rows, 0);
-    free(w.seen);
-    tly_store_reader_close(r);
+    pages_scenario(s);
     tly_store_close(s);
-    free(ids);
-    free(ops);
 }
 
 /* Each page query must search its (poll_id, seq) index: a scan of the table or a sort
@@ -1785,40 +1051,9 @@ Test(store, reader_on_another_thread_while_the_writer_commits)
 
 /* ---- generated ballots -------------------------------------------------------------- */
 
-typedef struct {
-    int rows, bad_choice;
-} gen_seen_t;
-
-static void see_generated(void *ctx, const tly_ballot_row_t *b)
-{
-    gen_seen_t *g = ctx;
-    g->rows++;
-    if (b->nchoices != 1 || b->choices[0] >= 3 || b->scores != NULL)
-        g->bad_choice++;
-}
-
 Test(store, generate_ballots_for_tests_and_benchmarks)
 {
-    tly_store_t *s = open_store();
-    tly_store_op_t p = poll_op("poll1", 3);
-    submit_wait(s, &p);
-    cr_assert_eq(tly_store_generate_ballots(s, "poll1", 3, 25001), 0);
-    cr_assert_eq(tly_store_generate_ballots(s, "poll1", 3, 10), TLY_EEXIST);
-    cr_assert_eq(tly_store_generate_ballots(s, "nope", 3, 10), TLY_ENOTFOUND);
-    cr_assert_eq(tly_store_generate_ballots(s, "poll1", 0, 10), TLY_EINVAL);
-    cr_assert_eq(tly_store_generate_ballots(s, "poll1", 257, 10), TLY_EINVAL);
-    /* The writer still works beside it. */
-    tly_store_op_t b = ballot_op("poll1", "voter1", "v_1", "r_1");
-    submit_wait(s, &b);
-    cr_assert_eq(b.result, 0);
-
-    tly_store_close(s);
-    s = open_store();
-    gen_seen_t g = {0};
-    tly_store_load_cb_t cb = {.ballot = see_generated};
-    cr_assert_eq(tly_store_load(s, &cb, &g), 0);
-    cr_assert_eq(g.rows, 25002);
-    cr_assert_eq(g.bad_choice, 1, "only voter1's two-choice ballot");
+    tly_store_t *s = generate_ballots_scenario(open_store());
     sqlite3 *db = raw_open(SQLITE_OPEN_READONLY);
     cr_assert_eq(raw_int(db, "SELECT count(*) FROM audit WHERE event = 'cast'"), 25002);
     cr_assert_eq(raw_int(db, "SELECT count(DISTINCT choices) FROM ballots WHERE voter_id LIKE 'gen%'"), 3);

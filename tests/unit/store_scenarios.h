@@ -1,0 +1,645 @@
+/*
+ * store_scenarios.h: the scenarios that mean the same on every store backend, written
+ * once against store.h and run by a Criterion test in each suite (test_store.c for
+ * SQLite, test_store_pg.c for PostgreSQL), which adds what only its backend can check
+ * (files and PRAGMAs, counter rows and query plans).
+ *
+ * Each scenario takes a store opened with open_store() and asserts as it goes. One that
+ * restarts the store (closes, reopens, loads) returns the store it ends with, still open;
+ * the test closes it. Some scenarios come in steps, so that a suite can check its
+ * backend's own state in between. Header-only and static, like store_helpers.h.
+ */
+#ifndef TALLY_TESTS_STORE_SCENARIOS_H
+#define TALLY_TESTS_STORE_SCENARIOS_H
+
+#include "store_helpers.h"
+
+/* ---- round trip ------------------------------------------------------------------------ */
+
+/* Two users, two polls, two ballots, every field set on one of each and unset on the
+ * other; load must hand each back as it was written. */
+static tly_store_op_t rt_ops[6];
+
+static void rt_user(void *ctx, const tly_user_row_t *u)
+{
+    int *n = ctx;
+    cr_assert_lt(n[0], 2);
+    const tly_user_row_t *e = &rt_ops[n[0]].u.user;
+    cr_assert_str_eq(u->user_id, e->user_id);
+    cr_assert_str_eq(u->username, e->username);
+    cr_assert_str_eq(u->password_hash, e->password_hash);
+    cr_assert(str_eq(u->email, e->email));
+    cr_assert_eq(u->created_at, e->created_at);
+    n[0]++;
+}
+
+static void rt_poll(void *ctx, const tly_poll_row_t *p)
+{
+    int *n = ctx;
+    cr_assert_lt(n[1], 2);
+    const tly_poll_row_t *e = &rt_ops[2 + n[1]].u.poll;
+    cr_assert_str_eq(p->poll_id, e->poll_id);
+    cr_assert_str_eq(p->owner_id, e->owner_id);
+    cr_assert_str_eq(p->title, e->title);
+    cr_assert(str_eq(p->description, e->description));
+    cr_assert_eq(p->type, e->type);
+    cr_assert_eq(p->status, e->status);
+    cr_assert_eq(p->start_time, e->start_time);
+    cr_assert_eq(p->end_time, e->end_time);
+    cr_assert_eq(p->created_at, e->created_at);
+    cr_assert_eq(p->updated_at, e->updated_at);
+    cr_assert_str_eq(p->settings_json, e->settings_json);
+    cr_assert(str_eq(p->idem_key, e->idem_key));
+    cr_assert_arr_eq(p->body_hash, e->body_hash, 16);
+    cr_assert(str_eq(p->final_results, e->final_results));
+    cr_assert_eq(p->noptions, e->noptions);
+    for (size_t i = 0; i < p->noptions; i++) {
+        cr_assert_str_eq(p->options[i].option_id, e->options[i].option_id);
+        cr_assert_str_eq(p->options[i].text, e->options[i].text);
+        cr_assert_eq(p->options[i].display_order, e->options[i].display_order);
+        cr_assert_eq(p->options[i].position, (int)i);
+    }
+    n[1]++;
+}
+
+static void rt_ballot_check(const tly_ballot_row_t *b, const tly_ballot_row_t *e)
+{
+    cr_assert_str_eq(b->poll_id, e->poll_id);
+    cr_assert_str_eq(b->voter_id, e->voter_id);
+    cr_assert_str_eq(b->vote_id, e->vote_id);
+    cr_assert_str_eq(b->receipt, e->receipt);
+    cr_assert_eq(b->nchoices, e->nchoices);
+    cr_assert_arr_eq(b->choices, e->choices, e->nchoices);
+    if (e->scores == NULL)
+        cr_assert_null(b->scores);
+    else
+        cr_assert_arr_eq(b->scores, e->scores, e->nchoices);
+    cr_assert_eq(b->recorded_at, e->recorded_at);
+    cr_assert(str_eq(b->idem_key, e->idem_key));
+    cr_assert_arr_eq(b->body_hash, e->body_hash, 16);
+    cr_assert(str_eq(b->client_meta, e->client_meta));
+    if (e->ip_hash == NULL)
+        cr_assert_null(b->ip_hash);
+    else
+        cr_assert_arr_eq(b->ip_hash, e->ip_hash, 16);
+}
+
+static void rt_ballot(void *ctx, const tly_ballot_row_t *b)
+{
+    int *n = ctx;
+    cr_assert_lt(n[2], 2);
+    rt_ballot_check(b, &rt_ops[4 + n[2]].u.ballot);
+    cr_assert_null(b->request_id);
+    n[2]++;
+}
+
+static void rt_request(void *ctx, const tly_request_row_t *r)
+{
+    ((int *)ctx)[3]++;
+}
+
+static const uint8_t rt_ip_hash[16] = {0x10, 0, 0xff, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 0x99};
+
+static void fill_rt_ops(void)
+{
+    rt_ops[0] = (tly_store_op_t){.type = TLY_OP_USER_INSERT,
+                                 .u.user = {"user1", "Alice", "$argon2id$v=19$x", "a@example.org",
+                                            1699999999000}};
+    rt_ops[1] = (tly_store_op_t){.type = TLY_OP_USER_INSERT,
+                                 .u.user = {"user2", "bob", "$argon2id$v=19$y", NULL, 1699999999500}};
+    rt_ops[2] = poll_op("poll1", 3);
+    rt_ops[2].u.poll.description = "Pick up to two";
+    rt_ops[2].u.poll.start_time = 1700000000500;
+    rt_ops[2].u.poll.end_time = 1800000000000;
+    rt_ops[2].u.poll.idem_key = "idem-poll-1";
+    rt_ops[2].u.poll.final_results = "{\"total\":0}";
+    for (int i = 0; i < 16; i++)
+        rt_ops[2].u.poll.body_hash[i] = (uint8_t)(i + 1);
+    rt_ops[3] = poll_op("poll2", 2); /* NULL description, no times, no key, zero hash */
+    rt_ops[3].u.poll.created_at = 0;
+    rt_ops[3].u.poll.updated_at = 0;
+    rt_ops[3].u.poll.type = 4;
+    rt_ops[4] = ballot_op("poll1", "voter1", "v_1", "rcpt1");
+    rt_ops[4].u.ballot.scores = scores2;
+    rt_ops[4].u.ballot.idem_key = "idem-vote-1";
+    rt_ops[4].u.ballot.client_meta = "{\"ua\":\"test \\\"q\\\" \xc3\xa9\"}";
+    memset(rt_ops[4].u.ballot.body_hash, 0xab, 16);
+    rt_ops[4].u.ballot.ip_hash = rt_ip_hash;
+    rt_ops[5] = ballot_op("poll2", "voter1", "v_2", "rcpt2");
+    rt_ops[5].u.ballot.nchoices = 1;
+}
+
+static tly_store_t *round_trip_scenario(tly_store_t *s)
+{
+    int target = ndone + 6;
+    fill_rt_ops();
+    for (int i = 0; i < 6; i++) {
+        rt_ops[i].done = on_done;
+        tly_store_submit(s, &rt_ops[i]);
+    }
+    wait_done(s, target);
+    for (int i = 0; i < 6; i++)
+        cr_assert_eq(rt_ops[i].result, 0, "op %d: %d", i, rt_ops[i].result);
+    tly_store_close(s);
+
+    s = open_store();
+    int n[4] = {0};
+    tly_store_load_cb_t cb = {.user = rt_user, .poll = rt_poll, .ballot = rt_ballot, .request = rt_request};
+    cr_assert_eq(tly_store_load(s, &cb, n), 0);
+    cr_assert_eq(n[0], 2);
+    cr_assert_eq(n[1], 2);
+    cr_assert_eq(n[2], 2);
+    cr_assert_eq(n[3], 0);
+    return s;
+}
+
+/* ---- duplicates ------------------------------------------------------------------------ */
+
+/* A poll (three options: every position the ballots name exists), then the same (poll,
+ * voter) twice in one batch: only the second ballot fails, and the batch commits (on
+ * SQLite, ABORT backs out only the failing INSERT). */
+static void duplicate_ballots_in_one_batch(tly_store_t *s)
+{
+    tly_store_op_t p = poll_op("poll1", 3);
+    submit_wait(s, &p);
+    cr_assert_eq(p.result, 0);
+
+    tly_store_stats_t before, after;
+    tly_store_stats(s, &before);
+    tly_store_op_t ops[3] = {ballot_op("poll1", "voter1", "v_1", "r_1"), ballot_op("poll1", "voter1", "v_2", "r_2"),
+                             ballot_op("poll1", "voter2", "v_3", "r_3")};
+    submit_chain(s, ops, 3);
+    tly_store_stats(s, &after);
+    cr_assert_eq(after.batches - before.batches, 1, "the three ballots were one batch");
+    cr_assert_eq(after.last_batch_size, 3);
+    cr_assert_eq(ops[0].result, 0);
+    cr_assert_eq(ops[1].result, TLY_EEXIST);
+    cr_assert_eq(ops[2].result, 0);
+}
+
+/* After duplicate_ballots_in_one_batch: duplicates in later batches (the same voter, a
+ * reused vote id or receipt, a second ballot from one address); a restart finds the
+ * ballots that were accepted. */
+static tly_store_t *duplicate_ballots_in_later_batches(tly_store_t *s)
+{
+    tly_store_op_t b3 = ballot_op("poll1", "voter1", "v_4", "r_4");
+    submit_wait(s, &b3);
+    cr_assert_eq(b3.result, TLY_EEXIST);
+    tly_store_op_t b4 = ballot_op("poll1", "voter9", "v_1", "r_9"); /* reused vote id */
+    submit_wait(s, &b4);
+    cr_assert_eq(b4.result, TLY_EEXIST);
+    tly_store_op_t b5 = ballot_op("poll1", "voter8", "v_8", "r_1"); /* reused receipt */
+    submit_wait(s, &b5);
+    cr_assert_eq(b5.result, TLY_EEXIST);
+
+    /* One address, one ballot per poll, even within one batch. */
+    static const uint8_t ipa[16] = {0xa1, 1, 2, 3};
+    tly_store_op_t ipops[2] = {ballot_op("poll1", "voter5", "v_5", "r_5"), ballot_op("poll1", "voter6", "v_6", "r_6")};
+    ipops[0].u.ballot.ip_hash = ipops[1].u.ballot.ip_hash = ipa;
+    submit_chain(s, ipops, 2);
+    cr_assert_eq(ipops[0].result, 0);
+    cr_assert_eq(ipops[1].result, TLY_EEXIST);
+
+    seen_t seen;
+    s = reopen_load(s, &seen);
+    cr_assert_eq(seen.ballots, 3);
+    cr_assert_str_eq(seen.ballot_vote_ids[0], "v_1");
+    cr_assert_str_eq(seen.ballot_vote_ids[1], "v_3");
+    cr_assert_str_eq(seen.ballot_vote_ids[2], "v_5");
+    return s;
+}
+
+static tly_store_t *duplicate_username_scenario(tly_store_t *s)
+{
+    tly_store_op_t u1 = {.type = TLY_OP_USER_INSERT, .u.user = {"u1", "Alice", "h1", NULL, 1}};
+    tly_store_op_t u2 = {.type = TLY_OP_USER_INSERT, .u.user = {"u2", "aLICE", "h2", NULL, 2}};
+    tly_store_op_t u3 = {.type = TLY_OP_USER_INSERT, .u.user = {"u1", "carol", "h3", NULL, 3}};
+    submit_wait(s, &u1);
+    submit_wait(s, &u2);
+    submit_wait(s, &u3);
+    cr_assert_eq(u1.result, 0);
+    cr_assert_eq(u2.result, TLY_EEXIST);
+    cr_assert_eq(u3.result, TLY_EEXIST, "same user_id");
+    seen_t seen;
+    s = reopen_load(s, &seen);
+    cr_assert_eq(seen.users, 1);
+    return s;
+}
+
+static tly_store_t *duplicate_poll_id_scenario(tly_store_t *s)
+{
+    tly_store_op_t p1 = poll_op("poll1", 3), p2 = poll_op("poll1", 2);
+    submit_wait(s, &p1);
+    submit_wait(s, &p2);
+    cr_assert_eq(p1.result, 0);
+    cr_assert_eq(p2.result, TLY_EEXIST);
+    seen_t seen;
+    s = reopen_load(s, &seen);
+    cr_assert_eq(seen.polls, 1);
+    cr_assert_eq(seen.noptions[0], 3, "the failed insert left no options behind");
+    return s;
+}
+
+/* ---- async requests -------------------------------------------------------------------- */
+
+static tly_store_t *request_row_scenario(tly_store_t *s)
+{
+    tly_store_op_t p = poll_op("poll1", 2);
+    submit_wait(s, &p);
+
+    tly_store_op_t b1 = ballot_op("poll1", "voter1", "v_1", "r_1");
+    b1.u.ballot.request_id = "req1";
+    tly_store_op_t b2 = ballot_op("poll1", "voter1", "v_2", "r_2");
+    b2.u.ballot.request_id = "req2";
+    submit_wait(s, &b1);
+    submit_wait(s, &b2);
+    cr_assert_eq(b1.result, 0);
+    cr_assert_eq(b2.result, TLY_EEXIST);
+
+    /* A consumer replaying req1 after a crash: still a duplicate, and the request's
+     * first outcome ("completed") is kept. */
+    tly_store_op_t b1again = ballot_op("poll1", "voter1", "v_1", "r_1");
+    b1again.u.ballot.request_id = "req1";
+    submit_wait(s, &b1again);
+    cr_assert_eq(b1again.result, TLY_EEXIST);
+
+    seen_t seen;
+    s = reopen_load(s, &seen);
+    cr_assert_eq(seen.ballots, 1);
+    cr_assert_eq(seen.requests, 2);
+    cr_assert_str_eq(seen.req_ids[0], "req1");
+    cr_assert_str_eq(seen.req_state[0], "completed");
+    cr_assert_str_eq(seen.req_vote[0], "v_1");
+    cr_assert_str_eq(seen.req_error[0], "(null)");
+    cr_assert_str_eq(seen.req_ids[1], "req2");
+    cr_assert_str_eq(seen.req_state[1], "failed");
+    cr_assert_str_eq(seen.req_vote[1], "(null)");
+    cr_assert_str_eq(seen.req_error[1], "ALREADY_VOTED");
+    return s;
+}
+
+/* ---- polls ----------------------------------------------------------------------------- */
+
+/* Deleting poll1 takes its ballots and request rows, not poll2's; a second delete finds
+ * nothing. Returns the store after a restart, poll1 gone. */
+static tly_store_t *poll_delete_scenario(tly_store_t *s)
+{
+    tly_store_op_t p1 = poll_op("poll1", 3), p2 = poll_op("poll2", 2);
+    submit_wait(s, &p1);
+    submit_wait(s, &p2);
+    tly_store_op_t b1 = ballot_op("poll1", "voter1", "v_1", "r_1");
+    b1.u.ballot.request_id = "req1";
+    tly_store_op_t b2 = ballot_op("poll1", "voter2", "v_2", "r_2");
+    tly_store_op_t b3 = ballot_op("poll2", "voter1", "v_3", "r_3");
+    submit_wait(s, &b1);
+    submit_wait(s, &b2);
+    submit_wait(s, &b3);
+
+    tly_store_op_t del = {.type = TLY_OP_POLL_DELETE, .u.poll.poll_id = "poll1"};
+    submit_wait(s, &del);
+    cr_assert_eq(del.result, 0);
+    tly_store_op_t del_again = {.type = TLY_OP_POLL_DELETE, .u.poll.poll_id = "poll1"};
+    submit_wait(s, &del_again);
+    cr_assert_eq(del_again.result, TLY_ENOTFOUND);
+
+    seen_t seen;
+    s = reopen_load(s, &seen);
+    cr_assert_eq(seen.polls, 1);
+    cr_assert_str_eq(seen.poll_ids[0], "poll2");
+    cr_assert_eq(seen.ballots, 1);
+    cr_assert_str_eq(seen.ballot_vote_ids[0], "v_3");
+    cr_assert_eq(seen.requests, 0);
+    return s;
+}
+
+/* An update of poll1 to two options, a new title and status 2. */
+static tly_store_op_t poll_update_op(void)
+{
+    tly_store_op_t up = poll_op("poll1", 2);
+    up.type = TLY_OP_POLL_UPDATE;
+    up.u.poll.title = "New title";
+    up.u.poll.status = 2;
+    return up;
+}
+
+/* poll1 with three options and a ballot naming positions 0 and 2, then updated to two
+ * options (position 2 goes) with final results. */
+static void poll_update_to_two_options(tly_store_t *s)
+{
+    tly_store_op_t p = poll_op("poll1", 3);
+    submit_wait(s, &p);
+    tly_store_op_t b = ballot_op("poll1", "voter1", "v_1", "r_1"); /* positions 0 and 2 */
+    submit_wait(s, &b);
+    tly_store_op_t up = poll_update_op();
+    up.u.poll.final_results = "{\"done\":true}";
+    submit_wait(s, &up);
+    cr_assert_eq(up.result, 0);
+}
+
+/* After poll_update_to_two_options: an update is a replacement (one without final
+ * results clears them), and an update of a poll that does not exist fails. A restart
+ * finds the last update's row and options. */
+static tly_store_t *poll_update_again_and_of_a_missing_poll(tly_store_t *s)
+{
+    tly_store_op_t up = poll_update_op();
+    submit_wait(s, &up);
+    cr_assert_eq(up.result, 0);
+    tly_store_op_t missing = poll_op("nope", 2);
+    missing.type = TLY_OP_POLL_UPDATE;
+    submit_wait(s, &missing);
+    cr_assert_eq(missing.result, TLY_ENOTFOUND);
+
+    seen_t seen;
+    s = reopen_load(s, &seen);
+    cr_assert_eq(seen.polls, 1);
+    cr_assert_eq(seen.noptions[0], 2);
+    cr_assert_str_eq(seen.final_results[0], "(null)", "an update without final results clears them");
+    return s;
+}
+
+/* ---- close ------------------------------------------------------------------------------ */
+
+/* Ops still queued at close are committed and their done callbacks run (no reap; each
+ * frees its op); a restart finds every ballot. */
+static tly_store_t *close_commits_queued_scenario(tly_store_t *s)
+{
+    static char ids[200][3][24];
+    tly_store_op_t p = poll_op("poll1", 2);
+    submit_wait(s, &p);
+    int target = ndone + 200;
+    for (int i = 0; i < 200; i++) {
+        tly_store_op_t *op = malloc(sizeof *op);
+        cr_assert_not_null(op);
+        snprintf(ids[i][0], 24, "voter%d", i);
+        snprintf(ids[i][1], 24, "v_%d", i);
+        snprintf(ids[i][2], 24, "r_%d", i);
+        *op = ballot_op("poll1", ids[i][0], ids[i][1], ids[i][2]);
+        op->done = free_done;
+        tly_store_submit(s, op);
+    }
+    tly_store_close(s); /* no reap: close finishes the queue and runs the callbacks */
+    cr_assert_eq(ndone, target);
+    seen_t seen = {0};
+    s = open_store();
+    cr_assert_eq(tly_store_load(s, &seen_cb, &seen), 0);
+    cr_assert_eq(seen.ballots, 200);
+    return s;
+}
+
+/* ---- ballot changes, retractions and the audit log ------------------------------------- */
+
+/* Two polls; in poll1 voter1 casts (with scores, key and hash), casts again (refused,
+ * and no audit row), voter3 casts, and voter1 changes the ballot; voter1 also votes in
+ * poll2. */
+static void audit_cast_and_change(tly_store_t *s)
+{
+    static const uint8_t c1[] = {2}, s1[] = {7};
+    tly_store_op_t p = poll_op("poll1", 3), p2 = poll_op("poll2", 2);
+    submit_wait(s, &p);
+    submit_wait(s, &p2);
+
+    tly_store_op_t b1 = ballot_op("poll1", "voter1", "v_1", "r_1");
+    b1.u.ballot.scores = scores2;
+    b1.u.ballot.idem_key = "idem-cast";
+    memset(b1.u.ballot.body_hash, 0x11, 16);
+    submit_wait(s, &b1);
+    cr_assert_eq(b1.result, 0);
+    tly_store_op_t dup = ballot_op("poll1", "voter1", "v_9", "r_9");
+    submit_wait(s, &dup);
+    cr_assert_eq(dup.result, TLY_EEXIST, "a duplicate writes no audit row (checked below)");
+    tly_store_op_t other = ballot_op("poll2", "voter1", "v_2", "r_2"); /* another poll's log */
+    submit_wait(s, &other);
+    tly_store_op_t b3 = ballot_op("poll1", "voter3", "v_3", "r_3");
+    submit_wait(s, &b3);
+
+    tly_store_op_t ch = change_op(TLY_OP_BALLOT_REPLACE, "poll1", "voter1", 1700000005000);
+    ch.u.ballot.nchoices = 1;
+    ch.u.ballot.choices = c1;
+    ch.u.ballot.scores = s1;
+    ch.u.ballot.idem_key = "idem-change";
+    memset(ch.u.ballot.body_hash, 0x22, 16);
+    ch.u.ballot.vote_id = "ignored"; /* the ballot keeps its vote id and receipt */
+    submit_wait(s, &ch);
+    cr_assert_eq(ch.result, 0);
+}
+
+/* The changed ballot is current, under its old vote id, receipt and seq; a retraction
+ * removes it, and the voter's next ballot comes after everyone else's. */
+static void audit_current_ballots(tly_store_t *s)
+{
+    tly_store_reader_t *r = tly_store_reader_open(s);
+    cr_assert_not_null(r);
+    ballots_seen_t bs = {0};
+    cr_assert_eq(tly_store_ballots_page(r, "poll1", 0, 10, see_page_ballot, &bs), 2);
+    cr_assert_str_eq(bs.voter[0], "voter1", "a change keeps the ballot's place");
+    cr_assert_str_eq(bs.vote_id[0], "v_1");
+    cr_assert_str_eq(bs.receipt[0], "r_1");
+    cr_assert_eq(bs.nchoices[0], 1);
+    cr_assert_eq(bs.choices[0][0], 2);
+    cr_assert_eq(bs.scores[0][0], 7);
+    cr_assert_eq(bs.at[0], 1700000005000);
+    cr_assert_str_eq(bs.idem[0], "idem-change");
+    cr_assert_eq(bs.body_hash[0][0], 0x22);
+    cr_assert_str_eq(bs.voter[1], "voter3");
+    int64_t seq_voter1 = bs.seq[0];
+
+    tly_store_op_t del = change_op(TLY_OP_BALLOT_DELETE, "poll1", "voter1", 1700000006000);
+    submit_wait(s, &del);
+    cr_assert_eq(del.result, 0);
+    memset(&bs, 0, sizeof bs);
+    cr_assert_eq(tly_store_ballots_page(r, "poll1", 0, 10, see_page_ballot, &bs), 1);
+    cr_assert_str_eq(bs.voter[0], "voter3");
+
+    /* A retracted voter may vote again: a new ballot, after everyone else's. */
+    tly_store_op_t again = ballot_op("poll1", "voter1", "v_4", "r_4");
+    again.u.ballot.recorded_at = 1700000007000;
+    submit_wait(s, &again);
+    cr_assert_eq(again.result, 0);
+    memset(&bs, 0, sizeof bs);
+    cr_assert_eq(tly_store_ballots_page(r, "poll1", 0, 10, see_page_ballot, &bs), 2);
+    cr_assert_str_eq(bs.vote_id[1], "v_4");
+    cr_assert_gt(bs.seq[1], seq_voter1);
+    cr_assert_eq(tly_store_ballots_page(r, "poll1", 0, 0, see_page_ballot, &bs), 0);
+    tly_store_reader_close(r);
+}
+
+/* poll1's log: cast, cast, changed, revoked, cast, in seq order, each row as it was. */
+static void audit_check_poll1_rows(const audit_seen_t *as)
+{
+    const char *events[] = {"cast", "cast", "changed", "revoked", "cast"};
+    const char *voters[] = {"voter1", "voter3", "voter1", "voter1", "voter1"};
+    cr_assert_eq(as->n, 5);
+    for (int i = 0; i < 5; i++) {
+        cr_assert_str_eq(as->event[i], events[i], "row %d", i);
+        cr_assert_str_eq(as->voter[i], voters[i], "row %d", i);
+        cr_assert_str_eq(as->poll[i], "poll1");
+        if (i > 0)
+            cr_assert_gt(as->seq[i], as->seq[i - 1]);
+    }
+    cr_assert_eq(as->nchoices[0], 2);
+    cr_assert_arr_eq(as->choices[0], choices2, 2);
+    cr_assert_arr_eq(as->scores[0], scores2, 2);
+    cr_assert_eq(as->at[0], 1700000001000);
+    cr_assert_eq(as->nchoices[2], 1, "the changed row holds the new ballot");
+    cr_assert_eq(as->choices[2][0], 2);
+    cr_assert_eq(as->scores[2][0], 7);
+    cr_assert_eq(as->at[2], 1700000005000);
+    cr_assert_eq(as->nchoices[3], 0);
+    cr_assert_not(as->has_choices[3], "revoked: no choices");
+    cr_assert_not(as->has_scores[3]);
+    cr_assert_eq(as->at[3], 1700000006000);
+    cr_assert_not(as->has_scores[4]);
+    cr_assert_eq(as->at[4], 1700000007000);
+}
+
+/* Each poll's log apart, and paged: after poll1's third row come its last two. */
+static void audit_log_rows(tly_store_t *s)
+{
+    audit_seen_t as, tail = {0};
+    read_audit(s, "poll1", &as);
+    audit_check_poll1_rows(&as);
+    tly_store_reader_t *r = tly_store_reader_open(s);
+    cr_assert_not_null(r);
+    cr_assert_eq(tly_store_audit_page(r, "poll1", as.seq[2], 16, see_audit, &tail), 2);
+    cr_assert_str_eq(tail.event[0], "revoked");
+    cr_assert_eq(tly_store_audit_page(r, "poll3", 0, 16, see_audit, &tail), 0);
+    tly_store_reader_close(r);
+    read_audit(s, "poll2", &as);
+    cr_assert_eq(as.n, 1);
+}
+
+/* After audit_cast_and_change: the retraction and the new ballot, the current ballots
+ * and the log at each step, and a restart. */
+static tly_store_t *audit_after_change(tly_store_t *s)
+{
+    audit_current_ballots(s);
+    audit_log_rows(s);
+
+    /* A restart replays the current ballots only: the audit log is not load's business. */
+    seen_t seen;
+    s = reopen_load(s, &seen);
+    cr_assert_eq(seen.ballots, 3);
+    cr_assert_str_eq(seen.ballot_vote_ids[0], "v_2");
+    cr_assert_str_eq(seen.ballot_vote_ids[1], "v_3");
+    cr_assert_str_eq(seen.ballot_vote_ids[2], "v_4");
+    return s;
+}
+
+/* A change or retraction of a ballot that does not exist (no such voter, no such poll)
+ * fails alone: the other ballot of the same batch commits, and nothing reaches the log. */
+static void missing_ballot_changes_scenario(tly_store_t *s)
+{
+    tly_store_op_t p = poll_op("poll1", 2);
+    submit_wait(s, &p);
+    tly_store_op_t b1 = ballot_op("poll1", "voter1", "v_1", "r_1");
+    submit_wait(s, &b1);
+
+    tly_store_op_t ops[5] = {
+        change_op(TLY_OP_BALLOT_REPLACE, "poll1", "nobody", 5),
+        change_op(TLY_OP_BALLOT_DELETE, "poll1", "nobody", 5),
+        change_op(TLY_OP_BALLOT_REPLACE, "nope", "voter1", 5),
+        change_op(TLY_OP_BALLOT_DELETE, "nope", "voter1", 5),
+        ballot_op("poll1", "voter2", "v_2", "r_2"),
+    };
+    ops[0].u.ballot.nchoices = ops[2].u.ballot.nchoices = 1;
+    ops[0].u.ballot.choices = ops[2].u.ballot.choices = choices2;
+    tly_store_stats_t before, after;
+    tly_store_stats(s, &before);
+    submit_chain(s, ops, 5);
+    tly_store_stats(s, &after);
+    cr_assert_eq(after.batches - before.batches, 1, "one batch");
+    for (int i = 0; i < 4; i++)
+        cr_assert_eq(ops[i].result, TLY_ENOTFOUND, "op %d: %d", i, ops[i].result);
+    cr_assert_eq(ops[4].result, 0, "the batch's other ballot commits");
+
+    audit_seen_t as;
+    read_audit(s, "poll1", &as);
+    cr_assert_eq(as.n, 2, "two casts, nothing else");
+    read_audit(s, "nope", &as);
+    cr_assert_eq(as.n, 0);
+}
+
+/* ---- paged reads ------------------------------------------------------------------------ */
+
+#define PAGED 2500
+
+/* One walk of poll1's ballots (pass 0) or audit rows (pass 1) in pages of 1000: every
+ * voter once, in seq order, nothing of poll2. */
+static void walk_poll1_in_pages(tly_store_reader_t *r, int pass)
+{
+    walk_t w = {.seen = calloc(PAGED, 1), .nvoters = PAGED};
+    int pages = 0, n, expect[] = {1000, 1000, 500};
+    cr_assert_not_null(w.seen);
+    while ((n = pass == 0 ? tly_store_ballots_page(r, "poll1", w.last_seq, 1000, walk_ballot, &w)
+                          : tly_store_audit_page(r, "poll1", w.last_seq, 1000, walk_audit, &w)) > 0) {
+        cr_assert_lt(pages, 3);
+        cr_assert_eq(n, expect[pages], "pass %d page %d: %d rows", pass, pages, n);
+        pages++;
+    }
+    cr_assert_eq(n, 0, "pass %d ended with %d", pass, n);
+    cr_assert_eq(pages, 3);
+    cr_assert_eq(w.rows, PAGED);
+    cr_assert_eq(w.out_of_order, 0);
+    cr_assert_eq(w.foreign, 0, "only poll1's rows");
+    for (int i = 0; i < PAGED; i++)
+        cr_assert_eq(w.seen[i], 1, "pass %d: voter%d seen %d times", pass, i, w.seen[i]);
+    free(w.seen);
+}
+
+/* PAGED voters each vote in poll1 and poll2 (their rows interleave); both of poll1's
+ * page reads walk every row once in seq order. Beyond the end, a poll with no rows, a
+ * zero limit: empty pages, not errors. */
+static void pages_scenario(tly_store_t *s)
+{
+    tly_store_op_t p1 = poll_op("poll1", 3), p2 = poll_op("poll2", 2);
+    submit_wait(s, &p1);
+    submit_wait(s, &p2);
+    ids_t *ids = calloc(2 * PAGED, sizeof *ids);
+    tly_store_op_t *ops = calloc(2 * PAGED, sizeof *ops);
+    cr_assert(ids && ops);
+    cast_range(s, 0, PAGED, ids, ops);
+
+    tly_store_reader_t *r = tly_store_reader_open(s);
+    cr_assert_not_null(r);
+    walk_poll1_in_pages(r, 0);
+    walk_poll1_in_pages(r, 1);
+    walk_t w = {.seen = calloc(PAGED, 1), .nvoters = PAGED, .last_seq = INT64_MAX - 1};
+    cr_assert_eq(tly_store_ballots_page(r, "poll1", INT64_MAX - 1, 10, walk_ballot, &w), 0);
+    cr_assert_eq(tly_store_audit_page(r, "poll3", 0, 10, walk_audit, &w), 0);
+    cr_assert_eq(tly_store_ballots_page(r, "poll1", 0, 0, walk_ballot, &w), 0);
+    cr_assert_eq(w.rows, 0);
+    free(w.seen);
+    tly_store_reader_close(r);
+    free(ids);
+    free(ops);
+}
+
+/* ---- generated ballots ------------------------------------------------------------------ */
+
+/* tly_store_generate_ballots fills a poll once (arguments checked), the writer works
+ * beside it, and a restart loads every generated ballot. */
+static tly_store_t *generate_ballots_scenario(tly_store_t *s)
+{
+    tly_store_op_t p = poll_op("poll1", 3);
+    submit_wait(s, &p);
+    cr_assert_eq(tly_store_generate_ballots(s, "poll1", 3, 25001), 0);
+    cr_assert_eq(tly_store_generate_ballots(s, "poll1", 3, 10), TLY_EEXIST);
+    cr_assert_eq(tly_store_generate_ballots(s, "nope", 3, 10), TLY_ENOTFOUND);
+    cr_assert_eq(tly_store_generate_ballots(s, "poll1", 0, 10), TLY_EINVAL);
+    cr_assert_eq(tly_store_generate_ballots(s, "poll1", 257, 10), TLY_EINVAL);
+    /* The writer still works beside it. */
+    tly_store_op_t b = ballot_op("poll1", "voter1", "v_1", "r_1");
+    submit_wait(s, &b);
+    cr_assert_eq(b.result, 0);
+
+    tly_store_close(s);
+    s = open_store();
+    gen_seen_t g = {0};
+    tly_store_load_cb_t cb = {.ballot = see_generated};
+    cr_assert_eq(tly_store_load(s, &cb, &g), 0);
+    cr_assert_eq(g.rows, 25002);
+    cr_assert_eq(g.bad_choice, 1, "only voter1's two-choice ballot");
+    return s;
+}
+
+#endif
