@@ -310,6 +310,9 @@ void api_ingest_stats(const tly_app_t *app, uint64_t *enqueued, uint64_t *applie
 /* votes.c: remembers the Idempotency-Key of a ballot being retracted (here or on another
  * instance), so that a late retry of the POST that cast it is refused, not cast again. */
 void api_remember_retracted(tly_app_t *app, const tly_poll_t *p, const tly_vote_t *v);
+/* The same from a stored "revoked" row (load): 0 or TLY_ENOMEM. */
+int api_remember_retracted_key(tly_app_t *app, const char *poll_id, const char *voter_id, const char *idem_key,
+                               const uint8_t body_hash[16]);
 /* A retracted ballot frees its voter's dedup key, so the voter may vote again. */
 void api_ingest_forget(tly_app_t *app, const char *poll_id, const char *voter_id);
 void api_ingest_close(tly_app_t *app);

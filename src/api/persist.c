@@ -293,7 +293,7 @@ int api_request_from_row(tly_app_t *app, const tly_request_row_t *row)
 
 typedef struct {
     tly_app_t *app;
-    size_t users, polls, ballots, requests, skipped;
+    size_t users, polls, ballots, requests, retracted, skipped;
     int failed;
 } load_t;
 
@@ -337,21 +337,31 @@ static void load_request(void *ctx, const tly_request_row_t *row)
         l->requests++;
 }
 
+static void load_retracted(void *ctx, const tly_retracted_row_t *row)
+{
+    load_t *l = ctx;
+    if (api_remember_retracted_key(l->app, row->poll_id, row->voter_id, row->idem_key, row->body_hash) != 0)
+        l->failed = 1;
+    else
+        l->retracted++;
+}
+
 int api_load(tly_app_t *app)
 {
     load_t l = {.app = app};
-    tly_store_load_cb_t cb = {load_user, load_poll, load_ballot, load_request};
+    tly_store_load_cb_t cb = {load_user, load_poll, load_ballot, load_request, load_retracted};
     int64_t t0 = tly_now_ms();
     if (tly_store_load(app->store, &cb, &l) != 0 || l.failed)
         return -1;
-    char users[24], polls[24], ballots[24], requests[24], skipped[24], ms[24];
+    char users[24], polls[24], ballots[24], requests[24], retracted[24], skipped[24], ms[24];
     snprintf(users, sizeof(users), "%zu", l.users);
     snprintf(polls, sizeof(polls), "%zu", l.polls);
     snprintf(ballots, sizeof(ballots), "%zu", l.ballots);
     snprintf(requests, sizeof(requests), "%zu", l.requests);
+    snprintf(retracted, sizeof(retracted), "%zu", l.retracted);
     snprintf(skipped, sizeof(skipped), "%zu", l.skipped);
     snprintf(ms, sizeof(ms), "%lld", (long long)(tly_now_ms() - t0));
     tly_log(l.skipped ? TLY_LOG_WARN : TLY_LOG_INFO, "store loaded", "users", users, "polls", polls, "ballots",
-            ballots, "requests", requests, "skipped", skipped, "ms", ms, NULL);
+            ballots, "requests", requests, "retracted_keys", retracted, "skipped", skipped, "ms", ms, NULL);
     return 0;
 }

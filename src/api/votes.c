@@ -273,14 +273,15 @@ static char *retracted_key_of(const char *poll_id, const char *voter_id, const c
     return k;
 }
 
-void api_remember_retracted(tly_app_t *app, const tly_poll_t *p, const tly_vote_t *v)
+int api_remember_retracted_key(tly_app_t *app, const char *poll_id, const char *voter_id, const char *idem_key,
+                               const uint8_t body_hash[16])
 {
-    if (v->idem_key == NULL)
-        return;
+    if (idem_key == NULL)
+        return 0;
     retracted_key_t *rk = tly_calloc(1, sizeof(*rk));
-    if (rk == NULL || (rk->key = retracted_key_of(p->poll_id, v->voter_id, v->idem_key)) == NULL) {
+    if (rk == NULL || (rk->key = retracted_key_of(poll_id, voter_id, idem_key)) == NULL) {
         tly_free(rk);
-        return;
+        return TLY_ENOMEM;
     }
     retracted_key_t *old;
     HASH_FIND_STR(app->retracted, rk->key, old);
@@ -289,8 +290,15 @@ void api_remember_retracted(tly_app_t *app, const tly_poll_t *p, const tly_vote_
         tly_free(old->key);
         tly_free(old);
     }
-    memcpy(rk->body_hash, v->body_hash, 16);
+    memcpy(rk->body_hash, body_hash, 16);
     HASH_ADD_KEYPTR(hh, app->retracted, rk->key, strlen(rk->key), rk);
+    return 0;
+}
+
+void api_remember_retracted(tly_app_t *app, const tly_poll_t *p, const tly_vote_t *v)
+{
+    /* out of memory: a late retry here would cast again, as before the retraction */
+    (void)api_remember_retracted_key(app, p->poll_id, v->voter_id, v->idem_key, v->body_hash);
 }
 
 static bool prefers_async(tly_req_t *req)
@@ -769,6 +777,9 @@ void api_votes_retract(tly_req_t *req, const tly_params_t *params, void *arg)
         return;
     bo->op.type = TLY_OP_BALLOT_DELETE;
     bo->op.done = retract_committed;
+    /* kept in the "revoked" audit row: a late retry of the cast is refused after a restart */
+    bo->op.u.ballot.idem_key = v->idem_key;
+    memcpy(bo->op.u.ballot.body_hash, v->body_hash, 16);
     HASH_ADD_PTR(app->pending_ballots, vote, bo);
     api_begin_async(app);
     tly_store_submit(app->store, &bo->op);

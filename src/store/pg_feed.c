@@ -132,11 +132,12 @@ static int ballot_json(json_t *o, const tly_ballot_row_t *b, tly_op_type_t type)
     if ((rc = put_str(o, "poll_id", b->poll_id)) || (rc = put_str(o, "voter_id", b->voter_id)) ||
         (rc = put_int(o, "recorded_at", b->recorded_at)))
         return rc;
+    if ((rc = put_str(o, "idem_key", b->idem_key)) || (rc = put_hash(o, "body_hash", b->body_hash)))
+        return rc;
     if (type == TLY_OP_BALLOT_DELETE)
-        return 0;
+        return 0; /* the key and hash of the retracted ballot's request, for its audit row */
     if ((rc = put_bytes(o, "choices", b->nchoices ? b->choices : NULL, b->nchoices)) ||
-        (rc = put_bytes(o, "scores", b->scores, b->nchoices)) || (rc = put_str(o, "idem_key", b->idem_key)) ||
-        (rc = put_hash(o, "body_hash", b->body_hash)))
+        (rc = put_bytes(o, "scores", b->scores, b->nchoices)))
         return rc;
     if (type == TLY_OP_BALLOT_REPLACE)
         return 0; /* vote_id, receipt, client_meta and request_id: ignored by a change */

@@ -189,6 +189,19 @@ static int load_request(void *arg, const PGresult *res, int i)
     return 0;
 }
 
+static int load_retracted(void *arg, const PGresult *res, int i)
+{
+    load_t *l = arg;
+    tly_retracted_row_t r = {.poll_id = cs(res, i, 0), .voter_id = cs(res, i, 1), .idem_key = cs(res, i, 2)};
+    if (chash(res, i, 3, r.body_hash) != 0) {
+        tly_log(TLY_LOG_ERROR, "store: malformed audit row", NULL);
+        return TLY_EIO;
+    }
+    if (l->cb->retracted != NULL)
+        l->cb->retracted(l->ctx, &r);
+    return 0;
+}
+
 int pg_load(pg_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
 {
     int rc = TLY_EIO;
@@ -233,6 +246,11 @@ int pg_load(pg_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
                           " SELECT request_id, poll_id, voter_id, state, vote_id, error, created_at"
                           " FROM vote_requests ORDER BY ord",
                        load_request, &l)) != 0)
+        goto fail;
+    if ((rc = each_row(c, "DECLARE tly_load NO SCROLL CURSOR FOR"
+                          " SELECT poll_id, voter_id, idem_key, body_hash FROM audit"
+                          " WHERE event = 'revoked' AND idem_key IS NOT NULL ORDER BY seq",
+                       load_retracted, &l)) != 0)
         goto fail;
     if ((rc = pg_exec(c, "COMMIT", PGRES_COMMAND_OK)) != 0)
         goto fail;

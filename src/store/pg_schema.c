@@ -152,6 +152,11 @@ static const char *const migrations[] = {
     "  INSERT INTO feed(seq, origin, token, ops) VALUES (s, p_origin, p_token, p_ops);"
     "  RETURN s;"
     "END $$;",
+    /* 3: a "revoked" row keeps the Idempotency-Key and body hash of the request that cast
+     * the retracted ballot (a late retry of it is refused after a restart too); load
+     * reads them through the partial index. */
+    "ALTER TABLE audit ADD COLUMN idem_key text, ADD COLUMN body_hash bytea;"
+    "CREATE INDEX audit_retracted_keys ON audit(seq) WHERE event = 'revoked' AND idem_key IS NOT NULL;",
 };
 
 /* ---- helpers ----------------------------------------------------------------------- */

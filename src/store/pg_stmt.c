@@ -194,8 +194,8 @@ static const char ballot_delete_sql[] =
     "WITH n AS (SELECT * FROM jsonb_to_record($1::jsonb) AS n(" BALLOT_FIELDS ")),"
     "d AS (DELETE FROM ballots b USING n WHERE b.poll_id = n.poll_id AND b.voter_id = n.voter_id"
     "  RETURNING b.poll_id, b.voter_id, b.choices),"
-    "a AS (INSERT INTO audit(poll_id, voter_id, event, at)"
-    "  SELECT d.poll_id, d.voter_id, 'revoked', n.recorded_at FROM d, n)"
+    "a AS (INSERT INTO audit(poll_id, voter_id, event, at, idem_key, body_hash)"
+    "  SELECT d.poll_id, d.voter_id, 'revoked', n.recorded_at, n.idem_key, decode(n.body_hash, 'hex') FROM d, n)"
     "SELECT (SELECT count(*) FROM d), (SELECT encode(choices, 'hex') FROM d LIMIT 1)";
 
 /*

@@ -65,8 +65,8 @@ static const char *const stmt_sql[ST__COUNT] = {
     [ST_BALLOT_REPLACE] = "UPDATE ballots SET choices = ?3, scores = ?4, recorded_at = ?5,"
                           " idem_key = ?6, body_hash = ?7 WHERE poll_id = ?1 AND voter_id = ?2",
     [ST_BALLOT_DELETE] = "DELETE FROM ballots WHERE poll_id = ?1 AND voter_id = ?2",
-    [ST_AUDIT_INSERT] = "INSERT INTO audit(poll_id, voter_id, event, choices, scores, at)"
-                        " VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
+    [ST_AUDIT_INSERT] = "INSERT INTO audit(poll_id, voter_id, event, choices, scores, at, idem_key, body_hash)"
+                        " VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     [ST_AUDIT_DELETE] = "DELETE FROM audit WHERE poll_id = ?1",
     /* A request's first final outcome wins: a replayed request (the ingest consumer
      * retrying) must not turn "completed" into "failed: ALREADY_VOTED". Only a
@@ -450,8 +450,12 @@ static int audit_insert(sq_store_t *s, const tly_ballot_row_t *b, const char *ev
     bind_str(st, 1, b->poll_id);
     bind_str(st, 2, b->voter_id);
     bind_str(st, 3, event);
-    if (strcmp(event, "revoked") != 0)
+    if (strcmp(event, "revoked") != 0) {
         bind_choices(st, 4, 5, b);
+    } else { /* the retracted ballot's key, for a late retry of its request */
+        bind_str(st, 7, b->idem_key);
+        bind_hash(st, 8, b->body_hash);
+    }
     sqlite3_bind_int64(st, 6, b->recorded_at);
     return sq_step_reset(st);
 }

@@ -114,6 +114,13 @@ static const char *const migrations[] = {
      * without a hash (most of them) cost it nothing. */
     "ALTER TABLE ballots ADD COLUMN ip_hash BLOB;"
     "CREATE UNIQUE INDEX ballots_poll_ip ON ballots(poll_id, ip_hash) WHERE ip_hash IS NOT NULL;",
+
+    /* 4: a "revoked" row keeps the Idempotency-Key and body hash of the request that cast
+     * the retracted ballot, so that a late retry of it is refused after a restart too
+     * (load reads them through the partial index; other rows leave both NULL). */
+    "ALTER TABLE audit ADD COLUMN idem_key TEXT;"
+    "ALTER TABLE audit ADD COLUMN body_hash BLOB;"
+    "CREATE INDEX audit_retracted_keys ON audit(seq) WHERE event = 'revoked' AND idem_key IS NOT NULL;",
 };
 
 _Static_assert(TLY_ARRAY_SIZE(migrations) == TLY_STORE_SCHEMA_VERSION,

@@ -130,10 +130,12 @@ typedef enum {
      * TLY_ENOTFOUND when the voter has no ballot in the poll (or the poll does not
      * exist). vote_id, receipt, client_meta and request_id are ignored. */
     TLY_OP_BALLOT_REPLACE,
-    /* u.ballot: poll_id, voter_id, recorded_at = the time of the retraction. Deletes the
-     * voter's ballot in that poll and appends an audit "revoked" row (no choices), in
-     * one savepoint; the voter may then cast again (a new ballot, new seq). TLY_ENOTFOUND
-     * when the voter has no ballot in the poll. Every other field is ignored. */
+    /* u.ballot: poll_id, voter_id, recorded_at = the time of the retraction, idem_key and
+     * body_hash of the request that cast the ballot (NULL / all zero when none). Deletes
+     * the voter's ballot in that poll and appends an audit "revoked" row (no choices; the
+     * key and hash, which load gives back: tly_retracted_row_t), in one savepoint; the
+     * voter may then cast again (a new ballot, new seq). TLY_ENOTFOUND when the voter has
+     * no ballot in the poll. Every other field is ignored. */
     TLY_OP_BALLOT_DELETE,
 } tly_op_type_t;
 
@@ -176,16 +178,27 @@ typedef struct {
  * migrations and starts the writer thread. Returns 0 or a negative TLY_E* code. */
 int tly_store_open(const tly_store_conf_t *conf, tly_store_t **out);
 
+/* A retracted ballot's Idempotency-Key (from its audit "revoked" row): a late retry of
+ * the request that cast it must not cast it again. */
+typedef struct {
+    const char *poll_id;
+    const char *voter_id;
+    const char *idem_key;
+    uint8_t body_hash[16];
+} tly_retracted_row_t;
+
 typedef struct {
     void (*user)(void *ctx, const tly_user_row_t *u);
     void (*poll)(void *ctx, const tly_poll_row_t *p);
     void (*ballot)(void *ctx, const tly_ballot_row_t *b);
     void (*request)(void *ctx, const tly_request_row_t *r);
+    void (*retracted)(void *ctx, const tly_retracted_row_t *r);
 } tly_store_load_cb_t;
 
 /* Reads everything back at start: users, then polls (with options), then ballots in
- * commit order, then vote requests. Rows passed to callbacks are valid only during
- * the call. Call before submitting anything. Returns 0 or TLY_EIO. */
+ * commit order, then vote requests, then the keys of retracted ballots (in retraction
+ * order). Rows passed to callbacks are valid only during the call; a NULL callback skips
+ * its rows. Call before submitting anything. Returns 0 or TLY_EIO. */
 int tly_store_load(tly_store_t *s, const tly_store_load_cb_t *cb, void *ctx);
 
 /* Queues op for the writer. The caller keeps op and every string it points to alive and

@@ -51,7 +51,7 @@ extern const tly_store_backend_t tly_store_pg;     /* pg.c */
 int tly_store_hist_bucket(const uint64_t *bounds, uint64_t v);
 
 /* The schema version sqlite_schema.c migrates to (PRAGMA user_version). */
-#define TLY_STORE_SCHEMA_VERSION 3
+#define TLY_STORE_SCHEMA_VERSION 4
 
 /* Default most operations in one transaction when conf->batch_max is 0. */
 #define TLY_STORE_BATCH_MAX 4096

@@ -315,6 +315,22 @@ test('Idempotency-Key: a retry of the first POST after a change replays it; afte
     assertStatus(await castVote(server, tok, poll.poll_id, { option_id: b }), 200, 'a new ballot without the key');
   });
 
+test('a retracted ballot stays retracted when the POST that cast it is retried after a restart', async () => {
+  const poll = await createPoll(server, ownerTok, changeable());
+  const [a] = poll.options.map((o) => o.option_id);
+  const tok = newVoter();
+  const key = { 'Idempotency-Key': `cast-${rand()}` };
+  assertStatus(await castVote(server, tok, poll.poll_id, { option_id: a }, key), 200);
+  assertStatus(await del(poll.poll_id, tok), 204, 'retract');
+  await server.restart();
+  const late = await castVote(server, tok, poll.poll_id, { option_id: a }, key);
+  assertError(late, 409, 'VOTE_RETRACTED');
+  const other = await castVote(server, tok, poll.poll_id, { option_id: a, client_meta: { x: 1 } }, key);
+  assertError(other, 422, 'IDEMPOTENCY_KEY_REUSED');
+  assert.deepEqual(await counts(poll), { total: 0, A: 0, B: 0, C: 0 }, 'nothing cast by the late retries');
+  assertStatus(await castVote(server, tok, poll.poll_id, { option_id: a }), 200, 'a new ballot without the key');
+});
+
 test('changes and retractions survive a restart: counts, votes/me, receipts, audit', async () => {
   const poll = await createPoll(server, ownerTok, changeable({ type: 'approval' }));
   const [a, b, c] = poll.options.map((o) => o.option_id);

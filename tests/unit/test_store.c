@@ -626,7 +626,7 @@ Test(store, migration_1_to_2_upgrades_an_existing_file_in_place)
     tly_store_close(s);
 
     db = raw_open(SQLITE_OPEN_READONLY);
-    cr_assert_eq(raw_int(db, "PRAGMA user_version"), 3);
+    cr_assert_eq(raw_int(db, "PRAGMA user_version"), TLY_STORE_SCHEMA_VERSION);
     sqlite3_close(db);
     s = reopen_load(open_store(), &seen);
     cr_assert_eq(seen.ballots, 3);
@@ -779,7 +779,7 @@ Test(store, migration_2_to_3_adds_ip_hash_and_keeps_one_ballot_per_address)
     tly_store_close(s);
 
     db = raw_open(SQLITE_OPEN_READONLY);
-    cr_assert_eq(raw_int(db, "PRAGMA user_version"), 3);
+    cr_assert_eq(raw_int(db, "PRAGMA user_version"), TLY_STORE_SCHEMA_VERSION);
     cr_assert_eq(raw_int(db, "SELECT count(*) FROM ballots WHERE ip_hash IS NOT NULL"), 3);
     cr_assert_eq(raw_int(db, "SELECT count(*) FROM vote_requests WHERE request_id = 'req4'"
                              " AND state = 'failed' AND error = 'ALREADY_VOTED'"),

@@ -164,7 +164,7 @@ Test(store_pg, round_trip_every_field)
 {
     NEED_PG();
     tly_store_close(round_trip_scenario(open_store()));
-    cr_assert_eq(db_int("SELECT max(version) FROM schema_version"), 2);
+    cr_assert_eq(db_int("SELECT max(version) FROM schema_version"), 3);
     cr_assert_eq(db_int("SELECT count(*) FROM pg_inherits WHERE inhparent = 'ballots'::regclass"), 16);
     cr_assert_eq(db_int("SELECT count(*) FROM pg_inherits WHERE inhparent = 'audit'::regclass"), 16);
     assert_counters_exact();
