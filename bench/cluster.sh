@@ -47,20 +47,15 @@
 
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-SECS=${BENCH_SECONDS:-10}
-THREADS=${BENCH_THREADS:-2}
-CONNS=${BENCH_CONNECTIONS:-64}
+PROG=bench-cluster
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh" # ROOT SECS THREADS CONNS IDLE_WAIT TALLY_BIN, the helpers
 PGJOBS=${BENCH_PGBENCH_JOBS:-2}
 TOKENS=${BENCH_TOKENS:-$((60000 * SECS))}
-IDLE_WAIT=${BENCH_IDLE_WAIT:-30}
-export TALLY_BIN=${TALLY_BIN:-$ROOT/build/tally}
+export TALLY_BIN
 export CLUSTER_INSTANCES=${CLUSTER_INSTANCES:-3}
 CLUSTER_SH=$ROOT/scripts/cluster.sh
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/15/bin}
-HZ=$(getconf CLK_TCK)
-
-die() { echo "bench-cluster: $*" >&2; exit 1; }
 
 # ---- tools ---------------------------------------------------------------------------
 missing=()
@@ -69,38 +64,15 @@ command -v wrk >/dev/null || missing+=(wrk)
 [ -x "$PG_BIN/postgres" ] || missing+=(postgresql)
 command -v redis-server >/dev/null || missing+=(redis-server)
 [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "bench-cluster: installing ${missing[*]}"
-    sudo=; [ "$(id -u)" -eq 0 ] || sudo=sudo
-    # only the binaries are wanted: keep package scripts from starting daemons
-    policy=
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
-        $sudo chmod +x /usr/sbin/policy-rc.d
-        policy=1
-    fi
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -o DPkg::Lock::Timeout=300 "${missing[@]}" || rc=$?
-    [ -z "$policy" ] || $sudo rm -f /usr/sbin/policy-rc.d
-    [ "${rc:-0}" -eq 0 ] || exit "$rc"
-fi
-for t in python3 curl timeout node; do command -v $t >/dev/null || die "needs $t"; done
-[ -x "$TALLY_BIN" ] || die "no server binary at $TALLY_BIN (run make first)"
+install_missing "${missing[@]}"
+require python3 curl timeout node
 [ -x "$CLUSTER_SH" ] || die "no $CLUSTER_SH"
 
 # ---- what we start, and its cleanup ----------------------------------------------------
 TMP=$(mktemp -d /tmp/tally-bench-cluster.XXXXXX)
 chmod 755 "$TMP" # the postgres user (PostgreSQL runs as it when we are root) works below it
 CDIR=$TMP/cluster
-CLIENT_PID=
 
-stop_pid() { # PID: SIGTERM, up to 10 s to exit, then SIGKILL
-    local pid=$1 i
-    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null || true
-}
 cleanup() {
     set +e
     stop_pid "$CLIENT_PID"
@@ -111,49 +83,14 @@ cleanup() {
     fi
     rm -rf "$TMP"
 }
-trap cleanup EXIT
-trap 'echo "bench-cluster: interrupted" >&2; exit 130' INT TERM HUP
+trap_cleanup INT TERM HUP
 
-# ---- CPU accounting from /proc -------------------------------------------------------
-stat_fields() { sed 's/.*) //' "/proc/$1/stat" 2>/dev/null; } # fields from 3 (state) on
-proc_ticks() { # PID...: utime+stime of each (all threads), summed
-    local sum=0 p f
-    for p in "$@"; do
-        f=$(stat_fields "$p") || continue
-        set -- $f
-        sum=$((sum + ${12} + ${13}))
-    done
-    echo $sum
-}
-tree_ticks() { # PID: the process, its live children, and the children it has reaped
-    local f kids sum
-    f=$(stat_fields "$1") || { echo 0; return; }
-    set -- $1 $f
-    sum=$((${13} + ${14} + ${15} + ${16}))
-    kids=$(cat "/proc/$1/task/$1/children" 2>/dev/null || pgrep -P "$1" || true)
-    echo $((sum + $(proc_ticks $kids)))
-}
-child_ticks() { # reaped children of this shell (wrk, pgbench): cutime+cstime
-    local f; f=$(stat_fields $$); set -- $f; echo $((${14} + ${15}))
-}
-sys_ticks() { # whole machine: "task irq steal" ticks (user+nice+system, irq+softirq, steal)
-    awk '$1 == "cpu" { print $2 + $3 + $4, $7 + $8, $9; exit }' /proc/stat
-}
-wait_idle() { # up to BENCH_IDLE_WAIT s for the machine to be idle (< 10% of a CPU over 1 s)
-    local waited=0 a b
-    while [ "$waited" -lt "$IDLE_WAIT" ]; do
-        read -r a _ < <(sys_ticks); sleep 1; read -r b _ < <(sys_ticks)
-        [ $((b - a)) -lt $((HZ / 10)) ] && { [ "$waited" -eq 0 ] || echo "(waited ${waited} s for an idle machine)"; return 0; }
-        waited=$((waited + 1))
-    done
-    [ "$IDLE_WAIT" -eq 0 ] || echo "(machine still busy after ${IDLE_WAIT} s: running anyway)"
-}
-cores() { awk -v t="$1" -v hz="$HZ" -v s="$2" 'BEGIN { printf "%.2f", t / hz / s }'; }
-
+# ---- CPU of the process groups (the /proc helpers: bench/lib.sh) -------------------------
 # snapshot: "tally nginx postgres redis client task irq steal" ticks now
 snapshot() {
     local b q st
     read -r b q st < <(sys_ticks)
+    # shellcheck disable=SC2086 # one PID a word
     echo "$(proc_ticks $TALLY_PIDS) $(tree_ticks "$NGINX_PID") $(tree_ticks "$PG_PID") \
 $(proc_ticks "$REDIS_PID") $(child_ticks) $b $q $st"
 }
@@ -173,35 +110,26 @@ account() {
 }
 cpu_line() {
     echo "CPU over the run (cores): tally $C_TALLY, nginx $C_NGINX, postgres $C_PG, redis $C_REDIS, $1 $C_CLIENT, other processes $C_OTHER, steal $C_STEAL"
-    BUSY_WARN+=$(awk -v o="$C_OTHER" -v st="$C_STEAL" -v n="$2" \
-        'BEGIN { if (o + st > 0.2) printf "%s (other processes %.2f, steal %.2f cores) ", n, o, st }')
+    note_busy "$2" "$C_OTHER" "$C_STEAL"
 }
-now() { date +%s.%N; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { print b - a }'; }
 
 batches() { # the instances' committed store batches and the operations in them: "BATCHES OPS"
-    local u b=0 o=0 x y
+    local u nb=0 no=0 x y
     for u in $INST_URLS; do
         read -r x y < <(curl -sf "$u/metrics" | awk '$1 == "tally_store_batch_size_count" { c = $2 }
             $1 == "tally_store_batch_size_sum" { s = $2 } END { print c + 0, s + 0 }') || continue
-        b=$((b + x)); o=$((o + y))
+        nb=$((nb + x)); no=$((no + y))
     done
-    echo "$b $o"
+    echo "$nb $no"
 }
 sql() { # URI QUERY: one value per line, fields separated by |
     psql -X -At -v ON_ERROR_STOP=1 -d "$1" -c "$2"
 }
 
 # ---- machine ---------------------------------------------------------------------------
-TALLY_FLAGS=(--rate-limits off --log-level warn)
-TALLY_ENV=$(env | grep '^TALLY_' | grep -v '^TALLY_BIN=' | tr '\n' ' ' || true)
-src_state=$(git -C "$ROOT" status --porcelain -- src 2>/dev/null | grep -q . && echo "src/ modified" || echo "src/ as committed")
-COMMIT="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown) ($src_state)"
-BUSY_WARN=
-echo "== tally bench-cluster $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), kernel $(uname -r)"
+print_header bench-cluster
 echo "tools: $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), $(pgbench --version), $("$PG_BIN/postgres" --version), $(redis-server --version | cut -d' ' -f1-3), $(/usr/sbin/nginx -v 2>&1 | cut -d' ' -f3)"
-echo "tally: commit $COMMIT, binary of $(date -u -r "$TALLY_BIN" +%Y-%m-%dT%H:%M:%SZ) (sha256 $(sha256sum "$TALLY_BIN" | cut -c1-12)); flags: ${TALLY_FLAGS[*]}${TALLY_ENV:+ + environment $TALLY_ENV}"
+print_tally_line "(sha256 $(sha256sum "$TALLY_BIN" | cut -c1-12))"
 
 # ---- 1. the cluster ----------------------------------------------------------------------
 echo "starting the cluster ($CLUSTER_INSTANCES instances; log: scripts/cluster.sh start)..."
@@ -222,35 +150,25 @@ NGINX_PID=$(jget 'print(v["nginx"]["pid"])')
 PG_PID=$(jget 'print(v["postgres"]["pid"])')
 REDIS_PID=$(jget 'print(v["redis_server"]["pid"])')
 BENCH_DB=$(python3 -c 'import sys, urllib.parse as u; p = u.urlsplit(sys.argv[1]); print(u.urlunsplit(p._replace(path="/bench")))' "$STORE")
-echo "cluster: $URL (nginx pid $NGINX_PID) -> $CLUSTER_INSTANCES instances (pids $TALLY_PIDS); postgres pid $PG_PID, redis pid $REDIS_PID; up in $(awk -v e="$(elapsed "$t0" "$(now)")" 'BEGIN { printf "%.1f", e }') s"
+echo "cluster: $URL (nginx pid $NGINX_PID) -> $CLUSTER_INSTANCES instances (pids $TALLY_PIDS); postgres pid $PG_PID, redis pid $REDIS_PID; up in $(secs_since "$t0") s"
 PG_SETTINGS=$(sql "$STORE" "SELECT string_agg(name || '=' || setting, ' ' ORDER BY name) FROM pg_settings
     WHERE name IN ('synchronous_commit', 'fsync', 'wal_sync_method', 'full_page_writes', 'shared_buffers', 'max_connections')")
 echo "postgres settings: $PG_SETTINGS"
 
 # ---- 2. tally: a poll, tokens, votes through nginx ----------------------------------------
 mkdir -p "$TMP/tok"
-OWNER=$("$TALLY_BIN" token --data-dir "$TMP/tok" --secret "$SECRET" --sub bench-owner --ttl 3600)
-curl -sf "$URL/v1/polls" -H "Authorization: Bearer $OWNER" -H 'Content-Type: application/json' \
-    -d '{"title":"bench","options":[{"text":"a"},{"text":"b"},{"text":"c"}]}' >"$TMP/poll.json" ||
-    die "could not create the poll through nginx ($URL)"
-read -r POLL OPTS < <(python3 -c 'import json, sys; p = json.load(open(sys.argv[1]));
-print(p["poll_id"], ",".join(o["option_id"] for o in p["options"]))' "$TMP/poll.json")
+create_poll "$URL" "$TMP/tok" "$SECRET" "through nginx ($URL)"
 [[ $POLL =~ ^[A-Za-z0-9_-]+$ ]] || die "unexpected poll id '$POLL'"
 
-t0=$(now)
-python3 "$ROOT/bench/mint_tokens.py" "$SECRET" "$TOKENS" "$TMP/tokens.txt" 7200
-echo "tokens: $TOKENS voter tokens minted in $(awk -v e="$(elapsed "$t0" "$(now)")" 'BEGIN { printf "%.1f", e }') s"
+mint_tokens "$SECRET" "$TOKENS" "$TMP/tokens.txt"
 
 WRK_CMD="wrk -t$THREADS -c$CONNS -d${SECS}s --latency -s bench/votes.lua $URL/v1/polls/$POLL/votes"
 wait_idle
 read -r B0 O0 < <(batches)
 s0=$(snapshot); started=$(now)
-BENCH_VOTES_REPORT=$TMP/votes.report timeout -k 5 $((SECS + 60)) \
+BENCH_VOTES_REPORT=$TMP/votes.report run_client "$TMP/wrk.out" "wrk failed" \
     wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --latency -s "$ROOT/bench/votes.lua" \
-    "$URL/v1/polls/$POLL/votes" -- "$TMP/tokens.txt" "$THREADS" "$OPTS" >"$TMP/wrk.out" 2>&1 &
-CLIENT_PID=$!
-wait "$CLIENT_PID" || { cat "$TMP/wrk.out" >&2; die "wrk failed"; }
-CLIENT_PID=
+    "$URL/v1/polls/$POLL/votes" -- "$TMP/tokens.txt" "$THREADS" "$OPTS"
 ended=$(now); s1=$(snapshot)
 account "$s0" "$s1" "$(elapsed "$started" "$ended")"
 read -r B1 O1 < <(batches)
@@ -268,9 +186,9 @@ W_DUR=$(awk '/requests in/ { for (i = 1; i <= NF; i++) if ($i == "in") { d = $(i
     if (d ~ /ms$/) { sub(/ms$/, "", d); d /= 1000 } else if (d ~ /m$/) { sub(/m$/, "", d); d *= 60 } else sub(/s$/, "", d);
     print d; exit } }' "$TMP/wrk.out")
 T_VPS=$(awk -v n="$W_OK" -v d="$W_DUR" 'BEGIN { if (d > 0) printf "%.0f", n / d; else print 0 }')
-T_P50=$(awk '$1 == "50%" { print $2 }' "$TMP/wrk.out")
-T_P99=$(awk '$1 == "99%" { print $2 }' "$TMP/wrk.out")
-T_SOCK=$(grep -o 'Socket errors:.*' "$TMP/wrk.out" || true)
+T_P50=$(wrk_latency "$TMP/wrk.out" 50%)
+T_P99=$(wrk_latency "$TMP/wrk.out" 99%)
+T_SOCK=$(wrk_socket_errors "$TMP/wrk.out")
 [ "$W_EXH" -eq 0 ] || echo "WARNING: tokens ran out ($W_EXH requests reused voters): raise BENCH_TOKENS"
 echo "votes/s (200s per second): $T_VPS  (200s $W_OK in ${W_DUR} s; non-200 $W_OTHER; unanswered at wrk's cut-off $((W_SENT - W_ANSWERED)))"
 
@@ -278,18 +196,18 @@ echo "votes/s (200s per second): $T_VPS  (200s $W_OK in ${W_DUR} s; non-200 $W_O
 # then for every instance to show it (each follows the others' commits), then compare
 count_ballots() { sql "$STORE" "SELECT count(*) FROM ballots WHERE poll_id = '$POLL'"; }
 prev=-1
-for i in $(seq 100); do
+for _ in $(seq 100); do
     BALLOTS=$(count_ballots); [ "$BALLOTS" = "$prev" ] && break; prev=$BALLOTS; sleep 0.3
 done
 inst_totals() {
     local u
     for u in $INST_URLS; do
-        curl -sf "$u/v1/polls/$POLL/results" |
-            python3 -c 'import json, sys; print(json.load(sys.stdin)["total_votes"])' 2>/dev/null || echo "?"
+        total_votes "$u" 2>/dev/null || echo "?"
     done | tr '\n' ' '
 }
-for i in $(seq 100); do
+for _ in $(seq 100); do
     TOTALS=$(inst_totals); TOTALS=${TOTALS% }
+    # shellcheck disable=SC2086,SC2143 # one total a word; an empty TOTALS counts as settled
     [ -z "$(printf '%s\n' $TOTALS | grep -vx "$BALLOTS")" ] && break
     sleep 0.2
 done
@@ -336,10 +254,7 @@ PGB_ARGS=(-n -M prepared -D n=0 -c "$CONNS" -j "$PGJOBS" -T "$SECS" -l --log-pre
 PGB_CMD="pgbench -n -M prepared -D n=0 -c $CONNS -j $PGJOBS -T $SECS -l -f vote.sql ${BENCH_DB}"
 wait_idle
 s0=$(snapshot); started=$(now)
-timeout -k 5 $((SECS + 60)) pgbench "${PGB_ARGS[@]}" "$BENCH_DB" >"$TMP/pgbench.out" 2>&1 &
-CLIENT_PID=$!
-wait "$CLIENT_PID" || { cat "$TMP/pgbench.out" >&2; die "pgbench failed"; }
-CLIENT_PID=
+run_client "$TMP/pgbench.out" "pgbench failed" pgbench "${PGB_ARGS[@]}" "$BENCH_DB"
 ended=$(now); sleep 0.2; s1=$(snapshot) # (the postmaster reaps the backends that just ended)
 account "$s0" "$s1" "$(elapsed "$started" "$ended")"
 P_CPU=("$C_TALLY" "$C_NGINX" "$C_PG" "$C_REDIS" "$C_CLIENT" "$C_OTHER" "$C_STEAL")
@@ -365,7 +280,6 @@ fi
 echo "reference counts: $PEXACT"
 
 # ---- 4. summary ----------------------------------------------------------------------------
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 echo
 echo "== summary: $CLUSTER_INSTANCES tally instances behind nginx on PostgreSQL + Redis, against pgbench on the same PostgreSQL; ${SECS} s each, $CONNS connections/clients, $(nproc) CPUs shared by everything"
 printf '%-42s %9s %9s %9s %12s | %6s %6s %8s %6s %7s %6s %6s\n' run "votes/s" p50 p99 "non-2xx/fail" tally nginx postgres redis client other steal
@@ -389,7 +303,7 @@ echo "exactly-once (tally): $EXACT"
 echo "reference counts (pgbench): $PEXACT"
 echo "commit $COMMIT; tally instances: ${TALLY_FLAGS[*]}${TALLY_ENV:+ + environment $TALLY_ENV} (scripts/cluster.sh start); postgres: $PG_SETTINGS"
 echo "clients: $WRK_CMD -- TOKENS $THREADS OPTS | $PGB_CMD"
-[ -z "$BUSY_WARN" ] || echo "WARNING: the machine was busy with other work during: ${BUSY_WARN}- those figures understate; rerun when it is idle"
+busy_warning
 
 case $EXACT in OK*) ;; *) exit 1 ;; esac
 case $PEXACT in OK*) ;; *) exit 1 ;; esac

@@ -27,68 +27,38 @@
 
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-SECS=${BENCH_SECONDS:-10}
-THREADS=${BENCH_THREADS:-2}
-CONNS=${BENCH_CONNECTIONS:-64}
+PROG=bench
+# shellcheck source=bench/lib.sh
+. "$(dirname "$0")/lib.sh" # ROOT SECS THREADS CONNS IDLE_WAIT TALLY_BIN, the helpers
 TOKENS=${BENCH_TOKENS:-$((150000 * SECS))}
-IDLE_WAIT=${BENCH_IDLE_WAIT:-30}
-TALLY_BIN=${TALLY_BIN:-$ROOT/build/tally}
 NGINX_BIN=/usr/sbin/nginx
-HZ=$(getconf CLK_TCK)
-
-die() { echo "bench: $*" >&2; exit 1; }
 
 # ---- tools ---------------------------------------------------------------------------
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
 [ -x "$NGINX_BIN" ] || missing+=(nginx-light)
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "bench: installing ${missing[*]}"
-    sudo=; [ "$(id -u)" -eq 0 ] || sudo=sudo
-    # only the binaries are wanted: keep package scripts from starting an nginx daemon
-    policy=
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
-        $sudo chmod +x /usr/sbin/policy-rc.d
-        policy=1
-    fi
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -o DPkg::Lock::Timeout=300 "${missing[@]}" || rc=$?
-    [ -z "$policy" ] || $sudo rm -f /usr/sbin/policy-rc.d
-    [ "${rc:-0}" -eq 0 ] || exit "$rc"
-fi
-for t in python3 curl timeout; do command -v $t >/dev/null || die "needs $t"; done
-[ -x "$TALLY_BIN" ] || die "no server binary at $TALLY_BIN (run make first)"
+install_missing "${missing[@]}"
+require python3 curl timeout
 
 # ---- processes we start, and their cleanup ---------------------------------------------
 TMP=$(mktemp -d /tmp/tally-bench.XXXXXX)
 chmod 755 "$TMP" # nginx workers (user nobody when started as root) read www/ below it
-TALLY_PID= NGINX_PID= WRK_PID= BUSY_WARN=
+TALLY_PID='' NGINX_PID=''
 
-stop_pid() { # PID: SIGTERM, up to 10 s to exit, then SIGKILL
-    local pid=$1 i
-    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
-    kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null || true
-}
 cleanup() {
     set +e
-    stop_pid "$WRK_PID"
+    stop_pid "$CLIENT_PID"
     stop_pid "$TALLY_PID"
     stop_pid "$NGINX_PID"
     rm -rf "$TMP"
 }
-trap cleanup EXIT
-trap 'echo "bench: interrupted" >&2; exit 130' INT TERM
+trap_cleanup INT TERM
 
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 wait_http() { # URL PID: until URL answers 2xx, or fail if PID exits / 10 s pass
-    local i
-    for i in $(seq 100); do
+    for _ in $(seq 100); do
         kill -0 "$2" 2>/dev/null || die "server (pid $2) exited while starting"
         curl -sf -o /dev/null "$1" && return 0
         sleep 0.1
@@ -96,66 +66,33 @@ wait_http() { # URL PID: until URL answers 2xx, or fail if PID exits / 10 s pass
     die "$1 did not answer within 10 s"
 }
 
-# ---- CPU accounting from /proc (no sysstat needed) -----------------------------------
-ticks() { # PID...: utime+stime summed over the processes
-    local sum=0 p f
-    for p in "$@"; do
-        f=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null) || continue
-        set -- $f
-        sum=$((sum + ${12} + ${13}))
-    done
-    echo $sum
-}
-child_ticks() { # reaped children of this shell (wrk): cutime+cstime
-    local f; f=$(sed 's/.*) //' "/proc/$$/stat"); set -- $f; echo $((${14} + ${15}))
-}
-thread_ticks() { # PID: "tid=ticks" for each thread of PID
-    local t f
-    for t in /proc/$1/task/*; do
-        f=$(sed 's/.*) //' "$t/stat" 2>/dev/null) || continue
-        set -- $f
-        echo "${t##*/}=$((${12} + ${13}))"
-    done
-}
-sys_ticks() { # whole machine, all CPUs: "task irq steal" ticks (user+nice+system, irq+softirq, steal)
-    awk '$1 == "cpu" { print $2 + $3 + $4, $7 + $8, $9; exit }' /proc/stat
-}
-wait_idle() { # up to BENCH_IDLE_WAIT s for the machine to be idle (< 10% of a CPU over 1 s)
-    local waited=0 a b
-    while [ "$waited" -lt "$IDLE_WAIT" ]; do
-        read -r a _ < <(sys_ticks); sleep 1; read -r b _ < <(sys_ticks)
-        [ $((b - a)) -lt $((HZ / 10)) ] && { [ "$waited" -eq 0 ] || echo "(waited ${waited} s for an idle machine)"; return 0; }
-        waited=$((waited + 1))
-    done
-    [ "$IDLE_WAIT" -eq 0 ] || echo "(machine still busy after ${IDLE_WAIT} s: running anyway)"
-}
+# ---- the nginx processes (CPU accounting: bench/lib.sh) ---------------------------------
 nginx_pids() { echo "$NGINX_PID $(cat /proc/$NGINX_PID/task/$NGINX_PID/children 2>/dev/null)"; }
-cores() { awk -v t="$1" -v hz="$HZ" -v s="$2" 'BEGIN { printf "%.2f", t / hz / s }'; }
 
 # ---- one wrk run -----------------------------------------------------------------------
 # run_wrk NAME SERVER_KIND URL [wrk args...]: writes $TMP/NAME.out and sets R_* results
 run_wrk() {
     local name=$1 kind=$2 url=$3; shift 3
-    local spids s0 s1 w0 w1 b0 b1 q0 q1 st0 st1 th0 th1 started ended
+    local spids s0 s1 w0 w1 b0 b1 q0 q1 st0 st1 th0='' th1='' started ended
     if [ "$kind" = tally ]; then spids=$TALLY_PID; else spids=$(nginx_pids); fi
     wait_idle
-    th0=$( [ "$kind" = tally ] && thread_ticks "$TALLY_PID" || true)
-    s0=$(ticks $spids); w0=$(child_ticks); read -r b0 q0 st0 < <(sys_ticks); started=$(date +%s.%N)
-    timeout -k 5 $((SECS + 60)) wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --latency "$url" "$@" \
-        >"$TMP/$name.out" 2>&1 &
-    WRK_PID=$!
-    wait "$WRK_PID" || { cat "$TMP/$name.out" >&2; die "wrk failed ($name)"; }
-    WRK_PID=
-    ended=$(date +%s.%N); s1=$(ticks $spids); w1=$(child_ticks); read -r b1 q1 st1 < <(sys_ticks)
-    th1=$( [ "$kind" = tally ] && thread_ticks "$TALLY_PID" || true)
-    local wall; wall=$(awk -v a="$started" -v b="$ended" 'BEGIN { print b - a }')
+    if [ "$kind" = tally ]; then th0=$(thread_ticks "$TALLY_PID" || true); fi
+    # shellcheck disable=SC2086 # one PID a word
+    s0=$(proc_ticks $spids); w0=$(child_ticks); read -r b0 q0 st0 < <(sys_ticks); started=$(now)
+    run_client "$TMP/$name.out" "wrk failed ($name)" \
+        wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --latency "$url" "$@"
+    ended=$(now)
+    # shellcheck disable=SC2086 # one PID a word
+    s1=$(proc_ticks $spids); w1=$(child_ticks); read -r b1 q1 st1 < <(sys_ticks)
+    if [ "$kind" = tally ]; then th1=$(thread_ticks "$TALLY_PID" || true); fi
+    local wall; wall=$(elapsed "$started" "$ended")
 
     R_RPS=$(awk '/^Requests\/sec:/ { print $2 }' "$TMP/$name.out")
-    R_P50=$(awk '$1 == "50%" { print $2 }' "$TMP/$name.out")
-    R_P99=$(awk '$1 == "99%" { print $2 }' "$TMP/$name.out")
+    R_P50=$(wrk_latency "$TMP/$name.out" 50%)
+    R_P99=$(wrk_latency "$TMP/$name.out" 99%)
     R_N2XX=$(awk '/Non-2xx or 3xx responses:/ { print $NF }' "$TMP/$name.out")
     R_N2XX=${R_N2XX:-0}
-    R_SOCK=$(grep -o 'Socket errors:.*' "$TMP/$name.out" || true)
+    R_SOCK=$(wrk_socket_errors "$TMP/$name.out")
     R_SRV_CPU=$(cores $((s1 - s0)) "$wall")
     R_WRK_CPU=$(cores $((w1 - w0)) "$wall")
     # Loopback TCP runs in softirq, which the kernel charges both to the task it
@@ -170,6 +107,7 @@ run_wrk() {
         local kv tid before
         for kv in $th1; do
             tid=${kv%%=*}
+            # shellcheck disable=SC2086 # one tid=ticks a word
             before=$(printf '%s\n' $th0 | awk -F= -v t="$tid" '$1 == t { print $2 }')
             [ "$tid" = "$TALLY_PID" ] && tid="loop:$tid" || tid="thread:$tid"
             R_THREADS+="$tid $(cores $((${kv#*=} - ${before:-0})) "$wall") "
@@ -180,29 +118,17 @@ run_wrk() {
     sed -n '/Thread Stats/,$p' "$TMP/$name.out"
     echo "CPU over the run (cores): server $R_SRV_CPU, wrk $R_WRK_CPU, other processes $R_OTHER_CPU, steal $R_STEAL_CPU (softirq in all: $R_IRQ_CPU)"
     [ -n "$R_THREADS" ] && echo "tally threads (cores): $R_THREADS"
-    BUSY_WARN+=$(awk -v o="$R_OTHER_CPU" -v st="$R_STEAL_CPU" -v n="$name" \
-        'BEGIN { if (o + st > 0.2) printf "%s (other processes %.2f, steal %.2f cores) ", n, o, st }')
+    note_busy "$name" "$R_OTHER_CPU" "$R_STEAL_CPU"
 }
 
 non200() { # FILE: the non-200 count votes.lua printed
     awk '/^votes:/ { for (i = 1; i <= NF; i++) if ($i == "non-200") print $(i + 1) }' "$1" | tr -d ','
 }
-results_total() { # total_votes of the poll, as tally renders it
-    curl -sf "http://127.0.0.1:$TPORT/v1/polls/$POLL/results" |
-        python3 -c 'import json, sys; print(json.load(sys.stdin)["total_votes"])'
-}
-
-# Rate limits off: every vote here comes from one address, and the limits are not what is
-# measured (with them on, the same runs gave the same figures within the noise).
-TALLY_FLAGS=(--rate-limits off --log-level warn)
-TALLY_ENV=$(env | grep '^TALLY_' | grep -v '^TALLY_BIN=' | tr '\n' ' ' || true) # e.g. TALLY_BATCH_MAX=...
 
 # ---- machine -----------------------------------------------------------------------------
-echo "== tally bench $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), kernel $(uname -r)"
+print_header bench
 echo "tools: $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2), $("$NGINX_BIN" -v 2>&1 | cut -d' ' -f3)"
-src_state=$(git -C "$ROOT" status --porcelain -- src 2>/dev/null | grep -q . && echo "src/ modified" || echo "src/ as committed")
-echo "tally: commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown) ($src_state), binary of $(date -u -r "$TALLY_BIN" +%Y-%m-%dT%H:%M:%SZ); flags: ${TALLY_FLAGS[*]}${TALLY_ENV:+ + environment $TALLY_ENV}"
+print_tally_line
 echo "runs: wrk -t$THREADS -c$CONNS -d${SECS}s --latency, loopback"
 
 # ---- tally -------------------------------------------------------------------------------
@@ -214,17 +140,8 @@ mkdir -p "$TMP/data"
 TALLY_PID=$!
 wait_http "http://127.0.0.1:$TPORT/readyz" "$TALLY_PID"
 
-OWNER=$("$TALLY_BIN" token --data-dir "$TMP/data" --secret "$SECRET" --sub bench-owner --ttl 3600)
-curl -sf "http://127.0.0.1:$TPORT/v1/polls" -H "Authorization: Bearer $OWNER" \
-    -H 'Content-Type: application/json' \
-    -d '{"title":"bench","options":[{"text":"a"},{"text":"b"},{"text":"c"}]}' >"$TMP/poll.json" ||
-    die "could not create the poll"
-read -r POLL OPTS < <(python3 -c 'import json, sys; p = json.load(open(sys.argv[1]));
-print(p["poll_id"], ",".join(o["option_id"] for o in p["options"]))' "$TMP/poll.json")
-
-t0=$(date +%s.%N)
-python3 "$ROOT/bench/mint_tokens.py" "$SECRET" "$TOKENS" "$TMP/tokens.txt" 7200
-echo "tokens: $TOKENS voter tokens minted in $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }') s"
+create_poll "http://127.0.0.1:$TPORT" "$TMP/data" "$SECRET"
+mint_tokens "$SECRET" "$TOKENS" "$TMP/tokens.txt"
 
 # ---- nginx -------------------------------------------------------------------------------
 NPORT=$(free_port)
@@ -284,8 +201,8 @@ grep -q 'TOKENS EXHAUSTED' "$TMP/tally-post.out" && echo "WARNING: raise BENCH_T
 
 # exactly-once: wait until the count stops moving (commits of the last batch), then account
 prev=-1
-for i in $(seq 50); do
-    TOTAL=$(results_total); [ "$TOTAL" = "$prev" ] && break; prev=$TOTAL; sleep 0.2
+for _ in $(seq 50); do
+    TOTAL=$(total_votes "http://127.0.0.1:$TPORT"); [ "$TOTAL" = "$prev" ] && break; prev=$TOTAL; sleep 0.2
 done
 EXACT=$(python3 "$ROOT/bench/account.py" "$TMP/votes.report" "$TMP/tokens.txt" \
     "http://127.0.0.1:$TPORT" "$POLL" "$TOTAL") || EXACT="FAILED: $EXACT"
@@ -306,7 +223,6 @@ run_wrk nginx-file nginx "http://127.0.0.1:$NPORT$RESULTS_PATH"
 N_GET_RPS=$R_RPS N_GET_P50=$R_P50 N_GET_P99=$R_P99 N_GET_BAD=$R_N2XX N_GET_CPU=$R_SRV_CPU N_GET_WCPU=$R_WRK_CPU N_GET_OCPU=$R_OTHER_CPU N_GET_ICPU=$R_IRQ_CPU
 
 # ---- summary -----------------------------------------------------------------------------
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 echo
 echo "== summary: wrk -t$THREADS -c$CONNS -d${SECS}s on $(nproc) CPUs (server and wrk share them)"
 echo "CPU columns: cores used over the run by the server and wrk (each including the softirq work charged to it), by processes not in the benchmark (other), and softirq in all (irq)"
@@ -322,6 +238,6 @@ echo "tally threads during results (cores): $T_GET_THREADS"
 echo "ratio tally votes/s / nginx static POST/s:  $(ratio "$T_POST_RPS" "$N_POST_RPS")"
 echo "ratio tally results/s / nginx static GET/s: $(ratio "$T_GET_RPS" "$N_GET_RPS")"
 echo "exactly-once: $EXACT"
-[ -z "$BUSY_WARN" ] || echo "WARNING: the machine was busy with other work during: ${BUSY_WARN}- those figures understate both servers; rerun when it is idle"
+busy_warning "both servers"
 
 case $EXACT in OK*) ;; *) exit 1 ;; esac
