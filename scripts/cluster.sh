@@ -163,6 +163,7 @@ launch_tally() {
         if [ -n "$want" ]; then p=$want; else p=$(free_port); fi
         "$TALLY_BIN" serve --listen "127.0.0.1:$p" --data-dir "$DIR/$i" --secret "$secret" \
             --store "$store" --bus "$bus" --instance-id "tally-$i" --web-root "$WEB_ROOT" \
+            --trusted-proxies 127.0.0.1 \
             ${extra[@]+"${extra[@]}"} </dev/null >>"$DIR/tally-$i.log" 2>&1 &
         pid=$!
         setenv "TALLY_${i}_PID" "$pid"

@@ -323,7 +323,7 @@ static void on_response(tly_req_t *req, int status, void *arg)
                           code ? code : strcmp(method, "PUT") == 0 ? "changed" : "retracted");
     if (code != NULL && strcmp(code, "RATE_LIMITED") == 0)
         tly_metrics_count("tally_rate_limited_total", "route", route ? route : "unmatched");
-    tly_log_request(method, route ? route : "unmatched", status, code, ms, tly_req_peer(req));
+    tly_log_request(method, route ? route : "unmatched", status, code, ms, tly_req_client(req));
 }
 
 void api_ops_metrics(tly_req_t *req, const tly_params_t *params, void *arg)
@@ -448,6 +448,12 @@ static int add_routes(tly_router_t *r)
 
 tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *secret, char *err)
 {
+    tly_proxies_t proxies;
+    char perr[160];
+    if (tly_proxies_parse(conf->trusted_proxies, &proxies, perr, sizeof(perr)) != 0) {
+        snprintf(err, 512, "--trusted-proxies: %s", perr);
+        return NULL;
+    }
     tly_app_t *app = tly_calloc(1, sizeof(*app));
     if (app == NULL) {
         snprintf(err, 512, "out of memory");
@@ -513,6 +519,7 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
                             .idle_timeout_ms = (uint64_t)conf->idle_timeout * 1000,
                             .max_connections = (size_t)conf->max_connections,
                             .max_connections_per_ip = (size_t)conf->max_connections_per_ip,
+                            .trusted_proxies = proxies,
                             .handler = handle,
                             .arg = app,
                             .render_error = render_error,

@@ -88,23 +88,6 @@ void api_limits_free(tly_app_t *app)
     app->limiter = NULL;
 }
 
-/* "ip:<address>", with IPv6 addresses cut to their /64 */
-static void ip_key(const char *peer, char *out, size_t cap)
-{
-    struct in6_addr a6;
-    if (strchr(peer, ':') != NULL && inet_pton(AF_INET6, peer, &a6) == 1) {
-        const uint8_t *b = a6.s6_addr;
-        if (IN6_IS_ADDR_V4MAPPED(&a6)) { /* a dual-stack listener's IPv4 client */
-            snprintf(out, cap, "ip:%u.%u.%u.%u", b[12], b[13], b[14], b[15]);
-            return;
-        }
-        snprintf(out, cap, "ip6:%02x%02x:%02x%02x:%02x%02x:%02x%02x::/64", b[0], b[1], b[2], b[3], b[4], b[5], b[6],
-                 b[7]);
-        return;
-    }
-    snprintf(out, cap, "ip:%s", peer);
-}
-
 /* Answers the request by r: headers, and a 429 when refused. Returns r->allowed. */
 static bool apply_result(tly_app_t *app, tly_req_t *req, api_limit_t which, const tly_limit_result_t *r0)
 {
@@ -173,7 +156,7 @@ bool api_limit(tly_app_t *app, tly_req_t *req, api_limit_t which, const char *vo
     if (voter_id != NULL)
         snprintf(key, sizeof(key), "id:%.200s", voter_id);
     else
-        ip_key(tly_req_peer(req), key, sizeof(key));
+        tly_addr_key(tly_req_client(req), key, sizeof(key));
     shared_t *sh;
     if (app->limit_script != NULL && tly_bus_up(app->bus) && (sh = tly_req_alloc(req, sizeof(*sh))) != NULL) {
         const tly_limit_rule_t *rule = &app->rules[which];

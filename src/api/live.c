@@ -412,7 +412,7 @@ static void subscribe(tly_req_t *req, const tly_params_t *params, tly_app_t *app
         api_respond_error(req, 503, "UNAVAILABLE", "the server is shutting down", NULL);
         return;
     }
-    const char *ip = tly_req_peer(req);
+    const char *ip = tly_req_client(req);
     ip_count_t *ic;
     HASH_FIND_STR(l->ips, ip, ic);
     if (l->nsubs >= (size_t)app->conf->live_max ||

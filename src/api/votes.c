@@ -10,8 +10,8 @@
  * settings.voter_check "ip" / "token+ip" adds a second dedup key: the client address,
  * kept only as HMAC(server secret, "ip\n" poll_id "\n" address key) cut to 16 bytes, so
  * neither memory nor the store ever holds an address, and hashes cannot be linked
- * across polls. The address is the TCP peer's: behind a reverse proxy every voter has
- * the proxy's address (X-Forwarded-For is not trusted).
+ * across polls. The address is the client's (tly_req_client: the TCP peer's, or what a
+ * trusted proxy's X-Forwarded-For names, --trusted-proxies).
  */
 #include <arpa/inet.h>
 #include <openssl/hmac.h>
@@ -74,33 +74,13 @@ static void respond_address_voted(tly_req_t *req, const tly_vote_t *v)
                       json_pack("{s:s, s:s}", "vote_id", v->vote_id, "rule", "ip"));
 }
 
-/*
- * The key an address counts under: IPv4 as it is (also when it arrives IPv4-mapped on
- * an IPv6 socket, or every IPv4 client would share ::/64), IPv6 by its /64, which one
- * host usually holds whole (as in limits.c's rate-limit keys).
- */
-static void address_key(const char *peer, char *out, size_t cap)
-{
-    struct in6_addr a6;
-    if (strchr(peer, ':') != NULL && inet_pton(AF_INET6, peer, &a6) == 1) {
-        const uint8_t *b = a6.s6_addr;
-        if (IN6_IS_ADDR_V4MAPPED(&a6))
-            snprintf(out, cap, "ip:%u.%u.%u.%u", b[12], b[13], b[14], b[15]);
-        else
-            snprintf(out, cap, "ip6:%02x%02x:%02x%02x:%02x%02x:%02x%02x::/64", b[0], b[1], b[2], b[3], b[4], b[5],
-                     b[6], b[7]);
-        return;
-    }
-    snprintf(out, cap, "ip:%s", peer);
-}
-
 /* The keyed hash of the request's client address for poll_id. false when OpenSSL fails. */
 static bool address_hash(tly_app_t *app, tly_req_t *req, const char *poll_id, uint8_t out[TLY_IP_HASH_LEN])
 {
     char key[80], msg[TLY_POLL_ID_LEN + 96];
     unsigned char mac[EVP_MAX_MD_SIZE];
     unsigned int len = sizeof(mac);
-    address_key(tly_req_peer(req), key, sizeof(key));
+    tly_addr_key(tly_req_client(req), key, sizeof(key));
     int n = snprintf(msg, sizeof(msg), "ip\n%s\n%s", poll_id, key);
     if (n < 0 || (size_t)n >= sizeof(msg) ||
         HMAC(EVP_sha256(), app->secret, (int)app->secret_len, (const unsigned char *)msg, (size_t)n, mac, &len) ==

@@ -52,6 +52,9 @@ static const option_t options[] = {
     {"max-connections", OPT_LONG, OFF(max_connections), "19000", 1, 10000000, "serve", "open connections at most"},
     {"max-connections-per-ip", OPT_LONG, OFF(max_connections_per_ip), "4096", 0, 10000000, "serve",
      "open connections at most from one address (IPv6: one /64); 0: no limit"},
+    {"trusted-proxies", OPT_STR, OFF(trusted_proxies), "", 0, 0, "serve",
+     "reverse proxies (addresses or CIDRs, comma-separated) whose X-Forwarded-For names the client "
+     "for per-address limits, voter_check \"ip\" and logs; empty: the TCP peer is the client"},
     {"token-ttl", OPT_LONG, OFF(token_ttl), "2592000", 60, 31622400, "serve", "lifetime of issued tokens, seconds"},
     {"batch-max", OPT_LONG, OFF(batch_max), "4096", 1, 1000000, "serve", "most writes in one store transaction"},
     {"live-tick", OPT_LONG, OFF(live_tick), "250", 10, 10000, "serve",

@@ -23,6 +23,7 @@ typedef struct {
     char *web_root;
     char *log_level;
     char *public_url;
+    char *trusted_proxies; /* "" = none: X-Forwarded-For is ignored */
     long body_limit;
     long head_limit;
     long uri_limit;

@@ -85,6 +85,32 @@ typedef enum {
 typedef struct tly_req tly_req_t;
 typedef struct tly_server tly_server_t;
 
+/* ---- client addresses (addr.c) ---- */
+
+/* The key an address (numeric, as tly_req_client gives it) counts under in per-address
+ * limits: "ip:a.b.c.d" for IPv4 (also IPv4-mapped IPv6), "ip6:xxxx:...::/64" for IPv6,
+ * whose hosts usually hold a whole /64. Writes at most cap bytes. Any thread. */
+void tly_addr_key(const char *addr, char *out, size_t cap);
+
+#define TLY_PROXIES_MAX 32
+typedef struct {
+    uint8_t addr[16]; /* IPv4 as IPv4-mapped IPv6 */
+    unsigned bits;    /* prefix length over those 16 bytes */
+} tly_cidr_t;
+/* The reverse proxies whose X-Forwarded-For is believed. */
+typedef struct {
+    tly_cidr_t v[TLY_PROXIES_MAX];
+    size_t n;
+} tly_proxies_t;
+
+/* Parses "addr[/bits], ..." (IPv4 or IPv6, comma or space separated; "" = none) into out.
+ * Returns 0, or -1 with a reason in err. */
+int tly_proxies_parse(const char *spec, tly_proxies_t *out, char *err, size_t errlen);
+/* When peer is one of px and xff (an X-Forwarded-For value) names addresses: the
+ * rightmost of them that is not a trusted proxy (the leftmost if all are) is the client;
+ * copies it into out (cap bytes) and returns true. false: the peer is the client. */
+bool tly_proxies_client(const tly_proxies_t *px, const char *peer, tly_str_t xff, char *out, size_t cap);
+
 typedef struct {
     size_t body_max;            /* bytes; larger bodies get 413 */
     size_t head_max;            /* bytes of request line + headers; larger get 431 */
@@ -93,6 +119,7 @@ typedef struct {
     uint64_t idle_timeout_ms;   /* a keep-alive connection idle this long is closed */
     size_t max_connections;     /* further connections are accepted and closed at once */
     size_t max_connections_per_ip; /* the same, per client address (IPv6: per /64); 0 = none */
+    tly_proxies_t trusted_proxies; /* whose X-Forwarded-For tly_req_client believes */
     /* Every parsed request goes here. The handler answers now or later with
      * tly_req_respond; until then the connection reads nothing more. */
     void (*handler)(tly_req_t *req, void *arg);
@@ -127,8 +154,12 @@ bool tly_req_query_param(tly_req_t *req, const char *name, tly_str_t *out);
 /* The value of the first header named `name` (case-insensitive), or {NULL,0}. */
 tly_str_t tly_req_header(tly_req_t *req, const char *name);
 tly_str_t tly_req_body(tly_req_t *req);
-/* The peer's numeric address ("127.0.0.1"). */
+/* The peer's numeric address ("127.0.0.1"): the TCP connection's other end. */
 const char *tly_req_peer(tly_req_t *req);
+/* The client's numeric address: the peer's, or when the peer is a trusted proxy (conf
+ * trusted_proxies), the one its X-Forwarded-For names (tly_proxies_client). What
+ * per-address limits and logs use. Valid for the request's lifetime. */
+const char *tly_req_client(tly_req_t *req);
 /* Memory that lives until the request is answered. NULL on allocation failure. */
 void *tly_req_alloc(tly_req_t *req, size_t n);
 /* A copy of s in request memory, NUL-terminated. */

@@ -48,7 +48,7 @@ typedef struct {
 /* open connections per client address, for the per-IP cap */
 typedef struct ip_conns {
     UT_hash_handle hh;
-    char key[INET6_ADDRSTRLEN];
+    char key[INET6_ADDRSTRLEN + 8]; /* tly_addr_key */
     size_t n;
 } ip_conns_t;
 
@@ -74,6 +74,8 @@ struct tly_req {
     } resp_headers[MAX_RESP_HEADERS];
     size_t nresp;
     const char *route, *note;
+    bool client_known;                /* client: tly_req_client has looked */
+    char client[INET6_ADDRSTRLEN];
 };
 
 struct conn {

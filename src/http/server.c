@@ -370,6 +370,7 @@ static void parse_head(conn_t *c)
     req->query = q ? (tly_str_t){q + 1, path_len - (size_t)(q - path) - 1} : (tly_str_t){"", 0};
     req->body = (tly_str_t){"", 0};
     req->nresp = 0;
+    req->client_known = false;
     /* picohttpparser takes a request line that starts with a space as an empty method;
      * HTTP's method is a token of at least one character (RFC 9112 3.1) */
     if (method_len == 0 || path_len == 0 || path[0] != '/') {
@@ -570,18 +571,8 @@ static void on_accept(h2o_socket_t *listener, const char *err)
             strcpy(c->peer, "unknown");
         if (s->conf.max_connections_per_ip > 0) {
             /* IPv6 hosts usually hold a whole /64: count them by it */
-            char key[INET6_ADDRSTRLEN];
-            const struct in6_addr *a6 = &((struct sockaddr_in6 *)&ss)->sin6_addr;
-            if (ss.ss_family == AF_INET6 && IN6_IS_ADDR_V4MAPPED(a6)) {
-                snprintf(key, sizeof(key), "%u.%u.%u.%u", a6->s6_addr[12], a6->s6_addr[13], a6->s6_addr[14],
-                         a6->s6_addr[15]);
-            } else if (ss.ss_family == AF_INET6) {
-                const uint8_t *b = a6->s6_addr;
-                snprintf(key, sizeof(key), "%02x%02x:%02x%02x:%02x%02x:%02x%02x::/64", b[0], b[1], b[2], b[3], b[4],
-                         b[5], b[6], b[7]);
-            } else {
-                snprintf(key, sizeof(key), "%s", c->peer);
-            }
+            char key[INET6_ADDRSTRLEN + 8];
+            tly_addr_key(c->peer, key, sizeof(key));
             ip_conns_t *ic;
             HASH_FIND_STR(s->ips, key, ic);
             if (ic != NULL && ic->n >= s->conf.max_connections_per_ip) {
@@ -748,6 +739,21 @@ tly_str_t tly_req_path(tly_req_t *req) { return req->path; }
 tly_str_t tly_req_query(tly_req_t *req) { return req->query; }
 tly_str_t tly_req_body(tly_req_t *req) { return req->body; }
 const char *tly_req_peer(tly_req_t *req) { return req->conn->peer; }
+
+const char *tly_req_client(tly_req_t *req)
+{
+    if (!req->client_known) {
+        req->client_known = true;
+        tly_str_t xff = {NULL, 0}; /* the last one: the hop nearest to us appended to it */
+        for (size_t i = 0; i < req->nheaders; i++)
+            if (tly_str_ieq((tly_str_t){req->headers[i].name, req->headers[i].name_len}, "x-forwarded-for"))
+                xff = (tly_str_t){req->headers[i].value, req->headers[i].value_len};
+        if (!tly_proxies_client(&req->conn->server->conf.trusted_proxies, req->conn->peer, xff, req->client,
+                                sizeof(req->client)))
+            snprintf(req->client, sizeof(req->client), "%s", req->conn->peer);
+    }
+    return req->client;
+}
 uint64_t tly_req_start(tly_req_t *req) { return req->start; }
 void tly_req_set_route(tly_req_t *req, const char *route) { req->route = route; }
 const char *tly_req_route(tly_req_t *req) { return req->route; }

@@ -269,3 +269,41 @@ test('the address rule survives a restart, and the store holds no address', { ti
   assertStatus(await vote('127.0.0.1', p, await newVoter()), 200, 'freed');
   assert.equal(await total(p), 3);
 });
+
+test('X-Forwarded-For names the voter only when the connection comes from a --trusted-proxies address', async () => {
+  const xff = (addr) => ({ 'X-Forwarded-For': addr });
+  // without the option, a header any client can write changes nothing: one address here
+  const p = await createPoll(server, ownerTok, { settings: { voter_check: 'ip' } });
+  assertStatus(await vote('127.0.0.1', p, newVoter(), undefined, xff('203.0.113.1')), 200, 'first');
+  assertError(await vote('127.0.0.1', p, newVoter(), undefined, xff('203.0.113.2')), 409, 'ALREADY_VOTED');
+
+  // behind a trusted balancer (127.0.0.1 here), the address it appended is the voter's
+  const lb = await startServer({ args: ['--trusted-proxies', '127.0.0.1/32, ::1'] });
+  try {
+    const owner = await lb.token(`owner-${rand()}`);
+    const q = await createPoll(lb, owner, { settings: { voter_check: 'ip' } });
+    const cast = (token, chain, addr = '127.0.0.1') => new Promise((resolve, reject) => {
+      const payload = JSON.stringify({ option_id: q.options[0].option_id });
+      const req = http.request({
+        host: '127.0.0.1', port: lb.port, localAddress: addr, agent: false, method: 'POST',
+        path: `/v1/polls/${q.poll_id}/votes`,
+        headers: { authorization: `Bearer ${token}`, 'content-type': 'application/json', 'x-forwarded-for': chain },
+      }, (res) => {
+        let text = '';
+        res.on('data', (c) => { text += c; });
+        res.on('end', () => resolve({ status: res.statusCode, text, json: JSON.parse(text), headers: res.headers }));
+      });
+      req.on('error', reject);
+      req.end(payload);
+    });
+    assertStatus(await cast(lb.mint(`v-${rand()}`), '203.0.113.1'), 200, 'voter at 203.0.113.1');
+    assertStatus(await cast(lb.mint(`v-${rand()}`), '203.0.113.2'), 200, 'another address: another voter');
+    // the same address again, whatever the client prepended to the header
+    assertError(await cast(lb.mint(`v-${rand()}`), '198.51.100.1, 203.0.113.1'), 409, 'ALREADY_VOTED');
+    // a connection from an address that is not a trusted proxy: its header is ignored
+    assertStatus(await cast(lb.mint(`v-${rand()}`), '203.0.113.3', '127.0.0.7'), 200, 'untrusted peer 127.0.0.7');
+    assertError(await cast(lb.mint(`v-${rand()}`), '203.0.113.4', '127.0.0.7'), 409, 'ALREADY_VOTED');
+  } finally {
+    await lb.close();
+  }
+});

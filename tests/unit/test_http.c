@@ -168,3 +168,63 @@ Test(server, pipelined_request_whose_body_is_still_arriving_is_answered, .init =
     cr_assert_eq(handled, 2);
     close(fd);
 }
+
+/* ---- client addresses (addr.c): what per-address limits count a voter as ---- */
+
+static const char *client_of(const char *spec, const char *peer, const char *xff)
+{
+    static char out[64];
+    tly_proxies_t px;
+    char err[160];
+    cr_assert_eq(tly_proxies_parse(spec, &px, err, sizeof(err)), 0, "%s", err);
+    tly_str_t h = {xff, xff ? strlen(xff) : 0};
+    if (!tly_proxies_client(&px, peer, h, out, sizeof(out)))
+        snprintf(out, sizeof(out), "%s", peer);
+    return out;
+}
+
+Test(addr, x_forwarded_for_counts_only_from_a_trusted_proxy)
+{
+    /* no proxies trusted: a header anyone can send changes nothing */
+    cr_assert_str_eq(client_of("", "127.0.0.1", "203.0.113.9"), "127.0.0.1");
+    /* the balancer appended the address it got the request from */
+    cr_assert_str_eq(client_of("127.0.0.1", "127.0.0.1", "203.0.113.9"), "203.0.113.9");
+    /* what the client wrote itself, left of it, proves nothing */
+    cr_assert_str_eq(client_of("127.0.0.1", "127.0.0.1", "1.2.3.4, 203.0.113.9"), "203.0.113.9");
+    /* a chain of trusted proxies (a CIDR, IPv6 too) is skipped from the right */
+    cr_assert_str_eq(client_of("10.0.0.0/8, ::1", "::1", "198.51.100.7 ,10.1.2.3"), "198.51.100.7");
+    cr_assert_str_eq(client_of("10.0.0.0/8,::1", "::1", "2001:db8::1, 10.1.2.3"), "2001:db8::1");
+    /* all trusted: the leftmost; garbage stops the walk at what was believed so far */
+    cr_assert_str_eq(client_of("10.0.0.0/8", "10.0.0.1", "10.9.9.9, 10.1.1.1"), "10.9.9.9");
+    cr_assert_str_eq(client_of("10.0.0.0/8", "10.0.0.1", "203.0.113.5, bogus"), "10.0.0.1");
+    /* a peer outside the list, or no header: the peer */
+    cr_assert_str_eq(client_of("10.0.0.0/8", "192.0.2.1", "203.0.113.9"), "192.0.2.1");
+    cr_assert_str_eq(client_of("127.0.0.1", "127.0.0.1", NULL), "127.0.0.1");
+    /* an IPv4 peer on a dual-stack socket matches an IPv4 entry */
+    cr_assert_str_eq(client_of("127.0.0.1", "::ffff:127.0.0.1", "203.0.113.9"), "203.0.113.9");
+}
+
+Test(addr, trusted_proxies_spec_errors)
+{
+    tly_proxies_t px;
+    char err[160];
+    cr_assert_eq(tly_proxies_parse("10.0.0.0/33", &px, err, sizeof(err)), -1);
+    cr_assert(strstr(err, "prefix") != NULL, "%s", err);
+    cr_assert_eq(tly_proxies_parse("example.com", &px, err, sizeof(err)), -1);
+    cr_assert_eq(tly_proxies_parse("10.0.0.0/", &px, err, sizeof(err)), -1);
+    cr_assert_eq(tly_proxies_parse(" 127.0.0.1 , ::1/128 ", &px, err, sizeof(err)), 0, "%s", err);
+    cr_assert_eq(px.n, 2);
+}
+
+Test(addr, keys_count_ipv4_alike_and_ipv6_by_its_64)
+{
+    char a[64], b[64];
+    tly_addr_key("192.0.2.1", a, sizeof(a));
+    tly_addr_key("::ffff:192.0.2.1", b, sizeof(b));
+    cr_assert_str_eq(a, "ip:192.0.2.1");
+    cr_assert_str_eq(a, b);
+    tly_addr_key("2001:db8:1:2:aaaa::1", a, sizeof(a));
+    tly_addr_key("2001:db8:1:2:bbbb::9", b, sizeof(b));
+    cr_assert_str_eq(a, b);
+    cr_assert_str_eq(a, "ip6:2001:0db8:0001:0002::/64");
+}
