@@ -912,18 +912,8 @@ static void pg_close(pg_store_t *s)
         return;
     /* The writer first: it commits what is queued. Then the follower (own batches still
      * waiting for foreign rows before them get them if it can read them in time). */
-    pthread_mutex_lock(&s->mu);
-    s->stopping = 1;
-    pthread_cond_signal(&s->cv);
-    pthread_mutex_unlock(&s->mu);
-    if (s->writer_started)
-        pthread_join(s->writer, NULL);
-    pthread_mutex_lock(&s->fmu);
-    s->fstopping = 1;
-    pthread_cond_signal(&s->fcv);
-    pthread_mutex_unlock(&s->fmu);
-    if (s->follower_started)
-        pthread_join(s->follower, NULL);
+    tly_store_stop_thread(&s->mu, &s->cv, &s->stopping, s->writer, s->writer_started);
+    tly_store_stop_thread(&s->fmu, &s->fcv, &s->fstopping, s->follower, s->follower_started);
     pg_feed_flush(s);
     pg_reap(s);
     store_free(s);

@@ -747,12 +747,7 @@ static void sq_close(sq_store_t *s)
 {
     if (s == NULL)
         return;
-    pthread_mutex_lock(&s->mu);
-    s->stopping = 1;
-    pthread_cond_signal(&s->cv);
-    pthread_mutex_unlock(&s->mu);
-    if (s->writer_started)
-        pthread_join(s->writer, NULL);
+    tly_store_stop_thread(&s->mu, &s->cv, &s->stopping, s->writer, s->writer_started);
     sq_reap(s);
     store_free(s);
 }

@@ -136,3 +136,13 @@ int tly_store_reconcile(tly_store_reader_t *r, int repair, void (*drift)(void *c
         return 0; /* no counters beside the ballots: nothing can drift */
     return r->be->reconcile(r, repair, drift, actual, ctx);
 }
+
+void tly_store_stop_thread(pthread_mutex_t *mu, pthread_cond_t *cv, int *stop, pthread_t t, int started)
+{
+    pthread_mutex_lock(mu);
+    *stop = 1;
+    pthread_cond_signal(cv);
+    pthread_mutex_unlock(mu);
+    if (started)
+        pthread_join(t, NULL);
+}

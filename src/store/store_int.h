@@ -5,6 +5,8 @@
 #ifndef TALLY_STORE_INT_H
 #define TALLY_STORE_INT_H
 
+#include <pthread.h>
+
 #include "store/store.h"
 
 /*
@@ -49,6 +51,11 @@ extern const tly_store_backend_t tly_store_pg;     /* pg.c */
 
 /* For histograms: the index of the bucket of v among bounds (TLY_STORE_HIST of them). */
 int tly_store_hist_bucket(const uint64_t *bounds, uint64_t v);
+
+/* How a backend stops one of its threads (writer, follower): sets *stop under mu, wakes
+ * the thread waiting on cv, and joins t if started is set. The thread finishes what is
+ * queued before it returns. Owning thread, at close. */
+void tly_store_stop_thread(pthread_mutex_t *mu, pthread_cond_t *cv, int *stop, pthread_t t, int started);
 
 /* The schema version sqlite_schema.c migrates to (PRAGMA user_version). */
 #define TLY_STORE_SCHEMA_VERSION 4
