@@ -63,14 +63,14 @@ int tly_time_parse(const char *s, int64_t *ms);
  * `prefix` (may be ""). out must hold strlen(prefix) + 4 * nbytes / 3 + 2 bytes. */
 void tly_random_id(char *out, const char *prefix, size_t nbytes);
 
-/* base64url without padding. encode writes a NUL-terminated string and returns its
- * length; out must hold 4 * (n + 2) / 3 + 1 bytes. decode returns the decoded
- * length or TLY_EINVAL; out must hold 3 * len / 4 + 1 bytes. */
-/* Lower-case hex of n bytes into out (2n + 1 bytes, NUL-terminated). */
+/* Lower-case hex of n bytes into out (2n + 1 bytes, NUL-terminated); libsodium's. */
 void tly_hex_encode(const uint8_t *in, size_t n, char *out);
 /* Decodes len hex digits (either case) into out, at most cap bytes. Returns the byte
  * count, or -1 for an odd length, a non-hex digit or more than cap bytes. */
 int tly_hex_decode(const char *in, size_t len, uint8_t *out, size_t cap);
+/* base64url without padding. encode writes a NUL-terminated string and returns its
+ * length; out must hold 4 * (n + 2) / 3 + 1 bytes. decode returns the decoded
+ * length or TLY_EINVAL; out must hold 3 * len / 4 + 1 bytes. */
 size_t tly_b64url_encode(const uint8_t *in, size_t n, char *out);
 int tly_b64url_decode(const char *in, size_t len, uint8_t *out);
 

@@ -791,17 +791,6 @@ char *tly_req_strdup(tly_req_t *req, tly_str_t s)
     return p;
 }
 
-static int hexval(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 bool tly_req_query_param(tly_req_t *req, const char *name, tly_str_t *out)
 {
     tly_str_t q = req->query;
@@ -822,8 +811,9 @@ bool tly_req_query_param(tly_req_t *req, const char *name, tly_str_t *out)
         char *d = tly_req_alloc(req, vlen + 1);
         size_t o = 0;
         for (size_t j = 0; j < vlen; j++) {
-            if (v[j] == '%' && j + 2 < vlen && hexval(v[j + 1]) >= 0 && hexval(v[j + 2]) >= 0) {
-                d[o++] = (char)(hexval(v[j + 1]) * 16 + hexval(v[j + 2]));
+            uint8_t byte;
+            if (v[j] == '%' && j + 2 < vlen && tly_hex_decode(v + j + 1, 2, &byte, 1) == 1) {
+                d[o++] = (char)byte;
                 j += 2;
             } else if (v[j] == '+') {
                 d[o++] = ' ';
