@@ -139,8 +139,8 @@ static void enqueue_fallback(enqueue_t *e)
     waiter_t *w = api_waiter_new(e->req, true);
     char *meta = e->client_meta;
     e->client_meta = NULL;
-    if (w == NULL || api_cast_submit(app, p, e->voter_id, &e->ballot, e->idem, e->hash_bytes, e->has_ip ? e->ip_hash : NULL,
-                                     meta, e->request_id, now, w, NULL, NULL) != 0) {
+    if (w == NULL || api_cast_submit(app, p, e->voter_id, &e->ballot, e->idem, e->hash_bytes,
+                                     e->has_ip ? e->ip_hash : NULL, meta, e->request_id, now, w, NULL, NULL) != 0) {
         tly_req_add_header(e->req, "Retry-After", "1");
         api_respond_error(e->req, 503, "UNAVAILABLE", "out of memory", NULL);
     }

@@ -224,6 +224,18 @@ void api_polls_get(tly_req_t *req, const tly_params_t *params, void *arg)
 
 /* ---- change ---- */
 
+/* Puts p back as `before` (a copy of it taken ahead of a change the store did not take):
+ * memory shows what the store has. false when out of memory (the change stays). */
+static bool undo_patch(tly_poll_t *p, const poll_op_t *before)
+{
+    int rc;
+    tly_poll_t *was = api_poll_build(&before->op.u.poll, &rc);
+    if (was == NULL)
+        return false;
+    tly_poll_adopt(p, was);
+    return true;
+}
+
 static void patch_committed(tly_store_op_t *op)
 {
     poll_op_t *po = op->ctx;
@@ -246,12 +258,9 @@ static void patch_committed(tly_store_op_t *op)
         /* The change went live in memory before the store refused it: memory goes back
          * to the poll as it was (what the store still has), and the caller hears so. */
         tly_poll_t *p = tly_registry_find_poll(po->app->registry, op->u.poll.poll_id);
-        int rc;
-        tly_poll_t *was = p != NULL ? api_poll_build(&po->before->op.u.poll, &rc) : NULL;
-        if (was != NULL)
-            tly_poll_adopt(p, was);
-        tly_log(TLY_LOG_ERROR, p == NULL || was != NULL ? "poll change not stored; undone"
-                                                        : "poll change not stored; not undone (out of memory)",
+        bool undone = p == NULL || undo_patch(p, po->before);
+        tly_log(TLY_LOG_ERROR,
+                undone ? "poll change not stored; undone" : "poll change not stored; not undone (out of memory)",
                 "poll_id", op->u.poll.poll_id, NULL);
         api_respond_store_error(po->req, op->result);
     }
@@ -341,9 +350,7 @@ void api_polls_patch(tly_req_t *req, const tly_params_t *params, void *arg)
         tly_poll_freeze_results(p, p->updated_at);
     poll_op_t *po = poll_op_new(app, TLY_OP_POLL_UPDATE, p);
     if (po == NULL) {
-        tly_poll_t *was = api_poll_build(&before->op.u.poll, &rc);
-        if (was != NULL)
-            tly_poll_adopt(p, was);
+        undo_patch(p, before);
         poll_op_free(before);
         tly_req_add_header(req, "Retry-After", "1");
         api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
