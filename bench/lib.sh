@@ -29,7 +29,9 @@
     TALLY_FLAGS=(--rate-limits off --log-level warn)
     TALLY_ENV=$(env | grep '^TALLY_' | grep -v '^TALLY_BIN=' | tr '\n' ' ' || true) # e.g. TALLY_BATCH_MAX=...
     TALLY_FLAGS_TEXT="${TALLY_FLAGS[*]}${TALLY_ENV:+ + environment $TALLY_ENV}"
-    src_state=$(git -C "$ROOT" status --porcelain -- src 2>/dev/null | grep -q . && echo "src/ modified" || echo "src/ as committed")
+    # everything that shapes a run: the server, the cluster and service scripts, the bench
+    src_state=$(git -C "$ROOT" status --porcelain -- src scripts bench 2>/dev/null | grep -q . &&
+        echo "src/, scripts/ or bench/ modified" || echo "src/, scripts/, bench/ as committed")
     COMMIT="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown) ($src_state)"
 }
 
