@@ -433,17 +433,13 @@ void api_bus_count(tly_app_t *app, const char *poll_id, const uint8_t *before, s
 {
     if (app->bus == NULL || app->counts_script == NULL || !tly_bus_up(app->bus))
         return;
-    count_moves_t *m = NULL, one;
+    count_moves_t *m = NULL;
     HASH_FIND_STR(app->count_moves, poll_id, m);
     if (m == NULL) {
-        m = tly_calloc(1, sizeof(*m));
-        if (m == NULL) { /* out of memory: this change alone, now */
-            memset(&one, 0, sizeof(one));
-            m = &one;
-        }
+        if ((m = tly_calloc(1, sizeof(*m))) == NULL)
+            return; /* out of memory: a lost move, drift that reconciliation repairs */
         snprintf(m->poll_id, sizeof(m->poll_id), "%s", poll_id);
-        if (m != &one)
-            HASH_ADD_STR(app->count_moves, poll_id, m);
+        HASH_ADD_STR(app->count_moves, poll_id, m);
     }
     for (size_t i = 0; i < nbefore; i++)
         if (before[i] < TLY_MAX_OPTIONS)
@@ -452,8 +448,6 @@ void api_bus_count(tly_app_t *app, const char *poll_id, const uint8_t *before, s
         if (after[i] < TLY_MAX_OPTIONS)
             m->delta[after[i]]++;
     m->ballots += (nafter > 0) - (nbefore > 0);
-    if (m == &one)
-        send_counts(app, m);
 }
 
 void api_bus_flush_counts(tly_app_t *app)

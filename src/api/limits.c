@@ -19,7 +19,6 @@
  * waits for the answer and then runs (again, from the top, with the limit passed). When
  * Redis cannot answer, the instance's own buckets decide, as without a bus.
  */
-#include <arpa/inet.h>
 #include <stdio.h>
 #include <string.h>
 

@@ -13,7 +13,6 @@
  * across polls. The address is the client's (tly_req_client: the TCP peer's, or what a
  * trusted proxy's X-Forwarded-For names, --trusted-proxies).
  */
-#include <arpa/inet.h>
 #include <openssl/hmac.h>
 #include <string.h>
 
