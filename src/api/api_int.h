@@ -112,6 +112,7 @@ struct tly_app {
     deferred_t *deferred;   /* waiting for a write of ours on the same key */
     tly_req_t *redispatch;  /* the request running a second time after a sync */
     tly_req_t *limit_passed; /* the request running again after its rate limit passed */
+    tly_req_t *ingest_bypass; /* ingest.c: the async vote running again, the log refused it */
     bool closing;            /* tly_app_free has begun */
     tly_bus_script_t *limit_script; /* limits.c: shared buckets in Redis (with a bus) */
     uint64_t followed, resyncs;

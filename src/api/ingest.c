@@ -116,34 +116,19 @@ static const char *cannot_cast(tly_poll_t *p, const char *voter_id, const tly_ba
     return NULL;
 }
 
-/* The log could not take it (Redis went away): the ballot goes straight into the store,
- * as without a bus, and is answered 202 once durable there. */
+/* The log could not take it (Redis went away): the request runs once more through the
+ * vote route, which skips the log for it and casts straight into the store (answering
+ * 202 once durable there), with every check of a vote made again against the poll as
+ * it is now: it may have been deleted, closed or changed, and the voter may have voted,
+ * retracted or replayed meanwhile. */
 static void enqueue_fallback(enqueue_t *e)
 {
     tly_app_t *app = e->app;
-    tly_poll_t *p = tly_registry_find_poll(app->registry, e->poll_id);
-    int64_t now = tly_now_ms();
-    const char *why = cannot_cast(p, e->voter_id, &e->ballot, e->has_ip ? e->ip_hash : NULL, now);
-    if (why != NULL) {
-        if (strcmp(why, "POLL_NOT_FOUND") == 0)
-            api_respond_error(e->req, 404, why, "no poll with that id", NULL);
-        else if (strcmp(why, "POLL_NOT_ACTIVE") == 0)
-            api_respond_error(e->req, 409, why, "the poll no longer accepts votes",
-                              json_pack("{s:s}", "status", tly_poll_status_name(tly_poll_effective_status(p, now))));
-        else if (strcmp(why, "INVALID_OPTION") == 0)
-            api_respond_error(e->req, 400, why, "the poll's options changed; no option with that id", NULL);
-        else
-            api_respond_error(e->req, 409, why, "this voter has already voted in this poll", NULL);
-        return;
-    }
-    waiter_t *w = api_waiter_new(e->req, true);
-    char *meta = e->client_meta;
-    e->client_meta = NULL;
-    if (w == NULL || api_cast_submit(app, p, e->voter_id, &e->ballot, e->idem, e->hash_bytes,
-                                     e->has_ip ? e->ip_hash : NULL, meta, e->request_id, now, w, NULL, NULL) != 0) {
-        tly_req_add_header(e->req, "Retry-After", "1");
-        api_respond_error(e->req, 503, "UNAVAILABLE", "out of memory", NULL);
-    }
+    app->ingest_bypass = e->req;
+    app->limit_passed = e->req; /* checked on the first run */
+    api_dispatch(app, e->req);
+    app->ingest_bypass = NULL;
+    app->limit_passed = NULL;
 }
 
 static void respond_closing(tly_req_t *req)

@@ -482,7 +482,7 @@ void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg)
         api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
         goto done;
     }
-    if (async && api_ingest_up(app)) {
+    if (async && api_ingest_up(app) && app->ingest_bypass != req) {
         /* into the durable ingest log; a consumer (any instance) applies it */
         api_ingest_enqueue(app, req, p, caller.id, &ballot, idem, hash, by_address ? ip_hash : NULL, client_meta);
         free(client_meta);

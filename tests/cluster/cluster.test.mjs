@@ -385,6 +385,43 @@ test('async votes: into the ingest log (202), retried across instances, one kill
   await totalsEverywhere(poll.poll_id, N);
 });
 
+test('an async ballot the ingest log refuses goes straight into the store (202 once durable); retries, retractions and closes work as ever', async () => {
+  const { poll, owner } = await newPoll({ settings: { allow_vote_change: true } });
+  const opt = poll.options[0].option_id;
+  const async = { Prefer: 'respond-async' };
+  const redis = (...args) => run('redis-cli', ['-u', c.info.redis, ...args]);
+  // Redis up but refusing writes: the log's script fails, the instance stays "up"
+  await redis('CONFIG', 'SET', 'min-replicas-to-write', '1');
+  try {
+    const a = await vote(c.nodes[0], 'fallback-1', poll.poll_id, opt, 'fb-1', async);
+    assert.equal(a.status, 202, a.text);
+    const [[n]] = await c.sql(`SELECT count(*) FROM ballots WHERE poll_id = '${poll.poll_id}' AND voter_id = 'fallback-1'`);
+    assert.equal(Number(n), 1, 'durable in the store when answered');
+    assert.match(c.nodes[0].logs(), /ingest log unavailable, vote stored directly/);
+    const st = await requestState(c.nodes[0], 'fallback-1', poll.poll_id, a.json.request_id);
+    assert.equal(st.state, 'completed');
+    // the same request again: its outcome (the recorded ballot, as any retry of an async
+    // vote that has completed gets), not a second ballot
+    const again = await vote(c.nodes[0], 'fallback-1', poll.poll_id, opt, 'fb-1', async);
+    assert.equal(again.status, 200, again.text);
+    assert.equal(again.json.vote_id, st.vote_id);
+    assert.equal((await storeCounts(poll.poll_id)).ballots, 1);
+    // retracted, then the first request retried: refused as on the synchronous path
+    const gone = await api(c.nodes[0], 'DELETE', `/v1/polls/${poll.poll_id}/votes/me`, { token: tok('fallback-1') });
+    assert.equal(gone.status, 204, gone.text);
+    const late = await vote(c.nodes[0], 'fallback-1', poll.poll_id, opt, 'fb-1', async);
+    assert.equal(late.status, 409, late.text);
+    assert.equal(late.json.error.code, 'VOTE_RETRACTED');
+    const closed = await api(c.nodes[0], 'PATCH', `/v1/polls/${poll.poll_id}`, { token: owner, body: { status: 'closed' } });
+    assert.equal(closed.status, 200, closed.text);
+    const shut = await vote(c.nodes[0], 'fallback-2', poll.poll_id, opt, 'fb-2', async);
+    assert.equal(shut.status, 409, shut.text);
+    assert.equal(shut.json.error.code, 'POLL_NOT_ACTIVE');
+  } finally {
+    await redis('CONFIG', 'SET', 'min-replicas-to-write', '0');
+  }
+});
+
 test('an async ballot of a voter who already voted fails ALREADY_VOTED; a broken entry goes to the dead letters', async () => {
   const { poll } = await newPoll();
   const opt = poll.options[0].option_id;
