@@ -742,6 +742,8 @@ const char *tly_req_peer(tly_req_t *req) { return req->conn->peer; }
 
 const char *tly_req_client(tly_req_t *req)
 {
+    if (req->conn->server->conf.trusted_proxies.n == 0)
+        return req->conn->peer; /* the default: no header is believed */
     if (!req->client_known) {
         req->client_known = true;
         tly_str_t xff = {NULL, 0}; /* the last one: the hop nearest to us appended to it */
