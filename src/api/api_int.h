@@ -31,6 +31,7 @@ typedef struct user {
 typedef struct deferred deferred_t; /* follow.c */
 typedef struct count_moves count_moves_t; /* follow.c: live counter moves not yet sent */
 typedef struct waiter waiter_t;     /* votes.c: a request waiting for its ballot's batch */
+typedef struct final_wait final_wait_t; /* polls.c: a read waiting for a poll's final results */
 /* The outcome of a ballot cast from the ingest log: 0 (vote_id set) or a TLY_E* code. */
 typedef void (*api_cast_done_fn)(void *arg, int result, const char *vote_id);
 
@@ -117,6 +118,7 @@ struct tly_app {
     tly_bus_script_t *limit_script; /* limits.c: shared buckets in Redis (with a bus) */
     uint64_t followed, resyncs;
     unsigned settling;       /* polls.c: closed polls waiting for a sync to be frozen */
+    final_wait_t *final_waits; /* polls.c: reads waiting for a settle to end */
     tly_bus_t *bus;          /* --bus: Redis, joining the instances; NULL without */
     struct ingest *ingest;   /* ingest.c: the async ingest log; NULL without a bus */
     tly_bus_script_t *counts_script; /* follow.c: live counters in Redis */
@@ -198,6 +200,8 @@ typedef struct poll_op {
     char *scratch; /* the strings of op.u.poll */
     tly_option_row_t *options;
     struct poll_op *before; /* PATCH: the poll as it was, put back if the store fails */
+    char *final;            /* a freeze: the final results it offers (op.u.poll's) */
+    int attempts;           /* a freeze: how many came before it in a row */
 } poll_op_t;
 poll_op_t *poll_op_new(tly_app_t *app, tly_op_type_t type, const tly_poll_t *p);
 void poll_op_free(poll_op_t *po);
@@ -236,8 +240,14 @@ void api_polls_export(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_polls_timeline(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_polls_qr(tly_req_t *req, const tly_params_t *params, void *arg);
 /* Freezes the final results of a poll that has closed (by PATCH or end_time) and
- * stores them, once. Call wherever a closed poll is read. */
+ * stores them, once. Call wherever a closed poll is read. With a shared store this
+ * goes on after the call (p->settling): see polls.c. */
 void api_poll_settle(tly_app_t *app, tly_poll_t *p, int64_t now);
+/* After api_poll_settle: when a settle of p is under way with a shared store, req waits
+ * for it to end and is then answered by answer(app, req, poll_id), which finds the poll
+ * again (it may be gone); returns true then. false: answer now. */
+typedef void (*api_final_answer_fn)(tly_app_t *app, tly_req_t *req, const char *poll_id);
+bool api_poll_await_final(tly_app_t *app, tly_poll_t *p, tly_req_t *req, api_final_answer_fn answer);
 /* A per-poll pseudonym for a voter: the same voter gets the same one within a poll and
  * unrelated ones across polls; the real id cannot be recovered without the secret. */
 void api_pseudonym(tly_app_t *app, const char *poll_id, const char *voter_id, char out[24]);

@@ -497,6 +497,9 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
                  conf->store[0] ? "named by --store" : conf->data_dir, rc);
         goto fail;
     }
+    /* Instances sharing the store must agree on a closed poll's final results: they are
+     * the store's (api_poll_settle), never a render's of this instance's counts. */
+    tly_registry_set_final_by_store(app->registry, tly_store_shared(app->store));
     if (api_load(app) != 0) {
         snprintf(err, 512, "cannot load the store %s", conf->store[0] ? "named by --store" : conf->data_dir);
         goto fail;

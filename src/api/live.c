@@ -190,6 +190,12 @@ static void offer(sub_t *s, tly_poll_t *p, int64_t now)
     if (s->close_reason != NULL)
         return; /* ending */
     int status = (int)tly_poll_effective_status(p, now);
+    if (status == TLY_STATUS_CLOSED && p->final_by_store && tly_poll_final_results(p) == NULL) {
+        /* closed, but the store has not settled the final results yet (api_poll_settle,
+         * on every tick): the closing message carries them, on a later tick */
+        s->want = true;
+        return;
+    }
     tly_vote_t *mine = s->caller_id != NULL ? tly_poll_find_vote(p, s->caller_id) : NULL;
     bool voted = mine != NULL && mine->state == TLY_VOTE_COMMITTED;
     bool visible = tly_results_visible(p, s->caller_id, voted, now);

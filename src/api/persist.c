@@ -128,6 +128,7 @@ void poll_op_free(poll_op_t *po)
     if (po == NULL)
         return;
     poll_op_free(po->before);
+    tly_free(po->final);
     tly_free(po->scratch);
     tly_free(po->options);
     tly_free(po);

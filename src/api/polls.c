@@ -141,70 +141,176 @@ done:
     json_decref(body);
 }
 
-/* ---- closing: the final tally ---- */
+/* ---- closing: the final tally ----
+ *
+ * One instance: the final results are frozen from memory once no ballot accepted before
+ * the close is pending (tly_poll_freeze_results; a render does it too), and stored.
+ *
+ * Instances sharing the store: the first freeze the store takes is everyone's. This
+ * instance catches up with the store (tly_store_sync), computes the final results from
+ * memory, and offers them with the feed position memory is at (tly_poll_row_t.freeze).
+ * The store takes them only if nothing changed the poll after that position, and from
+ * then on refuses the poll's ballots, so every ballot in the store is in them and every
+ * ballot acknowledged is in the store. Until then reads show the current counts, without
+ * "final" (final_by_store). Another instance's freeze reaches memory through the feed
+ * (tly_poll_adopt); one that found the poll changed is tried again after a new sync.
+ */
 
-static void settle_committed(tly_store_op_t *op)
-{
-    poll_op_t *po = op->ctx;
-    if (op->result != 0) /* memory serves the frozen tally; the store gets it on the next change */
-        tly_log(TLY_LOG_WARN, "final results not stored", "poll_id", op->u.poll.poll_id, NULL);
-    poll_op_free(po);
-}
+#define SETTLE_ATTEMPTS 5 /* freezes refused (stale, or frozen elsewhere) in a row before the next read tries */
 
 typedef struct {
     tly_app_t *app;
     char poll_id[TLY_POLL_ID_LEN + 1];
+    int attempts;
 } settle_t;
 
-static void settle_now(tly_app_t *app, tly_poll_t *p, int64_t now);
+/* A read waiting for a settle under way to end (api_poll_await_final). */
+struct final_wait {
+    final_wait_t *next;
+    tly_req_t *req;
+    api_final_answer_fn answer;
+    char poll_id[TLY_POLL_ID_LEN + 1];
+};
+
+static bool settle_now(tly_app_t *app, tly_poll_t *p, int64_t now, int attempts);
+static bool settle_shared(tly_app_t *app, tly_poll_t *p, int attempts);
+
+/* The settle of poll_id has ended (final results known, or not this time): the reads
+ * waiting for it are answered with what memory has now. */
+static void settle_end(tly_app_t *app, const char *poll_id)
+{
+    final_wait_t **pp = &app->final_waits;
+    while (*pp != NULL) {
+        final_wait_t *w = *pp;
+        if (strcmp(w->poll_id, poll_id) != 0) {
+            pp = &w->next;
+            continue;
+        }
+        *pp = w->next;
+        api_end_async(app);
+        w->answer(app, w->req, poll_id); /* w is request memory: gone after this */
+    }
+}
+
+bool api_poll_await_final(tly_app_t *app, tly_poll_t *p, tly_req_t *req, api_final_answer_fn answer)
+{
+    if (!p->settling || !p->final_by_store || tly_poll_final_results(p) != NULL)
+        return false;
+    final_wait_t *w = tly_req_alloc(req, sizeof(*w));
+    if (w == NULL)
+        return false; /* answered at once, with the current counts */
+    w->req = req;
+    w->answer = answer;
+    memcpy(w->poll_id, p->poll_id, sizeof(w->poll_id));
+    w->next = app->final_waits;
+    app->final_waits = w;
+    api_begin_async(app);
+    return true;
+}
+
+static void settle_committed(tly_store_op_t *op)
+{
+    poll_op_t *po = op->ctx;
+    tly_app_t *app = po->app;
+    tly_poll_t *p = tly_registry_find_poll(app->registry, op->u.poll.poll_id);
+    if (!op->u.poll.freeze) {
+        if (op->result != 0) /* memory serves the frozen tally; the store gets it on the next change */
+            tly_log(TLY_LOG_WARN, "final results not stored", "poll_id", op->u.poll.poll_id, NULL);
+        poll_op_free(po);
+        return;
+    }
+    bool again = false;
+    if (p != NULL) {
+        p->settling = false;
+        if (op->result == 0 && tly_poll_final_results(p) == NULL) {
+            if (tly_poll_set_final_results(p, po->final) != 0) /* out of memory: the store has them */
+                tly_log(TLY_LOG_WARN, "final results stored but not in memory until the next load", "poll_id",
+                        p->poll_id, NULL);
+        } else if ((op->result == TLY_ESTATE || op->result == TLY_EEXIST) && !app->closing &&
+                   po->attempts + 1 < SETTLE_ATTEMPTS) {
+            /* the poll changed since memory's position, or another instance froze it
+             * first: catch up (which brings the stored final results), and try again */
+            again = settle_shared(app, p, po->attempts + 1);
+        } else if (op->result != 0) {
+            tly_log(TLY_LOG_WARN, "final results not stored; tried again on the next read", "poll_id", p->poll_id,
+                    NULL);
+        }
+    }
+    if (!again)
+        settle_end(app, op->u.poll.poll_id);
+    poll_op_free(po);
+}
 
 static void settle_synced(void *arg)
 {
     settle_t *st = arg;
     tly_app_t *app = st->app;
     app->settling--;
-    if (app->closing) {
-        tly_free(st);
-        return;
+    tly_poll_t *p = NULL;
+    if (!app->closing) {
+        api_follow_flush(app);
+        p = tly_registry_find_poll(app->registry, st->poll_id);
     }
-    api_follow_flush(app);
-    tly_poll_t *p = tly_registry_find_poll(app->registry, st->poll_id);
     if (p != NULL)
-        settle_now(app, p, tly_now_ms());
+        p->settling = false;
+    if (p == NULL || !settle_now(app, p, tly_now_ms(), st->attempts))
+        settle_end(app, st->poll_id);
     tly_free(st);
+}
+
+/* Other instances' last changes must be in memory before the tally is computed: catch up
+ * with the store first. Returns whether a sync was started. */
+static bool settle_shared(tly_app_t *app, tly_poll_t *p, int attempts)
+{
+    settle_t *st = app->settling < 64 ? tly_calloc(1, sizeof(*st)) : NULL;
+    if (st == NULL)
+        return false; /* tried again on the next read */
+    st->app = app;
+    st->attempts = attempts;
+    memcpy(st->poll_id, p->poll_id, sizeof(st->poll_id));
+    app->settling++;
+    p->settling = true;
+    tly_store_sync(app->store, settle_synced, st);
+    return true;
 }
 
 void api_poll_settle(tly_app_t *app, tly_poll_t *p, int64_t now)
 {
-    if (tly_poll_final_results(p) != NULL || tly_poll_effective_status(p, now) != TLY_STATUS_CLOSED)
+    if (tly_poll_final_results(p) != NULL || tly_poll_effective_status(p, now) != TLY_STATUS_CLOSED || p->settling)
         return;
-    if (tly_store_shared(app->store)) {
-        /* Other instances' last ballots must be in memory before the tally is frozen:
-         * catch up with the store first (reads meanwhile show the live counts). */
-        settle_t *st = app->settling < 64 ? tly_calloc(1, sizeof(*st)) : NULL;
-        if (st == NULL)
-            return; /* tried again on the next read */
-        st->app = app;
-        memcpy(st->poll_id, p->poll_id, sizeof(st->poll_id));
-        app->settling++;
-        tly_store_sync(app->store, settle_synced, st);
-        return;
-    }
-    settle_now(app, p, now);
+    if (tly_store_shared(app->store))
+        settle_shared(app, p, 0);
+    else
+        settle_now(app, p, now, 0);
 }
 
-static void settle_now(tly_app_t *app, tly_poll_t *p, int64_t now)
+/* Freezes (one instance) or offers the store a freeze (shared store). Returns whether a
+ * freeze went to a shared store (the settle goes on in settle_committed). */
+static bool settle_now(tly_app_t *app, tly_poll_t *p, int64_t now, int attempts)
 {
     if (tly_poll_final_results(p) != NULL || tly_poll_effective_status(p, now) != TLY_STATUS_CLOSED)
-        return;
-    if (tly_poll_freeze_results(p, now) != 0)
-        return; /* out of memory: tried again on the next read */
+        return false;
+    bool shared = tly_store_shared(app->store);
+    char *final = NULL;
+    if (shared ? tly_poll_render_final(p, now, &final) != 0 : tly_poll_freeze_results(p, now) != 0)
+        return false; /* pending ballots, or out of memory: tried again on the next read */
     poll_op_t *po = poll_op_new(app, TLY_OP_POLL_UPDATE, p);
-    if (po == NULL)
-        return;
+    if (po == NULL) {
+        tly_free(final);
+        return false;
+    }
+    if (shared) {
+        po->final = final;
+        po->attempts = attempts;
+        po->op.u.poll.final_results = final;
+        po->op.u.poll.freeze = 1;
+        po->op.u.poll.freeze_after = tly_store_applied_seq(app->store);
+        p->settling = true;
+    }
     po->op.ctx = po;
     po->op.done = settle_committed;
     tly_store_submit(app->store, &po->op);
+    return shared;
 }
 
 /* ---- read ---- */
@@ -250,9 +356,10 @@ static void patch_committed(tly_store_op_t *op)
             if (from != NULL)
                 tly_poll_adopt(p, from);
         }
-        if (p != NULL)
+        if (p != NULL) {
             respond_poll(po->req, 200, p);
-        else
+            api_poll_settle(po->app, p, tly_now_ms()); /* a close: the final tally */
+        } else
             api_respond_error(po->req, 404, "POLL_NOT_FOUND", "no poll with that id", NULL);
     } else {
         /* The change went live in memory before the store refused it: memory goes back
@@ -345,8 +452,11 @@ void api_polls_patch(tly_req_t *req, const tly_params_t *params, void *arg)
         return;
     }
     p->updated_at = tly_now_ms();
-    /* closing freezes the final tally; it is stored with the change */
-    if (tly_poll_effective_status(p, p->updated_at) == TLY_STATUS_CLOSED && tly_poll_final_results(p) == NULL)
+    /* Closing freezes the final tally, stored with the change. Instances that share the
+     * store freeze it once the close is stored (patch_committed: api_poll_settle), as
+     * ballots other instances took before the close may still be on their way. */
+    if (tly_poll_effective_status(p, p->updated_at) == TLY_STATUS_CLOSED && tly_poll_final_results(p) == NULL &&
+        !tly_store_shared(app->store))
         tly_poll_freeze_results(p, p->updated_at);
     poll_op_t *po = poll_op_new(app, TLY_OP_POLL_UPDATE, p);
     if (po == NULL) {

@@ -56,6 +56,18 @@ void api_polls_timeline(tly_req_t *req, const tly_params_t *params, void *arg)
     api_respond_json(req, 200, t);
 }
 
+static void respond_results(tly_req_t *req, tly_poll_t *p, int64_t now);
+
+/* The settle a read waited for has ended (api_poll_await_final). */
+static void answer_results(tly_app_t *app, tly_req_t *req, const char *poll_id)
+{
+    tly_poll_t *p = tly_registry_find_poll(app->registry, poll_id);
+    if (p == NULL)
+        api_respond_error(req, 404, "POLL_NOT_FOUND", "no poll with that id", NULL);
+    else
+        respond_results(req, p, tly_now_ms());
+}
+
 void api_results_get(tly_req_t *req, const tly_params_t *params, void *arg)
 {
     tly_app_t *app = arg;
@@ -63,6 +75,14 @@ void api_results_get(tly_req_t *req, const tly_params_t *params, void *arg)
     tly_poll_t *p = visible_poll(app, req, params, now);
     if (p == NULL)
         return;
+    /* just closed, with instances sharing the store: the final results are on their way */
+    if (api_poll_await_final(app, p, req, answer_results))
+        return;
+    respond_results(req, p, now);
+}
+
+static void respond_results(tly_req_t *req, tly_poll_t *p, int64_t now)
+{
     size_t len;
     const char *json = tly_results_render(p, now, &len);
     if (json == NULL) {

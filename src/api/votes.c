@@ -74,6 +74,15 @@ static void respond_address_voted(tly_req_t *req, const tly_vote_t *v)
 }
 
 /* The keyed hash of the request's client address for poll_id. false when OpenSSL fails. */
+/* The store refused a ballot, change or retraction: another instance stored the poll's
+ * final results first (tly_poll_row_t.freeze). Nothing was counted. */
+static void respond_finalised(tly_req_t *req)
+{
+    api_respond_error(req, 409, "POLL_NOT_ACTIVE",
+                      "the poll closed and its final results were stored before this request; it was not counted",
+                      json_pack("{s:s}", "status", "closed"));
+}
+
 static bool address_hash(tly_app_t *app, tly_req_t *req, const char *poll_id, uint8_t out[TLY_IP_HASH_LEN])
 {
     char key[80], msg[TLY_POLL_ID_LEN + 96];
@@ -222,6 +231,8 @@ static void ballot_committed(tly_store_op_t *op)
             tly_free(bo);
             return;
         }
+        if (op->result == TLY_ESTATE && bo->request_id[0])
+            remember_request(app, bo->request_id, p, v->voter_id, "failed", NULL, "POLL_NOT_ACTIVE");
         if (op->result == TLY_EEXIST) {
             /* memory did not know this ballot but the store did: trust the store (with a
              * shared store that is only another instance's ballot on its way here) */
@@ -234,6 +245,8 @@ static void ballot_committed(tly_store_op_t *op)
             api_end_async(app);
             if (op->result == TLY_EEXIST)
                 respond_already_voted(w->req, NULL);
+            else if (op->result == TLY_ESTATE)
+                respond_finalised(w->req);
             else
                 api_respond_store_error(w->req, op->result);
         }
@@ -650,6 +663,8 @@ static void change_committed(tly_store_op_t *op)
         }
     } else if (op->result == TLY_ENOTFOUND) {
         api_respond_error(req, 404, "VOTE_NOT_FOUND", "you have no ballot in this poll", NULL);
+    } else if (op->result == TLY_ESTATE) {
+        respond_finalised(req);
     } else {
         api_respond_store_error(req, op->result);
     }
@@ -671,6 +686,8 @@ static void retract_committed(tly_store_op_t *op)
         tly_req_respond(req, 204, NULL, "", 0);
     } else if (op->result == TLY_ENOTFOUND) {
         api_respond_error(req, 404, "VOTE_NOT_FOUND", "you have no ballot in this poll", NULL);
+    } else if (op->result == TLY_ESTATE) {
+        respond_finalised(req);
     } else {
         api_respond_store_error(req, op->result);
     }

@@ -163,6 +163,10 @@ typedef struct tly_poll {
     uint64_t results_vlm;      /* the votes_last_minute written after that prefix */
     bool results_final;        /* results_json was copied from final_json */
     char *final_json;          /* the frozen final results, NULL until frozen; owned by p */
+    /* Set by the API when instances share the store: the final results are the store's
+     * (tly_poll_set_final_results), never frozen here on a render; `settling` is the
+     * API's mark of a freeze under way. */
+    bool final_by_store, settling;
     tly_timeline_t timeline[TLY_TIMELINE_RESOLUTIONS]; /* 10 s, 1 min, 1 h */
     tly_activity_t activity;   /* ballots cast or changed per second, the last 60 s */
     /* Added for settings.voter_check (NULL is an empty set): the keyed hashes of the
@@ -183,6 +187,8 @@ tly_poll_t *tly_registry_find_poll(tly_registry_t *r, const char *poll_id);
 size_t tly_registry_count(const tly_registry_t *r);
 /* Takes ownership of p (which must have a unique poll_id). */
 int tly_registry_add_poll(tly_registry_t *r, tly_poll_t *p); /* 0 or TLY_ENOMEM (not added, not taken) */
+/* Polls added from now on get final_by_store = on (instances that share a store). */
+void tly_registry_set_final_by_store(tly_registry_t *r, bool on);
 /* Removes and frees p with all its votes (and their receipts). */
 void tly_registry_remove_poll(tly_registry_t *r, tly_poll_t *p);
 tly_vote_t *tly_registry_find_receipt(tly_registry_t *r, const char *receipt);
@@ -234,7 +240,7 @@ int tly_poll_patch(tly_poll_t *p, json_t *body, int64_t now, const char **err_fi
 void tly_poll_free(tly_poll_t *p);
 /* Another instance changed p (a PATCH, a close, frozen results): takes over from `from`,
  * a poll built from the stored row, its title, description, status, times, settings,
- * final results and option texts (the option list itself only while p has no ballot,
+ * final results (unless `from` has none: final results are never taken back) and option texts (the option list itself only while p has no ballot,
  * which is also when a PATCH may change it), keeps p's ballots and counts, marks the
  * results for re-rendering, and frees `from`. Loop thread. */
 void tly_poll_adopt(tly_poll_t *p, tly_poll_t *from);
@@ -426,8 +432,9 @@ void tly_percentages(const uint64_t *votes, size_t n, uint64_t total, bool large
  * A closed poll (effective status at now) serves its final results: frozen on the
  * first render after the close (tly_poll_freeze_results) unless the API froze or set
  * them before, then served as they are, with "status":"closed" and "final":true, never
- * re-rendered. While ballots accepted before the close are still pending, the current
- * counts are rendered instead (without "final") until they commit.
+ * re-rendered. While ballots accepted before the close are still pending, or while a
+ * poll whose final results come from the store (final_by_store) has none yet, the
+ * current counts are rendered instead (without "final").
  *
  * The returned string is owned by p and valid until the next call for p or change to
  * p; NULL on allocation failure. Loop thread.
@@ -446,6 +453,10 @@ const char *tly_results_render(tly_poll_t *p, int64_t now, size_t *len);
  * before the close count; call again once they commit), TLY_ENOMEM (p unchanged).
  */
 int tly_poll_freeze_results(tly_poll_t *p, int64_t now);
+/* The final results tly_poll_freeze_results would freeze at `now`, into *out (malloc'd
+ * with tly_malloc, the caller's), p unchanged: for a freeze the store must accept
+ * first. Same returns (0 only with *out set). */
+int tly_poll_render_final(tly_poll_t *p, int64_t now, char **out);
 /* p's frozen final results (JSON text, owned by p, valid until p changes), or NULL when
  * not frozen. */
 const char *tly_poll_final_results(tly_poll_t *p);

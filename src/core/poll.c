@@ -640,7 +640,8 @@ void tly_poll_adopt(tly_poll_t *p, tly_poll_t *from)
 {
     SWAP(p->title, from->title);
     SWAP(p->description, from->description);
-    SWAP(p->final_json, from->final_json);
+    if (from->final_json != NULL)
+        SWAP(p->final_json, from->final_json);
     p->status = from->status;
     p->start_time = from->start_time;
     p->end_time = from->end_time;

@@ -22,7 +22,13 @@ struct tly_registry {
     tly_poll_t *polls;      /* by poll_id */
     tly_vote_t *receipts;   /* by receipt, through hh_receipt */
     owner_list_t *owners;   /* by owner_id */
+    bool final_by_store;    /* given to every poll added */
 };
+
+void tly_registry_set_final_by_store(tly_registry_t *r, bool on)
+{
+    r->final_by_store = on;
+}
 
 tly_registry_t *tly_registry_new(void)
 {
@@ -83,6 +89,7 @@ int tly_registry_add_poll(tly_registry_t *r, tly_poll_t *p)
     HASH_ADD_STR(r->polls, poll_id, p);
     if (p->hh.tbl == NULL)
         return TLY_ENOMEM;
+    p->final_by_store = r->final_by_store;
     if (p->type == TLY_TYPE_SCORE && p->score_sum == NULL && p->total_votes == 0)
         p->score_sum = tly_calloc(p->noptions ? 2 * p->noptions : 1, sizeof(uint64_t));
     p->owner_next = NULL;

@@ -340,7 +340,7 @@ static char *dump_with_room(json_t *o, size_t *len)
 const char *tly_results_render(tly_poll_t *p, int64_t now, size_t *len)
 {
     tly_poll_status_t status = tly_poll_effective_status(p, now);
-    if (status == TLY_STATUS_CLOSED && p->final_json == NULL && p->pending_votes == 0 &&
+    if (status == TLY_STATUS_CLOSED && p->final_json == NULL && p->pending_votes == 0 && !p->final_by_store &&
         tly_poll_freeze_results(p, now) == TLY_ENOMEM)
         return NULL;
     bool final = status == TLY_STATUS_CLOSED && p->final_json != NULL;
@@ -382,10 +382,8 @@ const char *tly_results_render(tly_poll_t *p, int64_t now, size_t *len)
 
 /* ---- final results ---- */
 
-int tly_poll_freeze_results(tly_poll_t *p, int64_t now)
+int tly_poll_render_final(tly_poll_t *p, int64_t now, char **out)
 {
-    if (p->final_json != NULL)
-        return 0;
     if (tly_poll_effective_status(p, now) != TLY_STATUS_CLOSED || p->pending_votes > 0)
         return TLY_ESTATE;
     json_t *o = build_results(p, TLY_STATUS_CLOSED);
@@ -394,12 +392,16 @@ int tly_poll_freeze_results(tly_poll_t *p, int64_t now)
         return TLY_ENOMEM;
     }
     size_t size;
-    char *buf = dump_with_room(o, &size);
+    *out = dump_with_room(o, &size);
     json_decref(o);
-    if (buf == NULL)
-        return TLY_ENOMEM;
-    p->final_json = buf;
-    return 0;
+    return *out != NULL ? 0 : TLY_ENOMEM;
+}
+
+int tly_poll_freeze_results(tly_poll_t *p, int64_t now)
+{
+    if (p->final_json != NULL)
+        return 0;
+    return tly_poll_render_final(p, now, &p->final_json);
 }
 
 const char *tly_poll_final_results(tly_poll_t *p)

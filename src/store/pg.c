@@ -175,6 +175,32 @@ static int exec_count(PGconn *c, const char *stmt, const char *param, long *coun
     return r;
 }
 
+/* The checks of a freeze (poll_lock_sql says what they are): *result gets 0 (store the
+ * final results), TLY_ENOTFOUND, TLY_EEXIST (the poll has final results already) or
+ * TLY_ESTATE (the poll changed after row->freeze_after). Returns R_OK, or what classify
+ * says of a failed statement. */
+static int freeze_check(PGconn *c, const tly_poll_row_t *row, int *result, int *res_op)
+{
+    char after[24];
+    snprintf(after, sizeof after, "%" PRId64, row->freeze_after);
+    const char *params[2] = {row->poll_id, after};
+    PGresult *res = PQexecPrepared(c, "poll_lock", 1, params, NULL, NULL, 0);
+    int r = classify(c, res, PGRES_TUPLES_OK, res_op);
+    if (r == R_OK)
+        *result = PQntuples(res) == 0 ? TLY_ENOTFOUND : PQgetvalue(res, 0, 0)[0] == 't' ? TLY_EEXIST : 0;
+    PQclear(res);
+    if (r == R_OK && *result == 0) {
+        res = PQexecPrepared(c, "poll_touched", 2, params, NULL, NULL, 0);
+        r = classify(c, res, PGRES_TUPLES_OK, res_op);
+        if (r == R_OK && PQntuples(res) == 1 && PQgetvalue(res, 0, 0)[0] == 't')
+            *result = TLY_ESTATE;
+        PQclear(res);
+    }
+    if (r == R_FATAL || r == R_RETRY)
+        pg_log_error("store: postgres freeze check failed", c, NULL);
+    return r;
+}
+
 /* A non-ballot op (or a single ballot, in the fallback) inside its own savepoint, so
  * that a constraint failure undoes it alone. Returns R_OK (op->result set) or R_RETRY /
  * R_FATAL for the batch. */
@@ -198,6 +224,13 @@ static int run_op(pg_store_t *s, tly_store_op_t *op, const char *param, json_t *
         r = exec_count(c, "poll_insert", param, NULL, &res_op);
         break;
     case TLY_OP_POLL_UPDATE:
+        if (op->u.poll.freeze && (r = freeze_check(c, &op->u.poll, &op->result, &res_op)) != R_OK)
+            break;
+        if (op->result != 0) { /* frozen already, or changed since: nothing to write */
+            r = R_OP;
+            res_op = op->result;
+            break;
+        }
         r = exec_count(c, "poll_update", param, &n, &res_op);
         if (r == R_OK && n == 0)
             op->result = TLY_ENOTFOUND;
@@ -222,7 +255,9 @@ static int run_op(pg_store_t *s, tly_store_op_t *op, const char *param, json_t *
             uint8_t old[256];
             int nold = n > 0 ? pg_unhex(PQgetvalue(q, 0, 1), old, sizeof old) : 0;
             const tly_ballot_row_t *bl = &op->u.ballot;
-            if (n == 0)
+            if (n == 0 && PQntuples(q) > 0 && PQgetvalue(q, 0, 2)[0] == 't')
+                op->result = TLY_ESTATE; /* the poll has its final results */
+            else if (n == 0)
                 op->result = TLY_ENOTFOUND;
             else if (add_deltas(deltas, bl->poll_id, op->type == TLY_OP_BALLOT_DELETE ? -1 : 0, old,
                                 nold > 0 ? (size_t)nold : 0, -1) != 0 ||
@@ -306,6 +341,8 @@ static int run_ballots(pg_store_t *s, batch_t *b, size_t from, size_t to, int64_
                 b->op[at]->result = 0;
             else if (kind == 1)
                 b->op[at]->result = TLY_ENOTFOUND;
+            else if (kind == 4)
+                b->op[at]->result = TLY_ESTATE; /* the poll has its final results */
             else
                 b->req[at] = 1;
         }
@@ -973,6 +1010,10 @@ static int be_shared(tly_store_t *s)
 {
     return 1;
 }
+static int64_t be_applied_seq(tly_store_t *s)
+{
+    return ((pg_store_t *)s)->applied;
+}
 static void be_sync(tly_store_t *s, void (*cb)(void *arg), void *arg)
 {
     pg_sync((pg_store_t *)s, cb, arg);
@@ -1008,6 +1049,7 @@ const tly_store_backend_t tly_store_pg = {
     .follow = be_follow,
     .shared = be_shared,
     .sync = be_sync,
+    .applied_seq = be_applied_seq,
     .poke = be_poke,
     .close = be_close,
     .reader_open = be_reader_open,

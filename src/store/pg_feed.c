@@ -376,6 +376,7 @@ static int release(pg_store_t *s)
         s->sync_head = h->next;
         if (s->sync_head == NULL)
             s->sync_tail = NULL;
+        h->seq = s->next_seq - 1;
         rq_append(s, h);
         queued = 1;
     }
@@ -550,6 +551,8 @@ void pg_reap(pg_store_t *s)
     pthread_mutex_unlock(&s->fmu);
     for (; it != NULL; it = next) {
         next = it->next;
+        if (it->seq > s->applied)
+            s->applied = it->seq;
         switch (it->kind) {
         case PG_ITEM_OPS: {
             tly_store_op_t *op = it->ops, *onext;

@@ -51,7 +51,8 @@ struct pg_item {
      * the parsed `ops` array. */
     json_t *feed;
     /* PG_ITEM_SYNC: cb(arg) once the feed up to `target` is queued (target < 0: not read
-     * yet) and the `sub` ops submitted before the sync are queued too. */
+     * yet) and the `sub` ops submitted before the sync are queued too; `seq` is then the
+     * last feed seq queued before it. */
     void (*cb)(void *arg);
     void *arg;
     uint64_t sub;
@@ -101,6 +102,7 @@ typedef struct pg_store {
     void (*follow_cb)(void *ctx, const tly_store_op_t *op);
     void *follow_ctx;
     int locks_ready;
+    int64_t applied; /* every feed row up to this seq has been through reap */
 } pg_store_t;
 
 /* ---- pg.c ---- */

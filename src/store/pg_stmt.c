@@ -23,9 +23,12 @@
 /* Consecutive ballot inserts, $1 a JSON array of ballots: the CTEs both ballot
  * statements share. `res` is (i, 0) for each inserted ballot (i: 1-based place in the
  * array), (i, 2) for each request row written (first op of a request_id), (i, 1) for
- * each ballot whose poll does not exist; any op not in it was a duplicate. The poll rows
- * are KEY SHARE locked, so a concurrent POLL_DELETE waits for this batch (and then
- * deletes its ballots) or wins (and these ballots find no poll). */
+ * each ballot whose poll does not exist, (i, 4) for each ballot whose poll has its final
+ * results (closed: not inserted); any op not in it was a duplicate. The poll rows are KEY
+ * SHARE locked, so a concurrent POLL_DELETE waits for this batch (and then deletes its
+ * ballots) or wins (and these ballots find no poll), and so does a freeze (poll_lock:
+ * FOR UPDATE): one that wins is seen here, as the lock re-reads the row it waited for. */
+#define FAILED_ERROR "CASE WHEN s.closed THEN 'POLL_NOT_ACTIVE' ELSE 'ALREADY_VOTED' END"
 #define BALLOT_CTES                                                                        \
     "WITH x AS ("                                                                          \
     "  SELECT e.i, e.j, r.* FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(j, i)," \
@@ -35,12 +38,13 @@
     "    decode(x.scores, 'hex') AS scores, x.recorded_at, x.idem_key,"                    \
     "    decode(x.body_hash, 'hex') AS body_hash, x.client_meta, decode(x.ip_hash, 'hex') AS ip_hash," \
     "    x.request_id"                                                                     \
+    "    , p.final_results IS NOT NULL AS closed"                                          \
     "  FROM x JOIN polls p ON p.poll_id = x.poll_id FOR KEY SHARE OF p),"                  \
     "ins AS ("                                                                             \
     "  INSERT INTO ballots(poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at," \
     "    idem_key, body_hash, client_meta, ip_hash)"                                       \
     "  SELECT poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key," \
-    "    body_hash, client_meta, ip_hash FROM src ORDER BY i"                              \
+    "    body_hash, client_meta, ip_hash FROM src WHERE NOT closed ORDER BY i"             \
     "  ON CONFLICT DO NOTHING"                                                             \
     "  RETURNING poll_id, voter_id, vote_id, receipt, ip_hash, choices, scores, recorded_at)," \
     "ok AS ("                                                                              \
@@ -58,7 +62,7 @@
     "  SELECT DISTINCT ON (s.request_id) s.request_id, s.poll_id, s.voter_id,"             \
     "    CASE WHEN ok.i IS NULL THEN 'failed' ELSE 'completed' END,"                       \
     "    CASE WHEN ok.i IS NULL THEN NULL ELSE s.vote_id END,"                             \
-    "    CASE WHEN ok.i IS NULL THEN 'ALREADY_VOTED' END, s.recorded_at"                   \
+    "    CASE WHEN ok.i IS NULL THEN " FAILED_ERROR " END, s.recorded_at"                 \
     "  FROM src s LEFT JOIN ok ON ok.i = s.i"                                              \
     "  WHERE s.request_id IS NOT NULL ORDER BY s.request_id, s.i"                          \
     /* A request's first final outcome wins (a consumer replaying it must not turn         \
@@ -69,7 +73,8 @@
     "res AS ("                                                                             \
     "  SELECT i, 0 AS k FROM ok"                                                           \
     "  UNION ALL SELECT min(s.i), 2 FROM r JOIN src s USING (request_id) GROUP BY r.request_id" \
-    "  UNION ALL SELECT x.i, 1 FROM x WHERE NOT EXISTS (SELECT 1 FROM src WHERE src.i = x.i))"
+    "  UNION ALL SELECT x.i, 1 FROM x WHERE NOT EXISTS (SELECT 1 FROM src WHERE src.i = x.i)" \
+    "  UNION ALL SELECT i, 4 FROM src WHERE closed)"
 
 /* Inside a batch's transaction (with other ops): the counters move in feed_sql, by
  * what this reports inserted. */
@@ -91,7 +96,7 @@ static const char cast_sql[] =
     "    SELECT x.i, x.j FROM x JOIN ok USING (i)"
     "    UNION ALL SELECT q.i, jsonb_build_object('t', -1, 'request_id', s.request_id,"
     "      'poll_id', s.poll_id, 'voter_id', s.voter_id, 'state', 'failed', 'vote_id', NULL,"
-    "      'error', 'ALREADY_VOTED', 'created_at', s.recorded_at)"
+    "      'error', " FAILED_ERROR ", 'created_at', s.recorded_at)"
     "    FROM res q JOIN src s ON s.i = q.i"
     "    WHERE q.k = 2 AND NOT EXISTS (SELECT 1 FROM ok WHERE ok.i = q.i)) o"
     "  HAVING count(*) > 0),"
@@ -137,10 +142,23 @@ static const char poll_update_sql[] =
     "    end_time = nullif(r.end_time, 0), settings = r.settings,"
     "    created_at = nullif(r.created_at, 0), updated_at = nullif(r.updated_at, 0),"
     "    idem_key = r.idem_key, body_hash = decode(r.body_hash, 'hex'),"
-    "    final_results = r.final_results"
+    "    final_results = coalesce(polls.final_results, r.final_results)"
     "  FROM r WHERE polls.poll_id = r.poll_id RETURNING polls.poll_id),"
     "d AS (DELETE FROM options WHERE poll_id IN (SELECT poll_id FROM u))"
     "SELECT count(*) FROM u";
+
+/*
+ * A freeze (an update with final results and tly_poll_row_t.freeze): poll_lock takes
+ * the poll row FOR UPDATE, so that ballot statements that hold it (KEY SHARE) commit
+ * first and later ones wait and then see the final results; it returns whether the poll
+ * has them already. Then, in a statement of its own (a snapshot taken after the lock,
+ * which sees those commits), poll_touched: whether a feed row after $2 names the poll,
+ * i.e. whether anything changed it that the final results were not computed from.
+ */
+static const char poll_lock_sql[] = "SELECT final_results IS NOT NULL FROM polls WHERE poll_id = $1 FOR UPDATE";
+static const char poll_touched_sql[] =
+    "SELECT EXISTS (SELECT 1 FROM feed WHERE seq > $2::bigint"
+    "  AND ops::jsonb @> jsonb_build_array(jsonb_build_object('poll_id', $1::text)))";
 
 /* The new options, and the counters of a changed option set: rows of positions gone
  * go; a new position is counted from the ballots (only ballots cast while an earlier
@@ -177,10 +195,18 @@ static const char poll_delete_rest_sql[] =
 /* The old choices are read under the row lock (FOR UPDATE returns the newest version if
  * another instance changed it meanwhile) and returned (hex), so that the counters move
  * by the difference in feed_sql. */
+/* A change or retraction: (ballots changed, the old choices in hex, whether the poll is
+ * closed). `g` locks the poll row as the ballot statements do (a freeze waits for it, or
+ * it sees the freeze); a poll with final results keeps its ballots as they are. */
+#define BALLOT_GUARD                                                                       \
+    "WITH n AS (SELECT * FROM jsonb_to_record($1::jsonb) AS n(" BALLOT_FIELDS ")),"        \
+    "g AS (SELECT p.final_results IS NOT NULL AS closed FROM polls p JOIN n"               \
+    "  ON p.poll_id = n.poll_id FOR KEY SHARE OF p),"
 static const char ballot_replace_sql[] =
-    "WITH n AS (SELECT * FROM jsonb_to_record($1::jsonb) AS n(" BALLOT_FIELDS ")),"
+    BALLOT_GUARD
     "old AS (SELECT b.poll_id, b.voter_id, b.choices FROM ballots b"
-    "  JOIN n ON b.poll_id = n.poll_id AND b.voter_id = n.voter_id FOR UPDATE OF b),"
+    "  JOIN n ON b.poll_id = n.poll_id AND b.voter_id = n.voter_id"
+    "  WHERE NOT coalesce((SELECT closed FROM g), false) FOR UPDATE OF b),"
     "u AS ("
     "  UPDATE ballots b SET choices = decode(n.choices, 'hex'), scores = decode(n.scores, 'hex'),"
     "    recorded_at = n.recorded_at, idem_key = n.idem_key, body_hash = decode(n.body_hash, 'hex')"
@@ -188,15 +214,18 @@ static const char ballot_replace_sql[] =
     "  RETURNING b.poll_id, b.voter_id, b.choices, b.scores, b.recorded_at),"
     "a AS (INSERT INTO audit(poll_id, voter_id, event, choices, scores, at)"
     "  SELECT poll_id, voter_id, 'changed', choices, scores, recorded_at FROM u)"
-    "SELECT (SELECT count(*) FROM u), (SELECT encode(choices, 'hex') FROM old LIMIT 1)";
+    "SELECT (SELECT count(*) FROM u), (SELECT encode(choices, 'hex') FROM old LIMIT 1),"
+    "  coalesce((SELECT closed FROM g), false)";
 
 static const char ballot_delete_sql[] =
-    "WITH n AS (SELECT * FROM jsonb_to_record($1::jsonb) AS n(" BALLOT_FIELDS ")),"
+    BALLOT_GUARD
     "d AS (DELETE FROM ballots b USING n WHERE b.poll_id = n.poll_id AND b.voter_id = n.voter_id"
+    "  AND NOT coalesce((SELECT closed FROM g), false)"
     "  RETURNING b.poll_id, b.voter_id, b.choices),"
     "a AS (INSERT INTO audit(poll_id, voter_id, event, at, idem_key, body_hash)"
     "  SELECT d.poll_id, d.voter_id, 'revoked', n.recorded_at, n.idem_key, decode(n.body_hash, 'hex') FROM d, n)"
-    "SELECT (SELECT count(*) FROM d), (SELECT encode(choices, 'hex') FROM d LIMIT 1)";
+    "SELECT (SELECT count(*) FROM d), (SELECT encode(choices, 'hex') FROM d LIMIT 1),"
+    "  coalesce((SELECT closed FROM g), false)";
 
 /*
  * The last statement of a batch of several statements that changed anything: the
@@ -218,6 +247,8 @@ static const struct {
     {"user", user_sql},
     {"poll_insert", poll_insert_sql},
     {"poll_update", poll_update_sql},
+    {"poll_lock", poll_lock_sql},
+    {"poll_touched", poll_touched_sql},
     {"poll_options", poll_options_sql},
     {"poll_delete", poll_delete_sql},
     {"poll_delete_rest", poll_delete_rest_sql},

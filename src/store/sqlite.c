@@ -53,7 +53,7 @@ static const char *const stmt_sql[ST__COUNT] = {
     [ST_POLL_UPDATE] = "UPDATE polls SET owner_id = ?2, title = ?3, description = ?4, type = ?5,"
                        " status = ?6, start_time = ?7, end_time = ?8, settings = ?9,"
                        " created_at = ?10, updated_at = ?11, idem_key = ?12, body_hash = ?13,"
-                       " final_results = ?14 WHERE poll_id = ?1",
+                       " final_results = coalesce(final_results, ?14) WHERE poll_id = ?1",
     [ST_POLL_DELETE] = "DELETE FROM polls WHERE poll_id = ?1",
     [ST_OPTIONS_DELETE] = "DELETE FROM options WHERE poll_id = ?1",
     [ST_OPTION_INSERT] = "INSERT INTO options(poll_id, position, option_id, text, display_order)"

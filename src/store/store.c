@@ -84,6 +84,11 @@ void tly_store_sync(tly_store_t *s, void (*cb)(void *arg), void *arg)
     cb(arg); /* not shared: nothing can be missing */
 }
 
+int64_t tly_store_applied_seq(tly_store_t *s)
+{
+    return s->be->applied_seq != NULL ? s->be->applied_seq(s) : 0;
+}
+
 void tly_store_poke(tly_store_t *s)
 {
     if (s->be->poke != NULL)

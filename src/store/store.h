@@ -55,9 +55,21 @@ typedef struct {
     size_t noptions;
     const tly_option_row_t *options;
     /* The final results as JSON text, written once the poll is closed; NULL = none.
-     * POLL_INSERT and POLL_UPDATE store it as given (so an update that leaves it NULL
-     * clears it); load returns it. The store never parses it. */
+     * POLL_INSERT stores it as given; POLL_UPDATE stores it only while the poll has
+     * none (a closed poll's final results are final: an update never clears or
+     * replaces them); load returns it. The store never parses it. */
     const char *final_results;
+    /* POLL_UPDATE in a shared store (tly_store_shared) only: freeze != 0 makes the
+     * update the poll's freeze, whose final_results were computed from this instance's
+     * state at feed position freeze_after (tly_store_applied_seq). It is written only if
+     * the poll has no final results yet (else TLY_EEXIST: the stored ones reach this
+     * instance through the follow callback) and no change to the poll committed after
+     * freeze_after (else TLY_ESTATE: follow, compute again, retry). Ballot statements in
+     * flight commit before it; from its commit on, the store refuses the poll's ballot
+     * inserts, changes and retractions with TLY_ESTATE, so every ballot the store took
+     * is in the final results. Other stores ignore both fields. */
+    int freeze;
+    int64_t freeze_after;
 } tly_poll_row_t;
 
 typedef struct {
@@ -146,7 +158,10 @@ struct tly_store_op {
      * only), TLY_ENOTFOUND (a ballot, update or delete for a poll the store does not
      * have; this operation only), TLY_EINVAL (any other constraint; this operation only),
      * TLY_EIO (the batch did not commit: nothing of it is durable), TLY_EFULL (disk full:
-     * nothing of the batch is durable; later batches may succeed). */
+     * nothing of the batch is durable; later batches may succeed), TLY_ESTATE (a
+     * ballot insert, replace or delete for a poll whose final results a shared store
+     * holds, or a freeze that came too late: tly_poll_row_t.freeze; this operation
+     * only). */
     int result;
     void (*done)(tly_store_op_t *op); /* runs in tly_store_reap */
     void *ctx;
@@ -238,6 +253,12 @@ int tly_store_shared(tly_store_t *s);
  * callers that may meet either store must not hold state cb changes. Owning thread.
  */
 void tly_store_sync(tly_store_t *s, void (*cb)(void *arg), void *arg);
+
+/* The feed position this instance has applied: every change other instances committed
+ * up to this feed seq has been passed to the follow callback, and every own batch up to
+ * it has run its done callbacks (read it in a sync callback for a position memory is
+ * known to be at). 0 for SQLite. Owning thread. */
+int64_t tly_store_applied_seq(tly_store_t *s);
 
 /* The feed has advanced (a message from another instance on the bus): follow it now
  * rather than at the next periodic read. Any thread; a no-op for SQLite. */

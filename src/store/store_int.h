@@ -24,6 +24,7 @@ typedef struct tly_store_backend {
     void (*follow)(tly_store_t *s, void (*cb)(void *ctx, const tly_store_op_t *op), void *ctx);
     int (*shared)(tly_store_t *s);
     void (*sync)(tly_store_t *s, void (*cb)(void *arg), void *arg);
+    int64_t (*applied_seq)(tly_store_t *s);
     void (*poke)(tly_store_t *s);
     void (*close)(tly_store_t *s);
     tly_store_reader_t *(*reader_open)(tly_store_t *s);

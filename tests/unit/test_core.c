@@ -2045,6 +2045,48 @@ Test(final, set_from_the_store)
     tly_poll_free(p);
 }
 
+/* Instances sharing a store: the final results are the store's. A render of the closed
+ * poll shows the counts without freezing them; tly_poll_render_final offers what a
+ * freeze would store and leaves the poll as it is; an adopted change without final
+ * results keeps them. */
+Test(final, by_the_store_never_frozen_on_a_render)
+{
+    tly_registry_t *reg = tly_registry_new();
+    tly_registry_set_final_by_store(reg, true);
+    tly_poll_t *p = create_ok(with(body_n("single", 2), "end_time", json_string("2026-04-05T13:00:00Z")));
+    cr_assert_eq(tly_registry_add_poll(reg, p), 0);
+    cr_assert(p->final_by_store);
+    cast(NULL, p, "a", "{\"option_id\":\"$0\"}");
+    json_t *o = results(p, p->end_time, NULL);
+    cr_assert_str_eq(json_string_value(json_object_get(o, "status")), "closed");
+    cr_assert_null(json_object_get(o, "final"), "not final until the store says so");
+    cr_assert_eq(json_integer_value(json_object_get(o, "total_votes")), 1);
+    json_decref(o);
+    cr_assert_null(tly_poll_final_results(p));
+
+    char *offer = NULL;
+    cr_assert_eq(tly_poll_render_final(p, p->end_time - 1, &offer), TLY_ESTATE, "still open");
+    cr_assert_eq(tly_poll_render_final(p, p->end_time, &offer), 0);
+    cr_assert_null(tly_poll_final_results(p), "the poll is unchanged");
+    json_t *f = J(offer);
+    cr_assert(json_is_true(json_object_get(f, "final")));
+    cr_assert_eq(json_integer_value(json_object_get(f, "total_votes")), 1);
+    json_decref(f);
+    cr_assert_eq(tly_poll_set_final_results(p, offer), 0); /* the store took it */
+    tly_free(offer);
+    o = results(p, p->end_time, NULL);
+    cr_assert(json_is_true(json_object_get(o, "final")));
+    json_decref(o);
+
+    /* another instance's change (a new title) without final results keeps them */
+    tly_poll_t *from = create_ok(body_n("single", 2));
+    from->status = TLY_STATUS_CLOSED;
+    const char *kept = tly_poll_final_results(p);
+    tly_poll_adopt(p, from);
+    cr_assert_eq(tly_poll_final_results(p), kept);
+    tly_registry_free(reg);
+}
+
 Test(oom, freeze_and_final_render_fail_cleanly)
 {
     const char *types[2] = {"single", "ranked"};

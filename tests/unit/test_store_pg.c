@@ -603,6 +603,144 @@ Test(store_pg, concurrent_inserts_of_one_voter_from_two_instances_one_wins)
     assert_counters_exact();
 }
 
+/* ---- the final results of a closed poll (tly_poll_row_t.freeze) ------------------------ */
+
+static void flag_sync(void *arg)
+{
+    *(int *)arg = 1;
+}
+
+static int flag_set(void *arg)
+{
+    return *(int *)arg;
+}
+
+/* Syncs s; the feed position it has applied then. */
+static int64_t synced_position(tly_store_t *s)
+{
+    int flag = 0;
+    tly_store_sync(s, flag_sync, &flag);
+    pump_until(&s, 1, flag_set, &flag);
+    return tly_store_applied_seq(s);
+}
+
+static tly_store_op_t freeze_op(const char *poll_id, const char *final, int64_t after)
+{
+    tly_store_op_t op = poll_op(poll_id, 2);
+    op.type = TLY_OP_POLL_UPDATE;
+    op.u.poll.final_results = final;
+    op.u.poll.freeze = 1;
+    op.u.poll.freeze_after = after;
+    return op;
+}
+
+Test(store_pg, a_freeze_is_taken_once_only_if_nothing_changed_the_poll_since_and_then_ballots_are_refused)
+{
+    NEED_PG();
+    tly_store_t *a = open_as("inst-a", 0), *b = open_as("inst-b", 0);
+    tly_store_op_t p = poll_op("poll1", 2);
+    submit_wait(a, &p);
+    tly_store_op_t v1 = ballot_op("poll1", "voter1", "v_1", "r_1");
+    submit_wait(a, &v1);
+    cr_assert_eq(v1.result, 0);
+    int64_t at = synced_position(a);
+    cr_assert_gt(at, 0);
+
+    /* another instance's ballot commits after that position: a tally computed there
+     * misses it, and the store says so */
+    tly_store_op_t v2 = ballot_op("poll1", "voter2", "v_2", "r_2");
+    submit_wait(b, &v2);
+    cr_assert_eq(v2.result, 0);
+    tly_store_op_t stale = freeze_op("poll1", "{\"total_votes\":1}", at);
+    submit_wait(a, &stale);
+    cr_assert_eq(stale.result, TLY_ESTATE, "the poll changed after the freeze's position");
+    cr_assert_eq(db_int("SELECT count(*) FROM polls WHERE final_results IS NOT NULL"), 0);
+
+    /* caught up: taken; a second freeze (another instance's) is refused */
+    tly_store_op_t fz = freeze_op("poll1", "{\"total_votes\":2}", synced_position(a));
+    submit_wait(a, &fz);
+    cr_assert_eq(fz.result, 0);
+    tly_store_op_t late = freeze_op("poll1", "{\"total_votes\":9}", synced_position(b));
+    submit_wait(b, &late);
+    cr_assert_eq(late.result, TLY_EEXIST);
+
+    /* from now on the poll's ballots stay as they are: a cast (alone, and in a batch
+     * with other ops), a change, a retraction, an async cast whose request says why */
+    tly_store_op_t v3 = ballot_op("poll1", "voter3", "v_3", "r_3");
+    submit_wait(b, &v3);
+    cr_assert_eq(v3.result, TLY_ESTATE);
+    tly_store_op_t mixed[2] = {ballot_op("poll1", "voter5", "v_5", "r_5"), poll_op("poll2", 2)};
+    submit_chain(a, mixed, 2);
+    cr_assert_eq(mixed[0].result, TLY_ESTATE);
+    cr_assert_eq(mixed[1].result, 0);
+    tly_store_op_t ch = change_op(TLY_OP_BALLOT_REPLACE, "poll1", "voter1", 9);
+    ch.u.ballot.choices = choice1;
+    ch.u.ballot.nchoices = 1;
+    submit_wait(b, &ch);
+    cr_assert_eq(ch.result, TLY_ESTATE);
+    tly_store_op_t dl = change_op(TLY_OP_BALLOT_DELETE, "poll1", "voter2", 9);
+    submit_wait(a, &dl);
+    cr_assert_eq(dl.result, TLY_ESTATE);
+    tly_store_op_t v4 = ballot_op("poll1", "voter4", "v_4", "r_4");
+    v4.u.ballot.request_id = "req_4";
+    submit_wait(a, &v4);
+    cr_assert_eq(v4.result, TLY_ESTATE);
+    char text[64];
+    exec_on(db_url, "SELECT state || ':' || error FROM vote_requests WHERE request_id = 'req_4'", text, sizeof text);
+    cr_assert_str_eq(text, "failed:POLL_NOT_ACTIVE");
+
+    /* an ordinary update (a new title) keeps the final results */
+    tly_store_op_t up = poll_op("poll1", 2);
+    up.type = TLY_OP_POLL_UPDATE;
+    up.u.poll.title = "renamed";
+    submit_wait(b, &up);
+    cr_assert_eq(up.result, 0);
+    exec_on(db_url, "SELECT final_results FROM polls WHERE poll_id = 'poll1'", text, sizeof text);
+    cr_assert_str_eq(text, "{\"total_votes\":2}");
+    cr_assert_eq(db_int("SELECT count(*) FROM ballots"), 2);
+    tly_store_close(a);
+    tly_store_close(b);
+    assert_counters_exact();
+}
+
+static int lock_waiters(void *arg)
+{
+    return db_int("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                  " AND wait_event_type = 'Lock'") > 0;
+}
+
+/* A ballot statement that waited for a freeze's lock sees the freeze once it commits. */
+Test(store_pg, a_ballot_that_waited_for_a_freeze_is_refused)
+{
+    NEED_PG();
+    tly_store_t *a = open_as("inst-a", 0);
+    tly_store_op_t p = poll_op("poll1", 2);
+    submit_wait(a, &p);
+    PGconn *c = PQconnectdb(db_url);
+    cr_assert_eq(PQstatus(c), CONNECTION_OK);
+    const char *freeze[] = {"BEGIN", "SELECT 1 FROM polls WHERE poll_id = 'poll1' FOR UPDATE",
+                            "UPDATE polls SET final_results = '{}' WHERE poll_id = 'poll1'"};
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(freeze); i++) {
+        PGresult *res = PQexec(c, freeze[i]);
+        cr_assert(PQresultStatus(res) == PGRES_COMMAND_OK || PQresultStatus(res) == PGRES_TUPLES_OK);
+        PQclear(res);
+    }
+    tly_store_op_t v = ballot_op("poll1", "voter1", "v_1", "r_1");
+    v.done = on_done;
+    int target = ndone + 1;
+    tly_store_submit(a, &v);
+    pump_until(&a, 1, lock_waiters, NULL); /* the ballot statement waits for the row */
+    PGresult *res = PQexec(c, "COMMIT");
+    cr_assert_eq(PQresultStatus(res), PGRES_COMMAND_OK);
+    PQclear(res);
+    PQfinish(c);
+    wait_done(a, target);
+    cr_assert_eq(v.result, TLY_ESTATE);
+    cr_assert_eq(db_int("SELECT count(*) FROM ballots"), 0);
+    tly_store_close(a);
+    assert_counters_exact();
+}
+
 /* ---- availability ------------------------------------------------------------------------ */
 
 static void kill_connections(void)
