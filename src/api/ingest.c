@@ -97,16 +97,19 @@ static void enqueue_free(enqueue_t *e)
 
 static void kick(struct ingest *in);
 
-/* Why a ballot taken earlier (the request was checked when it arrived) cannot be cast in
- * p at `now`: the error code, or NULL. Meanwhile the poll may have been deleted, closed
- * (by its owner or its end time) or given new options, and the voter or the address may
- * have voted through another request. */
+/* Why a ballot the log took at `at` (the request was checked then) cannot be cast in p
+ * now: the error code, or NULL. Meanwhile the poll may have been deleted, closed by its
+ * owner, given its final results or new options, and the voter or the address may have
+ * voted through another request. A poll whose end_time passed after `at` still takes
+ * the ballot until its final results are stored (they then hold it): the voter was
+ * told it was accepted while the poll was open, and a ballot of the direct path that
+ * is still on its way to the store at the close counts the same way. */
 static const char *cannot_cast(tly_poll_t *p, const char *voter_id, const tly_ballot_t *b, const uint8_t *ip_hash,
-                               int64_t now)
+                               int64_t at)
 {
     if (p == NULL)
         return "POLL_NOT_FOUND";
-    if (!tly_poll_accepts_votes(p, now))
+    if (!tly_poll_accepts_votes(p, at) || tly_poll_final_results(p) != NULL)
         return "POLL_NOT_ACTIVE";
     if (tly_poll_find_vote(p, voter_id) != NULL || (ip_hash != NULL && tly_poll_find_ip(p, ip_hash) != NULL))
         return "ALREADY_VOTED";
@@ -251,6 +254,7 @@ typedef struct entry {
     bool has_ip, synced;
     uint8_t ip_hash[TLY_IP_HASH_LEN];
     long long attempts;
+    int64_t at; /* when the log took it (the 202): the ballot's time */
 } entry_t;
 
 static void entry_free(entry_t *en)
@@ -311,9 +315,11 @@ static void applied(void *arg, int result, const char *vote_id)
         app->ingest->applied++;
         set_status(app, en->request_id, "completed", vote_id, NULL);
         ack(app, en->id);
-    } else if (result == TLY_EEXIST) { /* the store wrote "failed: ALREADY_VOTED" */
+    } else if (result == TLY_EEXIST || result == TLY_ESTATE) {
+        /* the store wrote "failed: ALREADY_VOTED" (or POLL_NOT_ACTIVE: the poll's final
+         * results were stored before this ballot) */
         app->ingest->failed++;
-        set_status(app, en->request_id, "failed", NULL, "ALREADY_VOTED");
+        set_status(app, en->request_id, "failed", NULL, result == TLY_EEXIST ? "ALREADY_VOTED" : "POLL_NOT_ACTIVE");
         ack(app, en->id);
     } else if (en->attempts >= MAX_ATTEMPTS) {
         dead_letter(en, "the store could not commit the ballot");
@@ -357,8 +363,7 @@ static void apply_entry(entry_t *en)
         entry_free(en); /* our own write for this voter is under way: claimed again later */
         return;
     }
-    int64_t now = tly_now_ms();
-    const char *why = cannot_cast(p, en->voter_id, &en->ballot, en->has_ip ? en->ip_hash : NULL, now);
+    const char *why = cannot_cast(p, en->voter_id, &en->ballot, en->has_ip ? en->ip_hash : NULL, en->at);
     if (why != NULL) {
         refuse(en, why);
         return;
@@ -366,7 +371,7 @@ static void apply_entry(entry_t *en)
     char *meta = en->client_meta;
     en->client_meta = NULL;
     if (api_cast_submit(app, p, en->voter_id, &en->ballot, en->idem, en->hash, en->has_ip ? en->ip_hash : NULL, meta,
-                        en->request_id, now, NULL, applied, en) != 0)
+                        en->request_id, en->at, NULL, applied, en) != 0)
         entry_free(en); /* out of memory: claimed again later */
 }
 
@@ -389,7 +394,7 @@ static entry_t *take_entry(tly_app_t *app, const tly_bus_reply_t *e)
     const tly_bus_reply_t *kv = &e->elements[1];
     const tly_bus_reply_t *r = field(kv, "r"), *p = field(kv, "p"), *v = field(kv, "v"), *c = field(kv, "c"),
                           *s = field(kv, "s"), *k = field(kv, "k"), *h = field(kv, "h"), *i = field(kv, "i"),
-                          *m = field(kv, "m");
+                          *m = field(kv, "m"), *t = field(kv, "t");
     entry_t *en = tly_calloc(1, sizeof(*en));
     if (en == NULL)
         return NULL; /* claimed again later */
@@ -417,6 +422,9 @@ static entry_t *take_entry(tly_app_t *app, const tly_bus_reply_t *e)
     }
     memcpy(en->request_id, r->str, r->len + 1);
     memcpy(en->poll_id, p->str, p->len + 1);
+    en->at = t != NULL ? strtoll(t->str, NULL, 10) : 0;
+    if (en->at <= 0 || en->at > tly_now_ms())
+        en->at = tly_now_ms(); /* an entry without a sane time: judged as of now */
     en->ballot.nchoices = (uint8_t)nc;
     en->has_ip = ni == TLY_IP_HASH_LEN;
     if ((k && k->len && (en->idem = tly_strdup(k->str)) == NULL) ||

@@ -188,6 +188,62 @@ test('a ballot retracted on one instance stays retracted when its first POST is 
   assert.equal((await storeCounts(poll.poll_id)).ballots, 0);
 });
 
+test('a poll closing by its end_time mid-load: every instance serves the same final results, with every acknowledged ballot', async () => {
+  const end = Date.now() + 2500;
+  const { poll } = await newPoll({ end_time: new Date(end).toISOString() });
+  const opts = poll.options.map((o) => o.option_id);
+  // ballots go to one instance, results are read from the others: they settle the final
+  // tally while the voting instance still has ballots on their way to the store
+  const [voteNode, ...readers] = c.nodes;
+  const watcher = await openSse(readers[1], `/v1/polls/${poll.poll_id}/live`, {});
+  assert.equal(watcher.status, 200);
+  const acked = new Map();
+  let refused = 0;
+  let n = 0;
+  const voters = Array.from({ length: 16 }, async () => {
+    while (Date.now() < end + 500) {
+      const voter = `closer-${n++}`;
+      const r = await vote(voteNode, voter, poll.poll_id, opts[n % opts.length], `key-${voter}`);
+      if (r.status === 200) acked.set(voter, r.json.vote_id);
+      else if (r.status === 409 && r.json.error.code === 'POLL_NOT_ACTIVE') refused++;
+      else assert.fail(`${voter}: ${r.status} ${r.text}`);
+    }
+  });
+  const reads = readers.map(async (node) => {
+    while (Date.now() < end + 500) {
+      const r = await api(node, 'GET', `/v1/polls/${poll.poll_id}/results`);
+      assert.equal(r.status, 200, r.text);
+      await sleep(10);
+    }
+  });
+  await Promise.all([...voters, ...reads]);
+  assert.ok(acked.size > 0 && refused > 0, `${acked.size} acknowledged, ${refused} refused`);
+
+  const finals = [];
+  for (const node of c.nodes) {
+    const r = await eventually(async () => {
+      const x = await api(node, 'GET', `/v1/polls/${poll.poll_id}/results`);
+      return x.status === 200 && x.json.final === true ? x : null;
+    }, 5000, `${node.name} serves final results`);
+    const { votes_last_minute: _, ...final } = r.json;
+    finals.push(final);
+  }
+  assert.deepEqual(finals[1], finals[0], 'the same final results everywhere');
+  assert.deepEqual(finals[2], finals[0], 'the same final results everywhere');
+  assert.equal(finals[0].total_votes, acked.size, 'every acknowledged ballot, and no other, is in the final results');
+  assert.equal(await checkAcked(poll.poll_id, acked), acked.size);
+  const [[stored]] = await c.sql(`SELECT final_results FROM polls WHERE poll_id = '${poll.poll_id}'`);
+  assert.equal(JSON.parse(stored).total_votes, acked.size);
+  // a watcher's last message is the final results, and then the stream says it is over
+  try {
+    const last = await watcher.waitFor((e) => e.json?.final === true, 5000, 'the final results on the stream');
+    assert.equal(last.json.total_votes, acked.size);
+    await watcher.waitFor((e) => e.event === 'closed', 2000, 'the closed event');
+  } finally {
+    watcher.close?.();
+  }
+});
+
 /** Votes through nginx until `stop` is set, retrying each voter (same key) until it gets
  *  an answer that is not 5xx or a dropped connection; returns the acknowledged voters. */
 function loadThroughLb(pollId, opts, prefix, stop) {
@@ -420,6 +476,41 @@ test('an async ballot the ingest log refuses goes straight into the store (202 o
   } finally {
     await redis('CONFIG', 'SET', 'min-replicas-to-write', '0');
   }
+});
+
+test('an async ballot the log took before the end_time counts if it reaches the store before the final results, and fails POLL_NOT_ACTIVE after them', async () => {
+  const end = Date.now() + 1000;
+  const { poll } = await newPoll({ end_time: new Date(end).toISOString() });
+  await sleep(end - Date.now() + 300);
+  // entries as a consumer that took its time finds them: taken (202) before the close,
+  // with the status hash the log's script writes beside each
+  const enqueue = async (rid, voter) => {
+    await run('redis-cli', ['-u', c.info.redis, 'HSET', `tally:req:${rid}`, 'state', 'pending', 'p', poll.poll_id,
+      'v', voter]);
+    await run('redis-cli', ['-u', c.info.redis, 'XADD', 'tally:ingest', '*', 'r', rid, 'p', poll.poll_id,
+      'v', voter, 'c', '01', 's', '', 'k', '', 'h', '00'.repeat(16), 'i', '', 'm', '', 't', String(end - 500)]);
+  };
+  await enqueue('r_before_final', 'before-final');
+  const done = await eventually(async () => {
+    const x = await requestState(c.nodes[0], 'before-final', poll.poll_id, 'r_before_final');
+    return x.state !== 'pending' && !x.state.startsWith('HTTP') ? x : null;
+  }, 10_000, 'the entry applied');
+  assert.equal(done.state, 'completed', JSON.stringify(done));
+  for (const n of c.nodes) {
+    const r = await eventually(async () => {
+      const x = await api(n, 'GET', `/v1/polls/${poll.poll_id}/results`);
+      return x.json?.final === true ? x : null;
+    }, 5000, `${n.name} serves final results`);
+    assert.equal(r.json.total_votes, 1, r.text);
+    assert.equal(r.json.options[1].votes, 1, r.text);
+  }
+  await enqueue('r_after_final', 'after-final');
+  const failed = await eventually(async () => {
+    const x = await requestState(c.nodes[1], 'after-final', poll.poll_id, 'r_after_final');
+    return x.state === 'failed' ? x : null;
+  }, 10_000, 'the second entry failed');
+  assert.equal(failed.error.code, 'POLL_NOT_ACTIVE');
+  assert.equal((await storeCounts(poll.poll_id)).ballots, 1);
 });
 
 test('an async ballot of a voter who already voted fails ALREADY_VOTED; a broken entry goes to the dead letters', async () => {
