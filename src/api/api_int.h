@@ -56,11 +56,14 @@ typedef struct poll_idem {
 } poll_idem_t;
 
 /* ---- Idempotency-Keys of retracted ballots: "poll\nvoter\nkey" -> body hash, so that a
- * late retry of the POST that cast a retracted ballot does not cast it again ---- */
+ * late retry of the POST that cast a retracted ballot does not cast it again, for
+ * conf->retracted_key_ttl seconds after the retraction. In retraction order (uthash
+ * keeps insertion order), so the expired ones are always first. ---- */
 typedef struct retracted_key {
     UT_hash_handle hh;
     char *key;
     uint8_t body_hash[16];
+    int64_t at; /* the retraction's time */
 } retracted_key_t;
 
 /* ---- proof-of-work challenges already answered, until they expire (auth.c) ---- */
@@ -318,12 +321,14 @@ void api_ingest_enqueue(tly_app_t *app, tly_req_t *req, tly_poll_t *p, const cha
 int api_ingest_open(tly_app_t *app);
 void api_ingest_stats(const tly_app_t *app, uint64_t *enqueued, uint64_t *applied, uint64_t *failed,
                       uint64_t *dead);
-/* votes.c: remembers the Idempotency-Key of a ballot being retracted (here or on another
- * instance), so that a late retry of the POST that cast it is refused, not cast again. */
-void api_remember_retracted(tly_app_t *app, const tly_poll_t *p, const tly_vote_t *v);
-/* The same from a stored "revoked" row (load): 0 or TLY_ENOMEM. */
+/* votes.c: remembers the Idempotency-Key of a ballot retracted at `at` (here or on
+ * another instance), so that a late retry of the POST that cast it is refused, not cast
+ * again, until conf->retracted_key_ttl has passed. */
+void api_remember_retracted(tly_app_t *app, const tly_poll_t *p, const tly_vote_t *v, int64_t at);
+/* The same from a stored "revoked" row (load): 0 (also when it has expired: then it is
+ * not kept) or TLY_ENOMEM. */
 int api_remember_retracted_key(tly_app_t *app, const char *poll_id, const char *voter_id, const char *idem_key,
-                               const uint8_t body_hash[16]);
+                               const uint8_t body_hash[16], int64_t at);
 /* A retracted ballot frees its voter's dedup key, so the voter may vote again. */
 void api_ingest_forget(tly_app_t *app, const char *poll_id, const char *voter_id);
 void api_ingest_close(tly_app_t *app);

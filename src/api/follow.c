@@ -175,7 +175,7 @@ static void apply_ballot(tly_app_t *app, const tly_store_op_t *op)
     }
     case TLY_OP_BALLOT_DELETE:
         if (v != NULL) {
-            api_remember_retracted(app, p, v); /* a late retry of its POST here: 409 too */
+            api_remember_retracted(app, p, v, row->recorded_at); /* a late retry of its POST here: 409 too */
             tly_poll_retract_vote(app->registry, p, v, row->recorded_at);
         }
         break;

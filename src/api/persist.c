@@ -341,7 +341,7 @@ static void load_request(void *ctx, const tly_request_row_t *row)
 static void load_retracted(void *ctx, const tly_retracted_row_t *row)
 {
     load_t *l = ctx;
-    if (api_remember_retracted_key(l->app, row->poll_id, row->voter_id, row->idem_key, row->body_hash) != 0)
+    if (api_remember_retracted_key(l->app, row->poll_id, row->voter_id, row->idem_key, row->body_hash, row->at) != 0)
         l->failed = 1;
     else
         l->retracted++;

@@ -265,9 +265,28 @@ static char *retracted_key_of(const char *poll_id, const char *voter_id, const c
     return k;
 }
 
-int api_remember_retracted_key(tly_app_t *app, const char *poll_id, const char *voter_id, const char *idem_key,
-                               const uint8_t body_hash[16])
+/* Whether rk is past its time (conf->retracted_key_ttl after its retraction). */
+static bool retracted_expired(const tly_app_t *app, const retracted_key_t *rk, int64_t now)
 {
+    return rk->at + app->conf->retracted_key_ttl * 1000 <= now;
+}
+
+/* The keys remembered for too long go, oldest first: they are first in the table. */
+static void forget_expired_keys(tly_app_t *app, int64_t now)
+{
+    retracted_key_t *rk;
+    while ((rk = app->retracted) != NULL && retracted_expired(app, rk, now)) {
+        HASH_DEL(app->retracted, rk);
+        tly_free(rk->key);
+        tly_free(rk);
+    }
+}
+
+int api_remember_retracted_key(tly_app_t *app, const char *poll_id, const char *voter_id, const char *idem_key,
+                               const uint8_t body_hash[16], int64_t at)
+{
+    int64_t now = tly_now_ms();
+    forget_expired_keys(app, now);
     if (idem_key == NULL)
         return 0;
     retracted_key_t *rk = tly_calloc(1, sizeof(*rk));
@@ -283,14 +302,20 @@ int api_remember_retracted_key(tly_app_t *app, const char *poll_id, const char *
         tly_free(old);
     }
     memcpy(rk->body_hash, body_hash, 16);
+    rk->at = at;
+    if (retracted_expired(app, rk, now)) { /* a stored one past its time: not kept */
+        tly_free(rk->key);
+        tly_free(rk);
+        return 0;
+    }
     HASH_ADD_KEYPTR(hh, app->retracted, rk->key, strlen(rk->key), rk);
     return 0;
 }
 
-void api_remember_retracted(tly_app_t *app, const tly_poll_t *p, const tly_vote_t *v)
+void api_remember_retracted(tly_app_t *app, const tly_poll_t *p, const tly_vote_t *v, int64_t at)
 {
     /* out of memory: a late retry here would cast again, as before the retraction */
-    (void)api_remember_retracted_key(app, p->poll_id, v->voter_id, v->idem_key, v->body_hash);
+    (void)api_remember_retracted_key(app, p->poll_id, v->voter_id, v->idem_key, v->body_hash, at);
 }
 
 static bool prefers_async(tly_req_t *req)
@@ -437,6 +462,8 @@ void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg)
         if (k != NULL)
             HASH_FIND_STR(app->retracted, k, rk);
         tly_free(k);
+        if (rk != NULL && retracted_expired(app, rk, tly_now_ms()))
+            rk = NULL; /* remembered no longer: a new ballot, like any request with a fresh key */
         if (rk != NULL) {
             if (memcmp(rk->body_hash, hash, 16) == 0)
                 api_respond_error(req, 409, "VOTE_RETRACTED",
@@ -681,7 +708,7 @@ static void retract_committed(tly_store_op_t *op)
     if (op->result == 0) {
         api_bus_count(app, bo->poll->poll_id, bo->vote->data, bo->vote->nchoices, NULL, 0);
         api_ingest_forget(app, bo->poll->poll_id, bo->vote->voter_id); /* may vote again */
-        api_remember_retracted(app, bo->poll, bo->vote);
+        api_remember_retracted(app, bo->poll, bo->vote, op->u.ballot.recorded_at);
         tly_poll_retract_vote(app->registry, bo->poll, bo->vote, op->u.ballot.recorded_at);
         tly_req_respond(req, 204, NULL, "", 0);
     } else if (op->result == TLY_ENOTFOUND) {

@@ -56,6 +56,9 @@ static const option_t options[] = {
      "reverse proxies (addresses or CIDRs, comma-separated) whose X-Forwarded-For names the client "
      "for per-address limits, voter_check \"ip\" and logs; empty: the TCP peer is the client"},
     {"token-ttl", OPT_LONG, OFF(token_ttl), "2592000", 60, 31622400, "serve", "lifetime of issued tokens, seconds"},
+    {"retracted-key-ttl", OPT_LONG, OFF(retracted_key_ttl), "86400", 1, 31622400, "serve",
+     "seconds the Idempotency-Key of a retracted ballot is remembered: until then a retry of the POST that cast it "
+     "gets 409 VOTE_RETRACTED, afterwards it casts a new ballot"},
     {"batch-max", OPT_LONG, OFF(batch_max), "4096", 1, 1000000, "serve", "most writes in one store transaction"},
     {"live-tick", OPT_LONG, OFF(live_tick), "250", 10, 10000, "serve",
      "milliseconds between live results pushes (coalescing tick)"},

@@ -32,6 +32,7 @@ typedef struct {
     long max_connections;
     long max_connections_per_ip;
     long token_ttl;
+    long retracted_key_ttl; /* seconds */
     long batch_max;
     long live_tick;
     long live_max;

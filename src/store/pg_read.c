@@ -192,7 +192,8 @@ static int load_request(void *arg, const PGresult *res, int i)
 static int load_retracted(void *arg, const PGresult *res, int i)
 {
     load_t *l = arg;
-    tly_retracted_row_t r = {.poll_id = cs(res, i, 0), .voter_id = cs(res, i, 1), .idem_key = cs(res, i, 2)};
+    tly_retracted_row_t r = {
+        .poll_id = cs(res, i, 0), .voter_id = cs(res, i, 1), .idem_key = cs(res, i, 2), .at = ci(res, i, 4)};
     if (chash(res, i, 3, r.body_hash) != 0) {
         tly_log(TLY_LOG_ERROR, "store: malformed audit row", NULL);
         return TLY_EIO;
@@ -248,7 +249,7 @@ int pg_load(pg_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
                        load_request, &l)) != 0)
         goto fail;
     if ((rc = each_row(c, "DECLARE tly_load NO SCROLL CURSOR FOR"
-                          " SELECT poll_id, voter_id, idem_key, body_hash FROM audit"
+                          " SELECT poll_id, voter_id, idem_key, body_hash, at FROM audit"
                           " WHERE event = 'revoked' AND idem_key IS NOT NULL ORDER BY seq",
                        load_retracted, &l)) != 0)
         goto fail;

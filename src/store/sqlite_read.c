@@ -224,12 +224,15 @@ int sq_load(sq_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
     sqlite3_finalize(st);
     st = NULL;
 
-    src = sqlite3_prepare_v2(db, "SELECT poll_id, voter_id, idem_key, body_hash FROM audit"
+    src = sqlite3_prepare_v2(db, "SELECT poll_id, voter_id, idem_key, body_hash, at FROM audit"
                                  " WHERE event = 'revoked' AND idem_key IS NOT NULL ORDER BY seq", -1, &st, NULL);
     if (src != SQLITE_OK)
         goto sqlite_fail;
     while ((src = sqlite3_step(st)) == SQLITE_ROW) {
-        tly_retracted_row_t r = {.poll_id = col_str(st, 0), .voter_id = col_str(st, 1), .idem_key = col_str(st, 2)};
+        tly_retracted_row_t r = {.poll_id = col_str(st, 0),
+                                 .voter_id = col_str(st, 1),
+                                 .idem_key = col_str(st, 2),
+                                 .at = sqlite3_column_int64(st, 4)};
         col_hash(st, 3, r.body_hash);
         if (cb->retracted != NULL)
             cb->retracted(ctx, &r);

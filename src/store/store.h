@@ -200,6 +200,7 @@ typedef struct {
     const char *voter_id;
     const char *idem_key;
     uint8_t body_hash[16];
+    int64_t at; /* the retraction's time, ms since the epoch */
 } tly_retracted_row_t;
 
 typedef struct {

@@ -4,7 +4,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  startServer, api, assertError, assertStatus, assertIso, rand, createPoll, castVote, results, URL_SAFE,
+  startServer, api, assertError, assertStatus, assertIso, rand, createPoll, castVote, results, URL_SAFE, sleep,
 } from './harness.mjs';
 
 let server, ownerTok;
@@ -329,6 +329,32 @@ test('a retracted ballot stays retracted when the POST that cast it is retried a
   assertError(other, 422, 'IDEMPOTENCY_KEY_REUSED');
   assert.deepEqual(await counts(poll), { total: 0, A: 0, B: 0, C: 0 }, 'nothing cast by the late retries');
   assertStatus(await castVote(server, tok, poll.poll_id, { option_id: a }), 200, 'a new ballot without the key');
+});
+
+test('the key of a retracted ballot is remembered for --retracted-key-ttl seconds (a restart too); then a retry casts a new ballot', async () => {
+  const s = await startServer({ args: ['--retracted-key-ttl', '2'] });
+  try {
+    const poll = await createPoll(s, await s.token(`owner-${rand()}`), changeable());
+    const [a] = poll.options.map((o) => o.option_id);
+    const [t1, t2] = [s.mint(`voter-${rand()}`), s.mint(`voter-${rand()}`)];
+    const [k1, k2] = [{ 'Idempotency-Key': `k1-${rand()}` }, { 'Idempotency-Key': `k2-${rand()}` }];
+    for (const [t, k] of [[t1, k1], [t2, k2]]) {
+      assertStatus(await castVote(s, t, poll.poll_id, { option_id: a }, k), 200);
+      assertStatus(await api(s, 'DELETE', `/v1/polls/${poll.poll_id}/votes/me`, { token: t }), 204);
+    }
+    const retractedAt = Date.now();
+    assertError(await castVote(s, t1, poll.poll_id, { option_id: a }, k1), 409, 'VOTE_RETRACTED');
+    await s.restart();
+    assertError(await castVote(s, t2, poll.poll_id, { option_id: a }, k2), 409, 'VOTE_RETRACTED'); // loaded again
+    await sleep(Math.max(0, retractedAt + 2500 - Date.now()));
+    assertStatus(await castVote(s, t1, poll.poll_id, { option_id: a }, k1), 200, 'past its time: a new ballot');
+    await s.restart();
+    assertStatus(await castVote(s, t2, poll.poll_id, { option_id: a }, k2), 200, 'past its time, not loaded');
+    const r = await results(s, poll.poll_id);
+    assert.equal(r.json.total_votes, 2);
+  } finally {
+    await s.close();
+  }
 });
 
 test('changes and retractions survive a restart: counts, votes/me, receipts, audit', async () => {
