@@ -37,7 +37,8 @@ typedef void (*api_cast_done_fn)(void *arg, int result, const char *vote_id);
 
 /* ---- async vote requests (Prefer: respond-async) ---- */
 typedef struct vote_request {
-    UT_hash_handle hh;
+    UT_hash_handle hh;      /* app->requests, by request_id */
+    UT_hash_handle hh_vote; /* app->requests_by_vote, by vote_id: completed ones only */
     char request_id[24];
     char poll_id[TLY_POLL_ID_LEN + 1];
     char *voter_id;
@@ -102,7 +103,7 @@ struct tly_app {
     uint8_t *secret;
     size_t secret_len;
     user_t *users_by_id, *users_by_name;
-    vote_request_t *requests;
+    vote_request_t *requests, *requests_by_vote;
     poll_idem_t *poll_idem;
     poll_mark_t *deleting;
     retracted_key_t *retracted;
@@ -221,6 +222,10 @@ int api_poll_from_row(tly_app_t *app, const tly_poll_row_t *row);
 int api_ballot_from_row(tly_app_t *app, tly_poll_t *p, const tly_ballot_row_t *row);
 /* A vote request's outcome; a request already known keeps its first outcome. */
 int api_request_from_row(tly_app_t *app, const tly_request_row_t *row);
+/* The async request that cast the ballot vote_id, or NULL (a ballot cast directly). */
+vote_request_t *api_request_of_vote(tly_app_t *app, const char *vote_id);
+/* Forgets a request (its poll is deleted, or the app goes). */
+void api_request_free(tly_app_t *app, vote_request_t *r);
 
 /* ---- routes ---- */
 void api_auth_register(tly_req_t *req, const tly_params_t *params, void *arg);

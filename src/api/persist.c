@@ -287,7 +287,25 @@ int api_request_from_row(tly_app_t *app, const tly_request_row_t *row)
     snprintf(r->vote_id, sizeof(r->vote_id), "%s", row->vote_id ? row->vote_id : "");
     snprintf(r->error, sizeof(r->error), "%s", row->error ? row->error : "");
     HASH_ADD_STR(app->requests, request_id, r);
+    if (r->vote_id[0] != '\0') /* on failure only a retry finds the ballot but not its request: 200 */
+        HASH_ADD(hh_vote, app->requests_by_vote, vote_id, strlen(r->vote_id), r);
     return 0;
+}
+
+vote_request_t *api_request_of_vote(tly_app_t *app, const char *vote_id)
+{
+    vote_request_t *r;
+    HASH_FIND(hh_vote, app->requests_by_vote, vote_id, strlen(vote_id), r);
+    return r;
+}
+
+void api_request_free(tly_app_t *app, vote_request_t *r)
+{
+    HASH_DEL(app->requests, r);
+    if (r->vote_id[0] != '\0' && api_request_of_vote(app, r->vote_id) == r)
+        HASH_DELETE(hh_vote, app->requests_by_vote, r);
+    tly_free(r->voter_id);
+    tly_free(r);
 }
 
 /* ---- loading ---- */

@@ -490,11 +490,8 @@ void api_poll_forget(tly_app_t *app, const char *poll_id)
     /* the store deleted the poll's vote requests with it; so does memory */
     vote_request_t *r, *tmp;
     HASH_ITER(hh, app->requests, r, tmp) {
-        if (strcmp(r->poll_id, poll_id) == 0) {
-            HASH_DEL(app->requests, r);
-            tly_free(r->voter_id);
-            tly_free(r);
-        }
+        if (strcmp(r->poll_id, poll_id) == 0)
+            api_request_free(app, r);
     }
 }
 

@@ -102,17 +102,8 @@ static bool address_hash(tly_app_t *app, tly_req_t *req, const char *poll_id, ui
 static void remember_request(tly_app_t *app, const char *request_id, const tly_poll_t *p, const char *voter_id,
                              const char *state, const char *vote_id, const char *error)
 {
-    vote_request_t *r = tly_calloc(1, sizeof(*r));
-    if (r == NULL || (r->voter_id = tly_strdup(voter_id)) == NULL) {
-        tly_free(r);
-        return; /* the row is durable; a restart brings it back */
-    }
-    snprintf(r->request_id, sizeof(r->request_id), "%s", request_id);
-    snprintf(r->poll_id, sizeof(r->poll_id), "%s", p->poll_id);
-    snprintf(r->state, sizeof(r->state), "%s", state);
-    snprintf(r->vote_id, sizeof(r->vote_id), "%s", vote_id ? vote_id : "");
-    snprintf(r->error, sizeof(r->error), "%s", error ? error : "");
-    HASH_ADD_STR(app->requests, request_id, r);
+    tly_request_row_t row = {request_id, p->poll_id, voter_id, state, vote_id, error, 0};
+    (void)api_request_from_row(app, &row); /* out of memory: the row is durable; a restart brings it back */
 }
 
 waiter_t *api_waiter_new(tly_req_t *req, bool async)
@@ -330,10 +321,17 @@ static bool prefers_async(tly_req_t *req)
 }
 
 /* A retry of a ballot: same Idempotency-Key and body gets the first answer again. */
-static void replay(tly_app_t *app, tly_req_t *req, tly_poll_t *p, tly_vote_t *v, bool async)
+/* A retry of the request that cast v (same Idempotency-Key and body) gets that request's
+ * answer again, whether the retry prefers async or not: 200 with the ballot, or for an
+ * async first request its 202 with the same request_id. */
+static void replay(tly_app_t *app, tly_req_t *req, tly_poll_t *p, tly_vote_t *v)
 {
     if (v->state == TLY_VOTE_COMMITTED) {
-        api_respond_json(req, 200, recorded_json(p, v));
+        vote_request_t *r = api_request_of_vote(app, v->vote_id);
+        if (r != NULL)
+            api_respond_accepted(req, p->poll_id, r->request_id);
+        else
+            api_respond_json(req, 200, recorded_json(p, v));
         return;
     }
     ballot_op_t *bo;
@@ -344,7 +342,7 @@ static void replay(tly_app_t *app, tly_req_t *req, tly_poll_t *p, tly_vote_t *v,
         return;
     }
     w->req = req;
-    w->async = async;
+    w->async = bo->request_id[0] != '\0';
     w->next = bo->waiters;
     bo->waiters = w;
     api_begin_async(app);
@@ -447,7 +445,7 @@ void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg)
     if (prev != NULL) {
         if (idem != NULL && prev->idem_key != NULL && strcmp(idem, prev->idem_key) == 0) {
             if (memcmp(hash, prev->body_hash, 16) == 0)
-                replay(app, req, p, prev, async);
+                replay(app, req, p, prev);
             else
                 api_respond_error(req, 422, "IDEMPOTENCY_KEY_REUSED",
                                   "this Idempotency-Key was used with a different ballot", NULL);

@@ -304,6 +304,34 @@ test('Prefer: respond-async → 202 accepted, request reaches completed; only th
   assert.equal(assertError(again, 409, 'ALREADY_VOTED').vote_id, st.vote_id);
 });
 
+test('a retry of a vote (same Idempotency-Key and body) gets the first answer again: an async one its 202 and request_id, also after a restart', async () => {
+  const poll = await createPoll(server, ownerTok);
+  const opt = poll.options[0].option_id;
+  const [t1, t2] = [await voter(), await voter()];
+  const k1 = { 'Idempotency-Key': `async-${rand()}` };
+  const k2 = { 'Idempotency-Key': `direct-${rand()}` };
+  const first = await castVote(server, t1, poll.poll_id, { option_id: opt }, { ...k1, Prefer: 'respond-async' });
+  assertStatus(first, 202, 'async vote');
+  const direct = await castVote(server, t2, poll.poll_id, { option_id: opt }, k2);
+  assertStatus(direct, 200, 'direct vote');
+  const retries = async (what) => {
+    for (const extra of [{ Prefer: 'respond-async' }, {}]) {
+      const again = await castVote(server, t1, poll.poll_id, { option_id: opt }, { ...k1, ...extra });
+      assertStatus(again, 202, `${what}: the async vote's retry (${JSON.stringify(extra)})`);
+      assert.equal(again.json.request_id, first.json.request_id);
+      assert.equal(again.headers.get('location'), first.headers.get('location'));
+      const d = await castVote(server, t2, poll.poll_id, { option_id: opt }, { ...k2, ...extra });
+      assertStatus(d, 200, `${what}: the direct vote's retry (${JSON.stringify(extra)})`);
+      assert.equal(d.json.vote_id, direct.json.vote_id);
+    }
+  };
+  await retries('at once');
+  await server.restart();
+  await retries('after a restart');
+  const r = await api(server, 'GET', `/v1/polls/${poll.poll_id}/results`, { token: ownerTok });
+  assert.equal(r.json.total_votes, 2);
+});
+
 test('async votes: validation errors are returned directly', async () => {
   const poll = await createPoll(server, ownerTok);
   const tok = await voter();
