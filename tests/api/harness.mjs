@@ -159,7 +159,7 @@ async function healthy(url) {
 /**
  * Starts `tally serve` on a free port with a fresh (or given) data directory.
  * opts: { args: [extra flags], env: {extra environment}, dataDir, secret, printLogs }
- * Returns { url, port, dataDir, secret, store, proc, stop(), kill9(), restart(), close(),
+ * Returns { url, port, dataDir, secret, store, proc, stop(), kill9(), restart({samePort}), close(),
  *           token(sub, ttl?), mint(sub, opts?), logs() }.
  * `store` is the --store URI given (PostgreSQL, with TALLY_TEST_PG), or null (SQLite).
  */
@@ -175,8 +175,8 @@ export async function startServer(opts = {}) {
     _log: '', _expectedExit: false, _crashed: null,
   };
 
-  const launch = async () => {
-    const port = await freePort();
+  const launch = async (samePort) => {
+    const port = samePort ? server.port : await freePort();
     const args = ['serve', '--listen', `127.0.0.1:${port}`, '--data-dir', dataDir, '--secret', secret,
       ...(store ? ['--store', store] : []), ...(opts.args || [])];
     const env = { ...process.env, TALLY_RATE_LIMITS: 'off', TALLY_POW_DIFFICULTY: '0', ...(opts.env || {}) };
@@ -237,10 +237,11 @@ export async function startServer(opts = {}) {
     child.kill('SIGKILL');
     await waitExit(child, 5000);
   };
-  /** Stops (if running) and starts again with the same data dir and secret (new port). */
-  server.restart = async () => {
+  /** Stops (if running) and starts again with the same data dir and secret, on a new
+   *  port, or with {samePort: true} on the same one (what a client that reconnects needs). */
+  server.restart = async ({ samePort = false } = {}) => {
     await server.stop();
-    await launch();
+    await launch(samePort);
     return server;
   };
   /** Stops the server and removes its data directory; prints its log when asked to. */
