@@ -320,73 +320,91 @@ static PGresult *page_query(pg_reader_t *r, const char *sql, const char *poll_id
     return res;
 }
 
-int pg_audit_page(tly_store_reader_t *rd, const char *poll_id, int64_t after_seq, size_t limit,
-                  void (*cb)(void *ctx, const tly_audit_row_t *row), void *ctx)
+/* A page of rows: row(res, i, arg) decodes row i and passes it on (TLY_EIO when it is
+ * malformed, which ends the page). Returns the number of rows or TLY_EIO. */
+static int page_rows(pg_reader_t *r, const char *sql, const char *poll_id, int64_t after_seq, size_t limit,
+                     int (*row)(const PGresult *res, int i, void *arg), void *arg)
 {
-    pg_reader_t *r = (pg_reader_t *)rd;
-    uint8_t choices[256], scores[256];
-    int n = 0, nc, ns;
     if (limit == 0)
         return 0;
-    PGresult *res = page_query(r, tly_store_pg_audit_page_sql, poll_id, after_seq, limit);
+    PGresult *res = page_query(r, sql, poll_id, after_seq, limit);
     if (res == NULL)
         return TLY_EIO;
-    for (int i = 0; i < PQntuples(res); i++) {
-        tly_audit_row_t a = {
-            .seq = ci(res, i, 0),
-            .poll_id = cs(res, i, 1),
-            .voter_id = cs(res, i, 2),
-            .event = cs(res, i, 3),
-            .at = ci(res, i, 6),
-        };
-        if (cbytes(res, i, 4, choices, 255, &a.choices, &nc) != 0 ||
-            cbytes(res, i, 5, scores, 255, &a.scores, &ns) != 0 || (a.scores != NULL && ns != nc)) {
-            tly_log(TLY_LOG_ERROR, "store: malformed audit row", NULL);
+    int n = PQntuples(res);
+    for (int i = 0; i < n; i++) {
+        if (row(res, i, arg) != 0) {
             PQclear(res);
             return TLY_EIO;
         }
-        a.nchoices = (uint8_t)nc;
-        cb(ctx, &a);
-        n++;
     }
     PQclear(res);
     return n;
 }
 
+typedef struct {
+    void (*audit)(void *ctx, const tly_audit_row_t *row);
+    void (*ballot)(void *ctx, const tly_ballot_row_t *row, int64_t seq);
+    void *ctx;
+} page_cb_t;
+
+static int audit_row(const PGresult *res, int i, void *arg)
+{
+    const page_cb_t *pc = arg;
+    uint8_t choices[256], scores[256];
+    int nc, ns;
+    tly_audit_row_t a = {
+        .seq = ci(res, i, 0),
+        .poll_id = cs(res, i, 1),
+        .voter_id = cs(res, i, 2),
+        .event = cs(res, i, 3),
+        .at = ci(res, i, 6),
+    };
+    if (cbytes(res, i, 4, choices, 255, &a.choices, &nc) != 0 || cbytes(res, i, 5, scores, 255, &a.scores, &ns) != 0 ||
+        (a.scores != NULL && ns != nc)) {
+        tly_log(TLY_LOG_ERROR, "store: malformed audit row", NULL);
+        return TLY_EIO;
+    }
+    a.nchoices = (uint8_t)nc;
+    pc->audit(pc->ctx, &a);
+    return 0;
+}
+
+static int ballot_row(const PGresult *res, int i, void *arg)
+{
+    const page_cb_t *pc = arg;
+    uint8_t choices[256], scores[256];
+    int nc, ns;
+    tly_ballot_row_t b = {
+        .poll_id = cs(res, i, 1),
+        .voter_id = cs(res, i, 2),
+        .vote_id = cs(res, i, 3),
+        .receipt = cs(res, i, 4),
+        .recorded_at = ci(res, i, 7),
+        .idem_key = cs(res, i, 8),
+        .client_meta = cs(res, i, 10),
+    };
+    if (cbytes(res, i, 5, choices, 255, &b.choices, &nc) != 0 || cbytes(res, i, 6, scores, 255, &b.scores, &ns) != 0 ||
+        (b.scores != NULL && ns != nc) || chash(res, i, 9, b.body_hash) != 0) {
+        tly_log(TLY_LOG_ERROR, "store: malformed ballot row", NULL);
+        return TLY_EIO;
+    }
+    b.nchoices = (uint8_t)nc;
+    pc->ballot(pc->ctx, &b, ci(res, i, 0));
+    return 0;
+}
+
+int pg_audit_page(tly_store_reader_t *rd, const char *poll_id, int64_t after_seq, size_t limit,
+                  void (*cb)(void *ctx, const tly_audit_row_t *row), void *ctx)
+{
+    page_cb_t pc = {.audit = cb, .ctx = ctx};
+    return page_rows((pg_reader_t *)rd, tly_store_pg_audit_page_sql, poll_id, after_seq, limit, audit_row, &pc);
+}
+
 int pg_ballots_page(tly_store_reader_t *rd, const char *poll_id, int64_t after_seq, size_t limit,
                     void (*cb)(void *ctx, const tly_ballot_row_t *row, int64_t seq), void *ctx)
 {
-    pg_reader_t *r = (pg_reader_t *)rd;
-    uint8_t choices[256], scores[256];
-    int n = 0, nc, ns;
-    if (limit == 0)
-        return 0;
-    PGresult *res = page_query(r, tly_store_pg_ballots_page_sql, poll_id, after_seq, limit);
-    if (res == NULL)
-        return TLY_EIO;
-    for (int i = 0; i < PQntuples(res); i++) {
-        tly_ballot_row_t b = {
-            .poll_id = cs(res, i, 1),
-            .voter_id = cs(res, i, 2),
-            .vote_id = cs(res, i, 3),
-            .receipt = cs(res, i, 4),
-            .recorded_at = ci(res, i, 7),
-            .idem_key = cs(res, i, 8),
-            .client_meta = cs(res, i, 10),
-        };
-        if (cbytes(res, i, 5, choices, 255, &b.choices, &nc) != 0 ||
-            cbytes(res, i, 6, scores, 255, &b.scores, &ns) != 0 || (b.scores != NULL && ns != nc) ||
-            chash(res, i, 9, b.body_hash) != 0) {
-            tly_log(TLY_LOG_ERROR, "store: malformed ballot row", NULL);
-            PQclear(res);
-            return TLY_EIO;
-        }
-        b.nchoices = (uint8_t)nc;
-        cb(ctx, &b, ci(res, i, 0));
-        n++;
-    }
-    PQclear(res);
-    return n;
+    page_cb_t pc = {.ballot = cb, .ctx = ctx};
+    return page_rows((pg_reader_t *)rd, tly_store_pg_ballots_page_sql, poll_id, after_seq, limit, ballot_row, &pc);
 }
 
 /* ---- generated ballots, for tests and benchmarks ------------------------------------- */
