@@ -152,7 +152,10 @@ print_header() { # NAME: the title and the machine
 }
 # shellcheck disable=SC2120 # ABOUT THE BINARY is optional
 print_tally_line() { # [ABOUT THE BINARY]: the commit, the binary and its flags
-    echo "tally: commit $COMMIT, binary of $(utc -r "$TALLY_BIN")${1:+ $1}; flags: $TALLY_FLAGS_TEXT"
+    local other=""
+    [ "$(realpath "$TALLY_BIN")" = "$(realpath "$ROOT/build/tally")" ] ||
+        other=" (of this work tree; TALLY_BIN=$TALLY_BIN is another build, whose commit this is not)"
+    echo "tally: commit $COMMIT$other, binary of $(utc -r "$TALLY_BIN")${1:+ $1}; flags: $TALLY_FLAGS_TEXT"
 }
 
 # ---- the poll and its voters -----------------------------------------------------------
