@@ -368,7 +368,8 @@ static void load_retracted(void *ctx, const tly_retracted_row_t *row)
 int api_load(tly_app_t *app)
 {
     load_t l = {.app = app};
-    tly_store_load_cb_t cb = {load_user, load_poll, load_ballot, load_request, load_retracted};
+    tly_store_load_cb_t cb = {load_user, load_poll, load_ballot, load_request, load_retracted,
+                              tly_now_ms() - app->conf->retracted_key_ttl * 1000};
     int64_t t0 = tly_now_ms();
     if (tly_store_load(app->store, &cb, &l) != 0 || l.failed)
         return -1;

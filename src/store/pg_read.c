@@ -8,6 +8,7 @@
 #include "base/base.h"
 #include "obs/obs.h"
 
+#include <inttypes.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -248,10 +249,12 @@ int pg_load(pg_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
                           " FROM vote_requests ORDER BY ord",
                        load_request, &l)) != 0)
         goto fail;
-    if ((rc = each_row(c, "DECLARE tly_load NO SCROLL CURSOR FOR"
-                          " SELECT poll_id, voter_id, idem_key, body_hash, at FROM audit"
-                          " WHERE event = 'revoked' AND idem_key IS NOT NULL ORDER BY seq",
-                       load_retracted, &l)) != 0)
+    char retracted_sql[256];
+    snprintf(retracted_sql, sizeof retracted_sql,
+             "DECLARE tly_load NO SCROLL CURSOR FOR SELECT poll_id, voter_id, idem_key, body_hash, at FROM audit"
+             " WHERE event = 'revoked' AND idem_key IS NOT NULL AND at >= %" PRId64 " ORDER BY seq",
+             cb->retracted_since);
+    if ((rc = each_row(c, retracted_sql, load_retracted, &l)) != 0)
         goto fail;
     if ((rc = pg_exec(c, "COMMIT", PGRES_COMMAND_OK)) != 0)
         goto fail;

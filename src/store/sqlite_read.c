@@ -225,8 +225,8 @@ int sq_load(sq_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
     st = NULL;
 
     src = sqlite3_prepare_v2(db, "SELECT poll_id, voter_id, idem_key, body_hash, at FROM audit"
-                                 " WHERE event = 'revoked' AND idem_key IS NOT NULL ORDER BY seq", -1, &st, NULL);
-    if (src != SQLITE_OK)
+                                 " WHERE event = 'revoked' AND idem_key IS NOT NULL AND at >= ?1 ORDER BY seq", -1, &st, NULL);
+    if (src != SQLITE_OK || (src = sqlite3_bind_int64(st, 1, cb->retracted_since)) != SQLITE_OK)
         goto sqlite_fail;
     while ((src = sqlite3_step(st)) == SQLITE_ROW) {
         tly_retracted_row_t r = {.poll_id = col_str(st, 0),

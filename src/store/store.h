@@ -209,6 +209,7 @@ typedef struct {
     void (*ballot)(void *ctx, const tly_ballot_row_t *b);
     void (*request)(void *ctx, const tly_request_row_t *r);
     void (*retracted)(void *ctx, const tly_retracted_row_t *r);
+    int64_t retracted_since; /* keys of ballots retracted before this time (ms) are not read */
 } tly_store_load_cb_t;
 
 /* Reads everything back at start: users, then polls (with options), then ballots in
