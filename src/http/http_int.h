@@ -99,6 +99,7 @@ struct conn {
     struct ip_conns *ipc; /* its address's connection count */
     char *out;
     size_t out_len, out_cap;
+    bool out_failed; /* an append found no memory: `out` is not the whole response */
     /* streaming: `out` is being written while `pend` collects what comes next */
     char *pend;
     size_t pend_len, pend_cap;

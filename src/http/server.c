@@ -102,6 +102,13 @@ const char *tly_http_reason(int status)
 
 /* ---- output buffer ---- */
 
+/* What a connection gets when there is no memory for its answer: static, so that it
+ * needs none. */
+static const char oom_response[] = "HTTP/1.1 503 Service Unavailable\r\n"
+                                   "Content-Type: application/json; charset=utf-8\r\n"
+                                   "Retry-After: 1\r\nConnection: close\r\nContent-Length: 58\r\n\r\n"
+                                   "{\"error\":{\"code\":\"UNAVAILABLE\",\"message\":\"out of memory\"}}";
+
 static int out_reserve(conn_t *c, size_t more)
 {
     if (c->out_len + more <= c->out_cap)
@@ -119,8 +126,10 @@ static int out_reserve(conn_t *c, size_t more)
 
 static void out_append(conn_t *c, const char *s, size_t n)
 {
-    if (out_reserve(c, n) != 0)
+    if (out_reserve(c, n) != 0) {
+        c->out_failed = true;
         return;
+    }
     memcpy(c->out + c->out_len, s, n);
     c->out_len += n;
 }
@@ -205,10 +214,19 @@ static void on_write_complete(h2o_socket_t *sock, const char *err)
         h2o_socket_read_start(c->sock, http_on_read);
 }
 
+/* Writes the response in `out`; when part of it found no memory (a head with a
+ * Content-Length and no body would leave the client waiting), the static 503 instead,
+ * and the connection closes after it. */
 static void send_out(conn_t *c)
 {
     c->state = ST_WRITING;
     h2o_iovec_t buf = h2o_iovec_init(c->out, c->out_len);
+    if (c->out_failed) {
+        c->out_failed = false;
+        c->out_len = 0;
+        c->close_after_write = true;
+        buf = h2o_iovec_init(oom_response, sizeof(oom_response) - 1);
+    }
     h2o_socket_write(c->sock, &buf, 1, on_write_complete);
 }
 
@@ -544,15 +562,11 @@ static void on_accept(h2o_socket_t *listener, const char *err)
              * rather than close silently (the client would see a reset, not a retry hint).
              * What the client already sent is read and dropped first: closing a socket
              * with unread input makes the kernel send a reset that can overtake the 503. */
-            static const char busy[] = "HTTP/1.1 503 Service Unavailable\r\n"
-                                       "Content-Type: application/json; charset=utf-8\r\n"
-                                       "Retry-After: 1\r\nConnection: close\r\nContent-Length: 58\r\n\r\n"
-                                       "{\"error\":{\"code\":\"UNAVAILABLE\",\"message\":\"out of memory\"}}";
             int fd = h2o_socket_get_fd(sock);
             char drain[4096];
             while (recv(fd, drain, sizeof(drain), MSG_DONTWAIT) > 0)
                 ;
-            ssize_t w = send(fd, busy, sizeof(busy) - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+            ssize_t w = send(fd, oom_response, sizeof(oom_response) - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
             (void)w;
             shutdown(fd, SHUT_WR);
             h2o_socket_close(sock);
@@ -842,9 +856,9 @@ void tly_req_add_header(tly_req_t *req, const char *name, const char *value)
 void tly_req_respond(tly_req_t *req, int status, const char *content_type, const char *body, size_t len)
 {
     conn_t *c = req->conn;
-    http_notify_response(c, status);
     if (c->sock == NULL) {
         /* the client left while we worked; the connection waited only for this */
+        http_notify_response(c, status);
         http_conn_free(c);
         return;
     }
@@ -854,6 +868,9 @@ void tly_req_respond(tly_req_t *req, int status, const char *content_type, const
     write_head(c, status, content_type, len, keepalive, req);
     if (req->method != TLY_M_HEAD && status != 204 && status != 304)
         out_append(c, body, len);
+    if (c->out_failed)
+        tly_req_set_note(req, "UNAVAILABLE"); /* logged and counted as what the client gets */
+    http_notify_response(c, c->out_failed ? 503 : status);
     send_out(c);
 }
 
@@ -903,7 +920,7 @@ void http_stream_flush(conn_t *c)
     h2o_socket_write(c->sock, &buf, 1, on_stream_written);
 }
 
-int http_pend_append(conn_t *c, const char *s, size_t n)
+static int pend_reserve(conn_t *c, size_t n)
 {
     if (c->pend_len + n > c->pend_cap) {
         size_t cap = c->pend_cap ? c->pend_cap : 1024;
@@ -915,6 +932,13 @@ int http_pend_append(conn_t *c, const char *s, size_t n)
         c->pend = p;
         c->pend_cap = cap;
     }
+    return 0;
+}
+
+int http_pend_append(conn_t *c, const char *s, size_t n)
+{
+    if (pend_reserve(c, n) != 0)
+        return TLY_ENOMEM;
     memcpy(c->pend + c->pend_len, s, n);
     c->pend_len += n;
     return 0;
@@ -922,7 +946,26 @@ int http_pend_append(conn_t *c, const char *s, size_t n)
 
 void tly_req_stream_start(tly_req_t *req, int status, const char *content_type, const tly_stream_cb_t *cb)
 {
+    static const char tail[] = "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
     conn_t *c = req->conn;
+    size_t head = 160 + (content_type != NULL ? strlen(content_type) + 16 : 0) + sizeof(tail);
+    for (size_t i = 0; i < req->nresp; i++)
+        head += strlen(req->resp_headers[i].name) + strlen(req->resp_headers[i].value) + 4;
+    c->pend_len = 0;
+    if (c->sock != NULL && pend_reserve(c, head) != 0) {
+        /* No memory for the head: the static 503 instead (a head cut short would leave
+         * the client misreading the stream). The stream has ended: the owner's writes
+         * are dropped, and it hears on_close once the 503 is written, as for any end. */
+        tly_req_set_note(req, "UNAVAILABLE");
+        http_notify_response(c, 503);
+        c->stream = *cb;
+        c->stream_ended = true;
+        c->state = ST_STREAMING;
+        c->writing = true;
+        h2o_iovec_t buf = h2o_iovec_init(oom_response, sizeof(oom_response) - 1);
+        h2o_socket_write(c->sock, &buf, 1, on_stream_written);
+        return;
+    }
     http_notify_response(c, status);
     c->stream = *cb;
     c->stream_ended = false;
@@ -952,7 +995,6 @@ void tly_req_stream_start(tly_req_t *req, int status, const char *content_type, 
         http_pend_append(c, req->resp_headers[i].value, strlen(req->resp_headers[i].value));
         http_pend_append(c, "\r\n", 2);
     }
-    static const char tail[] = "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
     http_pend_append(c, tail, sizeof(tail) - 1);
     if (req->method == TLY_M_HEAD) {
         /* HEAD: the head of the stream only; the owner hears on_close when it is sent */

@@ -23,11 +23,36 @@ static tly_loop_t *loop;
 static tly_server_t *server;
 static int handled; /* requests that reached the application */
 
+static long fail_after = -1; /* >= 0: the response is 64 KiB, sent with allocations failing after that many */
+
+static int stream_closed; /* on_close calls of streamed answers */
+
+static void stream_on_close(tly_req_t *req, void *arg)
+{
+    stream_closed++;
+}
+
 static void handle(tly_req_t *req, void *arg)
 {
     (void)arg;
     handled++;
-    tly_req_respond(req, 200, "text/plain", "ok", 2);
+    if (strncmp(tly_req_path(req).ptr, "/stream", 7) == 0) {
+        tly_stream_cb_t cb = {.on_close = stream_on_close};
+        tly_alloc_fail_after(0);
+        tly_req_stream_start(req, 200, "text/event-stream", &cb);
+        tly_alloc_fail_after(-1);
+        tly_req_stream_write(req, "data: x\n\n", 9); /* the owner goes on as if it had started */
+        return;
+    }
+    if (fail_after < 0) {
+        tly_req_respond(req, 200, "text/plain", "ok", 2);
+        return;
+    }
+    static char big[65536];
+    memset(big, 'x', sizeof(big));
+    tly_alloc_fail_after(fail_after);
+    tly_req_respond(req, 200, "text/plain", big, sizeof(big));
+    tly_alloc_fail_after(-1);
 }
 
 static size_t render_error(int status, char *buf, size_t cap)
@@ -52,6 +77,8 @@ static void start(void)
     server = tly_server_new(loop, "127.0.0.1:0", &conf, err);
     cr_assert_not_null(server, "%s", err);
     handled = 0;
+    fail_after = -1;
+    stream_closed = 0;
 }
 
 static void stop(void)
@@ -181,6 +208,36 @@ static const char *client_of(const char *spec, const char *peer, const char *xff
     if (!tly_proxies_client(&px, peer, h, out, sizeof(out)))
         snprintf(out, sizeof(out), "%s", peer);
     return out;
+}
+
+/* Found by tests/crash/oom.test.mjs (a GET /metrics without an answer now and then): when
+ * the body found no memory after the head was written, the head went out alone, with
+ * its Content-Length, and the client waited for a body that never came. Now the whole
+ * answer is the static 503, and the connection closes. */
+Test(server, a_response_without_memory_for_its_body_is_a_503_never_a_head_alone, .init = start, .fini = stop)
+{
+    static char out[70000];
+    for (long n = 0; n <= 1; n++) { /* no memory for the head; for the body only */
+        fail_after = n;
+        exchange("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", out, sizeof(out));
+        cr_assert(strncmp(out, "HTTP/1.1 503 ", 13) == 0, "n=%ld: %.200s", n, out);
+        cr_assert_not_null(strstr(out, "\r\n\r\n{\"error\":{\"code\":\"UNAVAILABLE\""), "n=%ld: %.300s", n, out);
+        cr_assert_eq(count(out, "HTTP/1.1 "), 1, "n=%ld: one answer", n);
+    }
+    fail_after = -1;
+    exchange("GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", out, sizeof(out));
+    cr_assert(strncmp(out, "HTTP/1.1 200 ", 13) == 0, "and then as ever: %.200s", out);
+}
+
+/* The same for a stream whose head finds no memory: the static 503, never a head cut
+ * short; the owner's writes are dropped and it hears on_close once, after the 503. */
+Test(server, a_stream_without_memory_for_its_head_is_a_503_and_its_owner_hears_the_end, .init = start, .fini = stop)
+{
+    static char out[4096];
+    exchange("GET /stream HTTP/1.1\r\nHost: x\r\n\r\n", out, sizeof(out));
+    cr_assert(strncmp(out, "HTTP/1.1 503 ", 13) == 0, "%.200s", out);
+    cr_assert_null(strstr(out, "data: x"), "%.300s", out);
+    cr_assert_eq(stream_closed, 1);
 }
 
 Test(addr, x_forwarded_for_counts_only_from_a_trusted_proxy)
