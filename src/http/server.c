@@ -126,6 +126,8 @@ static int out_reserve(conn_t *c, size_t more)
 
 static void out_append(conn_t *c, const char *s, size_t n)
 {
+    if (n == 0)
+        return; /* `out` may still be NULL (nothing reserved yet) */
     if (out_reserve(c, n) != 0) {
         c->out_failed = true;
         return;
