@@ -601,8 +601,9 @@ void tly_app_free(tly_app_t *app)
         tly_free(u);
     }
     vote_request_t *r, *rtmp;
-    HASH_ITER(hh, app->requests, r, rtmp)
+    HASH_ITER(hh, app->requests, r, rtmp) {
         api_request_free(app, r);
+    }
     api_pow_free(app);
     retracted_key_t *rk, *rktmp;
     HASH_ITER(hh, app->retracted, rk, rktmp) {
