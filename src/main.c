@@ -72,8 +72,8 @@ static int cmd_token(const tly_conf_t *conf)
         return 1;
     }
     int64_t now = tly_now_ms() / 1000;
-    int rc = tly_jwt_sign((const uint8_t *)secret, strlen(secret), conf->sub, conf->anonymous, now, now + conf->ttl,
-                          token);
+    int rc =
+        tly_jwt_sign((const uint8_t *)secret, strlen(secret), conf->sub, conf->anonymous, now, now + conf->ttl, token);
     tly_free(secret);
     if (rc < 0) {
         fprintf(stderr, "tally token: --sub must be 1 to %d bytes without control characters\n", TLY_SUB_MAX);

@@ -28,10 +28,10 @@ typedef struct user {
     bool committed; /* false while the insert is in the writer */
 } user_t;
 
-typedef struct deferred deferred_t; /* follow.c */
+typedef struct deferred deferred_t;       /* follow.c */
 typedef struct count_moves count_moves_t; /* follow.c: live counter moves not yet sent */
-typedef struct waiter waiter_t;     /* votes.c: a request waiting for its ballot's batch */
-typedef struct final_wait final_wait_t; /* polls.c: a read waiting for a poll's final results */
+typedef struct waiter waiter_t;           /* votes.c: a request waiting for its ballot's batch */
+typedef struct final_wait final_wait_t;   /* polls.c: a read waiting for a poll's final results */
 /* The outcome of a ballot cast from the ingest log: 0 (vote_id set) or a TLY_E* code. */
 typedef void (*api_cast_done_fn)(void *arg, int result, const char *vote_id);
 
@@ -70,8 +70,8 @@ typedef struct retracted_key {
 /* ---- proof-of-work challenges already answered, until they expire (auth.c) ---- */
 typedef struct pow_used {
     UT_hash_handle hh;
-    char nonce_id[24]; /* the challenge's random part */
-    int64_t expires;   /* seconds */
+    char nonce_id[24];     /* the challenge's random part */
+    int64_t expires;       /* seconds */
     struct pow_used *next; /* expiry order (all live equally long) */
 } pow_used_t;
 
@@ -89,7 +89,14 @@ struct work {
     work_t *next;
 };
 
-typedef enum { API_LIMIT_AUTH, API_LIMIT_ANON, API_LIMIT_POLL, API_LIMIT_VOTE_IP, API_LIMIT_VOTER, API_LIMIT_N } api_limit_t;
+typedef enum {
+    API_LIMIT_AUTH,
+    API_LIMIT_ANON,
+    API_LIMIT_POLL,
+    API_LIMIT_VOTE_IP,
+    API_LIMIT_VOTER,
+    API_LIMIT_N
+} api_limit_t;
 
 struct tly_app {
     const tly_conf_t *conf;
@@ -114,24 +121,24 @@ struct tly_app {
     tly_timer_t limit_sweep;
     struct ballot_op *pending_ballots; /* votes.c: ballots in the writer, by vote */
     /* follow.c: a shared store's changes from other instances */
-    deferred_t *deferred;   /* waiting for a write of ours on the same key */
-    tly_req_t *redispatch;  /* the request running a second time after a sync */
-    tly_req_t *limit_passed; /* the request running again after its rate limit passed */
-    tly_req_t *ingest_bypass; /* ingest.c: the async vote running again, the log refused it */
-    bool closing;            /* tly_app_free has begun */
+    deferred_t *deferred;           /* waiting for a write of ours on the same key */
+    tly_req_t *redispatch;          /* the request running a second time after a sync */
+    tly_req_t *limit_passed;        /* the request running again after its rate limit passed */
+    tly_req_t *ingest_bypass;       /* ingest.c: the async vote running again, the log refused it */
+    bool closing;                   /* tly_app_free has begun */
     tly_bus_script_t *limit_script; /* limits.c: shared buckets in Redis (with a bus) */
     uint64_t followed, resyncs;
-    unsigned settling;       /* polls.c: closed polls waiting for a sync to be frozen */
-    final_wait_t *final_waits; /* polls.c: reads waiting for a settle to end */
-    tly_bus_t *bus;          /* --bus: Redis, joining the instances; NULL without */
-    struct ingest *ingest;   /* ingest.c: the async ingest log; NULL without a bus */
+    unsigned settling;               /* polls.c: closed polls waiting for a sync to be frozen */
+    final_wait_t *final_waits;       /* polls.c: reads waiting for a settle to end */
+    tly_bus_t *bus;                  /* --bus: Redis, joining the instances; NULL without */
+    struct ingest *ingest;           /* ingest.c: the async ingest log; NULL without a bus */
     tly_bus_script_t *counts_script; /* follow.c: live counters in Redis */
     count_moves_t *count_moves;      /* their moves since the last reap, by poll */
-    uint64_t announced;      /* store batches committed when we last told the bus */
+    uint64_t announced;              /* store batches committed when we last told the bus */
     struct live *live;
-    tly_store_reader_t *reader; /* loop thread's, opened on first use */
+    tly_store_reader_t *reader;      /* loop thread's, opened on first use */
     struct api_reconcile *reconcile; /* reconcile.c: the periodic job; NULL when off */
-    size_t in_flight; /* requests waiting for the store or a worker */
+    size_t in_flight;                /* requests waiting for the store or a worker */
     /* worker threads for slow work */
     struct {
         pthread_t threads[2];
@@ -146,8 +153,8 @@ struct tly_app {
 
 /* The caller identified by the request's bearer token. */
 typedef struct {
-    bool present;     /* a valid token was given */
-    const char *id;   /* its subject (voter id / user id), request memory */
+    bool present;   /* a valid token was given */
+    const char *id; /* its subject (voter id / user id), request memory */
     bool anonymous;
 } caller_t;
 
@@ -294,8 +301,8 @@ int api_bus_open(tly_app_t *app, char *err);
 /* Moves the poll's live counters in Redis for one committed change of a ballot: its
  * option positions before (none for a cast) and after (none for a retraction). The
  * moves are summed per poll and sent by api_bus_flush_counts (after each reap). */
-void api_bus_count(tly_app_t *app, const char *poll_id, const uint8_t *before, size_t nbefore,
-                   const uint8_t *after, size_t nafter);
+void api_bus_count(tly_app_t *app, const char *poll_id, const uint8_t *before, size_t nbefore, const uint8_t *after,
+                   size_t nafter);
 void api_bus_flush_counts(tly_app_t *app);
 /* A reply callback for commands whose outcome nobody waits for. */
 void api_bus_ignore(void *arg, const tly_bus_reply_t *r);
@@ -312,20 +319,18 @@ bool api_resync(tly_app_t *app, tly_req_t *req);
 void api_dispatch(tly_app_t *app, tly_req_t *req);
 /* votes.c: a validated ballot into memory (pending) and the store's queue; see votes.c. */
 waiter_t *api_waiter_new(tly_req_t *req, bool async); /* in request memory; NULL: none */
-int api_cast_submit(tly_app_t *app, tly_poll_t *p, const char *voter_id, const tly_ballot_t *ballot,
-                    const char *idem, const uint8_t hash[16], const uint8_t *ip_hash, char *client_meta,
-                    const char *request_id, int64_t now, waiter_t *w, api_cast_done_fn on_done, void *done_arg);
+int api_cast_submit(tly_app_t *app, tly_poll_t *p, const char *voter_id, const tly_ballot_t *ballot, const char *idem,
+                    const uint8_t hash[16], const uint8_t *ip_hash, char *client_meta, const char *request_id,
+                    int64_t now, waiter_t *w, api_cast_done_fn on_done, void *done_arg);
 /* ingest.c: the durable ingest log for Prefer: respond-async (Redis Streams, --bus). */
 bool api_ingest_up(tly_app_t *app);
 /* Appends a validated ballot to the log and answers req: 202 once Redis has it, a replay
  * or 409 when the voter's ballot is already in the log, or (the log unreachable) falls
  * back to casting it straight into the store. */
-void api_ingest_enqueue(tly_app_t *app, tly_req_t *req, tly_poll_t *p, const char *voter_id,
-                        const tly_ballot_t *ballot, const char *idem, const uint8_t hash[16],
-                        const uint8_t *ip_hash, char *client_meta);
+void api_ingest_enqueue(tly_app_t *app, tly_req_t *req, tly_poll_t *p, const char *voter_id, const tly_ballot_t *ballot,
+                        const char *idem, const uint8_t hash[16], const uint8_t *ip_hash, char *client_meta);
 int api_ingest_open(tly_app_t *app);
-void api_ingest_stats(const tly_app_t *app, uint64_t *enqueued, uint64_t *applied, uint64_t *failed,
-                      uint64_t *dead);
+void api_ingest_stats(const tly_app_t *app, uint64_t *enqueued, uint64_t *applied, uint64_t *failed, uint64_t *dead);
 /* votes.c: remembers the Idempotency-Key of a ballot retracted at `at` (here or on
  * another instance), so that a late retry of the POST that cast it is refused, not cast
  * again, until conf->retracted_key_ttl has passed. */
@@ -391,17 +396,17 @@ bool api_rec_unchanged(const api_rec_counts_t *a, const api_rec_counts_t *b, siz
 
 /* A Redis live counter (tally:counts:{poll}) that differs from the true count. */
 typedef struct {
-    size_t poll;     /* index in counts->polls */
-    int position;    /* -1: field "ballots" */
+    size_t poll;  /* index in counts->polls */
+    int position; /* -1: field "ballots" */
     int64_t redis, actual;
-    bool del;        /* a field of a position the poll does not have: repaired by HDEL */
+    bool del;               /* a field of a position the poll does not have: repaired by HDEL */
     bool repaired, skipped; /* set by api_rec_redis_repair */
 } api_rec_diff_t;
 typedef struct api_rec_redis api_rec_redis_t;
 struct api_rec_redis {
     /* set by the caller */
     tly_bus_t *bus;
-    const api_rec_counts_t *counts; /* kept alive until done */
+    const api_rec_counts_t *counts;    /* kept alive until done */
     void (*done)(api_rec_redis_t *rr); /* on the loop thread, once everything answered */
     void *arg;
     /* results: the differences found (grouped by poll, in poll order); replies that

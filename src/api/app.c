@@ -208,15 +208,9 @@ tly_poll_t *api_find_poll(tly_app_t *app, tly_req_t *req, const tly_params_t *pa
     return p;
 }
 
-void api_begin_async(tly_app_t *app)
-{
-    app->in_flight++;
-}
+void api_begin_async(tly_app_t *app) { app->in_flight++; }
 
-void api_end_async(tly_app_t *app)
-{
-    app->in_flight--;
-}
+void api_end_async(tly_app_t *app) { app->in_flight--; }
 
 /* ---- worker threads ---- */
 
@@ -286,22 +280,27 @@ static void on_store_wake(void *arg)
     api_bus_announce(app);
 }
 
-static void notify_store(void *arg)
-{
-    tly_waker_wake(arg);
-}
+static void notify_store(void *arg) { tly_waker_wake(arg); }
 
 static const char *method_label(tly_method_t m)
 {
     switch (m) {
-    case TLY_M_GET: return "GET";
-    case TLY_M_HEAD: return "HEAD";
-    case TLY_M_POST: return "POST";
-    case TLY_M_PUT: return "PUT";
-    case TLY_M_PATCH: return "PATCH";
-    case TLY_M_DELETE: return "DELETE";
-    case TLY_M_OPTIONS: return "OPTIONS";
-    default: return "OTHER";
+    case TLY_M_GET:
+        return "GET";
+    case TLY_M_HEAD:
+        return "HEAD";
+    case TLY_M_POST:
+        return "POST";
+    case TLY_M_PUT:
+        return "PUT";
+    case TLY_M_PATCH:
+        return "PATCH";
+    case TLY_M_DELETE:
+        return "DELETE";
+    case TLY_M_OPTIONS:
+        return "OPTIONS";
+    default:
+        return "OTHER";
     }
 }
 
@@ -317,10 +316,15 @@ static void on_response(tly_req_t *req, int status, void *arg)
         tly_metrics_count("tally_errors_total", "code", code);
     if (route != NULL && strcmp(route, "/v1/polls/{poll_id}/votes") == 0)
         tly_metrics_count("tally_votes_total", "outcome",
-                          code ? code : status == 200 ? "recorded" : status == 202 ? "accepted" : "other");
+                          code            ? code
+                          : status == 200 ? "recorded"
+                          : status == 202 ? "accepted"
+                                          : "other");
     else if (route != NULL && strcmp(route, "/v1/polls/{poll_id}/votes/me") == 0 && strcmp(method, "GET") != 0)
         tly_metrics_count("tally_vote_changes_total", "outcome",
-                          code ? code : strcmp(method, "PUT") == 0 ? "changed" : "retracted");
+                          code                         ? code
+                          : strcmp(method, "PUT") == 0 ? "changed"
+                                                       : "retracted");
     if (code != NULL && strcmp(code, "RATE_LIMITED") == 0)
         tly_metrics_count("tally_rate_limited_total", "route", route ? route : "unmatched");
     tly_log_request(method, route ? route : "unmatched", status, code, ms, tly_req_client(req));
@@ -371,10 +375,7 @@ void api_ops_metrics(tly_req_t *req, const tly_params_t *params, void *arg)
 
 void api_dispatch(tly_app_t *app, tly_req_t *req);
 
-static void handle(tly_req_t *req, void *arg)
-{
-    api_dispatch(arg, req);
-}
+static void handle(tly_req_t *req, void *arg) { api_dispatch(arg, req); }
 
 void api_dispatch(tly_app_t *app, tly_req_t *req)
 {
@@ -543,10 +544,7 @@ fail:
     return NULL;
 }
 
-int tly_app_port(tly_app_t *app)
-{
-    return tly_server_port(app->server);
-}
+int tly_app_port(tly_app_t *app) { return tly_server_port(app->server); }
 
 void tly_app_stop_accepting(tly_app_t *app)
 {
@@ -555,10 +553,7 @@ void tly_app_stop_accepting(tly_app_t *app)
     api_live_shutdown(app->live);
 }
 
-bool tly_app_busy(tly_app_t *app)
-{
-    return app->in_flight > 0;
-}
+bool tly_app_busy(tly_app_t *app) { return app->in_flight > 0; }
 
 void tly_app_free(tly_app_t *app)
 {
@@ -602,6 +597,7 @@ void tly_app_free(tly_app_t *app)
     }
     vote_request_t *r, *rtmp;
     HASH_ITER(hh, app->requests, r, rtmp) {
+        /* cppcheck-suppress uninitvar ; HASH_ITER sets r */
         api_request_free(app, r);
     }
     api_pow_free(app);

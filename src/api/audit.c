@@ -162,7 +162,7 @@ typedef struct {
     bool csv;
     bool first_ballot;
     int64_t after;
-    char *line;    /* one row being built */
+    char *line; /* one row being built */
     size_t cap;
     int failed;
     size_t rows;
@@ -176,10 +176,7 @@ static void export_free(export_t *e)
 
 /* Appends a CSV cell, quoted when needed and defused against formula injection: a cell
  * a spreadsheet would evaluate (=, +, -, @, tab, CR first) gets a leading apostrophe. */
-static void csv_cell(json_t *arr, const char *s)
-{
-    json_array_append_new(arr, json_string(s));
-}
+static void csv_cell(json_t *arr, const char *s) { json_array_append_new(arr, json_string(s)); }
 
 static char *csv_line(json_t *cells)
 {
@@ -279,10 +276,7 @@ static void export_ballot(void *ctx, const tly_ballot_row_t *row, int64_t seq)
     e->rows++;
 }
 
-static void export_on_close(tly_req_t *req, void *arg)
-{
-    export_free(arg);
-}
+static void export_on_close(tly_req_t *req, void *arg) { export_free(arg); }
 
 static void export_on_drain(tly_req_t *req, void *arg)
 {

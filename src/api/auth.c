@@ -192,10 +192,10 @@ static void register_hashed(work_t *w)
     r->op.ctx = r;
     r->op.done = register_committed;
     r->op.u.user = (tly_user_row_t){.user_id = r->user->user_id,
-                                     .username = r->user->username,
-                                     .password_hash = r->user->password_hash,
-                                     .email = r->email,
-                                     .created_at = tly_now_ms()};
+                                    .username = r->user->username,
+                                    .password_hash = r->user->password_hash,
+                                    .email = r->email,
+                                    .created_at = tly_now_ms()};
     tly_store_submit(r->app->store, &r->op);
 }
 
@@ -268,7 +268,7 @@ typedef struct {
     tly_req_t *req;
     char *password;
     size_t pwlen;
-    char *hash;    /* NULL for an unknown user: verify against a dummy */
+    char *hash; /* NULL for an unknown user: verify against a dummy */
     char *user_id;
     bool ok;
 } login_t;
@@ -323,8 +323,8 @@ void api_auth_login(tly_req_t *req, const tly_params_t *params, void *arg)
         goto done;
     login_t *l = tly_calloc(1, sizeof(*l));
     if (l == NULL || (l->password = tly_strndup(password, pwlen > 1024 ? 1024 : pwlen)) == NULL ||
-        (u != NULL && ((l->hash = tly_strdup(u->password_hash)) == NULL ||
-                       (l->user_id = tly_strdup(u->user_id)) == NULL))) {
+        (u != NULL &&
+         ((l->hash = tly_strdup(u->password_hash)) == NULL || (l->user_id = tly_strdup(u->user_id)) == NULL))) {
         if (l) {
             tly_free(l->password);
             tly_free(l->hash);
@@ -382,8 +382,8 @@ void api_auth_challenge(tly_req_t *req, const tly_params_t *params, void *arg)
     tly_time_format(exp * 1000, expires);
     api_respond_json(req, 200,
                      json_pack("{s:s, s:i, s:s, s:s}", "challenge", challenge, "difficulty",
-                               (int)app->conf->pow_difficulty, "algorithm", "sha256-leading-zero-bits",
-                               "expires_at", expires));
+                               (int)app->conf->pow_difficulty, "algorithm", "sha256-leading-zero-bits", "expires_at",
+                               expires));
 }
 
 static void pow_forget_expired(tly_app_t *app, int64_t now_s)

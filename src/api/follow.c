@@ -38,10 +38,7 @@ struct deferred {
     char buf[];
 };
 
-static size_t slen(const char *s)
-{
-    return s ? strlen(s) + 1 : 0;
-}
+static size_t slen(const char *s) { return s ? strlen(s) + 1 : 0; }
 
 static const char *put(char **cur, const char *s)
 {
@@ -152,8 +149,11 @@ static void apply_ballot(tly_app_t *app, const tly_store_op_t *op)
         if (v == NULL)
             rc = api_ballot_from_row(app, p, row);
         if (rc == 0 && row->request_id != NULL && row->request_id[0]) {
-            tly_request_row_t r = {.request_id = row->request_id, .poll_id = row->poll_id,
-                                   .voter_id = row->voter_id, .state = "completed", .vote_id = row->vote_id,
+            tly_request_row_t r = {.request_id = row->request_id,
+                                   .poll_id = row->poll_id,
+                                   .voter_id = row->voter_id,
+                                   .state = "completed",
+                                   .vote_id = row->vote_id,
                                    .created_at = row->recorded_at};
             rc = api_request_from_row(app, &r);
         }
@@ -383,9 +383,8 @@ static void on_bus_state(void *arg, bool up)
  * one script call per poll when the batch has been reaped (api_bus_flush_counts). A move
  * lost on the way (bus down, a crash between commit and call) is drift that
  * reconciliation repairs. */
-static const char counts_lua[] =
-    "for i = 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end\n"
-    "return 0\n";
+static const char counts_lua[] = "for i = 1, #ARGV, 2 do redis.call('HINCRBY', KEYS[1], ARGV[i], ARGV[i + 1]) end\n"
+                                 "return 0\n";
 
 struct count_moves {
     UT_hash_handle hh;
@@ -428,8 +427,8 @@ static void send_counts(tly_app_t *app, const count_moves_t *m)
         tly_bus_script(app->bus, app->counts_script, api_bus_ignore, NULL, 1, n, argv, lens);
 }
 
-void api_bus_count(tly_app_t *app, const char *poll_id, const uint8_t *before, size_t nbefore,
-                   const uint8_t *after, size_t nafter)
+void api_bus_count(tly_app_t *app, const char *poll_id, const uint8_t *before, size_t nbefore, const uint8_t *after,
+                   size_t nafter)
 {
     if (app->bus == NULL || app->counts_script == NULL || !tly_bus_up(app->bus))
         return;

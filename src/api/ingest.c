@@ -66,10 +66,7 @@ struct ingest {
 
 /* ---- small helpers ---- */
 
-static bool is_error(const tly_bus_reply_t *r)
-{
-    return r->type == TLY_BUS_ERROR;
-}
+static bool is_error(const tly_bus_reply_t *r) { return r->type == TLY_BUS_ERROR; }
 
 /* ---- accepting ---- */
 
@@ -185,14 +182,10 @@ static void enqueued(void *arg, const tly_bus_reply_t *r)
     enqueue_free(e);
 }
 
-bool api_ingest_up(tly_app_t *app)
-{
-    return app->ingest != NULL && tly_bus_up(app->bus) && app->ingest->group_ok;
-}
+bool api_ingest_up(tly_app_t *app) { return app->ingest != NULL && tly_bus_up(app->bus) && app->ingest->group_ok; }
 
-void api_ingest_enqueue(tly_app_t *app, tly_req_t *req, tly_poll_t *p, const char *voter_id,
-                        const tly_ballot_t *ballot, const char *idem, const uint8_t hash[16],
-                        const uint8_t *ip_hash, char *client_meta)
+void api_ingest_enqueue(tly_app_t *app, tly_req_t *req, tly_poll_t *p, const char *voter_id, const tly_ballot_t *ballot,
+                        const char *idem, const uint8_t hash[16], const uint8_t *ip_hash, char *client_meta)
 {
     enqueue_t *e = tly_calloc(1, sizeof(*e));
     if (e == NULL || (e->voter_id = tly_strdup(voter_id)) == NULL ||
@@ -226,10 +219,20 @@ void api_ingest_enqueue(tly_app_t *app, tly_req_t *req, tly_poll_t *p, const cha
     tly_hex_encode(ballot->scores, p->type == TLY_TYPE_SCORE ? ballot->nchoices : 0, scores);
     tly_hex_encode(ip_hash ? ip_hash : (const uint8_t *)"", ip_hash ? TLY_IP_HASH_LEN : 0, iph);
     snprintf(at, sizeof(at), "%lld", (long long)e->at);
-    const char *argv[] = {dedup_key, STREAM, status_key, dedup_val, DEDUP_TTL_MS, p->poll_id, voter_id,
-                          STREAM_MAXLEN, "r", e->request_id, "p", p->poll_id, "v", voter_id, "c", choices,
-                          "s", scores, "k", idem ? idem : "", "h", e->hash_hex, "i", iph, "m",
-                          client_meta ? client_meta : "", "t", at};
+    const char *argv[] = {dedup_key,    STREAM,
+                          status_key,   dedup_val,
+                          DEDUP_TTL_MS, p->poll_id,
+                          voter_id,     STREAM_MAXLEN,
+                          "r",          e->request_id,
+                          "p",          p->poll_id,
+                          "v",          voter_id,
+                          "c",          choices,
+                          "s",          scores,
+                          "k",          idem ? idem : "",
+                          "h",          e->hash_hex,
+                          "i",          iph,
+                          "m",          client_meta ? client_meta : "",
+                          "t",          at};
     size_t lens[TLY_ARRAY_SIZE(argv)];
     for (size_t i = 0; i < TLY_ARRAY_SIZE(argv); i++)
         lens[i] = strlen(argv[i]);
@@ -245,7 +248,7 @@ void api_ingest_enqueue(tly_app_t *app, tly_req_t *req, tly_poll_t *p, const cha
 
 typedef struct entry {
     tly_app_t *app;
-    char id[48];           /* the stream entry's id */
+    char id[48]; /* the stream entry's id */
     char request_id[24];
     char poll_id[TLY_POLL_ID_LEN + 1];
     char *voter_id, *idem, *client_meta;
@@ -489,7 +492,8 @@ static void claim_done(void *arg, const tly_bus_reply_t *r)
     const tly_bus_reply_t *entries = &r->elements[1];
     for (size_t i = 0; i < entries->nelements; i++) {
         entry_t *en = take_entry(app, &entries->elements[i]);
-        if (en != NULL && tly_bus_command(app->bus, counted, en, "HINCRBY tally:req:%s attempts 1", en->request_id) != 0)
+        if (en != NULL &&
+            tly_bus_command(app->bus, counted, en, "HINCRBY tally:req:%s attempts 1", en->request_id) != 0)
             entry_free(en);
     }
 }
@@ -640,8 +644,7 @@ void api_ingest_forget(tly_app_t *app, const char *poll_id, const char *voter_id
         tly_bus_command(app->bus, api_bus_ignore, NULL, "DEL tally:dedup:%s:%s", poll_id, voter_id);
 }
 
-void api_ingest_stats(const tly_app_t *app, uint64_t *enqueued, uint64_t *applied, uint64_t *failed,
-                      uint64_t *dead)
+void api_ingest_stats(const tly_app_t *app, uint64_t *enqueued, uint64_t *applied, uint64_t *failed, uint64_t *dead)
 {
     const struct ingest *in = app->ingest;
     *enqueued = in ? in->enqueued : 0;

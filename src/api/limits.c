@@ -91,8 +91,7 @@ void api_limits_free(tly_app_t *app)
 static bool apply_result(tly_app_t *app, tly_req_t *req, api_limit_t which, const tly_limit_result_t *r0)
 {
     tly_limit_result_t r = *r0;
-    char limit[TLY_LIMIT_HDR_LEN], remaining[TLY_LIMIT_HDR_LEN], reset[TLY_LIMIT_HDR_LEN],
-        retry[TLY_LIMIT_HDR_LEN];
+    char limit[TLY_LIMIT_HDR_LEN], remaining[TLY_LIMIT_HDR_LEN], reset[TLY_LIMIT_HDR_LEN], retry[TLY_LIMIT_HDR_LEN];
     tly_limit_headers(&r, limit, remaining, reset, retry);
     if (r.limit > 0) {
         tly_req_add_header(req, "RateLimit-Limit", limit);
@@ -102,9 +101,9 @@ static bool apply_result(tly_app_t *app, tly_req_t *req, api_limit_t which, cons
     if (r.allowed)
         return true;
     tly_req_add_header(req, "Retry-After", retry);
-    api_respond_error(req, 429, "RATE_LIMITED", "too many requests; retry after the time in Retry-After",
-                      json_pack("{s:s, s:I}", "limit", app->rules[which].name, "retry_after_ms",
-                                (json_int_t)r.retry_after_ms));
+    api_respond_error(
+        req, 429, "RATE_LIMITED", "too many requests; retry after the time in Retry-After",
+        json_pack("{s:s, s:I}", "limit", app->rules[which].name, "retry_after_ms", (json_int_t)r.retry_after_ms));
     return false;
 }
 

@@ -38,7 +38,7 @@ struct sub {
     uint64_t sent_seq;
     int sent_status;
     bool sent_visible, sent_any;
-    bool want;        /* a newer state waits for the socket to drain */
+    bool want; /* a newer state waits for the socket to drain */
     uint64_t last_progress, last_write;
     const char *close_reason; /* WebSocket: close once the last message has drained */
 };
@@ -50,7 +50,7 @@ struct live_poll {
     size_t nsubs;
     uint64_t seen_seq;
     int seen_status;
-    char *hidden;    /* state without counts, rebuilt when the status changes */
+    char *hidden; /* state without counts, rebuilt when the status changes */
     int hidden_status;
     bool pass_changed; /* counts or status changed since the previous pass */
 };
@@ -76,10 +76,7 @@ struct live {
 
 static live_t *the_live; /* the timer callback's way back (one app per process) */
 
-size_t api_live_subscribers(live_t *l)
-{
-    return l ? l->nsubs : 0;
-}
+size_t api_live_subscribers(live_t *l) { return l ? l->nsubs : 0; }
 
 /* ---- rendering ---- */
 
@@ -89,8 +86,8 @@ static const char *hidden_state(live_poll_t *lp, const tly_poll_t *p, int status
         return lp->hidden;
     json_t *opts = json_array();
     for (size_t i = 0; i < p->noptions; i++)
-        json_array_append_new(opts, json_pack("{s:s, s:s}", "option_id", p->options[i].option_id, "label",
-                                              p->options[i].text));
+        json_array_append_new(
+            opts, json_pack("{s:s, s:s}", "option_id", p->options[i].option_id, "label", p->options[i].text));
     json_t *o = json_pack("{s:s, s:s, s:b, s:s, s:o}", "poll_id", p->poll_id, "status",
                           tly_poll_status_name((tly_poll_status_t)status), "results_hidden", 1, "results_visibility",
                           tly_visibility_name(p->settings.results_visibility), "options", opts);
@@ -107,10 +104,7 @@ static const char *hidden_state(live_poll_t *lp, const tly_poll_t *p, int status
 
 /* ---- transport: SSE or WebSocket ---- */
 
-static size_t sub_pending(sub_t *s)
-{
-    return s->ws ? tly_ws_pending(s->req) : tly_req_stream_pending(s->req);
-}
+static size_t sub_pending(sub_t *s) { return s->ws ? tly_ws_pending(s->req) : tly_req_stream_pending(s->req); }
 
 static void sub_end(sub_t *s, const char *reason)
 {
@@ -138,9 +132,9 @@ static int write_event(sub_t *s, const char *event, uint64_t id, const char *dat
         /* {"type":"results","seq":N,"data":{...}}: data is spliced in, already JSON */
         size_t dlen = strlen(data);
         char head[80];
-        int n = id ? snprintf(head, sizeof(head), "{\"type\":\"%s\",\"seq\":%llu,\"data\":", event,
-                              (unsigned long long)id)
-                   : snprintf(head, sizeof(head), "{\"type\":\"%s\",\"data\":", event);
+        int n =
+            id ? snprintf(head, sizeof(head), "{\"type\":\"%s\",\"seq\":%llu,\"data\":", event, (unsigned long long)id)
+               : snprintf(head, sizeof(head), "{\"type\":\"%s\",\"data\":", event);
         char *msg = tly_malloc((size_t)n + dlen + 2);
         if (msg == NULL)
             return TLY_ENOMEM;
@@ -179,10 +173,7 @@ static int write_event(sub_t *s, const char *event, uint64_t id, const char *dat
  * They stay below 2^53, so JavaScript reads them exactly. */
 static uint64_t id_base;
 
-static uint64_t event_id(const tly_poll_t *p, int status)
-{
-    return id_base + p->seq * 3 + (uint64_t)status + 1;
-}
+static uint64_t event_id(const tly_poll_t *p, int status) { return id_base + p->seq * 3 + (uint64_t)status + 1; }
 
 /* Offers the poll's current state to s: sent now if its socket is idle, else later. */
 static void offer(sub_t *s, tly_poll_t *p, int64_t now)
@@ -263,10 +254,7 @@ static void sub_unlink(sub_t *s)
     tly_free(s);
 }
 
-static void on_close(tly_req_t *req, void *arg)
-{
-    sub_unlink(arg);
-}
+static void on_close(tly_req_t *req, void *arg) { sub_unlink(arg); }
 
 static void on_drain(tly_req_t *req, void *arg)
 {
@@ -352,6 +340,7 @@ static void on_tick(tly_timer_t *t)
             }
             api_poll_settle(app, p, now);
             int status = (int)tly_poll_effective_status(p, now);
+            /* cppcheck-suppress uninitvar ; HASH_ITER sets lp, whose fields are calloc'd */
             lp->pass_changed = p->seq != lp->seen_seq || status != lp->seen_status;
             lp->seen_seq = p->seq;
             lp->seen_status = status;
@@ -384,10 +373,7 @@ static void on_ws_text(tly_req_t *req, const char *msg, size_t len, void *arg)
 
 static void subscribe(tly_req_t *req, const tly_params_t *params, tly_app_t *app, bool ws);
 
-void api_live_sse(tly_req_t *req, const tly_params_t *params, void *arg)
-{
-    subscribe(req, params, arg, false);
-}
+void api_live_sse(tly_req_t *req, const tly_params_t *params, void *arg) { subscribe(req, params, arg, false); }
 
 void api_live_ws(tly_req_t *req, const tly_params_t *params, void *arg)
 {
@@ -421,8 +407,7 @@ static void subscribe(tly_req_t *req, const tly_params_t *params, tly_app_t *app
     const char *ip = tly_req_client(req);
     ip_count_t *ic;
     HASH_FIND_STR(l->ips, ip, ic);
-    if (l->nsubs >= (size_t)app->conf->live_max ||
-        (ic != NULL && ic->n >= (size_t)app->conf->live_max_per_ip)) {
+    if (l->nsubs >= (size_t)app->conf->live_max || (ic != NULL && ic->n >= (size_t)app->conf->live_max_per_ip)) {
         tly_req_add_header(req, "Retry-After", "10");
         api_respond_error(req, 503, "TOO_MANY_SUBSCRIBERS",
                           l->nsubs >= (size_t)app->conf->live_max
@@ -442,8 +427,7 @@ static void subscribe(tly_req_t *req, const tly_params_t *params, tly_app_t *app
     }
     if (new_ic && (ic = tly_calloc(1, sizeof(*ic))) != NULL)
         snprintf(ic->ip, sizeof(ic->ip), "%s", ip);
-    if (s == NULL || lp == NULL || ic == NULL ||
-        (caller.present && (s->caller_id = tly_strdup(caller.id)) == NULL)) {
+    if (s == NULL || lp == NULL || ic == NULL || (caller.present && (s->caller_id = tly_strdup(caller.id)) == NULL)) {
         if (s)
             tly_free(s->caller_id);
         tly_free(s);
@@ -493,8 +477,8 @@ static void subscribe(tly_req_t *req, const tly_params_t *params, tly_app_t *app
     }
     s->ws = ws;
     if (ws) {
-        tly_ws_cb_t wcb = {.on_text = on_ws_text, .on_drain = on_drain, .on_close = on_close, .arg = s,
-                           .max_message = 4096};
+        tly_ws_cb_t wcb = {
+            .on_text = on_ws_text, .on_drain = on_drain, .on_close = on_close, .arg = s, .max_message = 4096};
         if (tly_req_ws_accept(req, &wcb) != 0) {
             sub_unlink(s); /* answered 400/503 already */
             return;

@@ -12,12 +12,11 @@
 static char *settings_json(const tly_poll_t *p)
 {
     const tly_settings_t *s = &p->settings;
-    json_t *o = json_pack("{s:b, s:s, s:b, s:b, s:i, s:i, s:i, s:s}", "show_results_during_voting",
-                          s->show_results_during_voting, "results_visibility",
-                          tly_visibility_name(s->results_visibility), "allow_anonymous", s->allow_anonymous,
-                          "allow_vote_change", s->allow_vote_change, "min_choices", s->min_choices, "max_choices",
-                          s->max_choices, "max_score", s->max_score, "voter_check",
-                          tly_voter_check_name(s->voter_check));
+    json_t *o = json_pack(
+        "{s:b, s:s, s:b, s:b, s:i, s:i, s:i, s:s}", "show_results_during_voting", s->show_results_during_voting,
+        "results_visibility", tly_visibility_name(s->results_visibility), "allow_anonymous", s->allow_anonymous,
+        "allow_vote_change", s->allow_vote_change, "min_choices", s->min_choices, "max_choices", s->max_choices,
+        "max_score", s->max_score, "voter_check", tly_voter_check_name(s->voter_check));
     char *out = o ? json_dumps(o, JSON_COMPACT) : NULL;
     json_decref(o);
     return out;
@@ -368,8 +367,8 @@ static void load_retracted(void *ctx, const tly_retracted_row_t *row)
 int api_load(tly_app_t *app)
 {
     load_t l = {.app = app};
-    tly_store_load_cb_t cb = {load_user, load_poll, load_ballot, load_request, load_retracted,
-                              tly_now_ms() - app->conf->retracted_key_ttl * 1000};
+    tly_store_load_cb_t cb = {load_user,    load_poll,      load_ballot,
+                              load_request, load_retracted, tly_now_ms() - app->conf->retracted_key_ttl * 1000};
     int64_t t0 = tly_now_ms();
     if (tly_store_load(app->store, &cb, &l) != 0 || l.failed)
         return -1;
@@ -381,7 +380,7 @@ int api_load(tly_app_t *app)
     snprintf(retracted, sizeof(retracted), "%zu", l.retracted);
     snprintf(skipped, sizeof(skipped), "%zu", l.skipped);
     snprintf(ms, sizeof(ms), "%lld", (long long)(tly_now_ms() - t0));
-    tly_log(l.skipped ? TLY_LOG_WARN : TLY_LOG_INFO, "store loaded", "users", users, "polls", polls, "ballots",
-            ballots, "requests", requests, "retracted_keys", retracted, "skipped", skipped, "ms", ms, NULL);
+    tly_log(l.skipped ? TLY_LOG_WARN : TLY_LOG_INFO, "store loaded", "users", users, "polls", polls, "ballots", ballots,
+            "requests", requests, "retracted_keys", retracted, "skipped", skipped, "ms", ms, NULL);
     return 0;
 }

@@ -22,8 +22,8 @@ static bool host_ok(tly_str_t h)
         return false;
     for (size_t i = 0; i < h.len; i++) {
         char c = h.ptr[i];
-        bool ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' ||
-                  c == ':' || c == '-' || c == '[' || c == ']';
+        bool ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '.' || c == ':' ||
+                  c == '-' || c == '[' || c == ']';
         if (!ok)
             return false;
     }
@@ -103,8 +103,7 @@ void api_polls_qr(tly_req_t *req, const tly_params_t *params, void *arg)
             while (x < w && (row[x] & 1))
                 x++;
             int run = x - start;
-            len += (size_t)snprintf(buf + len, cap - len, "M%d %dh%dv1h-%dz", start + QR_QUIET, y + QR_QUIET, run,
-                                    run);
+            len += (size_t)snprintf(buf + len, cap - len, "M%d %dh%dv1h-%dz", start + QR_QUIET, y + QR_QUIET, run, run);
         }
     }
     len += (size_t)snprintf(buf + len, cap - len, "\"/></svg>\n");

@@ -163,8 +163,8 @@ static void add_diff(api_rec_redis_t *rr, size_t poll, int position, int64_t red
         rr->diffs = d;
         rr->dcap = cap;
     }
-    rr->diffs[rr->ndiffs++] = (api_rec_diff_t){.poll = poll, .position = position, .redis = redis,
-                                               .actual = actual, .del = del};
+    rr->diffs[rr->ndiffs++] =
+        (api_rec_diff_t){.poll = poll, .position = position, .redis = redis, .actual = actual, .del = del};
 }
 
 static void compare_poll(api_rec_redis_t *rr, size_t poll, const tly_bus_reply_t *r)
@@ -370,10 +370,10 @@ struct api_reconcile {
     rec_state_t state;
     atomic_bool cancel; /* the app is stopping: a queued pass does nothing */
     /* the work item's, while it runs on a worker */
-    bool recount;         /* this pass only counts again (no repair, no drift report) */
+    bool recount; /* this pass only counts again (no repair, no drift report) */
     int rc;
     api_rec_counts_t counts, recounted;
-    rec_drift_t *drifts;  /* the first REC_MAX_LOGGED */
+    rec_drift_t *drifts; /* the first REC_MAX_LOGGED */
     size_t ndrifts;
     int64_t started_ms, store_ms;
     /* the loop thread's */
@@ -458,8 +458,7 @@ static void rec_redis_done(api_rec_redis_t *rr)
             char polls[24], errs[24];
             snprintf(polls, sizeof(polls), "%zu", j->counts.npolls);
             snprintf(errs, sizeof(errs), "%zu", rr->errors);
-            tly_log(TLY_LOG_INFO, "reconcile", "where", "redis", "polls", polls, "drifts", "0", "errors", errs,
-                    NULL);
+            tly_log(TLY_LOG_INFO, "reconcile", "where", "redis", "polls", polls, "drifts", "0", "errors", errs, NULL);
             rec_finish(j);
             return;
         }
@@ -500,7 +499,7 @@ static void rec_done(work_t *w)
     }
     if (j->state == REC_RECOUNT) {
         j->recount = false;
-        if (j->rc < 0) { /* cannot tell which polls were quiet: leave Redis alone */
+        if (j->rc < 0) {             /* cannot tell which polls were quiet: leave Redis alone */
             if (j->rc == TLY_ESTATE) /* it is doing the same: nothing lost */
                 tly_log(TLY_LOG_INFO, "reconcile: Redis not repaired", "reason", "another instance is reconciling",
                         NULL);
@@ -644,10 +643,7 @@ static void cli_actual(void *ctx, const char *poll_id, int position, int64_t cou
     api_rec_counts_add(&((cli_rec_t *)ctx)->counts, poll_id, position, count);
 }
 
-static void cli_redis_done(api_rec_redis_t *rr)
-{
-    ((cli_rec_t *)rr->arg)->redis_done = true;
-}
+static void cli_redis_done(api_rec_redis_t *rr) { ((cli_rec_t *)rr->arg)->redis_done = true; }
 
 static bool cli_keep(void *arg, size_t poll)
 {
@@ -655,10 +651,7 @@ static bool cli_keep(void *arg, size_t poll)
     return api_rec_unchanged(&c->counts, &c->recounted, poll, &c->cursor);
 }
 
-static void cli_notify(void *arg)
-{
-    (void)arg; /* nothing is submitted: no batch to reap */
-}
+static void cli_notify(void *arg) { (void)arg; /* nothing is submitted: no batch to reap */ }
 
 /* Runs the loop until *flag is set or ms pass; false on timeout. */
 static bool run_until(tly_loop_t *loop, const bool *flag, uint64_t ms)
@@ -699,8 +692,9 @@ static long cli_redis(const tly_conf_t *conf, tly_store_reader_t *rd, cli_rec_t 
         /* Count again: only polls that did not change across the read are repaired. */
         int rc = tly_store_reconcile(rd, 0, NULL, api_rec_counts_add, &c->recounted);
         if (rc < 0) {
-            fprintf(stderr, "tally reconcile: %s\n", rc == TLY_ESTATE ? "another instance is reconciling now; try again"
-                                                                        : "the store cannot be read (see the log)");
+            fprintf(stderr, "tally reconcile: %s\n",
+                    rc == TLY_ESTATE ? "another instance is reconciling now; try again"
+                                     : "the store cannot be read (see the log)");
             goto fail;
         }
         c->redis_done = false;
@@ -717,7 +711,9 @@ static long cli_redis(const tly_conf_t *conf, tly_store_reader_t *rd, cli_rec_t 
         position_name(d->position, pos);
         printf("drift redis poll=%s position=%s stored=%lld actual=%lld %s\n", c->counts.polls[d->poll].poll_id, pos,
                (long long)d->redis, (long long)d->actual,
-               d->repaired ? "repaired" : d->skipped ? "skipped-poll-changed" : "not-repaired");
+               d->repaired  ? "repaired"
+               : d->skipped ? "skipped-poll-changed"
+                            : "not-repaired");
         left += !d->repaired;
     }
     printf("reconcile: redis: %zu polls, %zu drifts, %ld not repaired\n", c->counts.npolls, rr.ndiffs, left);
@@ -743,8 +739,7 @@ int tly_reconcile_cli(const tly_conf_t *conf)
     cli_rec_t c = {.repair = conf->repair};
     tly_store_reader_t *rd = NULL;
     tly_store_t *store = NULL;
-    tly_store_conf_t sc = {.url = conf->store, .data_dir = conf->data_dir, .origin = "reconcile",
-                           .notify = cli_notify};
+    tly_store_conf_t sc = {.url = conf->store, .data_dir = conf->data_dir, .origin = "reconcile", .notify = cli_notify};
     int rc = tly_store_open(&sc, &store);
     if (rc != 0 || (rd = tly_store_reader_open(store)) == NULL) {
         fprintf(stderr, "tally reconcile: cannot open the store (error %d); see the log above\n", rc);
@@ -752,12 +747,15 @@ int tly_reconcile_cli(const tly_conf_t *conf)
     }
     rc = tly_store_reconcile(rd, conf->repair, cli_drift, cli_actual, &c);
     if (rc < 0) {
-        fprintf(stderr, "tally reconcile: %s\n", rc == TLY_ESTATE ? "another instance is reconciling now; try again"
-                                                                    : "the store cannot be read (see the log)");
+        fprintf(stderr, "tally reconcile: %s\n",
+                rc == TLY_ESTATE ? "another instance is reconciling now; try again"
+                                 : "the store cannot be read (see the log)");
         goto fail;
     }
     printf("reconcile: store: %zu polls, %d drifts%s\n", c.counts.npolls, rc,
-           rc == 0 ? "" : conf->repair ? ", repaired" : ", not repaired (--repair puts them right)");
+           rc == 0        ? ""
+           : conf->repair ? ", repaired"
+                          : ", not repaired (--repair puts them right)");
     if (c.counts.truncated)
         fprintf(stderr, "tally reconcile: too many counts to keep; some polls not compared with Redis\n");
     long left = conf->repair ? 0 : rc;

@@ -18,9 +18,9 @@ static tly_poll_t *visible_poll(tly_app_t *app, tly_req_t *req, const tly_params
     tly_vote_t *mine = caller.present ? tly_poll_find_vote(p, caller.id) : NULL;
     bool voted = mine != NULL && mine->state == TLY_VOTE_COMMITTED; /* acknowledged ballots only */
     if (!tly_results_visible(p, caller.present ? caller.id : NULL, voted, now)) {
-        api_respond_error(req, 403, "RESULTS_HIDDEN", "the results of this poll are not visible to you yet",
-                          json_pack("{s:s}", "results_visibility",
-                                    tly_visibility_name(p->settings.results_visibility)));
+        api_respond_error(
+            req, 403, "RESULTS_HIDDEN", "the results of this poll are not visible to you yet",
+            json_pack("{s:s}", "results_visibility", tly_visibility_name(p->settings.results_visibility)));
         return NULL;
     }
     return p;

@@ -38,9 +38,9 @@ typedef struct ballot_op {
     waiter_t *waiters;
     char request_id[24];
     char *client_meta;
-    tly_ballot_t ballot; /* a change: the new ballot */
+    tly_ballot_t ballot;              /* a change: the new ballot */
     uint8_t ip_hash[TLY_IP_HASH_LEN]; /* a cast under an address rule: op.u.ballot.ip_hash */
-    api_cast_done_fn on_done; /* a cast from the ingest log (no waiters): its outcome */
+    api_cast_done_fn on_done;         /* a cast from the ingest log (no waiters): its outcome */
     void *done_arg;
 } ballot_op_t;
 
@@ -355,9 +355,9 @@ static void replay(tly_app_t *app, tly_req_t *req, tly_poll_t *p, tly_vote_t *v)
  * on_done instead). Takes client_meta (malloc'd JSON or NULL) in every case. Returns 0,
  * or TLY_ENOMEM with nothing changed.
  */
-int api_cast_submit(tly_app_t *app, tly_poll_t *p, const char *voter_id, const tly_ballot_t *ballot,
-                    const char *idem, const uint8_t hash[16], const uint8_t *ip_hash, char *client_meta,
-                    const char *request_id, int64_t now, struct waiter *w, api_cast_done_fn on_done, void *done_arg)
+int api_cast_submit(tly_app_t *app, tly_poll_t *p, const char *voter_id, const tly_ballot_t *ballot, const char *idem,
+                    const uint8_t hash[16], const uint8_t *ip_hash, char *client_meta, const char *request_id,
+                    int64_t now, struct waiter *w, api_cast_done_fn on_done, void *done_arg)
 {
     ballot_op_t *bo = tly_calloc(1, sizeof(*bo));
     tly_vote_t *v = tly_vote_new(ballot, voter_id, idem, NULL, NULL, now);
@@ -491,11 +491,11 @@ void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg)
     }
     int64_t now = tly_now_ms();
     if (!tly_poll_accepts_votes(p, now)) {
-        const char *why = tly_poll_effective_status(p, now) == TLY_STATUS_CLOSED ? "the poll is closed"
-                          : tly_poll_effective_status(p, now) == TLY_STATUS_DRAFT  ? "the poll is a draft"
-                                                                                 : "the poll has not started yet";
-        api_respond_error(req, 409, "POLL_NOT_ACTIVE", why, json_pack("{s:s}", "status",
-                                                                      tly_poll_status_name(tly_poll_effective_status(p, now))));
+        const char *why = tly_poll_effective_status(p, now) == TLY_STATUS_CLOSED  ? "the poll is closed"
+                          : tly_poll_effective_status(p, now) == TLY_STATUS_DRAFT ? "the poll is a draft"
+                                                                                  : "the poll has not started yet";
+        api_respond_error(req, 409, "POLL_NOT_ACTIVE", why,
+                          json_pack("{s:s}", "status", tly_poll_status_name(tly_poll_effective_status(p, now))));
         goto done;
     }
     tly_ballot_t ballot;
@@ -530,8 +530,8 @@ void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg)
     char request_id[24] = "";
     if (async)
         tly_random_id(request_id, "r_", 12);
-    if (api_cast_submit(app, p, caller.id, &ballot, idem, hash, by_address ? ip_hash : NULL, client_meta,
-                        request_id, now, w, NULL, NULL) != 0) {
+    if (api_cast_submit(app, p, caller.id, &ballot, idem, hash, by_address ? ip_hash : NULL, client_meta, request_id,
+                        now, w, NULL, NULL) != 0) {
         tly_req_add_header(req, "Retry-After", "1");
         api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
     }
@@ -550,8 +550,7 @@ void api_votes_me(tly_req_t *req, const tly_params_t *params, void *arg)
         return;
     tly_vote_t *v = tly_poll_find_vote(p, caller.id);
     if (v == NULL || v->state != TLY_VOTE_COMMITTED) {
-        api_respond_json(req, 200,
-                         json_pack("{s:b, s:[], s:n}", "has_voted", 0, "option_ids", "voted_at"));
+        api_respond_json(req, 200, json_pack("{s:b, s:[], s:n}", "has_voted", 0, "option_ids", "voted_at"));
         return;
     }
     char at[TLY_TIME_LEN];
@@ -679,8 +678,8 @@ static void change_committed(tly_store_op_t *op)
         api_bus_count(app, bo->poll->poll_id, before, nbefore, bo->ballot.choices, bo->ballot.nchoices);
         if (tly_poll_change_vote(app->registry, bo->poll, bo->vote, &bo->ballot, op->u.ballot.recorded_at, &nv) != 0) {
             /* stored but not applied in memory: the next start recounts from the store */
-            tly_log(TLY_LOG_ERROR, "vote change stored but not counted (out of memory)", "poll_id",
-                    bo->poll->poll_id, NULL);
+            tly_log(TLY_LOG_ERROR, "vote change stored but not counted (out of memory)", "poll_id", bo->poll->poll_id,
+                    NULL);
             tly_req_add_header(req, "Retry-After", "1");
             api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
         } else {

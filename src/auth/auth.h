@@ -14,13 +14,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define TLY_JWT_MAX 1024    /* longest token accepted or produced */
-#define TLY_SUB_MAX 128     /* longest subject (voter id), bytes */
+#define TLY_JWT_MAX 1024 /* longest token accepted or produced */
+#define TLY_SUB_MAX 128  /* longest subject (voter id), bytes */
 
 typedef struct {
     char sub[TLY_SUB_MAX + 1];
-    int64_t iat, exp;  /* seconds since the epoch */
-    bool anonymous;    /* claim "anon": true on device tokens from /v1/auth/anonymous */
+    int64_t iat, exp; /* seconds since the epoch */
+    bool anonymous;   /* claim "anon": true on device tokens from /v1/auth/anonymous */
 } tly_claims_t;
 
 /* Signs a token {"sub","iat","exp"[,"anon":true]} with header {"alg":"HS256","typ":"JWT"}.
@@ -42,8 +42,7 @@ int tly_jwt_sign(const uint8_t *key, size_t keylen, const char *sub, bool anonym
  * "exp", "iat" and "nbf" are JSON integers or reals with an integral value; "anon", when
  * present, must be a boolean; duplicate keys and a "crit" header are rejected. The
  * signature is checked before any JSON is parsed. *out is zeroed on failure. */
-int tly_jwt_verify(const uint8_t *key, size_t keylen, const char *token, size_t len, int64_t now,
-                   tly_claims_t *out);
+int tly_jwt_verify(const uint8_t *key, size_t keylen, const char *token, size_t len, int64_t now, tly_claims_t *out);
 
 #define TLY_PWHASH_LEN 128 /* crypto_pwhash_STRBYTES */
 /* Hashes password with argon2id (libsodium's interactive limits) into out. 0 or TLY_ENOMEM

@@ -35,10 +35,7 @@ _Static_assert(EVP_MAX_MD_SIZE >= MAC_LEN, "HMAC output buffer");
 _Static_assert(TLY_JWT_MAX <= INT_MAX, "token length fits the return value");
 
 /* Length of base64url without padding for n bytes. */
-static size_t b64url_len(size_t n)
-{
-    return (4 * n + 2) / 3;
-}
+static size_t b64url_len(size_t n) { return (4 * n + 2) / 3; }
 
 /* Whether sub (len bytes) is an acceptable subject: 1..TLY_SUB_MAX bytes of valid UTF-8
  * with no C0 or C1 control characters and no DEL. Control characters are refused so
@@ -212,8 +209,7 @@ fail:
     return rc;
 }
 
-int tly_jwt_verify(const uint8_t *key, size_t keylen, const char *token, size_t len, int64_t now,
-                   tly_claims_t *out)
+int tly_jwt_verify(const uint8_t *key, size_t keylen, const char *token, size_t len, int64_t now, tly_claims_t *out)
 {
     int rc = TLY_EAUTH;
     json_t *header = NULL, *payload = NULL;
@@ -236,8 +232,7 @@ int tly_jwt_verify(const uint8_t *key, size_t keylen, const char *token, size_t 
     uint8_t got[MAC_LEN + 1], want[MAC_LEN];
     if (end - sig != MAC_B64_LEN || tly_b64url_decode(sig, MAC_B64_LEN, got) != MAC_LEN)
         goto fail;
-    if (hmac_sha256(key, keylen, token, (size_t)(dot2 - token), want) != 0 ||
-        CRYPTO_memcmp(got, want, MAC_LEN) != 0)
+    if (hmac_sha256(key, keylen, token, (size_t)(dot2 - token), want) != 0 || CRYPTO_memcmp(got, want, MAC_LEN) != 0)
         goto fail;
 
     header = segment_object(token, (size_t)(dot1 - token));

@@ -30,22 +30,18 @@ static void *counted(void *p)
     return p;
 }
 
-uint64_t tly_alloc_failures(void)
-{
-    return alloc_failures;
-}
+uint64_t tly_alloc_failures(void) { return alloc_failures; }
 
 static int alloc_injected(void)
 {
     long every = atomic_load_explicit(&alloc_every, memory_order_relaxed);
-    if (every > 0 &&
-        (atomic_fetch_add_explicit(&alloc_count, 1, memory_order_relaxed) + 1) % (unsigned long)every == 0)
+    if (every > 0 && (atomic_fetch_add_explicit(&alloc_count, 1, memory_order_relaxed) + 1) % (unsigned long)every == 0)
         return 1;
     /* Take one from the budget only while it is positive: a plain load-then-subtract
      * lets two threads that both saw 1 drive it to -1, which would switch injection off. */
     long b = atomic_load_explicit(&alloc_budget, memory_order_relaxed);
-    while (b > 0 && !atomic_compare_exchange_weak_explicit(&alloc_budget, &b, b - 1, memory_order_relaxed,
-                                                           memory_order_relaxed))
+    while (b > 0 &&
+           !atomic_compare_exchange_weak_explicit(&alloc_budget, &b, b - 1, memory_order_relaxed, memory_order_relaxed))
         ;
     return b == 0;
 }
@@ -58,10 +54,7 @@ static int alloc_should_fail(void)
     return 1;
 }
 
-void tly_alloc_fail_after(long n)
-{
-    atomic_store(&alloc_budget, n < 0 ? -1 : n);
-}
+void tly_alloc_fail_after(long n) { atomic_store(&alloc_budget, n < 0 ? -1 : n); }
 
 void tly_alloc_fail_every(long n)
 {
@@ -69,25 +62,16 @@ void tly_alloc_fail_every(long n)
     atomic_store(&alloc_every, n > 0 ? n : 0);
 }
 
-void *tly_malloc(size_t n)
-{
-    return alloc_should_fail() ? NULL : counted(malloc(n ? n : 1));
-}
+void *tly_malloc(size_t n) { return alloc_should_fail() ? NULL : counted(malloc(n ? n : 1)); }
 
 void *tly_calloc(size_t n, size_t size)
 {
     return alloc_should_fail() ? NULL : counted(calloc(n ? n : 1, size ? size : 1));
 }
 
-void *tly_realloc(void *p, size_t n)
-{
-    return alloc_should_fail() ? NULL : counted(realloc(p, n ? n : 1));
-}
+void *tly_realloc(void *p, size_t n) { return alloc_should_fail() ? NULL : counted(realloc(p, n ? n : 1)); }
 
-void tly_free(void *p)
-{
-    free(p);
-}
+void tly_free(void *p) { free(p); }
 
 char *tly_strndup(const char *s, size_t n)
 {
@@ -99,10 +83,7 @@ char *tly_strndup(const char *s, size_t n)
     return d;
 }
 
-char *tly_strdup(const char *s)
-{
-    return tly_strndup(s, strlen(s));
-}
+char *tly_strdup(const char *s) { return tly_strndup(s, strlen(s)); }
 
 int64_t tly_now_ms(void)
 {
@@ -154,8 +135,8 @@ int tly_time_parse(const char *s, int64_t *ms)
     const char *p = s;
     int year, mon, day, hour, min, sec, frac_ms = 0;
     if (parse_digits(&p, 4, &year) || *p++ != '-' || parse_digits(&p, 2, &mon) || *p++ != '-' ||
-        parse_digits(&p, 2, &day) || (*p != 'T' && *p != 't') || (++p, parse_digits(&p, 2, &hour)) ||
-        *p++ != ':' || parse_digits(&p, 2, &min) || *p++ != ':' || parse_digits(&p, 2, &sec))
+        parse_digits(&p, 2, &day) || (*p != 'T' && *p != 't') || (++p, parse_digits(&p, 2, &hour)) || *p++ != ':' ||
+        parse_digits(&p, 2, &min) || *p++ != ':' || parse_digits(&p, 2, &sec))
         return TLY_EINVAL;
     if (*p == '.') {
         p++;
@@ -185,8 +166,8 @@ int tly_time_parse(const char *s, int64_t *ms)
     if (*p != '\0')
         return TLY_EINVAL;
     static const int mdays[] = {31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
-    if (year < 1970 || year > 9999 || mon < 1 || mon > 12 || day < 1 || day > mdays[mon - 1] || hour > 23 ||
-        min > 59 || sec > 60)
+    if (year < 1970 || year > 9999 || mon < 1 || mon > 12 || day < 1 || day > mdays[mon - 1] || hour > 23 || min > 59 ||
+        sec > 60)
         return TLY_EINVAL;
     int leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
     if (mon == 2 && day == 29 && !leap)
@@ -324,10 +305,7 @@ long tly_utf8_length(const char *s, size_t len)
     return count;
 }
 
-void tly_hex_encode(const uint8_t *in, size_t n, char *out)
-{
-    sodium_bin2hex(out, 2 * n + 1, in, n);
-}
+void tly_hex_encode(const uint8_t *in, size_t n, char *out) { sodium_bin2hex(out, 2 * n + 1, in, n); }
 
 int tly_hex_decode(const char *in, size_t len, uint8_t *out, size_t cap)
 {

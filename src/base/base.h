@@ -14,14 +14,14 @@
 /* Error codes: functions return 0 on success or one of these (negative). */
 enum {
     TLY_OK = 0,
-    TLY_ENOMEM = -1,   /* allocation failed */
-    TLY_EINVAL = -2,   /* malformed input */
+    TLY_ENOMEM = -1, /* allocation failed */
+    TLY_EINVAL = -2, /* malformed input */
     TLY_ENOTFOUND = -3,
-    TLY_EEXIST = -4,   /* unique constraint: already there */
-    TLY_EAUTH = -5,    /* authentication failed */
-    TLY_EIO = -6,      /* storage or system error */
-    TLY_ESTATE = -7,   /* wrong state for the operation */
-    TLY_EFULL = -8,    /* a bounded queue or table is full */
+    TLY_EEXIST = -4, /* unique constraint: already there */
+    TLY_EAUTH = -5,  /* authentication failed */
+    TLY_EIO = -6,    /* storage or system error */
+    TLY_ESTATE = -7, /* wrong state for the operation */
+    TLY_EFULL = -8,  /* a bounded queue or table is full */
 };
 
 /* Allocation. Every allocation in tally goes through these so that tests can make

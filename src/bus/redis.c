@@ -52,7 +52,7 @@ typedef struct pending {
     tly_bus_t *bus;
     tly_bus_cb cb;
     void *arg;
-    const char *defer_err; /* deferred: the error it will get */
+    const char *defer_err;    /* deferred: the error it will get */
     tly_bus_script_t *script; /* EVALSHA: cmd kept to send again after NOSCRIPT */
     char *cmd;
     size_t cmdlen;
@@ -175,7 +175,7 @@ static void reply_fill(const redisReply *r, tly_bus_reply_t *out, tly_bus_reply_
     case REDIS_REPLY_STRING:
     case REDIS_REPLY_STATUS:
     case REDIS_REPLY_ERROR:
-        out->type = r->type == REDIS_REPLY_STRING ? TLY_BUS_STRING
+        out->type = r->type == REDIS_REPLY_STRING   ? TLY_BUS_STRING
                     : r->type == REDIS_REPLY_STATUS ? TLY_BUS_STATUS
                                                     : TLY_BUS_ERROR;
         out->str = r->str;
@@ -267,8 +267,8 @@ static void bus_update_state(tly_bus_t *bus, const char *reason, const conn_t *c
         bus->ever_up = true;
         tly_log(TLY_LOG_INFO, "bus connected", "host", bus->host, NULL);
     } else {
-        tly_log(TLY_LOG_WARN, "bus lost", "reason", reason != NULL ? reason : "unknown", "conn",
-                conn_names[c->role], NULL);
+        tly_log(TLY_LOG_WARN, "bus lost", "reason", reason != NULL ? reason : "unknown", "conn", conn_names[c->role],
+                NULL);
     }
     if (bus->on_state != NULL && !bus->closing) {
         bus->depth++;
@@ -632,7 +632,8 @@ static void on_publish_reply(redisAsyncContext *ac, void *r, void *priv)
 void tly_bus_publish(tly_bus_t *bus, const char *channel, const char *payload, size_t len)
 {
     redisAsyncContext *ac = bus->closing ? NULL : cmd_context(bus);
-    if (ac == NULL || redisAsyncCommand(ac, on_publish_reply, bus, "PUBLISH %s %b", channel, payload, len) != REDIS_OK) {
+    if (ac == NULL ||
+        redisAsyncCommand(ac, on_publish_reply, bus, "PUBLISH %s %b", channel, payload, len) != REDIS_OK) {
         bus->stats.dropped++;
         return;
     }
@@ -664,15 +665,9 @@ int tly_bus_subscribe(tly_bus_t *bus, const char *channel)
     return 0;
 }
 
-bool tly_bus_up(tly_bus_t *bus)
-{
-    return bus->up;
-}
+bool tly_bus_up(tly_bus_t *bus) { return bus->up; }
 
-void tly_bus_stats(tly_bus_t *bus, tly_bus_stats_t *out)
-{
-    *out = bus->stats;
-}
+void tly_bus_stats(tly_bus_t *bus, tly_bus_stats_t *out) { *out = bus->stats; }
 
 /* ---- open, close ---- */
 

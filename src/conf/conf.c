@@ -48,7 +48,8 @@ static const option_t options[] = {
     {"uri-limit", OPT_LONG, OFF(uri_limit), "2048", 64, 1L << 20, "serve", "longest request target, bytes (414)"},
     {"header-timeout", OPT_LONG, OFF(header_timeout), "10", 1, 3600, "serve",
      "seconds a request head may take to arrive"},
-    {"idle-timeout", OPT_LONG, OFF(idle_timeout), "60", 1, 86400, "serve", "seconds an idle keep-alive connection stays"},
+    {"idle-timeout", OPT_LONG, OFF(idle_timeout), "60", 1, 86400, "serve",
+     "seconds an idle keep-alive connection stays"},
     {"max-connections", OPT_LONG, OFF(max_connections), "19000", 1, 10000000, "serve", "open connections at most"},
     {"max-connections-per-ip", OPT_LONG, OFF(max_connections_per_ip), "4096", 0, 10000000, "serve",
      "open connections at most from one address (IPv6: one /64); 0: no limit"},
@@ -240,8 +241,8 @@ int tly_conf_load(tly_conf_t *c, const char *command, int argc, char **argv, cha
         size_t nlen = eq ? (size_t)(eq - a) : strlen(a);
         const option_t *o = find(a, nlen);
         if (o == NULL || !applies(o, command)) {
-            snprintf(err, errlen, "unknown option --%.*s for \"tally %s\" (see tally %s --help)", (int)nlen, a,
-                     command, command);
+            snprintf(err, errlen, "unknown option --%.*s for \"tally %s\" (see tally %s --help)", (int)nlen, a, command,
+                     command);
             return -1;
         }
         const char *value;

@@ -74,8 +74,8 @@ static tly_ballot_result_t parse_id_list(const tly_poll_t *p, json_t *arr, const
     return TLY_BALLOT_OK;
 }
 
-static tly_ballot_result_t parse_single(const tly_poll_t *p, json_t *body, tly_ballot_t *out,
-                                        const char **err_field, const char **err_msg)
+static tly_ballot_result_t parse_single(const tly_poll_t *p, json_t *body, tly_ballot_t *out, const char **err_field,
+                                        const char **err_msg)
 {
     json_t *id = json_object_get(body, "option_id"), *ids = json_object_get(body, "option_ids");
     if (id != NULL && ids != NULL)
@@ -94,15 +94,14 @@ static tly_ballot_result_t parse_single(const tly_poll_t *p, json_t *body, tly_b
     return TLY_BALLOT_OK;
 }
 
-static tly_ballot_result_t parse_scores(const tly_poll_t *p, json_t *body, tly_ballot_t *out,
-                                        const char **err_field, const char **err_msg)
+static tly_ballot_result_t parse_scores(const tly_poll_t *p, json_t *body, tly_ballot_t *out, const char **err_field,
+                                        const char **err_msg)
 {
     json_t *obj = json_object_get(body, "scores");
     if (obj == NULL)
         return bad(TLY_BALLOT_INVALID, "scores", "scores is required", err_field, err_msg);
     if (!json_is_object(obj))
-        return bad(TLY_BALLOT_INVALID, "scores", "scores must be an object of option id to score", err_field,
-                   err_msg);
+        return bad(TLY_BALLOT_INVALID, "scores", "scores must be an object of option id to score", err_field, err_msg);
     size_t n = json_object_size(obj), min, max;
     choice_limits(p, &min, &max);
     if (n > TLY_MAX_OPTIONS || n > max)
@@ -110,11 +109,11 @@ static tly_ballot_result_t parse_scores(const tly_poll_t *p, json_t *body, tly_b
                    err_msg);
     const char *key;
     json_t *v;
-    json_object_foreach(obj, key, v) {
+    json_object_foreach(obj, key, v)
+    {
         int idx = tly_poll_option_index(p, key);
         if (idx < 0)
-            return bad(TLY_BALLOT_UNKNOWN_OPTION, "scores", "no option with that id in this poll", err_field,
-                       err_msg);
+            return bad(TLY_BALLOT_UNKNOWN_OPTION, "scores", "no option with that id in this poll", err_field, err_msg);
         if (!json_is_integer(v))
             return bad(TLY_BALLOT_INVALID, "scores", "each score must be an integer", err_field, err_msg);
         json_int_t s = json_integer_value(v);

@@ -21,15 +21,15 @@
 
 #define TLY_MAX_OPTIONS 100
 #define TLY_MIN_OPTIONS 2
-#define TLY_TITLE_MAX 300      /* code points */
+#define TLY_TITLE_MAX 300 /* code points */
 #define TLY_DESCRIPTION_MAX 5000
 #define TLY_OPTION_TEXT_MAX 200
-#define TLY_VOTER_ID_MAX 128   /* bytes; longer `sub` claims are rejected */
+#define TLY_VOTER_ID_MAX 128 /* bytes; longer `sub` claims are rejected */
 #define TLY_IDEM_KEY_MAX 255
-#define TLY_POLL_ID_LEN 16     /* 12 random bytes, base64url */
-#define TLY_OPTION_ID_LEN 8    /* 6 random bytes, base64url */
-#define TLY_VOTE_ID_LEN 18     /* "v_" + 12 random bytes base64url */
-#define TLY_RECEIPT_LEN 22     /* 16 random bytes base64url */
+#define TLY_POLL_ID_LEN 16  /* 12 random bytes, base64url */
+#define TLY_OPTION_ID_LEN 8 /* 6 random bytes, base64url */
+#define TLY_VOTE_ID_LEN 18  /* "v_" + 12 random bytes base64url */
+#define TLY_RECEIPT_LEN 22  /* 16 random bytes base64url */
 #define TLY_MAX_SCORE_LIMIT 100
 
 typedef enum { TLY_TYPE_SINGLE, TLY_TYPE_MULTIPLE, TLY_TYPE_APPROVAL, TLY_TYPE_RANKED, TLY_TYPE_SCORE } tly_poll_type_t;
@@ -69,7 +69,7 @@ typedef struct {
     bool allow_vote_change;
     int min_choices;
     int max_choices;
-    int max_score; /* score polls only; 0 otherwise */
+    int max_score;                 /* score polls only; 0 otherwise */
     tly_voter_check_t voter_check; /* TLY_VOTER_CHECK_TOKEN (zero) by default */
 } tly_settings_t;
 
@@ -96,15 +96,15 @@ typedef struct tly_vote {
     UT_hash_handle hh_receipt; /* registry->receipts, keyed by receipt */
     struct tly_poll *poll;
     char *voter_id;
-    char *idem_key;            /* NULL when none */
-    struct tly_ip_vote *ip;    /* its entry in poll->ip_votes, NULL when none (core's) */
-    uint8_t body_hash[16];     /* hash of the request body, for Idempotency-Key replay */
+    char *idem_key;         /* NULL when none */
+    struct tly_ip_vote *ip; /* its entry in poll->ip_votes, NULL when none (core's) */
+    uint8_t body_hash[16];  /* hash of the request body, for Idempotency-Key replay */
     char vote_id[TLY_VOTE_ID_LEN + 1];
     char receipt[TLY_RECEIPT_LEN + 1];
-    int64_t recorded_at;       /* ms since epoch: when cast, or last changed */
-    uint8_t state;             /* tly_vote_state_t */
+    int64_t recorded_at; /* ms since epoch: when cast, or last changed */
+    uint8_t state;       /* tly_vote_state_t */
     uint8_t nchoices;
-    uint8_t data[];            /* nchoices option indexes, then (score polls) nchoices scores */
+    uint8_t data[]; /* nchoices option indexes, then (score polls) nchoices scores */
 } tly_vote_t;
 
 /*
@@ -143,21 +143,21 @@ typedef struct tly_poll {
     tly_option_t *options; /* sorted by display_order */
     char *idem_key;        /* Idempotency-Key of the create request, NULL when none */
     uint8_t body_hash[16];
-    uint64_t total_votes;  /* committed ballots */
-    uint64_t pending_votes;/* ballots in the writer queue */
-    tly_vote_t *votes;     /* uthash by voter_id: pending and committed */
+    uint64_t total_votes;   /* committed ballots */
+    uint64_t pending_votes; /* ballots in the writer queue */
+    tly_vote_t *votes;      /* uthash by voter_id: pending and committed */
     /* rendered results, rebuilt lazily when dirty */
     char *results_json;
     size_t results_len;
     bool results_dirty;
-    int64_t as_of;         /* time of the last commit that changed counts (or created_at) */
-    uint64_t seq;          /* grows with every committed change to counts */
+    int64_t as_of;               /* time of the last commit that changed counts (or created_at) */
+    uint64_t seq;                /* grows with every committed change to counts */
     struct tly_poll *owner_next; /* list of the owner's polls, newest first (registry) */
     /* Added by core (zero-initialised fields are valid, so a calloc'd poll still works): */
-    uint64_t *score_sum;   /* score polls: 2 * noptions counters, [i] the sum of option i's
-                              scores, [noptions + i] the ballots that scored option i (0
-                              included). NULL: recomputed from the ballots when rendering. */
-    int results_status;    /* effective status results_json was rendered with */
+    uint64_t *score_sum; /* score polls: 2 * noptions counters, [i] the sum of option i's
+                            scores, [noptions + i] the ballots that scored option i (0
+                            included). NULL: recomputed from the ballots when rendering. */
+    int results_status;  /* effective status results_json was rendered with */
     /* Added for changes, timelines and final results (zero is valid here too): */
     size_t results_prefix_len; /* results_json without its closing votes_last_minute part */
     uint64_t results_vlm;      /* the votes_last_minute written after that prefix */
@@ -168,7 +168,7 @@ typedef struct tly_poll {
      * API's mark of a freeze under way. */
     bool final_by_store, settling;
     tly_timeline_t timeline[TLY_TIMELINE_RESOLUTIONS]; /* 10 s, 1 min, 1 h */
-    tly_activity_t activity;   /* ballots cast or changed per second, the last 60 s */
+    tly_activity_t activity;                           /* ballots cast or changed per second, the last 60 s */
     /* Added for settings.voter_check (NULL is an empty set): the keyed hashes of the
      * client addresses ballots were cast from -> those ballots (pending and committed),
      * uthash by the TLY_IP_HASH_LEN bytes. Core's; see tly_poll_set_vote_ip. */
@@ -195,8 +195,8 @@ tly_vote_t *tly_registry_find_receipt(tly_registry_t *r, const char *receipt);
 /* Polls of `owner_id`, newest first (created_at desc, then poll_id desc). Fills up to
  * `max` pointers into out, starting after the poll named by `after_poll_id` (NULL: from
  * the newest). Returns the count; *more is set when further polls follow. */
-size_t tly_registry_list_owner(tly_registry_t *r, const char *owner_id, const char *after_poll_id,
-                               tly_poll_t **out, size_t max, bool *more);
+size_t tly_registry_list_owner(tly_registry_t *r, const char *owner_id, const char *after_poll_id, tly_poll_t **out,
+                               size_t max, bool *more);
 
 /* ---- polls ---- */
 
@@ -240,8 +240,8 @@ int tly_poll_patch(tly_poll_t *p, json_t *body, int64_t now, const char **err_fi
 void tly_poll_free(tly_poll_t *p);
 /* Another instance changed p (a PATCH, a close, frozen results): takes over from `from`,
  * a poll built from the stored row, its title, description, status, times, settings,
- * final results (unless `from` has none: final results are never taken back) and option texts (the option list itself only while p has no ballot,
- * which is also when a PATCH may change it), keeps p's ballots and counts, marks the
+ * final results (unless `from` has none: final results are never taken back) and option texts (the option list itself
+ * only while p has no ballot, which is also when a PATCH may change it), keeps p's ballots and counts, marks the
  * results for re-rendering, and frees `from`. Loop thread. */
 void tly_poll_adopt(tly_poll_t *p, tly_poll_t *from);
 /* The status a reader sees at `now`: a draft with a start_time is active once it passes

@@ -70,13 +70,7 @@ void core_ip_votes_clear(tly_poll_t *p);
 tly_vote_t **core_registry_receipts(tly_registry_t *r);
 
 /* The choices and scores stored in a vote. */
-static inline const uint8_t *core_vote_choices(const tly_vote_t *v)
-{
-    return v->data;
-}
-static inline const uint8_t *core_vote_scores(const tly_vote_t *v)
-{
-    return v->data + v->nchoices;
-}
+static inline const uint8_t *core_vote_choices(const tly_vote_t *v) { return v->data; }
+static inline const uint8_t *core_vote_scores(const tly_vote_t *v) { return v->data + v->nchoices; }
 
 #endif

@@ -163,8 +163,8 @@ static int parse_options(json_t *arr, core_err_t *e, tly_option_t **out, size_t 
         return core_fail(e, "options", "options must be an array of {\"text\": ...} objects");
     size_t n = json_array_size(arr);
     if (n < TLY_MIN_OPTIONS || n > TLY_MAX_OPTIONS)
-        return core_fail(e, "options", "a poll needs " CORE_STR(TLY_MIN_OPTIONS) " to " CORE_STR(
-                                           TLY_MAX_OPTIONS) " options");
+        return core_fail(e, "options",
+                         "a poll needs " CORE_STR(TLY_MIN_OPTIONS) " to " CORE_STR(TLY_MAX_OPTIONS) " options");
     option_item_t items[TLY_MAX_OPTIONS];
     for (size_t i = 0; i < n; i++) {
         json_t *o = json_array_get(arr, i);
@@ -505,10 +505,10 @@ int tly_poll_patch(tly_poll_t *p, json_t *body, int64_t now, const char **err_fi
         }
         if (!transition_allowed(current, (tly_poll_status_t)s)) {
             core_fail(&e, "status",
-                      !closed                              ? "an active poll cannot go back to draft"
-                      : p->status == TLY_STATUS_CLOSED     ? "a closed poll cannot be reopened"
-                                                           : "this poll closed when its end_time passed and cannot be "
-                                                             "reopened");
+                      !closed                          ? "an active poll cannot go back to draft"
+                      : p->status == TLY_STATUS_CLOSED ? "a closed poll cannot be reopened"
+                                                       : "this poll closed when its end_time passed and cannot be "
+                                                         "reopened");
             rc = TLY_ESTATE;
             goto fail;
         }
@@ -739,11 +739,11 @@ json_t *tly_poll_to_json(const tly_poll_t *p, int64_t now)
         }
     }
     const tly_settings_t *s = &p->settings;
-    json_t *settings = json_pack("{s:b, s:s, s:b, s:b, s:i, s:i, s:s}", "show_results_during_voting",
-                                 s->show_results_during_voting, "results_visibility",
-                                 tly_visibility_name(s->results_visibility), "allow_anonymous", s->allow_anonymous,
-                                 "allow_vote_change", s->allow_vote_change, "min_choices", s->min_choices,
-                                 "max_choices", s->max_choices, "voter_check", tly_voter_check_name(s->voter_check));
+    json_t *settings =
+        json_pack("{s:b, s:s, s:b, s:b, s:i, s:i, s:s}", "show_results_during_voting", s->show_results_during_voting,
+                  "results_visibility", tly_visibility_name(s->results_visibility), "allow_anonymous",
+                  s->allow_anonymous, "allow_vote_change", s->allow_vote_change, "min_choices", s->min_choices,
+                  "max_choices", s->max_choices, "voter_check", tly_voter_check_name(s->voter_check));
     if (settings != NULL && p->type == TLY_TYPE_SCORE &&
         json_object_set_new(settings, "max_score", json_integer(s->max_score)) != 0) {
         json_decref(settings);
@@ -753,10 +753,10 @@ json_t *tly_poll_to_json(const tly_poll_t *p, int64_t now)
     tly_time_format(p->created_at, created);
     tly_time_format(p->updated_at, updated);
     /* json_pack releases the "o" values itself when it fails */
-    return json_pack("{s:s, s:s, s:s, s:o, s:s, s:o, s:o, s:o, s:s, s:o, s:s, s:s}", "poll_id", p->poll_id,
-                     "owner_id", p->owner_id ? p->owner_id : "", "title", p->title ? p->title : "", "description",
+    return json_pack("{s:s, s:s, s:s, s:o, s:s, s:o, s:o, s:o, s:s, s:o, s:s, s:s}", "poll_id", p->poll_id, "owner_id",
+                     p->owner_id ? p->owner_id : "", "title", p->title ? p->title : "", "description",
                      p->description ? json_string(p->description) : json_null(), "type", tly_poll_type_name(p->type),
-                     "options", opts, "start_time", time_or_null(p->start_time), "end_time",
-                     time_or_null(p->end_time), "status", tly_poll_status_name(tly_poll_effective_status(p, now)),
-                     "settings", settings, "created_at", created, "updated_at", updated);
+                     "options", opts, "start_time", time_or_null(p->start_time), "end_time", time_or_null(p->end_time),
+                     "status", tly_poll_status_name(tly_poll_effective_status(p, now)), "settings", settings,
+                     "created_at", created, "updated_at", updated);
 }

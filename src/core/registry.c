@@ -19,26 +19,17 @@ typedef struct owner_list {
 } owner_list_t;
 
 struct tly_registry {
-    tly_poll_t *polls;      /* by poll_id */
-    tly_vote_t *receipts;   /* by receipt, through hh_receipt */
-    owner_list_t *owners;   /* by owner_id */
-    bool final_by_store;    /* given to every poll added */
+    tly_poll_t *polls;    /* by poll_id */
+    tly_vote_t *receipts; /* by receipt, through hh_receipt */
+    owner_list_t *owners; /* by owner_id */
+    bool final_by_store;  /* given to every poll added */
 };
 
-void tly_registry_set_final_by_store(tly_registry_t *r, bool on)
-{
-    r->final_by_store = on;
-}
+void tly_registry_set_final_by_store(tly_registry_t *r, bool on) { r->final_by_store = on; }
 
-tly_registry_t *tly_registry_new(void)
-{
-    return tly_calloc(1, sizeof(tly_registry_t));
-}
+tly_registry_t *tly_registry_new(void) { return tly_calloc(1, sizeof(tly_registry_t)); }
 
-tly_vote_t **core_registry_receipts(tly_registry_t *r)
-{
-    return &r->receipts;
-}
+tly_vote_t **core_registry_receipts(tly_registry_t *r) { return &r->receipts; }
 
 void tly_registry_free(tly_registry_t *r)
 {
@@ -166,8 +157,8 @@ tly_vote_t *tly_registry_find_receipt(tly_registry_t *r, const char *receipt)
 }
 
 /* A cursor naming no poll of this owner (deleted, or someone else's) lists nothing. */
-size_t tly_registry_list_owner(tly_registry_t *r, const char *owner_id, const char *after_poll_id,
-                               tly_poll_t **out, size_t max, bool *more)
+size_t tly_registry_list_owner(tly_registry_t *r, const char *owner_id, const char *after_poll_id, tly_poll_t **out,
+                               size_t max, bool *more)
 {
     *more = false;
     owner_list_t *o = find_owner(r, owner_id);
@@ -187,7 +178,4 @@ size_t tly_registry_list_owner(tly_registry_t *r, const char *owner_id, const ch
     return n;
 }
 
-size_t tly_registry_count(const tly_registry_t *r)
-{
-    return HASH_COUNT(r->polls);
-}
+size_t tly_registry_count(const tly_registry_t *r) { return HASH_COUNT(r->polls); }

@@ -136,8 +136,7 @@ static int add_irv(const tly_poll_t *p, irv_ballot_t *b, size_t nb, json_t *out)
             for (size_t i = 0; i < n; i++) {
                 if (out_of_race[i])
                     continue;
-                if (loser == NONE || count[i] < count[loser] ||
-                    (count[i] == count[loser] && first[i] <= first[loser]))
+                if (loser == NONE || count[i] < count[loser] || (count[i] == count[loser] && first[i] <= first[loser]))
                     loser = i; /* `<=` on first: the later option loses a full tie */
             }
             drop[loser] = true;
@@ -404,15 +403,9 @@ int tly_poll_freeze_results(tly_poll_t *p, int64_t now)
     return tly_poll_render_final(p, now, &p->final_json);
 }
 
-const char *tly_poll_final_results(tly_poll_t *p)
-{
-    return p->final_json;
-}
+const char *tly_poll_final_results(tly_poll_t *p) { return p->final_json; }
 
-static bool json_space(char c)
-{
-    return c == ' ' || c == '\t' || c == '\n' || c == '\r';
-}
+static bool json_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
 
 int tly_poll_set_final_results(tly_poll_t *p, const char *json)
 {

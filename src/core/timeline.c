@@ -17,8 +17,8 @@
 #include <string.h>
 
 typedef struct {
-    int64_t size;  /* ms */
-    uint32_t max;  /* buckets kept */
+    int64_t size; /* ms */
+    uint32_t max; /* buckets kept */
     const char *name;
 } resolution_t;
 

@@ -226,13 +226,13 @@ int tly_poll_change_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v, const 
         if (v->hh.tbl != NULL && move_in_table(&v->hh, &w->hh, w))
             p->votes = w;
         if (v->hh_receipt.tbl != NULL && receipts != NULL) { /* checked above: receipts is its map */
-            w->hh_receipt.key = w->receipt; /* the key lives inside the vote */
+            w->hh_receipt.key = w->receipt;                  /* the key lives inside the vote */
             if (move_in_table(&v->hh_receipt, &w->hh_receipt, w))
                 *receipts = w;
         }
         if (w->ip != NULL)
             w->ip->vote = w; /* the address entry is keyed by its hash: only its pointer moves */
-        tly_free(v); /* not tly_vote_free: voter_id and idem_key moved to w */
+        tly_free(v);         /* not tly_vote_free: voter_id and idem_key moved to w */
     }
     w->nchoices = (uint8_t)n;
     memcpy(w->data, b->choices, n);
@@ -276,15 +276,9 @@ int tly_poll_set_vote_ip(tly_poll_t *p, tly_vote_t *v, const uint8_t ip_hash[TLY
     return 0;
 }
 
-const uint8_t *tly_vote_ip_hash(const tly_vote_t *v)
-{
-    return v->ip != NULL ? v->ip->hash : NULL;
-}
+const uint8_t *tly_vote_ip_hash(const tly_vote_t *v) { return v->ip != NULL ? v->ip->hash : NULL; }
 
-size_t tly_poll_ip_count(const tly_poll_t *p)
-{
-    return HASH_COUNT(p->ip_votes);
-}
+size_t tly_poll_ip_count(const tly_poll_t *p) { return HASH_COUNT(p->ip_votes); }
 
 void core_ip_votes_clear(tly_poll_t *p)
 {

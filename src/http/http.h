@@ -112,12 +112,12 @@ int tly_proxies_parse(const char *spec, tly_proxies_t *out, char *err, size_t er
 bool tly_proxies_client(const tly_proxies_t *px, const char *peer, tly_str_t xff, char *out, size_t cap);
 
 typedef struct {
-    size_t body_max;            /* bytes; larger bodies get 413 */
-    size_t head_max;            /* bytes of request line + headers; larger get 431 */
-    size_t uri_max;             /* bytes of the request target; longer get 414 */
-    uint64_t head_timeout_ms;   /* a request head must arrive within this (slowloris) */
-    uint64_t idle_timeout_ms;   /* a keep-alive connection idle this long is closed */
-    size_t max_connections;     /* further connections are accepted and closed at once */
+    size_t body_max;               /* bytes; larger bodies get 413 */
+    size_t head_max;               /* bytes of request line + headers; larger get 431 */
+    size_t uri_max;                /* bytes of the request target; longer get 414 */
+    uint64_t head_timeout_ms;      /* a request head must arrive within this (slowloris) */
+    uint64_t idle_timeout_ms;      /* a keep-alive connection idle this long is closed */
+    size_t max_connections;        /* further connections are accepted and closed at once */
     size_t max_connections_per_ip; /* the same, per client address (IPv6: per /64); 0 = none */
     tly_proxies_t trusted_proxies; /* whose X-Forwarded-For tly_req_client believes */
     /* Every parsed request goes here. The handler answers now or later with

@@ -74,7 +74,7 @@ struct tly_req {
     } resp_headers[MAX_RESP_HEADERS];
     size_t nresp;
     const char *route, *note;
-    bool client_known;                /* client: tly_req_client has looked */
+    bool client_known; /* client: tly_req_client has looked */
     char client[INET6_ADDRSTRLEN];
 };
 
@@ -85,15 +85,15 @@ struct conn {
     h2o_mem_pool_t pool;
     conn_state_t state;
     tly_req_t req;
-    size_t head_len;                /* bytes of the request head in sock->input */
+    size_t head_len; /* bytes of the request head in sock->input */
     size_t content_length;
     bool chunked;
     struct phr_chunked_decoder dec;
-    size_t chunk_prev;              /* bytes of input already decoded (head + body so far) */
+    size_t chunk_prev; /* bytes of input already decoded (head + body so far) */
     bool sent_continue;
     bool close_after_write;
-    bool linger;                    /* after an early error: drain input before closing */
-    bool idle;                      /* waiting between requests on the idle timeout */
+    bool linger; /* after an early error: drain input before closing */
+    bool idle;   /* waiting between requests on the idle timeout */
     h2o_timeout_entry_t timeout;
     char peer[INET6_ADDRSTRLEN];
     struct ip_conns *ipc; /* its address's connection count */

@@ -20,15 +20,9 @@ tly_loop_t *tly_loop_new(void)
     return loop;
 }
 
-int tly_loop_run_once(tly_loop_t *loop, int32_t max_wait_ms)
-{
-    return h2o_evloop_run(loop->h2o, max_wait_ms);
-}
+int tly_loop_run_once(tly_loop_t *loop, int32_t max_wait_ms) { return h2o_evloop_run(loop->h2o, max_wait_ms); }
 
-uint64_t tly_loop_now(tly_loop_t *loop)
-{
-    return h2o_now(loop->h2o);
-}
+uint64_t tly_loop_now(tly_loop_t *loop) { return h2o_now(loop->h2o); }
 
 static void dispose_durations(tly_loop_t *loop);
 

@@ -30,10 +30,7 @@ struct tly_router {
     size_t n, cap;
 };
 
-tly_router_t *tly_router_new(void)
-{
-    return tly_calloc(1, sizeof(tly_router_t));
-}
+tly_router_t *tly_router_new(void) { return tly_calloc(1, sizeof(tly_router_t)); }
 
 void tly_router_free(tly_router_t *r)
 {

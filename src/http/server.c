@@ -66,37 +66,68 @@ bool tly_str_ieq(tly_str_t a, const char *b)
 const char *tly_http_reason(int status)
 {
     switch (status) {
-    case 100: return "Continue";
-    case 101: return "Switching Protocols";
-    case 200: return "OK";
-    case 201: return "Created";
-    case 202: return "Accepted";
-    case 204: return "No Content";
-    case 301: return "Moved Permanently";
-    case 302: return "Found";
-    case 304: return "Not Modified";
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 403: return "Forbidden";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 408: return "Request Timeout";
-    case 409: return "Conflict";
-    case 410: return "Gone";
-    case 411: return "Length Required";
-    case 413: return "Content Too Large";
-    case 414: return "URI Too Long";
-    case 415: return "Unsupported Media Type";
-    case 422: return "Unprocessable Content";
-    case 426: return "Upgrade Required";
-    case 429: return "Too Many Requests";
-    case 431: return "Request Header Fields Too Large";
-    case 500: return "Internal Server Error";
-    case 501: return "Not Implemented";
-    case 503: return "Service Unavailable";
-    case 505: return "HTTP Version Not Supported";
-    case 507: return "Insufficient Storage";
-    default: return "Unknown";
+    case 100:
+        return "Continue";
+    case 101:
+        return "Switching Protocols";
+    case 200:
+        return "OK";
+    case 201:
+        return "Created";
+    case 202:
+        return "Accepted";
+    case 204:
+        return "No Content";
+    case 301:
+        return "Moved Permanently";
+    case 302:
+        return "Found";
+    case 304:
+        return "Not Modified";
+    case 400:
+        return "Bad Request";
+    case 401:
+        return "Unauthorized";
+    case 403:
+        return "Forbidden";
+    case 404:
+        return "Not Found";
+    case 405:
+        return "Method Not Allowed";
+    case 408:
+        return "Request Timeout";
+    case 409:
+        return "Conflict";
+    case 410:
+        return "Gone";
+    case 411:
+        return "Length Required";
+    case 413:
+        return "Content Too Large";
+    case 414:
+        return "URI Too Long";
+    case 415:
+        return "Unsupported Media Type";
+    case 422:
+        return "Unprocessable Content";
+    case 426:
+        return "Upgrade Required";
+    case 429:
+        return "Too Many Requests";
+    case 431:
+        return "Request Header Fields Too Large";
+    case 500:
+        return "Internal Server Error";
+    case 501:
+        return "Not Implemented";
+    case 503:
+        return "Service Unavailable";
+    case 505:
+        return "HTTP Version Not Supported";
+    case 507:
+        return "Insufficient Storage";
+    default:
+        return "Unknown";
     }
 }
 
@@ -136,10 +167,7 @@ static void out_append(conn_t *c, const char *s, size_t n)
     c->out_len += n;
 }
 
-static void out_puts(conn_t *c, const char *s)
-{
-    out_append(c, s, strlen(s));
-}
+static void out_puts(conn_t *c, const char *s) { out_append(c, s, strlen(s)); }
 
 /* RFC 7231 Date, cached for the second */
 const char *http_date(void)
@@ -446,8 +474,8 @@ static void parse_head(conn_t *c)
         }
         c->content_length = n;
     }
-    req->keepalive = req->minor_version >= 1 ? !header_has_token(conn_hdr, "close")
-                                             : header_has_token(conn_hdr, "keep-alive");
+    req->keepalive =
+        req->minor_version >= 1 ? !header_has_token(conn_hdr, "close") : header_has_token(conn_hdr, "keep-alive");
     c->state = ST_BODY;
     if (c->chunked) {
         memset(&c->dec, 0, sizeof(c->dec));
@@ -703,15 +731,9 @@ fail:
     return NULL;
 }
 
-int tly_server_port(tly_server_t *s)
-{
-    return s->port;
-}
+int tly_server_port(tly_server_t *s) { return s->port; }
 
-size_t tly_server_connections(tly_server_t *s)
-{
-    return s->nconns;
-}
+size_t tly_server_connections(tly_server_t *s) { return s->nconns; }
 
 void tly_server_stop_accepting(tly_server_t *s)
 {
@@ -793,10 +815,7 @@ tly_str_t tly_req_header(tly_req_t *req, const char *name)
     return (tly_str_t){NULL, 0};
 }
 
-void *tly_req_alloc(tly_req_t *req, size_t n)
-{
-    return h2o_mem_alloc_pool(&req->conn->pool, n);
-}
+void *tly_req_alloc(tly_req_t *req, size_t n) { return h2o_mem_alloc_pool(&req->conn->pool, n); }
 
 char *tly_req_strdup(tly_req_t *req, tly_str_t s)
 {
@@ -877,7 +896,6 @@ void tly_req_respond(tly_req_t *req, int status, const char *content_type, const
 }
 
 /* ---- streamed responses ---- */
-
 
 static void on_stream_written(h2o_socket_t *sock, const char *err)
 {
@@ -1021,7 +1039,8 @@ int tly_req_stream_write(tly_req_t *req, const char *data, size_t len)
         return 0;
     char size[24];
     int n = snprintf(size, sizeof(size), "%zx\r\n", len);
-    if (http_pend_append(c, size, (size_t)n) != 0 || http_pend_append(c, data, len) != 0 || http_pend_append(c, "\r\n", 2) != 0)
+    if (http_pend_append(c, size, (size_t)n) != 0 || http_pend_append(c, data, len) != 0 ||
+        http_pend_append(c, "\r\n", 2) != 0)
         return TLY_ENOMEM;
     http_stream_flush(c);
     return 0;

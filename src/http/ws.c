@@ -140,9 +140,8 @@ int tly_req_ws_accept(tly_req_t *req, const tly_ws_cb_t *cb)
     EVP_EncodeBlock((unsigned char *)accept, digest, SHA_DIGEST_LENGTH);
 
     struct ws *ws = tly_calloc(1, sizeof(*ws));
-    struct wslay_event_callbacks callbacks = {.recv_callback = ws_recv,
-                                              .send_callback = ws_send,
-                                              .on_msg_recv_callback = ws_on_msg};
+    struct wslay_event_callbacks callbacks = {
+        .recv_callback = ws_recv, .send_callback = ws_send, .on_msg_recv_callback = ws_on_msg};
     if (ws == NULL || wslay_event_context_server_init(&ws->ctx, &callbacks, c) != 0) {
         tly_free(ws);
         tly_req_add_header(req, "Retry-After", "1");

@@ -44,7 +44,7 @@ typedef struct bucket {
 
 struct tly_limiter {
     bucket_t **slots;
-    size_t mask;  /* slots - 1 */
+    size_t mask; /* slots - 1 */
     size_t count;
     size_t max_keys;
     size_t sweep_pos;
@@ -192,10 +192,7 @@ static void bucket_set_debt(bucket_t *b, uint64_t now, uint64_t debt, uint64_t c
     b->tat_frac = (uint32_t)(debt % c);
 }
 
-static uint64_t div_up(uint64_t a, uint64_t b)
-{
-    return a / b + (a % b != 0);
-}
+static uint64_t div_up(uint64_t a, uint64_t b) { return a / b + (a % b != 0); }
 
 /* Fills out for a bucket whose debt is `debt` after the decision. */
 static void describe(tly_limit_result_t *out, bool allowed, uint64_t debt, uint64_t c, uint64_t p)
@@ -275,10 +272,7 @@ void tly_limiter_free(tly_limiter_t *l)
     tly_free(l);
 }
 
-size_t tly_limiter_size(const tly_limiter_t *l)
-{
-    return l->count;
-}
+size_t tly_limiter_size(const tly_limiter_t *l) { return l->count; }
 
 int tly_limit_take(tly_limiter_t *l, const tly_limit_rule_t *rule, const char *key, uint64_t now_ms,
                    tly_limit_result_t *out)
@@ -357,9 +351,8 @@ static void format_u64(char out[TLY_LIMIT_HDR_LEN], uint64_t v)
         snprintf(out, TLY_LIMIT_HDR_LEN, "%" PRIu64, v < 999999999999999u ? v : 999999999999999u);
 }
 
-void tly_limit_headers(const tly_limit_result_t *r, char limit[TLY_LIMIT_HDR_LEN],
-                       char remaining[TLY_LIMIT_HDR_LEN], char reset[TLY_LIMIT_HDR_LEN],
-                       char retry_after[TLY_LIMIT_HDR_LEN])
+void tly_limit_headers(const tly_limit_result_t *r, char limit[TLY_LIMIT_HDR_LEN], char remaining[TLY_LIMIT_HDR_LEN],
+                       char reset[TLY_LIMIT_HDR_LEN], char retry_after[TLY_LIMIT_HDR_LEN])
 {
     format_u64(limit, r->limit);
     format_u64(remaining, r->remaining);

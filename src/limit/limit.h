@@ -35,10 +35,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define TLY_LIMIT_NAME_MAX 32           /* longest rule name, bytes */
-#define TLY_LIMIT_KEY_MAX 255           /* longest key, bytes */
+#define TLY_LIMIT_NAME_MAX 32                 /* longest rule name, bytes */
+#define TLY_LIMIT_KEY_MAX 255                 /* longest key, bytes */
 #define TLY_LIMIT_PERIOD_MAX 1000000000000ull /* longest period, ms (about 31 years) */
-#define TLY_LIMIT_HDR_LEN 16            /* buffer size for each tly_limit_headers value */
+#define TLY_LIMIT_HDR_LEN 16                  /* buffer size for each tly_limit_headers value */
 
 /* A class of requests and its limit. Rules are identified by name: one name, one
  * capacity and period for the life of the limiter (the API layer defines them at startup,
@@ -48,7 +48,7 @@
  * limiter does not keep the pointer. */
 typedef struct {
     const char *name;
-    uint32_t capacity;  /* burst size, and tokens refilled per period */
+    uint32_t capacity; /* burst size, and tokens refilled per period */
     uint64_t period_ms;
 } tly_limit_rule_t;
 
@@ -107,8 +107,7 @@ void tly_limiter_sweep(tly_limiter_t *l, uint64_t now_ms, size_t max_work);
  * RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset (rounded up) and Retry-After
  * (rounded up, at least 1; "" when the request was allowed, as there is nothing to send).
  * Any buffer may be NULL to skip it. Pure; any thread. */
-void tly_limit_headers(const tly_limit_result_t *r, char limit[TLY_LIMIT_HDR_LEN],
-                       char remaining[TLY_LIMIT_HDR_LEN], char reset[TLY_LIMIT_HDR_LEN],
-                       char retry_after[TLY_LIMIT_HDR_LEN]);
+void tly_limit_headers(const tly_limit_result_t *r, char limit[TLY_LIMIT_HDR_LEN], char remaining[TLY_LIMIT_HDR_LEN],
+                       char reset[TLY_LIMIT_HDR_LEN], char retry_after[TLY_LIMIT_HDR_LEN]);
 
 #endif

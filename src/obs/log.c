@@ -62,8 +62,7 @@ void tly_log(tly_log_level_t level, const char *msg, ...)
     json_decref(o);
 }
 
-void tly_log_request(const char *method, const char *route, int status, const char *code, double ms,
-                     const char *peer)
+void tly_log_request(const char *method, const char *route, int status, const char *code, double ms, const char *peer)
 {
     if (TLY_LOG_INFO < min_level)
         return;

@@ -217,8 +217,8 @@ char *tly_metrics_render(const tly_metrics_extra_t *x, size_t *len)
     }
     cum += x->batch_hist[x->nbounds];
     put(&o, "tally_store_batch_size_bucket{le=\"+Inf\"} %llu\n", (unsigned long long)cum);
-    put(&o, "tally_store_batch_size_sum %llu\ntally_store_batch_size_count %llu\n",
-        (unsigned long long)x->batch_sum, (unsigned long long)cum);
+    put(&o, "tally_store_batch_size_sum %llu\ntally_store_batch_size_count %llu\n", (unsigned long long)x->batch_sum,
+        (unsigned long long)cum);
     put(&o, "# HELP tally_store_commit_seconds Time to commit (and fsync) one store transaction.\n"
             "# TYPE tally_store_commit_seconds histogram\n");
     cum = 0;
@@ -230,63 +230,78 @@ char *tly_metrics_render(const tly_metrics_extra_t *x, size_t *len)
     put(&o, "tally_store_commit_seconds_bucket{le=\"+Inf\"} %llu\n", (unsigned long long)cum);
     put(&o, "tally_store_commit_seconds_sum %.6f\ntally_store_commit_seconds_count %llu\n",
         (double)x->commit_us_sum / 1e6, (unsigned long long)cum);
-    put(&o, "# HELP tally_store_failed_batches_total Store transactions that did not commit.\n"
-            "# TYPE tally_store_failed_batches_total counter\ntally_store_failed_batches_total %llu\n",
+    put(&o,
+        "# HELP tally_store_failed_batches_total Store transactions that did not commit.\n"
+        "# TYPE tally_store_failed_batches_total counter\ntally_store_failed_batches_total %llu\n",
         (unsigned long long)x->failed_batches);
-    put(&o, "# HELP tally_store_queue_depth Writes queued for the store and not yet taken by the writer.\n"
-            "# TYPE tally_store_queue_depth gauge\ntally_store_queue_depth %llu\n",
+    put(&o,
+        "# HELP tally_store_queue_depth Writes queued for the store and not yet taken by the writer.\n"
+        "# TYPE tally_store_queue_depth gauge\ntally_store_queue_depth %llu\n",
         (unsigned long long)x->queued);
-    put(&o, "# HELP tally_store_writable Whether the store accepts writes (0 after a failed fsync).\n"
-            "# TYPE tally_store_writable gauge\ntally_store_writable %d\n",
+    put(&o,
+        "# HELP tally_store_writable Whether the store accepts writes (0 after a failed fsync).\n"
+        "# TYPE tally_store_writable gauge\ntally_store_writable %d\n",
         x->writable);
-    put(&o, "# HELP tally_live_subscribers Open live results streams (SSE and WebSocket).\n"
-            "# TYPE tally_live_subscribers gauge\ntally_live_subscribers %llu\n",
+    put(&o,
+        "# HELP tally_live_subscribers Open live results streams (SSE and WebSocket).\n"
+        "# TYPE tally_live_subscribers gauge\ntally_live_subscribers %llu\n",
         (unsigned long long)x->live_subscribers);
-    put(&o, "# HELP tally_http_connections Open HTTP connections.\n"
-            "# TYPE tally_http_connections gauge\ntally_http_connections %llu\n",
+    put(&o,
+        "# HELP tally_http_connections Open HTTP connections.\n"
+        "# TYPE tally_http_connections gauge\ntally_http_connections %llu\n",
         (unsigned long long)x->connections);
     put(&o, "# HELP tally_polls Polls in memory.\n# TYPE tally_polls gauge\ntally_polls %llu\n",
         (unsigned long long)x->polls);
-    put(&o, "# HELP tally_reconcile_runs_total Reconciliations of the counters with the ballots this instance "
-            "completed.\n# TYPE tally_reconcile_runs_total counter\ntally_reconcile_runs_total %llu\n",
+    put(&o,
+        "# HELP tally_reconcile_runs_total Reconciliations of the counters with the ballots this instance "
+        "completed.\n# TYPE tally_reconcile_runs_total counter\ntally_reconcile_runs_total %llu\n",
         (unsigned long long)x->reconcile_runs);
-    put(&o, "# HELP tally_reconcile_repairs_total Counters found drifted from the ballots and put right, by where "
-            "they are kept.\n# TYPE tally_reconcile_repairs_total counter\n"
-            "tally_reconcile_repairs_total{where=\"store\"} %llu\n"
-            "tally_reconcile_repairs_total{where=\"redis\"} %llu\n",
+    put(&o,
+        "# HELP tally_reconcile_repairs_total Counters found drifted from the ballots and put right, by where "
+        "they are kept.\n# TYPE tally_reconcile_repairs_total counter\n"
+        "tally_reconcile_repairs_total{where=\"store\"} %llu\n"
+        "tally_reconcile_repairs_total{where=\"redis\"} %llu\n",
         (unsigned long long)x->reconcile_repairs_store, (unsigned long long)x->reconcile_repairs_redis);
-    put(&o, "# HELP tally_follow_ops_total Changes committed by other instances sharing the store, applied to "
-            "this one's memory.\n# TYPE tally_follow_ops_total counter\ntally_follow_ops_total %llu\n",
+    put(&o,
+        "# HELP tally_follow_ops_total Changes committed by other instances sharing the store, applied to "
+        "this one's memory.\n# TYPE tally_follow_ops_total counter\ntally_follow_ops_total %llu\n",
         (unsigned long long)x->followed);
-    put(&o, "# HELP tally_resyncs_total Requests that found nothing in memory and waited for it to catch up with "
-            "the shared store before answering.\n# TYPE tally_resyncs_total counter\ntally_resyncs_total %llu\n",
+    put(&o,
+        "# HELP tally_resyncs_total Requests that found nothing in memory and waited for it to catch up with "
+        "the shared store before answering.\n# TYPE tally_resyncs_total counter\ntally_resyncs_total %llu\n",
         (unsigned long long)x->resyncs);
     if (x->bus_up >= 0) {
-        put(&o, "# HELP tally_bus_up Whether the Redis bus is connected.\n# TYPE tally_bus_up gauge\n"
-                "tally_bus_up %d\n",
+        put(&o,
+            "# HELP tally_bus_up Whether the Redis bus is connected.\n# TYPE tally_bus_up gauge\n"
+            "tally_bus_up %d\n",
             x->bus_up);
-        put(&o, "# HELP tally_bus_reconnects_total Times the Redis bus came back after being down.\n"
-                "# TYPE tally_bus_reconnects_total counter\ntally_bus_reconnects_total %llu\n",
+        put(&o,
+            "# HELP tally_bus_reconnects_total Times the Redis bus came back after being down.\n"
+            "# TYPE tally_bus_reconnects_total counter\ntally_bus_reconnects_total %llu\n",
             (unsigned long long)x->bus_reconnects);
-        put(&o, "# HELP tally_bus_dropped_total Messages to other instances dropped while the bus was down (they "
-                "read the feed on their own within 100 ms).\n# TYPE tally_bus_dropped_total counter\n"
-                "tally_bus_dropped_total %llu\n",
+        put(&o,
+            "# HELP tally_bus_dropped_total Messages to other instances dropped while the bus was down (they "
+            "read the feed on their own within 100 ms).\n# TYPE tally_bus_dropped_total counter\n"
+            "tally_bus_dropped_total %llu\n",
             (unsigned long long)x->bus_dropped);
-        put(&o, "# HELP tally_ingest_total Async ballots through the ingest log, by outcome on this instance.\n"
-                "# TYPE tally_ingest_total counter\n"
-                "tally_ingest_total{outcome=\"enqueued\"} %llu\n"
-                "tally_ingest_total{outcome=\"applied\"} %llu\n"
-                "tally_ingest_total{outcome=\"failed\"} %llu\n"
-                "tally_ingest_total{outcome=\"dead_lettered\"} %llu\n",
+        put(&o,
+            "# HELP tally_ingest_total Async ballots through the ingest log, by outcome on this instance.\n"
+            "# TYPE tally_ingest_total counter\n"
+            "tally_ingest_total{outcome=\"enqueued\"} %llu\n"
+            "tally_ingest_total{outcome=\"applied\"} %llu\n"
+            "tally_ingest_total{outcome=\"failed\"} %llu\n"
+            "tally_ingest_total{outcome=\"dead_lettered\"} %llu\n",
             (unsigned long long)x->ingest_enqueued, (unsigned long long)x->ingest_applied,
             (unsigned long long)x->ingest_failed, (unsigned long long)x->ingest_dead);
     }
-    put(&o, "# HELP tally_reconcile_last_run_timestamp_seconds When this instance last completed a reconciliation "
-            "(0: never).\n# TYPE tally_reconcile_last_run_timestamp_seconds gauge\n"
-            "tally_reconcile_last_run_timestamp_seconds %.3f\n",
+    put(&o,
+        "# HELP tally_reconcile_last_run_timestamp_seconds When this instance last completed a reconciliation "
+        "(0: never).\n# TYPE tally_reconcile_last_run_timestamp_seconds gauge\n"
+        "tally_reconcile_last_run_timestamp_seconds %.3f\n",
         (double)x->reconcile_last_run_ms / 1000);
-    put(&o, "# HELP tally_metrics_dropped_total Observations not recorded because a series table was full.\n"
-            "# TYPE tally_metrics_dropped_total counter\ntally_metrics_dropped_total %llu\n",
+    put(&o,
+        "# HELP tally_metrics_dropped_total Observations not recorded because a series table was full.\n"
+        "# TYPE tally_metrics_dropped_total counter\ntally_metrics_dropped_total %llu\n",
         (unsigned long long)dropped);
     if (o.failed) {
         tly_free(o.buf);

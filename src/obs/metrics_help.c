@@ -11,7 +11,8 @@ const char *tly_metrics_help(const char *family)
     static const struct {
         const char *family, *help;
     } helps[] = {
-        {"tally_votes_total", "Ballot requests (POST votes) by outcome: recorded, accepted (async), or the error code."},
+        {"tally_votes_total",
+         "Ballot requests (POST votes) by outcome: recorded, accepted (async), or the error code."},
         {"tally_vote_changes_total", "Vote changes and retractions (PUT/DELETE votes/me) by outcome."},
         {"tally_rate_limited_total", "Requests refused by a rate limit, by route."},
         {"tally_errors_total", "Error responses by error code."},

@@ -14,12 +14,11 @@ typedef enum { TLY_LOG_DEBUG, TLY_LOG_INFO, TLY_LOG_WARN, TLY_LOG_ERROR } tly_lo
 /* Sets the lowest level written; "debug", "info", "warn" or "error". Returns 0 or -1. */
 int tly_log_set_level(const char *name);
 /* Writes {"ts","level","msg", k1:v1, ...}: `kv` is a NULL-terminated list of key,
- * value string pairs. */
-void tly_log(tly_log_level_t level, const char *msg, ...);
+ * value string pairs (the compiler checks the NULL: `sentinel`). */
+void tly_log(tly_log_level_t level, const char *msg, ...) __attribute__((sentinel));
 /* One line per request: method, route pattern, status, error code (or NULL), duration
  * and the peer's address. Never the path's query, a header or a body. */
-void tly_log_request(const char *method, const char *route, int status, const char *code, double ms,
-                     const char *peer);
+void tly_log_request(const char *method, const char *route, int status, const char *code, double ms, const char *peer);
 
 /* ---- metrics (GET /metrics). Record on the event-loop thread only; every string must
  * be static (series are keyed by pointer). ---- */

@@ -61,9 +61,8 @@
 
 /* At most once a minute. The newest row always stays, so a follower that lags behind
  * the retention finds a row beyond its position and knows it. */
-static const char retention_sql[] =
-    "DELETE FROM feed WHERE at < now() - interval '1 hour'"
-    " AND seq < (SELECT seq FROM feed_head)";
+static const char retention_sql[] = "DELETE FROM feed WHERE at < now() - interval '1 hour'"
+                                    " AND seq < (SELECT seq FROM feed_head)";
 
 static PGconn *connect_writer(pg_store_t *s)
 {
@@ -138,10 +137,10 @@ static PGresult *exec_json(PGconn *c, const char *stmt, const char *param)
 /* Scratch of one batch (writer thread only). */
 typedef struct {
     tly_store_op_t **op;
-    json_t **js;     /* the op as JSON, or NULL (op failed before reaching the database) */
-    char *req;       /* 1: an async ballot's failed request row was written */
+    json_t **js; /* the op as JSON, or NULL (op failed before reaching the database) */
+    char *req;   /* 1: an async ballot's failed request row was written */
     size_t n;
-    json_t *deltas;  /* counter deltas of replaced and deleted ballots (feed_sql's $3) */
+    json_t *deltas; /* counter deltas of replaced and deleted ballots (feed_sql's $3) */
 } batch_t;
 
 /* Appends to d the counter deltas of one ballot: `sign` for its poll's ballots (0: none,
@@ -290,8 +289,7 @@ static int run_op(pg_store_t *s, tly_store_op_t *op, const char *param, json_t *
  * failed and are left out) in one statement: ballot_sql inside the batch's transaction,
  * or, with token != 0, cast_sql as the whole batch (then *seq gets its feed row, 0 when
  * it changed nothing). */
-static int run_ballots(pg_store_t *s, batch_t *b, size_t from, size_t to, int64_t token, int64_t *seq,
-                       int *rc_nomem)
+static int run_ballots(pg_store_t *s, batch_t *b, size_t from, size_t to, int64_t token, int64_t *seq, int *rc_nomem)
 {
     PGconn *c = s->wconn;
     json_t *arr = json_array();
@@ -956,10 +954,7 @@ static void pg_close(pg_store_t *s)
     store_free(s);
 }
 
-static int pg_writable(pg_store_t *s)
-{
-    return !atomic_load(&s->wdown) && !atomic_load(&s->behind);
-}
+static int pg_writable(pg_store_t *s) { return !atomic_load(&s->wdown) && !atomic_load(&s->behind); }
 
 static void pg_stats(pg_store_t *s, tly_store_stats_t *out)
 {
@@ -992,52 +987,25 @@ static void be_submit_list(tly_store_t *s, tly_store_op_t *first)
     pg_feed_start(p, 0, 0); /* no load: follow from the position at open */
     pg_submit_list(p, first);
 }
-static void be_reap(tly_store_t *s)
-{
-    pg_reap((pg_store_t *)s);
-}
-static int be_writable(tly_store_t *s)
-{
-    return pg_writable((pg_store_t *)s);
-}
+static void be_reap(tly_store_t *s) { pg_reap((pg_store_t *)s); }
+static int be_writable(tly_store_t *s) { return pg_writable((pg_store_t *)s); }
 static void be_follow(tly_store_t *s, void (*cb)(void *ctx, const tly_store_op_t *op), void *ctx)
 {
     pg_store_t *p = (pg_store_t *)s;
     p->follow_cb = cb;
     p->follow_ctx = ctx;
 }
-static int be_shared(tly_store_t *s)
-{
-    return 1;
-}
-static int64_t be_applied_seq(tly_store_t *s)
-{
-    return ((pg_store_t *)s)->applied;
-}
-static void be_sync(tly_store_t *s, void (*cb)(void *arg), void *arg)
-{
-    pg_sync((pg_store_t *)s, cb, arg);
-}
-static void be_poke(tly_store_t *s)
-{
-    pg_feed_wake((pg_store_t *)s);
-}
-static void be_close(tly_store_t *s)
-{
-    pg_close((pg_store_t *)s);
-}
-static tly_store_reader_t *be_reader_open(tly_store_t *s)
-{
-    return pg_reader_open((pg_store_t *)s);
-}
+static int be_shared(tly_store_t *s) { return 1; }
+static int64_t be_applied_seq(tly_store_t *s) { return ((pg_store_t *)s)->applied; }
+static void be_sync(tly_store_t *s, void (*cb)(void *arg), void *arg) { pg_sync((pg_store_t *)s, cb, arg); }
+static void be_poke(tly_store_t *s) { pg_feed_wake((pg_store_t *)s); }
+static void be_close(tly_store_t *s) { pg_close((pg_store_t *)s); }
+static tly_store_reader_t *be_reader_open(tly_store_t *s) { return pg_reader_open((pg_store_t *)s); }
 static int be_generate_ballots(tly_store_t *s, const char *poll_id, size_t noptions, size_t n)
 {
     return pg_generate_ballots((pg_store_t *)s, poll_id, noptions, n);
 }
-static void be_stats(tly_store_t *s, tly_store_stats_t *out)
-{
-    pg_stats((pg_store_t *)s, out);
-}
+static void be_stats(tly_store_t *s, tly_store_stats_t *out) { pg_stats((pg_store_t *)s, out); }
 
 const tly_store_backend_t tly_store_pg = {
     .name = "postgres",

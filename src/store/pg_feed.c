@@ -74,10 +74,7 @@ static int put_str(json_t *o, const char *k, const char *v)
     return put(o, k, j);
 }
 
-static int put_int(json_t *o, const char *k, int64_t v)
-{
-    return put(o, k, json_integer((json_int_t)v));
-}
+static int put_int(json_t *o, const char *k, int64_t v) { return put(o, k, json_integer((json_int_t)v)); }
 
 /* Bytes as hex; NULL stays null. At most 255 bytes (choices, scores, hashes). */
 static int put_bytes(json_t *o, const char *k, const uint8_t *p, size_t n)
@@ -193,8 +190,8 @@ json_t *pg_request_json(const tly_ballot_row_t *b)
 {
     json_t *o = json_object();
     if (o == NULL || put_int(o, "t", TLY_OP_REQUEST) || put_str(o, "request_id", b->request_id) ||
-        put_str(o, "poll_id", b->poll_id) || put_str(o, "voter_id", b->voter_id) ||
-        put_str(o, "state", "failed") || put_str(o, "vote_id", NULL) || put_str(o, "error", "ALREADY_VOTED") ||
+        put_str(o, "poll_id", b->poll_id) || put_str(o, "voter_id", b->voter_id) || put_str(o, "state", "failed") ||
+        put_str(o, "vote_id", NULL) || put_str(o, "error", "ALREADY_VOTED") ||
         put_int(o, "created_at", b->recorded_at)) {
         json_decref(o);
         return NULL;
@@ -214,10 +211,7 @@ static const char *gs(const json_t *o, const char *k)
     return json_string_value(json_object_get(o, k)); /* NULL for null or absent */
 }
 
-static int64_t gi(const json_t *o, const char *k)
-{
-    return (int64_t)json_integer_value(json_object_get(o, k));
-}
+static int64_t gi(const json_t *o, const char *k) { return (int64_t)json_integer_value(json_object_get(o, k)); }
 
 static int gbytes(const json_t *o, const char *k, uint8_t *out, size_t cap, const uint8_t **p, int *n)
 {
@@ -252,9 +246,8 @@ static int op_from_json(const json_t *o, tly_store_op_t *op, decoded_t *d)
     op->type = (tly_op_type_t)gi(o, "t");
     switch (op->type) {
     case TLY_OP_REQUEST:
-        op->u.request = (tly_request_row_t){gs(o, "request_id"), gs(o, "poll_id"), gs(o, "voter_id"),
-                                            gs(o, "state"),      gs(o, "vote_id"), gs(o, "error"),
-                                            gi(o, "created_at")};
+        op->u.request = (tly_request_row_t){gs(o, "request_id"), gs(o, "poll_id"), gs(o, "voter_id"),  gs(o, "state"),
+                                            gs(o, "vote_id"),    gs(o, "error"),   gi(o, "created_at")};
         return op->u.request.request_id != NULL ? 0 : -1;
     case TLY_OP_USER_INSERT:
         op->u.user = (tly_user_row_t){gs(o, "user_id"), gs(o, "username"), gs(o, "password_hash"), gs(o, "email"),
@@ -421,8 +414,8 @@ pg_item_t *pg_feed_sending(pg_store_t *s, tly_store_op_t *first, uint64_t nops, 
     return it;
 }
 
-void pg_feed_batch_done(pg_store_t *s, pg_item_t *it, tly_store_op_t *first, uint64_t nops, int committed,
-                        int64_t seq, uint64_t commit_us)
+void pg_feed_batch_done(pg_store_t *s, pg_item_t *it, tly_store_op_t *first, uint64_t nops, int committed, int64_t seq,
+                        uint64_t commit_us)
 {
     pg_item_t *fresh = it == NULL ? must_alloc() : NULL;
     int queued, waited = 0;
@@ -654,9 +647,9 @@ static void catch_up(pg_store_t *s)
         next = s->next_seq;
         pthread_mutex_unlock(&s->fmu);
         snprintf(from, sizeof from, "%lld", (long long)next);
-        PGresult *res = PQexecParams(s->fconn,
-                                     "SELECT seq, origin, ops, token FROM feed WHERE seq >= $1 ORDER BY seq LIMIT 500",
-                                     1, NULL, params, NULL, NULL, 0);
+        PGresult *res =
+            PQexecParams(s->fconn, "SELECT seq, origin, ops, token FROM feed WHERE seq >= $1 ORDER BY seq LIMIT 500", 1,
+                         NULL, params, NULL, NULL, 0);
         if (PQresultStatus(res) != PGRES_TUPLES_OK) {
             pg_log_error("store: postgres feed read failed", s->fconn, res);
             PQclear(res);

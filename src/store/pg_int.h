@@ -141,8 +141,8 @@ pg_item_t *pg_feed_sending(pg_store_t *s, tly_store_op_t *first, uint64_t nops, 
  * batch never reached that point); committed says whether it committed, and seq is its
  * feed row (0: it changed nothing). Records stats, queues what may be queued and
  * notifies. */
-void pg_feed_batch_done(pg_store_t *s, pg_item_t *item, tly_store_op_t *first, uint64_t nops,
-                        int committed, int64_t seq, uint64_t commit_us);
+void pg_feed_batch_done(pg_store_t *s, pg_item_t *item, tly_store_op_t *first, uint64_t nops, int committed,
+                        int64_t seq, uint64_t commit_us);
 /* The follower reads from `seq` on (load; or the position at open). */
 void pg_feed_start(pg_store_t *s, int64_t next_seq, int from_load);
 void pg_feed_wake(pg_store_t *s);

@@ -139,10 +139,9 @@ static int load_poll(void *arg, const PGresult *res, int i)
     }
     for (size_t k = 0; k < n; k++) {
         const json_t *x = json_array_get(opts, k);
-        l->opts[k] = (tly_option_row_t){json_string_value(json_array_get(x, 0)),
-                                        json_string_value(json_array_get(x, 1)),
-                                        (int)json_integer_value(json_array_get(x, 2)),
-                                        (int)json_integer_value(json_array_get(x, 3))};
+        l->opts[k] = (tly_option_row_t){
+            json_string_value(json_array_get(x, 0)), json_string_value(json_array_get(x, 1)),
+            (int)json_integer_value(json_array_get(x, 2)), (int)json_integer_value(json_array_get(x, 3))};
     }
     p.noptions = n;
     p.options = n ? l->opts : NULL;
@@ -226,27 +225,31 @@ int pg_load(pg_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
     head = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
     PQclear(res);
     res = NULL;
-    if ((rc = each_row(c, "DECLARE tly_load NO SCROLL CURSOR FOR"
-                          " SELECT user_id, username, password_hash, email, created_at FROM users ORDER BY ord",
+    if ((rc = each_row(c,
+                       "DECLARE tly_load NO SCROLL CURSOR FOR"
+                       " SELECT user_id, username, password_hash, email, created_at FROM users ORDER BY ord",
                        load_user, &l)) != 0)
         goto fail;
-    if ((rc = each_row(c, "DECLARE tly_load NO SCROLL CURSOR FOR"
-                          " SELECT poll_id, owner_id, title, description, type, status, start_time, end_time,"
-                          " settings, created_at, updated_at, idem_key, body_hash, final_results,"
-                          " (SELECT coalesce(json_agg(json_build_array(o.option_id, o.text, o.display_order,"
-                          " o.position) ORDER BY o.position), '[]'::json) FROM options o"
-                          " WHERE o.poll_id = p.poll_id) FROM polls p ORDER BY ord",
+    if ((rc = each_row(c,
+                       "DECLARE tly_load NO SCROLL CURSOR FOR"
+                       " SELECT poll_id, owner_id, title, description, type, status, start_time, end_time,"
+                       " settings, created_at, updated_at, idem_key, body_hash, final_results,"
+                       " (SELECT coalesce(json_agg(json_build_array(o.option_id, o.text, o.display_order,"
+                       " o.position) ORDER BY o.position), '[]'::json) FROM options o"
+                       " WHERE o.poll_id = p.poll_id) FROM polls p ORDER BY ord",
                        load_poll, &l)) != 0)
         goto fail;
     /* seq order: a merge of the partitions' seq indexes, streamed. */
-    if ((rc = each_row(c, "DECLARE tly_load NO SCROLL CURSOR FOR"
-                          " SELECT poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key,"
-                          " body_hash, client_meta, ip_hash FROM ballots ORDER BY seq",
+    if ((rc = each_row(c,
+                       "DECLARE tly_load NO SCROLL CURSOR FOR"
+                       " SELECT poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key,"
+                       " body_hash, client_meta, ip_hash FROM ballots ORDER BY seq",
                        load_ballot, &l)) != 0)
         goto fail;
-    if ((rc = each_row(c, "DECLARE tly_load NO SCROLL CURSOR FOR"
-                          " SELECT request_id, poll_id, voter_id, state, vote_id, error, created_at"
-                          " FROM vote_requests ORDER BY ord",
+    if ((rc = each_row(c,
+                       "DECLARE tly_load NO SCROLL CURSOR FOR"
+                       " SELECT request_id, poll_id, voter_id, state, vote_id, error, created_at"
+                       " FROM vote_requests ORDER BY ord",
                        load_request, &l)) != 0)
         goto fail;
     char retracted_sql[256];
@@ -270,9 +273,8 @@ fail:
 /* ---- readers: paged reads for exports -------------------------------------------------- */
 
 /* Both walk their (poll_id, seq) index of the one partition poll_id hashes to. */
-const char tly_store_pg_audit_page_sql[] =
-    "SELECT seq, poll_id, voter_id, event, choices, scores, at FROM audit"
-    " WHERE poll_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
+const char tly_store_pg_audit_page_sql[] = "SELECT seq, poll_id, voter_id, event, choices, scores, at FROM audit"
+                                           " WHERE poll_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
 const char tly_store_pg_ballots_page_sql[] =
     "SELECT seq, poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key,"
     " body_hash, client_meta FROM ballots WHERE poll_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";

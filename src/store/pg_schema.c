@@ -184,10 +184,7 @@ void pg_log_error(const char *msg, PGconn *c, const PGresult *res)
     tly_log(TLY_LOG_ERROR, msg, "sqlstate", state ? state : "", "pg", text, NULL);
 }
 
-int pg_conn_lost(PGconn *c)
-{
-    return c == NULL || PQstatus(c) != CONNECTION_OK;
-}
+int pg_conn_lost(PGconn *c) { return c == NULL || PQstatus(c) != CONNECTION_OK; }
 
 int pg_exec(PGconn *c, const char *sql, ExecStatusType want)
 {
@@ -201,9 +198,7 @@ int pg_exec(PGconn *c, const char *sql, ExecStatusType want)
 
 /* Server notices (e.g. "relation already exists, skipping") are not ours to print:
  * libpq's default writes them raw to stderr, outside the JSON log. */
-static void quiet_notice(void *arg, const char *message)
-{
-}
+static void quiet_notice(void *arg, const char *message) {}
 
 PGconn *pg_connect(const pg_store_t *s, const char *role)
 {

@@ -10,13 +10,13 @@
 
 /* Every op travels as the JSON the feed carries (pg_op_json): one text parameter, so
  * no SQL is ever built from data and the feed row is the statement's own input. */
-#define BALLOT_FIELDS                                                                      \
-    "poll_id text, voter_id text, vote_id text, receipt text, choices text, scores text,"  \
-    " recorded_at bigint, idem_key text, body_hash text, client_meta text, ip_hash text,"  \
+#define BALLOT_FIELDS                                                                                                  \
+    "poll_id text, voter_id text, vote_id text, receipt text, choices text, scores text,"                              \
+    " recorded_at bigint, idem_key text, body_hash text, client_meta text, ip_hash text,"                              \
     " request_id text"
-#define POLL_FIELDS                                                                        \
-    "poll_id text, owner_id text, title text, description text, type int, status int,"    \
-    " start_time bigint, end_time bigint, settings text, created_at bigint,"              \
+#define POLL_FIELDS                                                                                                    \
+    "poll_id text, owner_id text, title text, description text, type int, status int,"                                 \
+    " start_time bigint, end_time bigint, settings text, created_at bigint,"                                           \
     " updated_at bigint, idem_key text, body_hash text, final_results text"
 #define OPTION_FIELDS "position int, option_id text, text text, display_order int"
 
@@ -29,51 +29,52 @@
  * ballots) or wins (and these ballots find no poll), and so does a freeze (poll_lock:
  * FOR UPDATE): one that wins is seen here, as the lock re-reads the row it waited for. */
 #define FAILED_ERROR "CASE WHEN s.closed THEN 'POLL_NOT_ACTIVE' ELSE 'ALREADY_VOTED' END"
-#define BALLOT_CTES                                                                        \
-    "WITH x AS ("                                                                          \
-    "  SELECT e.i, e.j, r.* FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(j, i)," \
-    "    jsonb_to_record(e.j) AS r(" BALLOT_FIELDS ")),"                                   \
-    "src AS ("                                                                             \
-    "  SELECT x.i, x.poll_id, x.voter_id, x.vote_id, x.receipt, decode(x.choices, 'hex') AS choices," \
-    "    decode(x.scores, 'hex') AS scores, x.recorded_at, x.idem_key,"                    \
-    "    decode(x.body_hash, 'hex') AS body_hash, x.client_meta, decode(x.ip_hash, 'hex') AS ip_hash," \
-    "    x.request_id"                                                                     \
-    "    , p.final_results IS NOT NULL AS closed"                                          \
-    "  FROM x JOIN polls p ON p.poll_id = x.poll_id FOR KEY SHARE OF p),"                  \
-    "ins AS ("                                                                             \
-    "  INSERT INTO ballots(poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at," \
-    "    idem_key, body_hash, client_meta, ip_hash)"                                       \
-    "  SELECT poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key," \
-    "    body_hash, client_meta, ip_hash FROM src WHERE NOT closed ORDER BY i"             \
-    "  ON CONFLICT DO NOTHING"                                                             \
-    "  RETURNING poll_id, voter_id, vote_id, receipt, ip_hash, choices, scores, recorded_at)," \
-    "ok AS ("                                                                              \
-    "  SELECT DISTINCT ON (ins.poll_id, ins.voter_id) src.i, ins.*"                        \
-    "  FROM ins JOIN src ON src.poll_id = ins.poll_id AND src.voter_id = ins.voter_id"     \
-    "    AND src.vote_id = ins.vote_id AND src.receipt = ins.receipt"                      \
-    "    AND src.ip_hash IS NOT DISTINCT FROM ins.ip_hash"                                 \
-    "  ORDER BY ins.poll_id, ins.voter_id, src.i),"                                        \
-    "a AS ("                                                                               \
-    "  INSERT INTO audit(poll_id, voter_id, event, choices, scores, at)"                   \
-    "  SELECT poll_id, voter_id, 'cast', choices, scores, recorded_at FROM ok ORDER BY i"  \
-    "  RETURNING 1),"                                                                      \
-    "r AS ("                                                                               \
-    "  INSERT INTO vote_requests(request_id, poll_id, voter_id, state, vote_id, error, created_at)" \
-    "  SELECT DISTINCT ON (s.request_id) s.request_id, s.poll_id, s.voter_id,"             \
-    "    CASE WHEN ok.i IS NULL THEN 'failed' ELSE 'completed' END,"                       \
-    "    CASE WHEN ok.i IS NULL THEN NULL ELSE s.vote_id END,"                             \
-    "    CASE WHEN ok.i IS NULL THEN " FAILED_ERROR " END, s.recorded_at"                 \
-    "  FROM src s LEFT JOIN ok ON ok.i = s.i"                                              \
-    "  WHERE s.request_id IS NOT NULL ORDER BY s.request_id, s.i"                          \
-    /* A request's first final outcome wins (a consumer replaying it must not turn         \
-     * "completed" into "failed"); only a "pending" row is overwritten. */                 \
-    "  ON CONFLICT (request_id) DO UPDATE SET state = excluded.state, vote_id = excluded.vote_id," \
-    "    error = excluded.error WHERE vote_requests.state = 'pending'"                     \
-    "  RETURNING request_id),"                                                             \
-    "res AS ("                                                                             \
-    "  SELECT i, 0 AS k FROM ok"                                                           \
-    "  UNION ALL SELECT min(s.i), 2 FROM r JOIN src s USING (request_id) GROUP BY r.request_id" \
-    "  UNION ALL SELECT x.i, 1 FROM x WHERE NOT EXISTS (SELECT 1 FROM src WHERE src.i = x.i)" \
+#define BALLOT_CTES                                                                                                    \
+    "WITH x AS ("                                                                                                      \
+    "  SELECT e.i, e.j, r.* FROM jsonb_array_elements($1::jsonb) WITH ORDINALITY AS e(j, i),"                          \
+    "    jsonb_to_record(e.j) AS r(" BALLOT_FIELDS ")),"                                                               \
+    "src AS ("                                                                                                         \
+    "  SELECT x.i, x.poll_id, x.voter_id, x.vote_id, x.receipt, decode(x.choices, 'hex') AS choices,"                  \
+    "    decode(x.scores, 'hex') AS scores, x.recorded_at, x.idem_key,"                                                \
+    "    decode(x.body_hash, 'hex') AS body_hash, x.client_meta, decode(x.ip_hash, 'hex') AS ip_hash,"                 \
+    "    x.request_id"                                                                                                 \
+    "    , p.final_results IS NOT NULL AS closed"                                                                      \
+    "  FROM x JOIN polls p ON p.poll_id = x.poll_id FOR KEY SHARE OF p),"                                              \
+    "ins AS ("                                                                                                         \
+    "  INSERT INTO ballots(poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at,"                         \
+    "    idem_key, body_hash, client_meta, ip_hash)"                                                                   \
+    "  SELECT poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key,"                            \
+    "    body_hash, client_meta, ip_hash FROM src WHERE NOT closed ORDER BY i"                                         \
+    "  ON CONFLICT DO NOTHING"                                                                                         \
+    "  RETURNING poll_id, voter_id, vote_id, receipt, ip_hash, choices, scores, recorded_at),"                         \
+    "ok AS ("                                                                                                          \
+    "  SELECT DISTINCT ON (ins.poll_id, ins.voter_id) src.i, ins.*"                                                    \
+    "  FROM ins JOIN src ON src.poll_id = ins.poll_id AND src.voter_id = ins.voter_id"                                 \
+    "    AND src.vote_id = ins.vote_id AND src.receipt = ins.receipt"                                                  \
+    "    AND src.ip_hash IS NOT DISTINCT FROM ins.ip_hash"                                                             \
+    "  ORDER BY ins.poll_id, ins.voter_id, src.i),"                                                                    \
+    "a AS ("                                                                                                           \
+    "  INSERT INTO audit(poll_id, voter_id, event, choices, scores, at)"                                               \
+    "  SELECT poll_id, voter_id, 'cast', choices, scores, recorded_at FROM ok ORDER BY i"                              \
+    "  RETURNING 1),"                                                                                                  \
+    "r AS ("                                                                                                           \
+    "  INSERT INTO vote_requests(request_id, poll_id, voter_id, state, vote_id, error, created_at)"                    \
+    "  SELECT DISTINCT ON (s.request_id) s.request_id, s.poll_id, s.voter_id,"                                         \
+    "    CASE WHEN ok.i IS NULL THEN 'failed' ELSE 'completed' END,"                                                   \
+    "    CASE WHEN ok.i IS NULL THEN NULL ELSE s.vote_id END,"                                                         \
+    "    CASE WHEN ok.i IS NULL THEN " FAILED_ERROR " END, s.recorded_at"                                              \
+    "  FROM src s LEFT JOIN ok ON ok.i = s.i"                                                                          \
+    "  WHERE s.request_id IS NOT NULL ORDER BY s.request_id, s.i" /* A request's first final outcome wins (a consumer  \
+                                                                   * replaying it must not turn "completed" into       \
+                                                                   * "failed"); only a "pending" row is overwritten.   \
+                                                                   */                                                  \
+    "  ON CONFLICT (request_id) DO UPDATE SET state = excluded.state, vote_id = excluded.vote_id,"                     \
+    "    error = excluded.error WHERE vote_requests.state = 'pending'"                                                 \
+    "  RETURNING request_id),"                                                                                         \
+    "res AS ("                                                                                                         \
+    "  SELECT i, 0 AS k FROM ok"                                                                                       \
+    "  UNION ALL SELECT min(s.i), 2 FROM r JOIN src s USING (request_id) GROUP BY r.request_id"                        \
+    "  UNION ALL SELECT x.i, 1 FROM x WHERE NOT EXISTS (SELECT 1 FROM src WHERE src.i = x.i)"                          \
     "  UNION ALL SELECT i, 4 FROM src WHERE closed)"
 
 /* Inside a batch's transaction (with other ops): the counters move in feed_sql, by
@@ -91,30 +92,29 @@ static const char ballot_sql[] = BALLOT_CTES " SELECT i, k FROM res";
  */
 static const char cast_sql[] =
     BALLOT_CTES ","
-    "f AS ("
-    "  SELECT jsonb_agg(o.j ORDER BY o.i)::text AS ops FROM ("
-    "    SELECT x.i, x.j FROM x JOIN ok USING (i)"
-    "    UNION ALL SELECT q.i, jsonb_build_object('t', -1, 'request_id', s.request_id,"
-    "      'poll_id', s.poll_id, 'voter_id', s.voter_id, 'state', 'failed', 'vote_id', NULL,"
-    "      'error', " FAILED_ERROR ", 'created_at', s.recorded_at)"
-    "    FROM res q JOIN src s ON s.i = q.i"
-    "    WHERE q.k = 2 AND NOT EXISTS (SELECT 1 FROM ok WHERE ok.i = q.i)) o"
-    "  HAVING count(*) > 0),"
-    "d AS (SELECT poll_id AS p, -1 AS o, count(*) AS n FROM ok GROUP BY 1"
-    "  UNION ALL SELECT p, o::int, count(*) FROM ("
-    "    SELECT DISTINCT ok.i, ok.poll_id AS p, get_byte(ok.choices, g) AS o"
-    "    FROM ok, generate_series(0, length(ok.choices) - 1) g) v GROUP BY 1, 2),"
-    "h AS (SELECT feed_append($2::text, $3::bigint, f.ops, dd.ps, dd.os, dd.ns) AS seq"
-    "  FROM f, (SELECT array_agg(p) AS ps, array_agg(o) AS os, array_agg(n) AS ns FROM d) dd"
-    "  WHERE (SELECT count(*) FROM a) >= 0)"
-    " SELECT i, k FROM res UNION ALL SELECT seq, 3 FROM h";
+                "f AS ("
+                "  SELECT jsonb_agg(o.j ORDER BY o.i)::text AS ops FROM ("
+                "    SELECT x.i, x.j FROM x JOIN ok USING (i)"
+                "    UNION ALL SELECT q.i, jsonb_build_object('t', -1, 'request_id', s.request_id,"
+                "      'poll_id', s.poll_id, 'voter_id', s.voter_id, 'state', 'failed', 'vote_id', NULL,"
+                "      'error', " FAILED_ERROR ", 'created_at', s.recorded_at)"
+                "    FROM res q JOIN src s ON s.i = q.i"
+                "    WHERE q.k = 2 AND NOT EXISTS (SELECT 1 FROM ok WHERE ok.i = q.i)) o"
+                "  HAVING count(*) > 0),"
+                "d AS (SELECT poll_id AS p, -1 AS o, count(*) AS n FROM ok GROUP BY 1"
+                "  UNION ALL SELECT p, o::int, count(*) FROM ("
+                "    SELECT DISTINCT ok.i, ok.poll_id AS p, get_byte(ok.choices, g) AS o"
+                "    FROM ok, generate_series(0, length(ok.choices) - 1) g) v GROUP BY 1, 2),"
+                "h AS (SELECT feed_append($2::text, $3::bigint, f.ops, dd.ps, dd.os, dd.ns) AS seq"
+                "  FROM f, (SELECT array_agg(p) AS ps, array_agg(o) AS os, array_agg(n) AS ns FROM d) dd"
+                "  WHERE (SELECT count(*) FROM a) >= 0)"
+                " SELECT i, k FROM res UNION ALL SELECT seq, 3 FROM h";
 _Static_assert(TLY_OP_REQUEST == -1, "cast_sql writes failed requests as t: -1");
 
-static const char user_sql[] =
-    "INSERT INTO users(user_id, username, password_hash, email, created_at)"
-    " SELECT user_id, username, password_hash, email, created_at"
-    " FROM jsonb_to_record($1::jsonb) AS r(user_id text, username text, password_hash text,"
-    " email text, created_at bigint) RETURNING user_id";
+static const char user_sql[] = "INSERT INTO users(user_id, username, password_hash, email, created_at)"
+                               " SELECT user_id, username, password_hash, email, created_at"
+                               " FROM jsonb_to_record($1::jsonb) AS r(user_id text, username text, password_hash text,"
+                               " email text, created_at bigint) RETURNING user_id";
 
 static const char poll_insert_sql[] =
     "WITH r AS (SELECT * FROM jsonb_to_record($1::jsonb) AS r(" POLL_FIELDS ")),"
@@ -183,14 +183,13 @@ static const char poll_options_sql[] =
  * then sees and deletes those ballots too. */
 static const char poll_delete_sql[] =
     "WITH d AS (DELETE FROM polls WHERE poll_id = $1 RETURNING 1) SELECT count(*) FROM d";
-static const char poll_delete_rest_sql[] =
-    "WITH o AS (DELETE FROM options WHERE poll_id = $1),"
-    "b AS (DELETE FROM ballots WHERE poll_id = $1),"
-    "a AS (DELETE FROM audit WHERE poll_id = $1),"
-    "r AS (DELETE FROM vote_requests WHERE poll_id = $1),"
-    "oc AS (DELETE FROM option_counts WHERE poll_id = $1),"
-    "pc AS (DELETE FROM poll_counts WHERE poll_id = $1)"
-    "SELECT 1";
+static const char poll_delete_rest_sql[] = "WITH o AS (DELETE FROM options WHERE poll_id = $1),"
+                                           "b AS (DELETE FROM ballots WHERE poll_id = $1),"
+                                           "a AS (DELETE FROM audit WHERE poll_id = $1),"
+                                           "r AS (DELETE FROM vote_requests WHERE poll_id = $1),"
+                                           "oc AS (DELETE FROM option_counts WHERE poll_id = $1),"
+                                           "pc AS (DELETE FROM poll_counts WHERE poll_id = $1)"
+                                           "SELECT 1";
 
 /* The old choices are read under the row lock (FOR UPDATE returns the newest version if
  * another instance changed it meanwhile) and returned (hex), so that the counters move
@@ -198,27 +197,25 @@ static const char poll_delete_rest_sql[] =
 /* A change or retraction: (ballots changed, the old choices in hex, whether the poll is
  * closed). `g` locks the poll row as the ballot statements do (a freeze waits for it, or
  * it sees the freeze); a poll with final results keeps its ballots as they are. */
-#define BALLOT_GUARD                                                                       \
-    "WITH n AS (SELECT * FROM jsonb_to_record($1::jsonb) AS n(" BALLOT_FIELDS ")),"        \
-    "g AS (SELECT p.final_results IS NOT NULL AS closed FROM polls p JOIN n"               \
+#define BALLOT_GUARD                                                                                                   \
+    "WITH n AS (SELECT * FROM jsonb_to_record($1::jsonb) AS n(" BALLOT_FIELDS ")),"                                    \
+    "g AS (SELECT p.final_results IS NOT NULL AS closed FROM polls p JOIN n"                                           \
     "  ON p.poll_id = n.poll_id FOR KEY SHARE OF p),"
 static const char ballot_replace_sql[] =
-    BALLOT_GUARD
-    "old AS (SELECT b.poll_id, b.voter_id, b.choices FROM ballots b"
-    "  JOIN n ON b.poll_id = n.poll_id AND b.voter_id = n.voter_id"
-    "  WHERE NOT coalesce((SELECT closed FROM g), false) FOR UPDATE OF b),"
-    "u AS ("
-    "  UPDATE ballots b SET choices = decode(n.choices, 'hex'), scores = decode(n.scores, 'hex'),"
-    "    recorded_at = n.recorded_at, idem_key = n.idem_key, body_hash = decode(n.body_hash, 'hex')"
-    "  FROM old, n WHERE b.poll_id = old.poll_id AND b.voter_id = old.voter_id"
-    "  RETURNING b.poll_id, b.voter_id, b.choices, b.scores, b.recorded_at),"
-    "a AS (INSERT INTO audit(poll_id, voter_id, event, choices, scores, at)"
-    "  SELECT poll_id, voter_id, 'changed', choices, scores, recorded_at FROM u)"
-    "SELECT (SELECT count(*) FROM u), (SELECT encode(choices, 'hex') FROM old LIMIT 1),"
-    "  coalesce((SELECT closed FROM g), false)";
+    BALLOT_GUARD "old AS (SELECT b.poll_id, b.voter_id, b.choices FROM ballots b"
+                 "  JOIN n ON b.poll_id = n.poll_id AND b.voter_id = n.voter_id"
+                 "  WHERE NOT coalesce((SELECT closed FROM g), false) FOR UPDATE OF b),"
+                 "u AS ("
+                 "  UPDATE ballots b SET choices = decode(n.choices, 'hex'), scores = decode(n.scores, 'hex'),"
+                 "    recorded_at = n.recorded_at, idem_key = n.idem_key, body_hash = decode(n.body_hash, 'hex')"
+                 "  FROM old, n WHERE b.poll_id = old.poll_id AND b.voter_id = old.voter_id"
+                 "  RETURNING b.poll_id, b.voter_id, b.choices, b.scores, b.recorded_at),"
+                 "a AS (INSERT INTO audit(poll_id, voter_id, event, choices, scores, at)"
+                 "  SELECT poll_id, voter_id, 'changed', choices, scores, recorded_at FROM u)"
+                 "SELECT (SELECT count(*) FROM u), (SELECT encode(choices, 'hex') FROM old LIMIT 1),"
+                 "  coalesce((SELECT closed FROM g), false)";
 
-static const char ballot_delete_sql[] =
-    BALLOT_GUARD
+static const char ballot_delete_sql[] = BALLOT_GUARD
     "d AS (DELETE FROM ballots b USING n WHERE b.poll_id = n.poll_id AND b.voter_id = n.voter_id"
     "  AND NOT coalesce((SELECT closed FROM g), false)"
     "  RETURNING b.poll_id, b.voter_id, b.choices),"
@@ -275,4 +272,3 @@ int pg_prepare_writer(PGconn *c)
     }
     return 0;
 }
-

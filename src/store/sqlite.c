@@ -90,8 +90,8 @@ static int64_t now_us(void)
  * stopped accepting writes. SQLite's messages name tables and columns, never values. */
 void sq_log_sqlite(const char *msg, sqlite3 *db, int rc)
 {
-    fprintf(stderr, "{\"level\":\"error\",\"msg\":\"store: %s\",\"sqlite_rc\":%d,\"sqlite\":\"%s\"}\n",
-            msg, rc, db ? sqlite3_errmsg(db) : sqlite3_errstr(rc));
+    fprintf(stderr, "{\"level\":\"error\",\"msg\":\"store: %s\",\"sqlite_rc\":%d,\"sqlite\":\"%s\"}\n", msg, rc,
+            db ? sqlite3_errmsg(db) : sqlite3_errstr(rc));
 }
 
 /* ---- open ------------------------------------------------------------------------ */
@@ -267,10 +267,7 @@ static void sq_reap(sq_store_t *s)
     }
 }
 
-static int sq_writable(sq_store_t *s)
-{
-    return !atomic_load(&s->failed);
-}
+static int sq_writable(sq_store_t *s) { return !atomic_load(&s->failed); }
 
 static void sq_stats(sq_store_t *s, tly_store_stats_t *out)
 {
@@ -297,10 +294,7 @@ int sq_step_reset(sqlite3_stmt *st)
     return rc == SQLITE_DONE || rc == SQLITE_ROW ? SQLITE_OK : rc;
 }
 
-int sq_is_constraint(int rc)
-{
-    return (rc & 0xff) == SQLITE_CONSTRAINT;
-}
+int sq_is_constraint(int rc) { return (rc & 0xff) == SQLITE_CONSTRAINT; }
 
 /* The op result of a constraint failure. Only uniqueness is a normal outcome (EEXIST);
  * a missing poll (foreign key) or a missing required field is the caller's bug, but it
@@ -562,9 +556,8 @@ static int ballot_insert(sq_store_t *s, tly_store_op_t *op)
 static int run_op(sq_store_t *s, tly_store_op_t *op)
 {
     int rc, rc2;
-    int multi = op->type == TLY_OP_POLL_INSERT || op->type == TLY_OP_POLL_UPDATE ||
-                op->type == TLY_OP_POLL_DELETE || op->type == TLY_OP_BALLOT_REPLACE ||
-                op->type == TLY_OP_BALLOT_DELETE ||
+    int multi = op->type == TLY_OP_POLL_INSERT || op->type == TLY_OP_POLL_UPDATE || op->type == TLY_OP_POLL_DELETE ||
+                op->type == TLY_OP_BALLOT_REPLACE || op->type == TLY_OP_BALLOT_DELETE ||
                 (op->type == TLY_OP_BALLOT_INSERT && op->u.ballot.request_id != NULL);
 
     op->result = 0;
@@ -765,31 +758,16 @@ static int be_load(tly_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
 {
     return sq_load((sq_store_t *)s, cb, ctx);
 }
-static void be_submit_list(tly_store_t *s, tly_store_op_t *first)
-{
-    sq_submit_list((sq_store_t *)s, first);
-}
-static void be_reap(tly_store_t *s)
-{
-    sq_reap((sq_store_t *)s);
-}
-static int be_writable(tly_store_t *s)
-{
-    return sq_writable((sq_store_t *)s);
-}
-static void be_close(tly_store_t *s)
-{
-    sq_close((sq_store_t *)s);
-}
+static void be_submit_list(tly_store_t *s, tly_store_op_t *first) { sq_submit_list((sq_store_t *)s, first); }
+static void be_reap(tly_store_t *s) { sq_reap((sq_store_t *)s); }
+static int be_writable(tly_store_t *s) { return sq_writable((sq_store_t *)s); }
+static void be_close(tly_store_t *s) { sq_close((sq_store_t *)s); }
 static tly_store_reader_t *be_reader_open(tly_store_t *s)
 {
     sq_reader_t *r = sq_reader_open((sq_store_t *)s);
     return r ? &r->base : NULL;
 }
-static void be_reader_close(tly_store_reader_t *r)
-{
-    sq_reader_close((sq_reader_t *)r);
-}
+static void be_reader_close(tly_store_reader_t *r) { sq_reader_close((sq_reader_t *)r); }
 static int be_audit_page(tly_store_reader_t *r, const char *poll_id, int64_t after_seq, size_t limit,
                          void (*cb)(void *ctx, const tly_audit_row_t *row), void *ctx)
 {
@@ -804,10 +782,7 @@ static int be_generate_ballots(tly_store_t *s, const char *poll_id, size_t nopti
 {
     return sq_generate_ballots((sq_store_t *)s, poll_id, noptions, n);
 }
-static void be_stats(tly_store_t *s, tly_store_stats_t *out)
-{
-    sq_stats((sq_store_t *)s, out);
-}
+static void be_stats(tly_store_t *s, tly_store_stats_t *out) { sq_stats((sq_store_t *)s, out); }
 
 const tly_store_backend_t tly_store_sqlite = {
     .name = "sqlite",

@@ -34,10 +34,7 @@ static atomic_long fault_syncs_left; /* fsyncs until the failing one; <= 0: spen
 
 #define FAULT_REAL(f) (((fault_file_t *)(f))->real)
 
-static int fault_close(sqlite3_file *f)
-{
-    return FAULT_REAL(f)->pMethods->xClose(FAULT_REAL(f));
-}
+static int fault_close(sqlite3_file *f) { return FAULT_REAL(f)->pMethods->xClose(FAULT_REAL(f)); }
 static int fault_read(sqlite3_file *f, void *b, int n, sqlite3_int64 o)
 {
     return FAULT_REAL(f)->pMethods->xRead(FAULT_REAL(f), b, n, o);
@@ -62,14 +59,8 @@ static int fault_size(sqlite3_file *f, sqlite3_int64 *size)
 {
     return FAULT_REAL(f)->pMethods->xFileSize(FAULT_REAL(f), size);
 }
-static int fault_lock(sqlite3_file *f, int l)
-{
-    return FAULT_REAL(f)->pMethods->xLock(FAULT_REAL(f), l);
-}
-static int fault_unlock(sqlite3_file *f, int l)
-{
-    return FAULT_REAL(f)->pMethods->xUnlock(FAULT_REAL(f), l);
-}
+static int fault_lock(sqlite3_file *f, int l) { return FAULT_REAL(f)->pMethods->xLock(FAULT_REAL(f), l); }
+static int fault_unlock(sqlite3_file *f, int l) { return FAULT_REAL(f)->pMethods->xUnlock(FAULT_REAL(f), l); }
 static int fault_reserved(sqlite3_file *f, int *out)
 {
     return FAULT_REAL(f)->pMethods->xCheckReservedLock(FAULT_REAL(f), out);
@@ -78,14 +69,8 @@ static int fault_fcntl(sqlite3_file *f, int op, void *arg)
 {
     return FAULT_REAL(f)->pMethods->xFileControl(FAULT_REAL(f), op, arg);
 }
-static int fault_sector(sqlite3_file *f)
-{
-    return FAULT_REAL(f)->pMethods->xSectorSize(FAULT_REAL(f));
-}
-static int fault_devchar(sqlite3_file *f)
-{
-    return FAULT_REAL(f)->pMethods->xDeviceCharacteristics(FAULT_REAL(f));
-}
+static int fault_sector(sqlite3_file *f) { return FAULT_REAL(f)->pMethods->xSectorSize(FAULT_REAL(f)); }
+static int fault_devchar(sqlite3_file *f) { return FAULT_REAL(f)->pMethods->xDeviceCharacteristics(FAULT_REAL(f)); }
 static int fault_shmmap(sqlite3_file *f, int pg, int sz, int ext, void volatile **pp)
 {
     return FAULT_REAL(f)->pMethods->xShmMap(FAULT_REAL(f), pg, sz, ext, pp);
@@ -94,14 +79,8 @@ static int fault_shmlock(sqlite3_file *f, int off, int n, int flags)
 {
     return FAULT_REAL(f)->pMethods->xShmLock(FAULT_REAL(f), off, n, flags);
 }
-static void fault_shmbarrier(sqlite3_file *f)
-{
-    FAULT_REAL(f)->pMethods->xShmBarrier(FAULT_REAL(f));
-}
-static int fault_shmunmap(sqlite3_file *f, int del)
-{
-    return FAULT_REAL(f)->pMethods->xShmUnmap(FAULT_REAL(f), del);
-}
+static void fault_shmbarrier(sqlite3_file *f) { FAULT_REAL(f)->pMethods->xShmBarrier(FAULT_REAL(f)); }
+static int fault_shmunmap(sqlite3_file *f, int del) { return FAULT_REAL(f)->pMethods->xShmUnmap(FAULT_REAL(f), del); }
 
 static const sqlite3_io_methods fault_methods = {
     .iVersion = 2,

@@ -50,7 +50,7 @@ enum {
 };
 
 struct sq_store {
-    tly_store_t base; /* first: see store_int.h */
+    tly_store_t base;      /* first: see store_int.h */
     tly_store_conf_t conf; /* conf.data_dir points at data_dir below */
     char *data_dir;
     char *db_path;
@@ -86,7 +86,7 @@ struct sq_store {
 /* A reader: its own read-only connection and the two page statements (sqlite_read.c). */
 struct sq_reader {
     tly_store_reader_t base; /* first: see store_int.h */
-    sqlite3 *db; /* read-only, NOMUTEX: one thread at a time, as the header says */
+    sqlite3 *db;             /* read-only, NOMUTEX: one thread at a time, as the header says */
     sqlite3_stmt *audit, *ballots;
 };
 

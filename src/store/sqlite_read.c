@@ -14,10 +14,7 @@
 
 /* ---- load ------------------------------------------------------------------------ */
 
-static const char *col_str(sqlite3_stmt *st, int i)
-{
-    return (const char *)sqlite3_column_text(st, i);
-}
+static const char *col_str(sqlite3_stmt *st, int i) { return (const char *)sqlite3_column_text(st, i); }
 
 static void col_hash(sqlite3_stmt *st, int i, uint8_t out[16])
 {
@@ -96,8 +93,10 @@ int sq_load(sq_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
     if ((src = sqlite3_exec(db, "BEGIN", NULL, NULL, NULL)) != SQLITE_OK)
         goto sqlite_fail;
 
-    src = sqlite3_prepare_v2(db, "SELECT user_id, username, password_hash, email, created_at"
-                                 " FROM users ORDER BY rowid", -1, &st, NULL);
+    src = sqlite3_prepare_v2(db,
+                             "SELECT user_id, username, password_hash, email, created_at"
+                             " FROM users ORDER BY rowid",
+                             -1, &st, NULL);
     if (src != SQLITE_OK)
         goto sqlite_fail;
     while ((src = sqlite3_step(st)) == SQLITE_ROW) {
@@ -116,13 +115,15 @@ int sq_load(sq_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
     sqlite3_finalize(st);
     st = NULL;
 
-    src = sqlite3_prepare_v2(db, "SELECT poll_id, owner_id, title, description, type, status,"
-                                 " start_time, end_time, settings, created_at, updated_at,"
-                                 " idem_key, body_hash, final_results FROM polls ORDER BY rowid",
+    src = sqlite3_prepare_v2(db,
+                             "SELECT poll_id, owner_id, title, description, type, status,"
+                             " start_time, end_time, settings, created_at, updated_at,"
+                             " idem_key, body_hash, final_results FROM polls ORDER BY rowid",
                              -1, &st, NULL);
     if (src == SQLITE_OK)
-        src = sqlite3_prepare_v2(db, "SELECT option_id, text, display_order, position"
-                                     " FROM options WHERE poll_id = ?1 ORDER BY position",
+        src = sqlite3_prepare_v2(db,
+                                 "SELECT option_id, text, display_order, position"
+                                 " FROM options WHERE poll_id = ?1 ORDER BY position",
                                  -1, &ost, NULL);
     if (src != SQLITE_OK)
         goto sqlite_fail;
@@ -167,9 +168,11 @@ int sq_load(sq_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
     st = NULL;
 
     /* seq order is commit order: replaying in it rebuilds exactly the committed state. */
-    src = sqlite3_prepare_v2(db, "SELECT poll_id, voter_id, vote_id, receipt, choices, scores,"
-                                 " recorded_at, idem_key, body_hash, client_meta, ip_hash"
-                                 " FROM ballots ORDER BY seq", -1, &st, NULL);
+    src = sqlite3_prepare_v2(db,
+                             "SELECT poll_id, voter_id, vote_id, receipt, choices, scores,"
+                             " recorded_at, idem_key, body_hash, client_meta, ip_hash"
+                             " FROM ballots ORDER BY seq",
+                             -1, &st, NULL);
     if (src != SQLITE_OK)
         goto sqlite_fail;
     while ((src = sqlite3_step(st)) == SQLITE_ROW) {
@@ -186,8 +189,7 @@ int sq_load(sq_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
             .client_meta = col_str(st, 9),
             .ip_hash = sqlite3_column_blob(st, 10),
         };
-        if (nchoices > UINT8_MAX ||
-            (b.scores != NULL && sqlite3_column_bytes(st, 5) != nchoices) ||
+        if (nchoices > UINT8_MAX || (b.scores != NULL && sqlite3_column_bytes(st, 5) != nchoices) ||
             (b.ip_hash != NULL && sqlite3_column_bytes(st, 10) != 16)) {
             fprintf(stderr, "{\"level\":\"error\",\"msg\":\"store: malformed ballot row\"}\n");
             goto fail;
@@ -202,8 +204,10 @@ int sq_load(sq_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
     sqlite3_finalize(st);
     st = NULL;
 
-    src = sqlite3_prepare_v2(db, "SELECT request_id, poll_id, voter_id, state, vote_id, error,"
-                                 " created_at FROM vote_requests ORDER BY rowid", -1, &st, NULL);
+    src = sqlite3_prepare_v2(db,
+                             "SELECT request_id, poll_id, voter_id, state, vote_id, error,"
+                             " created_at FROM vote_requests ORDER BY rowid",
+                             -1, &st, NULL);
     if (src != SQLITE_OK)
         goto sqlite_fail;
     while ((src = sqlite3_step(st)) == SQLITE_ROW) {
@@ -224,8 +228,10 @@ int sq_load(sq_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
     sqlite3_finalize(st);
     st = NULL;
 
-    src = sqlite3_prepare_v2(db, "SELECT poll_id, voter_id, idem_key, body_hash, at FROM audit"
-                                 " WHERE event = 'revoked' AND idem_key IS NOT NULL AND at >= ?1 ORDER BY seq", -1, &st, NULL);
+    src = sqlite3_prepare_v2(db,
+                             "SELECT poll_id, voter_id, idem_key, body_hash, at FROM audit"
+                             " WHERE event = 'revoked' AND idem_key IS NOT NULL AND at >= ?1 ORDER BY seq",
+                             -1, &st, NULL);
     if (src != SQLITE_OK || (src = sqlite3_bind_int64(st, 1, cb->retracted_since)) != SQLITE_OK)
         goto sqlite_fail;
     while ((src = sqlite3_step(st)) == SQLITE_ROW) {
@@ -260,9 +266,8 @@ fail:
 
 /* Both walk their (poll_id, seq) index from after_seq on: no OFFSET and no sort, so a
  * page costs the rows it returns however deep into the poll it starts. */
-const char tly_store_audit_page_sql[] =
-    "SELECT seq, poll_id, voter_id, event, choices, scores, at FROM audit"
-    " WHERE poll_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3";
+const char tly_store_audit_page_sql[] = "SELECT seq, poll_id, voter_id, event, choices, scores, at FROM audit"
+                                        " WHERE poll_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3";
 const char tly_store_ballots_page_sql[] =
     "SELECT seq, poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key,"
     " body_hash, client_meta FROM ballots WHERE poll_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3";
@@ -290,11 +295,9 @@ sq_reader_t *sq_reader_open(sq_store_t *s)
     if (src == SQLITE_OK)
         src = sq_configure(r->db);
     if (src == SQLITE_OK)
-        src = sqlite3_prepare_v3(r->db, tly_store_audit_page_sql, -1, SQLITE_PREPARE_PERSISTENT,
-                                 &r->audit, NULL);
+        src = sqlite3_prepare_v3(r->db, tly_store_audit_page_sql, -1, SQLITE_PREPARE_PERSISTENT, &r->audit, NULL);
     if (src == SQLITE_OK)
-        src = sqlite3_prepare_v3(r->db, tly_store_ballots_page_sql, -1, SQLITE_PREPARE_PERSISTENT,
-                                 &r->ballots, NULL);
+        src = sqlite3_prepare_v3(r->db, tly_store_ballots_page_sql, -1, SQLITE_PREPARE_PERSISTENT, &r->ballots, NULL);
     if (src != SQLITE_OK) {
         sq_log_sqlite("reader open failed", r->db, src);
         sq_reader_close(r);
@@ -326,8 +329,8 @@ static int page_end(sqlite3 *db, sqlite3_stmt *st, int src, int n)
 
 /* Choices and scores of a row; 0 when they are well formed. A zero-length blob reads as
  * NULL (SQLite's rule), so an empty ballot has nchoices 0 and NULL choices. */
-static int col_choices(sqlite3_stmt *st, int ichoices, int iscores, uint8_t *n,
-                       const uint8_t **choices, const uint8_t **scores)
+static int col_choices(sqlite3_stmt *st, int ichoices, int iscores, uint8_t *n, const uint8_t **choices,
+                       const uint8_t **scores)
 {
     /* Pointer first, then size: SQLite's documented order for a value it may convert. */
     *choices = sqlite3_column_blob(st, ichoices);
@@ -342,9 +345,8 @@ static int col_choices(sqlite3_stmt *st, int ichoices, int iscores, uint8_t *n,
     return 0;
 }
 
-int sq_audit_page(sq_reader_t *r, const char *poll_id, int64_t after_seq,
-                  size_t limit, void (*cb)(void *ctx, const tly_audit_row_t *row),
-                  void *ctx)
+int sq_audit_page(sq_reader_t *r, const char *poll_id, int64_t after_seq, size_t limit,
+                  void (*cb)(void *ctx, const tly_audit_row_t *row), void *ctx)
 {
     sqlite3_stmt *st = r->audit;
     int src, n = 0;
@@ -369,10 +371,8 @@ int sq_audit_page(sq_reader_t *r, const char *poll_id, int64_t after_seq,
     return page_end(r->db, st, src, n);
 }
 
-int sq_ballots_page(sq_reader_t *r, const char *poll_id, int64_t after_seq,
-                    size_t limit,
-                    void (*cb)(void *ctx, const tly_ballot_row_t *row, int64_t seq),
-                    void *ctx)
+int sq_ballots_page(sq_reader_t *r, const char *poll_id, int64_t after_seq, size_t limit,
+                    void (*cb)(void *ctx, const tly_ballot_row_t *row, int64_t seq), void *ctx)
 {
     sqlite3_stmt *st = r->ballots;
     int src, n = 0;
@@ -428,12 +428,15 @@ int sq_generate_ballots(sq_store_t *s, const char *poll_id, size_t noptions, siz
     if (src == SQLITE_OK) /* the writer's cache size and temp store, for the same reasons */
         src = sqlite3_exec(db, "PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY;", NULL, NULL, NULL);
     if (src == SQLITE_OK)
-        src = sqlite3_prepare_v2(db, "INSERT INTO ballots(poll_id, voter_id, vote_id, receipt,"
-                                     " choices, recorded_at) VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
+        src = sqlite3_prepare_v2(db,
+                                 "INSERT INTO ballots(poll_id, voter_id, vote_id, receipt,"
+                                 " choices, recorded_at) VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
                                  -1, &st, NULL);
     if (src == SQLITE_OK)
-        src = sqlite3_prepare_v2(db, "INSERT INTO audit(poll_id, voter_id, event, choices, at)"
-                                     " VALUES(?1, ?2, 'cast', ?3, ?4)", -1, &ast, NULL);
+        src = sqlite3_prepare_v2(db,
+                                 "INSERT INTO audit(poll_id, voter_id, event, choices, at)"
+                                 " VALUES(?1, ?2, 'cast', ?3, ?4)",
+                                 -1, &ast, NULL);
     for (size_t i = 0; src == SQLITE_OK && i < n; i++) {
         /* Fibonacci hashing: choices spread over the options, not round-robin. */
         uint8_t choice = (uint8_t)(((uint32_t)i * 2654435761u >> 8) % noptions);
@@ -485,10 +488,8 @@ fail:
  * rebuilt from the ballots at every load, so the only counts there are the ballots'
  * own and nothing can drift from them. (SQLite is never shared, so there are no live
  * counters in Redis either.) */
-int tly_store_sqlite_reconcile(tly_store_reader_t *r, int repair,
-                               void (*drift)(void *ctx, const tly_store_drift_t *d),
-                               void (*actual)(void *ctx, const char *poll_id, int position, int64_t count),
-                               void *ctx)
+int tly_store_sqlite_reconcile(tly_store_reader_t *r, int repair, void (*drift)(void *ctx, const tly_store_drift_t *d),
+                               void (*actual)(void *ctx, const char *poll_id, int position, int64_t count), void *ctx)
 {
     (void)r;
     (void)repair;

@@ -173,8 +173,8 @@ static int migrate(sq_store_t *s)
         return rc;
     if (version > (long)TLY_ARRAY_SIZE(migrations) || version < 0) {
         /* Written by a newer tally: refuse rather than misread it. */
-        fprintf(stderr, "{\"level\":\"error\",\"msg\":\"store: schema version %ld is newer than %d\"}\n",
-                version, TLY_STORE_SCHEMA_VERSION);
+        fprintf(stderr, "{\"level\":\"error\",\"msg\":\"store: schema version %ld is newer than %d\"}\n", version,
+                TLY_STORE_SCHEMA_VERSION);
         return SQLITE_MISMATCH;
     }
     for (long v = version; v < (long)TLY_ARRAY_SIZE(migrations); v++) {
@@ -204,8 +204,7 @@ int sq_open_writer_db(sq_store_t *s)
     long page_size = 0;
 
     /* NOMUTEX: the connection is handed to the writer thread and used by it alone. */
-    src = sqlite3_open_v2(s->db_path, &s->db,
-                          SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
+    src = sqlite3_open_v2(s->db_path, &s->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX, NULL);
     if (src != SQLITE_OK)
         return src;
     if ((src = sq_configure(s->db)) != SQLITE_OK)

@@ -10,7 +10,7 @@
 #include "store/store_int.h"
 
 const uint64_t tly_store_batch_bounds[TLY_STORE_HIST] = {1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000};
-const uint64_t tly_store_commit_us_bounds[TLY_STORE_HIST] = {100,   250,   500,    1000,   2500,   5000,
+const uint64_t tly_store_commit_us_bounds[TLY_STORE_HIST] = {100,   250,   500,   1000,   2500,   5000,
                                                              10000, 25000, 50000, 100000, 250000, 1000000};
 
 int tly_store_hist_bucket(const uint64_t *bounds, uint64_t v)
@@ -38,15 +38,9 @@ int tly_store_open(const tly_store_conf_t *conf, tly_store_t **out)
     return tly_store_sqlite.open(conf, out);
 }
 
-int tly_store_load(tly_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
-{
-    return s->be->load(s, cb, ctx);
-}
+int tly_store_load(tly_store_t *s, const tly_store_load_cb_t *cb, void *ctx) { return s->be->load(s, cb, ctx); }
 
-void tly_store_submit_list(tly_store_t *s, tly_store_op_t *first)
-{
-    s->be->submit_list(s, first);
-}
+void tly_store_submit_list(tly_store_t *s, tly_store_op_t *first) { s->be->submit_list(s, first); }
 
 void tly_store_submit(tly_store_t *s, tly_store_op_t *op)
 {
@@ -54,15 +48,9 @@ void tly_store_submit(tly_store_t *s, tly_store_op_t *op)
     s->be->submit_list(s, op);
 }
 
-void tly_store_reap(tly_store_t *s)
-{
-    s->be->reap(s);
-}
+void tly_store_reap(tly_store_t *s) { s->be->reap(s); }
 
-int tly_store_writable(tly_store_t *s)
-{
-    return s->be->writable(s);
-}
+int tly_store_writable(tly_store_t *s) { return s->be->writable(s); }
 
 void tly_store_follow(tly_store_t *s, void (*cb)(void *ctx, const tly_store_op_t *op), void *ctx)
 {
@@ -70,10 +58,7 @@ void tly_store_follow(tly_store_t *s, void (*cb)(void *ctx, const tly_store_op_t
         s->be->follow(s, cb, ctx);
 }
 
-int tly_store_shared(tly_store_t *s)
-{
-    return s->be->shared != NULL && s->be->shared(s);
-}
+int tly_store_shared(tly_store_t *s) { return s->be->shared != NULL && s->be->shared(s); }
 
 void tly_store_sync(tly_store_t *s, void (*cb)(void *arg), void *arg)
 {
@@ -84,10 +69,7 @@ void tly_store_sync(tly_store_t *s, void (*cb)(void *arg), void *arg)
     cb(arg); /* not shared: nothing can be missing */
 }
 
-int64_t tly_store_applied_seq(tly_store_t *s)
-{
-    return s->be->applied_seq != NULL ? s->be->applied_seq(s) : 0;
-}
+int64_t tly_store_applied_seq(tly_store_t *s) { return s->be->applied_seq != NULL ? s->be->applied_seq(s) : 0; }
 
 void tly_store_poke(tly_store_t *s)
 {
@@ -101,10 +83,7 @@ void tly_store_close(tly_store_t *s)
         s->be->close(s);
 }
 
-tly_store_reader_t *tly_store_reader_open(tly_store_t *s)
-{
-    return s->be->reader_open(s);
-}
+tly_store_reader_t *tly_store_reader_open(tly_store_t *s) { return s->be->reader_open(s); }
 
 void tly_store_reader_close(tly_store_reader_t *r)
 {
@@ -129,10 +108,7 @@ int tly_store_generate_ballots(tly_store_t *s, const char *poll_id, size_t nopti
     return s->be->generate_ballots(s, poll_id, noptions, n);
 }
 
-void tly_store_stats(tly_store_t *s, tly_store_stats_t *out)
-{
-    s->be->stats(s, out);
-}
+void tly_store_stats(tly_store_t *s, tly_store_stats_t *out) { s->be->stats(s, out); }
 
 int tly_store_reconcile(tly_store_reader_t *r, int repair, void (*drift)(void *ctx, const tly_store_drift_t *d),
                         void (*actual)(void *ctx, const char *poll_id, int position, int64_t count), void *ctx)

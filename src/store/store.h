@@ -78,7 +78,7 @@ typedef struct {
     const uint8_t *choices; /* option positions */
     const uint8_t *scores;  /* NULL unless a score poll */
     int64_t recorded_at;
-    const char *idem_key;   /* may be NULL */
+    const char *idem_key; /* may be NULL */
     uint8_t body_hash[16];
     const char *client_meta; /* JSON text or NULL; stored, never trusted */
     /* When request_id is set (a `Prefer: respond-async` vote) a row in vote_requests is
@@ -96,9 +96,9 @@ typedef struct {
 
 typedef struct {
     const char *request_id, *poll_id, *voter_id;
-    const char *state;    /* "pending" | "completed" | "failed" */
-    const char *vote_id;  /* may be NULL */
-    const char *error;    /* error code or NULL */
+    const char *state;   /* "pending" | "completed" | "failed" */
+    const char *vote_id; /* may be NULL */
+    const char *error;   /* error code or NULL */
     int64_t created_at;
 } tly_request_row_t;
 
@@ -106,22 +106,22 @@ typedef struct {
 typedef struct {
     int64_t seq;
     const char *poll_id, *voter_id;
-    const char *event;       /* "cast" | "changed" | "revoked" */
-    uint8_t nchoices;        /* 0 for "revoked" */
-    const uint8_t *choices;  /* the ballot after the event (option positions); NULL for
-                                "revoked" and whenever nchoices is 0 */
-    const uint8_t *scores;   /* NULL unless a score ballot */
-    int64_t at;              /* ms since the epoch: the ballot's recorded_at for "cast"
-                                and "changed", the time of retraction for "revoked" */
+    const char *event;      /* "cast" | "changed" | "revoked" */
+    uint8_t nchoices;       /* 0 for "revoked" */
+    const uint8_t *choices; /* the ballot after the event (option positions); NULL for
+                               "revoked" and whenever nchoices is 0 */
+    const uint8_t *scores;  /* NULL unless a score ballot */
+    int64_t at;             /* ms since the epoch: the ballot's recorded_at for "cast"
+                               and "changed", the time of retraction for "revoked" */
 } tly_audit_row_t;
 
 typedef enum {
     /* Feed only: a vote request's row (tly_store_follow; never submitted). */
     TLY_OP_REQUEST = -1,
-    TLY_OP_USER_INSERT,  /* u.user; TLY_EEXIST when the username (case-insensitive) exists */
-    TLY_OP_POLL_INSERT,  /* u.poll; TLY_EEXIST when the poll_id exists */
-    TLY_OP_POLL_UPDATE,  /* u.poll: replaces the poll row (final_results included) and its
-                            options; TLY_ENOTFOUND when the poll_id does not exist */
+    TLY_OP_USER_INSERT, /* u.user; TLY_EEXIST when the username (case-insensitive) exists */
+    TLY_OP_POLL_INSERT, /* u.poll; TLY_EEXIST when the poll_id exists */
+    TLY_OP_POLL_UPDATE, /* u.poll: replaces the poll row (final_results included) and its
+                           options; TLY_ENOTFOUND when the poll_id does not exist */
     /* u.poll.poll_id: the poll, its options, ballots, requests and its audit rows. A
      * deleted poll is gone entirely: its owner deleted it, and an audit log of a poll
      * nobody can see any more would only be personal data kept without a purpose. */
@@ -182,7 +182,7 @@ typedef struct {
     /* This instance's name in the change feed (PostgreSQL): unique among the instances
      * sharing the store while they run, at most 63 bytes. */
     const char *origin;
-    size_t batch_max;      /* most operations in one transaction (default 4096) */
+    size_t batch_max; /* most operations in one transaction (default 4096) */
     /* Called from the writer thread after a batch is done, so that the owning thread
      * wakes up and calls tly_store_reap. Must be thread-safe and must not block. */
     void (*notify)(void *arg);
@@ -321,9 +321,8 @@ void tly_store_reader_close(tly_store_reader_t *r);
  * Rows (and every pointer in them) are valid only during the call to cb; cb must not
  * use this reader. The thread that owns the reader.
  */
-int tly_store_audit_page(tly_store_reader_t *r, const char *poll_id, int64_t after_seq,
-                         size_t limit, void (*cb)(void *ctx, const tly_audit_row_t *row),
-                         void *ctx);
+int tly_store_audit_page(tly_store_reader_t *r, const char *poll_id, int64_t after_seq, size_t limit,
+                         void (*cb)(void *ctx, const tly_audit_row_t *row), void *ctx);
 
 /*
  * Calls cb for the current ballots of poll_id with seq > after_seq, in seq order (seq
@@ -333,10 +332,8 @@ int tly_store_audit_page(tly_store_reader_t *r, const char *poll_id, int64_t aft
  * sees each ballot present throughout it exactly once (with whatever content it had
  * when its page was read). The thread that owns the reader.
  */
-int tly_store_ballots_page(tly_store_reader_t *r, const char *poll_id, int64_t after_seq,
-                           size_t limit,
-                           void (*cb)(void *ctx, const tly_ballot_row_t *row, int64_t seq),
-                           void *ctx);
+int tly_store_ballots_page(tly_store_reader_t *r, const char *poll_id, int64_t after_seq, size_t limit,
+                           void (*cb)(void *ctx, const tly_ballot_row_t *row, int64_t seq), void *ctx);
 
 /*
  * Reconciliation: the counters a shared store keeps beside the ballots against the

@@ -91,10 +91,8 @@ extern const char tly_store_pg_ballots_page_sql[];
 /* The backends' tly_store_reconcile (pg_reconcile.c; sqlite_read.c). */
 int tly_store_pg_reconcile(tly_store_reader_t *r, int repair, void (*drift)(void *ctx, const tly_store_drift_t *d),
                            void (*actual)(void *ctx, const char *poll_id, int position, int64_t count), void *ctx);
-int tly_store_sqlite_reconcile(tly_store_reader_t *r, int repair,
-                               void (*drift)(void *ctx, const tly_store_drift_t *d),
-                               void (*actual)(void *ctx, const char *poll_id, int position, int64_t count),
-                               void *ctx);
+int tly_store_sqlite_reconcile(tly_store_reader_t *r, int repair, void (*drift)(void *ctx, const tly_store_drift_t *d),
+                               void (*actual)(void *ctx, const char *poll_id, int position, int64_t count), void *ctx);
 /* Its key for pg_try_advisory_xact_lock, so that a test can hold it. */
 #define TLY_STORE_PG_RECONCILE_LOCK "499850701946"
 
