@@ -151,29 +151,47 @@ static int load_poll(void *arg, const PGresult *res, int i)
     return 0;
 }
 
-static int load_ballot(void *arg, const PGresult *res, int i)
-{
-    load_t *l = arg;
+/* Room for a decoded ballot's byte fields. */
+typedef struct {
     uint8_t choices[256], scores[256], ip[16];
-    int n, ns, ni;
-    const uint8_t *ipp;
-    tly_ballot_row_t b = {
-        .poll_id = cs(res, i, 0),
-        .voter_id = cs(res, i, 1),
-        .vote_id = cs(res, i, 2),
-        .receipt = cs(res, i, 3),
-        .recorded_at = ci(res, i, 6),
-        .idem_key = cs(res, i, 7),
-        .client_meta = cs(res, i, 9),
+} ballot_buf_t;
+
+/* A ballot row's columns from `at` on: poll_id, voter_id, vote_id, receipt, choices,
+ * scores, recorded_at, idem_key, body_hash, client_meta, and ip_hash when with_ip (load;
+ * pages leave it out). The byte fields of *b point into buf. 0, or TLY_EIO (logged) for
+ * a malformed row. */
+static int decode_ballot(const PGresult *res, int i, int at, int with_ip, ballot_buf_t *buf, tly_ballot_row_t *b)
+{
+    int n, ns, ni = 0;
+    const uint8_t *ipp = NULL;
+    *b = (tly_ballot_row_t){
+        .poll_id = cs(res, i, at),
+        .voter_id = cs(res, i, at + 1),
+        .vote_id = cs(res, i, at + 2),
+        .receipt = cs(res, i, at + 3),
+        .recorded_at = ci(res, i, at + 6),
+        .idem_key = cs(res, i, at + 7),
+        .client_meta = cs(res, i, at + 9),
     };
-    if (cbytes(res, i, 4, choices, 255, &b.choices, &n) != 0 || cbytes(res, i, 5, scores, 255, &b.scores, &ns) != 0 ||
-        (b.scores != NULL && ns != n) || chash(res, i, 8, b.body_hash) != 0 ||
-        cbytes(res, i, 10, ip, 16, &ipp, &ni) != 0 || (ipp != NULL && ni != 16)) {
+    if (cbytes(res, i, at + 4, buf->choices, 255, &b->choices, &n) != 0 ||
+        cbytes(res, i, at + 5, buf->scores, 255, &b->scores, &ns) != 0 || (b->scores != NULL && ns != n) ||
+        chash(res, i, at + 8, b->body_hash) != 0 ||
+        (with_ip && (cbytes(res, i, at + 10, buf->ip, 16, &ipp, &ni) != 0 || (ipp != NULL && ni != 16)))) {
         tly_log(TLY_LOG_ERROR, "store: malformed ballot row", NULL);
         return TLY_EIO;
     }
-    b.nchoices = (uint8_t)n;
-    b.ip_hash = ipp;
+    b->nchoices = (uint8_t)n;
+    b->ip_hash = ipp;
+    return 0;
+}
+
+static int load_ballot(void *arg, const PGresult *res, int i)
+{
+    load_t *l = arg;
+    ballot_buf_t buf;
+    tly_ballot_row_t b;
+    if (decode_ballot(res, i, 0, 1, &buf, &b) != 0)
+        return TLY_EIO;
     if (l->cb->ballot != NULL)
         l->cb->ballot(l->ctx, &b);
     return 0;
@@ -377,23 +395,10 @@ static int audit_row(const PGresult *res, int i, void *arg)
 static int ballot_row(const PGresult *res, int i, void *arg)
 {
     const page_cb_t *pc = arg;
-    uint8_t choices[256], scores[256];
-    int nc, ns;
-    tly_ballot_row_t b = {
-        .poll_id = cs(res, i, 1),
-        .voter_id = cs(res, i, 2),
-        .vote_id = cs(res, i, 3),
-        .receipt = cs(res, i, 4),
-        .recorded_at = ci(res, i, 7),
-        .idem_key = cs(res, i, 8),
-        .client_meta = cs(res, i, 10),
-    };
-    if (cbytes(res, i, 5, choices, 255, &b.choices, &nc) != 0 || cbytes(res, i, 6, scores, 255, &b.scores, &ns) != 0 ||
-        (b.scores != NULL && ns != nc) || chash(res, i, 9, b.body_hash) != 0) {
-        tly_log(TLY_LOG_ERROR, "store: malformed ballot row", NULL);
+    ballot_buf_t buf;
+    tly_ballot_row_t b;
+    if (decode_ballot(res, i, 1, 0, &buf, &b) != 0) /* column 0 is the seq */
         return TLY_EIO;
-    }
-    b.nchoices = (uint8_t)nc;
     pc->ballot(pc->ctx, &b, ci(res, i, 0));
     return 0;
 }
