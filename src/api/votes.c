@@ -73,7 +73,6 @@ static void respond_address_voted(tly_req_t *req, const tly_vote_t *v)
                       json_pack("{s:s, s:s}", "vote_id", v->vote_id, "rule", "ip"));
 }
 
-/* The keyed hash of the request's client address for poll_id. false when OpenSSL fails. */
 /* The store refused a ballot, change or retraction: another instance stored the poll's
  * final results first (tly_poll_row_t.freeze). Nothing was counted. */
 static void respond_finalised(tly_req_t *req)
@@ -83,6 +82,7 @@ static void respond_finalised(tly_req_t *req)
                       json_pack("{s:s}", "status", "closed"));
 }
 
+/* The keyed hash of the request's client address for poll_id. false when OpenSSL fails. */
 static bool address_hash(tly_app_t *app, tly_req_t *req, const char *poll_id, uint8_t out[TLY_IP_HASH_LEN])
 {
     char key[80], msg[TLY_POLL_ID_LEN + 96];
@@ -320,7 +320,6 @@ static bool prefers_async(tly_req_t *req)
     return false;
 }
 
-/* A retry of a ballot: same Idempotency-Key and body gets the first answer again. */
 /* A retry of the request that cast v (same Idempotency-Key and body) gets that request's
  * answer again, whether the retry prefers async or not: 200 with the ballot, or for an
  * async first request its 202 with the same request_id. */
@@ -663,6 +662,17 @@ static tly_vote_t *own_vote_for_change(tly_app_t *app, tly_req_t *req, const tly
     return v;
 }
 
+/* A change or retraction the store did not take. */
+static void respond_change_refused(tly_req_t *req, int result)
+{
+    if (result == TLY_ENOTFOUND)
+        api_respond_error(req, 404, "VOTE_NOT_FOUND", "you have no ballot in this poll", NULL);
+    else if (result == TLY_ESTATE)
+        respond_finalised(req);
+    else
+        api_respond_store_error(req, result);
+}
+
 static void change_committed(tly_store_op_t *op)
 {
     ballot_op_t *bo = op->ctx;
@@ -685,12 +695,8 @@ static void change_committed(tly_store_op_t *op)
         } else {
             api_respond_json(req, 200, recorded_json(bo->poll, nv));
         }
-    } else if (op->result == TLY_ENOTFOUND) {
-        api_respond_error(req, 404, "VOTE_NOT_FOUND", "you have no ballot in this poll", NULL);
-    } else if (op->result == TLY_ESTATE) {
-        respond_finalised(req);
     } else {
-        api_respond_store_error(req, op->result);
+        respond_change_refused(req, op->result);
     }
     tly_free(bo);
 }
@@ -708,12 +714,8 @@ static void retract_committed(tly_store_op_t *op)
         api_remember_retracted(app, bo->poll, bo->vote, op->u.ballot.recorded_at);
         tly_poll_retract_vote(app->registry, bo->poll, bo->vote, op->u.ballot.recorded_at);
         tly_req_respond(req, 204, NULL, "", 0);
-    } else if (op->result == TLY_ENOTFOUND) {
-        api_respond_error(req, 404, "VOTE_NOT_FOUND", "you have no ballot in this poll", NULL);
-    } else if (op->result == TLY_ESTATE) {
-        respond_finalised(req);
     } else {
-        api_respond_store_error(req, op->result);
+        respond_change_refused(req, op->result);
     }
     tly_free(bo);
 }
