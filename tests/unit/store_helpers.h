@@ -202,6 +202,15 @@ static const tly_store_load_cb_t seen_cb = {
     .user = see_user, .poll = see_poll, .ballot = see_ballot, .request = see_request};
 
 /* Closes, reopens and loads: what a restart would see. */
+/* Load gave back exactly the ballots with these vote ids (NULL-terminated), in order. */
+static void assert_ballot_ids(const seen_t *seen, const char *const *ids)
+{
+    int n = 0;
+    for (; ids[n] != NULL; n++)
+        cr_assert_str_eq(seen->ballot_vote_ids[n], ids[n], "ballot %d", n);
+    cr_assert_eq(seen->ballots, n);
+}
+
 static tly_store_t *reopen_load(tly_store_t *s, seen_t *seen)
 {
     tly_store_close(s);

@@ -586,9 +586,7 @@ Test(store, migration_1_to_2_upgrades_an_existing_file_in_place)
     cr_assert_eq(seen.polls, 1);
     cr_assert_eq(seen.noptions[0], 2);
     cr_assert_str_eq(seen.final_results[0], "(null)");
-    cr_assert_eq(seen.ballots, 2);
-    cr_assert_str_eq(seen.ballot_vote_ids[0], "v_1");
-    cr_assert_str_eq(seen.ballot_vote_ids[1], "v_2");
+    assert_ballot_ids(&seen, (const char *[]){"v_1", "v_2", NULL});
     cr_assert_eq(seen.requests, 1);
 
     /* The ballots cast under version 1 have their "cast" rows, in commit order. */
