@@ -6,6 +6,7 @@
 #include "store/sqlite_int.h"
 
 #include "base/base.h"
+#include "obs/obs.h"
 
 #include <limits.h>
 #include <sqlite3.h>
@@ -23,6 +24,42 @@ static void col_hash(sqlite3_stmt *st, int i, uint8_t out[16])
         memcpy(out, p, 16);
     else
         memset(out, 0, 16);
+}
+
+/* Choices and scores of a row; 0 when they are well formed. A zero-length blob reads as
+ * NULL (SQLite's rule), so an empty ballot has nchoices 0 and NULL choices. */
+static int col_choices(sqlite3_stmt *st, int ichoices, int iscores, uint8_t *n, const uint8_t **choices,
+                       const uint8_t **scores)
+{
+    /* Pointer first, then size: SQLite's documented order for a value it may convert. */
+    *choices = sqlite3_column_blob(st, ichoices);
+    int nchoices = sqlite3_column_bytes(st, ichoices);
+    *scores = sqlite3_column_blob(st, iscores);
+    int nscores = sqlite3_column_bytes(st, iscores);
+    if (nchoices > UINT8_MAX || (*scores != NULL && nscores != nchoices)) {
+        tly_log(TLY_LOG_ERROR, "store: malformed ballot row", NULL);
+        return TLY_EIO;
+    }
+    *n = (uint8_t)nchoices;
+    return 0;
+}
+
+/* The ballot columns that load and the ballot pages share, from column `at` on:
+ * poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key,
+ * body_hash, client_meta. 0, or TLY_EIO for a malformed row (logged). */
+static int col_ballot(sqlite3_stmt *st, int at, tly_ballot_row_t *b)
+{
+    *b = (tly_ballot_row_t){
+        .poll_id = col_str(st, at),
+        .voter_id = col_str(st, at + 1),
+        .vote_id = col_str(st, at + 2),
+        .receipt = col_str(st, at + 3),
+        .recorded_at = sqlite3_column_int64(st, at + 6),
+        .idem_key = col_str(st, at + 7),
+        .client_meta = col_str(st, at + 9),
+    };
+    col_hash(st, at + 8, b->body_hash);
+    return col_choices(st, at + 4, at + 5, &b->nchoices, &b->choices, &b->scores);
 }
 
 /* A poll's options, gathered before its callback: they come from a second statement, so
@@ -77,188 +114,191 @@ static int option_buf_add(option_buf_t *ob, sqlite3_stmt *st)
     return 0;
 }
 
+/* What load's row decoders share. */
+typedef struct {
+    const tly_store_load_cb_t *cb;
+    void *ctx;
+    sqlite3_stmt *ost; /* a poll's options */
+    option_buf_t ob;
+} sq_load_t;
+
+/* Logs a failed SQLite call of load; the TLY_E* code for it. */
+static int load_failed(sqlite3 *db, int src)
+{
+    sq_log_sqlite("load failed", db, src);
+    return (src & 0xff) == SQLITE_NOMEM ? TLY_ENOMEM : TLY_EIO;
+}
+
+/* Runs sql on db (its one parameter, if any, bound to param) and hands every row to fn,
+ * which returns 0 or a TLY_E* code that stops the walk. 0, or a TLY_E* code. */
+static int each_row(sqlite3 *db, const char *sql, int64_t param, int (*fn)(sq_load_t *l, sqlite3_stmt *st),
+                    sq_load_t *l)
+{
+    sqlite3_stmt *st = NULL;
+    int rc = 0, src = sqlite3_prepare_v2(db, sql, -1, &st, NULL);
+    if (src == SQLITE_OK && sqlite3_bind_parameter_count(st) > 0)
+        src = sqlite3_bind_int64(st, 1, param);
+    if (src == SQLITE_OK) {
+        while ((src = sqlite3_step(st)) == SQLITE_ROW && (rc = fn(l, st)) == 0)
+            ;
+        if (src == SQLITE_DONE)
+            src = SQLITE_OK;
+    }
+    if (src != SQLITE_OK && src != SQLITE_ROW)
+        rc = load_failed(db, src);
+    sqlite3_finalize(st);
+    return rc;
+}
+
+static int load_user(sq_load_t *l, sqlite3_stmt *st)
+{
+    tly_user_row_t u = {
+        .user_id = col_str(st, 0),
+        .username = col_str(st, 1),
+        .password_hash = col_str(st, 2),
+        .email = col_str(st, 3),
+        .created_at = sqlite3_column_int64(st, 4),
+    };
+    if (l->cb->user != NULL)
+        l->cb->user(l->ctx, &u);
+    return 0;
+}
+
+static int load_poll(sq_load_t *l, sqlite3_stmt *st)
+{
+    option_buf_t *ob = &l->ob;
+    int rc = 0, src;
+    tly_poll_row_t p = {
+        .poll_id = col_str(st, 0),
+        .owner_id = col_str(st, 1),
+        .title = col_str(st, 2),
+        .description = col_str(st, 3),
+        .type = sqlite3_column_int(st, 4),
+        .status = sqlite3_column_int(st, 5),
+        .start_time = sqlite3_column_int64(st, 6), /* NULL reads as 0: unset */
+        .end_time = sqlite3_column_int64(st, 7),
+        .settings_json = col_str(st, 8),
+        .created_at = sqlite3_column_int64(st, 9),
+        .updated_at = sqlite3_column_int64(st, 10),
+        .idem_key = col_str(st, 11),
+        .final_results = col_str(st, 13),
+    };
+    col_hash(st, 12, p.body_hash);
+    ob->n = ob->len = 0;
+    sqlite3_bind_text(l->ost, 1, p.poll_id, -1, SQLITE_STATIC);
+    while ((src = sqlite3_step(l->ost)) == SQLITE_ROW && (rc = option_buf_add(ob, l->ost)) == 0)
+        ;
+    sqlite3_reset(l->ost);
+    if (rc != 0)
+        return rc;
+    if (src != SQLITE_DONE)
+        return load_failed(sqlite3_db_handle(l->ost), src);
+    for (size_t i = 0; i < ob->n; i++) {
+        ob->rows[i].option_id = ob->buf + ob->off[i].id;
+        ob->rows[i].text = ob->buf + ob->off[i].text;
+    }
+    p.noptions = ob->n;
+    p.options = ob->rows;
+    if (l->cb->poll != NULL)
+        l->cb->poll(l->ctx, &p);
+    return 0;
+}
+
+static int load_ballot(sq_load_t *l, sqlite3_stmt *st)
+{
+    tly_ballot_row_t b;
+    if (col_ballot(st, 0, &b) != 0)
+        return TLY_EIO;
+    b.ip_hash = sqlite3_column_blob(st, 10);
+    if (b.ip_hash != NULL && sqlite3_column_bytes(st, 10) != 16) {
+        tly_log(TLY_LOG_ERROR, "store: malformed ballot row", NULL);
+        return TLY_EIO;
+    }
+    if (l->cb->ballot != NULL)
+        l->cb->ballot(l->ctx, &b);
+    return 0;
+}
+
+static int load_request(sq_load_t *l, sqlite3_stmt *st)
+{
+    tly_request_row_t r = {
+        .request_id = col_str(st, 0),
+        .poll_id = col_str(st, 1),
+        .voter_id = col_str(st, 2),
+        .state = col_str(st, 3),
+        .vote_id = col_str(st, 4),
+        .error = col_str(st, 5),
+        .created_at = sqlite3_column_int64(st, 6),
+    };
+    if (l->cb->request != NULL)
+        l->cb->request(l->ctx, &r);
+    return 0;
+}
+
+static int load_retracted(sq_load_t *l, sqlite3_stmt *st)
+{
+    tly_retracted_row_t r = {.poll_id = col_str(st, 0),
+                             .voter_id = col_str(st, 1),
+                             .idem_key = col_str(st, 2),
+                             .at = sqlite3_column_int64(st, 4)};
+    col_hash(st, 3, r.body_hash);
+    if (l->cb->retracted != NULL)
+        l->cb->retracted(l->ctx, &r);
+    return 0;
+}
+
 int sq_load(sq_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
 {
-    int rc = TLY_EIO, src;
+    int rc, src;
     sqlite3 *db = NULL;
-    sqlite3_stmt *st = NULL, *ost = NULL;
-    option_buf_t ob = {0};
+    sq_load_t l = {.cb = cb, .ctx = ctx};
 
     /* A connection of its own: the writer's belongs to the writer thread, and a WAL
      * reader sees a consistent snapshot whatever the writer does meanwhile. */
     src = sqlite3_open_v2(s->db_path, &db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL);
-    if (src != SQLITE_OK || (src = sq_configure(db)) != SQLITE_OK)
-        goto sqlite_fail;
-    /* One read transaction over all four tables: one snapshot. */
-    if ((src = sqlite3_exec(db, "BEGIN", NULL, NULL, NULL)) != SQLITE_OK)
-        goto sqlite_fail;
-
-    src = sqlite3_prepare_v2(db,
-                             "SELECT user_id, username, password_hash, email, created_at"
-                             " FROM users ORDER BY rowid",
-                             -1, &st, NULL);
-    if (src != SQLITE_OK)
-        goto sqlite_fail;
-    while ((src = sqlite3_step(st)) == SQLITE_ROW) {
-        tly_user_row_t u = {
-            .user_id = col_str(st, 0),
-            .username = col_str(st, 1),
-            .password_hash = col_str(st, 2),
-            .email = col_str(st, 3),
-            .created_at = sqlite3_column_int64(st, 4),
-        };
-        if (cb->user != NULL)
-            cb->user(ctx, &u);
-    }
-    if (src != SQLITE_DONE)
-        goto sqlite_fail;
-    sqlite3_finalize(st);
-    st = NULL;
-
-    src = sqlite3_prepare_v2(db,
-                             "SELECT poll_id, owner_id, title, description, type, status,"
-                             " start_time, end_time, settings, created_at, updated_at,"
-                             " idem_key, body_hash, final_results FROM polls ORDER BY rowid",
-                             -1, &st, NULL);
+    if (src == SQLITE_OK)
+        src = sq_configure(db);
+    /* One read transaction over all the tables: one snapshot. */
+    if (src == SQLITE_OK)
+        src = sqlite3_exec(db, "BEGIN", NULL, NULL, NULL);
     if (src == SQLITE_OK)
         src = sqlite3_prepare_v2(db,
                                  "SELECT option_id, text, display_order, position"
                                  " FROM options WHERE poll_id = ?1 ORDER BY position",
-                                 -1, &ost, NULL);
-    if (src != SQLITE_OK)
-        goto sqlite_fail;
-    while ((src = sqlite3_step(st)) == SQLITE_ROW) {
-        tly_poll_row_t p = {
-            .poll_id = col_str(st, 0),
-            .owner_id = col_str(st, 1),
-            .title = col_str(st, 2),
-            .description = col_str(st, 3),
-            .type = sqlite3_column_int(st, 4),
-            .status = sqlite3_column_int(st, 5),
-            .start_time = sqlite3_column_int64(st, 6), /* NULL reads as 0: unset */
-            .end_time = sqlite3_column_int64(st, 7),
-            .settings_json = col_str(st, 8),
-            .created_at = sqlite3_column_int64(st, 9),
-            .updated_at = sqlite3_column_int64(st, 10),
-            .idem_key = col_str(st, 11),
-            .final_results = col_str(st, 13),
-        };
-        col_hash(st, 12, p.body_hash);
-        ob.n = ob.len = 0;
-        sqlite3_bind_text(ost, 1, p.poll_id, -1, SQLITE_STATIC);
-        while ((src = sqlite3_step(ost)) == SQLITE_ROW)
-            if ((rc = option_buf_add(&ob, ost)) != 0)
-                goto fail;
-        rc = TLY_EIO;
-        if (src != SQLITE_DONE)
-            goto sqlite_fail;
-        sqlite3_reset(ost);
-        for (size_t i = 0; i < ob.n; i++) {
-            ob.rows[i].option_id = ob.buf + ob.off[i].id;
-            ob.rows[i].text = ob.buf + ob.off[i].text;
-        }
-        p.noptions = ob.n;
-        p.options = ob.rows;
-        if (cb->poll != NULL)
-            cb->poll(ctx, &p);
+                                 -1, &l.ost, NULL);
+    if (src != SQLITE_OK) {
+        rc = load_failed(db, src);
+        goto out;
     }
-    if (src != SQLITE_DONE)
-        goto sqlite_fail;
-    sqlite3_finalize(st);
-    st = NULL;
-
-    /* seq order is commit order: replaying in it rebuilds exactly the committed state. */
-    src = sqlite3_prepare_v2(db,
-                             "SELECT poll_id, voter_id, vote_id, receipt, choices, scores,"
-                             " recorded_at, idem_key, body_hash, client_meta, ip_hash"
-                             " FROM ballots ORDER BY seq",
-                             -1, &st, NULL);
-    if (src != SQLITE_OK)
-        goto sqlite_fail;
-    while ((src = sqlite3_step(st)) == SQLITE_ROW) {
-        int nchoices = sqlite3_column_bytes(st, 4);
-        tly_ballot_row_t b = {
-            .poll_id = col_str(st, 0),
-            .voter_id = col_str(st, 1),
-            .vote_id = col_str(st, 2),
-            .receipt = col_str(st, 3),
-            .choices = sqlite3_column_blob(st, 4),
-            .scores = sqlite3_column_blob(st, 5),
-            .recorded_at = sqlite3_column_int64(st, 6),
-            .idem_key = col_str(st, 7),
-            .client_meta = col_str(st, 9),
-            .ip_hash = sqlite3_column_blob(st, 10),
-        };
-        if (nchoices > UINT8_MAX || (b.scores != NULL && sqlite3_column_bytes(st, 5) != nchoices) ||
-            (b.ip_hash != NULL && sqlite3_column_bytes(st, 10) != 16)) {
-            fprintf(stderr, "{\"level\":\"error\",\"msg\":\"store: malformed ballot row\"}\n");
-            goto fail;
-        }
-        b.nchoices = (uint8_t)nchoices;
-        col_hash(st, 8, b.body_hash);
-        if (cb->ballot != NULL)
-            cb->ballot(ctx, &b);
-    }
-    if (src != SQLITE_DONE)
-        goto sqlite_fail;
-    sqlite3_finalize(st);
-    st = NULL;
-
-    src = sqlite3_prepare_v2(db,
-                             "SELECT request_id, poll_id, voter_id, state, vote_id, error,"
-                             " created_at FROM vote_requests ORDER BY rowid",
-                             -1, &st, NULL);
-    if (src != SQLITE_OK)
-        goto sqlite_fail;
-    while ((src = sqlite3_step(st)) == SQLITE_ROW) {
-        tly_request_row_t r = {
-            .request_id = col_str(st, 0),
-            .poll_id = col_str(st, 1),
-            .voter_id = col_str(st, 2),
-            .state = col_str(st, 3),
-            .vote_id = col_str(st, 4),
-            .error = col_str(st, 5),
-            .created_at = sqlite3_column_int64(st, 6),
-        };
-        if (cb->request != NULL)
-            cb->request(ctx, &r);
-    }
-    if (src != SQLITE_DONE)
-        goto sqlite_fail;
-    sqlite3_finalize(st);
-    st = NULL;
-
-    src = sqlite3_prepare_v2(db,
-                             "SELECT poll_id, voter_id, idem_key, body_hash, at FROM audit"
-                             " WHERE event = 'revoked' AND idem_key IS NOT NULL AND at >= ?1 ORDER BY seq",
-                             -1, &st, NULL);
-    if (src != SQLITE_OK || (src = sqlite3_bind_int64(st, 1, cb->retracted_since)) != SQLITE_OK)
-        goto sqlite_fail;
-    while ((src = sqlite3_step(st)) == SQLITE_ROW) {
-        tly_retracted_row_t r = {.poll_id = col_str(st, 0),
-                                 .voter_id = col_str(st, 1),
-                                 .idem_key = col_str(st, 2),
-                                 .at = sqlite3_column_int64(st, 4)};
-        col_hash(st, 3, r.body_hash);
-        if (cb->retracted != NULL)
-            cb->retracted(ctx, &r);
-    }
-    if (src != SQLITE_DONE)
-        goto sqlite_fail;
-    rc = 0;
-    goto fail;
-
-sqlite_fail:
-    sq_log_sqlite("load failed", db, src);
-    rc = src == SQLITE_NOMEM ? TLY_ENOMEM : TLY_EIO;
-fail:
-    sqlite3_finalize(st);
-    sqlite3_finalize(ost);
+    if ((rc = each_row(db, "SELECT user_id, username, password_hash, email, created_at FROM users ORDER BY rowid", 0,
+                       load_user, &l)) != 0 ||
+        (rc = each_row(db,
+                       "SELECT poll_id, owner_id, title, description, type, status,"
+                       " start_time, end_time, settings, created_at, updated_at,"
+                       " idem_key, body_hash, final_results FROM polls ORDER BY rowid",
+                       0, load_poll, &l)) != 0 ||
+        /* seq order is commit order: replaying in it rebuilds exactly the committed state. */
+        (rc = each_row(db,
+                       "SELECT poll_id, voter_id, vote_id, receipt, choices, scores,"
+                       " recorded_at, idem_key, body_hash, client_meta, ip_hash"
+                       " FROM ballots ORDER BY seq",
+                       0, load_ballot, &l)) != 0 ||
+        (rc = each_row(db,
+                       "SELECT request_id, poll_id, voter_id, state, vote_id, error,"
+                       " created_at FROM vote_requests ORDER BY rowid",
+                       0, load_request, &l)) != 0)
+        goto out;
+    rc = each_row(db,
+                  "SELECT poll_id, voter_id, idem_key, body_hash, at FROM audit"
+                  " WHERE event = 'revoked' AND idem_key IS NOT NULL AND at >= ?1 ORDER BY seq",
+                  cb->retracted_since, load_retracted, &l);
+out:
+    sqlite3_finalize(l.ost);
     if (db != NULL)
         sqlite3_close_v2(db); /* ends the read transaction */
-    tly_free(ob.rows);
-    tly_free(ob.off);
-    tly_free(ob.buf);
+    tly_free(l.ob.rows);
+    tly_free(l.ob.off);
+    tly_free(l.ob.buf);
     return rc;
 }
 
@@ -327,24 +367,6 @@ static int page_end(sqlite3 *db, sqlite3_stmt *st, int src, int n)
     return (src & 0xff) == SQLITE_NOMEM ? TLY_ENOMEM : TLY_EIO;
 }
 
-/* Choices and scores of a row; 0 when they are well formed. A zero-length blob reads as
- * NULL (SQLite's rule), so an empty ballot has nchoices 0 and NULL choices. */
-static int col_choices(sqlite3_stmt *st, int ichoices, int iscores, uint8_t *n, const uint8_t **choices,
-                       const uint8_t **scores)
-{
-    /* Pointer first, then size: SQLite's documented order for a value it may convert. */
-    *choices = sqlite3_column_blob(st, ichoices);
-    int nchoices = sqlite3_column_bytes(st, ichoices);
-    *scores = sqlite3_column_blob(st, iscores);
-    int nscores = sqlite3_column_bytes(st, iscores);
-    if (nchoices > UINT8_MAX || (*scores != NULL && nscores != nchoices)) {
-        fprintf(stderr, "{\"level\":\"error\",\"msg\":\"store: malformed ballot row\"}\n");
-        return TLY_EIO;
-    }
-    *n = (uint8_t)nchoices;
-    return 0;
-}
-
 int sq_audit_page(sq_reader_t *r, const char *poll_id, int64_t after_seq, size_t limit,
                   void (*cb)(void *ctx, const tly_audit_row_t *row), void *ctx)
 {
@@ -380,20 +402,11 @@ int sq_ballots_page(sq_reader_t *r, const char *poll_id, int64_t after_seq, size
         return 0;
     page_bind(st, poll_id, after_seq, limit);
     while ((src = sqlite3_step(st)) == SQLITE_ROW) {
-        tly_ballot_row_t b = {
-            .poll_id = col_str(st, 1),
-            .voter_id = col_str(st, 2),
-            .vote_id = col_str(st, 3),
-            .receipt = col_str(st, 4),
-            .recorded_at = sqlite3_column_int64(st, 7),
-            .idem_key = col_str(st, 8),
-            .client_meta = col_str(st, 10),
-        };
-        if (col_choices(st, 5, 6, &b.nchoices, &b.choices, &b.scores) != 0) {
+        tly_ballot_row_t b;
+        if (col_ballot(st, 1, &b) != 0) {
             page_end(r->db, st, SQLITE_DONE, 0);
             return TLY_EIO;
         }
-        col_hash(st, 9, b.body_hash);
         cb(ctx, &b, sqlite3_column_int64(st, 0));
         n++;
     }

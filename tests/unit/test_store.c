@@ -113,6 +113,46 @@ Test(store, schema_version_and_wal)
     tly_store_close(s);
 }
 
+/* A ballot row that could not have been written (scores of another length than its
+ * choices, an address hash that is not 16 bytes) fails the load with TLY_EIO, logged,
+ * rather than reaching the core; once mended, the store loads again. */
+Test(store, a_malformed_ballot_row_fails_the_load)
+{
+    static const char *const breaks[] = {
+        "UPDATE ballots SET scores = x'010203'",
+        "UPDATE ballots SET ip_hash = x'0102'",
+    };
+    char path[160];
+    sqlite3 *db;
+    tly_store_t *s = open_store();
+    tly_store_op_t p = poll_op("poll1", 2), b = ballot_op("poll1", "v1", "vote1", "r1");
+    submit_wait(s, &p);
+    submit_wait(s, &b);
+    cr_assert_eq(b.result, 0);
+    tly_store_close(s);
+
+    snprintf(path, sizeof path, "%s/data/nested/tally.db", dir);
+    for (size_t i = 0; i < sizeof breaks / sizeof breaks[0]; i++) {
+        cr_assert_eq(sqlite3_open_v2(path, &db, SQLITE_OPEN_READWRITE, NULL), SQLITE_OK);
+        cr_assert_eq(sqlite3_exec(db, breaks[i], NULL, NULL, NULL), SQLITE_OK, "%s", breaks[i]);
+        sqlite3_close(db);
+        s = open_store();
+        seen_t seen = {0};
+        cr_assert_eq(tly_store_load(s, &seen_cb, &seen), TLY_EIO, "%s", breaks[i]);
+        tly_store_close(s);
+
+        cr_assert_eq(sqlite3_open_v2(path, &db, SQLITE_OPEN_READWRITE, NULL), SQLITE_OK);
+        cr_assert_eq(sqlite3_exec(db, "UPDATE ballots SET scores = NULL, ip_hash = NULL", NULL, NULL, NULL),
+                     SQLITE_OK);
+        sqlite3_close(db);
+        s = open_store();
+        seen = (seen_t){0};
+        cr_assert_eq(tly_store_load(s, &seen_cb, &seen), 0);
+        cr_assert_eq(seen.ballots, 1);
+        tly_store_close(s);
+    }
+}
+
 /* ---- duplicates --------------------------------------------------------------------- */
 
 Test(store, duplicate_ballot_same_batch_and_later_batch)
