@@ -24,6 +24,7 @@
 #include "store/sqlite_int.h"
 
 #include "base/base.h"
+#include "obs/obs.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -86,12 +87,16 @@ static int64_t now_us(void)
     return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
-/* One JSON line on stderr: the store has no logger of its own and must say why it
- * stopped accepting writes. SQLite's messages name tables and columns, never values. */
+/* Logs why a SQLite call failed (the store must say why it stopped accepting writes).
+ * SQLite's messages name tables and columns, never values. */
 void sq_log_sqlite(const char *msg, sqlite3 *db, int rc)
 {
-    fprintf(stderr, "{\"level\":\"error\",\"msg\":\"store: %s\",\"sqlite_rc\":%d,\"sqlite\":\"%s\"}\n", msg, rc,
-            db ? sqlite3_errmsg(db) : sqlite3_errstr(rc));
+    char what[96], code[16];
+    snprintf(what, sizeof what, "store: %s", msg);
+    snprintf(code, sizeof code, "%d", rc);
+    /* The connection's message only when it has an error: rc may be our own refusal. */
+    const char *text = db != NULL && sqlite3_errcode(db) != SQLITE_OK ? sqlite3_errmsg(db) : sqlite3_errstr(rc);
+    tly_log(TLY_LOG_ERROR, what, "sqlite_rc", code, "sqlite", text, NULL);
 }
 
 /* ---- open ------------------------------------------------------------------------ */

@@ -6,6 +6,7 @@
 #include "store/store.h"
 
 #include "base/base.h"
+#include "obs/obs.h"
 
 #include <sqlite3.h>
 #include <stdatomic.h>
@@ -50,7 +51,7 @@ static int fault_truncate(sqlite3_file *f, sqlite3_int64 size)
 static int fault_sync(sqlite3_file *f, int flags)
 {
     if (((fault_file_t *)f)->counted && atomic_fetch_sub(&fault_syncs_left, 1) == 1) {
-        fprintf(stderr, "{\"level\":\"warn\",\"msg\":\"fault injection: this fsync fails with EIO\"}\n");
+        tly_log(TLY_LOG_WARN, "fault injection: this fsync fails with EIO", NULL);
         return SQLITE_IOERR_FSYNC;
     }
     return FAULT_REAL(f)->pMethods->xSync(FAULT_REAL(f), flags);

@@ -6,6 +6,7 @@
 #include "store/sqlite_int.h"
 
 #include "base/base.h"
+#include "obs/obs.h"
 
 #include <sqlite3.h>
 #include <stdio.h>
@@ -173,8 +174,11 @@ static int migrate(sq_store_t *s)
         return rc;
     if (version > (long)TLY_ARRAY_SIZE(migrations) || version < 0) {
         /* Written by a newer tally: refuse rather than misread it. */
-        fprintf(stderr, "{\"level\":\"error\",\"msg\":\"store: schema version %ld is newer than %d\"}\n", version,
-                TLY_STORE_SCHEMA_VERSION);
+        char found[24], known[24];
+        snprintf(found, sizeof found, "%ld", version);
+        snprintf(known, sizeof known, "%d", TLY_STORE_SCHEMA_VERSION);
+        tly_log(TLY_LOG_ERROR, "store: the database's schema is newer than this tally knows", "schema_version", found,
+                "known", known, NULL);
         return SQLITE_MISMATCH;
     }
     for (long v = version; v < (long)TLY_ARRAY_SIZE(migrations); v++) {
