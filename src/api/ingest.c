@@ -88,7 +88,7 @@ static void enqueue_free(enqueue_t *e)
 {
     tly_free(e->voter_id);
     tly_free(e->idem);
-    free(e->client_meta);
+    tly_free(e->client_meta);
     tly_free(e);
 }
 
@@ -190,7 +190,7 @@ void api_ingest_enqueue(tly_app_t *app, tly_req_t *req, tly_poll_t *p, const cha
     enqueue_t *e = tly_calloc(1, sizeof(*e));
     if (e == NULL || (e->voter_id = tly_strdup(voter_id)) == NULL ||
         (idem != NULL && (e->idem = tly_strdup(idem)) == NULL) ||
-        (client_meta != NULL && (e->client_meta = strdup(client_meta)) == NULL)) {
+        (client_meta != NULL && (e->client_meta = tly_strdup(client_meta)) == NULL)) {
         if (e != NULL)
             enqueue_free(e);
         tly_req_add_header(req, "Retry-After", "1");
@@ -265,7 +265,7 @@ static void entry_free(entry_t *en)
     en->app->ingest->inflight--;
     tly_free(en->voter_id);
     tly_free(en->idem);
-    free(en->client_meta);
+    tly_free(en->client_meta);
     tly_free(en);
 }
 
@@ -431,7 +431,7 @@ static entry_t *take_entry(tly_app_t *app, const tly_bus_reply_t *e)
     en->ballot.nchoices = (uint8_t)nc;
     en->has_ip = ni == TLY_IP_HASH_LEN;
     if ((k && k->len && (en->idem = tly_strdup(k->str)) == NULL) ||
-        (m && m->len && (en->client_meta = strdup(m->str)) == NULL)) {
+        (m && m->len && (en->client_meta = tly_strdup(m->str)) == NULL)) {
         entry_free(en);
         return NULL;
     }

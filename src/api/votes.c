@@ -409,7 +409,7 @@ fail:
     if (v != NULL)
         tly_vote_free(v);
     tly_free(bo);
-    free(client_meta);
+    tly_free(client_meta);
     return TLY_ENOMEM;
 }
 
@@ -514,7 +514,7 @@ void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg)
     char *client_meta = meta != NULL ? json_dumps(meta, JSON_COMPACT | JSON_ENCODE_ANY) : NULL;
     waiter_t *w = tly_req_alloc(req, sizeof(*w));
     if ((meta != NULL && client_meta == NULL) || w == NULL) {
-        free(client_meta);
+        tly_free(client_meta);
         tly_req_add_header(req, "Retry-After", "1");
         api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
         goto done;
@@ -522,7 +522,7 @@ void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg)
     if (async && api_ingest_up(app) && app->ingest_bypass != req) {
         /* into the durable ingest log; a consumer (any instance) applies it */
         api_ingest_enqueue(app, req, p, caller.id, &ballot, idem, hash, by_address ? ip_hash : NULL, client_meta);
-        free(client_meta);
+        tly_free(client_meta);
         goto done;
     }
     *w = (waiter_t){req, async, NULL};
