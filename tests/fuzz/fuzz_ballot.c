@@ -204,11 +204,15 @@ static void check_poll(const tly_poll_t *p)
 }
 
 /* Whether two polls say the same to a client (ids and times of creation aside). */
+/* The same poll from NOW on. The status compared is the one clients see: a draft whose
+ * start_time has come is echoed as "active", and reads back as an active poll with that
+ * start_time, which behaves the same from then on. */
 static bool same_poll(const tly_poll_t *a, const tly_poll_t *b)
 {
     if (strcmp(a->title, b->title) != 0 || (a->description == NULL) != (b->description == NULL) ||
         (a->description != NULL && strcmp(a->description, b->description) != 0) || a->type != b->type ||
-        a->status != b->status || a->start_time != b->start_time || a->end_time != b->end_time ||
+        tly_poll_effective_status(a, NOW) != tly_poll_effective_status(b, NOW) || a->start_time != b->start_time ||
+        a->end_time != b->end_time ||
         memcmp(&a->settings, &b->settings, sizeof(a->settings)) != 0 || a->noptions != b->noptions)
         return false;
     for (size_t i = 0; i < a->noptions; i++)
