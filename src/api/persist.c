@@ -286,7 +286,9 @@ int api_request_from_row(tly_app_t *app, const tly_request_row_t *row)
     snprintf(r->vote_id, sizeof(r->vote_id), "%s", row->vote_id ? row->vote_id : "");
     snprintf(r->error, sizeof(r->error), "%s", row->error ? row->error : "");
     HASH_ADD_STR(app->requests, request_id, r);
-    if (r->vote_id[0] != '\0') /* completed: a retry of the request finds it by its ballot (replay) */
+    /* completed: a retry of the request finds it by its ballot (replay). One request a
+     * ballot: api_request_free unlinks r from this index only when r is the one in it. */
+    if (r->vote_id[0] != '\0' && api_request_of_vote(app, r->vote_id) == NULL)
         HASH_ADD(hh_vote, app->requests_by_vote, vote_id, strlen(r->vote_id), r);
     return 0;
 }
