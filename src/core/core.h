@@ -240,9 +240,10 @@ int tly_poll_patch(tly_poll_t *p, json_t *body, int64_t now, const char **err_fi
 void tly_poll_free(tly_poll_t *p);
 /* Another instance changed p (a PATCH, a close, frozen results): takes over from `from`,
  * a poll built from the stored row, its title, description, status, times, settings,
- * final results (unless `from` has none: final results are never taken back) and option texts (the option list itself
- * only while p has no ballot, which is also when a PATCH may change it), keeps p's ballots and counts, marks the
- * results for re-rendering, and frees `from`. Loop thread. */
+ * final results (unless `from` has none: final results are never taken back) and
+ * option texts (the option list itself only while p has no ballot, which is also when a
+ * PATCH may change it), keeps p's ballots and counts, marks the results for
+ * re-rendering, and frees `from`. Loop thread. */
 void tly_poll_adopt(tly_poll_t *p, tly_poll_t *from);
 /* The status a reader sees at `now`: a draft with a start_time is active once it passes
  * (a scheduled poll), and an active poll whose end_time has passed is closed. */

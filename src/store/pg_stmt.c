@@ -27,7 +27,9 @@
  * results (closed: not inserted); any op not in it was a duplicate. The poll rows are KEY
  * SHARE locked, so a concurrent POLL_DELETE waits for this batch (and then deletes its
  * ballots) or wins (and these ballots find no poll), and so does a freeze (poll_lock:
- * FOR UPDATE): one that wins is seen here, as the lock re-reads the row it waited for. */
+ * FOR UPDATE): one that wins is seen here, as the lock re-reads the row it waited for.
+ * A request row takes its request's first final outcome (a consumer replaying it must
+ * not turn "completed" into "failed"): only a "pending" row is overwritten. */
 #define FAILED_ERROR "CASE WHEN s.closed THEN 'POLL_NOT_ACTIVE' ELSE 'ALREADY_VOTED' END"
 #define BALLOT_CTES                                                                                                    \
     "WITH x AS ("                                                                                                      \
@@ -64,10 +66,7 @@
     "    CASE WHEN ok.i IS NULL THEN NULL ELSE s.vote_id END,"                                                         \
     "    CASE WHEN ok.i IS NULL THEN " FAILED_ERROR " END, s.recorded_at"                                              \
     "  FROM src s LEFT JOIN ok ON ok.i = s.i"                                                                          \
-    "  WHERE s.request_id IS NOT NULL ORDER BY s.request_id, s.i" /* A request's first final outcome wins (a consumer  \
-                                                                   * replaying it must not turn "completed" into       \
-                                                                   * "failed"); only a "pending" row is overwritten.   \
-                                                                   */                                                  \
+    "  WHERE s.request_id IS NOT NULL ORDER BY s.request_id, s.i"                                                      \
     "  ON CONFLICT (request_id) DO UPDATE SET state = excluded.state, vote_id = excluded.vote_id,"                     \
     "    error = excluded.error WHERE vote_requests.state = 'pending'"                                                 \
     "  RETURNING request_id),"                                                                                         \
