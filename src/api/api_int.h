@@ -109,6 +109,7 @@ struct tly_app {
     tly_registry_t *registry;
     uint8_t *secret;
     size_t secret_len;
+    tly_jwt_verifier_t *jwt; /* the secret prepared for bearer tokens (loop thread) */
     user_t *users_by_id, *users_by_name;
     vote_request_t *requests, *requests_by_vote;
     poll_idem_t *poll_idem;

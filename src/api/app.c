@@ -144,7 +144,7 @@ bool api_caller_token(tly_app_t *app, tly_req_t *req, tly_str_t token, caller_t 
     memset(out, 0, sizeof(*out));
     tly_claims_t claims;
     uint64_t failed = tly_alloc_failures();
-    if (tly_jwt_verify(app->secret, app->secret_len, token.ptr, token.len, tly_now_ms() / 1000, &claims) != 0) {
+    if (tly_jwt_verifier_check(app->jwt, token.ptr, token.len, tly_now_ms() / 1000, &claims) != 0) {
         if (tly_alloc_failures() != failed) {
             tly_req_add_header(req, "Retry-After", "1");
             api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
@@ -463,7 +463,9 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
     app->router = tly_router_new();
     app->store_waker = tly_waker_new(loop, on_store_wake, app);
     app->work.waker = tly_waker_new(loop, work_reap, app);
-    if (app->secret == NULL || app->registry == NULL || app->router == NULL || app->store_waker == NULL ||
+    if (app->secret != NULL && app->secret_len > 0 && tly_jwt_verifier_new(app->secret, app->secret_len, &app->jwt) != 0)
+        app->jwt = NULL;
+    if (app->secret == NULL || app->jwt == NULL || app->registry == NULL || app->router == NULL || app->store_waker == NULL ||
         app->work.waker == NULL || add_routes(app->router) != 0) {
         snprintf(err, 512, "out of memory");
         goto fail;
@@ -610,6 +612,7 @@ void tly_app_free(tly_app_t *app)
     }
     tly_waker_free(app->store_waker);
     tly_waker_free(app->work.waker);
+    tly_jwt_verifier_free(app->jwt);
     tly_free(app->secret);
     tly_free(app);
 }

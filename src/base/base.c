@@ -254,12 +254,50 @@ int tly_b64url_decode(const char *in, size_t len, uint8_t *out)
     return (int)o;
 }
 
+/*
+ * Random bytes for ids without a system call each. A vote takes two ids (vote_id and
+ * receipt), and the kernel's generator costs a getrandom call each (0.5 us here, in a
+ * VM); a ChaCha20 keystream (libsodium's randombytes_buf_deterministic) costs a few ns a
+ * byte. Each thread has its own keystream under a key from the kernel, with fast key
+ * erasure: a refill's first 32 bytes become the next key and are never handed out, so
+ * what is in memory cannot reproduce bytes already given. The key comes fresh from the
+ * kernel every RNG_RESEED refills. tally never forks once it serves, so no fork check.
+ */
+#define RNG_RESEED 1024
+static _Thread_local struct {
+    uint8_t buf[512]; /* [0, 32): the next key; [pos, 512): bytes not handed out yet */
+    size_t pos;
+    unsigned refills;
+} rng = {.pos = 512};
+
+static void random_bytes(uint8_t *out, size_t n)
+{
+    while (n > 0) {
+        if (rng.pos == sizeof(rng.buf)) {
+            uint8_t key[32];
+            if (rng.refills++ % RNG_RESEED == 0)
+                randombytes_buf(key, sizeof(key));
+            else
+                memcpy(key, rng.buf, sizeof(key));
+            randombytes_buf_deterministic(rng.buf, sizeof(rng.buf), key);
+            sodium_memzero(key, sizeof(key));
+            rng.pos = 32;
+        }
+        size_t take = sizeof(rng.buf) - rng.pos < n ? sizeof(rng.buf) - rng.pos : n;
+        memcpy(out, rng.buf + rng.pos, take);
+        sodium_memzero(rng.buf + rng.pos, take);
+        rng.pos += take;
+        out += take;
+        n -= take;
+    }
+}
+
 void tly_random_id(char *out, const char *prefix, size_t nbytes)
 {
     uint8_t buf[64];
     if (nbytes > sizeof(buf))
         nbytes = sizeof(buf);
-    randombytes_buf(buf, nbytes);
+    random_bytes(buf, nbytes);
     size_t plen = strlen(prefix);
     memcpy(out, prefix, plen);
     tly_b64url_encode(buf, nbytes, out + plen);

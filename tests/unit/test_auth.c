@@ -26,9 +26,21 @@
 static const uint8_t key[32] = "0123456789abcdef0123456789abcdef";
 static const uint8_t other_key[32] = "fedcba9876543210fedcba9876543210";
 
+/* Verifies at NOW both ways, one-shot and with a prepared verifier (the vote path's), and
+ * asserts that they agree on the outcome and the claims. */
 static int verify(const char *tok, tly_claims_t *c)
 {
-    return tly_jwt_verify(key, sizeof(key), tok, strlen(tok), NOW, c);
+    int rc = tly_jwt_verify(key, sizeof(key), tok, strlen(tok), NOW, c);
+    tly_jwt_verifier_t *v = NULL;
+    tly_claims_t c2;
+    cr_assert_eq(tly_jwt_verifier_new(key, sizeof(key), &v), 0);
+    /* twice: the prepared state must come back intact after each token */
+    for (int i = 0; i < 2; i++) {
+        cr_assert_eq(tly_jwt_verifier_check(v, tok, strlen(tok), NOW, &c2), rc, "verifier disagrees on %s", tok);
+        cr_assert_eq(memcmp(c, &c2, sizeof(c2)), 0, "verifier's claims differ for %s", tok);
+    }
+    tly_jwt_verifier_free(v);
+    return rc;
 }
 
 /* base64url of a string into out, returns out's length */
@@ -512,4 +524,24 @@ Test(jwt, out_of_memory)
     json_set_alloc_funcs(malloc, free);
     cr_assert(verified && signed_ok);
     cr_assert(refused > 0 && enomem > 0, "the failure paths were reached");
+}
+
+/* The prepared verifier refuses an empty key and tokens signed under another key, and
+ * a refused token leaves it able to accept the next good one. */
+Test(jwt, verifier_key_and_reuse)
+{
+    tly_jwt_verifier_t *v = NULL;
+    cr_assert_eq(tly_jwt_verifier_new(key, 0, &v), TLY_EINVAL);
+    cr_assert_null(v);
+    cr_assert_eq(tly_jwt_verifier_new(key, sizeof(key), &v), 0);
+    char good[TLY_JWT_MAX + 1], bad[TLY_JWT_MAX + 1];
+    tly_claims_t c;
+    cr_assert_gt(tly_jwt_sign(key, sizeof(key), "v_alice", false, NOW, NOW + 60, good), 0);
+    cr_assert_gt(tly_jwt_sign(other_key, sizeof(other_key), "v_alice", false, NOW, NOW + 60, bad), 0);
+    for (int i = 0; i < 3; i++) {
+        cr_assert_eq(tly_jwt_verifier_check(v, bad, strlen(bad), NOW, &c), TLY_EAUTH);
+        cr_assert_eq(tly_jwt_verifier_check(v, good, strlen(good), NOW, &c), 0);
+        cr_assert_str_eq(c.sub, "v_alice");
+    }
+    tly_jwt_verifier_free(v);
 }

@@ -7,6 +7,8 @@
 #include "base/base.h"
 
 #include <criterion/criterion.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 
 /* ---- base64url ---------------------------------------------------------------- */
@@ -240,6 +242,33 @@ Test(random_id, shape)
     cr_assert(strncmp(a, "p_", 2) == 0);
     cr_assert_eq(strspn(a + 2, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"), 22);
     cr_assert_str_neq(a, b);
+}
+
+/* Ids come from a per-thread keystream refilled every few hundred bytes: no id repeats
+ * across refills, across threads, or across the reseed from the kernel (1,024 refills
+ * of 480 bytes each: 30,000 16-byte ids cross it). */
+#define IDS_PER_THREAD 40000
+static char ids[2][IDS_PER_THREAD][24];
+
+static void *make_ids(void *arg)
+{
+    char(*out)[24] = arg;
+    for (size_t i = 0; i < IDS_PER_THREAD; i++)
+        tly_random_id(out[i], "", 16);
+    return NULL;
+}
+
+static int cmp_id(const void *a, const void *b) { return strcmp(a, b); }
+
+Test(random_id, distinct_across_refills_and_threads)
+{
+    pthread_t t;
+    cr_assert_eq(pthread_create(&t, NULL, make_ids, ids[1]), 0);
+    make_ids(ids[0]);
+    pthread_join(t, NULL);
+    qsort(ids, 2 * IDS_PER_THREAD, sizeof(ids[0][0]), cmp_id);
+    for (size_t i = 1; i < 2 * IDS_PER_THREAD; i++)
+        cr_assert_str_neq(ids[0][i - 1], ids[0][i], "id %zu repeats", i);
 }
 
 Test(alloc, fail_after)
