@@ -27,7 +27,7 @@ DATA_DIR ?= ./data
 LISTEN   ?= 127.0.0.1:8080
 
 .PHONY: all run test test-unit test-api test-api-pg test-live test-e2e test-crash test-cluster with-services \
-        cluster cluster-stop check-asan check-valgrind deps deps-test clean bench bench-live bench-export bench-cluster lint fmt
+        cluster cluster-stop check-asan check-valgrind deps deps-test clean bench bench-live bench-export bench-cluster bench-store lint fmt
 .DEFAULT_GOAL := all
 
 all: $(BUILD)/tally
@@ -170,6 +170,19 @@ bench-live: $(BUILD)/tally
 # while the server's RSS is sampled (issue: < 100 MiB growth)
 bench-export: $(BUILD)/tally $(BUILD)/tally-genballots
 	node bench/export.mjs --bin $(abspath $(BUILD)/tally) --gen $(abspath $(BUILD)/tally-genballots)
+
+# what one durable ballot costs the writer in each candidate store design (SQLite as it
+# was, lean SQLite, a journal, a journal applied to SQLite, LMDB, RocksDB), side by side
+# (bench/store_shapes.c; installs liblmdb-dev and librocksdb-dev if missing)
+STORE_BENCH_ARGS ?= --ballots 200000 --batch 64
+bench-store: $(BUILD)/store-shapes
+	$(BUILD)/store-shapes $(STORE_BENCH_ARGS)
+
+$(BUILD)/store-shapes: bench/store_shapes.c
+	@for p in liblmdb-dev librocksdb-dev; do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || \
+	    { echo "bench-store: installing $$p"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$p; }; done
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 -O2 -Wall -Wextra -Werror -Wno-unused-parameter -D_GNU_SOURCE -o $@ $< -lsqlite3 -llmdb -lrocksdb -lz -lpthread
 
 # durable votes/s through nginx to 3 instances on PostgreSQL + Redis (scripts/cluster.sh),
 # exactly-once checked in the store, beside pgbench running the same vote as one SQL
