@@ -339,6 +339,8 @@ void api_ops_metrics(tly_req_t *req, const tly_params_t *params, void *arg)
                              .commit_us_sum = st.commit_us_sum,
                              .failed_batches = st.failed_batches,
                              .queued = st.queued,
+                             .checkpoints = st.checkpoints,
+                             .checkpoint_backlog_bytes = st.checkpoint_backlog_bytes,
                              .writable = tly_store_writable(app->store),
                              .live_subscribers = api_live_subscribers(app->live),
                              .connections = tly_server_connections(app->server),

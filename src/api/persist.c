@@ -255,6 +255,7 @@ int api_ballot_from_row(tly_app_t *app, tly_poll_t *p, const tly_ballot_row_t *r
     if (v == NULL)
         return TLY_ENOMEM;
     memcpy(v->body_hash, row->body_hash, 16);
+    v->store_seq = row->seq;
     if (tly_poll_add_vote(app->registry, p, v) != 0) {
         tly_vote_free(v);
         return TLY_ENOMEM;

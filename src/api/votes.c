@@ -196,6 +196,7 @@ static void ballot_committed(tly_store_op_t *op)
     HASH_DEL(app->pending_ballots, bo);
     p->pending_votes--;
     if (op->result == 0) {
+        v->store_seq = op->u.ballot.seq;
         tly_poll_commit_vote(p, v, tly_now_ms());
         api_bus_count(app, p->poll_id, NULL, 0, v->data, v->nchoices);
         if (bo->request_id[0])
@@ -739,6 +740,7 @@ static ballot_op_t *change_op_new(tly_app_t *app, tly_req_t *req, tly_poll_t *p,
     tly_ballot_row_t *row = &bo->op.u.ballot;
     row->poll_id = p->poll_id;
     row->voter_id = v->voter_id;
+    row->seq = v->store_seq;
     row->recorded_at = tly_now_ms();
     return bo;
 }

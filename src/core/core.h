@@ -102,6 +102,7 @@ typedef struct tly_vote {
     char vote_id[TLY_VOTE_ID_LEN + 1];
     char receipt[TLY_RECEIPT_LEN + 1];
     int64_t recorded_at; /* ms since epoch: when cast, or last changed */
+    int64_t store_seq;   /* the store's name for the ballot (tly_ballot_row_t.seq), 0 = none */
     uint8_t state;       /* tly_vote_state_t */
     uint8_t nchoices;
     uint8_t data[]; /* nchoices option indexes, then (score polls) nchoices scores */

@@ -27,15 +27,21 @@
 #include "obs/obs.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <sqlite3.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 /* ---- the writer's prepared statements ---------------------------------------------- */
+
+const char sq_next_seq_sql[] = "SELECT max(coalesce((SELECT max(seq) FROM ballots), 0),"
+                               " coalesce((SELECT max(seq) FROM audit), 0)) + 1";
 
 /* Poll insert and update bind the same numbered parameters (see bind_poll). */
 static const char *const stmt_sql[ST__COUNT] = {
@@ -59,15 +65,25 @@ static const char *const stmt_sql[ST__COUNT] = {
     [ST_OPTIONS_DELETE] = "DELETE FROM options WHERE poll_id = ?1",
     [ST_OPTION_INSERT] = "INSERT INTO options(poll_id, position, option_id, text, display_order)"
                          " VALUES(?1, ?2, ?3, ?4, ?5)",
-    [ST_BALLOT_INSERT] = "INSERT INTO ballots(poll_id, voter_id, vote_id, receipt, choices, scores,"
+    [ST_BALLOT_INSERT] = "INSERT INTO ballots(seq, poll_id, voter_id, vote_id, receipt, choices, scores,"
                          " recorded_at, idem_key, body_hash, client_meta, ip_hash)"
-                         " VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-    /* Replace and delete bind poll_id, voter_id as ?1, ?2 (see ballot_change). */
-    [ST_BALLOT_REPLACE] = "UPDATE ballots SET choices = ?3, scores = ?4, recorded_at = ?5,"
-                          " idem_key = ?6, body_hash = ?7 WHERE poll_id = ?1 AND voter_id = ?2",
-    [ST_BALLOT_DELETE] = "DELETE FROM ballots WHERE poll_id = ?1 AND voter_id = ?2",
-    [ST_AUDIT_INSERT] = "INSERT INTO audit(poll_id, voter_id, event, choices, scores, at, idem_key, body_hash)"
-                        " VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                         " VALUES(?12, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    /* Replace and delete find the row by its seq (?1) and check that it is the voter's
+     * (?2, ?3): no index on (poll_id, voter_id) exists (migration 5). */
+    [ST_BALLOT_REPLACE] = "UPDATE ballots SET choices = ?4, scores = ?5, recorded_at = ?6, idem_key = ?7,"
+                          " body_hash = ?8, cast_in_audit = 1 WHERE seq = ?1 AND poll_id = ?2 AND voter_id = ?3",
+    [ST_BALLOT_DELETE] = "DELETE FROM ballots WHERE seq = ?1 AND poll_id = ?2 AND voter_id = ?3",
+    /* Before a ballot row first changes or goes, its cast event moves to audit under the
+     * ballot's own seq: the row was that event until now. */
+    [ST_CAST_TO_AUDIT] = "INSERT INTO audit(seq, poll_id, voter_id, event, choices, scores, at)"
+                         " SELECT seq, poll_id, voter_id, 'cast', choices, scores, recorded_at FROM ballots"
+                         " WHERE seq = ?1 AND poll_id = ?2 AND voter_id = ?3 AND cast_in_audit = 0",
+    [ST_AUDIT_INSERT] = "INSERT INTO audit(seq, poll_id, voter_id, event, choices, scores, at, idem_key, body_hash)"
+                        " VALUES(?9, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    /* The next seq of ballots and audit (one sequence), read once a batch under the
+     * write lock: a generator's connection (tly_store_generate_ballots) may have
+     * appended since the last batch. */
+    [ST_NEXT_SEQ] = sq_next_seq_sql,
     [ST_AUDIT_DELETE] = "DELETE FROM audit WHERE poll_id = ?1",
     /* A request's first final outcome wins: a replayed request (the ingest consumer
      * retrying) must not turn "completed" into "failed: ALREADY_VOTED". Only a
@@ -128,6 +144,44 @@ fail:
     return rc;
 }
 
+/* One process per data directory. Since migration 5 nothing in the file refuses a
+ * second ballot of a voter: the writer process's memory does, so a second process on
+ * the same files would take ballots nobody checks against the first's. An exclusive
+ * flock on DATA_DIR/lock, held until close (the kernel drops it when the process dies,
+ * kill -9 included); the holder's PID is written into the file for the message. */
+static int lock_data_dir(sq_store_t *s)
+{
+    char path[4096], pid[24];
+    snprintf(path, sizeof path, "%s/lock", s->data_dir);
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        tly_log(TLY_LOG_ERROR, "store: cannot open the data directory's lock file", "path", path, "error",
+                strerror(errno), NULL);
+        return TLY_EIO;
+    }
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        int err = errno;
+        ssize_t n = pread(fd, pid, sizeof pid - 1, 0);
+        pid[n > 0 ? n : 0] = '\0';
+        pid[strcspn(pid, "\n")] = '\0';
+        close(fd);
+        if (err == EWOULDBLOCK) {
+            tly_log(TLY_LOG_ERROR, "store: another tally process uses this data directory", "data_dir", s->data_dir,
+                    "pid", pid[0] ? pid : "unknown", NULL);
+            return TLY_ESTATE;
+        }
+        tly_log(TLY_LOG_ERROR, "store: cannot lock the data directory", "path", path, "error", strerror(err), NULL);
+        return TLY_EIO;
+    }
+    int len = snprintf(pid, sizeof pid, "%ld\n", (long)getpid());
+    if (ftruncate(fd, 0) != 0 || pwrite(fd, pid, (size_t)len, 0) != len) {
+        /* the lock holds without the PID in it; only a second process's message lacks it */
+        tly_log(TLY_LOG_WARN, "store: cannot write the PID into the lock file", "path", path, NULL);
+    }
+    s->lock_fd = fd;
+    return 0;
+}
+
 int sq_sqlite_to_tly(int rc)
 {
     switch (rc & 0xff) {
@@ -150,23 +204,32 @@ int sq_sqlite_to_tly(int rc)
 static int wal_hook(void *arg, sqlite3 *db, const char *name, int nframes)
 {
     sq_store_t *s = arg;
-    s->wal_frames = nframes;
+    s->hook_frames = nframes;
     return SQLITE_OK;
 }
 
 static void *writer_main(void *arg);
+static void *ckpt_main(void *arg);
 
 static void store_free(sq_store_t *s)
 {
     for (size_t i = 0; i < ST__COUNT; i++)
         sqlite3_finalize(s->st[i]);
+    if (s->ckpt_db != NULL)
+        sqlite3_close_v2(s->ckpt_db);
     if (s->db != NULL)
         sqlite3_close_v2(s->db);
+    if (s->ckpt_ready) {
+        pthread_cond_destroy(&s->ckpt_cv);
+        pthread_mutex_destroy(&s->ckpt_mu);
+    }
     if (s->sync_ready) {
         pthread_cond_destroy(&s->cv);
         pthread_mutex_destroy(&s->mu);
         pthread_mutex_destroy(&s->done_mu);
     }
+    if (s->lock_fd >= 0)
+        close(s->lock_fd); /* releases the lock, last: nothing of ours touches the files now */
     tly_free(s->db_path);
     tly_free(s->data_dir);
     tly_free(s);
@@ -184,6 +247,7 @@ static int sq_open(const tly_store_conf_t *conf, sq_store_t **out)
     if ((s = tly_calloc(1, sizeof *s)) == NULL)
         goto fail;
     s->base.be = &tly_store_sqlite;
+    s->lock_fd = -1;
     s->conf = *conf;
     if (s->conf.batch_max == 0)
         s->conf.batch_max = TLY_STORE_BATCH_MAX;
@@ -211,6 +275,8 @@ static int sq_open(const tly_store_conf_t *conf, sq_store_t **out)
 
     if ((rc = mkdir_p(s->data_dir)) != 0)
         goto fail;
+    if ((rc = lock_data_dir(s)) != 0)
+        goto fail;
 
     if ((src = sq_open_writer_db(s)) != SQLITE_OK)
         goto sqlite_fail;
@@ -220,8 +286,20 @@ static int sq_open(const tly_store_conf_t *conf, sq_store_t **out)
             goto sqlite_fail;
     }
     sqlite3_wal_hook(s->db, wal_hook, s);
+    if ((src = sq_open_checkpoint_db(s)) != SQLITE_OK)
+        goto sqlite_fail;
 
     rc = TLY_EIO;
+    if (pthread_mutex_init(&s->ckpt_mu, NULL) != 0)
+        goto fail;
+    if (pthread_cond_init(&s->ckpt_cv, NULL) != 0) {
+        pthread_mutex_destroy(&s->ckpt_mu);
+        goto fail;
+    }
+    s->ckpt_ready = 1;
+    if (pthread_create(&s->ckpt, NULL, ckpt_main, s) != 0)
+        goto fail;
+    s->ckpt_started = 1;
     if (pthread_create(&s->writer, NULL, writer_main, s) != 0)
         goto fail;
     s->writer_started = 1;
@@ -279,6 +357,9 @@ static void sq_stats(sq_store_t *s, tly_store_stats_t *out)
     pthread_mutex_lock(&s->done_mu);
     *out = s->stats;
     pthread_mutex_unlock(&s->done_mu);
+    int backlog = atomic_load(&s->wal_frames) - atomic_load(&s->ckpt_frames);
+    out->checkpoints = atomic_load(&s->checkpoints);
+    out->checkpoint_backlog_bytes = backlog > 0 ? (uint64_t)backlog * (uint64_t)s->page_size : 0;
     pthread_mutex_lock(&s->mu);
     out->queued = 0;
     for (tly_store_op_t *op = s->head; op != NULL && out->queued < 1000000; op = op->next)
@@ -446,6 +527,7 @@ static void bind_choices(sqlite3_stmt *st, int ichoices, int iscores, const tly_
 static int audit_insert(sq_store_t *s, const tly_ballot_row_t *b, const char *event)
 {
     sqlite3_stmt *st = s->st[ST_AUDIT_INSERT];
+    sqlite3_bind_int64(st, 9, s->next_seq++);
     bind_str(st, 1, b->poll_id);
     bind_str(st, 2, b->voter_id);
     bind_str(st, 3, event);
@@ -459,22 +541,33 @@ static int audit_insert(sq_store_t *s, const tly_ballot_row_t *b, const char *ev
     return sq_step_reset(st);
 }
 
-/* BALLOT_REPLACE and BALLOT_DELETE: change the voter's ballot row, and only if there
- * was one append the audit row, all inside run_op's savepoint. */
+static void bind_ballot_key(sqlite3_stmt *st, const tly_ballot_row_t *b)
+{
+    sqlite3_bind_int64(st, 1, b->seq);
+    bind_str(st, 2, b->poll_id);
+    bind_str(st, 3, b->voter_id);
+}
+
+/* BALLOT_REPLACE and BALLOT_DELETE, inside run_op's savepoint: the cast event moves to
+ * audit if it is still the row itself, then the row changes, and only if there was one
+ * the "changed" or "revoked" row is appended. */
 static int ballot_change(sq_store_t *s, tly_store_op_t *op)
 {
     const tly_ballot_row_t *b = &op->u.ballot;
     int replace = op->type == TLY_OP_BALLOT_REPLACE;
-    sqlite3_stmt *st = s->st[replace ? ST_BALLOT_REPLACE : ST_BALLOT_DELETE];
+    sqlite3_stmt *st = s->st[ST_CAST_TO_AUDIT];
     int rc;
 
-    bind_str(st, 1, b->poll_id);
-    bind_str(st, 2, b->voter_id);
+    bind_ballot_key(st, b);
+    if ((rc = sq_step_reset(st)) != SQLITE_OK)
+        return rc;
+    st = s->st[replace ? ST_BALLOT_REPLACE : ST_BALLOT_DELETE];
+    bind_ballot_key(st, b);
     if (replace) {
-        bind_choices(st, 3, 4, b);
-        sqlite3_bind_int64(st, 5, b->recorded_at);
-        bind_str(st, 6, b->idem_key);
-        bind_hash(st, 7, b->body_hash);
+        bind_choices(st, 4, 5, b);
+        sqlite3_bind_int64(st, 6, b->recorded_at);
+        bind_str(st, 7, b->idem_key);
+        bind_hash(st, 8, b->body_hash);
     }
     if ((rc = sq_step_reset(st)) != SQLITE_OK)
         return rc;
@@ -486,22 +579,21 @@ static int ballot_change(sq_store_t *s, tly_store_op_t *op)
 }
 
 /*
- * The ballot row, then its audit "cast" row (only if the ballot went in: a duplicate
- * writes neither). Why no savepoint around the pair and no trigger: measured here, the
- * ballot and its audit row cost the writer about 13 us of CPU; a savepoint per ballot
- * added about 4.5 us and a trigger instead of this statement about 4 us, i.e. a quarter
- * to a third of the store's throughput. Atomicity holds without them: every constraint
- * of audit is implied by one of ballots that already passed, so the audit insert can
- * only fail with an error that dooms the whole batch. Should a later schema give audit
- * a constraint of its own, a failure of it deletes the ballot row again by hand and
- * fails this op alone.
+ * The ballot row, appended under the batch's next seq, which goes back to the caller in
+ * b->seq (its memory names the ballot by it for a later change or retraction). Nothing
+ * else is written for a ballot (migration 5): the row is its own cast event, and that
+ * memory holds one ballot per voter is the caller's to keep (one process per data
+ * directory). Only the address rule keeps an index here (partial, on the polls that
+ * use it): a second ballot from an address fails this op alone with TLY_EEXIST.
  */
 static int ballot_insert(sq_store_t *s, tly_store_op_t *op)
 {
-    const tly_ballot_row_t *b = &op->u.ballot;
+    tly_ballot_row_t *b = &op->u.ballot;
     sqlite3_stmt *st = s->st[ST_BALLOT_INSERT];
     int rc;
 
+    b->seq = s->next_seq;
+    sqlite3_bind_int64(st, 12, b->seq);
     bind_str(st, 1, b->poll_id);
     bind_str(st, 2, b->voter_id);
     bind_str(st, 3, b->vote_id);
@@ -514,15 +606,10 @@ static int ballot_insert(sq_store_t *s, tly_store_op_t *op)
     if (b->ip_hash != NULL)
         sqlite3_bind_blob(st, 11, b->ip_hash, 16, SQLITE_STATIC);
     rc = sq_step_reset(st);
-    if (rc == SQLITE_OK && (rc = audit_insert(s, b, "cast")) != SQLITE_OK && sq_is_constraint(rc)) {
-        int urc;
-        st = s->st[ST_BALLOT_DELETE];
-        bind_str(st, 1, b->poll_id);
-        bind_str(st, 2, b->voter_id);
-        if ((urc = sq_step_reset(st)) != SQLITE_OK)
-            return sq_is_constraint(urc) ? SQLITE_ERROR : urc; /* never half an op */
-        /* and rc, a constraint, fails this op alone */
-    }
+    if (rc == SQLITE_OK)
+        s->next_seq++;
+    else
+        b->seq = 0;
     if (b->request_id == NULL)
         return rc;
     /* Only "already voted" is an outcome the request row records; any other failure
@@ -555,8 +642,7 @@ static int ballot_insert(sq_store_t *s, tly_store_op_t *op)
  * failing statement and leaves the transaction open, which is what lets one duplicate
  * ballot fail alone. Operations of several statements (polls, ballot changes and
  * retractions, ballots with a request row) run inside a savepoint so that such a
- * failure undoes the operation as a whole; a plain ballot and its audit row do without
- * (see ballot_insert).
+ * failure undoes the operation as a whole; a plain ballot is one statement.
  */
 static int run_op(sq_store_t *s, tly_store_op_t *op)
 {
@@ -618,6 +704,10 @@ static int run_batch(sq_store_t *s, tly_store_op_t *first, uint64_t *commit_us)
     }
     if ((rc = sq_step_reset(s->st[ST_BEGIN])) != SQLITE_OK)
         goto fail;
+    if ((rc = sqlite3_step(s->st[ST_NEXT_SEQ])) != SQLITE_ROW)
+        goto fail;
+    s->next_seq = sqlite3_column_int64(s->st[ST_NEXT_SEQ], 0);
+    sqlite3_reset(s->st[ST_NEXT_SEQ]);
     for (op = first; op != NULL; op = op->next)
         if ((rc = run_op(s, op)) != SQLITE_OK)
             goto fail;
@@ -661,26 +751,69 @@ fail_all:
     return 0;
 }
 
-/* Between batches, after the acknowledgements are out: copy the WAL back into the
- * database once it has grown enough. PASSIVE never waits for readers and never
- * truncates the WAL: once fully checkpointed SQLite reuses it from the start, so no big
- * file is deleted or truncated (which stalls fsyncs on this disk). */
-static void maybe_checkpoint(sq_store_t *s)
+/*
+ * Checkpoints run on a thread of their own, off the writer's path: copying the WAL back
+ * into the database and fsyncing it takes tens of ms per 16 MiB here, and on the writer
+ * every commit queued behind it waited that long. SQLite lets a checkpoint run beside a
+ * writer in WAL mode: PASSIVE copies the frames committed when it starts, never waits
+ * for the writer and never truncates the WAL. The WAL is reused from its start once a
+ * checkpoint has caught up with it when the writer begins its next transaction; under
+ * steady load a PASSIVE checkpoint rarely finishes between two commits, so once the WAL
+ * is CKPT_RESTART_FACTOR times the threshold the checkpointer asks for RESTART instead,
+ * which copies what PASSIVE left (little, just after one) while holding the writer off
+ * briefly, and makes the next commit start the WAL over. No big file is ever deleted or
+ * truncated (which stalls fsyncs on this disk).
+ */
+#define CKPT_RESTART_FACTOR 4
+
+static void *ckpt_main(void *arg)
 {
-    int rc, log = 0, done = 0;
-    if (s->wal_frames < s->ckpt_frames)
-        s->ckpt_frames = 0; /* the WAL was restarted */
-    if ((int64_t)(s->wal_frames - s->ckpt_frames) * s->page_size < (int64_t)TLY_STORE_CHECKPOINT_BYTES)
-        return;
-    if (atomic_load(&s->failed))
-        return;
-    rc = sqlite3_wal_checkpoint_v2(s->db, NULL, SQLITE_CHECKPOINT_PASSIVE, &log, &done);
-    s->ckpt_frames = s->wal_frames;
-    if ((rc & 0xff) == SQLITE_IOERR || (rc & 0xff) == SQLITE_CORRUPT) {
-        /* A failed fsync of the database file: the same rule as for the WAL. */
-        sq_log_sqlite("checkpoint failed", s->db, rc);
-        atomic_store(&s->failed, 1);
+    sq_store_t *s = arg;
+    for (;;) {
+        pthread_mutex_lock(&s->ckpt_mu);
+        while (!s->ckpt_wanted && !s->ckpt_stopping)
+            pthread_cond_wait(&s->ckpt_cv, &s->ckpt_mu);
+        int stop = s->ckpt_stopping;
+        s->ckpt_wanted = 0;
+        pthread_mutex_unlock(&s->ckpt_mu);
+        if (stop)
+            break;
+        if (atomic_load(&s->failed))
+            continue;
+        int log = 0, done = 0;
+        int64_t big = (int64_t)CKPT_RESTART_FACTOR * (int64_t)TLY_STORE_CHECKPOINT_BYTES / s->page_size;
+        int mode = atomic_load(&s->wal_frames) >= big ? SQLITE_CHECKPOINT_RESTART : SQLITE_CHECKPOINT_PASSIVE;
+        int rc = sqlite3_wal_checkpoint_v2(s->ckpt_db, NULL, mode, &log, &done);
+        if (rc == SQLITE_OK || (rc & 0xff) == SQLITE_BUSY) {
+            /* BUSY: a RESTART that could not get the writer off in busy_timeout; what it
+             * copied is copied, the next request tries again */
+            atomic_store(&s->ckpt_frames, done > 0 ? done : 0);
+            atomic_fetch_add(&s->checkpoints, 1);
+            continue;
+        }
+        sq_log_sqlite("checkpoint failed", s->ckpt_db, rc);
+        if ((rc & 0xff) == SQLITE_IOERR || (rc & 0xff) == SQLITE_CORRUPT)
+            atomic_store(&s->failed, 1); /* a failed fsync of the database file: the WAL's rule */
     }
+    return NULL;
+}
+
+/* After a committed batch, on the writer: records the WAL's length and wakes the
+ * checkpointer once TLY_STORE_CHECKPOINT_BYTES have been appended since the frames it
+ * last copied. A WAL shorter than before was started over: everything in the old one
+ * had been copied. */
+static void after_commit(sq_store_t *s)
+{
+    int frames = s->hook_frames, prev = atomic_load(&s->wal_frames);
+    if (frames < prev)
+        atomic_store(&s->ckpt_frames, 0);
+    atomic_store(&s->wal_frames, frames);
+    if ((int64_t)(frames - atomic_load(&s->ckpt_frames)) * s->page_size < (int64_t)TLY_STORE_CHECKPOINT_BYTES)
+        return;
+    pthread_mutex_lock(&s->ckpt_mu);
+    s->ckpt_wanted = 1;
+    pthread_cond_signal(&s->ckpt_cv);
+    pthread_mutex_unlock(&s->ckpt_mu);
 }
 
 static void *writer_main(void *arg)
@@ -736,7 +869,7 @@ static void *writer_main(void *arg)
             s->conf.notify(s->conf.notify_arg);
 
         if (committed)
-            maybe_checkpoint(s);
+            after_commit(s);
     }
     return NULL;
 }
@@ -746,6 +879,7 @@ static void sq_close(sq_store_t *s)
     if (s == NULL)
         return;
     tly_store_stop_thread(&s->mu, &s->cv, &s->stopping, s->writer, s->writer_started);
+    tly_store_stop_thread(&s->ckpt_mu, &s->ckpt_cv, &s->ckpt_stopping, s->ckpt, s->ckpt_started);
     sq_reap(s);
     store_free(s);
 }

@@ -42,8 +42,10 @@ enum {
     ST_BALLOT_INSERT,
     ST_BALLOT_REPLACE,
     ST_BALLOT_DELETE,
+    ST_CAST_TO_AUDIT,
     ST_AUDIT_INSERT,
     ST_AUDIT_DELETE,
+    ST_NEXT_SEQ,
     ST_REQUEST_UPSERT,
     ST_REQUESTS_DELETE,
     ST__COUNT
@@ -59,9 +61,22 @@ struct sq_store {
      * writer thread until it is joined in tly_store_close. */
     sqlite3 *db;
     sqlite3_stmt *st[ST__COUNT];
-    int wal_frames;  /* frames in the WAL after the last commit (wal hook) */
-    int ckpt_frames; /* wal_frames when the last checkpoint ran */
+    int64_t next_seq; /* of ballots and audit, during a batch (read at its start) */
+    int hook_frames;  /* frames in the WAL after the last commit (wal hook) */
     int page_size;
+
+    /* The checkpointer (ckpt_main): its own connection, used by its thread alone, woken
+     * by the writer through ckpt_wanted. wal_frames is the WAL's length after the last
+     * commit (the writer's), ckpt_frames how much of it the last checkpoint had copied
+     * back (the checkpointer's); the difference is the backlog. */
+    sqlite3 *ckpt_db;
+    pthread_mutex_t ckpt_mu;
+    pthread_cond_t ckpt_cv;
+    int ckpt_wanted, ckpt_stopping;
+    atomic_int wal_frames, ckpt_frames;
+    atomic_uint_fast64_t checkpoints;
+    pthread_t ckpt;
+    int ckpt_started, ckpt_ready;
 
     /* Submission queue. Unbounded here on purpose: the store cannot refuse a write it
      * has no way to report back except through done, so callers bound their in-flight
@@ -79,6 +94,7 @@ struct sq_store {
     tly_store_stats_t stats;
 
     atomic_int failed; /* latched on an I/O error; never cleared */
+    int lock_fd;       /* DATA_DIR/lock, flock'ed while open (-1: not yet) */
     pthread_t writer;
     int writer_started, sync_ready;
 };
@@ -91,6 +107,10 @@ struct sq_reader {
 };
 
 /* ---- sqlite.c -------------------------------------------------------------------- */
+
+/* The next seq of ballots and audit (one sequence since migration 5): one row, one
+ * column. Read under the write lock by whoever appends (the writer, the generator). */
+extern const char sq_next_seq_sql[];
 
 /* One JSON line on stderr saying why an SQLite call failed. Any thread. */
 void sq_log_sqlite(const char *msg, sqlite3 *db, int rc);
@@ -111,6 +131,9 @@ int sq_configure(sqlite3 *db);
  * migrates the schema to TLY_STORE_SCHEMA_VERSION and reads s->page_size. Returns an
  * SQLite result code; on failure s->db may be set all the same (store_free closes it). */
 int sq_open_writer_db(sq_store_t *s);
+/* Opens the checkpointer's connection s->ckpt_db on the migrated file. An SQLite result
+ * code; on failure s->ckpt_db may be set all the same. */
+int sq_open_checkpoint_db(sq_store_t *s);
 
 /* ---- sqlite_read.c: the backend's load, readers and generate_ballots (store.h) ----- */
 

@@ -214,6 +214,7 @@ static int load_ballot(sq_load_t *l, sqlite3_stmt *st)
         tly_log(TLY_LOG_ERROR, "store: malformed ballot row", NULL);
         return TLY_EIO;
     }
+    b.seq = sqlite3_column_int64(st, 11);
     if (l->cb->ballot != NULL)
         l->cb->ballot(l->ctx, &b);
     return 0;
@@ -280,7 +281,7 @@ int sq_load(sq_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
         /* seq order is commit order: replaying in it rebuilds exactly the committed state. */
         (rc = each_row(db,
                        "SELECT poll_id, voter_id, vote_id, receipt, choices, scores,"
-                       " recorded_at, idem_key, body_hash, client_meta, ip_hash"
+                       " recorded_at, idem_key, body_hash, client_meta, ip_hash, seq"
                        " FROM ballots ORDER BY seq",
                        0, load_ballot, &l)) != 0 ||
         (rc = each_row(db,
@@ -304,10 +305,16 @@ out:
 
 /* ---- readers: paged reads for exports ------------------------------------------------ */
 
-/* Both walk their (poll_id, seq) index from after_seq on: no OFFSET and no sort, so a
- * page costs the rows it returns however deep into the poll it starts. */
-const char tly_store_audit_page_sql[] = "SELECT seq, poll_id, voter_id, event, choices, scores, at FROM audit"
-                                        " WHERE poll_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3";
+/* Both walk (poll_id, seq) indexes from after_seq on: no OFFSET and no sort, so a page
+ * costs the rows it returns however deep into the poll it starts. An audit page merges
+ * two walks in seq order (ballots and audit share one sequence): the ballot rows that
+ * are still their own cast event, and the audit rows (migration 5). */
+const char tly_store_audit_page_sql[] =
+    "SELECT seq, poll_id, voter_id, 'cast', choices, scores, recorded_at FROM ballots"
+    " WHERE poll_id = ?1 AND seq > ?2 AND cast_in_audit = 0"
+    " UNION ALL"
+    " SELECT seq, poll_id, voter_id, event, choices, scores, at FROM audit WHERE poll_id = ?1 AND seq > ?2"
+    " ORDER BY 1 LIMIT ?3";
 const char tly_store_ballots_page_sql[] =
     "SELECT seq, poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key,"
     " body_hash, client_meta FROM ballots WHERE poll_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3";
@@ -421,9 +428,9 @@ int sq_generate_ballots(sq_store_t *s, const char *poll_id, size_t noptions, siz
 {
     int rc = TLY_EINVAL, src = SQLITE_OK;
     sqlite3 *db = NULL;
-    sqlite3_stmt *st = NULL, *ast = NULL;
+    sqlite3_stmt *st = NULL, *next = NULL;
     char *buf = NULL;
-    int64_t now = tly_now_ms();
+    int64_t now = tly_now_ms(), seq = 0;
 
     if (poll_id == NULL || noptions == 0 || noptions > 256)
         return TLY_EINVAL;
@@ -434,7 +441,9 @@ int sq_generate_ballots(sq_store_t *s, const char *poll_id, size_t noptions, siz
     char *voter = buf, *vote_id = buf + idn, *receipt = buf + 2 * idn;
 
     /* A connection of its own, beside the writer: busy_timeout covers the moments when
-     * the writer holds the write lock, and the writer's wait for ours (one chunk). */
+     * the writer holds the write lock, and the writer's wait for ours (one chunk). Each
+     * chunk takes its seqs after the last of ballots and audit under the write lock, as
+     * the writer's batches do. */
     src = sqlite3_open_v2(s->db_path, &db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL);
     if (src == SQLITE_OK)
         src = sq_configure(db);
@@ -442,19 +451,22 @@ int sq_generate_ballots(sq_store_t *s, const char *poll_id, size_t noptions, siz
         src = sqlite3_exec(db, "PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY;", NULL, NULL, NULL);
     if (src == SQLITE_OK)
         src = sqlite3_prepare_v2(db,
-                                 "INSERT INTO ballots(poll_id, voter_id, vote_id, receipt,"
-                                 " choices, recorded_at) VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
+                                 "INSERT INTO ballots(seq, poll_id, voter_id, vote_id, receipt,"
+                                 " choices, recorded_at) VALUES(?7, ?1, ?2, ?3, ?4, ?5, ?6)",
                                  -1, &st, NULL);
     if (src == SQLITE_OK)
-        src = sqlite3_prepare_v2(db,
-                                 "INSERT INTO audit(poll_id, voter_id, event, choices, at)"
-                                 " VALUES(?1, ?2, 'cast', ?3, ?4)",
-                                 -1, &ast, NULL);
+        src = sqlite3_prepare_v2(db, sq_next_seq_sql, -1, &next, NULL);
     for (size_t i = 0; src == SQLITE_OK && i < n; i++) {
         /* Fibonacci hashing: choices spread over the options, not round-robin. */
         uint8_t choice = (uint8_t)(((uint32_t)i * 2654435761u >> 8) % noptions);
-        if (i % GENERATE_CHUNK == 0 && (src = sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL)) != SQLITE_OK)
-            break;
+        if (i % GENERATE_CHUNK == 0) {
+            if ((src = sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL)) != SQLITE_OK)
+                break;
+            if ((src = sqlite3_step(next)) != SQLITE_ROW)
+                break;
+            seq = sqlite3_column_int64(next, 0);
+            src = sqlite3_reset(next);
+        }
         snprintf(voter, idn, "gen%zu", i);
         snprintf(vote_id, idn, "g_%s_%zu", poll_id, i);
         snprintf(receipt, idn, "gr_%s_%zu", poll_id, i);
@@ -464,13 +476,8 @@ int sq_generate_ballots(sq_store_t *s, const char *poll_id, size_t noptions, siz
         sqlite3_bind_text(st, 4, receipt, -1, SQLITE_STATIC);
         sqlite3_bind_blob(st, 5, &choice, 1, SQLITE_STATIC);
         sqlite3_bind_int64(st, 6, now);
+        sqlite3_bind_int64(st, 7, seq++);
         if ((src = sq_step_reset(st)) != SQLITE_OK)
-            break;
-        sqlite3_bind_text(ast, 1, poll_id, -1, SQLITE_STATIC);
-        sqlite3_bind_text(ast, 2, voter, -1, SQLITE_STATIC);
-        sqlite3_bind_blob(ast, 3, &choice, 1, SQLITE_STATIC);
-        sqlite3_bind_int64(ast, 4, now);
-        if ((src = sq_step_reset(ast)) != SQLITE_OK)
             break;
         if ((i + 1) % GENERATE_CHUNK == 0 || i + 1 == n)
             src = sqlite3_exec(db, "COMMIT", NULL, NULL, NULL);
@@ -488,7 +495,7 @@ int sq_generate_ballots(sq_store_t *s, const char *poll_id, size_t noptions, siz
         sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
 fail:
     sqlite3_finalize(st);
-    sqlite3_finalize(ast);
+    sqlite3_finalize(next);
     if (db != NULL)
         sqlite3_close_v2(db);
     tly_free(buf);

@@ -122,6 +122,38 @@ static const char *const migrations[] = {
     "ALTER TABLE audit ADD COLUMN idem_key TEXT;"
     "ALTER TABLE audit ADD COLUMN body_hash BLOB;"
     "CREATE INDEX audit_retracted_keys ON audit(seq) WHERE event = 'revoked' AND idem_key IS NOT NULL;",
+
+    /* 5: the lean ballot row (docs/ARCHITECTURE.md, "The embedded store"). A ballot is
+     * appended at the end of the table and of its poll's (poll_id, seq) range, and that
+     * is all its commit writes: no index on a random key (vote_id, receipt, voter), no
+     * audit row. One writer process (the data directory's lock) and its memory decide
+     * that a voter has one ballot; changes and retractions find the row by its seq.
+     * The ballot row is its own "cast" event until it is first changed or retracted;
+     * then cast_in_audit is set and the cast is copied into audit under the ballot's
+     * seq (ballots and audit share one sequence from here on, kept by the writer).
+     * Ballots from before this step already have their cast row in audit. */
+    "CREATE TABLE ballots_v5("
+    "  seq INTEGER PRIMARY KEY,"
+    "  poll_id TEXT NOT NULL REFERENCES polls ON DELETE CASCADE,"
+    "  voter_id TEXT NOT NULL,"
+    "  vote_id TEXT NOT NULL,"
+    "  receipt TEXT NOT NULL,"
+    "  choices BLOB NOT NULL,"
+    "  scores BLOB,"
+    "  recorded_at INTEGER NOT NULL,"
+    "  idem_key TEXT,"
+    "  body_hash BLOB,"
+    "  client_meta TEXT,"
+    "  ip_hash BLOB,"
+    "  cast_in_audit INTEGER NOT NULL DEFAULT 0);"
+    "INSERT INTO ballots_v5(seq, poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key,"
+    "  body_hash, client_meta, ip_hash, cast_in_audit)"
+    "  SELECT seq, poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key, body_hash,"
+    "  client_meta, ip_hash, 1 FROM ballots ORDER BY seq;"
+    "DROP TABLE ballots;"
+    "ALTER TABLE ballots_v5 RENAME TO ballots;"
+    "CREATE INDEX ballots_poll_seq ON ballots(poll_id, seq);"
+    "CREATE UNIQUE INDEX ballots_poll_ip ON ballots(poll_id, ip_hash) WHERE ip_hash IS NOT NULL;",
 };
 
 _Static_assert(TLY_ARRAY_SIZE(migrations) == TLY_STORE_SCHEMA_VERSION,
@@ -232,4 +264,17 @@ int sq_open_writer_db(sq_store_t *s)
         return src;
     s->page_size = page_size > 0 ? (int)page_size : 4096;
     return SQLITE_OK;
+}
+
+int sq_open_checkpoint_db(sq_store_t *s)
+{
+    /* NOMUTEX: the checkpointer thread alone uses it. */
+    int src = sqlite3_open_v2(s->db_path, &s->ckpt_db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL);
+    if (src == SQLITE_OK)
+        src = sq_configure(s->ckpt_db);
+    /* not sq_configure's 5 s: a RESTART holds new batches off while it waits, so it
+     * gives up soon (BUSY) and the next request tries again */
+    if (src == SQLITE_OK)
+        src = sqlite3_busy_timeout(s->ckpt_db, 50);
+    return src;
 }

@@ -21,9 +21,10 @@
  * nothing but the operation it was given, and only between submit and done. A reader
  * (tly_store_reader_t, for paged exports) belongs to the one thread using it.
  *
- * History: every ballot cast, changed or revoked appends a row to an append-only audit
- * log in the same transaction as the change itself. The ballots table holds the current
- * ballots (the truth that load replays); the audit log says how they got there.
+ * History: every ballot cast, changed or revoked is an event of the poll's append-only
+ * audit log, committed with the change itself. The ballots table holds the current
+ * ballots (the truth that load replays); the audit log says how they got there. In
+ * SQLite a ballot row is its own "cast" event until it first changes (migration 5).
  */
 #ifndef TALLY_STORE_H
 #define TALLY_STORE_H
@@ -92,6 +93,10 @@ typedef struct {
      * ballot of a voter); BALLOT_REPLACE keeps it; BALLOT_DELETE removes it with the
      * row, freeing the address. Load returns it; ballot pages (exports) do not (NULL). */
     const uint8_t *ip_hash;
+    /* The ballot's place in the store's commit order: set by BALLOT_INSERT and by load,
+     * named by BALLOT_REPLACE and BALLOT_DELETE (SQLite; PostgreSQL finds the ballot by
+     * poll and voter and ignores it). 0 = not known. */
+    int64_t seq;
 } tly_ballot_row_t;
 
 typedef struct {
@@ -126,13 +131,16 @@ typedef enum {
      * deleted poll is gone entirely: its owner deleted it, and an audit log of a poll
      * nobody can see any more would only be personal data kept without a purpose. */
     TLY_OP_POLL_DELETE,
-    /* u.ballot; TLY_EEXIST on UNIQUE(poll_id, voter_id) (or a reused vote_id/receipt, or
-     * an ip_hash another ballot of the poll holds).
-     * Writes the ballot row and an audit "cast" row (its choices and scores, at =
-     * recorded_at) in the same transaction: never one without the other; a duplicate
-     * writes neither. */
+    /* u.ballot; TLY_EEXIST on a second ballot of the voter in the poll (or a reused
+     * vote_id/receipt, or an ip_hash another ballot of the poll holds). PostgreSQL checks
+     * the voter and the ids with unique indexes (instances share it); SQLite only the
+     * address (its one writer process and that process's memory keep one ballot a voter:
+     * migration 5). Sets u.ballot.seq (before done) to the ballot's place in the store.
+     * The ballot is its own audit "cast" event (its choices and scores, at =
+     * recorded_at): audit pages show it; a duplicate writes nothing. */
     TLY_OP_BALLOT_INSERT,
-    /* u.ballot: poll_id, voter_id, nchoices, choices, scores (NULL unless a score poll),
+    /* u.ballot: poll_id, voter_id, seq (what BALLOT_INSERT or load gave; SQLite finds
+     * the row by it), nchoices, choices, scores (NULL unless a score poll),
      * recorded_at = the time of the change, idem_key and body_hash of the change request
      * (NULL / all zero when none). Replaces the voter's current ballot in that poll:
      * choices, scores, recorded_at, idem_key and body_hash take the new values (the row
@@ -142,7 +150,8 @@ typedef enum {
      * TLY_ENOTFOUND when the voter has no ballot in the poll (or the poll does not
      * exist). vote_id, receipt, client_meta and request_id are ignored. */
     TLY_OP_BALLOT_REPLACE,
-    /* u.ballot: poll_id, voter_id, recorded_at = the time of the retraction, idem_key and
+    /* u.ballot: poll_id, voter_id, seq (as for BALLOT_REPLACE), recorded_at = the time
+     * of the retraction, idem_key and
      * body_hash of the request that cast the ballot (NULL / all zero when none). Deletes
      * the voter's ballot in that poll and appends an audit "revoked" row (no choices; the
      * key and hash, which load gives back: tly_retracted_row_t), in one savepoint; the
@@ -405,6 +414,9 @@ typedef struct {
     uint64_t batches, failed_batches, ops, last_batch_size, last_commit_us, queued;
     uint64_t batch_hist[TLY_STORE_HIST + 1], commit_hist[TLY_STORE_HIST + 1];
     uint64_t batch_sum, commit_us_sum;
+    /* SQLite: checkpoints run, and the bytes of WAL committed but not yet copied back
+     * into the database file (what runs behind the durability point). 0 elsewhere. */
+    uint64_t checkpoints, checkpoint_backlog_bytes;
 } tly_store_stats_t;
 void tly_store_stats(tly_store_t *s, tly_store_stats_t *out);
 

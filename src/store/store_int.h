@@ -59,15 +59,16 @@ int tly_store_hist_bucket(const uint64_t *bounds, uint64_t v);
 void tly_store_stop_thread(pthread_mutex_t *mu, pthread_cond_t *cv, int *stop, pthread_t t, int started);
 
 /* The schema version sqlite_schema.c migrates to (PRAGMA user_version). */
-#define TLY_STORE_SCHEMA_VERSION 4
+#define TLY_STORE_SCHEMA_VERSION 5
 
 /* Default most operations in one transaction when conf->batch_max is 0. */
 #define TLY_STORE_BATCH_MAX 4096
 
-/* A passive WAL checkpoint runs between batches once the WAL has grown by this much
- * since the last one. Overridable at build time so a test can make it run often. */
+/* The checkpointer thread copies the WAL back once this much was appended since what
+ * it copied last (sqlite.c, ckpt_main). Overridable at build time so a test can make it
+ * run often. */
 #ifndef TLY_STORE_CHECKPOINT_BYTES
-#define TLY_STORE_CHECKPOINT_BYTES (64u << 20)
+#define TLY_STORE_CHECKPOINT_BYTES (16u << 20)
 #endif
 
 /*

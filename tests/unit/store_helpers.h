@@ -140,10 +140,13 @@ static tly_store_op_t ballot_op(const char *poll_id, const char *voter, const ch
 }
 
 /* A TLY_OP_BALLOT_REPLACE or TLY_OP_BALLOT_DELETE of voter's ballot in poll_id. */
+/* A change (BALLOT_REPLACE) or retraction (BALLOT_DELETE) of the ballot `seq` names:
+ * what the insert (or load) gave back in u.ballot.seq. PostgreSQL ignores seq. */
 static tly_store_op_t change_op(tly_op_type_t type, const char *poll_id, const char *voter,
-                                int64_t at)
+                                int64_t at, int64_t seq)
 {
     tly_store_op_t op = {.type = type};
+    op.u.ballot.seq = seq;
     op.u.ballot.poll_id = poll_id;
     op.u.ballot.voter_id = voter;
     op.u.ballot.recorded_at = at;

@@ -12,6 +12,7 @@
  */
 #include "base/base.h"
 #include "store/store_int.h"
+#define STORE_CHECKS_VOTERS 1 /* store_scenarios.h: PostgreSQL keeps UNIQUE(poll_id, voter_id) */
 #include "store_scenarios.h"
 
 #include <criterion/criterion.h>
@@ -341,7 +342,7 @@ Test(store_pg, counters_equal_count_after_a_mix_with_duplicates)
             if (kind < 6)
                 ops[k] = ballot_op(poll, ids[k][0], ids[k][1], ids[k][2]);
             else
-                ops[k] = change_op(kind < 8 ? TLY_OP_BALLOT_REPLACE : TLY_OP_BALLOT_DELETE, poll, ids[k][0], 5);
+                ops[k] = change_op(kind < 8 ? TLY_OP_BALLOT_REPLACE : TLY_OP_BALLOT_DELETE, poll, ids[k][0], 5, 0);
             int c = two ? rand() % 3 : rand() % 7;
             ops[k].u.ballot.choices = two ? sets2[c].c : sets3[c].c;
             ops[k].u.ballot.nchoices = two ? sets2[c].n : sets3[c].n;
@@ -485,12 +486,12 @@ Test(store_pg, two_instances_follow_each_other_in_commit_order)
         tly_store_submit(b, &ops[1][k]);
     }
     pump_until(both, 2, done_reached, &target);
-    tly_store_op_t ch = change_op(TLY_OP_BALLOT_REPLACE, "poll1", "voter3", 9);
+    tly_store_op_t ch = change_op(TLY_OP_BALLOT_REPLACE, "poll1", "voter3", 9, 0);
     ch.u.ballot.nchoices = 1;
     ch.u.ballot.choices = choice1;
     submit_wait(b, &ch);
     cr_assert_eq(ch.result, 0);
-    tly_store_op_t dl = change_op(TLY_OP_BALLOT_DELETE, "poll1", "voter4", 9);
+    tly_store_op_t dl = change_op(TLY_OP_BALLOT_DELETE, "poll1", "voter4", 9, 0);
     submit_wait(a, &dl);
     cr_assert_eq(dl.result, 0);
     sync_all(both, 2);
@@ -673,12 +674,12 @@ Test(store_pg, a_freeze_is_taken_once_only_if_nothing_changed_the_poll_since_and
     submit_chain(a, mixed, 2);
     cr_assert_eq(mixed[0].result, TLY_ESTATE);
     cr_assert_eq(mixed[1].result, 0);
-    tly_store_op_t ch = change_op(TLY_OP_BALLOT_REPLACE, "poll1", "voter1", 9);
+    tly_store_op_t ch = change_op(TLY_OP_BALLOT_REPLACE, "poll1", "voter1", 9, 0);
     ch.u.ballot.choices = choice1;
     ch.u.ballot.nchoices = 1;
     submit_wait(b, &ch);
     cr_assert_eq(ch.result, TLY_ESTATE);
-    tly_store_op_t dl = change_op(TLY_OP_BALLOT_DELETE, "poll1", "voter2", 9);
+    tly_store_op_t dl = change_op(TLY_OP_BALLOT_DELETE, "poll1", "voter2", 9, 0);
     submit_wait(a, &dl);
     cr_assert_eq(dl.result, TLY_ESTATE);
     tly_store_op_t v4 = ballot_op("poll1", "voter4", "v_4", "r_4");
@@ -1006,7 +1007,7 @@ Test(store_pg, reconcile_reports_drift_and_repairs_it_only_when_asked)
 
     /* And then nothing is left; the writer keeps the repaired rows right. */
     cr_assert_eq(rec_run(rd, 0, &r), 0);
-    tly_store_op_t del = change_op(TLY_OP_BALLOT_DELETE, "poll1", "voter2", 5);
+    tly_store_op_t del = change_op(TLY_OP_BALLOT_DELETE, "poll1", "voter2", 5, 0);
     submit_wait(s, &del);
     cr_assert_eq(del.result, 0);
     assert_counters_exact();
