@@ -72,8 +72,9 @@ void api_respond_store_error(tly_req_t *req, int result)
                           NULL);
 }
 
-/* Errors the HTTP layer answers itself, before a request reaches a route. */
-static size_t render_error(int status, char *buf, size_t cap)
+/* Errors the HTTP layer answers itself, before a request reaches a route; message,
+ * when given, says what was wrong better than the status's own. */
+static size_t render_error(int status, const char *message, char *buf, size_t cap)
 {
     const char *code = "BAD_REQUEST", *msg = "the request is malformed";
     switch (status) {
@@ -89,7 +90,13 @@ static size_t render_error(int status, char *buf, size_t cap)
         code = "HEADERS_TOO_LARGE";
         msg = "the request headers are larger than the server accepts";
         break;
+    case 503:
+        code = "UNAVAILABLE";
+        msg = "the server is busy";
+        break;
     }
+    if (message != NULL)
+        msg = message;
     int n = snprintf(buf, cap, "{\"error\":{\"code\":\"%s\",\"message\":\"%s\"}}", code, msg);
     return n < 0 ? 0 : (size_t)n < cap ? (size_t)n : cap - 1;
 }

@@ -124,10 +124,12 @@ typedef struct {
      * tly_req_respond; until then the connection reads nothing more. */
     void (*handler)(tly_req_t *req, void *arg);
     void *arg;
-    /* Called for errors the server answers itself (400, 413, 414, 431) so they are
-     * rendered in the application's error format: must write a body into buf (at most
-     * cap bytes) and return its length. */
-    size_t (*render_error)(int status, char *buf, size_t cap);
+    /* Called for errors the server answers itself (400, 413, 414, 431, and 503 for a
+     * connection it has no room for) so they are rendered in the application's error
+     * format: must write a body into buf (at most cap bytes) and return its length.
+     * message says what was wrong (a static string, no quotes or backslashes), or is
+     * NULL when the status says it all. */
+    size_t (*render_error)(int status, const char *message, char *buf, size_t cap);
     /* Called once per request when its response starts (status line written or
      * queued), for logs and metrics. Optional. */
     void (*on_response)(tly_req_t *req, int status, void *arg);
@@ -151,8 +153,14 @@ tly_str_t tly_req_path(tly_req_t *req);  /* without the query string, not decode
 tly_str_t tly_req_query(tly_req_t *req); /* after '?', or empty */
 /* The first query parameter `name`, percent-decoded into request memory. */
 bool tly_req_query_param(tly_req_t *req, const char *name, tly_str_t *out);
-/* The value of the first header named `name` (case-insensitive), or {NULL,0}. */
+/* The value of the first header named `name` (case-insensitive), or {NULL,0}. The
+ * server refuses a request with two of a field that is not a list (Host, Authorization,
+ * Content-Type, Idempotency-Key, Last-Event-ID, Sec-WebSocket-Key/-Version), so for
+ * those the first is the only one. */
 tly_str_t tly_req_header(tly_req_t *req, const char *name);
+/* The value of the n-th (from 0) header named `name`, or {NULL,0}: a list field (Prefer,
+ * Connection, ...) may come in several fields whose values together are the list. */
+tly_str_t tly_req_header_nth(tly_req_t *req, const char *name, size_t n);
 tly_str_t tly_req_body(tly_req_t *req);
 /* The peer's numeric address ("127.0.0.1"): the TCP connection's other end. */
 const char *tly_req_peer(tly_req_t *req);

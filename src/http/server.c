@@ -12,6 +12,7 @@
  * after such a request the framing of the stream can no longer be trusted.
  */
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <errno.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -259,11 +260,12 @@ static void write_head(conn_t *c, int status, const char *content_type, size_t c
     out_puts(c, "\r\n");
 }
 
-/* Answers an error found before the request reached the application, then closes. */
-static void send_error_and_close(conn_t *c, int status)
+/* Answers an error found before the request reached the application, then closes.
+ * message: what was wrong, for the client (static text), or NULL for the status's own. */
+static void send_error_and_close_msg(conn_t *c, int status, const char *message)
 {
     char body[512];
-    size_t n = c->server->conf.render_error ? c->server->conf.render_error(status, body, sizeof(body)) : 0;
+    size_t n = c->server->conf.render_error ? c->server->conf.render_error(status, message, body, sizeof(body)) : 0;
     h2o_socket_read_stop(c->sock);
     set_timeout(c, NULL);
     c->close_after_write = true;
@@ -273,6 +275,8 @@ static void send_error_and_close(conn_t *c, int status)
     out_append(c, body, n);
     send_out(c);
 }
+
+static void send_error_and_close(conn_t *c, int status) { send_error_and_close_msg(c, status, NULL); }
 
 /* ---- parsing ---- */
 
@@ -306,6 +310,68 @@ static bool header_has_token(tly_str_t v, const char *token)
             return true;
     }
     return false;
+}
+
+/*
+ * Fields a request may carry once. RFC 9110 5.3 lets a field repeat only when its value
+ * is a list; two copies of one of these are ambiguous instead (which Host names the
+ * target, which credential is the caller's, which key identifies a retry, which event a
+ * stream resumes after), and a proxy in front may have acted on the other copy than we
+ * would. So a second copy is refused with 400, never one picked silently. List fields
+ * (Connection, Prefer, Upgrade, If-None-Match, X-Forwarded-For, ...) may repeat: their
+ * fields are one list. Content-Length and Transfer-Encoding are framing, checked on
+ * their own. docs/openapi.yaml lists these; Host must stay first.
+ */
+static const struct {
+    const char *name, *twice;
+} singletons[] = {
+    {"host", "the request has more than one Host header"},
+    {"authorization", "the request has more than one Authorization header"},
+    {"content-type", "the request has more than one Content-Type header"},
+    {"idempotency-key", "the request has more than one Idempotency-Key header"},
+    {"last-event-id", "the request has more than one Last-Event-ID header"},
+    {"sec-websocket-key", "the request has more than one Sec-WebSocket-Key header"},
+    {"sec-websocket-version", "the request has more than one Sec-WebSocket-Version header"},
+};
+
+static bool is_alnum(char ch) { return (ch >= '0' && ch <= '9') || ((ch | 32) >= 'a' && (ch | 32) <= 'z'); }
+
+/* RFC 3986 unreserved, sub-delims or '%' (a pct-encoded octet is checked by the caller) */
+static bool is_host_char(char ch) { return is_alnum(ch) || (ch != '\0' && strchr("-._~!$&'()*+,;=%", ch) != NULL); }
+
+/* Whether a Host value is uri-host [":" port] (RFC 9112 3.2, RFC 3986 3.2.2): a
+ * reg-name or IPv4 address, or an IP literal in brackets, then an optional port of
+ * digits. Empty is valid (a target without an authority). */
+static bool host_valid(tly_str_t v)
+{
+    size_t i = 0;
+    if (v.len > 0 && v.ptr[0] == '[') {
+        /* IPv6address or IPvFuture: hex digits, ':' and '.' / unreserved, sub-delims, ':' */
+        for (i = 1; i < v.len && v.ptr[i] != ']'; i++)
+            if (v.ptr[i] == '%' || !(is_host_char(v.ptr[i]) || v.ptr[i] == ':'))
+                return false;
+        if (i == v.len || i == 1)
+            return false;
+        i++;
+    } else {
+        for (; i < v.len && v.ptr[i] != ':'; i++) {
+            if (!is_host_char(v.ptr[i]))
+                return false;
+            if (v.ptr[i] == '%') {
+                if (i + 2 >= v.len || !isxdigit((unsigned char)v.ptr[i + 1]) || !isxdigit((unsigned char)v.ptr[i + 2]))
+                    return false;
+                i += 2;
+            }
+        }
+    }
+    if (i == v.len)
+        return true;
+    if (v.ptr[i] != ':')
+        return false;
+    for (i++; i < v.len; i++)
+        if (v.ptr[i] < '0' || v.ptr[i] > '9')
+            return false;
+    return true;
 }
 
 static void dispatch(conn_t *c)
@@ -400,7 +466,9 @@ static void parse_head(conn_t *c)
 
     /* framing: reject anything ambiguous (request smuggling) */
     int ncl = 0, nte = 0;
-    tly_str_t cl = {0}, te = {0}, conn_hdr = {0}, expect = {0};
+    unsigned nsingle[TLY_ARRAY_SIZE(singletons)] = {0};
+    tly_str_t cl = {0}, te = {0}, host = {0}, expect = {0};
+    bool conn_close = false, conn_keepalive = false;
     for (size_t i = 0; i < req->nheaders; i++) {
         tly_str_t name = {req->headers[i].name, req->headers[i].name_len};
         tly_str_t value = {req->headers[i].value, req->headers[i].value_len};
@@ -415,14 +483,41 @@ static void parse_head(conn_t *c)
             nte++;
             te = value;
         } else if (tly_str_ieq(name, "connection")) {
-            conn_hdr = value;
+            /* a list: its values may come in several fields, and all of them count */
+            conn_close = conn_close || header_has_token(value, "close");
+            conn_keepalive = conn_keepalive || header_has_token(value, "keep-alive");
         } else if (tly_str_ieq(name, "expect")) {
             expect = value;
+        } else {
+            for (size_t k = 0; k < TLY_ARRAY_SIZE(singletons); k++) {
+                if (tly_str_ieq(name, singletons[k].name)) {
+                    nsingle[k]++;
+                    if (k == 0)
+                        host = value;
+                    break;
+                }
+            }
         }
     }
     if (ncl > 1 || nte > 1 || (ncl && nte) || (nte && !tly_str_ieq(te, "chunked")) ||
         (nte && req->minor_version == 0)) {
         send_error_and_close(c, 400);
+        return;
+    }
+    for (size_t k = 0; k < TLY_ARRAY_SIZE(singletons); k++) {
+        if (nsingle[k] > 1) {
+            send_error_and_close_msg(c, 400, singletons[k].twice);
+            return;
+        }
+    }
+    /* RFC 9112 3.2: an HTTP/1.1 request without Host, or any request whose Host is not a
+     * host[:port], is answered 400 (HTTP/1.0 predates Host and may leave it out) */
+    if (nsingle[0] == 0 && req->minor_version >= 1) {
+        send_error_and_close_msg(c, 400, "an HTTP/1.1 request needs a Host header");
+        return;
+    }
+    if (nsingle[0] == 1 && !host_valid(host)) {
+        send_error_and_close_msg(c, 400, "the Host header is not a host name or address with an optional port");
         return;
     }
     c->chunked = nte == 1;
@@ -446,8 +541,7 @@ static void parse_head(conn_t *c)
         }
         c->content_length = n;
     }
-    req->keepalive =
-        req->minor_version >= 1 ? !header_has_token(conn_hdr, "close") : header_has_token(conn_hdr, "keep-alive");
+    req->keepalive = !conn_close && (req->minor_version >= 1 || conn_keepalive);
     c->state = ST_BODY;
     if (c->chunked) {
         memset(&c->dec, 0, sizeof(c->dec));
@@ -779,13 +873,15 @@ void http_notify_response(conn_t *c, int status)
 }
 bool tly_req_client_gone(tly_req_t *req) { return req->conn->sock == NULL; }
 
-tly_str_t tly_req_header(tly_req_t *req, const char *name)
+tly_str_t tly_req_header_nth(tly_req_t *req, const char *name, size_t n)
 {
     for (size_t i = 0; i < req->nheaders; i++)
-        if (tly_str_ieq((tly_str_t){req->headers[i].name, req->headers[i].name_len}, name))
+        if (tly_str_ieq((tly_str_t){req->headers[i].name, req->headers[i].name_len}, name) && n-- == 0)
             return (tly_str_t){req->headers[i].value, req->headers[i].value_len};
     return (tly_str_t){NULL, 0};
 }
+
+tly_str_t tly_req_header(tly_req_t *req, const char *name) { return tly_req_header_nth(req, name, 0); }
 
 void *tly_req_alloc(tly_req_t *req, size_t n) { return h2o_mem_alloc_pool(&req->conn->pool, n); }
 

@@ -426,3 +426,87 @@ test('slowloris: a request head that trickles in is cut off at --header-timeout;
     await slow.close();
   }
 });
+
+// ---- Host and fields that may appear once (RFC 9112 3.2, RFC 9110 5.3) -------------------------
+
+function assertBadHeader(r, what, headerName) {
+  const res = assertRawError(r, 400, 'BAD_REQUEST');
+  assert.ok(res.json.error.message.includes(headerName), `${what}: the message names ${headerName}: ${rawDescribe(r)}`);
+  assert.equal(res.headers.connection, 'close', `${what}: ${rawDescribe(r)}`);
+}
+
+test('HTTP/1.1 without Host → 400 BAD_REQUEST naming Host; HTTP/1.0 without Host is still served', async () => {
+  const r = await rawRequest(server, 'GET /healthz HTTP/1.1\r\n\r\n', { waitClose: true });
+  assertBadHeader(r, 'no Host', 'Host');
+  assert.ok(r.closed, 'the connection is closed after the answer');
+  const old = await rawRequest(server, 'GET /healthz HTTP/1.0\r\n\r\n');
+  assert.equal(old.responses[0]?.status, 200, rawDescribe(old));
+});
+
+test('two Host headers → 400 BAD_REQUEST, in HTTP/1.1 and 1.0, whether they agree or not', async () => {
+  for (const [version, a, b] of [['1.1', 'x', 'y'], ['1.1', 'x', 'x'], ['1.0', 'a', 'b']]) {
+    const r = await rawRequest(server, `GET /healthz HTTP/${version}\r\nHost: ${a}\r\nhost: ${b}\r\n\r\n`);
+    assertBadHeader(r, `HTTP/${version} Host ${a}, ${b}`, 'Host');
+  }
+});
+
+test('a Host that is not host[:port] → 400 BAD_REQUEST; every form of a valid one is served', async () => {
+  for (const bad of ['a/b', 'a b', 'x@y', 'a:b', '[::1', '[]', 'a:80x', 'a%zz', 'a?q']) {
+    const r = await rawRequest(server, `GET /healthz HTTP/1.1\r\nHost: ${bad}\r\n\r\n`);
+    assertBadHeader(r, `Host: ${bad}`, 'Host');
+  }
+  for (const good of ['', 'x', `127.0.0.1:${server.port}`, '[::1]:8080', '[::1]', 'tally.example.org', 'a-b.c_d~e',
+    'a:', 'xn--bcher-kva.example', 'h%41st']) {
+    const r = await rawRequest(server, `GET /healthz HTTP/1.1\r\nHost: ${good}\r\n\r\n`);
+    assert.equal(r.responses[0]?.status, 200, `Host: ${good}: ${rawDescribe(r)}`);
+  }
+});
+
+test('a second Authorization, Content-Type, Idempotency-Key, Last-Event-ID or Sec-WebSocket-Key/-Version → 400 naming it', async () => {
+  const poll = (await api(server, 'POST', '/v1/polls', {
+    token: tok, body: { title: 'dup headers', options: [{ text: 'a' }, { text: 'b' }] },
+  })).json;
+  const ws = [host(), ['Upgrade', 'websocket'], ['Connection', 'Upgrade']];
+  const key = ['Sec-WebSocket-Key', 'dGhlIHNhbXBsZSBub25jZQ=='];
+  const version = ['Sec-WebSocket-Version', '13'];
+  const vote = JSON.stringify({ option_id: poll.options[0].option_id });
+  const cases = [
+    // the first credential valid, the second not: the request was answered with the first
+    ['Authorization', rawReq('GET', '/v1/auth/me', [host(), auth(), ['authorization', 'Bearer x.y.z']])],
+    ['Authorization', rawReq('GET', '/v1/auth/me', [host(), auth(), auth()])],
+    ['Content-Type', rawReq('POST', `/v1/polls/${poll.poll_id}/votes`, [host(), auth(),
+      ['Content-Type', 'application/json'], ['CONTENT-TYPE', 'text/plain'], ['Content-Length', String(vote.length)]], vote)],
+    ['Idempotency-Key', rawReq('POST', `/v1/polls/${poll.poll_id}/votes`, [host(), auth(),
+      ['Content-Type', 'application/json'], ['Idempotency-Key', 'k1'], ['Idempotency-Key', 'k2'],
+      ['Content-Length', String(vote.length)]], vote)],
+    ['Last-Event-ID', rawReq('GET', `/v1/polls/${poll.poll_id}/live`, [host(), ['Last-Event-ID', '1'],
+      ['last-event-id', '2']])],
+    ['Sec-WebSocket-Key', rawReq('GET', `/v1/polls/${poll.poll_id}/ws`, [...ws, key, ['Sec-WebSocket-Key',
+      'AQIDBAUGBwgJCgsMDQ4PEA=='], version])],
+    ['Sec-WebSocket-Version', rawReq('GET', `/v1/polls/${poll.poll_id}/ws`, [...ws, key, version, version])],
+  ];
+  for (const [name, bytes] of cases) {
+    const r = await rawRequest(server, bytes);
+    assertBadHeader(r, `two ${name}`, name);
+  }
+  // none of them reached a route: the poll has no ballot
+  const res = await api(server, 'GET', `/v1/polls/${poll.poll_id}/results`);
+  assertStatus(res, 200);
+  assert.equal(res.json.total_votes, 0, 'the refused votes were not cast');
+});
+
+test('list fields may repeat: two Prefer fields are one list (respond-async in the second → 202), two Connection fields likewise', async () => {
+  const poll = (await api(server, 'POST', '/v1/polls', {
+    token: tok, body: { title: 'list headers', options: [{ text: 'a' }, { text: 'b' }] },
+  })).json;
+  const vote = JSON.stringify({ option_id: poll.options[1].option_id });
+  const r = await rawRequest(server, rawReq('POST', `/v1/polls/${poll.poll_id}/votes`, [host(),
+    ['Authorization', `Bearer ${await server.token(`pref-${rand()}`)}`], ['Content-Type', 'application/json'],
+    ['Prefer', 'return=minimal'], ['Prefer', 'respond-async'], ['Content-Length', String(vote.length)]], vote));
+  assert.equal(r.responses[0]?.status, 202, `respond-async in the second Prefer field: ${rawDescribe(r)}`);
+  const c = await rawRequest(server, rawReq('GET', '/healthz', [host(), ['Connection', 'keep-alive'],
+    ['Connection', 'close'], ['Accept', 'application/json'], ['Accept', 'text/plain']]), { waitClose: true });
+  assert.equal(c.responses[0]?.status, 200, rawDescribe(c));
+  assert.equal(c.responses[0].headers.connection, 'close', `close in the second Connection field: ${rawDescribe(c)}`);
+  assert.ok(c.closed, 'and the connection is closed');
+});

@@ -55,8 +55,9 @@ static void handle(tly_req_t *req, void *arg)
     tly_alloc_fail_after(-1);
 }
 
-static size_t render_error(int status, char *buf, size_t cap)
+static size_t render_error(int status, const char *message, char *buf, size_t cap)
 {
+    (void)message;
     int n = snprintf(buf, cap, "{\"status\":%d}", status);
     return n < 0 || (size_t)n >= cap ? 0 : (size_t)n;
 }
