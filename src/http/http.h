@@ -193,7 +193,9 @@ bool tly_req_client_gone(tly_req_t *req);
 /* ---- streamed responses (export, Server-Sent Events) ----
  *
  * A handler may answer with a stream instead of tly_req_respond: the status and headers
- * go out at once with chunked transfer encoding, then the body in pieces. After
+ * go out at once with chunked transfer encoding, then the body in pieces; to an HTTP/1.0
+ * client, which cannot read chunks, the body goes out unframed and the connection's end
+ * ends it (an aborted one ends with a reset, not a close). After
  * tly_req_stream_start the request's path, query, headers and body are no longer
  * available (the connection reads on to notice the client leaving), and the connection
  * closes when the stream ends.

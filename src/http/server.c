@@ -256,7 +256,11 @@ static void write_head(conn_t *c, int status, const char *content_type, size_t c
             out_puts(c, "\r\n");
         }
     }
-    out_puts(c, keepalive ? "" : "Connection: close\r\n");
+    /* HTTP/1.0 closes after each response unless the answer says keep-alive too */
+    if (!keepalive)
+        out_puts(c, "Connection: close\r\n");
+    else if (req != NULL && req->minor_version == 0)
+        out_puts(c, "Connection: keep-alive\r\n");
     out_puts(c, "\r\n");
 }
 
@@ -1034,9 +1038,16 @@ int http_pend_append(conn_t *c, const char *s, size_t n)
 
 void tly_req_stream_start(tly_req_t *req, int status, const char *content_type, const tly_stream_cb_t *cb)
 {
-    static const char tail[] = "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+    /* An HTTP/1.0 client cannot read chunked coding (RFC 9112 6.1: it must not get it):
+     * for it the body goes out as it is and the end of the connection ends it. Every
+     * stream closes its connection at its end anyway. */
+    static const char chunked_tail[] = "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+    static const char close_tail[] = "Connection: close\r\n\r\n";
     conn_t *c = req->conn;
-    size_t head = 160 + (content_type != NULL ? strlen(content_type) + 16 : 0) + sizeof(tail);
+    c->stream_unframed = req->minor_version == 0;
+    const char *tail = c->stream_unframed ? close_tail : chunked_tail;
+    size_t tail_len = c->stream_unframed ? sizeof(close_tail) - 1 : sizeof(chunked_tail) - 1;
+    size_t head = 160 + (content_type != NULL ? strlen(content_type) + 16 : 0) + tail_len;
     for (size_t i = 0; i < req->nresp; i++)
         head += strlen(req->resp_headers[i].name) + strlen(req->resp_headers[i].value) + 4;
     c->pend_len = 0;
@@ -1083,7 +1094,7 @@ void tly_req_stream_start(tly_req_t *req, int status, const char *content_type, 
         http_pend_append(c, req->resp_headers[i].value, strlen(req->resp_headers[i].value));
         http_pend_append(c, "\r\n", 2);
     }
-    http_pend_append(c, tail, sizeof(tail) - 1);
+    http_pend_append(c, tail, tail_len);
     if (req->method == TLY_M_HEAD) {
         /* HEAD: the head of the stream only; the owner hears on_close when it is sent */
         c->stream_ended = true;
@@ -1105,6 +1116,12 @@ int tly_req_stream_write(tly_req_t *req, const char *data, size_t len)
     conn_t *c = req->conn;
     if (c->sock == NULL || c->stream_ended || len == 0)
         return 0;
+    if (c->stream_unframed) {
+        if (http_pend_append(c, data, len) != 0)
+            return TLY_ENOMEM;
+        http_stream_flush(c);
+        return 0;
+    }
     char size[24];
     int n = snprintf(size, sizeof(size), "%zx\r\n", len);
     if (http_pend_append(c, size, (size_t)n) != 0 || http_pend_append(c, data, len) != 0 ||
@@ -1126,7 +1143,8 @@ void tly_req_stream_end(tly_req_t *req)
     if (c->sock == NULL || c->stream_ended)
         return;
     c->stream_ended = true;
-    http_pend_append(c, "0\r\n\r\n", 5);
+    if (!c->stream_unframed)
+        http_pend_append(c, "0\r\n\r\n", 5);
     if (!c->writing)
         http_stream_flush(c);
     if (!c->writing) /* nothing could be queued: close now rather than never */
@@ -1136,6 +1154,14 @@ void tly_req_stream_end(tly_req_t *req)
 void tly_req_stream_abort(tly_req_t *req)
 {
     conn_t *c = req->conn;
-    if (c->state == ST_STREAMING || c->state == ST_WEBSOCKET)
-        http_conn_close(c);
+    if (c->state != ST_STREAMING && c->state != ST_WEBSOCKET)
+        return;
+    if (c->state == ST_STREAMING && c->stream_unframed && c->sock != NULL) {
+        /* Unframed, a plain close would read as the complete body: a reset instead
+         * (SO_LINGER with a zero timeout), so the client sees the stream broke, as a
+         * chunked one's missing last chunk tells it. */
+        struct linger lg = {.l_onoff = 1, .l_linger = 0};
+        setsockopt(h2o_socket_get_fd(c->sock), SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    }
+    http_conn_close(c);
 }

@@ -3,6 +3,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
+import net from 'node:net';
 import {
   startServer, api, request, rawRequest, assertError, assertStatus, describe, rand,
 } from './harness.mjs';
@@ -425,6 +426,133 @@ test('slowloris: a request head that trickles in is cut off at --header-timeout;
   } finally {
     await slow.close();
   }
+});
+
+// ---- HTTP/1.0 and streamed answers (RFC 9112 6.1: never chunked to HTTP/1.0) ----------------
+
+/**
+ * Opens a raw connection, sends `data`, and collects what arrives. until(buf) says when to
+ * stop waiting for more: returns {raw, ended (the server ended the stream with a FIN),
+ * reset, timedOut, sock} with the socket still open unless it ended.
+ */
+function rawCollect(data, until, timeout = 5000) {
+  return new Promise((resolve) => {
+    const sock = net.connect({ host: '127.0.0.1', port: server.port });
+    const chunks = [];
+    const out = { ended: false, reset: false, timedOut: false, sock };
+    let done = false;
+    const finish = (timedOut) => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      out.timedOut = timedOut;
+      out.raw = Buffer.concat(chunks);
+      resolve(out);
+    };
+    const timer = setTimeout(() => finish(true), timeout);
+    sock.on('connect', () => sock.write(data));
+    sock.on('data', (c) => { chunks.push(c); if (until(Buffer.concat(chunks))) finish(false); });
+    sock.on('end', () => { out.ended = true; finish(false); });
+    sock.on('error', (e) => { out.reset = e.code === 'ECONNRESET'; finish(false); });
+  });
+}
+
+/** Waits for the end of a connection rawCollect left open; the bytes that came meanwhile
+ *  are appended to r.raw. */
+function rawAwaitEnd(r, timeout = 5000) {
+  return new Promise((resolve) => {
+    const chunks = [r.raw];
+    const timer = setTimeout(() => { r.timedOut = true; r.raw = Buffer.concat(chunks); resolve(r); }, timeout);
+    r.sock.removeAllListeners('data').removeAllListeners('end');
+    r.sock.on('data', (c) => chunks.push(c));
+    r.sock.on('end', () => { clearTimeout(timer); r.ended = true; r.raw = Buffer.concat(chunks); resolve(r); });
+  });
+}
+
+/** The head (status and lower-cased header map) and the bytes after it. */
+function splitHead(raw) {
+  const end = raw.indexOf('\r\n\r\n');
+  assert.ok(end > 0, `a complete response head: ${JSON.stringify(raw.toString('latin1').slice(0, 400))}`);
+  const lines = raw.subarray(0, end).toString('latin1').split('\r\n');
+  const headers = {};
+  for (const l of lines.slice(1)) {
+    const i = l.indexOf(':');
+    headers[l.slice(0, i).trim().toLowerCase()] = l.slice(i + 1).trim();
+  }
+  return { status: Number(lines[0].split(' ')[1]), headers, body: raw.subarray(end + 4).toString('utf8') };
+}
+
+test('HTTP/1.0 GET /live: the event stream is not chunked; closing the connection ends it', async () => {
+  const owner = await server.token(`owner10-${rand()}`);
+  const poll = (await api(server, 'POST', '/v1/polls', {
+    token: owner, body: { title: 'h10 live', options: [{ text: 'a' }, { text: 'b' }] },
+  })).json;
+  const r = await rawCollect(`GET /v1/polls/${poll.poll_id}/live HTTP/1.0\r\n\r\n`,
+    (b) => b.includes('\n\n', b.indexOf('event: results')));
+  assert.ok(!r.timedOut && !r.ended, `the first event arrives on an open stream: ${r.raw.toString('latin1')}`);
+  const { status, headers, body } = splitHead(r.raw);
+  assert.equal(status, 200);
+  assert.equal(headers['content-type'], 'text/event-stream; charset=utf-8');
+  assert.equal(headers['transfer-encoding'], undefined, `no Transfer-Encoding to HTTP/1.0: ${JSON.stringify(headers)}`);
+  assert.equal(headers['content-length'], undefined);
+  assert.equal(headers.connection, 'close');
+  assert.match(body, /^retry: \d+\n\nevent: results\nid: \d+\ndata: \{/, `the events as they are, no chunk sizes: ${body}`);
+  // closing the poll ends the stream: a `closed` event, then the server closes the connection
+  const closed = await api(server, 'PATCH', `/v1/polls/${poll.poll_id}`, { token: owner, body: { status: 'closed' } });
+  assertStatus(closed, 200, 'closing the poll');
+  await rawAwaitEnd(r);
+  assert.ok(r.ended && !r.timedOut, `the server ends the stream with a close: ${r.raw.toString('latin1')}`);
+  const all = splitHead(r.raw).body;
+  assert.match(all, /event: closed\n[^]*\n\n$/, `the last event is the close, and nothing follows it: ${all}`);
+  assert.ok(!/\r\n0\r\n\r\n$/.test(all), 'no last-chunk marker');
+});
+
+test('HTTP/1.0 GET /export: the export is not chunked; the end of the connection ends it', async () => {
+  const owner = await server.token(`owner10-${rand()}`);
+  const poll = (await api(server, 'POST', '/v1/polls', {
+    token: owner, body: { title: 'h10 export', options: [{ text: 'a' }, { text: 'b' }] },
+  })).json;
+  for (let i = 0; i < 3; i++) {
+    const v = await api(server, 'POST', `/v1/polls/${poll.poll_id}/votes`, {
+      token: await server.token(`v10-${rand()}`), body: { option_id: poll.options[i % 2].option_id },
+    });
+    assertStatus(v, 200, 'a vote');
+  }
+  for (const format of ['json', 'csv']) {
+    const r = await rawCollect(`GET /v1/polls/${poll.poll_id}/export?format=${format} HTTP/1.0\r\n` +
+      `Authorization: Bearer ${owner}\r\n\r\n`, () => false);
+    assert.ok(r.ended && !r.timedOut && !r.reset, `${format}: the server ends the export with a close`);
+    const { status, headers, body } = splitHead(r.raw);
+    assert.equal(status, 200, `${format}: ${body.slice(0, 300)}`);
+    assert.equal(headers['transfer-encoding'], undefined, `${format}: no Transfer-Encoding: ${JSON.stringify(headers)}`);
+    assert.equal(headers.connection, 'close');
+    if (format === 'json') {
+      const doc = JSON.parse(body); // chunk sizes in the body would not parse
+      assert.equal(doc.ballots.length, 3, `the three ballots: ${body.slice(0, 500)}`);
+    } else {
+      const lines = body.replace(/^\uFEFF/, '').trimEnd().split('\r\n');
+      assert.equal(lines.length, 4, `a header line and three ballots: ${JSON.stringify(body)}`);
+      assert.match(lines[0], /^voter,recorded_at,a,b$/);
+    }
+  }
+  // HTTP/1.1 is still chunked
+  const r = await rawRequest(server, rawReq('GET', `/v1/polls/${poll.poll_id}/export?format=json`,
+    [host(), ['Authorization', `Bearer ${owner}`]]), { waitClose: true });
+  assert.equal(r.responses[0]?.headers['transfer-encoding'], 'chunked', rawDescribe(r));
+  assert.equal(r.responses[0].json.ballots.length, 3, rawDescribe(r));
+});
+
+test('HTTP/1.0 with Connection: keep-alive: the answer says keep-alive and the connection serves a second request', async () => {
+  const one = 'GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n';
+  const r = await rawRequest(server, [one, one], { responses: 2, gapMs: 50 });
+  assert.equal(r.responses.length, 2, rawDescribe(r));
+  for (const res of r.responses) {
+    assert.equal(res.status, 200, rawDescribe(r));
+    assert.equal(res.headers.connection, 'keep-alive', rawDescribe(r));
+  }
+  const plain = await rawRequest(server, 'GET /healthz HTTP/1.0\r\n\r\n', { waitClose: true });
+  assert.equal(plain.responses[0]?.headers.connection, 'close', rawDescribe(plain));
+  assert.ok(plain.closed, 'without keep-alive HTTP/1.0 closes after the answer');
 });
 
 // ---- Host and fields that may appear once (RFC 9112 3.2, RFC 9110 5.3) -------------------------

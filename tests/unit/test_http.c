@@ -36,6 +36,15 @@ static void handle(tly_req_t *req, void *arg)
 {
     (void)arg;
     handled++;
+    if (strncmp(tly_req_path(req).ptr, "/abort", 6) == 0) {
+        /* a stream that breaks after it started (an export whose store read fails); the
+         * piece still queued behind the head is dropped with it */
+        tly_stream_cb_t cb = {.on_close = stream_on_close};
+        tly_req_stream_start(req, 200, "text/plain", &cb);
+        tly_req_stream_write(req, "partial", 7);
+        tly_req_stream_abort(req);
+        return;
+    }
     if (strncmp(tly_req_path(req).ptr, "/stream", 7) == 0) {
         tly_stream_cb_t cb = {.on_close = stream_on_close};
         tly_alloc_fail_after(0);
@@ -95,10 +104,13 @@ static int64_t mono_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+static int end_errno; /* how the last exchange ended: 0 a close, else recv's errno */
+
 /* Sends req, half-closes, and returns (NUL-terminated in out) all the server wrote
  * until it closed the connection. */
 static void exchange(const char *req, char *out, size_t cap)
 {
+    end_errno = 0;
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     cr_assert_geq(fd, 0);
     struct sockaddr_in sa = {.sin_family = AF_INET,
@@ -115,8 +127,12 @@ static void exchange(const char *req, char *out, size_t cap)
         ssize_t n = recv(fd, out + o, cap - 1 - o, 0);
         if (n > 0)
             o += (size_t)n;
-        else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+        else if (n == 0)
             break;
+        else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+            end_errno = errno;
+            break;
+        }
         cr_assert_lt(mono_ms(), deadline, "the server neither answered nor closed; got: %.*s", (int)o, out);
     }
     out[o] = '\0';
@@ -239,6 +255,25 @@ Test(server, a_stream_without_memory_for_its_head_is_a_503_and_its_owner_hears_t
     cr_assert(strncmp(out, "HTTP/1.1 503 ", 13) == 0, "%.200s", out);
     cr_assert_null(strstr(out, "data: x"), "%.300s", out);
     cr_assert_eq(stream_closed, 1);
+}
+
+/* An HTTP/1.0 client cannot read chunks, so its stream goes out unframed and the close
+ * ends it; a stream that breaks must then end in a reset, or the client would take what
+ * it got for the whole body. Over HTTP/1.1 the missing last chunk says so. */
+Test(server, a_broken_stream_ends_in_a_reset_for_http_1_0_and_without_its_last_chunk_for_1_1, .init = start,
+     .fini = stop)
+{
+    char out[4096];
+    exchange("GET /abort HTTP/1.0\r\n\r\n", out, sizeof(out));
+    cr_assert(strncmp(out, "HTTP/1.1 200 ", 13) == 0, "%s", out);
+    cr_assert_null(strstr(out, "Transfer-Encoding"), "%s", out);
+    cr_assert_eq(end_errno, ECONNRESET, "HTTP/1.0: a reset, not a close (errno %d): %s", end_errno, out);
+    cr_assert_eq(stream_closed, 1);
+
+    exchange("GET /abort HTTP/1.1\r\nHost: a\r\n\r\n", out, sizeof(out));
+    cr_assert_not_null(strstr(out, "Transfer-Encoding: chunked\r\n"), "%s", out);
+    cr_assert_null(strstr(out, "0\r\n\r\n"), "no last chunk: %s", out);
+    cr_assert_eq(end_errno, 0, "HTTP/1.1: a close (errno %d)", end_errno);
 }
 
 Test(addr, x_forwarded_for_counts_only_from_a_trusted_proxy)
