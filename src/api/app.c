@@ -540,6 +540,16 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
         snprintf(err, 512, "cannot listen: %s", herr);
         goto fail;
     }
+    uint64_t fd_limit;
+    size_t max_conns = tly_server_max_connections(app->server, &fd_limit);
+    if (max_conns < (size_t)conf->max_connections) {
+        char want[24], got[24], lim[24];
+        snprintf(want, sizeof(want), "%ld", conf->max_connections);
+        snprintf(got, sizeof(got), "%zu", max_conns);
+        snprintf(lim, sizeof(lim), "%llu", (unsigned long long)fd_limit);
+        tly_log(TLY_LOG_WARN, "--max-connections lowered to fit the open-file limit", "max_connections", want,
+                "clamped_to", got, "fd_limit", lim, NULL);
+    }
     return app;
 fail:
     tly_app_free(app);

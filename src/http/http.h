@@ -117,7 +117,8 @@ typedef struct {
     size_t uri_max;                /* bytes of the request target; longer get 414 */
     uint64_t head_timeout_ms;      /* a request head must arrive within this (slowloris) */
     uint64_t idle_timeout_ms;      /* a keep-alive connection idle this long is closed */
-    size_t max_connections;        /* further connections are accepted and closed at once */
+    size_t max_connections;        /* further connections get a 503 and are closed at once;
+                                    * lowered to what the open-file limit leaves room for */
     size_t max_connections_per_ip; /* the same, per client address (IPv6: per /64); 0 = none */
     tly_proxies_t trusted_proxies; /* whose X-Forwarded-For tly_req_client believes */
     /* Every parsed request goes here. The handler answers now or later with
@@ -135,12 +136,24 @@ typedef struct {
     void (*on_response)(tly_req_t *req, int status, void *arg);
 } tly_server_conf_t;
 
+/* Raises this process's soft limit on open files to its hard limit: each connection is
+ * a descriptor, and a soft limit below the hard one (systemd's 1024) would cap the
+ * server for nothing. *before and *after get the soft limit before and after (0 =
+ * unlimited). Returns 0, or -errno when the limits cannot be read or set (the limit is
+ * then as it was). Call at start, on the main thread, before tly_server_new. */
+int tly_fd_limit_raise(uint64_t *before, uint64_t *after);
+
 /* Listens on host:port ("127.0.0.1:8080", "[::1]:8080", "0.0.0.0:80"). Returns NULL and
  * writes a reason into err (256 bytes) on failure. conf is copied. */
 tly_server_t *tly_server_new(tly_loop_t *loop, const char *listen, const tly_server_conf_t *conf, char *err);
 /* Stops accepting; open connections finish their current request and close. */
 void tly_server_stop_accepting(tly_server_t *s);
 size_t tly_server_connections(tly_server_t *s);
+/* The connections the server holds at most: conf.max_connections, or fewer when the
+ * open-file limit at tly_server_new left room for fewer beside the descriptors open then
+ * and a reserve for those opened later. *fd_limit (when not NULL) gets that limit (0 =
+ * none). Loop thread. */
+size_t tly_server_max_connections(tly_server_t *s, uint64_t *fd_limit);
 void tly_server_free(tly_server_t *s);
 /* The port actually bound (useful with port 0). */
 int tly_server_port(tly_server_t *s);

@@ -13,13 +13,16 @@
  */
 #include <arpa/inet.h>
 #include <ctype.h>
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -37,6 +40,13 @@ struct tly_server {
     ip_conns_t *ips;
     h2o_timeout_t head_timeout, idle_timeout, linger_timeout;
     bool accepting;
+    /* running out of descriptors (accept_starved) */
+    int spare_fd;                  /* kept open to be given up for one accept; -1 if none */
+    h2o_timeout_t backoff_timeout; /* how long accepting pauses when even that fails */
+    h2o_timeout_entry_t backoff;   /* linked while paused */
+    uint64_t fd_limit;             /* the soft RLIMIT_NOFILE at start; 0 = unlimited */
+    char busy[512];                /* the whole 503 for a connection without room */
+    size_t busy_len;
 };
 
 static void conn_process(conn_t *c);
@@ -643,6 +653,75 @@ void http_conn_close(conn_t *c)
         http_conn_free(c);
 }
 
+/*
+ * Answers a connection the server will not keep with a whole response from memory that
+ * needs nothing more (a 503), best effort, and leaves the closing to the caller: the
+ * client gets a retry hint at once rather than a silent close or a wait in the listen
+ * queue. What the client already sent is read and dropped first: closing a socket with
+ * unread input makes the kernel send a reset that can overtake the answer.
+ */
+static void turn_away(int fd, const char *response, size_t len)
+{
+    char drain[4096];
+    for (int i = 0; i < 16 && recv(fd, drain, sizeof(drain), MSG_DONTWAIT) > 0; i++)
+        ;
+    ssize_t w = send(fd, response, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+    (void)w;
+    shutdown(fd, SHUT_WR);
+}
+
+static void on_accept(h2o_socket_t *listener, const char *err);
+
+static void on_backoff_end(h2o_timeout_entry_t *entry)
+{
+    tly_server_t *s = (tly_server_t *)((char *)entry - offsetof(tly_server_t, backoff));
+    if (s->spare_fd < 0)
+        s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (s->listener != NULL)
+        h2o_socket_read_start(s->listener, on_accept);
+}
+
+/* Stops accepting for backoff_timeout; on_backoff_end resumes. */
+static void accept_pause(tly_server_t *s)
+{
+    h2o_socket_read_stop(s->listener);
+    if (!h2o_timeout_is_linked(&s->backoff))
+        h2o_timeout_link(s->loop->h2o, &s->backoff_timeout, &s->backoff);
+}
+
+/*
+ * accept found no descriptor for a waiting connection (EMFILE: this process's limit;
+ * ENFILE: the system's). The connection stays queued and the listener readable, so the
+ * loop would call on_accept again at once, and again, forever: 100% CPU, and the clients
+ * in the queue wait for nothing. Instead the spare descriptor kept for this moment is
+ * given up, the waiting connections are accepted into it one at a time and each turned
+ * away with the 503, and the spare is taken back. When that cannot be done (no spare, or
+ * another thread took the freed descriptor first), accepting pauses for a while; the
+ * listen queue keeps the clients meanwhile. Either way nothing is retried at once.
+ */
+static void accept_starved(tly_server_t *s)
+{
+    int lfd = h2o_socket_get_fd(s->listener), failed = EMFILE;
+    if (s->spare_fd >= 0) {
+        close(s->spare_fd);
+        s->spare_fd = -1;
+        for (int i = 0; i < 64; i++) {
+            int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+            if (fd < 0) {
+                failed = errno;
+                break;
+            }
+            turn_away(fd, s->busy, s->busy_len);
+            close(fd);
+            failed = 0;
+        }
+        s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+        if (s->spare_fd >= 0 && failed != EMFILE && failed != ENFILE)
+            return; /* the queue is empty (EAGAIN), or more wait and the loop comes back */
+    }
+    accept_pause(s);
+}
+
 static void on_accept(h2o_socket_t *listener, const char *err)
 {
     tly_server_t *s = listener->data;
@@ -650,25 +729,24 @@ static void on_accept(h2o_socket_t *listener, const char *err)
         return;
     for (int i = 0; i < 64; i++) {
         h2o_socket_t *sock = h2o_evloop_socket_accept(listener);
-        if (sock == NULL)
+        if (sock == NULL) {
+            /* h2o returns NULL only when accept failed, errno still accept's; EAGAIN: no
+             * one waits. Out of descriptors or kernel memory, retrying at once would spin. */
+            if (errno == EMFILE || errno == ENFILE)
+                accept_starved(s);
+            else if (errno == ENOBUFS || errno == ENOMEM)
+                accept_pause(s);
             return;
+        }
         if (!s->accepting || s->nconns >= s->conf.max_connections) {
+            turn_away(h2o_socket_get_fd(sock), s->busy, s->busy_len);
             h2o_socket_close(sock);
             continue;
         }
         conn_t *c = tly_calloc(1, sizeof(*c));
         if (c == NULL) {
-            /* No memory for the connection: answer 503 from static memory, best effort,
-             * rather than close silently (the client would see a reset, not a retry hint).
-             * What the client already sent is read and dropped first: closing a socket
-             * with unread input makes the kernel send a reset that can overtake the 503. */
-            int fd = h2o_socket_get_fd(sock);
-            char drain[4096];
-            while (recv(fd, drain, sizeof(drain), MSG_DONTWAIT) > 0)
-                ;
-            ssize_t w = send(fd, oom_response, sizeof(oom_response) - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
-            (void)w;
-            shutdown(fd, SHUT_WR);
+            /* no memory for the connection: the static 503, which needs none */
+            turn_away(h2o_socket_get_fd(sock), oom_response, sizeof(oom_response) - 1);
             h2o_socket_close(sock);
             continue;
         }
@@ -754,6 +832,52 @@ static int parse_listen(const char *listen, struct sockaddr_storage *ss, socklen
     return 0;
 }
 
+/*
+ * Descriptors kept free beyond those open when the server starts, for what opens files
+ * later without a connection to show for it: the export's store reader (SQLite: the
+ * database, its WAL and shared memory) and SQLite's temporary files for large sorts; a
+ * web file being read; the PostgreSQL and Redis connections (writer, follower, readers,
+ * the bus's two), each of which may hold a new socket and the resolver's files while
+ * reconnecting; a connection being turned away while the table is full. About 25 at
+ * worst; the rest is margin.
+ */
+#define FD_HEADROOM 32
+
+/* The descriptors this process has open: /proc/self/fd where there is one, otherwise
+ * probed one by one below the limit (at most 65536 probes). */
+static size_t fds_open(uint64_t limit)
+{
+    size_t n = 0;
+    DIR *d = opendir("/proc/self/fd");
+    if (d != NULL) {
+        struct dirent *e;
+        while ((e = readdir(d)) != NULL)
+            if (e->d_name[0] != '.')
+                n++;
+        closedir(d);
+        return n > 0 ? n - 1 : 0; /* not the directory's own */
+    }
+    for (uint64_t fd = 0; fd < limit && fd < 65536; fd++)
+        if (fcntl((int)fd, F_GETFD) != -1)
+            n++;
+    return n;
+}
+
+int tly_fd_limit_raise(uint64_t *before, uint64_t *after)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+        return -errno;
+    *before = *after = rl.rlim_cur == RLIM_INFINITY ? 0 : (uint64_t)rl.rlim_cur;
+    if (rl.rlim_cur == rl.rlim_max)
+        return 0;
+    rl.rlim_cur = rl.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+        return -errno;
+    *after = rl.rlim_cur == RLIM_INFINITY ? 0 : (uint64_t)rl.rlim_cur;
+    return 0;
+}
+
 tly_server_t *tly_server_new(tly_loop_t *loop, const char *listen_addr, const tly_server_conf_t *conf, char *err)
 {
     struct sockaddr_storage ss;
@@ -783,6 +907,31 @@ tly_server_t *tly_server_new(tly_loop_t *loop, const char *listen_addr, const tl
     s->loop = loop;
     s->conf = *conf;
     s->accepting = true;
+    s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    /* Every connection holds a descriptor: more connections than the open-file limit
+     * leaves room for would only turn into failing accepts, so the cap comes down to
+     * what fits beside what is open now (the store, the bus, the loop's own, this
+     * listener and the spare) and FD_HEADROOM. */
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+        s->fd_limit = (uint64_t)rl.rlim_cur;
+        uint64_t used = (uint64_t)fds_open(s->fd_limit) + FD_HEADROOM;
+        if (s->fd_limit <= used) {
+            snprintf(err, 256, "the open-file limit (%llu) leaves no descriptor for connections: %llu are open or kept",
+                     (unsigned long long)s->fd_limit, (unsigned long long)used);
+            goto fail;
+        }
+        if (s->conf.max_connections > s->fd_limit - used)
+            s->conf.max_connections = (size_t)(s->fd_limit - used);
+    }
+    static const char busy_msg[] = "the server has no room for another connection; retry shortly";
+    char body[256];
+    size_t body_len = conf->render_error ? conf->render_error(503, busy_msg, body, sizeof(body)) : 0;
+    int n = snprintf(s->busy, sizeof(s->busy),
+                     "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
+                     "Retry-After: 1\r\nConnection: close\r\nContent-Length: %zu\r\n\r\n%.*s",
+                     body_len, (int)body_len, body);
+    s->busy_len = n > 0 && (size_t)n < sizeof(s->busy) ? (size_t)n : 0;
     struct sockaddr_storage bound;
     socklen_t blen = sizeof(bound);
     getsockname(fd, (struct sockaddr *)&bound, &blen);
@@ -790,6 +939,8 @@ tly_server_t *tly_server_new(tly_loop_t *loop, const char *listen_addr, const tl
     h2o_timeout_init(loop->h2o, &s->head_timeout, conf->head_timeout_ms);
     h2o_timeout_init(loop->h2o, &s->idle_timeout, conf->idle_timeout_ms);
     h2o_timeout_init(loop->h2o, &s->linger_timeout, 2000);
+    h2o_timeout_init(loop->h2o, &s->backoff_timeout, 100);
+    s->backoff.cb = on_backoff_end;
     s->listener = h2o_evloop_socket_create(loop->h2o, fd, H2O_SOCKET_FLAG_DONT_READ);
     s->listener->data = s;
     h2o_socket_read_start(s->listener, on_accept);
@@ -797,6 +948,8 @@ tly_server_t *tly_server_new(tly_loop_t *loop, const char *listen_addr, const tl
 fail:
     if (fd >= 0)
         close(fd);
+    if (s != NULL && s->spare_fd >= 0)
+        close(s->spare_fd);
     tly_free(s);
     return NULL;
 }
@@ -805,11 +958,20 @@ int tly_server_port(tly_server_t *s) { return s->port; }
 
 size_t tly_server_connections(tly_server_t *s) { return s->nconns; }
 
+size_t tly_server_max_connections(tly_server_t *s, uint64_t *fd_limit)
+{
+    if (fd_limit != NULL)
+        *fd_limit = s->fd_limit;
+    return s->conf.max_connections;
+}
+
 void tly_server_stop_accepting(tly_server_t *s)
 {
     if (!s->accepting)
         return;
     s->accepting = false;
+    if (h2o_timeout_is_linked(&s->backoff))
+        h2o_timeout_unlink(&s->backoff);
     if (s->listener != NULL) {
         h2o_socket_read_stop(s->listener);
         h2o_socket_close(s->listener);
@@ -836,6 +998,9 @@ void tly_server_free(tly_server_t *s)
     h2o_timeout_dispose(s->loop->h2o, &s->head_timeout);
     h2o_timeout_dispose(s->loop->h2o, &s->idle_timeout);
     h2o_timeout_dispose(s->loop->h2o, &s->linger_timeout);
+    h2o_timeout_dispose(s->loop->h2o, &s->backoff_timeout);
+    if (s->spare_fd >= 0)
+        close(s->spare_fd);
     tly_free(s);
 }
 

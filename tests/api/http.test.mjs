@@ -4,8 +4,12 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
 import net from 'node:net';
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import {
-  startServer, api, request, rawRequest, assertError, assertStatus, describe, rand,
+  startServer, api, request, rawRequest, assertError, assertStatus, describe, rand, BIN, freePort, sleep, tail,
 } from './harness.mjs';
 
 let server, tok;
@@ -637,4 +641,169 @@ test('list fields may repeat: two Prefer fields are one list (respond-async in t
   assert.equal(c.responses[0]?.status, 200, rawDescribe(c));
   assert.equal(c.responses[0].headers.connection, 'close', `close in the second Connection field: ${rawDescribe(c)}`);
   assert.ok(c.closed, 'and the connection is closed');
+});
+
+// ---- the open-file limit (each connection is a descriptor) --------------------------------------
+
+/**
+ * Starts `tally serve` (SQLite) under `sh -c '<limits>; exec tally ...'`, so that its
+ * open-file limits are what the shell's ulimit made them. Resolves once it answers
+ * /healthz (on a connection it then closes). Returns {port, proc, log(), cpu(), limits(),
+ * stop()}.
+ */
+async function startLimited(limits) {
+  const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'tally-fd-'));
+  const port = await freePort();
+  const proc = spawn('sh', ['-c', `${limits} && exec "$0" "$@"`, BIN, 'serve', '--listen', `127.0.0.1:${port}`,
+    '--data-dir', dataDir, '--secret', rand(24)],
+  { env: { ...process.env, TALLY_RATE_LIMITS: 'off', TALLY_POW_DIFFICULTY: '0' }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let log = '';
+  proc.stdout.on('data', (d) => { log += d; });
+  proc.stderr.on('data', (d) => { log += d; });
+  const srv = {
+    port,
+    proc,
+    log: () => log,
+    /** CPU seconds (user + system) the server has used, from /proc/PID/stat. */
+    cpu: () => {
+      const f = fs.readFileSync(`/proc/${proc.pid}/stat`, 'utf8').split(') ')[1].split(' ');
+      return (Number(f[11]) + Number(f[12])) / 100; // utime, stime in USER_HZ (100 on Linux)
+    },
+    /** [soft, hard] of "Max open files" in /proc/PID/limits. */
+    limits: () => {
+      const line = fs.readFileSync(`/proc/${proc.pid}/limits`, 'utf8').split('\n').find((l) => l.startsWith('Max open files'));
+      return line.split(/\s{2,}/).slice(1, 3).map(Number);
+    },
+    stop: async () => {
+      if (proc.exitCode === null && proc.signalCode === null) {
+        const exited = new Promise((r) => proc.once('exit', r));
+        proc.kill('SIGTERM');
+        const t = setTimeout(() => proc.kill('SIGKILL'), 5000);
+        await exited;
+        clearTimeout(t);
+      }
+      fs.rmSync(dataDir, { recursive: true, force: true });
+      return proc.exitCode;
+    },
+  };
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    if (proc.exitCode !== null) throw new Error(`tally exited during start (${proc.exitCode}):\n${tail(log)}`);
+    const r = await rawRequest(srv, 'GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n',
+      { waitClose: true, timeout: 1000 });
+    if (r.responses[0]?.status === 200 && r.closed) return srv;
+    if (Date.now() > deadline) throw new Error(`tally did not answer /healthz within 10 s:\n${tail(log)}`);
+    await sleep(50);
+  }
+}
+
+/** Opens a connection, sends one keep-alive request, and reports its first answer and
+ *  whether the server closed the connection after it. */
+function holdOne(port) {
+  return new Promise((resolve) => {
+    const sock = net.connect({ host: '127.0.0.1', port });
+    const chunks = [];
+    const st = { sock, status: null, json: null, headers: null, closed: false, answered: null };
+    st.answered = new Promise((done) => {
+      const check = () => {
+        const [res] = parseFirst(Buffer.concat(chunks));
+        if (res && st.status === null) {
+          Object.assign(st, { status: res.status, json: res.json, headers: res.headers });
+        }
+        if (st.status !== null && (st.status !== 503 || st.closed)) done(st);
+      };
+      sock.on('data', (c) => { chunks.push(c); check(); });
+      sock.on('end', () => { st.closed = true; check(); });
+      sock.on('close', () => { st.closed = true; check(); if (st.status === null) done(st); });
+    });
+    sock.on('error', () => {});
+    sock.on('connect', () => { sock.write('GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n'); resolve(st); });
+  });
+}
+function parseFirst(buf) {
+  const end = buf.indexOf('\r\n\r\n');
+  if (end < 0) return [];
+  const head = splitHead(buf);
+  const n = Number(head.headers['content-length'] ?? 0);
+  if (Buffer.byteLength(head.body) < n) return [];
+  let json = null;
+  try { json = JSON.parse(head.body); } catch { /* not JSON */ }
+  return [{ status: head.status, headers: head.headers, json }];
+}
+
+test('an open-file limit below --max-connections: the cap comes down with a warning, the clients past it get a quick 503, the server does not spin and serves again when they leave', async () => {
+  // the hard limit too, so that raising the soft one cannot help
+  const srv = await startLimited('ulimit -Sn 128 && ulimit -Hn 128');
+  const socks = [];
+  try {
+    assert.deepEqual(srv.limits(), [128, 128], 'the limits the server runs with');
+    const warn = srv.log().split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l))
+      .find((l) => l.msg === '--max-connections lowered to fit the open-file limit');
+    assert.ok(warn, `a warning names the lowered cap:\n${tail(srv.log())}`);
+    assert.equal(warn.level, 'warn');
+    assert.equal(warn.max_connections, '19000');
+    assert.equal(warn.fd_limit, '128');
+    const cap = Number(warn.clamped_to);
+    assert.ok(cap > 0 && cap < 128 - 3, `the cap leaves room for the server's own descriptors: ${cap}`);
+
+    // 200 clients, each with a keep-alive request: the first `cap` are served and stay
+    // open (the table is full), the rest get 503 UNAVAILABLE and a close at once
+    for (let i = 0; i < 200; i++) socks.push(await holdOne(srv.port));
+    let timer;
+    const firstAnswers = await Promise.race([Promise.all(socks.map((s) => s.answered)),
+      new Promise((r) => { timer = setTimeout(() => r(null), 15_000); })]);
+    clearTimeout(timer);
+    assert.ok(firstAnswers, 'every client gets an answer (none waits in the listen queue)');
+    const served = socks.filter((s) => s.status === 200 && !s.closed).length;
+    const away = socks.filter((s) => s.status === 503 && s.closed);
+    assert.equal(served, cap, `the cap's worth of clients is served and kept (503s: ${away.length})`);
+    assert.equal(away.length, 200 - cap, 'every other client is turned away');
+    assert.equal(away[0].json?.error?.code, 'UNAVAILABLE', JSON.stringify(away[0].json));
+    assert.equal(away[0].headers['retry-after'], '1');
+
+    // with the table full, over more than 2 s in which more clients come and are turned
+    // away, the server uses a fraction of one CPU (it spun at 100% retrying accept)
+    const cpu0 = srv.cpu();
+    const t0 = Date.now();
+    const late = [];
+    while (Date.now() - t0 < 2500) {
+      late.push(await holdOne(srv.port));
+      await late[late.length - 1].answered;
+      await sleep(100);
+    }
+    const cpu = srv.cpu() - cpu0;
+    const wall = (Date.now() - t0) / 1000;
+    assert.ok(cpu < wall / 2, `${cpu} s of CPU in ${wall} s with the table full`);
+    assert.ok(late.every((s) => s.status === 503 && s.closed), 'each late client is turned away at once');
+
+    // the clients leave: a new one is served (once the server has seen them go)
+    for (const s of socks) s.sock.destroy();
+    const deadline = Date.now() + 5000;
+    let r;
+    do {
+      r = await rawRequest(srv, 'GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n');
+      if (r.responses[0]?.status === 200) break;
+      await sleep(50);
+    } while (Date.now() < deadline);
+    assert.equal(r.responses[0]?.status, 200, `served again: ${JSON.stringify(r.responses[0])}`);
+  } finally {
+    socks.forEach((s) => s.sock.destroy());
+    assert.equal(await srv.stop(), 0, `a clean stop:\n${tail(srv.log())}`);
+  }
+});
+
+test('a soft open-file limit below the hard one is raised to it at start', async () => {
+  const srv = await startLimited('ulimit -Sn 128');
+  try {
+    const [soft, hard] = srv.limits();
+    assert.equal(soft, hard, `the soft limit is the hard one (${soft} vs ${hard})`);
+    if (hard !== 128) {
+      const line = srv.log().split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l))
+        .find((l) => l.msg === 'open-file limit raised to the hard limit');
+      assert.ok(line, `the raise is logged:\n${tail(srv.log())}`);
+      assert.equal(line.from, '128');
+    }
+  } finally {
+    assert.equal(await srv.stop(), 0);
+  }
 });
