@@ -683,6 +683,8 @@ async function startLimited(limits) {
         clearTimeout(t);
       }
       fs.rmSync(dataDir, { recursive: true, force: true });
+      // a sanitizer build's report is a bug even when every answer was right
+      assert.doesNotMatch(log, /AddressSanitizer|LeakSanitizer|runtime error:/, `a sanitizer report:\n${tail(log, 8000)}`);
       return proc.exitCode;
     },
   };
