@@ -127,6 +127,19 @@ static int cmd_serve(const tly_conf_t *conf)
         fprintf(stderr, "tally serve: --log-level must be debug, info, warn or error\n");
         return 2;
     }
+    /* Each connection is a descriptor: the soft limit up to the hard one before anything
+     * opens (tly_server_new lowers --max-connections to what it leaves room for). */
+    uint64_t fd_before, fd_after;
+    int fd_rc = tly_fd_limit_raise(&fd_before, &fd_after);
+    if (fd_rc != 0) {
+        tly_log(TLY_LOG_WARN, "cannot raise the open-file limit", "reason", strerror(-fd_rc), NULL);
+    } else if (fd_after != fd_before) {
+        char from[24], to[24];
+        snprintf(from, sizeof(from), "%llu", (unsigned long long)fd_before);
+        snprintf(to, sizeof(to), "%llu", (unsigned long long)fd_after);
+        tly_log(TLY_LOG_INFO, "open-file limit raised to the hard limit", "from", from, "to",
+                fd_after ? to : "unlimited", NULL);
+    }
     char *secret = secret_of(conf, err);
     if (secret == NULL) {
         tly_log(TLY_LOG_ERROR, "cannot start", "reason", err, NULL);

@@ -72,8 +72,9 @@ void api_respond_store_error(tly_req_t *req, int result)
                           NULL);
 }
 
-/* Errors the HTTP layer answers itself, before a request reaches a route. */
-static size_t render_error(int status, char *buf, size_t cap)
+/* Errors the HTTP layer answers itself, before a request reaches a route; message,
+ * when given, says what was wrong better than the status's own. */
+static size_t render_error(int status, const char *message, char *buf, size_t cap)
 {
     const char *code = "BAD_REQUEST", *msg = "the request is malformed";
     switch (status) {
@@ -89,7 +90,13 @@ static size_t render_error(int status, char *buf, size_t cap)
         code = "HEADERS_TOO_LARGE";
         msg = "the request headers are larger than the server accepts";
         break;
+    case 503:
+        code = "UNAVAILABLE";
+        msg = "the server is busy";
+        break;
     }
+    if (message != NULL)
+        msg = message;
     int n = snprintf(buf, cap, "{\"error\":{\"code\":\"%s\",\"message\":\"%s\"}}", code, msg);
     return n < 0 ? 0 : (size_t)n < cap ? (size_t)n : cap - 1;
 }
@@ -536,6 +543,16 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
     if (app->server == NULL) {
         snprintf(err, 512, "cannot listen: %s", herr);
         goto fail;
+    }
+    uint64_t fd_limit;
+    size_t max_conns = tly_server_max_connections(app->server, &fd_limit);
+    if (max_conns < (size_t)conf->max_connections) {
+        char want[24], got[24], lim[24];
+        snprintf(want, sizeof(want), "%ld", conf->max_connections);
+        snprintf(got, sizeof(got), "%zu", max_conns);
+        snprintf(lim, sizeof(lim), "%llu", (unsigned long long)fd_limit);
+        tly_log(TLY_LOG_WARN, "--max-connections lowered to fit the open-file limit", "max_connections", want,
+                "clamped_to", got, "fd_limit", lim, NULL);
     }
     return app;
 fail:

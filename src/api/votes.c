@@ -351,14 +351,14 @@ void api_remember_retracted(tly_app_t *app, const tly_poll_t *p, const tly_vote_
     (void)api_remember_retracted_key(app, p->poll_id, v->voter_id, v->idem_key, v->body_hash, at);
 }
 
+/* Prefer is a list (RFC 7240 2): respond-async may be in any of its fields. */
 static bool prefers_async(tly_req_t *req)
 {
-    tly_str_t h = tly_req_header(req, "prefer");
-    if (h.ptr == NULL)
-        return false;
-    for (size_t i = 0; i + 13 <= h.len; i++)
-        if (strncasecmp(h.ptr + i, "respond-async", 13) == 0)
-            return true;
+    tly_str_t h;
+    for (size_t n = 0; (h = tly_req_header_nth(req, "prefer", n)).ptr != NULL; n++)
+        for (size_t i = 0; i + 13 <= h.len; i++)
+            if (strncasecmp(h.ptr + i, "respond-async", 13) == 0)
+                return true;
     return false;
 }
 

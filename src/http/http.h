@@ -117,21 +117,31 @@ typedef struct {
     size_t uri_max;                /* bytes of the request target; longer get 414 */
     uint64_t head_timeout_ms;      /* a request head must arrive within this (slowloris) */
     uint64_t idle_timeout_ms;      /* a keep-alive connection idle this long is closed */
-    size_t max_connections;        /* further connections are accepted and closed at once */
+    size_t max_connections;        /* further connections get a 503 and are closed at once;
+                                    * lowered to what the open-file limit leaves room for */
     size_t max_connections_per_ip; /* the same, per client address (IPv6: per /64); 0 = none */
     tly_proxies_t trusted_proxies; /* whose X-Forwarded-For tly_req_client believes */
     /* Every parsed request goes here. The handler answers now or later with
      * tly_req_respond; until then the connection reads nothing more. */
     void (*handler)(tly_req_t *req, void *arg);
     void *arg;
-    /* Called for errors the server answers itself (400, 413, 414, 431) so they are
-     * rendered in the application's error format: must write a body into buf (at most
-     * cap bytes) and return its length. */
-    size_t (*render_error)(int status, char *buf, size_t cap);
+    /* Called for errors the server answers itself (400, 413, 414, 431, and 503 for a
+     * connection it has no room for) so they are rendered in the application's error
+     * format: must write a body into buf (at most cap bytes) and return its length.
+     * message says what was wrong (a static string, no quotes or backslashes), or is
+     * NULL when the status says it all. */
+    size_t (*render_error)(int status, const char *message, char *buf, size_t cap);
     /* Called once per request when its response starts (status line written or
      * queued), for logs and metrics. Optional. */
     void (*on_response)(tly_req_t *req, int status, void *arg);
 } tly_server_conf_t;
+
+/* Raises this process's soft limit on open files to its hard limit: each connection is
+ * a descriptor, and a soft limit below the hard one (systemd's 1024) would cap the
+ * server for nothing. *before and *after get the soft limit before and after (0 =
+ * unlimited). Returns 0, or -errno when the limits cannot be read or set (the limit is
+ * then as it was). Call at start, on the main thread, before tly_server_new. */
+int tly_fd_limit_raise(uint64_t *before, uint64_t *after);
 
 /* Listens on host:port ("127.0.0.1:8080", "[::1]:8080", "0.0.0.0:80"). Returns NULL and
  * writes a reason into err (256 bytes) on failure. conf is copied. */
@@ -139,6 +149,11 @@ tly_server_t *tly_server_new(tly_loop_t *loop, const char *listen, const tly_ser
 /* Stops accepting; open connections finish their current request and close. */
 void tly_server_stop_accepting(tly_server_t *s);
 size_t tly_server_connections(tly_server_t *s);
+/* The connections the server holds at most: conf.max_connections, or fewer when the
+ * open-file limit at tly_server_new left room for fewer beside the descriptors open then
+ * and a reserve for those opened later. *fd_limit (when not NULL) gets that limit (0 =
+ * none). Loop thread. */
+size_t tly_server_max_connections(tly_server_t *s, uint64_t *fd_limit);
 void tly_server_free(tly_server_t *s);
 /* The port actually bound (useful with port 0). */
 int tly_server_port(tly_server_t *s);
@@ -151,8 +166,14 @@ tly_str_t tly_req_path(tly_req_t *req);  /* without the query string, not decode
 tly_str_t tly_req_query(tly_req_t *req); /* after '?', or empty */
 /* The first query parameter `name`, percent-decoded into request memory. */
 bool tly_req_query_param(tly_req_t *req, const char *name, tly_str_t *out);
-/* The value of the first header named `name` (case-insensitive), or {NULL,0}. */
+/* The value of the first header named `name` (case-insensitive), or {NULL,0}. The
+ * server refuses a request with two of a field that is not a list (Host, Authorization,
+ * Content-Type, Idempotency-Key, Last-Event-ID, Sec-WebSocket-Key/-Version), so for
+ * those the first is the only one. */
 tly_str_t tly_req_header(tly_req_t *req, const char *name);
+/* The value of the n-th (from 0) header named `name`, or {NULL,0}: a list field (Prefer,
+ * Connection, ...) may come in several fields whose values together are the list. */
+tly_str_t tly_req_header_nth(tly_req_t *req, const char *name, size_t n);
 tly_str_t tly_req_body(tly_req_t *req);
 /* The peer's numeric address ("127.0.0.1"): the TCP connection's other end. */
 const char *tly_req_peer(tly_req_t *req);
@@ -185,7 +206,9 @@ bool tly_req_client_gone(tly_req_t *req);
 /* ---- streamed responses (export, Server-Sent Events) ----
  *
  * A handler may answer with a stream instead of tly_req_respond: the status and headers
- * go out at once with chunked transfer encoding, then the body in pieces. After
+ * go out at once with chunked transfer encoding, then the body in pieces; to an HTTP/1.0
+ * client, which cannot read chunks, the body goes out unframed and the connection's end
+ * ends it (an aborted one ends with a reset, not a close). After
  * tly_req_stream_start the request's path, query, headers and body are no longer
  * available (the connection reads on to notice the client leaving), and the connection
  * closes when the stream ends.

@@ -104,6 +104,9 @@ struct conn {
     char *pend;
     size_t pend_len, pend_cap;
     bool writing, stream_ended;
+    /* an HTTP/1.0 client: the stream goes out unframed and closing the connection ends
+     * it (such a client does not know chunked coding, RFC 9112 6.1) */
+    bool stream_unframed;
     tly_stream_cb_t stream;
     struct ws *ws; /* ST_WEBSOCKET: the wslay side, ws.c */
 };

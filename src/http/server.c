@@ -12,13 +12,17 @@
  * after such a request the framing of the stream can no longer be trusted.
  */
 #include <arpa/inet.h>
+#include <ctype.h>
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -36,6 +40,13 @@ struct tly_server {
     ip_conns_t *ips;
     h2o_timeout_t head_timeout, idle_timeout, linger_timeout;
     bool accepting;
+    /* running out of descriptors (accept_starved) */
+    int spare_fd;                  /* kept open to be given up for one accept; -1 if none */
+    h2o_timeout_t backoff_timeout; /* how long accepting pauses when even that fails */
+    h2o_timeout_entry_t backoff;   /* linked while paused */
+    uint64_t fd_limit;             /* the soft RLIMIT_NOFILE at start; 0 = unlimited */
+    char busy[512];                /* the whole 503 for a connection without room */
+    size_t busy_len;
 };
 
 static void conn_process(conn_t *c);
@@ -255,15 +266,20 @@ static void write_head(conn_t *c, int status, const char *content_type, size_t c
             out_puts(c, "\r\n");
         }
     }
-    out_puts(c, keepalive ? "" : "Connection: close\r\n");
+    /* HTTP/1.0 closes after each response unless the answer says keep-alive too */
+    if (!keepalive)
+        out_puts(c, "Connection: close\r\n");
+    else if (req != NULL && req->minor_version == 0)
+        out_puts(c, "Connection: keep-alive\r\n");
     out_puts(c, "\r\n");
 }
 
-/* Answers an error found before the request reached the application, then closes. */
-static void send_error_and_close(conn_t *c, int status)
+/* Answers an error found before the request reached the application, then closes.
+ * message: what was wrong, for the client (static text), or NULL for the status's own. */
+static void send_error_and_close_msg(conn_t *c, int status, const char *message)
 {
     char body[512];
-    size_t n = c->server->conf.render_error ? c->server->conf.render_error(status, body, sizeof(body)) : 0;
+    size_t n = c->server->conf.render_error ? c->server->conf.render_error(status, message, body, sizeof(body)) : 0;
     h2o_socket_read_stop(c->sock);
     set_timeout(c, NULL);
     c->close_after_write = true;
@@ -273,6 +289,8 @@ static void send_error_and_close(conn_t *c, int status)
     out_append(c, body, n);
     send_out(c);
 }
+
+static void send_error_and_close(conn_t *c, int status) { send_error_and_close_msg(c, status, NULL); }
 
 /* ---- parsing ---- */
 
@@ -306,6 +324,68 @@ static bool header_has_token(tly_str_t v, const char *token)
             return true;
     }
     return false;
+}
+
+/*
+ * Fields a request may carry once. RFC 9110 5.3 lets a field repeat only when its value
+ * is a list; two copies of one of these are ambiguous instead (which Host names the
+ * target, which credential is the caller's, which key identifies a retry, which event a
+ * stream resumes after), and a proxy in front may have acted on the other copy than we
+ * would. So a second copy is refused with 400, never one picked silently. List fields
+ * (Connection, Prefer, Upgrade, If-None-Match, X-Forwarded-For, ...) may repeat: their
+ * fields are one list. Content-Length and Transfer-Encoding are framing, checked on
+ * their own. docs/openapi.yaml lists these; Host must stay first.
+ */
+static const struct {
+    const char *name, *twice;
+} singletons[] = {
+    {"host", "the request has more than one Host header"},
+    {"authorization", "the request has more than one Authorization header"},
+    {"content-type", "the request has more than one Content-Type header"},
+    {"idempotency-key", "the request has more than one Idempotency-Key header"},
+    {"last-event-id", "the request has more than one Last-Event-ID header"},
+    {"sec-websocket-key", "the request has more than one Sec-WebSocket-Key header"},
+    {"sec-websocket-version", "the request has more than one Sec-WebSocket-Version header"},
+};
+
+static bool is_alnum(char ch) { return (ch >= '0' && ch <= '9') || ((ch | 32) >= 'a' && (ch | 32) <= 'z'); }
+
+/* RFC 3986 unreserved, sub-delims or '%' (a pct-encoded octet is checked by the caller) */
+static bool is_host_char(char ch) { return is_alnum(ch) || (ch != '\0' && strchr("-._~!$&'()*+,;=%", ch) != NULL); }
+
+/* Whether a Host value is uri-host [":" port] (RFC 9112 3.2, RFC 3986 3.2.2): a
+ * reg-name or IPv4 address, or an IP literal in brackets, then an optional port of
+ * digits. Empty is valid (a target without an authority). */
+static bool host_valid(tly_str_t v)
+{
+    size_t i = 0;
+    if (v.len > 0 && v.ptr[0] == '[') {
+        /* IPv6address or IPvFuture: hex digits, ':' and '.' / unreserved, sub-delims, ':' */
+        for (i = 1; i < v.len && v.ptr[i] != ']'; i++)
+            if (v.ptr[i] == '%' || !(is_host_char(v.ptr[i]) || v.ptr[i] == ':'))
+                return false;
+        if (i == v.len || i == 1)
+            return false;
+        i++;
+    } else {
+        for (; i < v.len && v.ptr[i] != ':'; i++) {
+            if (!is_host_char(v.ptr[i]))
+                return false;
+            if (v.ptr[i] == '%') {
+                if (i + 2 >= v.len || !isxdigit((unsigned char)v.ptr[i + 1]) || !isxdigit((unsigned char)v.ptr[i + 2]))
+                    return false;
+                i += 2;
+            }
+        }
+    }
+    if (i == v.len)
+        return true;
+    if (v.ptr[i] != ':')
+        return false;
+    for (i++; i < v.len; i++)
+        if (v.ptr[i] < '0' || v.ptr[i] > '9')
+            return false;
+    return true;
 }
 
 static void dispatch(conn_t *c)
@@ -400,7 +480,9 @@ static void parse_head(conn_t *c)
 
     /* framing: reject anything ambiguous (request smuggling) */
     int ncl = 0, nte = 0;
-    tly_str_t cl = {0}, te = {0}, conn_hdr = {0}, expect = {0};
+    unsigned nsingle[TLY_ARRAY_SIZE(singletons)] = {0};
+    tly_str_t cl = {0}, te = {0}, host = {0}, expect = {0};
+    bool conn_close = false, conn_keepalive = false;
     for (size_t i = 0; i < req->nheaders; i++) {
         tly_str_t name = {req->headers[i].name, req->headers[i].name_len};
         tly_str_t value = {req->headers[i].value, req->headers[i].value_len};
@@ -415,14 +497,41 @@ static void parse_head(conn_t *c)
             nte++;
             te = value;
         } else if (tly_str_ieq(name, "connection")) {
-            conn_hdr = value;
+            /* a list: its values may come in several fields, and all of them count */
+            conn_close = conn_close || header_has_token(value, "close");
+            conn_keepalive = conn_keepalive || header_has_token(value, "keep-alive");
         } else if (tly_str_ieq(name, "expect")) {
             expect = value;
+        } else {
+            for (size_t k = 0; k < TLY_ARRAY_SIZE(singletons); k++) {
+                if (tly_str_ieq(name, singletons[k].name)) {
+                    nsingle[k]++;
+                    if (k == 0)
+                        host = value;
+                    break;
+                }
+            }
         }
     }
     if (ncl > 1 || nte > 1 || (ncl && nte) || (nte && !tly_str_ieq(te, "chunked")) ||
         (nte && req->minor_version == 0)) {
         send_error_and_close(c, 400);
+        return;
+    }
+    for (size_t k = 0; k < TLY_ARRAY_SIZE(singletons); k++) {
+        if (nsingle[k] > 1) {
+            send_error_and_close_msg(c, 400, singletons[k].twice);
+            return;
+        }
+    }
+    /* RFC 9112 3.2: an HTTP/1.1 request without Host, or any request whose Host is not a
+     * host[:port], is answered 400 (HTTP/1.0 predates Host and may leave it out) */
+    if (nsingle[0] == 0 && req->minor_version >= 1) {
+        send_error_and_close_msg(c, 400, "an HTTP/1.1 request needs a Host header");
+        return;
+    }
+    if (nsingle[0] == 1 && !host_valid(host)) {
+        send_error_and_close_msg(c, 400, "the Host header is not a host name or address with an optional port");
         return;
     }
     c->chunked = nte == 1;
@@ -446,8 +555,7 @@ static void parse_head(conn_t *c)
         }
         c->content_length = n;
     }
-    req->keepalive =
-        req->minor_version >= 1 ? !header_has_token(conn_hdr, "close") : header_has_token(conn_hdr, "keep-alive");
+    req->keepalive = !conn_close && (req->minor_version >= 1 || conn_keepalive);
     c->state = ST_BODY;
     if (c->chunked) {
         memset(&c->dec, 0, sizeof(c->dec));
@@ -545,6 +653,75 @@ void http_conn_close(conn_t *c)
         http_conn_free(c);
 }
 
+/*
+ * Answers a connection the server will not keep with a whole response from memory that
+ * needs nothing more (a 503), best effort, and leaves the closing to the caller: the
+ * client gets a retry hint at once rather than a silent close or a wait in the listen
+ * queue. What the client already sent is read and dropped first: closing a socket with
+ * unread input makes the kernel send a reset that can overtake the answer.
+ */
+static void turn_away(int fd, const char *response, size_t len)
+{
+    char drain[4096];
+    for (int i = 0; i < 16 && recv(fd, drain, sizeof(drain), MSG_DONTWAIT) > 0; i++)
+        ;
+    ssize_t w = send(fd, response, len, MSG_NOSIGNAL | MSG_DONTWAIT);
+    (void)w;
+    shutdown(fd, SHUT_WR);
+}
+
+static void on_accept(h2o_socket_t *listener, const char *err);
+
+static void on_backoff_end(h2o_timeout_entry_t *entry)
+{
+    tly_server_t *s = (tly_server_t *)((char *)entry - offsetof(tly_server_t, backoff));
+    if (s->spare_fd < 0)
+        s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (s->listener != NULL)
+        h2o_socket_read_start(s->listener, on_accept);
+}
+
+/* Stops accepting for backoff_timeout; on_backoff_end resumes. */
+static void accept_pause(tly_server_t *s)
+{
+    h2o_socket_read_stop(s->listener);
+    if (!h2o_timeout_is_linked(&s->backoff))
+        h2o_timeout_link(s->loop->h2o, &s->backoff_timeout, &s->backoff);
+}
+
+/*
+ * accept found no descriptor for a waiting connection (EMFILE: this process's limit;
+ * ENFILE: the system's). The connection stays queued and the listener readable, so the
+ * loop would call on_accept again at once, and again, forever: 100% CPU, and the clients
+ * in the queue wait for nothing. Instead the spare descriptor kept for this moment is
+ * given up, the waiting connections are accepted into it one at a time and each turned
+ * away with the 503, and the spare is taken back. When that cannot be done (no spare, or
+ * another thread took the freed descriptor first), accepting pauses for a while; the
+ * listen queue keeps the clients meanwhile. Either way nothing is retried at once.
+ */
+static void accept_starved(tly_server_t *s)
+{
+    int lfd = h2o_socket_get_fd(s->listener), failed = EMFILE;
+    if (s->spare_fd >= 0) {
+        close(s->spare_fd);
+        s->spare_fd = -1;
+        for (int i = 0; i < 64; i++) {
+            int fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+            if (fd < 0) {
+                failed = errno;
+                break;
+            }
+            turn_away(fd, s->busy, s->busy_len);
+            close(fd);
+            failed = 0;
+        }
+        s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+        if (s->spare_fd >= 0 && failed != EMFILE && failed != ENFILE)
+            return; /* the queue is empty (EAGAIN), or more wait and the loop comes back */
+    }
+    accept_pause(s);
+}
+
 static void on_accept(h2o_socket_t *listener, const char *err)
 {
     tly_server_t *s = listener->data;
@@ -552,25 +729,24 @@ static void on_accept(h2o_socket_t *listener, const char *err)
         return;
     for (int i = 0; i < 64; i++) {
         h2o_socket_t *sock = h2o_evloop_socket_accept(listener);
-        if (sock == NULL)
+        if (sock == NULL) {
+            /* h2o returns NULL only when accept failed, errno still accept's; EAGAIN: no
+             * one waits. Out of descriptors or kernel memory, retrying at once would spin. */
+            if (errno == EMFILE || errno == ENFILE)
+                accept_starved(s);
+            else if (errno == ENOBUFS || errno == ENOMEM)
+                accept_pause(s);
             return;
+        }
         if (!s->accepting || s->nconns >= s->conf.max_connections) {
+            turn_away(h2o_socket_get_fd(sock), s->busy, s->busy_len);
             h2o_socket_close(sock);
             continue;
         }
         conn_t *c = tly_calloc(1, sizeof(*c));
         if (c == NULL) {
-            /* No memory for the connection: answer 503 from static memory, best effort,
-             * rather than close silently (the client would see a reset, not a retry hint).
-             * What the client already sent is read and dropped first: closing a socket
-             * with unread input makes the kernel send a reset that can overtake the 503. */
-            int fd = h2o_socket_get_fd(sock);
-            char drain[4096];
-            while (recv(fd, drain, sizeof(drain), MSG_DONTWAIT) > 0)
-                ;
-            ssize_t w = send(fd, oom_response, sizeof(oom_response) - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
-            (void)w;
-            shutdown(fd, SHUT_WR);
+            /* no memory for the connection: the static 503, which needs none */
+            turn_away(h2o_socket_get_fd(sock), oom_response, sizeof(oom_response) - 1);
             h2o_socket_close(sock);
             continue;
         }
@@ -656,6 +832,52 @@ static int parse_listen(const char *listen, struct sockaddr_storage *ss, socklen
     return 0;
 }
 
+/*
+ * Descriptors kept free beyond those open when the server starts, for what opens files
+ * later without a connection to show for it: the export's store reader (SQLite: the
+ * database, its WAL and shared memory) and SQLite's temporary files for large sorts; a
+ * web file being read; the PostgreSQL and Redis connections (writer, follower, readers,
+ * the bus's two), each of which may hold a new socket and the resolver's files while
+ * reconnecting; a connection being turned away while the table is full. About 25 at
+ * worst; the rest is margin.
+ */
+#define FD_HEADROOM 32
+
+/* The descriptors this process has open: /proc/self/fd where there is one, otherwise
+ * probed one by one below the limit (at most 65536 probes). */
+static size_t fds_open(uint64_t limit)
+{
+    size_t n = 0;
+    DIR *d = opendir("/proc/self/fd");
+    if (d != NULL) {
+        struct dirent *e;
+        while ((e = readdir(d)) != NULL)
+            if (e->d_name[0] != '.')
+                n++;
+        closedir(d);
+        return n > 0 ? n - 1 : 0; /* not the directory's own */
+    }
+    for (uint64_t fd = 0; fd < limit && fd < 65536; fd++)
+        if (fcntl((int)fd, F_GETFD) != -1)
+            n++;
+    return n;
+}
+
+int tly_fd_limit_raise(uint64_t *before, uint64_t *after)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+        return -errno;
+    *before = *after = rl.rlim_cur == RLIM_INFINITY ? 0 : (uint64_t)rl.rlim_cur;
+    if (rl.rlim_cur == rl.rlim_max)
+        return 0;
+    rl.rlim_cur = rl.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+        return -errno;
+    *after = rl.rlim_cur == RLIM_INFINITY ? 0 : (uint64_t)rl.rlim_cur;
+    return 0;
+}
+
 tly_server_t *tly_server_new(tly_loop_t *loop, const char *listen_addr, const tly_server_conf_t *conf, char *err)
 {
     struct sockaddr_storage ss;
@@ -685,6 +907,31 @@ tly_server_t *tly_server_new(tly_loop_t *loop, const char *listen_addr, const tl
     s->loop = loop;
     s->conf = *conf;
     s->accepting = true;
+    s->spare_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    /* Every connection holds a descriptor: more connections than the open-file limit
+     * leaves room for would only turn into failing accepts, so the cap comes down to
+     * what fits beside what is open now (the store, the bus, the loop's own, this
+     * listener and the spare) and FD_HEADROOM. */
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+        s->fd_limit = (uint64_t)rl.rlim_cur;
+        uint64_t used = (uint64_t)fds_open(s->fd_limit) + FD_HEADROOM;
+        if (s->fd_limit <= used) {
+            snprintf(err, 256, "the open-file limit (%llu) leaves no descriptor for connections: %llu are open or kept",
+                     (unsigned long long)s->fd_limit, (unsigned long long)used);
+            goto fail;
+        }
+        if (s->conf.max_connections > s->fd_limit - used)
+            s->conf.max_connections = (size_t)(s->fd_limit - used);
+    }
+    static const char busy_msg[] = "the server has no room for another connection; retry shortly";
+    char body[256];
+    size_t body_len = conf->render_error ? conf->render_error(503, busy_msg, body, sizeof(body)) : 0;
+    int n = snprintf(s->busy, sizeof(s->busy),
+                     "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\n"
+                     "Retry-After: 1\r\nConnection: close\r\nContent-Length: %zu\r\n\r\n%.*s",
+                     body_len, (int)body_len, body);
+    s->busy_len = n > 0 && (size_t)n < sizeof(s->busy) ? (size_t)n : 0;
     struct sockaddr_storage bound;
     socklen_t blen = sizeof(bound);
     getsockname(fd, (struct sockaddr *)&bound, &blen);
@@ -692,6 +939,8 @@ tly_server_t *tly_server_new(tly_loop_t *loop, const char *listen_addr, const tl
     h2o_timeout_init(loop->h2o, &s->head_timeout, conf->head_timeout_ms);
     h2o_timeout_init(loop->h2o, &s->idle_timeout, conf->idle_timeout_ms);
     h2o_timeout_init(loop->h2o, &s->linger_timeout, 2000);
+    h2o_timeout_init(loop->h2o, &s->backoff_timeout, 100);
+    s->backoff.cb = on_backoff_end;
     s->listener = h2o_evloop_socket_create(loop->h2o, fd, H2O_SOCKET_FLAG_DONT_READ);
     s->listener->data = s;
     h2o_socket_read_start(s->listener, on_accept);
@@ -699,6 +948,8 @@ tly_server_t *tly_server_new(tly_loop_t *loop, const char *listen_addr, const tl
 fail:
     if (fd >= 0)
         close(fd);
+    if (s != NULL && s->spare_fd >= 0)
+        close(s->spare_fd);
     tly_free(s);
     return NULL;
 }
@@ -707,11 +958,20 @@ int tly_server_port(tly_server_t *s) { return s->port; }
 
 size_t tly_server_connections(tly_server_t *s) { return s->nconns; }
 
+size_t tly_server_max_connections(tly_server_t *s, uint64_t *fd_limit)
+{
+    if (fd_limit != NULL)
+        *fd_limit = s->fd_limit;
+    return s->conf.max_connections;
+}
+
 void tly_server_stop_accepting(tly_server_t *s)
 {
     if (!s->accepting)
         return;
     s->accepting = false;
+    if (h2o_timeout_is_linked(&s->backoff))
+        h2o_timeout_unlink(&s->backoff);
     if (s->listener != NULL) {
         h2o_socket_read_stop(s->listener);
         h2o_socket_close(s->listener);
@@ -738,6 +998,9 @@ void tly_server_free(tly_server_t *s)
     h2o_timeout_dispose(s->loop->h2o, &s->head_timeout);
     h2o_timeout_dispose(s->loop->h2o, &s->idle_timeout);
     h2o_timeout_dispose(s->loop->h2o, &s->linger_timeout);
+    h2o_timeout_dispose(s->loop->h2o, &s->backoff_timeout);
+    if (s->spare_fd >= 0)
+        close(s->spare_fd);
     tly_free(s);
 }
 
@@ -779,13 +1042,15 @@ void http_notify_response(conn_t *c, int status)
 }
 bool tly_req_client_gone(tly_req_t *req) { return req->conn->sock == NULL; }
 
-tly_str_t tly_req_header(tly_req_t *req, const char *name)
+tly_str_t tly_req_header_nth(tly_req_t *req, const char *name, size_t n)
 {
     for (size_t i = 0; i < req->nheaders; i++)
-        if (tly_str_ieq((tly_str_t){req->headers[i].name, req->headers[i].name_len}, name))
+        if (tly_str_ieq((tly_str_t){req->headers[i].name, req->headers[i].name_len}, name) && n-- == 0)
             return (tly_str_t){req->headers[i].value, req->headers[i].value_len};
     return (tly_str_t){NULL, 0};
 }
+
+tly_str_t tly_req_header(tly_req_t *req, const char *name) { return tly_req_header_nth(req, name, 0); }
 
 void *tly_req_alloc(tly_req_t *req, size_t n) { return h2o_mem_alloc_pool(&req->conn->pool, n); }
 
@@ -938,9 +1203,16 @@ int http_pend_append(conn_t *c, const char *s, size_t n)
 
 void tly_req_stream_start(tly_req_t *req, int status, const char *content_type, const tly_stream_cb_t *cb)
 {
-    static const char tail[] = "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+    /* An HTTP/1.0 client cannot read chunked coding (RFC 9112 6.1: it must not get it):
+     * for it the body goes out as it is and the end of the connection ends it. Every
+     * stream closes its connection at its end anyway. */
+    static const char chunked_tail[] = "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+    static const char close_tail[] = "Connection: close\r\n\r\n";
     conn_t *c = req->conn;
-    size_t head = 160 + (content_type != NULL ? strlen(content_type) + 16 : 0) + sizeof(tail);
+    c->stream_unframed = req->minor_version == 0;
+    const char *tail = c->stream_unframed ? close_tail : chunked_tail;
+    size_t tail_len = c->stream_unframed ? sizeof(close_tail) - 1 : sizeof(chunked_tail) - 1;
+    size_t head = 160 + (content_type != NULL ? strlen(content_type) + 16 : 0) + tail_len;
     for (size_t i = 0; i < req->nresp; i++)
         head += strlen(req->resp_headers[i].name) + strlen(req->resp_headers[i].value) + 4;
     c->pend_len = 0;
@@ -987,7 +1259,7 @@ void tly_req_stream_start(tly_req_t *req, int status, const char *content_type, 
         http_pend_append(c, req->resp_headers[i].value, strlen(req->resp_headers[i].value));
         http_pend_append(c, "\r\n", 2);
     }
-    http_pend_append(c, tail, sizeof(tail) - 1);
+    http_pend_append(c, tail, tail_len);
     if (req->method == TLY_M_HEAD) {
         /* HEAD: the head of the stream only; the owner hears on_close when it is sent */
         c->stream_ended = true;
@@ -1009,6 +1281,12 @@ int tly_req_stream_write(tly_req_t *req, const char *data, size_t len)
     conn_t *c = req->conn;
     if (c->sock == NULL || c->stream_ended || len == 0)
         return 0;
+    if (c->stream_unframed) {
+        if (http_pend_append(c, data, len) != 0)
+            return TLY_ENOMEM;
+        http_stream_flush(c);
+        return 0;
+    }
     char size[24];
     int n = snprintf(size, sizeof(size), "%zx\r\n", len);
     if (http_pend_append(c, size, (size_t)n) != 0 || http_pend_append(c, data, len) != 0 ||
@@ -1030,7 +1308,8 @@ void tly_req_stream_end(tly_req_t *req)
     if (c->sock == NULL || c->stream_ended)
         return;
     c->stream_ended = true;
-    http_pend_append(c, "0\r\n\r\n", 5);
+    if (!c->stream_unframed)
+        http_pend_append(c, "0\r\n\r\n", 5);
     if (!c->writing)
         http_stream_flush(c);
     if (!c->writing) /* nothing could be queued: close now rather than never */
@@ -1040,6 +1319,14 @@ void tly_req_stream_end(tly_req_t *req)
 void tly_req_stream_abort(tly_req_t *req)
 {
     conn_t *c = req->conn;
-    if (c->state == ST_STREAMING || c->state == ST_WEBSOCKET)
-        http_conn_close(c);
+    if (c->state != ST_STREAMING && c->state != ST_WEBSOCKET)
+        return;
+    if (c->state == ST_STREAMING && c->stream_unframed && c->sock != NULL) {
+        /* Unframed, a plain close would read as the complete body: a reset instead
+         * (SO_LINGER with a zero timeout), so the client sees the stream broke, as a
+         * chunked one's missing last chunk tells it. */
+        struct linger lg = {.l_onoff = 1, .l_linger = 0};
+        setsockopt(h2o_socket_get_fd(c->sock), SOL_SOCKET, SO_LINGER, &lg, sizeof(lg));
+    }
+    http_conn_close(c);
 }

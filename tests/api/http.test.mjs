@@ -3,8 +3,13 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import http from 'node:http';
+import net from 'node:net';
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import {
-  startServer, api, request, rawRequest, assertError, assertStatus, describe, rand,
+  startServer, api, request, rawRequest, assertError, assertStatus, describe, rand, BIN, freePort, sleep, tail,
 } from './harness.mjs';
 
 let server, tok;
@@ -424,5 +429,383 @@ test('slowloris: a request head that trickles in is cut off at --header-timeout;
     assert.ok(idle >= 1800 && idle < 5000, `the idle keep-alive connection is closed after about 2 s (${idle} ms)`);
   } finally {
     await slow.close();
+  }
+});
+
+// ---- HTTP/1.0 and streamed answers (RFC 9112 6.1: never chunked to HTTP/1.0) ----------------
+
+/**
+ * Opens a raw connection, sends `data`, and collects what arrives. until(buf) says when to
+ * stop waiting for more: returns {raw, ended (the server ended the stream with a FIN),
+ * reset, timedOut, sock} with the socket still open unless it ended.
+ */
+function rawCollect(data, until, timeout = 5000) {
+  return new Promise((resolve) => {
+    const sock = net.connect({ host: '127.0.0.1', port: server.port });
+    const chunks = [];
+    const out = { ended: false, reset: false, timedOut: false, sock };
+    let done = false;
+    const finish = (timedOut) => {
+      if (done) return;
+      done = true;
+      clearTimeout(timer);
+      out.timedOut = timedOut;
+      out.raw = Buffer.concat(chunks);
+      resolve(out);
+    };
+    const timer = setTimeout(() => finish(true), timeout);
+    sock.on('connect', () => sock.write(data));
+    sock.on('data', (c) => { chunks.push(c); if (until(Buffer.concat(chunks))) finish(false); });
+    sock.on('end', () => { out.ended = true; finish(false); });
+    sock.on('error', (e) => { out.reset = e.code === 'ECONNRESET'; finish(false); });
+  });
+}
+
+/** Waits for the end of a connection rawCollect left open; the bytes that came meanwhile
+ *  are appended to r.raw. */
+function rawAwaitEnd(r, timeout = 5000) {
+  return new Promise((resolve) => {
+    const chunks = [r.raw];
+    const timer = setTimeout(() => { r.timedOut = true; r.raw = Buffer.concat(chunks); resolve(r); }, timeout);
+    r.sock.removeAllListeners('data').removeAllListeners('end');
+    r.sock.on('data', (c) => chunks.push(c));
+    r.sock.on('end', () => { clearTimeout(timer); r.ended = true; r.raw = Buffer.concat(chunks); resolve(r); });
+  });
+}
+
+/** The head (status and lower-cased header map) and the bytes after it. */
+function splitHead(raw) {
+  const end = raw.indexOf('\r\n\r\n');
+  assert.ok(end > 0, `a complete response head: ${JSON.stringify(raw.toString('latin1').slice(0, 400))}`);
+  const lines = raw.subarray(0, end).toString('latin1').split('\r\n');
+  const headers = {};
+  for (const l of lines.slice(1)) {
+    const i = l.indexOf(':');
+    headers[l.slice(0, i).trim().toLowerCase()] = l.slice(i + 1).trim();
+  }
+  return { status: Number(lines[0].split(' ')[1]), headers, body: raw.subarray(end + 4).toString('utf8') };
+}
+
+test('HTTP/1.0 GET /live: the event stream is not chunked; closing the connection ends it', async () => {
+  const owner = await server.token(`owner10-${rand()}`);
+  const poll = (await api(server, 'POST', '/v1/polls', {
+    token: owner, body: { title: 'h10 live', options: [{ text: 'a' }, { text: 'b' }] },
+  })).json;
+  const r = await rawCollect(`GET /v1/polls/${poll.poll_id}/live HTTP/1.0\r\n\r\n`,
+    (b) => b.includes('\n\n', b.indexOf('event: results')));
+  assert.ok(!r.timedOut && !r.ended, `the first event arrives on an open stream: ${r.raw.toString('latin1')}`);
+  const { status, headers, body } = splitHead(r.raw);
+  assert.equal(status, 200);
+  assert.equal(headers['content-type'], 'text/event-stream; charset=utf-8');
+  assert.equal(headers['transfer-encoding'], undefined, `no Transfer-Encoding to HTTP/1.0: ${JSON.stringify(headers)}`);
+  assert.equal(headers['content-length'], undefined);
+  assert.equal(headers.connection, 'close');
+  assert.match(body, /^retry: \d+\n\nevent: results\nid: \d+\ndata: \{/, `the events as they are, no chunk sizes: ${body}`);
+  // closing the poll ends the stream: a `closed` event, then the server closes the connection
+  const closed = await api(server, 'PATCH', `/v1/polls/${poll.poll_id}`, { token: owner, body: { status: 'closed' } });
+  assertStatus(closed, 200, 'closing the poll');
+  await rawAwaitEnd(r);
+  assert.ok(r.ended && !r.timedOut, `the server ends the stream with a close: ${r.raw.toString('latin1')}`);
+  const all = splitHead(r.raw).body;
+  assert.match(all, /event: closed\n[^]*\n\n$/, `the last event is the close, and nothing follows it: ${all}`);
+  assert.ok(!/\r\n0\r\n\r\n$/.test(all), 'no last-chunk marker');
+});
+
+test('HTTP/1.0 GET /export: the export is not chunked; the end of the connection ends it', async () => {
+  const owner = await server.token(`owner10-${rand()}`);
+  const poll = (await api(server, 'POST', '/v1/polls', {
+    token: owner, body: { title: 'h10 export', options: [{ text: 'a' }, { text: 'b' }] },
+  })).json;
+  for (let i = 0; i < 3; i++) {
+    const v = await api(server, 'POST', `/v1/polls/${poll.poll_id}/votes`, {
+      token: await server.token(`v10-${rand()}`), body: { option_id: poll.options[i % 2].option_id },
+    });
+    assertStatus(v, 200, 'a vote');
+  }
+  for (const format of ['json', 'csv']) {
+    const r = await rawCollect(`GET /v1/polls/${poll.poll_id}/export?format=${format} HTTP/1.0\r\n` +
+      `Authorization: Bearer ${owner}\r\n\r\n`, () => false);
+    assert.ok(r.ended && !r.timedOut && !r.reset, `${format}: the server ends the export with a close`);
+    const { status, headers, body } = splitHead(r.raw);
+    assert.equal(status, 200, `${format}: ${body.slice(0, 300)}`);
+    assert.equal(headers['transfer-encoding'], undefined, `${format}: no Transfer-Encoding: ${JSON.stringify(headers)}`);
+    assert.equal(headers.connection, 'close');
+    if (format === 'json') {
+      const doc = JSON.parse(body); // chunk sizes in the body would not parse
+      assert.equal(doc.ballots.length, 3, `the three ballots: ${body.slice(0, 500)}`);
+    } else {
+      const lines = body.replace(/^\uFEFF/, '').trimEnd().split('\r\n');
+      assert.equal(lines.length, 4, `a header line and three ballots: ${JSON.stringify(body)}`);
+      assert.match(lines[0], /^voter,recorded_at,a,b$/);
+    }
+  }
+  // HTTP/1.1 is still chunked
+  const r = await rawRequest(server, rawReq('GET', `/v1/polls/${poll.poll_id}/export?format=json`,
+    [host(), ['Authorization', `Bearer ${owner}`]]), { waitClose: true });
+  assert.equal(r.responses[0]?.headers['transfer-encoding'], 'chunked', rawDescribe(r));
+  assert.equal(r.responses[0].json.ballots.length, 3, rawDescribe(r));
+});
+
+test('HTTP/1.0 with Connection: keep-alive: the answer says keep-alive and the connection serves a second request', async () => {
+  const one = 'GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n';
+  const r = await rawRequest(server, [one, one], { responses: 2, gapMs: 50 });
+  assert.equal(r.responses.length, 2, rawDescribe(r));
+  for (const res of r.responses) {
+    assert.equal(res.status, 200, rawDescribe(r));
+    assert.equal(res.headers.connection, 'keep-alive', rawDescribe(r));
+  }
+  const plain = await rawRequest(server, 'GET /healthz HTTP/1.0\r\n\r\n', { waitClose: true });
+  assert.equal(plain.responses[0]?.headers.connection, 'close', rawDescribe(plain));
+  assert.ok(plain.closed, 'without keep-alive HTTP/1.0 closes after the answer');
+});
+
+// ---- Host and fields that may appear once (RFC 9112 3.2, RFC 9110 5.3) -------------------------
+
+function assertBadHeader(r, what, headerName) {
+  const res = assertRawError(r, 400, 'BAD_REQUEST');
+  assert.ok(res.json.error.message.includes(headerName), `${what}: the message names ${headerName}: ${rawDescribe(r)}`);
+  assert.equal(res.headers.connection, 'close', `${what}: ${rawDescribe(r)}`);
+}
+
+test('HTTP/1.1 without Host → 400 BAD_REQUEST naming Host; HTTP/1.0 without Host is still served', async () => {
+  const r = await rawRequest(server, 'GET /healthz HTTP/1.1\r\n\r\n', { waitClose: true });
+  assertBadHeader(r, 'no Host', 'Host');
+  assert.ok(r.closed, 'the connection is closed after the answer');
+  const old = await rawRequest(server, 'GET /healthz HTTP/1.0\r\n\r\n');
+  assert.equal(old.responses[0]?.status, 200, rawDescribe(old));
+});
+
+test('two Host headers → 400 BAD_REQUEST, in HTTP/1.1 and 1.0, whether they agree or not', async () => {
+  for (const [version, a, b] of [['1.1', 'x', 'y'], ['1.1', 'x', 'x'], ['1.0', 'a', 'b']]) {
+    const r = await rawRequest(server, `GET /healthz HTTP/${version}\r\nHost: ${a}\r\nhost: ${b}\r\n\r\n`);
+    assertBadHeader(r, `HTTP/${version} Host ${a}, ${b}`, 'Host');
+  }
+});
+
+test('a Host that is not host[:port] → 400 BAD_REQUEST; every form of a valid one is served', async () => {
+  for (const bad of ['a/b', 'a b', 'x@y', 'a:b', '[::1', '[]', 'a:80x', 'a%zz', 'a?q']) {
+    const r = await rawRequest(server, `GET /healthz HTTP/1.1\r\nHost: ${bad}\r\n\r\n`);
+    assertBadHeader(r, `Host: ${bad}`, 'Host');
+  }
+  for (const good of ['', 'x', `127.0.0.1:${server.port}`, '[::1]:8080', '[::1]', 'tally.example.org', 'a-b.c_d~e',
+    'a:', 'xn--bcher-kva.example', 'h%41st']) {
+    const r = await rawRequest(server, `GET /healthz HTTP/1.1\r\nHost: ${good}\r\n\r\n`);
+    assert.equal(r.responses[0]?.status, 200, `Host: ${good}: ${rawDescribe(r)}`);
+  }
+});
+
+test('a second Authorization, Content-Type, Idempotency-Key, Last-Event-ID or Sec-WebSocket-Key/-Version → 400 naming it', async () => {
+  const poll = (await api(server, 'POST', '/v1/polls', {
+    token: tok, body: { title: 'dup headers', options: [{ text: 'a' }, { text: 'b' }] },
+  })).json;
+  const ws = [host(), ['Upgrade', 'websocket'], ['Connection', 'Upgrade']];
+  const key = ['Sec-WebSocket-Key', 'dGhlIHNhbXBsZSBub25jZQ=='];
+  const version = ['Sec-WebSocket-Version', '13'];
+  const vote = JSON.stringify({ option_id: poll.options[0].option_id });
+  const cases = [
+    // the first credential valid, the second not: the request was answered with the first
+    ['Authorization', rawReq('GET', '/v1/auth/me', [host(), auth(), ['authorization', 'Bearer x.y.z']])],
+    ['Authorization', rawReq('GET', '/v1/auth/me', [host(), auth(), auth()])],
+    ['Content-Type', rawReq('POST', `/v1/polls/${poll.poll_id}/votes`, [host(), auth(),
+      ['Content-Type', 'application/json'], ['CONTENT-TYPE', 'text/plain'], ['Content-Length', String(vote.length)]], vote)],
+    ['Idempotency-Key', rawReq('POST', `/v1/polls/${poll.poll_id}/votes`, [host(), auth(),
+      ['Content-Type', 'application/json'], ['Idempotency-Key', 'k1'], ['Idempotency-Key', 'k2'],
+      ['Content-Length', String(vote.length)]], vote)],
+    ['Last-Event-ID', rawReq('GET', `/v1/polls/${poll.poll_id}/live`, [host(), ['Last-Event-ID', '1'],
+      ['last-event-id', '2']])],
+    ['Sec-WebSocket-Key', rawReq('GET', `/v1/polls/${poll.poll_id}/ws`, [...ws, key, ['Sec-WebSocket-Key',
+      'AQIDBAUGBwgJCgsMDQ4PEA=='], version])],
+    ['Sec-WebSocket-Version', rawReq('GET', `/v1/polls/${poll.poll_id}/ws`, [...ws, key, version, version])],
+  ];
+  for (const [name, bytes] of cases) {
+    const r = await rawRequest(server, bytes);
+    assertBadHeader(r, `two ${name}`, name);
+  }
+  // none of them reached a route: the poll has no ballot
+  const res = await api(server, 'GET', `/v1/polls/${poll.poll_id}/results`);
+  assertStatus(res, 200);
+  assert.equal(res.json.total_votes, 0, 'the refused votes were not cast');
+});
+
+test('list fields may repeat: two Prefer fields are one list (respond-async in the second → 202), two Connection fields likewise', async () => {
+  const poll = (await api(server, 'POST', '/v1/polls', {
+    token: tok, body: { title: 'list headers', options: [{ text: 'a' }, { text: 'b' }] },
+  })).json;
+  const vote = JSON.stringify({ option_id: poll.options[1].option_id });
+  const r = await rawRequest(server, rawReq('POST', `/v1/polls/${poll.poll_id}/votes`, [host(),
+    ['Authorization', `Bearer ${await server.token(`pref-${rand()}`)}`], ['Content-Type', 'application/json'],
+    ['Prefer', 'return=minimal'], ['Prefer', 'respond-async'], ['Content-Length', String(vote.length)]], vote));
+  assert.equal(r.responses[0]?.status, 202, `respond-async in the second Prefer field: ${rawDescribe(r)}`);
+  const c = await rawRequest(server, rawReq('GET', '/healthz', [host(), ['Connection', 'keep-alive'],
+    ['Connection', 'close'], ['Accept', 'application/json'], ['Accept', 'text/plain']]), { waitClose: true });
+  assert.equal(c.responses[0]?.status, 200, rawDescribe(c));
+  assert.equal(c.responses[0].headers.connection, 'close', `close in the second Connection field: ${rawDescribe(c)}`);
+  assert.ok(c.closed, 'and the connection is closed');
+});
+
+// ---- the open-file limit (each connection is a descriptor) --------------------------------------
+
+/**
+ * Starts `tally serve` (SQLite) under `sh -c '<limits>; exec tally ...'`, so that its
+ * open-file limits are what the shell's ulimit made them. Resolves once it answers
+ * /healthz (on a connection it then closes). Returns {port, proc, log(), cpu(), limits(),
+ * stop()}.
+ */
+async function startLimited(limits) {
+  const dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'tally-fd-'));
+  const port = await freePort();
+  const proc = spawn('sh', ['-c', `${limits} && exec "$0" "$@"`, BIN, 'serve', '--listen', `127.0.0.1:${port}`,
+    '--data-dir', dataDir, '--secret', rand(24)],
+  { env: { ...process.env, TALLY_RATE_LIMITS: 'off', TALLY_POW_DIFFICULTY: '0' }, stdio: ['ignore', 'pipe', 'pipe'] });
+  let log = '';
+  proc.stdout.on('data', (d) => { log += d; });
+  proc.stderr.on('data', (d) => { log += d; });
+  const srv = {
+    port,
+    proc,
+    log: () => log,
+    /** CPU seconds (user + system) the server has used, from /proc/PID/stat. */
+    cpu: () => {
+      const f = fs.readFileSync(`/proc/${proc.pid}/stat`, 'utf8').split(') ')[1].split(' ');
+      return (Number(f[11]) + Number(f[12])) / 100; // utime, stime in USER_HZ (100 on Linux)
+    },
+    /** [soft, hard] of "Max open files" in /proc/PID/limits. */
+    limits: () => {
+      const line = fs.readFileSync(`/proc/${proc.pid}/limits`, 'utf8').split('\n').find((l) => l.startsWith('Max open files'));
+      return line.split(/\s{2,}/).slice(1, 3).map(Number);
+    },
+    stop: async () => {
+      if (proc.exitCode === null && proc.signalCode === null) {
+        const exited = new Promise((r) => proc.once('exit', r));
+        proc.kill('SIGTERM');
+        const t = setTimeout(() => proc.kill('SIGKILL'), 5000);
+        await exited;
+        clearTimeout(t);
+      }
+      fs.rmSync(dataDir, { recursive: true, force: true });
+      // a sanitizer build's report is a bug even when every answer was right
+      assert.doesNotMatch(log, /AddressSanitizer|LeakSanitizer|runtime error:/, `a sanitizer report:\n${tail(log, 8000)}`);
+      return proc.exitCode;
+    },
+  };
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    if (proc.exitCode !== null) throw new Error(`tally exited during start (${proc.exitCode}):\n${tail(log)}`);
+    const r = await rawRequest(srv, 'GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n',
+      { waitClose: true, timeout: 1000 });
+    if (r.responses[0]?.status === 200 && r.closed) return srv;
+    if (Date.now() > deadline) throw new Error(`tally did not answer /healthz within 10 s:\n${tail(log)}`);
+    await sleep(50);
+  }
+}
+
+/** Opens a connection, sends one keep-alive request, and reports its first answer and
+ *  whether the server closed the connection after it. */
+function holdOne(port) {
+  return new Promise((resolve) => {
+    const sock = net.connect({ host: '127.0.0.1', port });
+    const chunks = [];
+    const st = { sock, status: null, json: null, headers: null, closed: false, answered: null };
+    st.answered = new Promise((done) => {
+      const check = () => {
+        const [res] = parseFirst(Buffer.concat(chunks));
+        if (res && st.status === null) {
+          Object.assign(st, { status: res.status, json: res.json, headers: res.headers });
+        }
+        if (st.status !== null && (st.status !== 503 || st.closed)) done(st);
+      };
+      sock.on('data', (c) => { chunks.push(c); check(); });
+      sock.on('end', () => { st.closed = true; check(); });
+      sock.on('close', () => { st.closed = true; check(); if (st.status === null) done(st); });
+    });
+    sock.on('error', () => {});
+    sock.on('connect', () => { sock.write('GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n'); resolve(st); });
+  });
+}
+function parseFirst(buf) {
+  const end = buf.indexOf('\r\n\r\n');
+  if (end < 0) return [];
+  const head = splitHead(buf);
+  const n = Number(head.headers['content-length'] ?? 0);
+  if (Buffer.byteLength(head.body) < n) return [];
+  let json = null;
+  try { json = JSON.parse(head.body); } catch { /* not JSON */ }
+  return [{ status: head.status, headers: head.headers, json }];
+}
+
+test('an open-file limit below --max-connections: the cap comes down with a warning, the clients past it get a quick 503, the server does not spin and serves again when they leave', async () => {
+  // the hard limit too, so that raising the soft one cannot help
+  const srv = await startLimited('ulimit -Sn 128 && ulimit -Hn 128');
+  const socks = [];
+  try {
+    assert.deepEqual(srv.limits(), [128, 128], 'the limits the server runs with');
+    const warn = srv.log().split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l))
+      .find((l) => l.msg === '--max-connections lowered to fit the open-file limit');
+    assert.ok(warn, `a warning names the lowered cap:\n${tail(srv.log())}`);
+    assert.equal(warn.level, 'warn');
+    assert.equal(warn.max_connections, '19000');
+    assert.equal(warn.fd_limit, '128');
+    const cap = Number(warn.clamped_to);
+    assert.ok(cap > 0 && cap < 128 - 3, `the cap leaves room for the server's own descriptors: ${cap}`);
+
+    // 200 clients, each with a keep-alive request: the first `cap` are served and stay
+    // open (the table is full), the rest get 503 UNAVAILABLE and a close at once
+    for (let i = 0; i < 200; i++) socks.push(await holdOne(srv.port));
+    let timer;
+    const firstAnswers = await Promise.race([Promise.all(socks.map((s) => s.answered)),
+      new Promise((r) => { timer = setTimeout(() => r(null), 15_000); })]);
+    clearTimeout(timer);
+    assert.ok(firstAnswers, 'every client gets an answer (none waits in the listen queue)');
+    const served = socks.filter((s) => s.status === 200 && !s.closed).length;
+    const away = socks.filter((s) => s.status === 503 && s.closed);
+    assert.equal(served, cap, `the cap's worth of clients is served and kept (503s: ${away.length})`);
+    assert.equal(away.length, 200 - cap, 'every other client is turned away');
+    assert.equal(away[0].json?.error?.code, 'UNAVAILABLE', JSON.stringify(away[0].json));
+    assert.equal(away[0].headers['retry-after'], '1');
+
+    // with the table full, over more than 2 s in which more clients come and are turned
+    // away, the server uses a fraction of one CPU (it spun at 100% retrying accept)
+    const cpu0 = srv.cpu();
+    const t0 = Date.now();
+    const late = [];
+    while (Date.now() - t0 < 2500) {
+      late.push(await holdOne(srv.port));
+      await late[late.length - 1].answered;
+      await sleep(100);
+    }
+    const cpu = srv.cpu() - cpu0;
+    const wall = (Date.now() - t0) / 1000;
+    assert.ok(cpu < wall / 2, `${cpu} s of CPU in ${wall} s with the table full`);
+    assert.ok(late.every((s) => s.status === 503 && s.closed), 'each late client is turned away at once');
+
+    // the clients leave: a new one is served (once the server has seen them go)
+    for (const s of socks) s.sock.destroy();
+    const deadline = Date.now() + 5000;
+    let r;
+    do {
+      r = await rawRequest(srv, 'GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n');
+      if (r.responses[0]?.status === 200) break;
+      await sleep(50);
+    } while (Date.now() < deadline);
+    assert.equal(r.responses[0]?.status, 200, `served again: ${JSON.stringify(r.responses[0])}`);
+  } finally {
+    socks.forEach((s) => s.sock.destroy());
+    assert.equal(await srv.stop(), 0, `a clean stop:\n${tail(srv.log())}`);
+  }
+});
+
+test('a soft open-file limit below the hard one is raised to it at start', async () => {
+  const srv = await startLimited('ulimit -Sn 128');
+  try {
+    const [soft, hard] = srv.limits();
+    assert.equal(soft, hard, `the soft limit is the hard one (${soft} vs ${hard})`);
+    if (hard !== 128) {
+      const line = srv.log().split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l))
+        .find((l) => l.msg === 'open-file limit raised to the hard limit');
+      assert.ok(line, `the raise is logged:\n${tail(srv.log())}`);
+      assert.equal(line.from, '128');
+    }
+  } finally {
+    assert.equal(await srv.stop(), 0);
   }
 });

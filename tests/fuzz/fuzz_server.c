@@ -19,6 +19,8 @@
  *     '?', a body over body_max, a Content-Length body of another length, both
  *     Content-Length and Transfer-Encoding, or a Transfer-Encoding other than chunked;
  *   - a method name the method code disagrees with;
+ *   - a request with two Host, Authorization, Content-Type, Idempotency-Key,
+ *     Last-Event-ID or Sec-WebSocket-Key/-Version fields;
  *   - a connection that neither answers nor closes after the client's end of input, or
  *     that stays open after the client has gone.
  */
@@ -94,6 +96,11 @@ static void check_request(tly_req_t *req)
     } else if (te.ptr == NULL) {
         CHECK(body.len == 0);
     }
+    /* fields that may come once never reach the application twice (which would it use?) */
+    static const char *const singletons[] = {"host", "authorization", "content-type", "idempotency-key",
+                                             "last-event-id", "sec-websocket-key", "sec-websocket-version"};
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(singletons); i++)
+        CHECK(tly_req_header_nth(req, singletons[i], 1).ptr == NULL);
     /* query parameters are percent-decoded into request memory: never longer */
     static const char *const params[] = {"a", "from", "to", "bucket", ""};
     tly_str_t q = tly_req_query(req), v;
@@ -111,8 +118,9 @@ static void handle(tly_req_t *req, void *arg)
     tly_req_respond(req, 200, "text/plain", path.ptr, path.len);
 }
 
-static size_t render_error(int status, char *buf, size_t cap)
+static size_t render_error(int status, const char *message, char *buf, size_t cap)
 {
+    (void)message;
     int n = snprintf(buf, cap, "{\"error\":{\"status\":%d}}", status);
     return n < 0 ? 0 : (size_t)n < cap ? (size_t)n : cap - 1;
 }

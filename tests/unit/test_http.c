@@ -7,11 +7,13 @@
  * to it over a socket: the request parsing is inside server.c, reachable only so.
  */
 #include <criterion/criterion.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -36,6 +38,15 @@ static void handle(tly_req_t *req, void *arg)
 {
     (void)arg;
     handled++;
+    if (strncmp(tly_req_path(req).ptr, "/abort", 6) == 0) {
+        /* a stream that breaks after it started (an export whose store read fails); the
+         * piece still queued behind the head is dropped with it */
+        tly_stream_cb_t cb = {.on_close = stream_on_close};
+        tly_req_stream_start(req, 200, "text/plain", &cb);
+        tly_req_stream_write(req, "partial", 7);
+        tly_req_stream_abort(req);
+        return;
+    }
     if (strncmp(tly_req_path(req).ptr, "/stream", 7) == 0) {
         tly_stream_cb_t cb = {.on_close = stream_on_close};
         tly_alloc_fail_after(0);
@@ -55,8 +66,9 @@ static void handle(tly_req_t *req, void *arg)
     tly_alloc_fail_after(-1);
 }
 
-static size_t render_error(int status, char *buf, size_t cap)
+static size_t render_error(int status, const char *message, char *buf, size_t cap)
 {
+    (void)message;
     int n = snprintf(buf, cap, "{\"status\":%d}", status);
     return n < 0 || (size_t)n >= cap ? 0 : (size_t)n;
 }
@@ -94,10 +106,13 @@ static int64_t mono_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
+static int end_errno; /* how the last exchange ended: 0 a close, else recv's errno */
+
 /* Sends req, half-closes, and returns (NUL-terminated in out) all the server wrote
  * until it closed the connection. */
 static void exchange(const char *req, char *out, size_t cap)
 {
+    end_errno = 0;
     int fd = socket(AF_INET, SOCK_STREAM, 0);
     cr_assert_geq(fd, 0);
     struct sockaddr_in sa = {.sin_family = AF_INET,
@@ -114,8 +129,12 @@ static void exchange(const char *req, char *out, size_t cap)
         ssize_t n = recv(fd, out + o, cap - 1 - o, 0);
         if (n > 0)
             o += (size_t)n;
-        else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+        else if (n == 0)
             break;
+        else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+            end_errno = errno;
+            break;
+        }
         cr_assert_lt(mono_ms(), deadline, "the server neither answered nor closed; got: %.*s", (int)o, out);
     }
     out[o] = '\0';
@@ -238,6 +257,136 @@ Test(server, a_stream_without_memory_for_its_head_is_a_503_and_its_owner_hears_t
     cr_assert(strncmp(out, "HTTP/1.1 503 ", 13) == 0, "%.200s", out);
     cr_assert_null(strstr(out, "data: x"), "%.300s", out);
     cr_assert_eq(stream_closed, 1);
+}
+
+/* An HTTP/1.0 client cannot read chunks, so its stream goes out unframed and the close
+ * ends it; a stream that breaks must then end in a reset, or the client would take what
+ * it got for the whole body. Over HTTP/1.1 the missing last chunk says so. */
+Test(server, a_broken_stream_ends_in_a_reset_for_http_1_0_and_without_its_last_chunk_for_1_1, .init = start,
+     .fini = stop)
+{
+    char out[4096];
+    exchange("GET /abort HTTP/1.0\r\n\r\n", out, sizeof(out));
+    cr_assert(strncmp(out, "HTTP/1.1 200 ", 13) == 0, "%s", out);
+    cr_assert_null(strstr(out, "Transfer-Encoding"), "%s", out);
+    cr_assert_eq(end_errno, ECONNRESET, "HTTP/1.0: a reset, not a close (errno %d): %s", end_errno, out);
+    cr_assert_eq(stream_closed, 1);
+
+    exchange("GET /abort HTTP/1.1\r\nHost: a\r\n\r\n", out, sizeof(out));
+    cr_assert_not_null(strstr(out, "Transfer-Encoding: chunked\r\n"), "%s", out);
+    cr_assert_null(strstr(out, "0\r\n\r\n"), "no last chunk: %s", out);
+    cr_assert_eq(end_errno, 0, "HTTP/1.1: a close (errno %d)", end_errno);
+}
+
+/* The highest descriptor this process has open. */
+static int highest_fd(void)
+{
+    int top = -1;
+    DIR *d = opendir("/proc/self/fd");
+    cr_assert_not_null(d);
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL)
+        if (e->d_name[0] != '.' && atoi(e->d_name) > top && atoi(e->d_name) != dirfd(d))
+            top = atoi(e->d_name);
+    closedir(d);
+    return top;
+}
+
+static double cpu_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* Found by an adversarial run (issue 15, ulimit -n 128 and 200 connections): with the
+ * descriptor table full, accept failed with EMFILE, the connection stayed queued and the
+ * listener readable, and the loop retried at once, forever: 100% CPU, and the queued
+ * clients waited for nothing. Now the spare descriptor kept for this is given up to turn
+ * each waiting client away with a 503, and a client that comes once descriptors are free
+ * again is served. (Here the limit drops after the server started, so that its cap of
+ * 16 connections does not see it coming, as when something else uses the descriptors.) */
+Test(server, out_of_descriptors_the_waiting_clients_get_a_503_and_the_loop_does_not_spin, .init = start,
+     .fini = stop)
+{
+    enum { N = 8 };
+    int cl[N + 1];
+    for (int i = 0; i <= N; i++) /* the clients' own descriptors, before the limit drops */
+        cl[i] = socket(AF_INET, SOCK_STREAM, 0);
+    /* fill the holes below the highest descriptor, then leave two free for the server */
+    int holes[64], nholes = 0, top = highest_fd();
+    for (int f; nholes < 64 && (f = open("/dev/null", O_RDONLY)) >= 0;) {
+        if (f > top) {
+            close(f);
+            break;
+        }
+        holes[nholes++] = f;
+    }
+    struct rlimit rl;
+    cr_assert_eq(getrlimit(RLIMIT_NOFILE, &rl), 0);
+    rl.rlim_cur = (rlim_t)top + 1 + 2;
+    cr_assert_eq(setrlimit(RLIMIT_NOFILE, &rl), 0, "%s", strerror(errno));
+
+    struct sockaddr_in sa = {.sin_family = AF_INET,
+                             .sin_port = htons((uint16_t)tly_server_port(server)),
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    static const char req[] = "GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+    for (int i = 0; i < N; i++) {
+        cr_assert_eq(connect(cl[i], (struct sockaddr *)&sa, sizeof(sa)), 0, "%s", strerror(errno));
+        cr_assert_eq(send(cl[i], req, sizeof(req) - 1, MSG_NOSIGNAL), (ssize_t)(sizeof(req) - 1));
+        fcntl(cl[i], F_SETFL, fcntl(cl[i], F_GETFL) | O_NONBLOCK);
+    }
+    /* run the loop for 2 s, a late client arriving half-way; count what the clients get */
+    static char got[N + 1][1024];
+    size_t len[N + 1] = {0};
+    bool ended[N + 1] = {false};
+    double cpu0 = cpu_seconds();
+    int64_t t0 = mono_ms(), late_at = t0 + 1000;
+    bool late_sent = false;
+    while (mono_ms() - t0 < 2000) {
+        tly_loop_run_once(loop, 10);
+        if (!late_sent && mono_ms() >= late_at) {
+            cr_assert_eq(connect(cl[N], (struct sockaddr *)&sa, sizeof(sa)), 0, "%s", strerror(errno));
+            cr_assert_eq(send(cl[N], req, sizeof(req) - 1, MSG_NOSIGNAL), (ssize_t)(sizeof(req) - 1));
+            fcntl(cl[N], F_SETFL, fcntl(cl[N], F_GETFL) | O_NONBLOCK);
+            late_sent = true;
+        }
+        for (int i = 0; i <= N; i++) {
+            if (ended[i] || (i == N && !late_sent))
+                continue;
+            ssize_t n = recv(cl[i], got[i] + len[i], sizeof(got[i]) - 1 - len[i], 0);
+            if (n > 0)
+                len[i] += (size_t)n;
+            else if (n == 0)
+                ended[i] = true;
+        }
+    }
+    double cpu = cpu_seconds() - cpu0, wall = (double)(mono_ms() - t0) / 1000;
+    int served = 0, turned_away = 0;
+    for (int i = 0; i <= N; i++) {
+        got[i][len[i]] = '\0';
+        if (strncmp(got[i], "HTTP/1.1 200 ", 13) == 0 && !ended[i])
+            served++;
+        if (strncmp(got[i], "HTTP/1.1 503 ", 13) == 0 && ended[i] &&
+            strstr(got[i], "\r\n\r\n{\"status\":503}") != NULL)
+            turned_away++;
+    }
+    cr_assert_eq(served, 2, "the two free descriptors hold two clients (served %d, turned away %d)", served,
+                 turned_away);
+    cr_assert_eq(turned_away, N + 1 - 2, "every other client gets a 503 and the close (%d)", turned_away);
+    cr_assert_lt(cpu, wall / 2, "the loop does not spin: %.2f s of CPU in %.2f s", cpu, wall);
+
+    /* the clients leave; a new one is served, the limit as low as ever */
+    for (int i = 0; i <= N; i++)
+        close(cl[i]);
+    for (int i = 0; i < nholes; i++)
+        close(holes[i]);
+    int64_t deadline = mono_ms() + 3000;
+    while (tly_server_connections(server) > 0 && mono_ms() < deadline)
+        tly_loop_run_once(loop, 10);
+    char out[4096];
+    exchange("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", out, sizeof(out));
+    cr_assert(strncmp(out, "HTTP/1.1 200 ", 13) == 0, "%s", out);
 }
 
 Test(addr, x_forwarded_for_counts_only_from_a_trusted_proxy)
