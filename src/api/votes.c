@@ -63,34 +63,53 @@ static bool json_plain(const char *s)
     return true;
 }
 
+/* Appends the NUL-terminated s at p; returns the new end. */
+static char *put(char *p, const char *s)
+{
+    size_t n = strlen(s);
+    memcpy(p, s, n);
+    return p + n;
+}
+
 /* The 200 of a recorded ballot. The vote path sends one a ballot, and building it as a
  * jansson object and dumping it cost as much as the rest of the reply, so it is written
- * straight into a buffer: every value is an id or a time of ours, plain by construction
- * (json_plain); should one not be (a bug, or a row from elsewhere), the jansson path
- * escapes it. The same bytes either way: the fields in this order, compact. */
+ * straight into a buffer sized for the longest one: every value is an id or a time of
+ * ours (fixed-size arrays), plain by construction (json_plain); should one not be (a bug,
+ * or a row from elsewhere), the jansson path escapes it. The same bytes either way: the
+ * fields in this order, compact. */
 static void respond_recorded(tly_req_t *req, const tly_poll_t *p, const tly_vote_t *v)
 {
-    char at[TLY_TIME_LEN], body[256 + TLY_MAX_OPTIONS * (TLY_OPTION_ID_LEN + 3)];
+    char at[TLY_TIME_LEN];
+    char body[sizeof("{'status':'recorded','vote_id':'','poll_id':'','option_ids':[],'recorded_at':'','receipt':''}") +
+              TLY_VOTE_ID_LEN + TLY_POLL_ID_LEN + TLY_MAX_OPTIONS * (TLY_OPTION_ID_LEN + 3) + TLY_TIME_LEN +
+              TLY_RECEIPT_LEN];
     tly_time_format(v->recorded_at, at);
     bool plain = json_plain(v->vote_id) && json_plain(p->poll_id) && json_plain(v->receipt) && json_plain(at);
-    int n = snprintf(body, sizeof(body), "{\"status\":\"recorded\",\"vote_id\":\"%s\",\"poll_id\":\"%s\",\"option_ids\":[",
-                     v->vote_id, p->poll_id);
+    char *o = put(body, "{\"status\":\"recorded\",\"vote_id\":\"");
+    o = put(o, v->vote_id);
+    o = put(o, "\",\"poll_id\":\"");
+    o = put(o, p->poll_id);
+    o = put(o, "\",\"option_ids\":[");
     const uint8_t *scores = p->type == TLY_TYPE_SCORE ? v->data + v->nchoices : NULL;
-    bool first = true;
-    for (size_t i = 0; plain && i < v->nchoices; i++) {
+    for (size_t i = 0; plain && i < v->nchoices && i < TLY_MAX_OPTIONS; i++) {
         if (scores != NULL && scores[i] == 0)
             continue; /* a score of 0 chose nothing, as tly_vote_option_ids says */
         const char *id = v->data[i] < p->noptions ? p->options[v->data[i]].option_id : "";
         plain = id[0] != '\0' && json_plain(id);
-        n += snprintf(body + n, sizeof(body) - (size_t)n, "%s\"%s\"", first ? "" : ",", id);
-        first = false;
+        o = put(o, o[-1] == '[' ? "\"" : ",\"");
+        o = put(o, id);
+        o = put(o, "\"");
     }
-    n += snprintf(body + n, sizeof(body) - (size_t)n, "],\"recorded_at\":\"%s\",\"receipt\":\"%s\"}", at, v->receipt);
-    if (!plain || n <= 0 || (size_t)n >= sizeof(body)) {
+    o = put(o, "],\"recorded_at\":\"");
+    o = put(o, at);
+    o = put(o, "\",\"receipt\":\"");
+    o = put(o, v->receipt);
+    o = put(o, "\"}");
+    if (!plain) {
         api_respond_json(req, 200, recorded_json(p, v));
         return;
     }
-    api_respond_raw_json(req, 200, body, (size_t)n);
+    api_respond_raw_json(req, 200, body, (size_t)(o - body));
 }
 
 void api_respond_accepted(tly_req_t *req, const char *poll_id, const char *request_id)

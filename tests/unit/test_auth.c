@@ -489,16 +489,24 @@ static void *failing_malloc(size_t n)
 
 Test(jwt, out_of_memory)
 {
-    char tok[TLY_JWT_MAX + 1];
+    char tok[TLY_JWT_MAX + 1], other[4096];
     tly_claims_t c;
     int n = tly_jwt_sign(key, sizeof(key), "v_alice", true, NOW, NOW + 60, tok);
     cr_assert_gt(n, 0);
+    /* the same claims in an order tly_jwt_sign never writes: jansson reads this one */
+    forge(key, sizeof(key), HS256_JWT, "{\"exp\":1775390460,\"anon\":true,\"sub\":\"v_alice\",\"iat\":1775390400}",
+          other);
     json_set_alloc_funcs(failing_malloc, free);
+
+    /* our own tokens are read without allocating at all */
+    jansson_budget = 0;
+    cr_assert_eq(tly_jwt_verify(key, sizeof(key), tok, (size_t)n, NOW, &c), 0);
+    cr_assert_str_eq(c.sub, "v_alice");
 
     int verified = 0, signed_ok = 0, refused = 0, enomem = 0;
     for (long budget = 0; budget < 200 && !(verified && signed_ok); budget++) {
         jansson_budget = budget;
-        int rc = tly_jwt_verify(key, sizeof(key), tok, (size_t)n, NOW, &c);
+        int rc = tly_jwt_verify(key, sizeof(key), other, strlen(other), NOW, &c);
         cr_assert(rc == 0 || rc == TLY_EAUTH, "budget %ld: rc %d", budget, rc);
         if (rc == 0) {
             cr_assert_str_eq(c.sub, "v_alice");
@@ -524,6 +532,36 @@ Test(jwt, out_of_memory)
     json_set_alloc_funcs(malloc, free);
     cr_assert(verified && signed_ok);
     cr_assert(refused > 0 && enomem > 0, "the failure paths were reached");
+}
+
+/* Tokens in exactly the form tly_jwt_sign writes are read without jansson; the same
+ * claims in any other form are read by jansson, and both readings agree on every claim
+ * and on what they refuse. */
+Test(jwt, our_form_and_any_form_read_alike)
+{
+    static const char *payloads[] = {
+        "{\"sub\":\"v_alice\",\"iat\":1775390400,\"exp\":1775390460}",
+        "{\"sub\":\"v_alice\",\"iat\":1775390400,\"exp\":1775390460,\"anon\":true}",
+        "{\"sub\":\"v_alice\",\"iat\":1775390400,\"exp\":1775390400}",       /* expired: exp == now */
+        "{\"sub\":\"\",\"iat\":1775390400,\"exp\":1775390460}",               /* empty sub */
+        "{\"sub\":\"a\\u0001b\",\"iat\":1775390400,\"exp\":1775390460}",     /* escape: jansson's */
+        "{\"sub\":\"a\\\"b\",\"iat\":1775390400,\"exp\":1775390460}",       /* escaped quote */
+        "{\"sub\":\"caf\xc3\xa9\",\"iat\":0,\"exp\":1775390460}",             /* UTF-8, iat 0 */
+        "{\"sub\":\"caf\xc3\",\"iat\":1775390400,\"exp\":1775390460}",         /* bad UTF-8 */
+        "{\"sub\":\"v\",\"iat\":01,\"exp\":1775390460}",                      /* leading zero */
+        "{\"sub\":\"v\",\"iat\":1,\"exp\":1775390460,\"anon\":false}",       /* anon false */
+        "{\"sub\":\"v\",\"iat\":1,\"exp\":1775390460} ",                     /* trailing space */
+        "{\"sub\":\"v\",\"iat\":1,\"exp\":17753904600000000000}",            /* too big */
+        "{\"sub\":\"v\",\"iat\":1,\"exp\":1775390460,\"exp\":1}",            /* duplicate key */
+    };
+    static const int want[] = {0, 0, TLY_EAUTH, TLY_EAUTH, TLY_EAUTH, 0, 0, TLY_EAUTH, TLY_EAUTH, 0, 0, TLY_EAUTH, TLY_EAUTH};
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(payloads); i++) {
+        tly_claims_t c;
+        int rc = forge_verify(HS256_JWT, payloads[i], &c);
+        cr_assert_eq(rc, want[i], "payload %zu: %d", i, rc);
+        if (rc == 0)
+            cr_assert_eq(c.exp, 1775390460, "payload %zu", i);
+    }
 }
 
 /* The prepared verifier refuses an empty key and tokens signed under another key, and
