@@ -1431,6 +1431,123 @@ Test(oom, change_vote_fails_whole)
     tly_registry_free(r);
 }
 
+/* ---- the ballot as first cast ---- */
+
+/* A committed vote of voter with an Idempotency-Key, cast at NOW. */
+static tly_vote_t *cast_keyed(tly_registry_t *r, tly_poll_t *p, const char *voter, const char *key, const char *tmpl)
+{
+    tly_ballot_t b = parsed(p, tmpl);
+    tly_vote_t *v = tly_vote_new(&b, voter, key, NULL, NULL, NOW);
+    cr_assert_not_null(v);
+    cr_assert_eq(tly_poll_add_vote(r, p, v), 0);
+    tly_poll_commit_vote(p, v, NOW);
+    return v;
+}
+
+/* tly_vote_cast_option_ids as a compact JSON string (the caller frees), and its time. */
+static char *cast_ids(const tly_poll_t *p, const tly_vote_t *v, int64_t *at)
+{
+    json_t *a = tly_vote_cast_option_ids(p, v, at);
+    cr_assert_not_null(a);
+    char *s = json_dumps(a, JSON_COMPACT);
+    json_decref(a);
+    return s;
+}
+
+static void assert_cast(const tly_poll_t *p, const tly_vote_t *v, const char *tmpl_ids, int64_t want_at)
+{
+    int64_t at = 0;
+    char *got = cast_ids(p, v, &at);
+    cr_assert_str_eq(got, ids(p, tmpl_ids));
+    cr_assert_eq(at, want_at);
+    free(got);
+}
+
+Test(first_cast, a_change_keeps_the_ballot_as_cast_for_a_vote_with_a_key)
+{
+    tly_registry_t *r = tly_registry_new();
+    tly_poll_t *p = create_ok(body_n("multiple", 4));
+    tly_registry_add_poll(r, p);
+    tly_vote_t *v = cast_keyed(r, p, "a", "k1", "{\"option_ids\":[\"$0\"]}");
+    tly_vote_t *plain = cast(r, p, "b", "{\"option_ids\":[\"$0\"]}");
+    assert_cast(p, v, "[\"$0\"]", NOW); /* never changed: the ballot as it stands */
+
+    /* more choices than before: the vote moves, the copy with it */
+    v = change(r, p, v, "{\"option_ids\":[\"$1\",\"$2\",\"$3\"]}", NOW + MIN);
+    assert_cast(p, v, "[\"$0\"]", NOW);
+    json_t *now_ids = tly_vote_option_ids(p, v);
+    char *s = json_dumps(now_ids, JSON_COMPACT);
+    cr_assert_str_eq(s, ids(p, "[\"$1\",\"$2\",\"$3\"]"), "the vote itself holds the change");
+    free(s);
+    json_decref(now_ids);
+    cr_assert_eq(v->recorded_at, NOW + MIN);
+    /* a second change keeps the first cast */
+    v = change(r, p, v, "{\"option_ids\":[\"$2\"]}", NOW + 2 * MIN);
+    assert_cast(p, v, "[\"$0\"]", NOW);
+    assert_maps(r, p);
+
+    /* a vote without a key cannot be replayed: it keeps no copy */
+    plain = change(r, p, plain, "{\"option_ids\":[\"$3\"]}", NOW + MIN);
+    cr_assert_null(plain->cast);
+    assert_cast(p, plain, "[\"$3\"]", NOW + MIN);
+    tly_registry_free(r); /* frees the copies (the ASan build would see a leak) */
+}
+
+Test(first_cast, score_ballots_keep_their_scores_and_set_cast_checks_the_options)
+{
+    tly_registry_t *r = tly_registry_new();
+    tly_poll_t *p = create_ok(body_n("score", 3));
+    tly_registry_add_poll(r, p);
+    tly_vote_t *v = cast_keyed(r, p, "a", "k1", "{\"scores\":{\"$0\":0,\"$1\":3}}");
+    v = change(r, p, v, "{\"scores\":{\"$0\":4,\"$1\":0,\"$2\":1}}", NOW + MIN);
+    assert_cast(p, v, "[\"$1\"]", NOW); /* option ids of a score ballot: scored above 0 */
+
+    /* load: the store's copy replaces whatever the vote had */
+    tly_ballot_t first = {.nchoices = 2, .choices = {0, 2}, .scores = {2, 5}};
+    cr_assert_eq(tly_vote_set_cast(v, &first, NOW - MIN), 0);
+    assert_cast(p, v, "[\"$0\",\"$2\"]", NOW - MIN);
+    tly_ballot_t outside = {.nchoices = 1, .choices = {3}, .scores = {1}};
+    cr_assert_eq(tly_vote_set_cast(v, &outside, NOW), TLY_EINVAL);
+    assert_cast(p, v, "[\"$0\",\"$2\"]", NOW - MIN);
+    tly_ballot_t b = parsed(p, "{\"scores\":{\"$0\":1}}");
+    tly_vote_t *loose = tly_vote_new(&b, "loose", "k", NULL, NULL, NOW);
+    cr_assert_eq(tly_vote_set_cast(loose, &first, NOW), TLY_EINVAL, "not added to a poll");
+    tly_alloc_fail_after(0);
+    int rc = tly_vote_set_cast(v, &b, NOW);
+    tly_alloc_fail_after(-1);
+    cr_assert_eq(rc, TLY_ENOMEM);
+    assert_cast(p, v, "[\"$0\",\"$2\"]", NOW - MIN);
+    tly_vote_free(loose);
+    tly_registry_free(r);
+}
+
+Test(oom, first_change_of_a_keyed_vote_fails_whole)
+{
+    tly_registry_t *r = tly_registry_new();
+    tly_poll_t *p = create_ok(body_n("multiple", 4));
+    tly_registry_add_poll(r, p);
+    tly_vote_t *v = cast_keyed(r, p, "a", "k1", "{\"option_ids\":[\"$0\"]}");
+    tly_ballot_t small = parsed(p, "{\"option_ids\":[\"$1\"]}"), big = parsed(p, "{\"option_ids\":[\"$1\",\"$2\"]}");
+    uint64_t seq = p->seq;
+    tly_vote_t *out = NULL;
+    /* the copy is the first allocation; a bigger ballot's vote the second */
+    for (long n = 0; n < 2; n++) {
+        tly_alloc_fail_after(n);
+        int rc = tly_poll_change_vote(r, p, v, n == 0 ? &small : &big, NOW + MIN, &out);
+        tly_alloc_fail_after(-1);
+        cr_assert_eq(rc, TLY_ENOMEM, "allocation %ld", n);
+        cr_assert_eq(out, v);
+        cr_assert_null(v->cast, "no copy left behind");
+        cr_assert_eq(v->recorded_at, NOW);
+        cr_assert_eq(p->seq, seq);
+        assert_votes(p, (uint64_t[]){1, 0, 0, 0});
+    }
+    assert_maps(r, p);
+    v = change(r, p, v, "{\"option_ids\":[\"$1\",\"$2\"]}", NOW + MIN);
+    assert_cast(p, v, "[\"$0\"]", NOW);
+    tly_registry_free(r);
+}
+
 /* ---- timelines ---- */
 
 /* Every item of p's timeline in [from, to), following "truncated" page by page. */
