@@ -117,6 +117,87 @@ Test(poll, title_required_and_not_blank)
     create_fails(with(body_n("single", 2), "title", json_null()), "title");
 }
 
+/* A create body whose title is t (a C string, any bytes). */
+static json_t *titled(const char *t) { return with(body_n("single", 2), "title", json_string(t)); }
+
+/* A create body with these option texts (NULL-terminated). */
+static json_t *options_of(const char *const *texts)
+{
+    json_t *opts = json_array();
+    for (size_t i = 0; texts[i] != NULL; i++)
+        json_array_append_new(opts, json_pack("{s:s}", "text", texts[i]));
+    return with(body_n("single", 2), "options", opts);
+}
+
+Test(poll, title_of_invisible_or_space_characters_only_is_empty)
+{
+    const char *blank[] = {
+        "\xc2\xa0",                                     /* U+00A0 */
+        "\xe3\x80\x80\xe3\x80\x80",                     /* U+3000 */
+        "\xe2\x80\x8b",                                 /* U+200B zero width space */
+        "\xe2\x80\x8d\xef\xbb\xbf\xe2\x81\xa0",         /* ZWJ, BOM, word joiner */
+        " \xc2\xa0\xe2\x80\x8b\t\xe2\x80\x83 ",         /* a mix */
+        "\xe1\xa0\x8e",                                 /* U+180E */
+        "\xe3\x85\xa4",                                 /* U+3164 Hangul filler */
+        "\xe2\x80\xae\xc2\xad",                         /* RLO, soft hyphen */
+        "\x01\x7f",                                     /* controls */
+    };
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(blank); i++) {
+        const char *f = NULL, *m = NULL;
+        cr_assert_null(create(titled(blank[i]), &f, &m), "#%zu", i);
+        cr_assert_str_eq(f, "title", "#%zu", i);
+        cr_assert_not_null(strstr(m, "no visible character"), "#%zu: %s", i, m);
+    }
+    tly_poll_free(create_ok(titled("\xe2\x80\x8bX\xe2\x80\x8b"))); /* one visible character is enough */
+}
+
+Test(poll, title_and_option_texts_lose_white_space_at_the_ends_only)
+{
+    tly_poll_t *p = create_ok(titled(" \xc2\xa0 Best  language?\xe3\x80\x80\n"));
+    cr_assert_str_eq(p->title, "Best  language?", "trimmed, and kept as typed inside");
+    tly_poll_free(p);
+    p = create_ok(titled("I \xe2\x9d\xa4\xef\xb8\x8f "));
+    cr_assert_str_eq(p->title, "I \xe2\x9d\xa4\xef\xb8\x8f", "an emoji's variation selector stays");
+    tly_poll_free(p);
+    p = create_ok(options_of((const char *[]){"  Cafe\xcc\x81 ", "\tTea", NULL}));
+    cr_assert_str_eq(p->options[0].text, "Cafe\xcc\x81", "not normalized: stored as typed");
+    cr_assert_str_eq(p->options[1].text, "Tea");
+    tly_poll_free(p);
+    /* the length limit counts what is kept */
+    char *t300 = repeat("x", 300), *padded = NULL;
+    cr_assert(asprintf(&padded, "   %s   ", t300) > 0);
+    p = create_ok(titled(padded));
+    cr_assert_str_eq(p->title, t300);
+    tly_poll_free(p);
+    free(t300);
+    free(padded);
+}
+
+Test(poll, option_texts_that_read_the_same_are_duplicates)
+{
+    const char *const dups[][4] = {
+        {"Yes", "yes", NULL},
+        {"Yes", "No", "YES ", NULL},
+        {"Caf\xc3\xa9", "Cafe\xcc\x81", NULL},           /* NFC and NFD */
+        {"Go", "Go\xe2\x80\x8b", NULL},                  /* a zero width space */
+        {"New York", "New\xc2\xa0\xc2\xa0York", NULL},   /* spacing */
+        {"Stra\xc3\x9f" "e", "STRASSE", NULL},           /* full case folding */
+    };
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(dups); i++) {
+        size_t last = 0;
+        while (dups[i][last + 1] != NULL)
+            last++;
+        char field[32];
+        snprintf(field, sizeof(field), "options[%zu].text", last);
+        const char *f = NULL, *m = NULL;
+        cr_assert_null(create(options_of(dups[i]), &f, &m), "case %zu", i);
+        cr_assert_str_eq(f, field, "case %zu names the later one", i);
+        cr_assert_not_null(strstr(m, "unique"), "%s", m);
+    }
+    /* distinct to a reader: accepted */
+    tly_poll_free(create_ok(options_of((const char *[]){"Go", "Go!", "G o", "x2", "x\xc2\xb2", "C", "C#", NULL})));
+}
+
 Test(poll, description_limit)
 {
     char *ok = repeat("\xe2\x82\xac", 5000), *bad = repeat("a", 5001);
@@ -160,8 +241,9 @@ Test(poll, option_text_rules)
     create_fails(with(body_n("single", 2), "options", J("[\"a\",\"b\"]")), "options[0]");
     create_fails(with(body_n("single", 2), "options", J("[{\"text\":\"a\",\"display_order\":\"1\"},{\"text\":\"b\"}]")),
                  "options[0].display_order");
-    /* exact match only: case differs, so these are distinct */
-    tly_poll_free(create_ok(with(body_n("single", 2), "options", J("[{\"text\":\"Go\"},{\"text\":\"go\"}]"))));
+    /* compared as a reader sees them: case differs only, so they are the same option */
+    create_fails(with(body_n("single", 2), "options", J("[{\"text\":\"Go\"},{\"text\":\"go\"}]")),
+                 "options[1].text");
     char *t200 = repeat("\xc3\xa9", 200), *t201 = repeat("x", 201);
     json_t *b = body_n("single", 2);
     json_object_set_new(json_array_get(json_object_get(b, "options"), 0), "text", json_string(t200));
@@ -462,6 +544,26 @@ Test(patch, fields_and_validation)
     cr_assert_eq(p->start_time, 0);
     cr_assert_eq(patch(p, "{\"status\":\"paused\"}", &f), TLY_EINVAL);
     cr_assert_str_eq(f, "status");
+    tly_poll_free(p);
+}
+
+Test(patch, applies_the_same_text_rules)
+{
+    tly_poll_t *p = create_ok(body_n("single", 3));
+    const char *f;
+    cr_assert_eq(patch(p, "{\"title\":\"\\u3000\\u200b\"}", &f), TLY_EINVAL);
+    cr_assert_str_eq(f, "title");
+    cr_assert_eq(patch(p, "{\"options\":[{\"text\":\"A\"},{\"text\":\"\\u00a0\"}]}", &f), TLY_EINVAL);
+    cr_assert_str_eq(f, "options[1].text");
+    cr_assert_eq(patch(p, "{\"options\":[{\"text\":\"Maybe\"},{\"text\":\"maybe \"}]}", &f), TLY_EINVAL);
+    cr_assert_str_eq(f, "options[1].text");
+    cr_assert_str_eq(p->title, "Best?", "refused patches change nothing");
+    cr_assert_str_eq(p->options[1].text, "o1");
+    cr_assert_eq(patch(p, "{\"title\":\"  Renamed \\u00a0\",\"options\":[{\"text\":\" A\"},{\"text\":\"B \"}]}", &f),
+                 0);
+    cr_assert_str_eq(p->title, "Renamed");
+    cr_assert_str_eq(p->options[0].text, "A");
+    cr_assert_str_eq(p->options[1].text, "B");
     tly_poll_free(p);
 }
 
