@@ -62,8 +62,13 @@ static const char *const stmt_sql[ST__COUNT] = {
     [ST_BALLOT_INSERT] = "INSERT INTO ballots(poll_id, voter_id, vote_id, receipt, choices, scores,"
                          " recorded_at, idem_key, body_hash, client_meta, ip_hash)"
                          " VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-    /* Replace and delete bind poll_id, voter_id as ?1, ?2 (see ballot_change). */
-    [ST_BALLOT_REPLACE] = "UPDATE ballots SET choices = ?3, scores = ?4, recorded_at = ?5,"
+    /* Replace and delete bind poll_id, voter_id as ?1, ?2 (see ballot_change). The
+     * first replace keeps the ballot as cast (the right-hand sides read the old row). */
+    [ST_BALLOT_REPLACE] = "UPDATE ballots SET"
+                          " cast_choices = CASE WHEN cast_at IS NULL THEN choices ELSE cast_choices END,"
+                          " cast_scores = CASE WHEN cast_at IS NULL THEN scores ELSE cast_scores END,"
+                          " cast_at = coalesce(cast_at, recorded_at),"
+                          " choices = ?3, scores = ?4, recorded_at = ?5,"
                           " idem_key = ?6, body_hash = ?7 WHERE poll_id = ?1 AND voter_id = ?2",
     [ST_BALLOT_DELETE] = "DELETE FROM ballots WHERE poll_id = ?1 AND voter_id = ?2",
     [ST_AUDIT_INSERT] = "INSERT INTO audit(poll_id, voter_id, event, choices, scores, at, idem_key, body_hash)"

@@ -122,6 +122,25 @@ static const char *const migrations[] = {
     "ALTER TABLE audit ADD COLUMN idem_key TEXT;"
     "ALTER TABLE audit ADD COLUMN body_hash BLOB;"
     "CREATE INDEX audit_retracted_keys ON audit(seq) WHERE event = 'revoked' AND idem_key IS NOT NULL;",
+
+    /* 5: the ballot as first cast, kept by its first change (BALLOT_REPLACE), so that a
+     * retry of the POST that cast it gets its first answer again after a change, and
+     * after a restart too; NULL for ballots never changed, and load reads the others
+     * through the partial index. Ballots changed before this version get theirs from
+     * the audit log: the "cast" row of the voter's latest cast, when a "changed" row
+     * follows it. One grouped pass over the log, once. */
+    "ALTER TABLE ballots ADD COLUMN cast_choices BLOB;"
+    "ALTER TABLE ballots ADD COLUMN cast_scores BLOB;"
+    "ALTER TABLE ballots ADD COLUMN cast_at INTEGER;"
+    "CREATE INDEX ballots_changed ON ballots(seq) WHERE cast_at IS NOT NULL;"
+    "WITH last AS (SELECT poll_id, voter_id,"
+    "    max(CASE WHEN event = 'cast' THEN seq END) AS cast_seq,"
+    "    max(CASE WHEN event = 'changed' THEN seq END) AS changed_seq"
+    "  FROM audit GROUP BY poll_id, voter_id)"
+    "UPDATE ballots SET cast_choices = a.choices, cast_scores = a.scores, cast_at = a.at"
+    "  FROM last JOIN audit a ON a.seq = last.cast_seq"
+    "  WHERE last.changed_seq > last.cast_seq"
+    "    AND ballots.poll_id = last.poll_id AND ballots.voter_id = last.voter_id;",
 };
 
 _Static_assert(TLY_ARRAY_SIZE(migrations) == TLY_STORE_SCHEMA_VERSION,

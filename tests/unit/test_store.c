@@ -848,6 +848,36 @@ Test(store, audit_records_cast_changed_revoked_in_order)
     tly_store_close(audit_after_change(s));
 }
 
+Test(store, a_changed_ballot_keeps_its_first_cast_across_restarts)
+{
+    tly_store_close(first_cast_scenario(open_store()));
+}
+
+Test(store, migration_4_to_5_takes_first_casts_from_the_audit_log)
+{
+    tly_store_close(first_cast_scenario(open_store()));
+    /* the same history as schema version 4 kept it: no copies beside the ballots */
+    sqlite3 *db = raw_open(SQLITE_OPEN_READWRITE);
+    cr_assert_eq(sqlite3_exec(db,
+                              "DROP INDEX ballots_changed;"
+                              "ALTER TABLE ballots DROP COLUMN cast_choices;"
+                              "ALTER TABLE ballots DROP COLUMN cast_scores;"
+                              "ALTER TABLE ballots DROP COLUMN cast_at;"
+                              "PRAGMA user_version = 4;",
+                              NULL, NULL, NULL),
+                 SQLITE_OK, "%s", sqlite3_errmsg(db));
+    sqlite3_close(db);
+    casts_seen_t cs;
+    tly_store_t *s = reopen_casts(open_store(), &cs);
+    assert_final_casts(&cs);
+    tly_store_close(s);
+    db = raw_open(SQLITE_OPEN_READONLY);
+    cr_assert_eq(raw_int(db, "PRAGMA user_version"), TLY_STORE_SCHEMA_VERSION);
+    cr_assert_eq(raw_int(db, "SELECT count(*) FROM ballots WHERE cast_at IS NOT NULL"), 3,
+                 "voter1, voter3 (no key: kept, not loaded) and voter4");
+    sqlite3_close(db);
+}
+
 Test(store, replace_and_delete_of_a_missing_ballot_fail_alone)
 {
     tly_store_t *s = open_store();
