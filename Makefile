@@ -15,7 +15,8 @@ OPT      ?= -O2
 CFLAGS   += -std=c11 $(OPT) -g -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wno-unused-parameter \
             -D_GNU_SOURCE -DH2O_USE_LIBUV=0 -Isrc $(PKG_CFLAGS) $(SAN)
 LDFLAGS  += $(SAN)
-LDLIBS   += $(PKG_LIBS) -lwslay -lpthread -lm
+# libunistring (Unicode text rules in src/base) has no pkg-config file on Debian 12.
+LDLIBS   += $(PKG_LIBS) -lwslay -lunistring -lpthread -lm
 
 LIB_SRC  := $(sort $(wildcard src/*/*.c))
 LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
@@ -218,7 +219,7 @@ $(FUZZ_BUILD)/libtally.a: $(FUZZ_LIB_OBJ)
 	ar rcs $@ $^
 
 $(FUZZ_BUILD)/fuzz_%: tests/fuzz/fuzz_%.c $(FUZZ_BUILD)/libtally.a
-	$(FUZZ_CC) $(FUZZ_CFLAGS) -Wall -Wextra -Werror -fsanitize=fuzzer -o $@ $< $(FUZZ_BUILD)/libtally.a $(PKG_LIBS) -lwslay -lpthread -lm
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -Wall -Wextra -Werror -fsanitize=fuzzer -o $@ $< $(FUZZ_BUILD)/libtally.a $(PKG_LIBS) -lwslay -lunistring -lpthread -lm
 
 -include $(FUZZ_LIB_OBJ:.o=.d)
 

@@ -310,11 +310,29 @@ void api_request_free(tly_app_t *app, vote_request_t *r)
     tly_free(r);
 }
 
+/* A changed ballot's first cast, from the store (after its ballot): a retry of the POST
+ * that cast it replays that. 0, TLY_EINVAL (no such ballot in memory, or a choice
+ * outside the poll's options) or TLY_ENOMEM. */
+static int cast_from_row(tly_app_t *app, const tly_ballot_row_t *row)
+{
+    tly_poll_t *p = tly_registry_find_poll(app->registry, row->poll_id);
+    tly_vote_t *v = p != NULL ? tly_poll_find_vote(p, row->voter_id) : NULL;
+    if (v == NULL || row->nchoices > TLY_MAX_OPTIONS)
+        return TLY_EINVAL;
+    tly_ballot_t b;
+    b.nchoices = row->nchoices;
+    for (size_t i = 0; i < row->nchoices; i++) {
+        b.choices[i] = row->choices[i];
+        b.scores[i] = row->scores ? row->scores[i] : 0;
+    }
+    return tly_vote_set_cast(v, &b, row->recorded_at);
+}
+
 /* ---- loading ---- */
 
 typedef struct {
     tly_app_t *app;
-    size_t users, polls, ballots, requests, retracted, skipped;
+    size_t users, polls, ballots, requests, retracted, casts, skipped;
     int failed;
 } load_t;
 
@@ -367,23 +385,42 @@ static void load_retracted(void *ctx, const tly_retracted_row_t *row)
         l->retracted++;
 }
 
+static void load_cast(void *ctx, const tly_ballot_row_t *row)
+{
+    load_t *l = ctx;
+    int rc = cast_from_row(l->app, row);
+    if (rc == TLY_EINVAL) /* its ballot was skipped, or the copy names no option of the poll */
+        l->skipped++;
+    else if (rc != 0)
+        l->failed = 1;
+    else
+        l->casts++;
+}
+
 int api_load(tly_app_t *app)
 {
     load_t l = {.app = app};
-    tly_store_load_cb_t cb = {load_user,    load_poll,      load_ballot,
-                              load_request, load_retracted, tly_now_ms() - app->conf->retracted_key_ttl * 1000};
+    tly_store_load_cb_t cb = {.user = load_user,
+                              .poll = load_poll,
+                              .ballot = load_ballot,
+                              .request = load_request,
+                              .retracted = load_retracted,
+                              .retracted_since = tly_now_ms() - app->conf->retracted_key_ttl * 1000,
+                              .cast = load_cast};
     int64_t t0 = tly_now_ms();
     if (tly_store_load(app->store, &cb, &l) != 0 || l.failed)
         return -1;
-    char users[24], polls[24], ballots[24], requests[24], retracted[24], skipped[24], ms[24];
+    char users[24], polls[24], ballots[24], requests[24], retracted[24], casts[24], skipped[24], ms[24];
     snprintf(users, sizeof(users), "%zu", l.users);
     snprintf(polls, sizeof(polls), "%zu", l.polls);
     snprintf(ballots, sizeof(ballots), "%zu", l.ballots);
     snprintf(requests, sizeof(requests), "%zu", l.requests);
     snprintf(retracted, sizeof(retracted), "%zu", l.retracted);
+    snprintf(casts, sizeof(casts), "%zu", l.casts);
     snprintf(skipped, sizeof(skipped), "%zu", l.skipped);
     snprintf(ms, sizeof(ms), "%lld", (long long)(tly_now_ms() - t0));
     tly_log(l.skipped ? TLY_LOG_WARN : TLY_LOG_INFO, "store loaded", "users", users, "polls", polls, "ballots", ballots,
-            "requests", requests, "retracted_keys", retracted, "skipped", skipped, "ms", ms, NULL);
+            "requests", requests, "retracted_keys", retracted, "changed_casts", casts, "skipped", skipped, "ms", ms,
+            NULL);
     return 0;
 }

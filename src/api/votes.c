@@ -44,12 +44,29 @@ typedef struct ballot_op {
     void *done_arg;
 } ballot_op_t;
 
-static json_t *recorded_json(const tly_poll_t *p, const tly_vote_t *v)
+static json_t *recorded_body(const tly_poll_t *p, const tly_vote_t *v, json_t *option_ids, int64_t recorded_at)
 {
     char at[TLY_TIME_LEN];
-    tly_time_format(v->recorded_at, at);
+    tly_time_format(recorded_at, at);
     return json_pack("{s:s, s:s, s:s, s:o, s:s, s:s}", "status", "recorded", "vote_id", v->vote_id, "poll_id",
-                     p->poll_id, "option_ids", tly_vote_option_ids(p, v), "recorded_at", at, "receipt", v->receipt);
+                     p->poll_id, "option_ids", option_ids, "recorded_at", at, "receipt", v->receipt);
+}
+
+/* The 200 answer for v as it stands now (a cast, a change). */
+static json_t *recorded_json(const tly_poll_t *p, const tly_vote_t *v)
+{
+    return recorded_body(p, v, tly_vote_option_ids(p, v), v->recorded_at);
+}
+
+/* The 200 answer of the POST that cast v, for a retry of it (same Idempotency-Key and
+ * body): the first response again, with the ballot and time it was cast with even when
+ * v was changed since (core keeps them, and the store, across restarts). vote_id and
+ * receipt never change. */
+static json_t *cast_json(const tly_poll_t *p, const tly_vote_t *v)
+{
+    int64_t at;
+    json_t *ids = tly_vote_cast_option_ids(p, v, &at);
+    return recorded_body(p, v, ids, at);
 }
 
 /* Whether s may go into JSON between quotes as it is: the URL-safe alphabet of our ids
@@ -220,7 +237,7 @@ static void conflict_resolved(void *arg)
     for (waiter_t *w = c->waiters; w != NULL; w = w->next) {
         api_end_async(app);
         if (same)
-            respond_recorded(w->req, p, v);
+            api_respond_json(w->req, 200, cast_json(p, v));
         else
             respond_already_voted(w->req, v);
     }
@@ -382,8 +399,9 @@ static bool prefers_async(tly_req_t *req)
 }
 
 /* A retry of the request that cast v (same Idempotency-Key and body) gets that request's
- * answer again, whether the retry prefers async or not: 200 with the ballot, or for an
- * async first request its 202 with the same request_id. */
+ * answer again, whether the retry prefers async or not, and whether v was changed since
+ * or not: 200 with the ballot as cast (cast_json), or for an async first request its 202
+ * with the same request_id. */
 static void replay(tly_app_t *app, tly_req_t *req, tly_poll_t *p, tly_vote_t *v)
 {
     if (v->state == TLY_VOTE_COMMITTED) {
@@ -391,7 +409,7 @@ static void replay(tly_app_t *app, tly_req_t *req, tly_poll_t *p, tly_vote_t *v)
         if (r != NULL)
             api_respond_accepted(req, p->poll_id, r->request_id);
         else
-            respond_recorded(req, p, v);
+            api_respond_json(req, 200, cast_json(p, v));
         return;
     }
     ballot_op_t *bo;

@@ -1,5 +1,5 @@
 /*
- * base.c: allocation wrapper, time, ids, base64url and UTF-8 checks.
+ * base.c: allocation wrapper, time, ids, base64url, UTF-8 checks and text rules.
  */
 #include "base.h"
 
@@ -9,6 +9,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unicase.h>
+#include <unictype.h>
+#include <uninorm.h>
+#include <unistr.h>
 
 /* Injection, two independent modes (tests only; both off by default):
  * - alloc_budget: -1 means off; otherwise the number of allocations still allowed.
@@ -341,6 +345,100 @@ long tly_utf8_length(const char *s, size_t len)
         count++;
     }
     return count;
+}
+
+/* ---- text ---- */
+
+static bool is_space(ucs4_t c) { return uc_is_property_white_space(c); }
+
+static bool is_blank(ucs4_t c)
+{
+    return uc_is_property_white_space(c) || uc_is_property_default_ignorable_code_point(c) ||
+           uc_is_general_category(c, UC_CATEGORY_Cf) || uc_is_general_category(c, UC_CATEGORY_Cc);
+}
+
+/* The code point at s[i] (i < len, valid UTF-8) into *c; returns its length in bytes. */
+static size_t next_char(const char *s, size_t len, size_t i, ucs4_t *c)
+{
+    int n = u8_mbtouc(c, (const uint8_t *)s + i, len - i);
+    return n > 0 ? (size_t)n : 1;
+}
+
+bool tly_text_is_blank(const char *s, size_t len)
+{
+    ucs4_t c;
+    for (size_t i = 0; i < len;) {
+        i += next_char(s, len, i, &c);
+        if (!is_blank(c))
+            return false;
+    }
+    return true;
+}
+
+size_t tly_text_trim(const char *s, size_t len, size_t *start)
+{
+    ucs4_t c;
+    size_t i = 0;
+    while (i < len) {
+        size_t n = next_char(s, len, i, &c);
+        if (!is_space(c))
+            break;
+        i += n;
+    }
+    *start = i;
+    size_t end = i; /* the end of the last character that is not White_Space */
+    while (i < len) {
+        i += next_char(s, len, i, &c);
+        if (!is_space(c))
+            end = i;
+    }
+    return end - *start;
+}
+
+char *tly_text_key(const char *s, size_t len, size_t *keylen)
+{
+    /* blank characters out, and each run of White_Space one space between two visible
+     * characters: never longer than s */
+    char *visible = tly_malloc(len + 1), *key = NULL;
+    if (visible == NULL)
+        return NULL;
+    size_t n = 0;
+    bool space = false;
+    ucs4_t c;
+    for (size_t i = 0, k; i < len; i += k) {
+        k = next_char(s, len, i, &c);
+        if (is_space(c)) {
+            space = n > 0;
+        } else if (!is_blank(c)) {
+            if (space)
+                visible[n++] = ' ';
+            space = false;
+            memcpy(visible + n, s + i, k);
+            n += k;
+        }
+    }
+    /* Case folding may lengthen a text (U+0390 becomes three code points, 6 bytes from
+     * 2) and composition shortens it: libunistring writes into buf when the result fits
+     * and returns a buffer of its own (malloc'd) otherwise. */
+    size_t cap = 3 * n + 16, flen = cap;
+    uint8_t *buf = tly_malloc(cap), *folded = NULL;
+    if (buf != NULL)
+        folded = u8_casefold((const uint8_t *)visible, n, NULL, UNINORM_NFC, buf, &flen);
+    if (folded == buf && folded != NULL && flen < cap) {
+        key = (char *)buf; /* room for the NUL too */
+    } else {
+        if (folded != NULL && (key = tly_malloc(flen + 1)) != NULL)
+            memcpy(key, folded, flen);
+        if (folded != buf)
+            free(folded);
+        tly_free(buf);
+    }
+    tly_free(visible);
+    if (key == NULL)
+        return NULL;
+    key[flen] = '\0';
+    *keylen = flen;
+    return key;
 }
 
 void tly_hex_encode(const uint8_t *in, size_t n, char *out) { sodium_bin2hex(out, 2 * n + 1, in, n); }

@@ -1,13 +1,15 @@
 /*
  * base: what every module of tally needs and nothing else: error codes, the one
  * allocation wrapper (so tests can inject failure), wall-clock time in RFC 3339,
- * and random URL-safe identifiers.
+ * random URL-safe identifiers, and UTF-8 text rules (validity, blank text, trimming,
+ * the key texts are compared by), the Unicode parts from libunistring.
  *
  * Thread-safety: every function here may be called from any thread.
  */
 #ifndef TALLY_BASE_H
 #define TALLY_BASE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -77,6 +79,36 @@ int tly_b64url_decode(const char *in, size_t len, uint8_t *out);
 /* Validates UTF-8 (no overlongs, no surrogates) and returns the number of code points,
  * or -1 when invalid. */
 long tly_utf8_length(const char *s, size_t len);
+
+/*
+ * Text as people see it. Every character property, normalization and case mapping here
+ * is libunistring's (Unicode's own data), never a table of ours. s is valid UTF-8 of
+ * len bytes (tly_utf8_length(s, len) >= 0); invalid input is the caller's bug.
+ *
+ * A blank character is one a reader does not see as a mark of its own: Unicode
+ * White_Space (U+0020, U+00A0, U+3000, line breaks...), Default_Ignorable_Code_Point
+ * (U+200B zero width space, U+200D ZWJ, U+2060 word joiner, U+FEFF BOM, soft hyphen,
+ * variation selectors, Hangul fillers...), and the general categories Cf (format) and
+ * Cc (control).
+ */
+
+/* Whether s has no character but blank ones (true for len 0). */
+bool tly_text_is_blank(const char *s, size_t len);
+/* s without White_Space at either end: sets *start to the bytes skipped at the front
+ * and returns the length left. Other blank characters stay: at the end of a text a
+ * variation selector, ZWJ or tag character may belong to the emoji sequence before
+ * it, and at the front a format character to what follows. */
+size_t tly_text_trim(const char *s, size_t len, size_t *start);
+/*
+ * The key by which two texts are "the same" to a reader: blank characters other than
+ * White_Space dropped, each run of White_Space read as one space and none at either
+ * end, then full Unicode case folding and canonical composition (NFC, so that "e" +
+ * U+0301 and "\u00e9" are one letter). Equal keys: texts that look alike up to case,
+ * spacing and invisible characters. Returns a NUL-terminated key of *keylen bytes,
+ * allocated with tly_malloc (the caller frees it with tly_free), or NULL when out of
+ * memory.
+ */
+char *tly_text_key(const char *s, size_t len, size_t *keylen);
 
 #define TLY_ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 

@@ -197,11 +197,11 @@ json_t *tly_ballot_to_json(const tly_poll_t *p, const tly_vote_t *v)
     return json_pack("{s:o}", p->type == TLY_TYPE_RANKED ? "ranking" : "option_ids", arr);
 }
 
-json_t *tly_vote_option_ids(const tly_poll_t *p, const tly_vote_t *v)
+/* The option ids of a ballot of n choices c with scores s (see tly_vote_option_ids). */
+static json_t *option_ids(const tly_poll_t *p, size_t n, const uint8_t *c, const uint8_t *s)
 {
-    const uint8_t *c = core_vote_choices(v), *s = core_vote_scores(v);
     json_t *arr = json_array();
-    for (size_t i = 0; arr != NULL && i < v->nchoices; i++) {
+    for (size_t i = 0; arr != NULL && i < n; i++) {
         if (p->type == TLY_TYPE_SCORE && s[i] == 0)
             continue;
         if (json_array_append_new(arr, option_id_json(p, c[i])) != 0) {
@@ -210,4 +210,20 @@ json_t *tly_vote_option_ids(const tly_poll_t *p, const tly_vote_t *v)
         }
     }
     return arr;
+}
+
+json_t *tly_vote_option_ids(const tly_poll_t *p, const tly_vote_t *v)
+{
+    return option_ids(p, v->nchoices, core_vote_choices(v), core_vote_scores(v));
+}
+
+json_t *tly_vote_cast_option_ids(const tly_poll_t *p, const tly_vote_t *v, int64_t *cast_at)
+{
+    const struct tly_vote_cast *c = v->cast;
+    if (c == NULL) {
+        *cast_at = v->recorded_at;
+        return tly_vote_option_ids(p, v);
+    }
+    *cast_at = c->recorded_at;
+    return option_ids(p, c->nchoices, c->data, c->data + c->nchoices);
 }

@@ -98,7 +98,10 @@ typedef struct tly_vote {
     char *voter_id;
     char *idem_key;         /* NULL when none */
     struct tly_ip_vote *ip; /* its entry in poll->ip_votes, NULL when none (core's) */
-    uint8_t body_hash[16];  /* hash of the request body, for Idempotency-Key replay */
+    /* The ballot as first cast, kept from the first change of a vote that has an
+     * idem_key on; NULL otherwise (core's; see tly_vote_cast_option_ids). */
+    struct tly_vote_cast *cast;
+    uint8_t body_hash[16]; /* hash of the request body, for Idempotency-Key replay */
     char vote_id[TLY_VOTE_ID_LEN + 1];
     char receipt[TLY_RECEIPT_LEN + 1];
     int64_t recorded_at; /* ms since epoch: when cast, or last changed */
@@ -314,10 +317,12 @@ void tly_poll_retract_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v, int6
  * options, score sums and timelines (old at the old recorded_at, new at now) within
  * this call, so no reader on the loop thread sees both or neither. vote_id, receipt,
  * voter_id, idem_key and body_hash are kept (an Idempotency-Key replay of the original
- * cast is the API's to answer); recorded_at becomes now; total_votes is unchanged; seq
- * grows, as_of = now, results dirty, and the change counts in votes_last_minute (even
- * when b equals the old ballot: the API may skip such a no-op before calling). The
- * vote's address stays in p->ip_votes (a change is not a new ballot).
+ * cast is the API's to answer: a vote with an idem_key keeps, from its first change on,
+ * the ballot and time it was cast with, see tly_vote_cast_option_ids); recorded_at
+ * becomes now; total_votes is unchanged; seq grows, as_of = now, results dirty, and
+ * the change counts in votes_last_minute (even when b equals the old ballot: the API
+ * may skip such a no-op before calling). The vote's address stays in p->ip_votes (a
+ * change is not a new ballot).
  *
  * A ballot with more choices than v holds needs a larger vote: v is then reallocated
  * and the new address replaces it in p->votes and r's receipt map (moved in place, no
@@ -333,6 +338,26 @@ void tly_poll_retract_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v, int6
  */
 int tly_poll_change_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v, const tly_ballot_t *b, int64_t now,
                          tly_vote_t **out);
+
+/*
+ * The ballot as first cast. A retry of the POST that cast a vote (same Idempotency-Key
+ * and body) must get that POST's answer again, the ballot and time it was cast with,
+ * even after the vote was changed. So a vote with an idem_key keeps, from its first
+ * change on, a copy of the ballot it was cast with and its recorded_at (the store keeps
+ * the same copy with the ballot row and load gives it back: tly_vote_set_cast). A vote
+ * without a key cannot be replayed and keeps none. Memory: about 16 + 2 * nchoices
+ * bytes per changed vote with a key, nothing for the others. Loop thread.
+ */
+
+/* The option ids of v as first cast, in the form tly_vote_option_ids gives, as a new
+ * JSON reference, with *cast_at its time; for a vote never changed (or keeping no copy)
+ * its current ballot and recorded_at. NULL when out of memory. */
+json_t *tly_vote_cast_option_ids(const tly_poll_t *p, const tly_vote_t *v, int64_t *cast_at);
+/* Sets the ballot v was first cast with and its time (at load, from the store's copy),
+ * replacing any copy v had. v must have been added to its poll (tly_poll_add_vote).
+ * Returns 0, TLY_EINVAL (more than TLY_MAX_OPTIONS choices, or a choice outside the
+ * poll's options: v unchanged) or TLY_ENOMEM (v unchanged). */
+int tly_vote_set_cast(tly_vote_t *v, const tly_ballot_t *b, int64_t cast_at);
 
 /* ---- client addresses (settings.voter_check "ip" / "token+ip") ---- */
 

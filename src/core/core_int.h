@@ -63,6 +63,13 @@ struct tly_ip_vote {
     tly_vote_t *vote;
 };
 
+/* A vote's ballot as first cast (tly_vote_t.cast): choices then scores, as in the vote. */
+struct tly_vote_cast {
+    int64_t recorded_at;
+    uint8_t nchoices;
+    uint8_t data[];
+};
+
 /* Frees p's address set (the poll goes). */
 void core_ip_votes_clear(tly_poll_t *p);
 

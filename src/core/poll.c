@@ -80,18 +80,25 @@ typedef struct {
     const char *type, *empty, *too_long;
 } text_msgs_t;
 
-static const text_msgs_t title_msgs = {"title must be a string", "title must not be empty",
-                                       "title must be at most " CORE_STR(TLY_TITLE_MAX) " characters"};
+static const text_msgs_t title_msgs = {
+    "title must be a string",
+    "title must not be empty: it has no visible character (only spaces, or invisible or format characters)",
+    "title must be at most " CORE_STR(TLY_TITLE_MAX) " characters"};
 static const text_msgs_t description_msgs = {
     "description must be a string or null", NULL,
     "description must be at most " CORE_STR(TLY_DESCRIPTION_MAX) " characters"};
-static const text_msgs_t option_msgs = {"option text must be a string", "option text must not be empty",
-                                        "option text must be at most " CORE_STR(TLY_OPTION_TEXT_MAX) " characters"};
+static const text_msgs_t option_msgs = {
+    "option text must be a string",
+    "option text must not be empty: it has no visible character (only spaces, or invisible or format characters)",
+    "option text must be at most " CORE_STR(TLY_OPTION_TEXT_MAX) " characters"};
 
 /*
- * Checks user text: a JSON string of valid UTF-8 without NUL bytes, at most `max` code
- * points and (when m->empty is set) not empty or only whitespace. Returns the string,
- * or NULL with *msg set. Length is counted on the string as given, not trimmed.
+ * Checks user text: a JSON string of valid UTF-8 without NUL bytes. A name (a title or
+ * an option text: m->empty set) loses the White_Space at either end (tly_text_trim;
+ * the rest is kept as typed) and must keep a visible character (tly_text_is_blank:
+ * spaces, zero-width and format characters alone are empty); a description is taken
+ * as given. At most `max` code points, counted on what is kept. Returns the text kept
+ * (inside v's string) with its length in *len, or NULL with *msg set.
  */
 static const char *check_text(json_t *v, long max, const text_msgs_t *m, size_t *len, const char **msg)
 {
@@ -101,23 +108,22 @@ static const char *check_text(json_t *v, long max, const text_msgs_t *m, size_t 
     }
     const char *s = json_string_value(v);
     size_t n = json_string_length(v);
-    long cps = tly_utf8_length(s, n);
-    if (memchr(s, '\0', n) != NULL || cps < 0) {
+    if (memchr(s, '\0', n) != NULL || tly_utf8_length(s, n) < 0) {
         *msg = "text must be valid UTF-8 without NUL characters";
         return NULL;
     }
-    if (cps > max) {
-        *msg = m->too_long;
-        return NULL;
-    }
     if (m->empty != NULL) {
-        size_t i = 0;
-        while (i < n && strchr(" \t\r\n\f\v", s[i]) != NULL)
-            i++;
-        if (i == n) {
+        size_t start;
+        n = tly_text_trim(s, n, &start);
+        s += start;
+        if (tly_text_is_blank(s, n)) {
             *msg = m->empty;
             return NULL;
         }
+    }
+    if (tly_utf8_length(s, n) > max) {
+        *msg = m->too_long;
+        return NULL;
     }
     *len = n;
     return s;
@@ -152,10 +158,39 @@ typedef struct {
 } option_item_t;
 
 /*
- * Parses the options array: 2..100 objects {"text", "display_order"?}, texts unique
- * (exact byte match), display_order defaulting to the array index. The result is sorted
- * by display_order, stably (equal orders keep their array order), with fresh option ids
- * unique within the poll.
+ * Whether one of the n texts looks like another to a reader (tly_text_key: the same up
+ * to case, spacing, invisible characters and Unicode normalization): the index of the
+ * later one of the first such pair found into *dup. 0, or TLY_ENOMEM.
+ */
+static int find_duplicate(const option_item_t *items, size_t n, bool *found, size_t *dup)
+{
+    char *keys[TLY_MAX_OPTIONS];
+    size_t lens[TLY_MAX_OPTIONS], made = 0;
+    int rc = 0;
+    *found = false;
+    for (; made < n; made++)
+        if ((keys[made] = tly_text_key(items[made].text, items[made].len, &lens[made])) == NULL) {
+            rc = TLY_ENOMEM;
+            goto done;
+        }
+    for (size_t i = 1; i < n && !*found; i++)
+        for (size_t j = 0; j < i && !*found; j++)
+            if (lens[i] == lens[j] && memcmp(keys[i], keys[j], lens[i]) == 0) {
+                *found = true;
+                *dup = i;
+            }
+done:
+    for (size_t i = 0; i < made; i++)
+        tly_free(keys[i]);
+    return rc;
+}
+
+/*
+ * Parses the options array: 2..100 objects {"text", "display_order"?}, display_order
+ * defaulting to the array index. Texts are kept as check_text leaves them (trimmed) and
+ * must differ to a reader (find_duplicate): "Yes", "yes " and "YES" are one option.
+ * The result is sorted by display_order, stably (equal orders keep their array order),
+ * with fresh option ids unique within the poll.
  */
 static int parse_options(json_t *arr, core_err_t *e, tly_option_t **out, size_t *nout)
 {
@@ -177,9 +212,6 @@ static int parse_options(json_t *arr, core_err_t *e, tly_option_t **out, size_t 
         const char *s = check_text(t, TLY_OPTION_TEXT_MAX, &option_msgs, &items[i].len, &msg);
         if (s == NULL)
             return core_fail_at(e, "options", i, ".text", msg);
-        for (size_t j = 0; j < i; j++)
-            if (items[j].len == items[i].len && memcmp(items[j].text, s, items[i].len) == 0)
-                return core_fail_at(e, "options", i, ".text", "option texts must be unique");
         items[i].text = s;
         json_t *d = json_object_get(o, "display_order");
         if (d == NULL || json_is_null(d)) {
@@ -190,6 +222,14 @@ static int parse_options(json_t *arr, core_err_t *e, tly_option_t **out, size_t 
             items[i].order = (int)json_integer_value(d);
         }
     }
+    bool found;
+    size_t dup;
+    if (find_duplicate(items, n, &found, &dup) != 0)
+        return core_oom(e);
+    if (found)
+        return core_fail_at(e, "options", dup, ".text",
+                            "option texts must be unique: this one reads the same as an earlier option (compared "
+                            "ignoring case, spacing and invisible characters)");
     /* insertion sort: stable, and n is at most 100 */
     for (size_t i = 1; i < n; i++) {
         option_item_t cur = items[i];

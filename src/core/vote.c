@@ -50,7 +50,36 @@ void tly_vote_free(tly_vote_t *v)
         return;
     tly_free(v->voter_id);
     tly_free(v->idem_key);
+    tly_free(v->cast);
     tly_free(v);
+}
+
+/* A copy of a ballot (n choices, then n scores) and its time; NULL when out of memory. */
+static struct tly_vote_cast *cast_new(size_t n, const uint8_t *choices, const uint8_t *scores, int64_t at)
+{
+    struct tly_vote_cast *c = tly_malloc(sizeof(*c) + 2 * n);
+    if (c == NULL)
+        return NULL;
+    c->recorded_at = at;
+    c->nchoices = (uint8_t)n;
+    memcpy(c->data, choices, n);
+    memcpy(c->data + n, scores, n);
+    return c;
+}
+
+int tly_vote_set_cast(tly_vote_t *v, const tly_ballot_t *b, int64_t cast_at)
+{
+    if (v->poll == NULL || b->nchoices > TLY_MAX_OPTIONS)
+        return TLY_EINVAL;
+    for (size_t i = 0; i < b->nchoices; i++)
+        if (b->choices[i] >= v->poll->noptions)
+            return TLY_EINVAL;
+    struct tly_vote_cast *c = cast_new(b->nchoices, b->choices, b->scores, cast_at);
+    if (c == NULL)
+        return TLY_ENOMEM;
+    tly_free(v->cast);
+    v->cast = c;
+    return 0;
 }
 
 tly_vote_t *tly_poll_find_vote(tly_poll_t *p, const char *voter_id)
@@ -215,11 +244,21 @@ int tly_poll_change_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v, const 
     if (v->hh_receipt.tbl != NULL &&
         (receipts == NULL || *receipts == NULL || (*receipts)->hh_receipt.tbl != v->hh_receipt.tbl))
         return TLY_EINVAL; /* moving it would leave the real map's head pointing at freed memory */
-    tly_vote_t *w = v;
-    if (n > v->nchoices && (w = tly_malloc(sizeof(*w) + 2 * n)) == NULL)
+    /* the first change of a vote with a key keeps the ballot as cast: a retry of the
+     * POST that cast it answers with that (tly_vote_cast_option_ids) */
+    struct tly_vote_cast *cast = NULL;
+    if (v->idem_key != NULL && v->cast == NULL &&
+        (cast = cast_new(v->nchoices, core_vote_choices(v), core_vote_scores(v), v->recorded_at)) == NULL)
         return TLY_ENOMEM;
+    tly_vote_t *w = v;
+    if (n > v->nchoices && (w = tly_malloc(sizeof(*w) + 2 * n)) == NULL) {
+        tly_free(cast);
+        return TLY_ENOMEM;
+    }
 
-    /* nothing can fail from here on */
+    /* nothing can fail from here on; the copy goes in before w copies v */
+    if (cast != NULL)
+        v->cast = cast;
     core_count_vote(p, v, -1); /* the old ballot, at its old time */
     if (w != v) {
         memcpy(w, v, sizeof(*v)); /* the ids, the strings (now w's) and both hash handles */
@@ -232,7 +271,7 @@ int tly_poll_change_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v, const 
         }
         if (w->ip != NULL)
             w->ip->vote = w; /* the address entry is keyed by its hash: only its pointer moves */
-        tly_free(v);         /* not tly_vote_free: voter_id and idem_key moved to w */
+        tly_free(v);         /* not tly_vote_free: voter_id, idem_key and cast moved to w */
     }
     w->nchoices = (uint8_t)n;
     memcpy(w->data, b->choices, n);

@@ -221,6 +221,23 @@ static int load_retracted(void *arg, const PGresult *res, int i)
     return 0;
 }
 
+static int load_cast(void *arg, const PGresult *res, int i)
+{
+    load_t *l = arg;
+    ballot_buf_t buf;
+    int n, ns;
+    tly_ballot_row_t b = {.poll_id = cs(res, i, 0), .voter_id = cs(res, i, 1), .recorded_at = ci(res, i, 4)};
+    if (cbytes(res, i, 2, buf.choices, 255, &b.choices, &n) != 0 ||
+        cbytes(res, i, 3, buf.scores, 255, &b.scores, &ns) != 0 || (b.scores != NULL && ns != n)) {
+        tly_log(TLY_LOG_ERROR, "store: malformed ballot row", NULL);
+        return TLY_EIO;
+    }
+    b.nchoices = (uint8_t)n;
+    if (l->cb->cast != NULL)
+        l->cb->cast(l->ctx, &b);
+    return 0;
+}
+
 int pg_load(pg_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
 {
     int rc = TLY_EIO;
@@ -276,6 +293,12 @@ int pg_load(pg_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
              " WHERE event = 'revoked' AND idem_key IS NOT NULL AND at >= %" PRId64 " ORDER BY seq",
              cb->retracted_since);
     if ((rc = each_row(c, retracted_sql, load_retracted, &l)) != 0)
+        goto fail;
+    if ((rc = each_row(c,
+                       "DECLARE tly_load NO SCROLL CURSOR FOR"
+                       " SELECT poll_id, voter_id, cast_choices, cast_scores, cast_at FROM ballots"
+                       " WHERE cast_at IS NOT NULL AND idem_key IS NOT NULL",
+                       load_cast, &l)) != 0)
         goto fail;
     if ((rc = pg_exec(c, "COMMIT", PGRES_COMMAND_OK)) != 0)
         goto fail;

@@ -157,6 +157,19 @@ static const char *const migrations[] = {
      * reads them through the partial index. */
     "ALTER TABLE audit ADD COLUMN idem_key text, ADD COLUMN body_hash bytea;"
     "CREATE INDEX audit_retracted_keys ON audit(seq) WHERE event = 'revoked' AND idem_key IS NOT NULL;",
+    /* 4: the ballot as first cast, kept by its first change (BALLOT_REPLACE): a retry of
+     * the POST that cast it gets its first answer again after a change and a restart.
+     * NULL for ballots never changed; load reads the others through the partial index.
+     * Ballots changed before this version get theirs from the audit log (the voter's
+     * latest "cast" row, when a "changed" row follows it), in one grouped pass, once. */
+    "ALTER TABLE ballots ADD COLUMN cast_choices bytea, ADD COLUMN cast_scores bytea, ADD COLUMN cast_at bigint;"
+    "CREATE INDEX ballots_changed ON ballots(seq) WHERE cast_at IS NOT NULL;"
+    "UPDATE ballots b SET cast_choices = a.choices, cast_scores = a.scores, cast_at = a.at"
+    "  FROM (SELECT poll_id, voter_id, max(seq) FILTER (WHERE event = 'cast') AS cast_seq,"
+    "          max(seq) FILTER (WHERE event = 'changed') AS changed_seq"
+    "        FROM audit GROUP BY poll_id, voter_id) l"
+    "  JOIN audit a ON a.poll_id = l.poll_id AND a.seq = l.cast_seq"
+    "  WHERE l.changed_seq > l.cast_seq AND b.poll_id = l.poll_id AND b.voter_id = l.voter_id;",
 };
 
 /* ---- helpers ----------------------------------------------------------------------- */

@@ -205,7 +205,12 @@ static const char ballot_replace_sql[] =
                  "  JOIN n ON b.poll_id = n.poll_id AND b.voter_id = n.voter_id"
                  "  WHERE NOT coalesce((SELECT closed FROM g), false) FOR UPDATE OF b),"
                  "u AS ("
-                 "  UPDATE ballots b SET choices = decode(n.choices, 'hex'), scores = decode(n.scores, 'hex'),"
+                 /* the first change keeps the ballot as cast (b.* are the old values) */
+                 "  UPDATE ballots b SET cast_choices = CASE WHEN b.cast_at IS NULL THEN b.choices"
+                 "      ELSE b.cast_choices END,"
+                 "    cast_scores = CASE WHEN b.cast_at IS NULL THEN b.scores ELSE b.cast_scores END,"
+                 "    cast_at = coalesce(b.cast_at, b.recorded_at),"
+                 "    choices = decode(n.choices, 'hex'), scores = decode(n.scores, 'hex'),"
                  "    recorded_at = n.recorded_at, idem_key = n.idem_key, body_hash = decode(n.body_hash, 'hex')"
                  "  FROM old, n WHERE b.poll_id = old.poll_id AND b.voter_id = old.voter_id"
                  "  RETURNING b.poll_id, b.voter_id, b.choices, b.scores, b.recorded_at),"

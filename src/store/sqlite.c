@@ -69,14 +69,24 @@ static const char *const stmt_sql[ST__COUNT] = {
                          " recorded_at, idem_key, body_hash, client_meta, ip_hash)"
                          " VALUES(?12, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     /* Replace and delete find the row by its seq (?1) and check that it is the voter's
-     * (?2, ?3): no index on (poll_id, voter_id) exists (migration 5). */
-    [ST_BALLOT_REPLACE] = "UPDATE ballots SET choices = ?4, scores = ?5, recorded_at = ?6, idem_key = ?7,"
-                          " body_hash = ?8, cast_in_audit = 1 WHERE seq = ?1 AND poll_id = ?2 AND voter_id = ?3",
+     * (?2, ?3): no index on (poll_id, voter_id) exists (migration 6). The first replace
+     * keeps the ballot as cast (the right-hand sides read the old row): it stays the
+     * row's cast event, and a retry of the POST that cast it is answered from it. */
+    [ST_BALLOT_REPLACE] = "UPDATE ballots SET"
+                          " cast_choices = CASE WHEN cast_at IS NULL THEN choices ELSE cast_choices END,"
+                          " cast_scores = CASE WHEN cast_at IS NULL THEN scores ELSE cast_scores END,"
+                          " cast_at = coalesce(cast_at, recorded_at),"
+                          " choices = ?4, scores = ?5, recorded_at = ?6,"
+                          " idem_key = ?7, body_hash = ?8 WHERE seq = ?1 AND poll_id = ?2 AND voter_id = ?3",
     [ST_BALLOT_DELETE] = "DELETE FROM ballots WHERE seq = ?1 AND poll_id = ?2 AND voter_id = ?3",
-    /* Before a ballot row first changes or goes, its cast event moves to audit under the
-     * ballot's own seq: the row was that event until now. */
+    /* Before a ballot row goes, its cast event (the row as first cast) moves to audit
+     * under the ballot's own seq, unless it is there already (ballots from before
+     * migration 6). */
     [ST_CAST_TO_AUDIT] = "INSERT INTO audit(seq, poll_id, voter_id, event, choices, scores, at)"
-                         " SELECT seq, poll_id, voter_id, 'cast', choices, scores, recorded_at FROM ballots"
+                         " SELECT seq, poll_id, voter_id, 'cast',"
+                         " CASE WHEN cast_at IS NULL THEN choices ELSE cast_choices END,"
+                         " CASE WHEN cast_at IS NULL THEN scores ELSE cast_scores END,"
+                         " coalesce(cast_at, recorded_at) FROM ballots"
                          " WHERE seq = ?1 AND poll_id = ?2 AND voter_id = ?3 AND cast_in_audit = 0",
     [ST_AUDIT_INSERT] = "INSERT INTO audit(seq, poll_id, voter_id, event, choices, scores, at, idem_key, body_hash)"
                         " VALUES(?9, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -144,7 +154,7 @@ fail:
     return rc;
 }
 
-/* One process per data directory. Since migration 5 nothing in the file refuses a
+/* One process per data directory. Since migration 6 nothing in the file refuses a
  * second ballot of a voter: the writer process's memory does, so a second process on
  * the same files would take ballots nobody checks against the first's. An exclusive
  * flock on DATA_DIR/lock, held until close (the kernel drops it when the process dies,
@@ -548,9 +558,9 @@ static void bind_ballot_key(sqlite3_stmt *st, const tly_ballot_row_t *b)
     bind_str(st, 3, b->voter_id);
 }
 
-/* BALLOT_REPLACE and BALLOT_DELETE, inside run_op's savepoint: the cast event moves to
- * audit if it is still the row itself, then the row changes, and only if there was one
- * the "changed" or "revoked" row is appended. */
+/* BALLOT_REPLACE and BALLOT_DELETE, inside run_op's savepoint: before a retraction the
+ * ballot's cast event moves to audit (a change keeps it in the row), then the row
+ * changes, and only if there was one the "changed" or "revoked" row is appended. */
 static int ballot_change(sq_store_t *s, tly_store_op_t *op)
 {
     const tly_ballot_row_t *b = &op->u.ballot;
@@ -558,9 +568,11 @@ static int ballot_change(sq_store_t *s, tly_store_op_t *op)
     sqlite3_stmt *st = s->st[ST_CAST_TO_AUDIT];
     int rc;
 
-    bind_ballot_key(st, b);
-    if ((rc = sq_step_reset(st)) != SQLITE_OK)
-        return rc;
+    if (!replace) {
+        bind_ballot_key(st, b);
+        if ((rc = sq_step_reset(st)) != SQLITE_OK)
+            return rc;
+    }
     st = s->st[replace ? ST_BALLOT_REPLACE : ST_BALLOT_DELETE];
     bind_ballot_key(st, b);
     if (replace) {
@@ -581,7 +593,7 @@ static int ballot_change(sq_store_t *s, tly_store_op_t *op)
 /*
  * The ballot row, appended under the batch's next seq, which goes back to the caller in
  * b->seq (its memory names the ballot by it for a later change or retraction). Nothing
- * else is written for a ballot (migration 5): the row is its own cast event, and that
+ * else is written for a ballot (migration 6): the row is its own cast event, and that
  * memory holds one ballot per voter is the caller's to keep (one process per data
  * directory). Only the address rule keeps an index here (partial, on the polls that
  * use it): a second ballot from an address fails this op alone with TLY_EEXIST.

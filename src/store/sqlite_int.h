@@ -108,7 +108,7 @@ struct sq_reader {
 
 /* ---- sqlite.c -------------------------------------------------------------------- */
 
-/* The next seq of ballots and audit (one sequence since migration 5): one row, one
+/* The next seq of ballots and audit (one sequence since migration 6): one row, one
  * column. Read under the write lock by whoever appends (the writer, the generator). */
 extern const char sq_next_seq_sql[];
 

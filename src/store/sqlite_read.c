@@ -248,6 +248,17 @@ static int load_retracted(sq_load_t *l, sqlite3_stmt *st)
     return 0;
 }
 
+static int load_cast(sq_load_t *l, sqlite3_stmt *st)
+{
+    tly_ballot_row_t b = {
+        .poll_id = col_str(st, 0), .voter_id = col_str(st, 1), .recorded_at = sqlite3_column_int64(st, 4)};
+    if (col_choices(st, 2, 3, &b.nchoices, &b.choices, &b.scores) != 0)
+        return TLY_EIO;
+    if (l->cb->cast != NULL)
+        l->cb->cast(l->ctx, &b);
+    return 0;
+}
+
 int sq_load(sq_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
 {
     int rc, src;
@@ -289,10 +300,16 @@ int sq_load(sq_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
                        " created_at FROM vote_requests ORDER BY rowid",
                        0, load_request, &l)) != 0)
         goto out;
+    if ((rc = each_row(db,
+                       "SELECT poll_id, voter_id, idem_key, body_hash, at FROM audit"
+                       " WHERE event = 'revoked' AND idem_key IS NOT NULL AND at >= ?1 ORDER BY seq",
+                       cb->retracted_since, load_retracted, &l)) != 0)
+        goto out;
+    /* through the partial index of changed ballots (seq order makes it the plan) */
     rc = each_row(db,
-                  "SELECT poll_id, voter_id, idem_key, body_hash, at FROM audit"
-                  " WHERE event = 'revoked' AND idem_key IS NOT NULL AND at >= ?1 ORDER BY seq",
-                  cb->retracted_since, load_retracted, &l);
+                  "SELECT poll_id, voter_id, cast_choices, cast_scores, cast_at FROM ballots"
+                  " WHERE cast_at IS NOT NULL AND idem_key IS NOT NULL ORDER BY seq",
+                  0, load_cast, &l);
 out:
     sqlite3_finalize(l.ost);
     if (db != NULL)
@@ -307,10 +324,11 @@ out:
 
 /* Both walk (poll_id, seq) indexes from after_seq on: no OFFSET and no sort, so a page
  * costs the rows it returns however deep into the poll it starts. An audit page merges
- * two walks in seq order (ballots and audit share one sequence): the ballot rows that
- * are still their own cast event, and the audit rows (migration 5). */
+ * two walks in seq order (ballots and audit share one sequence): the ballot rows, each
+ * its own cast event as first cast, and the audit rows (migration 6). */
 const char tly_store_audit_page_sql[] =
-    "SELECT seq, poll_id, voter_id, 'cast', choices, scores, recorded_at FROM ballots"
+    "SELECT seq, poll_id, voter_id, 'cast', CASE WHEN cast_at IS NULL THEN choices ELSE cast_choices END,"
+    " CASE WHEN cast_at IS NULL THEN scores ELSE cast_scores END, coalesce(cast_at, recorded_at) FROM ballots"
     " WHERE poll_id = ?1 AND seq > ?2 AND cast_in_audit = 0"
     " UNION ALL"
     " SELECT seq, poll_id, voter_id, event, choices, scores, at FROM audit WHERE poll_id = ?1 AND seq > ?2"

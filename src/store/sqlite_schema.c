@@ -123,16 +123,35 @@ static const char *const migrations[] = {
     "ALTER TABLE audit ADD COLUMN body_hash BLOB;"
     "CREATE INDEX audit_retracted_keys ON audit(seq) WHERE event = 'revoked' AND idem_key IS NOT NULL;",
 
-    /* 5: the lean ballot row (docs/ARCHITECTURE.md, "The embedded store"). A ballot is
+    /* 5: the ballot as first cast, kept by its first change (BALLOT_REPLACE), so that a
+     * retry of the POST that cast it gets its first answer again after a change, and
+     * after a restart too; NULL for ballots never changed, and load reads the others
+     * through the partial index. Ballots changed before this version get theirs from
+     * the audit log: the "cast" row of the voter's latest cast, when a "changed" row
+     * follows it. One grouped pass over the log, once. */
+    "ALTER TABLE ballots ADD COLUMN cast_choices BLOB;"
+    "ALTER TABLE ballots ADD COLUMN cast_scores BLOB;"
+    "ALTER TABLE ballots ADD COLUMN cast_at INTEGER;"
+    "CREATE INDEX ballots_changed ON ballots(seq) WHERE cast_at IS NOT NULL;"
+    "WITH last AS (SELECT poll_id, voter_id,"
+    "    max(CASE WHEN event = 'cast' THEN seq END) AS cast_seq,"
+    "    max(CASE WHEN event = 'changed' THEN seq END) AS changed_seq"
+    "  FROM audit GROUP BY poll_id, voter_id)"
+    "UPDATE ballots SET cast_choices = a.choices, cast_scores = a.scores, cast_at = a.at"
+    "  FROM last JOIN audit a ON a.seq = last.cast_seq"
+    "  WHERE last.changed_seq > last.cast_seq"
+    "    AND ballots.poll_id = last.poll_id AND ballots.voter_id = last.voter_id;",
+
+    /* 6: the lean ballot row (docs/ARCHITECTURE.md, "The embedded store"). A ballot is
      * appended at the end of the table and of its poll's (poll_id, seq) range, and that
      * is all its commit writes: no index on a random key (vote_id, receipt, voter), no
      * audit row. One writer process (the data directory's lock) and its memory decide
      * that a voter has one ballot; changes and retractions find the row by its seq.
-     * The ballot row is its own "cast" event until it is first changed or retracted;
-     * then cast_in_audit is set and the cast is copied into audit under the ballot's
-     * seq (ballots and audit share one sequence from here on, kept by the writer).
-     * Ballots from before this step already have their cast row in audit. */
-    "CREATE TABLE ballots_v5("
+     * The ballot row is its own "cast" event (as first cast: cast_* once it changed)
+     * until it is retracted, which copies that event into audit under the ballot's seq:
+     * ballots and audit share one sequence from here on, kept by the writer. Ballots
+     * from before this step have their cast row in audit already (cast_in_audit). */
+    "CREATE TABLE ballots_v6("
     "  seq INTEGER PRIMARY KEY,"
     "  poll_id TEXT NOT NULL REFERENCES polls ON DELETE CASCADE,"
     "  voter_id TEXT NOT NULL,"
@@ -145,15 +164,19 @@ static const char *const migrations[] = {
     "  body_hash BLOB,"
     "  client_meta TEXT,"
     "  ip_hash BLOB,"
+    "  cast_choices BLOB,"
+    "  cast_scores BLOB,"
+    "  cast_at INTEGER,"
     "  cast_in_audit INTEGER NOT NULL DEFAULT 0);"
-    "INSERT INTO ballots_v5(seq, poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key,"
-    "  body_hash, client_meta, ip_hash, cast_in_audit)"
+    "INSERT INTO ballots_v6(seq, poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key,"
+    "  body_hash, client_meta, ip_hash, cast_choices, cast_scores, cast_at, cast_in_audit)"
     "  SELECT seq, poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key, body_hash,"
-    "  client_meta, ip_hash, 1 FROM ballots ORDER BY seq;"
+    "  client_meta, ip_hash, cast_choices, cast_scores, cast_at, 1 FROM ballots ORDER BY seq;"
     "DROP TABLE ballots;"
-    "ALTER TABLE ballots_v5 RENAME TO ballots;"
+    "ALTER TABLE ballots_v6 RENAME TO ballots;"
     "CREATE INDEX ballots_poll_seq ON ballots(poll_id, seq);"
-    "CREATE UNIQUE INDEX ballots_poll_ip ON ballots(poll_id, ip_hash) WHERE ip_hash IS NOT NULL;",
+    "CREATE UNIQUE INDEX ballots_poll_ip ON ballots(poll_id, ip_hash) WHERE ip_hash IS NOT NULL;"
+    "CREATE INDEX ballots_changed ON ballots(seq) WHERE cast_at IS NOT NULL;",
 };
 
 _Static_assert(TLY_ARRAY_SIZE(migrations) == TLY_STORE_SCHEMA_VERSION,

@@ -24,7 +24,7 @@
  * History: every ballot cast, changed or revoked is an event of the poll's append-only
  * audit log, committed with the change itself. The ballots table holds the current
  * ballots (the truth that load replays); the audit log says how they got there. In
- * SQLite a ballot row is its own "cast" event until it first changes (migration 5).
+ * SQLite a ballot row is its own "cast" event until it is retracted (migration 6).
  */
 #ifndef TALLY_STORE_H
 #define TALLY_STORE_H
@@ -135,7 +135,7 @@ typedef enum {
      * vote_id/receipt, or an ip_hash another ballot of the poll holds). PostgreSQL checks
      * the voter and the ids with unique indexes (instances share it); SQLite only the
      * address (its one writer process and that process's memory keep one ballot a voter:
-     * migration 5). Sets u.ballot.seq (before done) to the ballot's place in the store.
+     * migration 6). Sets u.ballot.seq (before done) to the ballot's place in the store.
      * The ballot is its own audit "cast" event (its choices and scores, at =
      * recorded_at): audit pages show it; a duplicate writes nothing. */
     TLY_OP_BALLOT_INSERT,
@@ -146,6 +146,11 @@ typedef enum {
      * choices, scores, recorded_at, idem_key and body_hash take the new values (the row
      * describes the request that produced its content); vote_id, receipt, client_meta
      * and the ballot's seq (its place in load order and in ballot pages) are kept.
+     * The first replace of a ballot also keeps the ballot as it was cast (its choices,
+     * scores and recorded_at before that replace) beside it, and later ones leave that
+     * copy alone: load gives it back for a ballot with an idem_key (the `cast`
+     * callback), whose POST, retried, must get its first answer again. It goes with the
+     * ballot row (a retraction, the poll's delete).
      * Appends an audit "changed" row with the new ballot, in the same savepoint.
      * TLY_ENOTFOUND when the voter has no ballot in the poll (or the poll does not
      * exist). vote_id, receipt, client_meta and request_id are ignored. */
@@ -219,12 +224,17 @@ typedef struct {
     void (*request)(void *ctx, const tly_request_row_t *r);
     void (*retracted)(void *ctx, const tly_retracted_row_t *r);
     int64_t retracted_since; /* keys of ballots retracted before this time (ms) are not read */
+    /* Each changed ballot that has an idem_key, as it was first cast (BALLOT_REPLACE
+     * keeps it): poll_id, voter_id, nchoices, choices, scores (NULL unless a score
+     * ballot) and recorded_at (the cast's); every other field NULL or zero. */
+    void (*cast)(void *ctx, const tly_ballot_row_t *b);
 } tly_store_load_cb_t;
 
 /* Reads everything back at start: users, then polls (with options), then ballots in
  * commit order, then vote requests, then the keys of retracted ballots (in retraction
- * order). Rows passed to callbacks are valid only during the call; a NULL callback skips
- * its rows. Call before submitting anything. Returns 0 or TLY_EIO. */
+ * order), then the first casts of changed ballots (any order). Rows passed to callbacks
+ * are valid only during the call; a NULL callback skips its rows. Call before
+ * submitting anything. Returns 0 or TLY_EIO. */
 int tly_store_load(tly_store_t *s, const tly_store_load_cb_t *cb, void *ctx);
 
 /* Queues op for the writer. The caller keeps op and every string it points to alive and

@@ -59,7 +59,7 @@ int tly_store_hist_bucket(const uint64_t *bounds, uint64_t v);
 void tly_store_stop_thread(pthread_mutex_t *mu, pthread_cond_t *cv, int *stop, pthread_t t, int started);
 
 /* The schema version sqlite_schema.c migrates to (PRAGMA user_version). */
-#define TLY_STORE_SCHEMA_VERSION 5
+#define TLY_STORE_SCHEMA_VERSION 6
 
 /* Default most operations in one transaction when conf->batch_max is 0. */
 #define TLY_STORE_BATCH_MAX 4096

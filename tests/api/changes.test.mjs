@@ -306,14 +306,138 @@ test('Idempotency-Key: a retry of the first POST after a change replays it; afte
     assertStatus(await del(poll.poll_id, tok), 204, 'retract');
     // a late retry of the very first request must not bring the retracted ballot back
     const late = await castVote(server, tok, poll.poll_id, { option_id: a }, key);
-    assert.ok(late.status !== 200 || late.json?.vote_id === first.json.vote_id,
-      `a retry of an already processed request must not cast a new ballot: ${late.status} ${late.text}`);
+    assertError(late, 409, 'VOTE_RETRACTED');
     assert.deepEqual(await counts(poll), { total: 0, A: 0, B: 0, C: 0 },
       `the retracted ballot stays retracted after a retry of the first POST (${late.status} ${late.text})`);
     assert.deepEqual((await auditAll(poll)).map((i) => i.event), ['cast', 'changed', 'revoked']);
     // voting again on purpose, without the old key, works
     assertStatus(await castVote(server, tok, poll.poll_id, { option_id: b }), 200, 'a new ballot without the key');
   });
+
+// ---- a retry of the first POST answers what that POST answered (issue 15, item 10) --------
+
+const KINDS = [
+  { type: 'single', first: ([a]) => ({ option_id: a }), then: ([, b]) => ({ option_id: b }), ids: ([a]) => [a] },
+  { type: 'approval', first: ([a, b]) => ({ option_ids: [a, b] }), then: ([, , c]) => ({ option_ids: [c] }),
+    ids: ([a, b]) => [a, b] },
+  { type: 'score', first: ([a, b]) => ({ scores: { [a]: 0, [b]: 4 } }), then: ([a]) => ({ scores: { [a]: 2 } }),
+    ids: ([, b]) => [b] },
+];
+
+/** Waits until this machine's clock (the server's too) has passed the time `iso`. */
+async function clockPast(iso) {
+  const t = Date.parse(iso);
+  const deadline = Date.now() + 2000;
+  while (Date.now() <= t && Date.now() < deadline) await sleep(1);
+  assert.ok(Date.now() > t, `the clock passed ${iso}`);
+}
+
+for (const kind of KINDS) {
+  test(`${kind.type}: after a change (two), a retry of the first POST returns its first response, ` +
+    'the ballot and time as cast; after a restart and a kill -9 too', async () => {
+    const poll = await createPoll(server, ownerTok, changeable({ type: kind.type }));
+    const opts = poll.options.map((o) => o.option_id);
+    const tok = newVoter();
+    const key = { 'Idempotency-Key': `cast-${rand()}` };
+    const first = await castVote(server, tok, poll.poll_id, kind.first(opts), key);
+    assertStatus(first, 200, 'cast');
+    assert.deepEqual(first.json.option_ids, kind.ids(opts));
+    await clockPast(first.json.recorded_at); // so that the change's recorded_at differs from the cast's
+    let ch = await put(poll.poll_id, tok, kind.then(opts));
+    assertStatus(ch, 200, 'change');
+    assert.notEqual(ch.json.recorded_at, first.json.recorded_at, 'the change has its own time');
+    const countsAfter = await counts(poll);
+
+    const replays = async (when) => {
+      const retry = await castVote(server, tok, poll.poll_id, kind.first(opts), key);
+      assertStatus(retry, 200, `retry ${when}`);
+      assert.deepEqual(retry.json, first.json, `the retry ${when} gets the first response, field for field`);
+      const me = (await voteMe(poll.poll_id, tok)).json;
+      assert.deepEqual(me.option_ids, ch.json.option_ids, `votes/me ${when} still shows the change`);
+      assert.equal(me.voted_at, ch.json.recorded_at, `voted_at ${when} is the change's time`);
+      assert.deepEqual(await counts(poll), countsAfter, `the retry ${when} changes no count`);
+    };
+    await replays('after the change');
+    // a second change keeps the first response what it was
+    await clockPast(ch.json.recorded_at);
+    const back = await put(poll.poll_id, tok, kind.first(opts));
+    assertStatus(back, 200, 'a change back to the first ballot');
+    await clockPast(back.json.recorded_at);
+    ch = await put(poll.poll_id, tok, kind.then(opts));
+    assertStatus(ch, 200, 'and away again');
+    await replays('after a second change');
+    await server.restart();
+    await replays('after a restart');
+    await server.kill9();
+    await server.restart();
+    await replays('after a kill -9');
+    assertError(await castVote(server, tok, poll.poll_id, kind.then(opts), key), 422, 'IDEMPOTENCY_KEY_REUSED');
+    assertError(await castVote(server, tok, poll.poll_id, kind.then(opts)), 409, 'ALREADY_VOTED');
+  });
+}
+
+test('after a change and a retraction, a retry of the first POST gets 409 VOTE_RETRACTED (a restart too); ' +
+  'once the voter has voted again, 409 ALREADY_VOTED naming the new ballot', async () => {
+  const poll = await createPoll(server, ownerTok, changeable());
+  const [a, b, c] = poll.options.map((o) => o.option_id);
+  const tok = newVoter();
+  const key = { 'Idempotency-Key': `cast-${rand()}` };
+  assertStatus(await castVote(server, tok, poll.poll_id, { option_id: a }, key), 200);
+  assertStatus(await put(poll.poll_id, tok, { option_id: b }), 200, 'change');
+  assertStatus(await del(poll.poll_id, tok), 204, 'retract');
+  assertError(await castVote(server, tok, poll.poll_id, { option_id: a }, key), 409, 'VOTE_RETRACTED');
+  await server.restart();
+  assertError(await castVote(server, tok, poll.poll_id, { option_id: a }, key), 409, 'VOTE_RETRACTED');
+  assert.deepEqual(await counts(poll), { total: 0, A: 0, B: 0, C: 0 }, 'nothing cast by the retries');
+
+  const again = await castVote(server, tok, poll.poll_id, { option_id: c }, { 'Idempotency-Key': `new-${rand()}` });
+  assertStatus(again, 200, 'a new ballot with a new key');
+  const err = assertError(await castVote(server, tok, poll.poll_id, { option_id: a }, key), 409, 'ALREADY_VOTED');
+  assert.equal(err.vote_id, again.json.vote_id, 'the ballot the voter holds now');
+  assert.deepEqual(await counts(poll), { total: 1, A: 0, B: 0, C: 1 });
+});
+
+async function waitCompleted(location, token) {
+  const deadline = Date.now() + 5000;
+  let last;
+  while (Date.now() < deadline) {
+    last = await api(server, 'GET', location, { token });
+    assertStatus(last, 200, 'request status');
+    if (last.json.state !== 'pending') break;
+    await sleep(20);
+  }
+  assert.equal(last.json.state, 'completed', `the request completed within 5 s: ${last.text}`);
+  return last.json;
+}
+
+test('async (202): after a change, a retry of the first POST (async or not) returns its 202 with the same ' +
+  'request_id, whose status still names the ballot; after a restart too', async () => {
+  const poll = await createPoll(server, ownerTok, changeable());
+  const [a, b] = poll.options.map((o) => o.option_id);
+  const tok = newVoter();
+  const key = `cast-${rand()}`;
+  const async = { 'Idempotency-Key': key, Prefer: 'respond-async' };
+  const first = await castVote(server, tok, poll.poll_id, { option_id: a }, async);
+  assertStatus(first, 202, 'async cast');
+  const location = `/v1/polls/${poll.poll_id}/votes/requests/${first.json.request_id}`;
+  const done = await waitCompleted(location, tok);
+  assertStatus(await put(poll.poll_id, tok, { option_id: b }), 200, 'change');
+
+  const replays = async (when) => {
+    for (const headers of [async, { 'Idempotency-Key': key }]) {
+      const retry = await castVote(server, tok, poll.poll_id, { option_id: a }, headers);
+      assertStatus(retry, 202, `retry ${when} (${headers.Prefer ? 'async' : 'sync'})`);
+      assert.deepEqual(retry.json, first.json, `the first response again ${when}`);
+      assert.equal(retry.headers.get('location'), first.headers.get('location'), `Location ${when}`);
+    }
+    assert.deepEqual(await waitCompleted(location, tok), done, `the request's status ${when}`);
+    assert.deepEqual((await voteMe(poll.poll_id, tok)).json.option_ids, [b], `the change stands ${when}`);
+    assert.deepEqual(await counts(poll), { total: 1, A: 0, B: 1, C: 0 }, `counts ${when}`);
+  };
+  await replays('after the change');
+  await server.restart();
+  await replays('after a restart');
+});
 
 test('a retracted ballot stays retracted when the POST that cast it is retried after a restart', async () => {
   const poll = await createPoll(server, ownerTok, changeable());

@@ -3,6 +3,8 @@
 // never the real voter id), and the timeline agreeing with the results.
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import path from 'node:path';
 import {
   startServer, api, request, assertError, assertStatus, assertIso, rand, createPoll, castVote, results, ISO_MS,
 } from './harness.mjs';
@@ -126,7 +128,9 @@ test('CSV: formula injection defused; quotes, commas, line breaks and non-ASCII 
     { option_id: poll.options[0].option_id }), 200);
   const { text, header, rows } = await exportCsv(poll);
   const dangerous = /^[=+\-@\t\r]/;
-  const expected = texts.map((t) => (dangerous.test(t) ? `'${t}` : t));
+  // option texts are stored without white space at either end, a leading tab or CR too
+  // (the test below gives the CSV one stored before that)
+  const expected = texts.map((t) => t.trim()).map((t) => (dangerous.test(t) ? `'${t}` : t));
   assert.deepEqual(header.slice(2), expected, 'header cells: dangerous ones prefixed with an apostrophe');
   for (const cell of [...header, ...rows.flat()]) {
     assert.ok(!dangerous.test(cell), `no cell may start with = + - @ tab or CR: ${JSON.stringify(cell)}`);
@@ -136,6 +140,21 @@ test('CSV: formula injection defused; quotes, commas, line breaks and non-ASCII 
   assert.ok(headLine.includes('"a, ""b"""'), 'quotes doubled inside a quoted cell');
   assert.equal(rows.length, 1);
   assert.equal(rows[0].slice(2).join('|'), `1${'|'.repeat(texts.length - 1)}`, 'the ballot row');
+});
+
+test('CSV: option texts stored before texts were trimmed, starting with a tab or CR, are defused too', async () => {
+  const poll = await createPoll(server, ownerTok, { options: [{ text: 'Tab' }, { text: 'CR' }, { text: 'plain' }] });
+  assertStatus(await castVote(server, server.mint(realId()), poll.poll_id,
+    { option_id: poll.options[0].option_id }), 200);
+  // what an older tally could have stored: the texts as sent, a leading tab and CR kept
+  await server.stop();
+  const sql = (chr) => `UPDATE options SET text = ${chr}(9) || 'Tab' WHERE poll_id = '${poll.poll_id}' AND position = 0;`
+    + ` UPDATE options SET text = ${chr}(13) || 'CR' WHERE poll_id = '${poll.poll_id}' AND position = 1;`;
+  if (server.store) execFileSync('psql', ['-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', server.store, '-c', sql('chr')]);
+  else execFileSync('sqlite3', [path.join(server.dataDir, 'tally.db'), sql('char')]);
+  await server.restart();
+  const { header } = await exportCsv(poll);
+  assert.deepEqual(header.slice(2), ["'\tTab", "'\rCR", 'plain'], 'prefixed with an apostrophe');
 });
 
 test('CSV is the default format; an unknown format → 400 naming format; empty poll → header only', async () => {

@@ -227,6 +227,81 @@ test('duplicate option texts → 400 VALIDATION_ERROR on options', async () => {
   assertError(res, 400, 'VALIDATION_ERROR', { fieldMatch: /^options/ });
 });
 
+// ---- text as people see it (issue 15, item 11) -------------------------------------------
+
+// Texts with no visible character: Unicode White_Space, default-ignorable and format characters.
+const BLANK_TEXTS = [
+  ['U+00A0 no-break space', '\u00a0'],
+  ['U+3000 ideographic space', '\u3000\u3000'],
+  ['U+200B zero width space', '\u200b'],
+  ['ZWJ, BOM, word joiner', '\u200d\ufeff\u2060'],
+  ['a mix with ASCII spaces', ' \u00a0\u200b\t\u2003 '],
+  ['U+3164 Hangul filler', '\u3164'],
+  ['right-to-left override and soft hyphen', '\u202e\u00ad'],
+];
+
+test('a title with no visible character → 400 VALIDATION_ERROR naming title, on create and on PATCH', async () => {
+  const p = await createPoll(server, ownerTok);
+  for (const [name, title] of BLANK_TEXTS) {
+    const c = await create({ title, options: opts('a', 'b') });
+    assertError(c, 400, 'VALIDATION_ERROR', { field: 'title' });
+    assert.match(c.json.error.message, /no visible character/, `${name}: the message says why`);
+    assertError(await patch(p.poll_id, { title }), 400, 'VALIDATION_ERROR', { field: 'title' });
+  }
+  assert.deepEqual((await get(p.poll_id)).json, p, 'refused patches change nothing');
+});
+
+test('an option text with no visible character → 400 VALIDATION_ERROR naming the option, on create and PATCH',
+  async () => {
+    const p = await createPoll(server, ownerTok);
+    for (const [, text] of BLANK_TEXTS) {
+      assertError(await create({ title: 't', options: opts('a', 'b', text) }), 400, 'VALIDATION_ERROR',
+        { field: 'options[2].text' });
+      assertError(await patch(p.poll_id, { options: opts(text, 'b') }), 400, 'VALIDATION_ERROR',
+        { field: 'options[0].text' });
+    }
+    assert.deepEqual((await get(p.poll_id)).json, p, 'refused patches change nothing');
+  });
+
+test('option texts that read the same (case, surrounding or inner spacing, invisible characters, NFC vs NFD) → ' +
+  '400 VALIDATION_ERROR naming the later option, on create and PATCH', async () => {
+  const p = await createPoll(server, ownerTok);
+  const cases = [
+    ['case', ['Yes', 'No', 'yes']],
+    ['a trailing space', ['Go', 'Rust', 'Go ']],
+    ['NFC and NFD', ['Caf\u00e9', 'Tea', 'Cafe\u0301']],
+    ['a zero width space', ['Go', 'Rust', 'G\u200bo']],
+    ['no-break spaces inside', ['New York', 'Boston', 'new\u00a0\u00a0york']],
+  ];
+  for (const [name, texts] of cases) {
+    const c = await create({ title: 't', options: opts(...texts) });
+    assertError(c, 400, 'VALIDATION_ERROR', { field: 'options[2].text' });
+    assert.match(c.json.error.message, /unique/, `${name}: the message says why`);
+    assertError(await patch(p.poll_id, { options: opts(...texts) }), 400, 'VALIDATION_ERROR',
+      { field: 'options[2].text' });
+  }
+  assert.deepEqual((await get(p.poll_id)).json, p, 'refused patches change nothing');
+  const ok = await create({ title: 't', options: opts('Go', 'Go!', 'G o', 'C', 'C#', 'x2', 'x\u00b2') });
+  assertStatus(ok, 201, 'texts a reader tells apart');
+});
+
+test('titles and option texts are stored trimmed of spaces at both ends (Unicode ones too), otherwise as typed',
+  async () => {
+    const c = await create({ title: ' \u00a0 Best  language?\u3000\n',
+      options: opts('  Caf\u00e9 ', 'Cafe\u0301 au lait', '\tI \u2764\ufe0f Go\u2003') });
+    assertStatus(c, 201);
+    assert.equal(c.json.title, 'Best  language?');
+    assert.deepEqual(c.json.options.map((o) => o.text), ['Caf\u00e9', 'Cafe\u0301 au lait', 'I \u2764\ufe0f Go'],
+      'trimmed; NFD and emoji variation selectors kept as typed');
+    assert.deepEqual((await get(c.json.poll_id)).json, c.json, 'GET shows the same');
+    const r = await patch(c.json.poll_id, { title: '\u3000Renamed ', options: opts(' Yes', 'No ') });
+    assertStatus(r, 200);
+    assert.equal(r.json.title, 'Renamed');
+    assert.deepEqual(r.json.options.map((o) => o.text), ['Yes', 'No']);
+    // the 300-character limit counts what is kept
+    assertStatus(await create({ title: `  ${'x'.repeat(300)}  `, options: opts('a', 'b') }), 201);
+  });
+
 test('non-object body → 400 VALIDATION_ERROR; malformed JSON and invalid UTF-8 → 400 INVALID_JSON', async () => {
   assertError(await api(server, 'POST', '/v1/polls', { token: ownerTok, raw: '[{"title":"x"}]' }), 400,
     'VALIDATION_ERROR');

@@ -15,7 +15,7 @@
 /* STORE_CHECKS_VOTERS (defined by the including file): 1 when the store itself refuses a
  * second ballot of a voter, or a reused vote id or receipt (PostgreSQL, which instances
  * share); 0 when that is its one writer process's memory's to keep (SQLite since
- * migration 5), so the store refuses only a second ballot from one address. */
+ * migration 6), so the store refuses only a second ballot from one address. */
 #ifndef STORE_CHECKS_VOTERS
 #error "define STORE_CHECKS_VOTERS before including store_scenarios.h"
 #endif
@@ -592,6 +592,152 @@ static void missing_ballot_changes_scenario(tly_store_t *s)
     cr_assert_eq(as.n, 2, "two casts, nothing else");
     read_audit(s, "nope", &as);
     cr_assert_eq(as.n, 0);
+}
+
+/* ---- the first cast of a changed ballot ------------------------------------------------- */
+
+/* What load's cast callback handed back, by voter: voterN in slot N (0..7). */
+typedef struct {
+    int n;
+    bool seen[8], has_scores[8];
+    uint8_t nchoices[8], choices[8][4], scores[8][4];
+    int64_t at[8];
+} casts_seen_t;
+
+static void see_cast(void *ctx, const tly_ballot_row_t *b)
+{
+    casts_seen_t *cs = ctx;
+    cr_assert_str_eq(b->poll_id, "poll1");
+    cr_assert(strncmp(b->voter_id, "voter", 5) == 0 && b->voter_id[5] >= '0' && b->voter_id[5] <= '7' &&
+              b->voter_id[6] == '\0');
+    cr_assert_null(b->vote_id, "a cast row carries only the ballot");
+    cr_assert_leq(b->nchoices, 4);
+    int i = b->voter_id[5] - '0';
+    cr_assert_not(cs->seen[i], "one cast a ballot");
+    cs->n++;
+    cs->seen[i] = true;
+    cs->nchoices[i] = b->nchoices;
+    if (b->nchoices > 0)
+        memcpy(cs->choices[i], b->choices, b->nchoices);
+    cs->has_scores[i] = b->scores != NULL;
+    if (b->scores != NULL)
+        memcpy(cs->scores[i], b->scores, b->nchoices);
+    cs->at[i] = b->recorded_at;
+}
+
+/* Closes, reopens and loads the casts of changed ballots. */
+static tly_store_t *reopen_casts(tly_store_t *s, casts_seen_t *cs)
+{
+    tly_store_close(s);
+    s = open_store();
+    memset(cs, 0, sizeof *cs);
+    tly_store_load_cb_t cb = {.cast = see_cast};
+    cr_assert_eq(tly_store_load(s, &cb, cs), 0);
+    return s;
+}
+
+/* What first_cast_scenario ends with: voter1's first cast, and voter4's new one. */
+static void assert_final_casts(const casts_seen_t *cs)
+{
+    cr_assert_eq(cs->n, 2);
+    cr_assert(cs->seen[1] && cs->seen[4]);
+    cr_assert_arr_eq(cs->choices[1], choices2, 2, "the first cast, not the first change");
+    cr_assert_arr_eq(cs->scores[1], scores2, 2);
+    cr_assert_eq(cs->at[1], 1700000001000);
+    cr_assert_eq(cs->nchoices[4], 2);
+    cr_assert_arr_eq(cs->choices[4], choices2, 2);
+    cr_assert_not(cs->has_scores[4]);
+    cr_assert_eq(cs->at[4], 1700000005000, "the new ballot's cast");
+}
+
+static tly_store_op_t keyed_ballot(const char *voter, const char *vote_id, const char *receipt, const char *key)
+{
+    tly_store_op_t op = ballot_op("poll1", voter, vote_id, receipt);
+    op.u.ballot.idem_key = key;
+    return op;
+}
+
+static tly_store_op_t change_to(const tly_store_op_t *cast, const char *key, const uint8_t *choice, int64_t at)
+{
+    tly_store_op_t op = change_op(TLY_OP_BALLOT_REPLACE, "poll1", cast->u.ballot.voter_id, at, cast->u.ballot.seq);
+    op.u.ballot.nchoices = 1;
+    op.u.ballot.choices = choice;
+    op.u.ballot.idem_key = key;
+    return op;
+}
+
+/*
+ * The first replace of a ballot keeps it as cast, later ones leave that copy alone, and
+ * load hands it back for changed ballots with a key: voter1 (scores, changed twice)
+ * gets its cast; voter2 (never changed) and voter3 (no key) get none; voter4 (changed,
+ * retracted, cast again with a key) gets none for its new ballot, and once that is
+ * changed, the new one's cast. A restart in between changes nothing.
+ */
+static tly_store_t *first_cast_scenario(tly_store_t *s)
+{
+    static const uint8_t one[] = {1}, two[] = {2};
+    tly_store_op_t p = poll_op("poll1", 3);
+    submit_wait(s, &p);
+    tly_store_op_t b1 = keyed_ballot("voter1", "v_1", "r_1", "k1");
+    b1.u.ballot.scores = scores2;
+    tly_store_op_t b2 = keyed_ballot("voter2", "v_2", "r_2", "k2");
+    tly_store_op_t b3 = keyed_ballot("voter3", "v_3", "r_3", NULL);
+    tly_store_op_t b4 = keyed_ballot("voter4", "v_4", "r_4", "k4");
+    tly_store_op_t *casts[] = {&b1, &b2, &b3, &b4};
+    for (int i = 0; i < 4; i++) {
+        submit_wait(s, casts[i]);
+        cr_assert_eq(casts[i]->result, 0);
+    }
+    tly_store_op_t c1 = change_to(&b1, "k1", one, 1700000002000);
+    static const uint8_t s1[] = {3};
+    c1.u.ballot.scores = s1;
+    tly_store_op_t c3 = change_to(&b3, NULL, one, 1700000002000);
+    tly_store_op_t c4 = change_to(&b4, "k4", two, 1700000002000);
+    tly_store_op_t *changes[] = {&c1, &c3, &c4};
+    for (int i = 0; i < 3; i++) {
+        submit_wait(s, changes[i]);
+        cr_assert_eq(changes[i]->result, 0);
+    }
+
+    casts_seen_t cs;
+    s = reopen_casts(s, &cs);
+    cr_assert_eq(cs.n, 2, "voter1 and voter4: changed, with a key");
+    cr_assert(cs.seen[1] && cs.seen[4]);
+    cr_assert_eq(cs.nchoices[1], 2);
+    cr_assert_arr_eq(cs.choices[1], choices2, 2);
+    cr_assert(cs.has_scores[1]);
+    cr_assert_arr_eq(cs.scores[1], scores2, 2);
+    cr_assert_eq(cs.at[1], 1700000001000, "the cast's time, not the change's");
+    cr_assert_eq(cs.nchoices[4], 2);
+    cr_assert_arr_eq(cs.choices[4], choices2, 2);
+    cr_assert_not(cs.has_scores[4]);
+
+    /* a second change keeps the first cast */
+    tly_store_op_t c1b = change_to(&b1, "k1", two, 1700000003000);
+    c1b.u.ballot.scores = s1;
+    submit_wait(s, &c1b);
+    cr_assert_eq(c1b.result, 0);
+    /* a retraction takes the copy with the ballot; a new ballot has none until changed */
+    tly_store_op_t del = change_op(TLY_OP_BALLOT_DELETE, "poll1", "voter4", 1700000004000, b4.u.ballot.seq);
+    submit_wait(s, &del);
+    cr_assert_eq(del.result, 0);
+    tly_store_op_t b4b = keyed_ballot("voter4", "v_5", "r_5", "k5");
+    b4b.u.ballot.recorded_at = 1700000005000;
+    submit_wait(s, &b4b);
+    cr_assert_eq(b4b.result, 0);
+    s = reopen_casts(s, &cs);
+    cr_assert_eq(cs.n, 1);
+    cr_assert(cs.seen[1]);
+    cr_assert_arr_eq(cs.choices[1], choices2, 2, "the first cast, not the first change");
+    cr_assert_arr_eq(cs.scores[1], scores2, 2);
+    cr_assert_eq(cs.at[1], 1700000001000);
+
+    tly_store_op_t c4b = change_to(&b4b, "k5", one, 1700000006000);
+    submit_wait(s, &c4b);
+    cr_assert_eq(c4b.result, 0);
+    s = reopen_casts(s, &cs);
+    assert_final_casts(&cs);
+    return s;
 }
 
 /* ---- paged reads ------------------------------------------------------------------------ */

@@ -231,6 +231,138 @@ Test(utf8, invalid)
     cr_assert_eq(tly_utf8_length("a\xf0\x9f\x98\x80", 4), -1);
 }
 
+/* ---- text: blank, trim, comparison keys ------------------------------------------ */
+
+static bool blank(const char *s) { return tly_text_is_blank(s, strlen(s)); }
+
+Test(text, blank_is_whitespace_ignorable_format_and_control_only)
+{
+    const char *blanks[] = {
+        "",
+        " \t\r\n\f\v",
+        "\xc2\xa0",                 /* U+00A0 no-break space */
+        "\xe3\x80\x80",             /* U+3000 ideographic space */
+        "\xe2\x80\x83\xe2\x80\xaf", /* U+2003 em space, U+202F narrow no-break space */
+        "\xe2\x80\xa8",             /* U+2028 line separator */
+        "\xe2\x80\x8b",             /* U+200B zero width space (not White_Space) */
+        "\xe2\x80\x8c\xe2\x80\x8d", /* U+200C ZWNJ, U+200D ZWJ */
+        "\xe2\x81\xa0",             /* U+2060 word joiner */
+        "\xef\xbb\xbf",             /* U+FEFF BOM / zero width no-break space */
+        "\xc2\xad",                 /* U+00AD soft hyphen */
+        "\xe1\xa0\x8e",             /* U+180E Mongolian vowel separator */
+        "\xe2\x80\x8e\xe2\x80\xae", /* U+200E LRM, U+202E RLO */
+        "\xef\xb8\x8f",             /* U+FE0F variation selector 16, alone */
+        "\xe3\x85\xa4",             /* U+3164 Hangul filler */
+        "\xf3\xa0\x80\xa0",         /* U+E0020 tag space */
+        "\x07\x1b\xc2\x9b",         /* controls: BEL, ESC, U+009B */
+        " \xc2\xa0\xe2\x80\x8b\xe3\x80\x80\xef\xbb\xbf ",
+    };
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(blanks); i++)
+        cr_assert(blank(blanks[i]), "#%zu is blank", i);
+    const char *visible[] = {
+        "a",
+        "\xc2\xa0" "a",
+        "\xe2\x80\x8b" "." "\xe2\x80\x8b",
+        "\xf0\x9f\x98\x80",     /* an emoji */
+        "\xe2\x9d\xa4\xef\xb8\x8f", /* heart + VS16 */
+        "\xcc\x81",             /* a combining accent alone still marks the page */
+        "\xe3\x85\x8f",         /* U+314F Hangul letter A */
+    };
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(visible); i++)
+        cr_assert_not(blank(visible[i]), "#%zu is not blank", i);
+}
+
+/* tly_text_trim of s, as a string. */
+static char *trimmed(const char *s)
+{
+    static char out[64];
+    size_t start, n = tly_text_trim(s, strlen(s), &start);
+    cr_assert_lt(n, sizeof out);
+    memcpy(out, s + start, n);
+    out[n] = '\0';
+    return out;
+}
+
+Test(text, trim_takes_white_space_off_both_ends_only)
+{
+    cr_assert_str_eq(trimmed("  Go  "), "Go");
+    cr_assert_str_eq(trimmed("\t\n New  York \r\n"), "New  York", "inside: as typed");
+    cr_assert_str_eq(trimmed("\xc2\xa0\xe3\x80\x80" "Caf\xc3\xa9\xe2\x80\x83"), "Caf\xc3\xa9");
+    cr_assert_str_eq(trimmed("   "), "");
+    cr_assert_str_eq(trimmed(""), "");
+    /* a variation selector or ZWJ at the end may belong to an emoji: kept */
+    cr_assert_str_eq(trimmed("I \xe2\x9d\xa4\xef\xb8\x8f "), "I \xe2\x9d\xa4\xef\xb8\x8f");
+    cr_assert_str_eq(trimmed("\xe2\x80\x8bx\xe2\x80\x8b"), "\xe2\x80\x8bx\xe2\x80\x8b", "not White_Space");
+    cr_assert_str_eq(trimmed("e\xcc\x81 "), "e\xcc\x81", "NFD kept as typed");
+}
+
+/* tly_text_key of s, checked for its NUL; the caller frees. */
+static char *key(const char *s)
+{
+    size_t n = 0;
+    char *k = tly_text_key(s, strlen(s), &n);
+    cr_assert_not_null(k);
+    cr_assert_eq(strlen(k), n);
+    return k;
+}
+
+static void assert_same(const char *a, const char *b, bool same)
+{
+    char *ka = key(a), *kb = key(b);
+    if (same)
+        cr_assert_str_eq(ka, kb, "\"%s\" and \"%s\" read the same", a, b);
+    else
+        cr_assert_str_neq(ka, kb, "\"%s\" and \"%s\" differ", a, b);
+    tly_free(ka);
+    tly_free(kb);
+}
+
+Test(text, key_ignores_case_spacing_invisibles_and_normalization)
+{
+    assert_same("Yes", "yes", true);
+    assert_same("Yes", "YES ", true);
+    assert_same("Yes", "\xc2\xa0yes\xe3\x80\x80", true);
+    assert_same("Yes", "Y\xe2\x80\x8b" "es", true);          /* a zero width space inside */
+    assert_same("Yes", "\xef\xbb\xbfYes\xe2\x81\xa0", true); /* BOM, word joiner */
+    assert_same("Caf\xc3\xa9", "Cafe\xcc\x81", true);        /* NFC and NFD */
+    assert_same("CAF\xc3\x89", "cafe\xcc\x81", true);
+    assert_same("Stra\xc3\x9f" "e", "STRASSE", true);         /* full case folding */
+    assert_same("\xce\xa3\xce\xa3", "\xcf\x83\xcf\x82", true); /* capital sigma, final sigma */
+    assert_same("New York", "New  York", true);
+    assert_same("New York", "New\xc2\xa0York", true);
+    assert_same("New York", "new\t york", true);
+    assert_same("\xe2\x9d\xa4\xef\xb8\x8f", "\xe2\x9d\xa4", true); /* emoji or text style: one heart */
+    assert_same("\xef\xac\x81" "ne", "FINE", true);                /* the fi ligature folds to "fi" */
+
+    assert_same("Go", "Go!", false);
+    assert_same("ab", "a b", false);
+    assert_same("1", "\xd9\xa1", false);          /* ASCII one, Arabic-Indic one */
+    assert_same("x2", "x\xc2\xb2", false);        /* superscript two is not NFC's to fold */
+    assert_same("C", "C#", false);
+
+    char *k = key(" \xe2\x80\x8b ");
+    cr_assert_str_eq(k, "", "a blank text has the empty key");
+    tly_free(k);
+    k = key("  Hello,\xc2\xa0 W\xc3\x96RLD  ");
+    cr_assert_str_eq(k, "hello, w\xc3\xb6rld");
+    tly_free(k);
+}
+
+Test(text, key_out_of_memory_is_null)
+{
+    for (long n = 0; n < 2; n++) {
+        size_t len = 7;
+        tly_alloc_fail_after(n);
+        char *k = tly_text_key("Hello", 5, &len);
+        tly_alloc_fail_after(-1);
+        cr_assert_null(k, "allocation %ld failing", n);
+    }
+    size_t len;
+    char *k = tly_text_key("Hello", 5, &len);
+    cr_assert_str_eq(k, "hello");
+    tly_free(k);
+}
+
 /* ---- ids and allocation ------------------------------------------------------- */
 
 Test(random_id, shape)

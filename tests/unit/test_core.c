@@ -117,6 +117,87 @@ Test(poll, title_required_and_not_blank)
     create_fails(with(body_n("single", 2), "title", json_null()), "title");
 }
 
+/* A create body whose title is t (a C string, any bytes). */
+static json_t *titled(const char *t) { return with(body_n("single", 2), "title", json_string(t)); }
+
+/* A create body with these option texts (NULL-terminated). */
+static json_t *options_of(const char *const *texts)
+{
+    json_t *opts = json_array();
+    for (size_t i = 0; texts[i] != NULL; i++)
+        json_array_append_new(opts, json_pack("{s:s}", "text", texts[i]));
+    return with(body_n("single", 2), "options", opts);
+}
+
+Test(poll, title_of_invisible_or_space_characters_only_is_empty)
+{
+    const char *blank[] = {
+        "\xc2\xa0",                                     /* U+00A0 */
+        "\xe3\x80\x80\xe3\x80\x80",                     /* U+3000 */
+        "\xe2\x80\x8b",                                 /* U+200B zero width space */
+        "\xe2\x80\x8d\xef\xbb\xbf\xe2\x81\xa0",         /* ZWJ, BOM, word joiner */
+        " \xc2\xa0\xe2\x80\x8b\t\xe2\x80\x83 ",         /* a mix */
+        "\xe1\xa0\x8e",                                 /* U+180E */
+        "\xe3\x85\xa4",                                 /* U+3164 Hangul filler */
+        "\xe2\x80\xae\xc2\xad",                         /* RLO, soft hyphen */
+        "\x01\x7f",                                     /* controls */
+    };
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(blank); i++) {
+        const char *f = NULL, *m = NULL;
+        cr_assert_null(create(titled(blank[i]), &f, &m), "#%zu", i);
+        cr_assert_str_eq(f, "title", "#%zu", i);
+        cr_assert_not_null(strstr(m, "no visible character"), "#%zu: %s", i, m);
+    }
+    tly_poll_free(create_ok(titled("\xe2\x80\x8bX\xe2\x80\x8b"))); /* one visible character is enough */
+}
+
+Test(poll, title_and_option_texts_lose_white_space_at_the_ends_only)
+{
+    tly_poll_t *p = create_ok(titled(" \xc2\xa0 Best  language?\xe3\x80\x80\n"));
+    cr_assert_str_eq(p->title, "Best  language?", "trimmed, and kept as typed inside");
+    tly_poll_free(p);
+    p = create_ok(titled("I \xe2\x9d\xa4\xef\xb8\x8f "));
+    cr_assert_str_eq(p->title, "I \xe2\x9d\xa4\xef\xb8\x8f", "an emoji's variation selector stays");
+    tly_poll_free(p);
+    p = create_ok(options_of((const char *[]){"  Cafe\xcc\x81 ", "\tTea", NULL}));
+    cr_assert_str_eq(p->options[0].text, "Cafe\xcc\x81", "not normalized: stored as typed");
+    cr_assert_str_eq(p->options[1].text, "Tea");
+    tly_poll_free(p);
+    /* the length limit counts what is kept */
+    char *t300 = repeat("x", 300), *padded = NULL;
+    cr_assert(asprintf(&padded, "   %s   ", t300) > 0);
+    p = create_ok(titled(padded));
+    cr_assert_str_eq(p->title, t300);
+    tly_poll_free(p);
+    free(t300);
+    free(padded);
+}
+
+Test(poll, option_texts_that_read_the_same_are_duplicates)
+{
+    const char *const dups[][4] = {
+        {"Yes", "yes", NULL},
+        {"Yes", "No", "YES ", NULL},
+        {"Caf\xc3\xa9", "Cafe\xcc\x81", NULL},           /* NFC and NFD */
+        {"Go", "Go\xe2\x80\x8b", NULL},                  /* a zero width space */
+        {"New York", "New\xc2\xa0\xc2\xa0York", NULL},   /* spacing */
+        {"Stra\xc3\x9f" "e", "STRASSE", NULL},           /* full case folding */
+    };
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(dups); i++) {
+        size_t last = 0;
+        while (dups[i][last + 1] != NULL)
+            last++;
+        char field[32];
+        snprintf(field, sizeof(field), "options[%zu].text", last);
+        const char *f = NULL, *m = NULL;
+        cr_assert_null(create(options_of(dups[i]), &f, &m), "case %zu", i);
+        cr_assert_str_eq(f, field, "case %zu names the later one", i);
+        cr_assert_not_null(strstr(m, "unique"), "%s", m);
+    }
+    /* distinct to a reader: accepted */
+    tly_poll_free(create_ok(options_of((const char *[]){"Go", "Go!", "G o", "x2", "x\xc2\xb2", "C", "C#", NULL})));
+}
+
 Test(poll, description_limit)
 {
     char *ok = repeat("\xe2\x82\xac", 5000), *bad = repeat("a", 5001);
@@ -160,8 +241,9 @@ Test(poll, option_text_rules)
     create_fails(with(body_n("single", 2), "options", J("[\"a\",\"b\"]")), "options[0]");
     create_fails(with(body_n("single", 2), "options", J("[{\"text\":\"a\",\"display_order\":\"1\"},{\"text\":\"b\"}]")),
                  "options[0].display_order");
-    /* exact match only: case differs, so these are distinct */
-    tly_poll_free(create_ok(with(body_n("single", 2), "options", J("[{\"text\":\"Go\"},{\"text\":\"go\"}]"))));
+    /* compared as a reader sees them: case differs only, so they are the same option */
+    create_fails(with(body_n("single", 2), "options", J("[{\"text\":\"Go\"},{\"text\":\"go\"}]")),
+                 "options[1].text");
     char *t200 = repeat("\xc3\xa9", 200), *t201 = repeat("x", 201);
     json_t *b = body_n("single", 2);
     json_object_set_new(json_array_get(json_object_get(b, "options"), 0), "text", json_string(t200));
@@ -462,6 +544,26 @@ Test(patch, fields_and_validation)
     cr_assert_eq(p->start_time, 0);
     cr_assert_eq(patch(p, "{\"status\":\"paused\"}", &f), TLY_EINVAL);
     cr_assert_str_eq(f, "status");
+    tly_poll_free(p);
+}
+
+Test(patch, applies_the_same_text_rules)
+{
+    tly_poll_t *p = create_ok(body_n("single", 3));
+    const char *f;
+    cr_assert_eq(patch(p, "{\"title\":\"\\u3000\\u200b\"}", &f), TLY_EINVAL);
+    cr_assert_str_eq(f, "title");
+    cr_assert_eq(patch(p, "{\"options\":[{\"text\":\"A\"},{\"text\":\"\\u00a0\"}]}", &f), TLY_EINVAL);
+    cr_assert_str_eq(f, "options[1].text");
+    cr_assert_eq(patch(p, "{\"options\":[{\"text\":\"Maybe\"},{\"text\":\"maybe \"}]}", &f), TLY_EINVAL);
+    cr_assert_str_eq(f, "options[1].text");
+    cr_assert_str_eq(p->title, "Best?", "refused patches change nothing");
+    cr_assert_str_eq(p->options[1].text, "o1");
+    cr_assert_eq(patch(p, "{\"title\":\"  Renamed \\u00a0\",\"options\":[{\"text\":\" A\"},{\"text\":\"B \"}]}", &f),
+                 0);
+    cr_assert_str_eq(p->title, "Renamed");
+    cr_assert_str_eq(p->options[0].text, "A");
+    cr_assert_str_eq(p->options[1].text, "B");
     tly_poll_free(p);
 }
 
@@ -1428,6 +1530,123 @@ Test(oom, change_vote_fails_whole)
     out = change(r, p, v, "{\"option_ids\":[\"$1\",\"$2\"]}", NOW + MIN);
     assert_votes(p, (uint64_t[]){1, 1, 1, 0});
     assert_maps(r, p);
+    tly_registry_free(r);
+}
+
+/* ---- the ballot as first cast ---- */
+
+/* A committed vote of voter with an Idempotency-Key, cast at NOW. */
+static tly_vote_t *cast_keyed(tly_registry_t *r, tly_poll_t *p, const char *voter, const char *key, const char *tmpl)
+{
+    tly_ballot_t b = parsed(p, tmpl);
+    tly_vote_t *v = tly_vote_new(&b, voter, key, NULL, NULL, NOW);
+    cr_assert_not_null(v);
+    cr_assert_eq(tly_poll_add_vote(r, p, v), 0);
+    tly_poll_commit_vote(p, v, NOW);
+    return v;
+}
+
+/* tly_vote_cast_option_ids as a compact JSON string (the caller frees), and its time. */
+static char *cast_ids(const tly_poll_t *p, const tly_vote_t *v, int64_t *at)
+{
+    json_t *a = tly_vote_cast_option_ids(p, v, at);
+    cr_assert_not_null(a);
+    char *s = json_dumps(a, JSON_COMPACT);
+    json_decref(a);
+    return s;
+}
+
+static void assert_cast(const tly_poll_t *p, const tly_vote_t *v, const char *tmpl_ids, int64_t want_at)
+{
+    int64_t at = 0;
+    char *got = cast_ids(p, v, &at);
+    cr_assert_str_eq(got, ids(p, tmpl_ids));
+    cr_assert_eq(at, want_at);
+    free(got);
+}
+
+Test(first_cast, a_change_keeps_the_ballot_as_cast_for_a_vote_with_a_key)
+{
+    tly_registry_t *r = tly_registry_new();
+    tly_poll_t *p = create_ok(body_n("multiple", 4));
+    tly_registry_add_poll(r, p);
+    tly_vote_t *v = cast_keyed(r, p, "a", "k1", "{\"option_ids\":[\"$0\"]}");
+    tly_vote_t *plain = cast(r, p, "b", "{\"option_ids\":[\"$0\"]}");
+    assert_cast(p, v, "[\"$0\"]", NOW); /* never changed: the ballot as it stands */
+
+    /* more choices than before: the vote moves, the copy with it */
+    v = change(r, p, v, "{\"option_ids\":[\"$1\",\"$2\",\"$3\"]}", NOW + MIN);
+    assert_cast(p, v, "[\"$0\"]", NOW);
+    json_t *now_ids = tly_vote_option_ids(p, v);
+    char *s = json_dumps(now_ids, JSON_COMPACT);
+    cr_assert_str_eq(s, ids(p, "[\"$1\",\"$2\",\"$3\"]"), "the vote itself holds the change");
+    free(s);
+    json_decref(now_ids);
+    cr_assert_eq(v->recorded_at, NOW + MIN);
+    /* a second change keeps the first cast */
+    v = change(r, p, v, "{\"option_ids\":[\"$2\"]}", NOW + 2 * MIN);
+    assert_cast(p, v, "[\"$0\"]", NOW);
+    assert_maps(r, p);
+
+    /* a vote without a key cannot be replayed: it keeps no copy */
+    plain = change(r, p, plain, "{\"option_ids\":[\"$3\"]}", NOW + MIN);
+    cr_assert_null(plain->cast);
+    assert_cast(p, plain, "[\"$3\"]", NOW + MIN);
+    tly_registry_free(r); /* frees the copies (the ASan build would see a leak) */
+}
+
+Test(first_cast, score_ballots_keep_their_scores_and_set_cast_checks_the_options)
+{
+    tly_registry_t *r = tly_registry_new();
+    tly_poll_t *p = create_ok(body_n("score", 3));
+    tly_registry_add_poll(r, p);
+    tly_vote_t *v = cast_keyed(r, p, "a", "k1", "{\"scores\":{\"$0\":0,\"$1\":3}}");
+    v = change(r, p, v, "{\"scores\":{\"$0\":4,\"$1\":0,\"$2\":1}}", NOW + MIN);
+    assert_cast(p, v, "[\"$1\"]", NOW); /* option ids of a score ballot: scored above 0 */
+
+    /* load: the store's copy replaces whatever the vote had */
+    tly_ballot_t first = {.nchoices = 2, .choices = {0, 2}, .scores = {2, 5}};
+    cr_assert_eq(tly_vote_set_cast(v, &first, NOW - MIN), 0);
+    assert_cast(p, v, "[\"$0\",\"$2\"]", NOW - MIN);
+    tly_ballot_t outside = {.nchoices = 1, .choices = {3}, .scores = {1}};
+    cr_assert_eq(tly_vote_set_cast(v, &outside, NOW), TLY_EINVAL);
+    assert_cast(p, v, "[\"$0\",\"$2\"]", NOW - MIN);
+    tly_ballot_t b = parsed(p, "{\"scores\":{\"$0\":1}}");
+    tly_vote_t *loose = tly_vote_new(&b, "loose", "k", NULL, NULL, NOW);
+    cr_assert_eq(tly_vote_set_cast(loose, &first, NOW), TLY_EINVAL, "not added to a poll");
+    tly_alloc_fail_after(0);
+    int rc = tly_vote_set_cast(v, &b, NOW);
+    tly_alloc_fail_after(-1);
+    cr_assert_eq(rc, TLY_ENOMEM);
+    assert_cast(p, v, "[\"$0\",\"$2\"]", NOW - MIN);
+    tly_vote_free(loose);
+    tly_registry_free(r);
+}
+
+Test(oom, first_change_of_a_keyed_vote_fails_whole)
+{
+    tly_registry_t *r = tly_registry_new();
+    tly_poll_t *p = create_ok(body_n("multiple", 4));
+    tly_registry_add_poll(r, p);
+    tly_vote_t *v = cast_keyed(r, p, "a", "k1", "{\"option_ids\":[\"$0\"]}");
+    tly_ballot_t small = parsed(p, "{\"option_ids\":[\"$1\"]}"), big = parsed(p, "{\"option_ids\":[\"$1\",\"$2\"]}");
+    uint64_t seq = p->seq;
+    tly_vote_t *out = NULL;
+    /* the copy is the first allocation; a bigger ballot's vote the second */
+    for (long n = 0; n < 2; n++) {
+        tly_alloc_fail_after(n);
+        int rc = tly_poll_change_vote(r, p, v, n == 0 ? &small : &big, NOW + MIN, &out);
+        tly_alloc_fail_after(-1);
+        cr_assert_eq(rc, TLY_ENOMEM, "allocation %ld", n);
+        cr_assert_eq(out, v);
+        cr_assert_null(v->cast, "no copy left behind");
+        cr_assert_eq(v->recorded_at, NOW);
+        cr_assert_eq(p->seq, seq);
+        assert_votes(p, (uint64_t[]){1, 0, 0, 0});
+    }
+    assert_maps(r, p);
+    v = change(r, p, v, "{\"option_ids\":[\"$1\",\"$2\"]}", NOW + MIN);
+    assert_cast(p, v, "[\"$0\"]", NOW);
     tly_registry_free(r);
 }
 

@@ -11,7 +11,7 @@
  */
 #include "base/base.h"
 #include "store/store_int.h"
-#define STORE_CHECKS_VOTERS 0 /* store_scenarios.h: one ballot a voter is memory's (migration 5) */
+#define STORE_CHECKS_VOTERS 0 /* store_scenarios.h: one ballot a voter is memory's (migration 6) */
 #include "store_scenarios.h"
 
 #include <criterion/criterion.h>
@@ -157,7 +157,7 @@ Test(store, a_malformed_ballot_row_fails_the_load)
 /* ---- duplicates --------------------------------------------------------------------- */
 
 /* The store refuses a second ballot from one address; a second ballot of a voter is
- * refused by memory (the API tests), not here: no index on a random key (migration 5). */
+ * refused by memory (the API tests), not here: no index on a random key (migration 6). */
 Test(store, duplicate_address_same_batch)
 {
     tly_store_t *s = open_store();
@@ -874,6 +874,90 @@ Test(store, audit_records_cast_changed_revoked_in_order)
     tly_store_close(audit_after_change(s));
 }
 
+Test(store, a_changed_ballot_keeps_its_first_cast_across_restarts)
+{
+    tly_store_close(first_cast_scenario(open_store()));
+}
+
+/* Versions 3 and 4 of the schema as they shipped, on top of v1_schema and v2_upgrade. */
+static const char v3_v4_upgrade[] =
+    "ALTER TABLE ballots ADD COLUMN ip_hash BLOB;"
+    "CREATE UNIQUE INDEX ballots_poll_ip ON ballots(poll_id, ip_hash) WHERE ip_hash IS NOT NULL;"
+    "ALTER TABLE audit ADD COLUMN idem_key TEXT;"
+    "ALTER TABLE audit ADD COLUMN body_hash BLOB;"
+    "CREATE INDEX audit_retracted_keys ON audit(seq) WHERE event = 'revoked' AND idem_key IS NOT NULL;";
+
+/* A file schema version 4 left behind, with the history first_cast_scenario makes:
+ * voter1 (key k1, scores) cast and changed twice, voter2 (k2) cast, voter3 (no key)
+ * cast and changed, voter4 (k4) cast, changed and retracted, then cast again (k5) and
+ * changed. Version 5 takes each changed ballot's first cast from the log; version 6
+ * rebuilds the table around the same rows, their casts still in audit; load hands back
+ * the casts of the changed ballots with a key, and the log reads as it did. */
+Test(store, migrations_5_and_6_keep_first_casts_from_the_audit_log)
+{
+    char sub[128];
+    snprintf(sub, sizeof sub, "%s/data", dir);
+    cr_assert_eq(mkdir(sub, 0700), 0);
+    snprintf(sub, sizeof sub, "%s/data/nested", dir);
+    cr_assert_eq(mkdir(sub, 0700), 0);
+    sqlite3 *db = raw_open(SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE);
+    cr_assert_eq(sqlite3_exec(db, "PRAGMA journal_mode = WAL", NULL, NULL, NULL), SQLITE_OK);
+    cr_assert_eq(sqlite3_exec(db, v1_schema, NULL, NULL, NULL), SQLITE_OK, "%s", sqlite3_errmsg(db));
+    cr_assert_eq(sqlite3_exec(db, v2_upgrade, NULL, NULL, NULL), SQLITE_OK, "%s", sqlite3_errmsg(db));
+    cr_assert_eq(sqlite3_exec(db, v3_v4_upgrade, NULL, NULL, NULL), SQLITE_OK, "%s", sqlite3_errmsg(db));
+    cr_assert_eq(
+        sqlite3_exec(
+            db,
+            "INSERT INTO polls VALUES('poll1', 'user1', 'Old poll', NULL, 2, 1, NULL, NULL, '{}', 1, 1, NULL, NULL,"
+            "  NULL);"
+            "INSERT INTO options VALUES('poll1', 0, 'optA', 'A', 0), ('poll1', 1, 'optB', 'B', 1),"
+            "  ('poll1', 2, 'optC', 'C', 2);"
+            /* the current ballots (seq 1, 2, 3, 5: voter4's first ballot, seq 4, is gone) */
+            "INSERT INTO ballots(seq, poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key)"
+            "  VALUES(1, 'poll1', 'voter1', 'v_1', 'r_1', x'02', x'03', 1700000003000, 'k1'),"
+            "  (2, 'poll1', 'voter2', 'v_2', 'r_2', x'0002', NULL, 1700000001000, 'k2'),"
+            "  (3, 'poll1', 'voter3', 'v_3', 'r_3', x'01', NULL, 1700000002000, NULL),"
+            "  (5, 'poll1', 'voter4', 'v_5', 'r_5', x'01', NULL, 1700000006000, 'k5');"
+            "INSERT INTO audit(poll_id, voter_id, event, choices, scores, at, idem_key) VALUES"
+            "  ('poll1', 'voter1', 'cast', x'0002', x'0509', 1700000001000, NULL),"
+            "  ('poll1', 'voter2', 'cast', x'0002', NULL, 1700000001000, NULL),"
+            "  ('poll1', 'voter3', 'cast', x'0002', NULL, 1700000001000, NULL),"
+            "  ('poll1', 'voter4', 'cast', x'0002', NULL, 1700000001000, NULL),"
+            "  ('poll1', 'voter1', 'changed', x'01', x'03', 1700000002000, NULL),"
+            "  ('poll1', 'voter3', 'changed', x'01', NULL, 1700000002000, NULL),"
+            "  ('poll1', 'voter4', 'changed', x'02', NULL, 1700000002000, NULL),"
+            "  ('poll1', 'voter1', 'changed', x'02', x'03', 1700000003000, NULL),"
+            "  ('poll1', 'voter4', 'revoked', NULL, NULL, 1700000004000, 'k4'),"
+            "  ('poll1', 'voter4', 'cast', x'0002', NULL, 1700000005000, NULL),"
+            "  ('poll1', 'voter4', 'changed', x'01', NULL, 1700000006000, NULL);"
+            "PRAGMA user_version = 4;",
+            NULL, NULL, NULL),
+        SQLITE_OK, "%s", sqlite3_errmsg(db));
+    sqlite3_close(db);
+
+    casts_seen_t cs;
+    tly_store_t *s = reopen_casts(open_store(), &cs);
+    assert_final_casts(&cs);
+    audit_seen_t as;
+    read_audit(s, "poll1", &as);
+    cr_assert_eq(as.n, 11, "the log as it was: every cast in it once");
+
+    /* a retraction after the migration leaves the log as it was plus "revoked": the
+     * retracted ballot's cast is in the log already */
+    tly_store_op_t del = change_op(TLY_OP_BALLOT_DELETE, "poll1", "voter2", 1700000007000, 2);
+    submit_wait(s, &del);
+    cr_assert_eq(del.result, 0);
+    read_audit(s, "poll1", &as);
+    cr_assert_eq(as.n, 12);
+    cr_assert_str_eq(as.event[11], "revoked");
+    tly_store_close(s);
+    db = raw_open(SQLITE_OPEN_READONLY);
+    cr_assert_eq(raw_int(db, "PRAGMA user_version"), TLY_STORE_SCHEMA_VERSION);
+    cr_assert_eq(raw_int(db, "SELECT count(*) FROM ballots WHERE cast_at IS NOT NULL"), 3,
+                 "voter1, voter3 (no key: kept, not loaded) and voter4");
+    sqlite3_close(db);
+}
+
 Test(store, replace_and_delete_of_a_missing_ballot_fail_alone)
 {
     tly_store_t *s = open_store();
@@ -891,11 +975,9 @@ Test(store, audit_rows_cannot_be_changed_and_go_only_with_their_poll)
     tly_store_op_t b2 = ballot_op("poll2", "voter1", "v_2", "r_2");
     submit_wait(s, &b1);
     submit_wait(s, &b2);
-    /* a change of each: their casts move to audit, and a "changed" row follows each */
-    tly_store_op_t c1 = change_op(TLY_OP_BALLOT_REPLACE, "poll1", "voter1", 9, b1.u.ballot.seq);
-    tly_store_op_t c2 = change_op(TLY_OP_BALLOT_REPLACE, "poll2", "voter1", 9, b2.u.ballot.seq);
-    c1.u.ballot.nchoices = c2.u.ballot.nchoices = 1;
-    c1.u.ballot.choices = c2.u.ballot.choices = choices2;
+    /* a retraction of each: their casts move to audit, and a "revoked" row follows each */
+    tly_store_op_t c1 = change_op(TLY_OP_BALLOT_DELETE, "poll1", "voter1", 9, b1.u.ballot.seq);
+    tly_store_op_t c2 = change_op(TLY_OP_BALLOT_DELETE, "poll2", "voter1", 9, b2.u.ballot.seq);
     submit_wait(s, &c1);
     submit_wait(s, &c2);
     cr_assert_eq(c1.result, 0);

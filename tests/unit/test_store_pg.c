@@ -165,7 +165,7 @@ Test(store_pg, round_trip_every_field)
 {
     NEED_PG();
     tly_store_close(round_trip_scenario(open_store()));
-    cr_assert_eq(db_int("SELECT max(version) FROM schema_version"), 3);
+    cr_assert_eq(db_int("SELECT max(version) FROM schema_version"), 4);
     cr_assert_eq(db_int("SELECT count(*) FROM pg_inherits WHERE inhparent = 'ballots'::regclass"), 16);
     cr_assert_eq(db_int("SELECT count(*) FROM pg_inherits WHERE inhparent = 'audit'::regclass"), 16);
     assert_counters_exact();
@@ -299,6 +299,32 @@ Test(store_pg, audit_records_cast_changed_revoked_in_order)
     tly_store_close(audit_after_change(s));
     cr_assert_eq(db_int("SELECT count(*) FROM (SELECT 1 FROM pg_trigger WHERE tgname = 'audit_no_update') t"), 1);
     assert_counters_exact();
+}
+
+Test(store_pg, a_changed_ballot_keeps_its_first_cast_across_restarts)
+{
+    NEED_PG();
+    tly_store_close(first_cast_scenario(open_store()));
+    assert_counters_exact();
+}
+
+Test(store_pg, migration_3_to_4_takes_first_casts_from_the_audit_log)
+{
+    NEED_PG();
+    tly_store_close(first_cast_scenario(open_store()));
+    /* the same history as schema version 3 kept it: no copies beside the ballots */
+    exec_on(db_url,
+            "DROP INDEX ballots_changed;"
+            "ALTER TABLE ballots DROP COLUMN cast_choices, DROP COLUMN cast_scores, DROP COLUMN cast_at;"
+            "DELETE FROM schema_version; INSERT INTO schema_version VALUES (3);",
+            NULL, 0);
+    casts_seen_t cs;
+    tly_store_t *s = reopen_casts(open_store(), &cs);
+    assert_final_casts(&cs);
+    tly_store_close(s);
+    cr_assert_eq(db_int("SELECT max(version) FROM schema_version"), 4);
+    cr_assert_eq(db_int("SELECT count(*) FROM ballots WHERE cast_at IS NOT NULL"), 3,
+                 "voter1, voter3 (no key: kept, not loaded) and voter4");
 }
 
 Test(store_pg, replace_and_delete_of_a_missing_ballot_fail_alone)
