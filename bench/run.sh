@@ -102,22 +102,31 @@ run_wrk() {
     R_IRQ_CPU=$(cores $((q1 - q0)) "$wall")
     R_OTHER_CPU=$(cores $((b1 - b0 + q1 - q0 - (s1 - s0) - (w1 - w0))) "$wall")
     R_STEAL_CPU=$(cores $((st1 - st0)) "$wall")
-    R_THREADS=
+    R_WALL=$wall R_THREADS= R_THREAD_US=
     if [ "$kind" = tally ]; then
-        local kv tid before
+        local kv tid before d comm reqs
+        reqs=$(awk -v r="$R_RPS" -v w="$wall" 'BEGIN { printf "%.0f", r * w }')
         for kv in $th1; do
             tid=${kv%%=*}
             # shellcheck disable=SC2086 # one tid=ticks a word
             before=$(printf '%s\n' $th0 | awk -F= -v t="$tid" '$1 == t { print $2 }')
-            [ "$tid" = "$TALLY_PID" ] && tid="loop:$tid" || tid="thread:$tid"
-            R_THREADS+="$tid $(cores $((${kv#*=} - ${before:-0})) "$wall") "
+            d=$((${kv#*=} - ${before:-0}))
+            comm=$(cat "/proc/$TALLY_PID/task/$tid/comm" 2>/dev/null || echo gone)
+            [ "$tid" = "$TALLY_PID" ] && comm=loop
+            R_THREADS+="$comm:$tid $(cores "$d" "$wall") "
+            # CPU a request, per thread that did any (the idle worker threads do not)
+            [ "$d" -gt 0 ] && R_THREAD_US+="$comm $(awk -v t="$d" -v hz="$HZ" -v n="$reqs" \
+                'BEGIN { if (n > 0) printf "%.1f", t / hz * 1e6 / n; else print "n/a" }') us, "
         done
+        R_THREAD_US+="all $(awk -v t="$((s1 - s0))" -v hz="$HZ" -v n="$reqs" \
+            'BEGIN { if (n > 0) printf "%.1f", t / hz * 1e6 / n; else print "n/a" }') us"
     fi
     echo
     echo "---- $name"
     sed -n '/Thread Stats/,$p' "$TMP/$name.out"
     echo "CPU over the run (cores): server $R_SRV_CPU, wrk $R_WRK_CPU, other processes $R_OTHER_CPU, steal $R_STEAL_CPU (softirq in all: $R_IRQ_CPU)"
     [ -n "$R_THREADS" ] && echo "tally threads (cores): $R_THREADS"
+    [ -n "$R_THREAD_US" ] && echo "tally CPU a request: $R_THREAD_US"
     note_busy "$name" "$R_OTHER_CPU" "$R_STEAL_CPU"
 }
 
@@ -190,12 +199,19 @@ N_POST_RPS=$R_RPS N_POST_P50=$R_P50 N_POST_P99=$R_P99 N_POST_CPU=$R_SRV_CPU N_PO
 N_POST_BAD=$(non200 "$TMP/nginx-post.out")
 sleep 1
 
+# the store's own figures around the vote run (/metrics) and the bytes tally had the
+# kernel write to storage (/proc/PID/io write_bytes)
+metric() { awk -v m="$1" '$1 == m { printf "%.0f", $2 }' "$2"; }
+curl -sf "http://127.0.0.1:$TPORT/metrics" >"$TMP/metrics.0"
+IO0=$(awk '/^write_bytes:/ { print $2 }' "/proc/$TALLY_PID/io")
 export BENCH_VOTES_REPORT=$TMP/votes.report
 run_wrk tally-post tally "http://127.0.0.1:$TPORT$VOTE_PATH" -s "$ROOT/bench/votes.lua" \
     -- "$TMP/tokens.txt" "$THREADS" "$OPTS"
 unset BENCH_VOTES_REPORT
 T_POST_RPS=$R_RPS T_POST_P50=$R_P50 T_POST_P99=$R_P99 T_POST_CPU=$R_SRV_CPU T_POST_WCPU=$R_WRK_CPU T_POST_OCPU=$R_OTHER_CPU T_POST_ICPU=$R_IRQ_CPU
-T_POST_THREADS=$R_THREADS T_POST_SOCK=$R_SOCK
+T_POST_THREADS=$R_THREADS T_POST_SOCK=$R_SOCK T_POST_US=$R_THREAD_US T_POST_WALL=$R_WALL
+IO1=$(awk '/^write_bytes:/ { print $2 }' "/proc/$TALLY_PID/io")
+curl -sf "http://127.0.0.1:$TPORT/metrics" >"$TMP/metrics.1"
 T_POST_BAD=$(non200 "$TMP/tally-post.out")
 grep -q 'TOKENS EXHAUSTED' "$TMP/tally-post.out" && echo "WARNING: raise BENCH_TOKENS"
 
@@ -209,6 +225,30 @@ EXACT=$(python3 "$ROOT/bench/account.py" "$TMP/votes.report" "$TMP/tokens.txt" \
 echo
 echo "---- exactly-once"
 echo "$EXACT"
+
+# per ballot: the WAL the commits appended, what reached storage, the commits (one fsync
+# of the WAL each) and checkpoints; and the backlog behind the durability point (WAL not
+# yet copied back into the database) when the run ended, in bytes and in seconds of
+# this run's WAL rate
+curl -sf "http://127.0.0.1:$TPORT/metrics" >"$TMP/metrics.2"
+STORE=$(awk -v total="$TOTAL" -v wall="$T_POST_WALL" \
+    -v wal0="$(metric tally_store_wal_bytes_total "$TMP/metrics.0")" -v wal1="$(metric tally_store_wal_bytes_total "$TMP/metrics.1")" \
+    -v c0="$(metric tally_store_batch_size_count "$TMP/metrics.0")" -v c1="$(metric tally_store_batch_size_count "$TMP/metrics.1")" \
+    -v k0="$(metric tally_store_checkpoints_total "$TMP/metrics.0")" -v k1="$(metric tally_store_checkpoints_total "$TMP/metrics.1")" \
+    -v cs0="$(awk '$1 == "tally_store_commit_seconds_sum" { print $2 }' "$TMP/metrics.0")" \
+    -v cs1="$(awk '$1 == "tally_store_commit_seconds_sum" { print $2 }' "$TMP/metrics.1")" \
+    -v io="$((IO1 - IO0))" -v backlog="$(metric tally_store_checkpoint_backlog_bytes "$TMP/metrics.1")" \
+    -v backlog2="$(metric tally_store_checkpoint_backlog_bytes "$TMP/metrics.2")" '
+    BEGIN {
+        n = total > 0 ? total : 1; rate = (wal1 - wal0) / wall
+        printf "WAL %.0f B/ballot, written to storage %.0f B/ballot, commits (WAL fsyncs) %.4f/ballot (%.1f ballots a commit, %.2f ms each on average), checkpoints %d; ", \
+            (wal1 - wal0) / n, io / n, (c1 - c0) / n, (c1 > c0 ? n / (c1 - c0) : 0), (c1 > c0 ? (cs1 - cs0) * 1000 / (c1 - c0) : 0), k1 - k0
+        printf "checkpoint backlog at the end %.1f MiB (%.2f s of this run'"'"'s WAL), %.1f MiB a few seconds later", \
+            backlog / 1048576, (rate > 0 ? backlog / rate : 0), backlog2 / 1048576
+    }')
+echo
+echo "---- the store during the vote run"
+echo "$STORE"
 sleep 1
 
 # ---- 3 and 4: results reads -------------------------------------------------------------
@@ -233,6 +273,8 @@ row "tally POST vote (durable)" "$T_POST_RPS" "$T_POST_P50" "$T_POST_P99" "${T_P
 row "nginx static file GET (reference)" "$N_GET_RPS" "$N_GET_P50" "$N_GET_P99" "$N_GET_BAD" "$N_GET_CPU" "$N_GET_WCPU" "$N_GET_OCPU" "$N_GET_ICPU"
 row "tally GET results (cached)" "$T_GET_RPS" "$T_GET_P50" "$T_GET_P99" "$T_GET_BAD" "$T_GET_CPU" "$T_GET_WCPU" "$T_GET_OCPU" "$T_GET_ICPU"
 echo "tally threads during votes (cores): $T_POST_THREADS"
+echo "tally CPU a vote: $T_POST_US"
+echo "tally store a vote: $STORE"
 echo "tally threads during results (cores): $T_GET_THREADS"
 [ -n "$T_POST_SOCK" ] && echo "tally votes: $T_POST_SOCK"
 echo "ratio tally votes/s / nginx static POST/s:  $(ratio "$T_POST_RPS" "$N_POST_RPS")"

@@ -224,6 +224,7 @@ void api_end_async(tly_app_t *app) { app->in_flight--; }
 static void *work_main(void *arg)
 {
     tly_app_t *app = arg;
+    pthread_setname_np(pthread_self(), "tally-work");
     pthread_mutex_lock(&app->work.mu);
     for (;;) {
         while (app->work.head == NULL && !app->work.stop)
@@ -347,6 +348,7 @@ void api_ops_metrics(tly_req_t *req, const tly_params_t *params, void *arg)
                              .failed_batches = st.failed_batches,
                              .queued = st.queued,
                              .checkpoints = st.checkpoints,
+                             .wal_bytes = st.wal_bytes,
                              .checkpoint_backlog_bytes = st.checkpoint_backlog_bytes,
                              .writable = tly_store_writable(app->store),
                              .live_subscribers = api_live_subscribers(app->live),

@@ -241,9 +241,12 @@ char *tly_metrics_render(const tly_metrics_extra_t *x, size_t *len)
     put(&o,
         "# HELP tally_store_checkpoints_total WAL checkpoints run (SQLite: the checkpointer thread).\n"
         "# TYPE tally_store_checkpoints_total counter\ntally_store_checkpoints_total %llu\n"
+        "# HELP tally_store_wal_bytes_total Bytes of WAL the store's commits appended (SQLite).\n"
+        "# TYPE tally_store_wal_bytes_total counter\ntally_store_wal_bytes_total %llu\n"
         "# HELP tally_store_checkpoint_backlog_bytes WAL committed but not yet copied back into the database file.\n"
         "# TYPE tally_store_checkpoint_backlog_bytes gauge\ntally_store_checkpoint_backlog_bytes %llu\n",
-        (unsigned long long)x->checkpoints, (unsigned long long)x->checkpoint_backlog_bytes);
+        (unsigned long long)x->checkpoints, (unsigned long long)x->wal_bytes,
+        (unsigned long long)x->checkpoint_backlog_bytes);
     put(&o,
         "# HELP tally_store_writable Whether the store accepts writes (0 after a failed fsync).\n"
         "# TYPE tally_store_writable gauge\ntally_store_writable %d\n",

@@ -37,7 +37,7 @@ typedef struct {
     size_t nbounds;
     const uint64_t *batch_hist, *commit_hist; /* nbounds + 1 entries */
     uint64_t batch_sum, commit_us_sum, failed_batches, queued;
-    uint64_t checkpoints, checkpoint_backlog_bytes;
+    uint64_t checkpoints, wal_bytes, checkpoint_backlog_bytes;
     int writable;
     uint64_t live_subscribers, connections, polls;
     /* reconciliation of counters with the ballots: runs completed, counters repaired in

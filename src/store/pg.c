@@ -655,6 +655,7 @@ fail:
 static void *connector_main(void *arg)
 {
     pg_store_t *s = arg;
+    pthread_setname_np(pthread_self(), "tally-pg-conn");
     PGconn *c = connect_writer(s);
     pthread_mutex_lock(&s->mu);
     s->connected = c;
@@ -694,6 +695,7 @@ static void writer_idle(pg_store_t *s)
 static void *writer_main(void *arg)
 {
     pg_store_t *s = arg;
+    pthread_setname_np(pthread_self(), "tally-writer");
     batch_t b = {0};
     size_t cap = 0;
 

@@ -739,6 +739,7 @@ static void catch_up(pg_store_t *s)
 void *pg_follower_main(void *arg)
 {
     pg_store_t *s = arg;
+    pthread_setname_np(pthread_self(), "tally-follower");
     follow_clock_t fc = {.backoff_us = FOLLOW_BACKOFF_MIN_US};
     int64_t deadline = 0;
 

@@ -369,6 +369,7 @@ static void sq_stats(sq_store_t *s, tly_store_stats_t *out)
     pthread_mutex_unlock(&s->done_mu);
     int backlog = atomic_load(&s->wal_frames) - atomic_load(&s->ckpt_frames);
     out->checkpoints = atomic_load(&s->checkpoints);
+    out->wal_bytes = atomic_load(&s->wal_appended);
     out->checkpoint_backlog_bytes = backlog > 0 ? (uint64_t)backlog * (uint64_t)s->page_size : 0;
     pthread_mutex_lock(&s->mu);
     out->queued = 0;
@@ -781,6 +782,7 @@ fail_all:
 static void *ckpt_main(void *arg)
 {
     sq_store_t *s = arg;
+    pthread_setname_np(pthread_self(), "tally-ckpt");
     for (;;) {
         pthread_mutex_lock(&s->ckpt_mu);
         while (!s->ckpt_wanted && !s->ckpt_stopping)
@@ -819,6 +821,7 @@ static void after_commit(sq_store_t *s)
     int frames = s->hook_frames, prev = atomic_load(&s->wal_frames);
     if (frames < prev)
         atomic_store(&s->ckpt_frames, 0);
+    atomic_fetch_add(&s->wal_appended, (uint64_t)(frames >= prev ? frames - prev : frames) * (uint64_t)s->page_size);
     atomic_store(&s->wal_frames, frames);
     if ((int64_t)(frames - atomic_load(&s->ckpt_frames)) * s->page_size < (int64_t)TLY_STORE_CHECKPOINT_BYTES)
         return;
@@ -831,6 +834,7 @@ static void after_commit(sq_store_t *s)
 static void *writer_main(void *arg)
 {
     sq_store_t *s = arg;
+    pthread_setname_np(pthread_self(), "tally-writer");
     for (;;) {
         tly_store_op_t *first, *last;
         uint64_t n = 1, commit_us = 0;

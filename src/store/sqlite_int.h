@@ -74,7 +74,7 @@ struct sq_store {
     pthread_cond_t ckpt_cv;
     int ckpt_wanted, ckpt_stopping;
     atomic_int wal_frames, ckpt_frames;
-    atomic_uint_fast64_t checkpoints;
+    atomic_uint_fast64_t checkpoints, wal_appended; /* WAL bytes appended by commits */
     pthread_t ckpt;
     int ckpt_started, ckpt_ready;
 

@@ -424,9 +424,10 @@ typedef struct {
     uint64_t batches, failed_batches, ops, last_batch_size, last_commit_us, queued;
     uint64_t batch_hist[TLY_STORE_HIST + 1], commit_hist[TLY_STORE_HIST + 1];
     uint64_t batch_sum, commit_us_sum;
-    /* SQLite: checkpoints run, and the bytes of WAL committed but not yet copied back
-     * into the database file (what runs behind the durability point). 0 elsewhere. */
-    uint64_t checkpoints, checkpoint_backlog_bytes;
+    /* SQLite: checkpoints run, the bytes of WAL commits appended, and those committed
+     * but not yet copied back into the database file (what runs behind the durability
+     * point). 0 elsewhere. */
+    uint64_t checkpoints, wal_bytes, checkpoint_backlog_bytes;
 } tly_store_stats_t;
 void tly_store_stats(tly_store_t *s, tly_store_stats_t *out);
 
