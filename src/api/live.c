@@ -416,6 +416,13 @@ static void subscribe(tly_req_t *req, const tly_params_t *params, tly_app_t *app
                           NULL);
         return;
     }
+    if (tly_req_client_gone(req)) {
+        /* it left while its token or the poll was looked up: nobody to stream to, and
+         * tly_req_stream_start would run on_close (freeing the subscriber) before the
+         * code below is done with it */
+        api_respond_error(req, 503, "UNAVAILABLE", "the client is gone", NULL);
+        return;
+    }
     sub_t *s = tly_calloc(1, sizeof(*s));
     live_poll_t *lp;
     HASH_FIND_STR(l->polls, p->poll_id, lp);
