@@ -208,7 +208,8 @@ size_t tly_req_stream_pending(tly_req_t *req);
 /* Ends the stream (after queued data is written the connection closes; on_close runs). */
 void tly_req_stream_end(tly_req_t *req);
 /* Closes the connection now, dropping whatever is queued (a reader that stopped
- * reading); on_close runs before this returns. Also for WebSocket connections. */
+ * reading); on_close runs before this returns. Also for WebSocket connections (called
+ * from inside on_text, the connection closes, and on_close runs, when on_text returns). */
 void tly_req_stream_abort(tly_req_t *req);
 
 /* ---- WebSocket (RFC 6455, framing by libwslay) ----

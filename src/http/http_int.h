@@ -131,5 +131,7 @@ tly_loop_t *http_conn_loop(conn_t *c);
 void http_ws_on_read(conn_t *c);
 void http_ws_on_written(conn_t *c);
 void http_ws_free(conn_t *c);
+/* tly_req_stream_abort of a WebSocket: closes now, or, inside on_text, once wslay returns. */
+void http_ws_abort(conn_t *c);
 
 #endif

@@ -1079,6 +1079,8 @@ void tly_req_stream_end(tly_req_t *req)
 void tly_req_stream_abort(tly_req_t *req)
 {
     conn_t *c = req->conn;
-    if (c->state == ST_STREAMING || c->state == ST_WEBSOCKET)
+    if (c->state == ST_WEBSOCKET)
+        http_ws_abort(c);
+    else if (c->state == ST_STREAMING)
         http_conn_close(c);
 }

@@ -256,6 +256,15 @@ void http_ws_on_written(conn_t *c)
         ws->cb.on_drain(&c->req, ws->cb.arg);
 }
 
+void http_ws_abort(conn_t *c)
+{
+    if (c->ws->in_recv) {
+        c->ws->broken = true; /* inside on_text: c must outlive wslay_event_recv */
+        return;
+    }
+    http_conn_close(c);
+}
+
 void http_ws_free(conn_t *c)
 {
     if (c->ws == NULL)
