@@ -37,6 +37,7 @@ struct ws {
     tly_ws_cb_t cb;
     tly_timer_t later;   /* ws_later on the next loop turn; never re-armed from ws_later */
     uint64_t frame_left; /* bytes of the current frame not yet handed to wslay */
+    size_t max_message;
     uint16_t fail_code;  /* ws_recv found a frame to refuse: fail with this close code */
     bool in_recv;        /* inside wslay_event_recv: callbacks queue, ws_read writes after */
     bool paused;         /* input not read: WS_OUT_MAX of output waits for the peer */
@@ -53,8 +54,10 @@ static size_t ws_out_bytes(conn_t *c)
 
 /*
  * Looks at the frame header at the start of `b`. Returns 1 and the whole frame's size in
- * *size when ws_recv may hand it over, 0 when more input is needed first, -1 when the
- * frame is to be refused with 1002. wslay 1.1.1 refuses the same frames (a control frame
+ * *size when ws_recv may hand it over, 0 when more input is needed first, or minus the
+ * close code to refuse it with: 1009 for a data frame whose payload alone is over
+ * max_payload (wslay would wait for the first payload byte to say so), 1002 for a frame
+ * RFC 6455 forbids that wslay mishandles. wslay 1.1.1 refuses those frames (a control frame
  * that is fragmented or over 125 bytes, an extended length that is not minimal or has
  * its top bit set) by dropping the TCP connection without a close frame, and answers a
  * close frame of 1 byte with a normal close; RFC 6455 asks for 1002 in each case
@@ -62,7 +65,7 @@ static size_t ws_out_bytes(conn_t *c)
  * payload in one piece: it validates the UTF-8 of a close reason per piece, from the
  * third byte of each.
  */
-static int frame_check(const uint8_t *b, size_t avail, uint64_t *size)
+static int frame_check(const uint8_t *b, size_t avail, uint64_t max_payload, uint64_t *size)
 {
     if (avail < 2)
         return 0;
@@ -71,7 +74,7 @@ static int frame_check(const uint8_t *b, size_t avail, uint64_t *size)
     size_t head = 2 + (len7 == 126 ? 2 : len7 == 127 ? 8 : 0) + (masked ? 4 : 0);
     if (opcode & 0x8) {
         if (!fin || len7 > 125 || (opcode == WSLAY_CONNECTION_CLOSE && len7 == 1))
-            return -1;
+            return -WSLAY_CODE_PROTOCOL_ERROR;
         if (avail < head + len7)
             return 0;
         *size = head + len7;
@@ -83,14 +86,16 @@ static int frame_check(const uint8_t *b, size_t avail, uint64_t *size)
     if (len7 == 126) {
         len = (uint64_t)b[2] << 8 | b[3];
         if (len < 126)
-            return -1;
+            return -WSLAY_CODE_PROTOCOL_ERROR;
     } else if (len7 == 127) {
         len = 0;
         for (int i = 0; i < 8; i++)
             len = len << 8 | b[2 + i];
         if (len < 65536 || (len >> 63) != 0)
-            return -1;
+            return -WSLAY_CODE_PROTOCOL_ERROR;
     }
+    if (len > max_payload)
+        return -WSLAY_CODE_MESSAGE_TOO_BIG;
     *size = head + len;
     return 1;
 }
@@ -107,9 +112,9 @@ static ssize_t ws_recv(wslay_event_context_ptr ctx, uint8_t *buf, size_t len, in
         goto would_block;
     }
     if (ws->frame_left == 0) {
-        int rc = frame_check((const uint8_t *)in->bytes, in->size, &ws->frame_left);
+        int rc = frame_check((const uint8_t *)in->bytes, in->size, ws->max_message, &ws->frame_left);
         if (rc < 0)
-            ws->fail_code = WSLAY_CODE_PROTOCOL_ERROR;
+            ws->fail_code = (uint16_t)-rc;
         if (rc <= 0)
             goto would_block;
     }
@@ -350,7 +355,8 @@ int tly_req_ws_accept(tly_req_t *req, const tly_ws_cb_t *cb)
         tly_req_add_header(req, "Retry-After", "1");
         return refuse(req, 503, "UNAVAILABLE", "out of memory");
     }
-    wslay_event_config_set_max_recv_msg_length(ws->ctx, cb->max_message ? cb->max_message : 4096);
+    ws->max_message = cb->max_message ? cb->max_message : 4096;
+    wslay_event_config_set_max_recv_msg_length(ws->ctx, ws->max_message);
     ws->cb = *cb;
     ws->conn = c;
     c->ws = ws;
