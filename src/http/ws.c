@@ -6,8 +6,8 @@
  *
  * Three rules keep the connection's owner safe and its memory bounded:
  *
- *   - Frames are only ever processed from the loop (a socket read, a completed write,
- *     the connection's own zero-delay timer), never inside a call of the owner's: not in
+ *   - Frames are only ever processed from the loop (a socket read, or the connection's
+ *     own zero-delay timer), never inside a call of the owner's: not in
  *     tly_req_ws_accept (frames that came with the handshake wait for the next loop
  *     turn), not in tly_ws_send_text. So on_close never runs inside such a call, and an
  *     owner may keep using its state after it returns.
@@ -44,8 +44,6 @@ struct ws {
     bool failing;        /* our own close frame is queued raw; nothing else is sent */
     bool broken;         /* wslay could not write (no memory): end at the next turn */
 };
-
-static tly_loop_t *ws_loop(conn_t *c) { return http_conn_loop(c); }
 
 static size_t ws_out_bytes(conn_t *c)
 {
@@ -233,7 +231,7 @@ static void ws_kick(conn_t *c)
         ws->broken = true;
     http_stream_flush(c);
     if (ws->broken || (!c->writing && ws_done(c)))
-        tly_timer_start(ws_loop(c), &ws->later, 0, ws_later);
+        tly_timer_start(http_conn_loop(c), &ws->later, 0, ws_later);
 }
 
 void http_ws_on_read(conn_t *c) { ws_read(c); }
@@ -255,7 +253,7 @@ void http_ws_on_written(conn_t *c)
         ws->paused = false;
         h2o_socket_read_start(c->sock, http_on_read);
         if (c->sock->input->size > 0)
-            tly_timer_start(ws_loop(c), &ws->later, 0, ws_later);
+            tly_timer_start(http_conn_loop(c), &ws->later, 0, ws_later);
     }
     if (ws->cb.on_drain != NULL)
         ws->cb.on_drain(&c->req, ws->cb.arg);
@@ -384,7 +382,7 @@ int tly_req_ws_accept(tly_req_t *req, const tly_ws_cb_t *cb)
     /* frames that came with the handshake are read on the next loop turn, once the
      * owner has finished setting up */
     if (c->sock->input->size > 0 || ws->broken)
-        tly_timer_start(ws_loop(c), &ws->later, 0, ws_later);
+        tly_timer_start(http_conn_loop(c), &ws->later, 0, ws_later);
     return 0;
 }
 
