@@ -38,8 +38,8 @@ struct sub {
     bool ws;         /* WebSocket rather than SSE */
     char *caller_id; /* NULL for anonymous watchers */
     char ip[48];
-    uint64_t sent_id;    /* state_id of the state the client has (sent, or resumed from) */
-    uint64_t last_label; /* the largest id this connection carried */
+    uint64_t sent_id;         /* state_id of the state the client has (sent, or resumed from) */
+    uint64_t last_label;      /* the largest id this connection carried */
     uint64_t sent_hidden_ver; /* the live_poll's hidden_ver of the hidden state sent */
     bool sent_visible, sent_any;
     bool want; /* a newer state waits for the socket to drain */
@@ -58,7 +58,7 @@ struct live_poll {
     int hidden_status;
     uint64_t hidden_edits;
     uint64_t hidden_ver; /* grows when the text of `hidden` changes */
-    bool pass_changed; /* counts or status changed since the previous pass */
+    bool pass_changed;   /* counts, status or the poll changed since the previous pass */
 };
 
 typedef struct ip_count {

@@ -126,6 +126,7 @@ size_t http_req_header_count(tly_req_t *req, const char *name);
  * dropped until it closes too (at most 2 s): closing with unread input would make the
  * kernel send a reset that can destroy those last bytes (a close frame) unread. */
 void http_conn_linger(conn_t *c);
+/* The loop the connection runs on (for its timers). */
 tly_loop_t *http_conn_loop(conn_t *c);
 /* ws.c: the connection's reads and completed writes while in ST_WEBSOCKET */
 void http_ws_on_read(conn_t *c);

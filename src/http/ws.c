@@ -38,11 +38,11 @@ struct ws {
     tly_timer_t later;   /* ws_later on the next loop turn; never re-armed from ws_later */
     uint64_t frame_left; /* bytes of the current frame not yet handed to wslay */
     size_t max_message;
-    uint16_t fail_code;  /* ws_recv found a frame to refuse: fail with this close code */
-    bool in_recv;        /* inside wslay_event_recv: callbacks queue, ws_read writes after */
-    bool paused;         /* input not read: WS_OUT_MAX of output waits for the peer */
-    bool failing;        /* our own close frame is queued raw; nothing else is sent */
-    bool broken;         /* wslay could not write (no memory): end at the next turn */
+    uint16_t fail_code; /* ws_recv found a frame to refuse: fail with this close code */
+    bool in_recv;       /* inside wslay_event_recv: callbacks queue, ws_read writes after */
+    bool paused;        /* input not read: WS_OUT_MAX of output waits for the peer */
+    bool failing;       /* our own close frame is queued raw; nothing else is sent */
+    bool broken;        /* wslay could not write (no memory): end at the next turn */
 };
 
 static size_t ws_out_bytes(conn_t *c)
