@@ -155,6 +155,8 @@ typedef struct tly_poll {
     bool results_dirty;
     int64_t as_of;               /* time of the last commit that changed counts (or created_at) */
     uint64_t seq;                /* grows with every committed change to counts */
+    uint64_t edits;              /* changes to the poll itself (PATCH, adopt) since the start;
+                                    what live streams number a state without counts by */
     struct tly_poll *owner_next; /* list of the owner's polls, newest first (registry) */
     /* Added by core (zero-initialised fields are valid, so a calloc'd poll still works): */
     uint64_t *score_sum; /* score polls: 2 * noptions counters, [i] the sum of option i's

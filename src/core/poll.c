@@ -656,6 +656,7 @@ int tly_poll_patch(tly_poll_t *p, json_t *body, int64_t now, const char **err_fi
     p->settings = settings;
     p->updated_at = now;
     p->results_dirty = true;
+    p->edits++;
     return 0;
 oom:
     rc = core_oom(&e);
@@ -703,6 +704,7 @@ void tly_poll_adopt(tly_poll_t *p, tly_poll_t *from)
     p->results_dirty = true;
     p->results_final = false;
     p->seq++;
+    p->edits++;
     tly_poll_free(from);
 }
 

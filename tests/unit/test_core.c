@@ -516,14 +516,20 @@ Test(patch, fields_and_validation)
 {
     tly_poll_t *p = create_ok(with(body_n("multiple", 3), "description", json_string("d")));
     const char *f;
+    uint64_t seq = p->seq, edits = p->edits;
     cr_assert_eq(patch(p, "{\"title\":\"New\",\"description\":null}", &f), 0);
     cr_assert_str_eq(p->title, "New");
     cr_assert_null(p->description);
     cr_assert_eq(p->updated_at, NOW + 1000);
     cr_assert(p->results_dirty);
+    /* live streams number states without counts by edits: a change to the poll moves it,
+     * and only that (seq is the counts') */
+    cr_assert_eq(p->edits, edits + 1);
+    cr_assert_eq(p->seq, seq);
     cr_assert_eq(patch(p, "{\"title\":\"\"}", &f), TLY_EINVAL);
     cr_assert_str_eq(f, "title");
     cr_assert_str_eq(p->title, "New", "unchanged on error");
+    cr_assert_eq(p->edits, edits + 1, "a refused change is no edit");
     cr_assert_eq(patch(p, "{\"title\":\"Other\",\"settings\":{\"min_choices\":3,\"max_choices\":2}}", &f), TLY_EINVAL);
     cr_assert_str_eq(f, "settings.min_choices");
     cr_assert_str_eq(p->title, "New", "nothing applied when any field fails");
@@ -2301,8 +2307,10 @@ Test(final, by_the_store_never_frozen_on_a_render)
     tly_poll_t *from = create_ok(body_n("single", 2));
     from->status = TLY_STATUS_CLOSED;
     const char *kept = tly_poll_final_results(p);
+    uint64_t edits = p->edits;
     tly_poll_adopt(p, from);
     cr_assert_eq(tly_poll_final_results(p), kept);
+    cr_assert_eq(p->edits, edits + 1, "another instance's change is an edit here too");
     tly_registry_free(reg);
 }
 
