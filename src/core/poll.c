@@ -434,7 +434,7 @@ tly_poll_t *tly_poll_from_json(json_t *body, const char *owner_id, int64_t now, 
     p->start_time = start;
     p->end_time = end;
     p->settings = settings;
-    p->results_dirty = true;
+    core_results_changed(p);
     return p;
 oom:
     core_oom(&e);
@@ -461,7 +461,7 @@ int tly_poll_patch(tly_poll_t *p, json_t *body, int64_t now, const char **err_fi
     char *title = NULL, *desc = NULL;
     tly_option_t *opts = NULL;
     size_t nopts = 0;
-    uint64_t *score_sum = NULL;
+    uint64_t *score_sum = NULL, *pairs = NULL;
     const char *msg;
     size_t len;
 
@@ -590,6 +590,8 @@ int tly_poll_patch(tly_poll_t *p, json_t *body, int64_t now, const char **err_fi
     }
     if (opts != NULL && p->type == TLY_TYPE_SCORE && (score_sum = tly_calloc(2 * n, sizeof(uint64_t))) == NULL)
         goto oom;
+    if (opts != NULL && p->type == TLY_TYPE_RANKED && (pairs = tly_calloc(n * n + n, sizeof(uint64_t))) == NULL)
+        goto oom;
 
     /* everything is valid and allocated: apply */
     if (title != NULL) {
@@ -608,6 +610,13 @@ int tly_poll_patch(tly_poll_t *p, json_t *body, int64_t now, const char **err_fi
             tly_free(p->score_sum);
             p->score_sum = score_sum;
         }
+        if (pairs != NULL) { /* laid out per option too, and no ballot counts in it */
+            tly_free(p->ranked_pairs);
+            p->ranked_pairs = pairs;
+        }
+        /* rows of 1 + noptions bytes, none used yet; on failure the next count builds it */
+        if (p->ranked != NULL)
+            (void)core_ranked_build(p);
         core_timeline_reset(p); /* laid out per option; no ballot is counted in it */
     }
     p->status = status;
@@ -615,7 +624,7 @@ int tly_poll_patch(tly_poll_t *p, json_t *body, int64_t now, const char **err_fi
     p->end_time = end;
     p->settings = settings;
     p->updated_at = now;
-    p->results_dirty = true;
+    core_results_changed(p);
     return 0;
 oom:
     rc = core_oom(&e);
@@ -624,6 +633,7 @@ fail:
     tly_free(desc);
     options_free(opts, nopts);
     tly_free(score_sum);
+    tly_free(pairs);
     return rc;
 }
 
@@ -653,6 +663,14 @@ void tly_poll_adopt(tly_poll_t *p, tly_poll_t *from)
         SWAP(p->noptions, from->noptions);
         tly_free(p->score_sum);
         p->score_sum = NULL; /* recomputed from the (no) ballots when rendering */
+        /* laid out for the old options; on failure the next render builds them */
+        tly_free(p->ranked_pairs);
+        p->ranked_pairs = NULL;
+        core_ranked_drop(p);
+        if (p->type == TLY_TYPE_RANKED) {
+            (void)core_ranked_pairs_build(p);
+            (void)core_ranked_build(p);
+        }
         core_timeline_reset(p);
     } else {
         for (size_t i = 0; i < p->noptions && i < from->noptions; i++) {
@@ -660,7 +678,7 @@ void tly_poll_adopt(tly_poll_t *p, tly_poll_t *from)
             p->options[i].display_order = from->options[i].display_order;
         }
     }
-    p->results_dirty = true;
+    core_results_changed(p);
     p->results_final = false;
     p->seq++;
     tly_poll_free(from);
@@ -687,6 +705,8 @@ void tly_poll_free(tly_poll_t *p)
     tly_free(p->idem_key);
     tly_free(p->results_json);
     tly_free(p->score_sum);
+    tly_free(p->ranked_pairs);
+    core_ranked_drop(p);
     tly_free(p->final_json);
     core_timeline_reset(p);
     tly_free(p);
