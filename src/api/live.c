@@ -7,7 +7,9 @@
  * rendering of core) and offered to every subscriber. A subscriber whose socket still
  * holds unwritten data is only marked: when its socket drains it gets the newest state,
  * never a backlog. So a slow reader costs at most one pending message and never slows
- * the vote path or other readers; one that makes no progress for 30 s is dropped.
+ * the vote path or other readers; one that makes no progress for 30 s is dropped. A big
+ * ranked poll is not counted on the loop (results.c): a subscriber gets the newest
+ * rendering at hand, with the seq it shows in its event id, and the next one once counted.
  *
  * Visibility is decided per subscriber on every offer, so a voter on an after_vote poll
  * starts with a state without counts and receives the counts once their ballot commits.
@@ -173,7 +175,7 @@ static int write_event(sub_t *s, const char *event, uint64_t id, const char *dat
  * They stay below 2^53, so JavaScript reads them exactly. */
 static uint64_t id_base;
 
-static uint64_t event_id(const tly_poll_t *p, int status) { return id_base + p->seq * 3 + (uint64_t)status + 1; }
+static uint64_t event_id(uint64_t seq, int status) { return id_base + seq * 3 + (uint64_t)status + 1; }
 
 /* Offers the poll's current state to s: sent now if its socket is idle, else later. */
 static void offer(sub_t *s, tly_poll_t *p, int64_t now)
@@ -190,7 +192,15 @@ static void offer(sub_t *s, tly_poll_t *p, int64_t now)
     tly_vote_t *mine = s->caller_id != NULL ? tly_poll_find_vote(p, s->caller_id) : NULL;
     bool voted = mine != NULL && mine->state == TLY_VOTE_COMMITTED;
     bool visible = tly_results_visible(p, s->caller_id, voted, now);
-    if (s->sent_any && s->sent_seq == p->seq && s->sent_status == status && s->sent_visible == visible) {
+    /* a big ranked poll is counted on a worker: the rendering at hand may show an older
+     * seq than p's, and then the newer one follows once counted (want) */
+    uint64_t seq = p->seq;
+    const char *data = visible ? api_results_current(s->live->app, p, now, &seq) : NULL;
+    if (visible && data == NULL) {
+        s->want = true; /* none yet, or out of memory: try again on the next tick */
+        return;
+    }
+    if (s->sent_any && s->sent_seq == seq && s->sent_status == status && s->sent_visible == visible) {
         if (status == TLY_STATUS_CLOSED && sub_pending(s) == 0) {
             /* a client that resumed with the final state's id: just say it is over */
             write_event(s, "closed", 0, "{}");
@@ -202,14 +212,15 @@ static void offer(sub_t *s, tly_poll_t *p, int64_t now)
         s->want = true;
         return;
     }
-    s->want = false;
-    const char *data = visible ? tly_results_render(p, now, NULL) : hidden_state(s->lp, p, status);
-    if (data == NULL || write_event(s, "results", event_id(p, status), data) != 0) {
+    s->want = seq != p->seq;
+    if (!visible)
+        data = hidden_state(s->lp, p, status);
+    if (data == NULL || write_event(s, "results", event_id(seq, status), data) != 0) {
         s->want = true; /* out of memory: try again on the next tick */
         return;
     }
     s->sent_any = true;
-    s->sent_seq = p->seq;
+    s->sent_seq = seq;
     s->sent_status = status;
     s->sent_visible = visible;
     if (status == TLY_STATUS_CLOSED) {
@@ -468,7 +479,7 @@ static void subscribe(tly_req_t *req, const tly_params_t *params, tly_app_t *app
         tly_vote_t *mine = caller.present ? tly_poll_find_vote(p, caller.id) : NULL;
         bool voted = mine != NULL && mine->state == TLY_VOTE_COMMITTED;
         int status = (int)tly_poll_effective_status(p, now);
-        if (*end == '\0' && id == event_id(p, status)) {
+        if (*end == '\0' && id == event_id(p->seq, status)) {
             s->sent_any = true;
             s->sent_seq = p->seq;
             s->sent_status = status;
