@@ -15,6 +15,7 @@
 
 #include "api/api_int.h"
 #include "base/base.h"
+#include "obs/obs.h"
 
 /* Ballot choices (and rows) above which a count runs on a worker: about 0.5 ms of
  * counting on the loop below it. */
@@ -106,11 +107,13 @@ static void count_done(work_t *w)
     count_t *c = (count_t *)w;
     tly_app_t *app = c->app;
     tly_poll_t *p = tly_registry_find_poll(app->registry, c->poll_id);
+    const char *outcome = c->rc != 0 ? "failed" : "superseded"; /* or the poll is gone */
     if (p != NULL) {
         p->counting = false;
-        if (c->rc == 0)
-            tly_results_job_install(p, c->job);
+        if (c->rc == 0 && tly_results_job_install(p, c->job))
+            outcome = "installed";
     }
+    tly_metrics_count("tally_ranked_counts_total", "outcome", outcome);
     tly_results_job_free(c->job);
     api_end_async(app);
     answer_waits(app, c->poll_id, c->rc);
