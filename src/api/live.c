@@ -196,8 +196,10 @@ static void offer(sub_t *s, tly_poll_t *p, int64_t now)
      * seq than p's, and then the newer one follows once counted (want) */
     uint64_t seq = p->seq;
     const char *data = visible ? api_results_current(s->live->app, p, now, &seq) : NULL;
-    if (visible && data == NULL) {
-        s->want = true; /* none yet, or out of memory: try again on the next tick */
+    if (visible && (data == NULL || (s->sent_any && seq < s->sent_seq))) {
+        /* none yet, out of memory, or older than a state this one was sent (a hidden
+         * state carries p's seq): try again on the next tick; ids never go back */
+        s->want = true;
         return;
     }
     if (s->sent_any && s->sent_seq == seq && s->sent_status == status && s->sent_visible == visible) {
