@@ -447,6 +447,7 @@ struct tly_results_job {
     int status;
     char *text; /* the rendering, with SUFFIX_ROOM spare bytes, once run */
     size_t len;
+    bool ran;
 };
 
 tly_results_job_t *tly_results_job_new(tly_poll_t *p, int64_t now)
@@ -479,8 +480,9 @@ fail:
 
 int tly_results_job_run(tly_results_job_t *j)
 {
-    if (j->text != NULL)
-        return 0;
+    if (j->ran) /* base is spent either way */
+        return j->text != NULL ? 0 : TLY_ENOMEM;
+    j->ran = true;
     if (j->condorcet != NULL) {
         json_t *condorcet = j->condorcet;
         j->condorcet = NULL; /* stolen, whatever the outcome */

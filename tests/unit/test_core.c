@@ -2624,9 +2624,23 @@ static void random_op(tly_registry_t *r, tly_poll_t *p, relection_t *e, const tl
     }
 }
 
-/* The job path gives what a render on the loop gives, and installs as fresh. */
+/* The job path gives what a render on the loop gives, byte for byte, and installs as
+ * fresh. */
 static void assert_job_matches(tly_poll_t *p, const relection_t *e, int64_t now)
 {
+    char *loop = strdup(tly_results_render(p, now, NULL));
+    tly_results_job_t *same = tly_results_job_new(p, now);
+    cr_assert_not_null(same);
+    cr_assert_eq(tly_results_job_run(same), 0);
+    cr_assert_eq(tly_results_job_run(same), 0, "a second run changes nothing");
+    cr_assert_not(tly_results_job_install(p, same), "the same counts as the rendering held: kept");
+    tly_free(p->results_json); /* as if none were held */
+    p->results_json = NULL;
+    cr_assert(tly_results_job_install(p, same));
+    tly_results_job_free(same);
+    cr_assert_str_eq(tly_results_cached(p, now, p->seq, NULL, NULL), loop);
+    free(loop);
+
     tly_results_job_t *j = tly_results_job_new(p, now);
     cr_assert_not_null(j);
     cr_assert_eq(tly_results_job_seq(j), p->seq);
