@@ -178,8 +178,9 @@ typedef struct tly_poll {
      * ballots are counted, changed and retracted (core_count_vote), so a render reads
      * them in O(noptions^2) instead of walking every ranking. noptions * noptions +
      * noptions counters: [a * n + b] (a != b) the committed ballots ranking both a and
-     * b, a first; [n * n + a] those ranking a. NULL: built from the ballots at the next
-     * render, then kept (a poll that could not allocate it, or whose options changed). */
+     * b, a first; [n * n + a] those ranking a. NULL until the first ballot is counted
+     * (or when it could not be allocated: then the next render builds it from the
+     * ballots, and it is kept from there on). */
     uint64_t *ranked_pairs;
     /* The committed rankings in one table, for counting them off the loop thread from a
      * snapshot (core's, see ranked.c); NULL: built from the ballots when next counted. */
@@ -476,7 +477,7 @@ size_t tly_results_render_cost(const tly_poll_t *p, int64_t now);
 typedef struct tly_results_job tly_results_job_t;
 /*
  * A job rendering p's results at `now` as they are now: every count and the Condorcet
- * winner are taken here, in O(options^2 + rankings / 512) (a snapshot of the rankings:
+ * winner are taken here, in O(options^2 + rankings / 256) (a snapshot of the rankings:
  * chunks shared with p, copied on p's next write to them, see ranked.c). NULL when out of
  * memory. The job belongs to the caller (tly_results_job_free). Loop thread.
  */

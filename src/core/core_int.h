@@ -62,8 +62,8 @@ typedef struct core_chunk {
     uint8_t rows[];
 } core_chunk_t;
 
-/* Rankings: rows 0..rows-1 of the chunks; stride is 1 + the poll's option count; cells
- * is the sum of the lengths of the rows in use (what a count walks). */
+/* Rankings: rows 0..rows-1 of the chunks, `stride` bytes each (1 + the longest ranking
+ * a row holds); cells is the sum of the lengths of the rows in use (what a count walks). */
 typedef struct {
     core_chunk_t **chunks;
     size_t nchunks, rows, stride, cells;

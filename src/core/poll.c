@@ -461,7 +461,7 @@ int tly_poll_patch(tly_poll_t *p, json_t *body, int64_t now, const char **err_fi
     char *title = NULL, *desc = NULL;
     tly_option_t *opts = NULL;
     size_t nopts = 0;
-    uint64_t *score_sum = NULL, *pairs = NULL;
+    uint64_t *score_sum = NULL;
     const char *msg;
     size_t len;
 
@@ -590,8 +590,6 @@ int tly_poll_patch(tly_poll_t *p, json_t *body, int64_t now, const char **err_fi
     }
     if (opts != NULL && p->type == TLY_TYPE_SCORE && (score_sum = tly_calloc(2 * n, sizeof(uint64_t))) == NULL)
         goto oom;
-    if (opts != NULL && p->type == TLY_TYPE_RANKED && (pairs = tly_calloc(n * n + n, sizeof(uint64_t))) == NULL)
-        goto oom;
 
     /* everything is valid and allocated: apply */
     if (title != NULL) {
@@ -610,19 +608,18 @@ int tly_poll_patch(tly_poll_t *p, json_t *body, int64_t now, const char **err_fi
             tly_free(p->score_sum);
             p->score_sum = score_sum;
         }
-        if (pairs != NULL) { /* laid out per option too, and no ballot counts in it */
-            tly_free(p->ranked_pairs);
-            p->ranked_pairs = pairs;
-        }
-        /* rows of 1 + noptions bytes, none used yet; on failure the next count builds it */
-        if (p->ranked != NULL)
-            (void)core_ranked_build(p);
+        tly_free(p->ranked_pairs); /* laid out per option too; come with the first ballot */
+        p->ranked_pairs = NULL;
         core_timeline_reset(p); /* laid out per option; no ballot is counted in it */
     }
     p->status = status;
     p->start_time = start;
     p->end_time = end;
     p->settings = settings;
+    /* the rankings' rows are as long as max_choices allows: laid out again while none is
+     * counted (on failure the next count builds them) */
+    if (p->type == TLY_TYPE_RANKED && p->ranked != NULL && p->total_votes == 0)
+        (void)core_ranked_build(p);
     p->updated_at = now;
     core_results_changed(p);
     return 0;
@@ -633,7 +630,6 @@ fail:
     tly_free(desc);
     options_free(opts, nopts);
     tly_free(score_sum);
-    tly_free(pairs);
     return rc;
 }
 
@@ -663,14 +659,13 @@ void tly_poll_adopt(tly_poll_t *p, tly_poll_t *from)
         SWAP(p->noptions, from->noptions);
         tly_free(p->score_sum);
         p->score_sum = NULL; /* recomputed from the (no) ballots when rendering */
-        /* laid out for the old options; on failure the next render builds them */
+        /* laid out for the old options: the pairs come with the first ballot, the
+         * rankings are laid out again (on failure the next count builds them) */
         tly_free(p->ranked_pairs);
         p->ranked_pairs = NULL;
         core_ranked_drop(p);
-        if (p->type == TLY_TYPE_RANKED) {
-            (void)core_ranked_pairs_build(p);
+        if (p->type == TLY_TYPE_RANKED)
             (void)core_ranked_build(p);
-        }
         core_timeline_reset(p);
     } else {
         for (size_t i = 0; i < p->noptions && i < from->noptions; i++) {

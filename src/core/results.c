@@ -198,10 +198,12 @@ static int add_irv(size_t n, const option_id_t *ids, irv_ballot_t *b, size_t nb,
 static json_t *condorcet_winner(tly_poll_t *p)
 {
     size_t n = p->noptions;
+    if (p->total_votes == 0)
+        return json_null();
     if (p->ranked_pairs == NULL && core_ranked_pairs_build(p) != 0)
         return NULL;
     const uint64_t *above = p->ranked_pairs, *listed = p->ranked_pairs + n * n;
-    for (size_t a = 0; a < n && p->total_votes > 0; a++) {
+    for (size_t a = 0; a < n; a++) {
         bool beats_all = true;
         for (size_t x = 0; x < n && beats_all; x++)
             if (x != a && listed[a] - above[x * n + a] <= listed[x] - above[a * n + x])

@@ -115,7 +115,7 @@ static void count_pairs(uint64_t *pairs, size_t n, const tly_vote_t *v, uint64_t
 int core_ranked_pairs_build(tly_poll_t *p)
 {
     size_t n = p->noptions;
-    uint64_t *pairs = tly_calloc(n * n + n ? n * n + n : 1, sizeof(uint64_t));
+    uint64_t *pairs = tly_calloc(n > 0 ? n * n + n : 1, sizeof(uint64_t));
     if (pairs == NULL)
         return TLY_ENOMEM;
     for (const tly_vote_t *v = p->votes; v != NULL; v = v->hh.next)
@@ -147,8 +147,13 @@ void core_count_vote(tly_poll_t *p, tly_vote_t *v, int dir)
         }
     }
     if (p->type == TLY_TYPE_RANKED) {
+        /* the pairs take noptions^2 counters: a poll gets them with its first ballot (on
+         * failure, or once dropped, the next render builds them from the ballots) */
+        size_t n = p->noptions;
+        if (p->ranked_pairs == NULL && dir > 0 && p->total_votes == 0)
+            p->ranked_pairs = tly_calloc(n * n + n, sizeof(uint64_t));
         if (p->ranked_pairs != NULL)
-            count_pairs(p->ranked_pairs, p->noptions, v, dir > 0 ? 1 : (uint64_t)-1);
+            count_pairs(p->ranked_pairs, n, v, dir > 0 ? 1 : (uint64_t)-1);
         core_ranked_count(p, v, dir);
     }
     core_timeline_count(p, v->recorded_at, idx, k, dir);

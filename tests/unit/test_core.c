@@ -2782,6 +2782,70 @@ static json_t *recounted(tly_poll_t *p, int64_t now)
     return o;
 }
 
+/* Rows as long as the poll's max_choices; a longer ranking (settings changed while the
+ * poll had no ballot, or a stored one) lays the table out again; the pairs come with the
+ * first ballot. The counts stay those of a poll laid out for every option. */
+Test(ranked, rows_follow_max_choices)
+{
+    rng_state = 19;
+    tly_registry_t *r = tly_registry_new();
+    tly_poll_t *p = create_ok(with_settings(body_n("ranked", 10), "{\"max_choices\":3}"));
+    tly_registry_add_poll(r, p);
+    cr_assert_null(p->ranked_pairs, "no ballot, no pairs");
+    cr_assert_not_null(tly_results_render(p, NOW, NULL));
+    cr_assert_null(p->ranked_pairs, "nor after a render");
+    for (int i = 0; i < 300; i++) {
+        char voter[16];
+        snprintf(voter, sizeof(voter), "a%d", i);
+        tly_ballot_t b = random_ballot(p);
+        b.nchoices = (uint8_t)(1 + rnd(3));
+        cast_at(r, p, voter, &b, NOW);
+    }
+    cr_assert_not_null(p->ranked_pairs);
+    json_t *got = J(tly_results_render(p, NOW, NULL)), *want = recounted(p, NOW);
+    cr_assert(json_equal(json_object_get(got, "rounds"), json_object_get(want, "rounds")));
+    cr_assert(json_equal(json_object_get(got, "condorcet_winner"), json_object_get(want, "condorcet_winner")));
+    json_decref(got);
+    json_decref(want);
+    cr_assert_eq(tly_results_render_cost(p, NOW), 0);
+    /* a stored ranking longer than max_choices: counted all the same */
+    tly_ballot_t longer = random_ballot(p);
+    longer.nchoices = 8;
+    cast_at(r, p, "long", &longer, NOW);
+    tly_results_job_t *j = tly_results_job_new(p, NOW);
+    cr_assert_eq(tly_results_job_run(j), 0);
+    cr_assert(tly_results_job_install(p, j));
+    tly_results_job_free(j);
+    got = J(tly_results_cached(p, NOW, p->seq, NULL, NULL));
+    want = recounted(p, NOW);
+    cr_assert(json_equal(json_object_get(got, "rounds"), json_object_get(want, "rounds")));
+    json_decref(got);
+    json_decref(want);
+    tly_registry_free(r);
+
+    /* max_choices raised while the poll has no ballot: longer rows from then on */
+    r = tly_registry_new();
+    p = create_ok(with_settings(body_n("ranked", 6), "{\"max_choices\":2}"));
+    tly_registry_add_poll(r, p);
+    json_t *patch = J("{\"settings\":{\"max_choices\":6}}");
+    const char *f, *m;
+    char buf[64];
+    cr_assert_eq(tly_poll_patch(p, patch, NOW, &f, &m, buf, sizeof(buf)), 0);
+    json_decref(patch);
+    for (int i = 0; i < 50; i++) {
+        char voter[16];
+        snprintf(voter, sizeof(voter), "b%d", i);
+        tly_ballot_t b = random_ballot(p);
+        cast_at(r, p, voter, &b, NOW);
+    }
+    got = J(tly_results_render(p, NOW, NULL));
+    want = recounted(p, NOW);
+    cr_assert(json_equal(json_object_get(got, "rounds"), json_object_get(want, "rounds")));
+    json_decref(got);
+    json_decref(want);
+    tly_registry_free(r);
+}
+
 typedef struct {
     tly_results_job_t *job;
     int rc;
@@ -2802,7 +2866,7 @@ Test(ranked, jobs_run_on_another_thread_while_the_poll_changes, .timeout = 120)
     tly_registry_t *r = tly_registry_new();
     tly_poll_t *p = create_ok(body_n("ranked", 12));
     tly_registry_add_poll(r, p);
-    /* 1,500 standing ballots (three chunks) besides the random voters */
+    /* 1,500 standing ballots (six chunks) besides the random voters */
     relection_t *e = calloc(1, sizeof(*e));
     tly_vote_t *bulk[1500];
     for (int i = 0; i < 1500; i++) {
@@ -2926,7 +2990,7 @@ Test(oom, ranked_table_and_jobs_fail_cleanly, .timeout = 120)
         tly_poll_t *p = create_ok(body_n("ranked", 5));
         tly_registry_add_poll(r, p);
         tly_vote_t *bulk[600], *pending[20];
-        for (int i = 0; i < 600; i++) { /* two chunks */
+        for (int i = 0; i < 600; i++) { /* three chunks */
             char voter[16];
             snprintf(voter, sizeof(voter), "bulk%d", i);
             tly_ballot_t b = random_ballot(p);
