@@ -7,7 +7,9 @@
  * rendering of core) and offered to every subscriber. A subscriber whose socket still
  * holds unwritten data is only marked: when its socket drains it gets the newest state,
  * never a backlog. So a slow reader costs at most one pending message and never slows
- * the vote path or other readers; one that makes no progress for 30 s is dropped.
+ * the vote path or other readers; one that makes no progress for 30 s is dropped. A big
+ * ranked poll is not counted on the loop (results.c): a subscriber gets the newest
+ * rendering at hand, with the seq it shows in its event id, and the next one once counted.
  *
  * Visibility is decided per subscriber on every offer, so a voter on an after_vote poll
  * starts with a state without counts and receives the counts once their ballot commits.
@@ -206,9 +208,11 @@ static int write_event(sub_t *s, const char *event, uint64_t id, const char *dat
  */
 static uint64_t id_base;
 
-static uint64_t state_id(const tly_poll_t *p, int status, bool visible)
+/* The id of the state of p with counts as of seq (a big ranked poll's rendering may
+ * show an older seq than p's: api_results_current), or without counts. */
+static uint64_t state_id(const tly_poll_t *p, uint64_t seq, int status, bool visible)
 {
-    return visible ? id_base + 2 * (3 * (p->seq + p->edits) + (uint64_t)status) + 2
+    return visible ? id_base + 2 * (3 * (seq + p->edits) + (uint64_t)status) + 2
                    : id_base + 2 * (3 * p->edits + (uint64_t)status) + 1;
 }
 
@@ -233,10 +237,15 @@ static void offer(sub_t *s, tly_poll_t *p, int64_t now)
         return;
     }
     bool visible = caller_sees(p, s->caller_id, now);
-    uint64_t id = state_id(p, status, visible);
-    const char *hidden = visible ? NULL : hidden_state(s->lp, p, status);
-    if (!visible && hidden == NULL) {
-        s->want = true; /* out of memory: try again on the next tick */
+    /* a big ranked poll is counted on a worker: the rendering at hand may show an older
+     * seq than p's, and then the newer one follows once counted (want) */
+    uint64_t seq = p->seq;
+    const char *data = visible ? api_results_current(s->live->app, p, now, &seq) : hidden_state(s->lp, p, status);
+    uint64_t id = state_id(p, seq, status, visible);
+    if (data == NULL || (visible && s->sent_any && s->sent_visible && id < s->sent_id)) {
+        /* none yet, out of memory, or older than a state this one was sent: try again
+         * on the next tick */
+        s->want = true;
         return;
     }
     /* nothing new: the same state, or (without counts) the same text under a new id, as
@@ -255,11 +264,10 @@ static void offer(sub_t *s, tly_poll_t *p, int64_t now)
         s->want = true;
         return;
     }
-    s->want = false;
-    const char *data = visible ? tly_results_render(p, now, NULL) : hidden;
+    s->want = visible && seq != p->seq;
     /* ids never go down within one connection (see state_id) */
     uint64_t label = id > s->last_label ? id : s->last_label + 1;
-    if (data == NULL || write_event(s, "results", label, data) != 0) {
+    if (write_event(s, "results", label, data) != 0) {
         s->want = true; /* out of memory: try again on the next tick */
         return;
     }
@@ -532,7 +540,7 @@ static void subscribe(tly_req_t *req, const tly_params_t *params, tly_app_t *app
         unsigned long long id = strtoull(buf, &end, 10);
         int status = (int)tly_poll_effective_status(p, now);
         bool visible = caller_sees(p, caller.present ? caller.id : NULL, now);
-        if (*end == '\0' && id == state_id(p, status, visible)) {
+        if (*end == '\0' && id == state_id(p, p->seq, status, visible)) {
             s->sent_any = true;
             s->sent_id = s->last_label = id;
             s->sent_visible = visible;
