@@ -28,7 +28,8 @@ DATA_DIR ?= ./data
 LISTEN   ?= 127.0.0.1:8080
 
 .PHONY: all run test test-unit test-api test-api-pg test-live test-e2e test-crash test-cluster with-services \
-        cluster cluster-stop check-asan check-valgrind deps deps-test clean bench bench-live bench-export bench-cluster bench-store lint fmt
+        cluster cluster-stop check-asan check-valgrind deps deps-test clean bench bench-live bench-export bench-cluster \
+        bench-ranked bench-store lint fmt
 .DEFAULT_GOAL := all
 
 all: $(BUILD)/tally
@@ -166,6 +167,11 @@ bench: $(BUILD)/tally
 # 19,000 live subscribers (SSE + WebSocket) while votes arrive at 200/s
 bench-live: $(BUILD)/tally
 	node bench/live.mjs --bin $(abspath $(BUILD)/tally)
+
+# a ranked poll of 100 options with 30,000 full rankings voted on and read in a loop,
+# and what that does to everyone else's /healthz (bench/ranked.mjs; docs/PERFORMANCE.md)
+bench-ranked: $(BUILD)/tally
+	node bench/ranked.mjs --bin $(abspath $(BUILD)/tally)
 
 # 1,000,000 ballots written through the store layer, then streamed as CSV and JSON
 # while the server's RSS is sampled (issue: < 100 MiB growth)

@@ -32,6 +32,8 @@ typedef struct deferred deferred_t;       /* follow.c */
 typedef struct count_moves count_moves_t; /* follow.c: live counter moves not yet sent */
 typedef struct waiter waiter_t;           /* votes.c: a request waiting for its ballot's batch */
 typedef struct final_wait final_wait_t;   /* polls.c: a read waiting for a poll's final results */
+/* results.c: a read waiting for a count of a big ranked poll on a worker */
+typedef struct results_wait results_wait_t;
 /* The outcome of a ballot cast from the ingest log: 0 (vote_id set) or a TLY_E* code. */
 typedef void (*api_cast_done_fn)(void *arg, int result, const char *vote_id);
 
@@ -131,6 +133,7 @@ struct tly_app {
     uint64_t followed, resyncs;
     unsigned settling;               /* polls.c: closed polls waiting for a sync to be frozen */
     final_wait_t *final_waits;       /* polls.c: reads waiting for a settle to end */
+    results_wait_t *results_waits;   /* results.c: reads waiting for a count on a worker */
     tly_bus_t *bus;                  /* --bus: Redis, joining the instances; NULL without */
     struct ingest *ingest;           /* ingest.c: the async ingest log; NULL without a bus */
     tly_bus_script_t *counts_script; /* follow.c: live counters in Redis */
@@ -272,6 +275,11 @@ tly_store_reader_t *api_reader(tly_app_t *app);
 void api_votes_request(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_receipts_get(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_results_get(tly_req_t *req, const tly_params_t *params, void *arg);
+/* The rendering of p's results to offer a live subscriber now, without counting a big
+ * ranked poll on the loop: the newest rendering at hand, which may show an older seq
+ * (*seq says which) while a count of the current one runs on a worker; NULL when there is
+ * none yet, or out of memory (try again later). Loop thread. */
+const char *api_results_current(tly_app_t *app, tly_poll_t *p, int64_t now, uint64_t *seq);
 void api_ops_healthz(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_ops_readyz(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_ops_metrics(tly_req_t *req, const tly_params_t *params, void *arg);

@@ -7,10 +7,15 @@
  * rendering of core) and offered to every subscriber. A subscriber whose socket still
  * holds unwritten data is only marked: when its socket drains it gets the newest state,
  * never a backlog. So a slow reader costs at most one pending message and never slows
- * the vote path or other readers; one that makes no progress for 30 s is dropped.
+ * the vote path or other readers; one that makes no progress for 30 s is dropped. A big
+ * ranked poll is not counted on the loop (results.c): a subscriber gets the newest
+ * rendering at hand, with the seq it shows in its event id, and the next one once counted.
  *
  * Visibility is decided per subscriber on every offer, so a voter on an after_vote poll
  * starts with a state without counts and receives the counts once their ballot commits.
+ * A subscriber who may not see the counts learns nothing that moves with the ballots:
+ * the state it gets has no count, its id (state_id) does not move with them, and it gets
+ * a message only when that state changes (the poll's status, visibility, options).
  *
  * Threads: the loop thread only.
  */
@@ -35,8 +40,9 @@ struct sub {
     bool ws;         /* WebSocket rather than SSE */
     char *caller_id; /* NULL for anonymous watchers */
     char ip[48];
-    uint64_t sent_seq;
-    int sent_status;
+    uint64_t sent_id;         /* state_id of the state the client has (sent, or resumed from) */
+    uint64_t last_label;      /* the largest id this connection carried */
+    uint64_t sent_hidden_ver; /* the live_poll's hidden_ver of the hidden state sent */
     bool sent_visible, sent_any;
     bool want; /* a newer state waits for the socket to drain */
     uint64_t last_progress, last_write;
@@ -48,11 +54,13 @@ struct live_poll {
     char poll_id[TLY_POLL_ID_LEN + 1];
     sub_t *subs;
     size_t nsubs;
-    uint64_t seen_seq;
+    uint64_t seen_seq, seen_edits;
     int seen_status;
-    char *hidden; /* state without counts, rebuilt when the status changes */
+    char *hidden; /* state without counts, rebuilt when the status or the poll changes */
     int hidden_status;
-    bool pass_changed; /* counts or status changed since the previous pass */
+    uint64_t hidden_edits;
+    uint64_t hidden_ver; /* grows when the text of `hidden` changes */
+    bool pass_changed;   /* counts, status or the poll changed since the previous pass */
 };
 
 typedef struct ip_count {
@@ -82,7 +90,7 @@ size_t api_live_subscribers(live_t *l) { return l ? l->nsubs : 0; }
 
 static const char *hidden_state(live_poll_t *lp, const tly_poll_t *p, int status)
 {
-    if (lp->hidden != NULL && lp->hidden_status == status)
+    if (lp->hidden != NULL && lp->hidden_status == status && lp->hidden_edits == p->edits)
         return lp->hidden;
     json_t *opts = json_array();
     for (size_t i = 0; i < p->noptions; i++)
@@ -95,10 +103,19 @@ static const char *hidden_state(live_poll_t *lp, const tly_poll_t *p, int status
     json_decref(o);
     if (s == NULL)
         return NULL;
-    tly_free(lp->hidden);
-    lp->hidden = tly_strdup(s);
+    if (lp->hidden == NULL || strcmp(lp->hidden, s) != 0) {
+        char *copy = tly_strdup(s);
+        if (copy == NULL) {
+            free(s);
+            return NULL;
+        }
+        tly_free(lp->hidden);
+        lp->hidden = copy;
+        lp->hidden_ver++;
+    }
     free(s);
     lp->hidden_status = status;
+    lp->hidden_edits = p->edits;
     return lp->hidden;
 }
 
@@ -165,15 +182,47 @@ static int write_event(sub_t *s, const char *event, uint64_t id, const char *dat
     return 0;
 }
 
-/* The event id: grows with every change of counts (seq) and of status (draft, active,
- * closed only move forward), so Last-Event-ID tells any two states apart. seq restarts
- * from the current ballots when the server starts, so ids carry a base taken from the
- * start time in microseconds: ids of a later run are larger than any id of an earlier
- * one unless that run made more than 300,000 changes per millisecond of its uptime.
- * They stay below 2^53, so JavaScript reads them exactly. */
+/*
+ * The event id (SSE `id:`, WebSocket `seq`) names the state a caller is sent:
+ *
+ *   with counts:    id_base + 2 * (3 * (seq + edits) + status) + 2
+ *   without counts: id_base + 2 * (3 * edits + status) + 1
+ *
+ * seq counts the committed changes to counts (cast, change, retraction), edits the
+ * changes to the poll itself, status is 0 draft, 1 active, 2 closed and only moves
+ * forward. So:
+ *   - the id of a state without counts never moves with a ballot: it changes only when
+ *     the poll is edited or its status moves, and carries no count;
+ *   - two states a caller can be sent have two ids (counts or not is the low bit), so
+ *     Last-Event-ID equal to the caller's current id means the client has it;
+ *   - a caller who becomes allowed to see the counts (their ballot commits, the poll
+ *     closes, the owner opens them) gets a larger id than any id without counts before.
+ * A caller who loses the counts (the owner hides them, their ballot is retracted on an
+ * after_vote poll) would get a smaller id: within one connection ids never go down (that
+ * message carries the previous id + 1, see offer), and a client that resumes with such
+ * an id gets the state again, as after any id that is not the current one.
+ * seq and edits restart when the server starts (seq from the stored ballots), so ids
+ * carry a base taken from the start time in microseconds: ids of a later run are larger
+ * than any id of an earlier one unless that run made more than one change every 6
+ * microseconds of its uptime. They stay below 2^53, so JavaScript reads them exactly.
+ */
 static uint64_t id_base;
 
-static uint64_t event_id(const tly_poll_t *p, int status) { return id_base + p->seq * 3 + (uint64_t)status + 1; }
+/* The id of the state of p with counts as of seq (a big ranked poll's rendering may
+ * show an older seq than p's: api_results_current), or without counts. */
+static uint64_t state_id(const tly_poll_t *p, uint64_t seq, int status, bool visible)
+{
+    return visible ? id_base + 2 * (3 * (seq + p->edits) + (uint64_t)status) + 2
+                   : id_base + 2 * (3 * p->edits + (uint64_t)status) + 1;
+}
+
+/* What the caller may see of p now. */
+static bool caller_sees(tly_poll_t *p, const char *caller_id, int64_t now)
+{
+    tly_vote_t *mine = caller_id != NULL ? tly_poll_find_vote(p, caller_id) : NULL;
+    bool voted = mine != NULL && mine->state == TLY_VOTE_COMMITTED;
+    return tly_results_visible(p, caller_id, voted, now);
+}
 
 /* Offers the poll's current state to s: sent now if its socket is idle, else later. */
 static void offer(sub_t *s, tly_poll_t *p, int64_t now)
@@ -187,10 +236,23 @@ static void offer(sub_t *s, tly_poll_t *p, int64_t now)
         s->want = true;
         return;
     }
-    tly_vote_t *mine = s->caller_id != NULL ? tly_poll_find_vote(p, s->caller_id) : NULL;
-    bool voted = mine != NULL && mine->state == TLY_VOTE_COMMITTED;
-    bool visible = tly_results_visible(p, s->caller_id, voted, now);
-    if (s->sent_any && s->sent_seq == p->seq && s->sent_status == status && s->sent_visible == visible) {
+    bool visible = caller_sees(p, s->caller_id, now);
+    /* a big ranked poll is counted on a worker: the rendering at hand may show an older
+     * seq than p's, and then the newer one follows once counted (want) */
+    uint64_t seq = p->seq;
+    const char *data = visible ? api_results_current(s->live->app, p, now, &seq) : hidden_state(s->lp, p, status);
+    uint64_t id = state_id(p, seq, status, visible);
+    if (data == NULL || (visible && s->sent_any && s->sent_visible && id < s->sent_id)) {
+        /* none yet, out of memory, or older than a state this one was sent: try again
+         * on the next tick */
+        s->want = true;
+        return;
+    }
+    /* nothing new: the same state, or (without counts) the same text under a new id, as
+     * after an edit of the title, which such a state does not show */
+    bool same = s->sent_any && s->sent_visible == visible &&
+                (s->sent_id == id || (!visible && s->sent_hidden_ver == s->lp->hidden_ver));
+    if (same) {
         if (status == TLY_STATUS_CLOSED && sub_pending(s) == 0) {
             /* a client that resumed with the final state's id: just say it is over */
             write_event(s, "closed", 0, "{}");
@@ -202,16 +264,18 @@ static void offer(sub_t *s, tly_poll_t *p, int64_t now)
         s->want = true;
         return;
     }
-    s->want = false;
-    const char *data = visible ? tly_results_render(p, now, NULL) : hidden_state(s->lp, p, status);
-    if (data == NULL || write_event(s, "results", event_id(p, status), data) != 0) {
+    s->want = visible && seq != p->seq;
+    /* ids never go down within one connection (see state_id) */
+    uint64_t label = id > s->last_label ? id : s->last_label + 1;
+    if (write_event(s, "results", label, data) != 0) {
         s->want = true; /* out of memory: try again on the next tick */
         return;
     }
     s->sent_any = true;
-    s->sent_seq = p->seq;
-    s->sent_status = status;
+    s->sent_id = id;
+    s->last_label = label;
     s->sent_visible = visible;
+    s->sent_hidden_ver = visible ? 0 : s->lp->hidden_ver;
     if (status == TLY_STATUS_CLOSED) {
         /* final message, then the stream ends; clients need not reconnect */
         write_event(s, "closed", 0, "{}");
@@ -341,8 +405,9 @@ static void on_tick(tly_timer_t *t)
             api_poll_settle(app, p, now);
             int status = (int)tly_poll_effective_status(p, now);
             /* cppcheck-suppress uninitvar ; HASH_ITER sets lp, whose fields are calloc'd */
-            lp->pass_changed = p->seq != lp->seen_seq || status != lp->seen_status;
+            lp->pass_changed = p->seq != lp->seen_seq || p->edits != lp->seen_edits || status != lp->seen_status;
             lp->seen_seq = p->seq;
+            lp->seen_edits = p->edits;
             lp->seen_status = status;
         }
         l->in_pass = true;
@@ -416,6 +481,13 @@ static void subscribe(tly_req_t *req, const tly_params_t *params, tly_app_t *app
                           NULL);
         return;
     }
+    if (tly_req_client_gone(req)) {
+        /* it left while its token or the poll was looked up: nobody to stream to, and
+         * tly_req_stream_start would run on_close (freeing the subscriber) before the
+         * code below is done with it */
+        api_respond_error(req, 503, "UNAVAILABLE", "the client is gone", NULL);
+        return;
+    }
     sub_t *s = tly_calloc(1, sizeof(*s));
     live_poll_t *lp;
     HASH_FIND_STR(l->polls, p->poll_id, lp);
@@ -423,6 +495,7 @@ static void subscribe(tly_req_t *req, const tly_params_t *params, tly_app_t *app
     if (new_lp && (lp = tly_calloc(1, sizeof(*lp))) != NULL) {
         memcpy(lp->poll_id, p->poll_id, sizeof(lp->poll_id));
         lp->seen_seq = p->seq;
+        lp->seen_edits = p->edits;
         lp->seen_status = -1;
     }
     if (new_ic && (ic = tly_calloc(1, sizeof(*ic))) != NULL)
@@ -465,14 +538,14 @@ static void subscribe(tly_req_t *req, const tly_params_t *params, tly_app_t *app
         buf[last.len] = '\0';
         char *end;
         unsigned long long id = strtoull(buf, &end, 10);
-        tly_vote_t *mine = caller.present ? tly_poll_find_vote(p, caller.id) : NULL;
-        bool voted = mine != NULL && mine->state == TLY_VOTE_COMMITTED;
         int status = (int)tly_poll_effective_status(p, now);
-        if (*end == '\0' && id == event_id(p, status)) {
+        bool visible = caller_sees(p, caller.present ? caller.id : NULL, now);
+        if (*end == '\0' && id == state_id(p, p->seq, status, visible)) {
             s->sent_any = true;
-            s->sent_seq = p->seq;
-            s->sent_status = status;
-            s->sent_visible = tly_results_visible(p, caller.present ? caller.id : NULL, voted, now);
+            s->sent_id = s->last_label = id;
+            s->sent_visible = visible;
+            if (!visible && hidden_state(lp, p, status) != NULL)
+                s->sent_hidden_ver = lp->hidden_ver;
         }
     }
     s->ws = ws;

@@ -106,6 +106,7 @@ typedef struct tly_vote {
     char receipt[TLY_RECEIPT_LEN + 1];
     int64_t recorded_at; /* ms since epoch: when cast, or last changed */
     int64_t store_seq;   /* the store's name for the ballot (tly_ballot_row_t.seq), 0 = none */
+    uint32_t ranked_row; /* core's: 1 + its row in poll->ranked, 0 when it has none */
     uint8_t state;       /* tly_vote_state_t */
     uint8_t nchoices;
     uint8_t data[]; /* nchoices option indexes, then (score polls) nchoices scores */
@@ -156,6 +157,8 @@ typedef struct tly_poll {
     bool results_dirty;
     int64_t as_of;               /* time of the last commit that changed counts (or created_at) */
     uint64_t seq;                /* grows with every committed change to counts */
+    uint64_t edits;              /* changes to the poll itself (PATCH, adopt) since the start;
+                                    what live streams number a state without counts by */
     struct tly_poll *owner_next; /* list of the owner's polls, newest first (registry) */
     /* Added by core (zero-initialised fields are valid, so a calloc'd poll still works): */
     uint64_t *score_sum; /* score polls: 2 * noptions counters, [i] the sum of option i's
@@ -177,6 +180,21 @@ typedef struct tly_poll {
      * client addresses ballots were cast from -> those ballots (pending and committed),
      * uthash by the TLY_IP_HASH_LEN bytes. Core's; see tly_poll_set_vote_ip. */
     struct tly_ip_vote *ip_votes;
+    /* Added for ranked polls: the pairwise counts behind the Condorcet winner, kept as
+     * ballots are counted, changed and retracted (core_count_vote), so a render reads
+     * them in O(noptions^2) instead of walking every ranking. noptions * noptions +
+     * noptions counters: [a * n + b] (a != b) the committed ballots ranking both a and
+     * b, a first; [n * n + a] those ranking a. NULL until the first ballot is counted
+     * (or when it could not be allocated: then the next render builds it from the
+     * ballots, and it is kept from there on). */
+    uint64_t *ranked_pairs;
+    /* The committed rankings in one table, for counting them off the loop thread from a
+     * snapshot (core's, see ranked.c); NULL: built from the ballots when next counted. */
+    struct core_ranked *ranked;
+    uint64_t results_gen;  /* moves on with every change that makes the rendering stale */
+    uint64_t results_rgen; /* the results_gen results_json was rendered at */
+    uint64_t results_seq;  /* the seq results_json was rendered at */
+    bool counting;         /* the API's mark: a tly_results_job_t of p is under way */
 } tly_poll_t;
 
 typedef struct tly_registry tly_registry_t;
@@ -454,7 +472,9 @@ void tly_percentages(const uint64_t *votes, size_t n, uint64_t total, bool large
  * Reads are O(1) between changes: the object without votes_last_minute is cached in p
  * and rebuilt only when a count changed or the effective status moved; the cache keeps
  * room after it, so a new votes_last_minute (the minute slid) only rewrites those few
- * bytes in place, never re-rendering the object.
+ * bytes in place, never re-rendering the object. A rebuild is O(options), and for a
+ * ranked poll O(options^2 + total ranking length): see tly_results_render_cost and the
+ * jobs below for counting a big one elsewhere.
  *
  * A closed poll (effective status at now) serves its final results: frozen on the
  * first render after the close (tly_poll_freeze_results) unless the API froze or set
@@ -467,6 +487,53 @@ void tly_percentages(const uint64_t *votes, size_t n, uint64_t total, bool large
  * p; NULL on allocation failure. Loop thread.
  */
 const char *tly_results_render(tly_poll_t *p, int64_t now, size_t *len);
+/*
+ * Counting off the loop. A ranked poll's results cost O(total ranking length) to render
+ * (the instant-runoff count; the Condorcet pairs are kept as ballots come and go, so
+ * they cost O(options^2)): about 10 ms for 30,000 rankings of 100 options. A caller that
+ * must not spend that on its thread asks for the cost first and, above its own bound,
+ * renders through a job: snapshot on the loop, count on any thread, install back on the
+ * loop, and meanwhile serves the cached rendering when it is recent enough.
+ */
+
+/* The ballot choices the next tly_results_render(p, now) would walk: 0 when it serves
+ * the cached rendering or final results as they are (or freezes them: once), or renders
+ * in O(options) (every type but ranked); for a ranked poll, the choices in its rankings
+ * (or an estimate from its ballots when its table is to be built). Loop thread. */
+size_t tly_results_render_cost(const tly_poll_t *p, int64_t now);
+
+typedef struct tly_results_job tly_results_job_t;
+/*
+ * A job rendering p's results at `now` as they are now: every count and the Condorcet
+ * winner are taken here, in O(options^2 + rankings / 256) (a snapshot of the rankings:
+ * chunks shared with p, copied on p's next write to them, see ranked.c). NULL when out of
+ * memory. The job belongs to the caller (tly_results_job_free). Loop thread.
+ */
+tly_results_job_t *tly_results_job_new(tly_poll_t *p, int64_t now);
+/* Runs the instant-runoff count of the job's snapshot and renders the whole results
+ * object, O(total ranking length). 0 or TLY_ENOMEM. Any one thread, once. */
+int tly_results_job_run(tly_results_job_t *j);
+/* The seq of p the job's rendering shows. Any thread. */
+uint64_t tly_results_job_seq(const tly_results_job_t *j);
+/*
+ * Makes a run job's rendering p's cached rendering, when it is newer than the one p
+ * holds (never over final results). It is then served by tly_results_cached and, when
+ * nothing changed since the job was made, by tly_results_render as it is. Returns
+ * whether it was installed. Loop thread.
+ */
+bool tly_results_job_install(tly_poll_t *p, tly_results_job_t *j);
+/* Frees a job, run or not. Any thread. */
+void tly_results_job_free(tly_results_job_t *j);
+/*
+ * p's cached rendering (with votes_last_minute at now, as tly_results_render gives it),
+ * never rendering anything: only when it shows at least seq min_seq (so every ballot
+ * committed before p->seq reached min_seq) and the status effective at now, and is not
+ * the final results (those are tly_results_render's). It may be older than p's counts.
+ * *seq (when not NULL) gets the seq it shows. NULL otherwise. Valid until the next call
+ * for p or change to p. Loop thread.
+ */
+const char *tly_results_cached(tly_poll_t *p, int64_t now, uint64_t min_seq, uint64_t *seq, size_t *len);
+
 /*
  * Freezes p's final results: renders the results object once (status "closed",
  * "final": true, without votes_last_minute) into p->final_json, which p owns and

@@ -474,7 +474,7 @@ tly_poll_t *tly_poll_from_json(json_t *body, const char *owner_id, int64_t now, 
     p->start_time = start;
     p->end_time = end;
     p->settings = settings;
-    p->results_dirty = true;
+    core_results_changed(p);
     return p;
 oom:
     core_oom(&e);
@@ -648,14 +648,21 @@ int tly_poll_patch(tly_poll_t *p, json_t *body, int64_t now, const char **err_fi
             tly_free(p->score_sum);
             p->score_sum = score_sum;
         }
+        tly_free(p->ranked_pairs); /* laid out per option too; come with the first ballot */
+        p->ranked_pairs = NULL;
         core_timeline_reset(p); /* laid out per option; no ballot is counted in it */
     }
     p->status = status;
     p->start_time = start;
     p->end_time = end;
     p->settings = settings;
+    /* the rankings' rows are as long as max_choices allows: laid out again while none is
+     * counted (on failure the next count builds them) */
+    if (p->type == TLY_TYPE_RANKED && p->ranked != NULL && p->total_votes == 0)
+        (void)core_ranked_build(p);
     p->updated_at = now;
-    p->results_dirty = true;
+    core_results_changed(p);
+    p->edits++;
     return 0;
 oom:
     rc = core_oom(&e);
@@ -693,6 +700,13 @@ void tly_poll_adopt(tly_poll_t *p, tly_poll_t *from)
         SWAP(p->noptions, from->noptions);
         tly_free(p->score_sum);
         p->score_sum = NULL; /* recomputed from the (no) ballots when rendering */
+        /* laid out for the old options: the pairs come with the first ballot, the
+         * rankings are laid out again (on failure the next count builds them) */
+        tly_free(p->ranked_pairs);
+        p->ranked_pairs = NULL;
+        core_ranked_drop(p);
+        if (p->type == TLY_TYPE_RANKED)
+            (void)core_ranked_build(p);
         core_timeline_reset(p);
     } else {
         for (size_t i = 0; i < p->noptions && i < from->noptions; i++) {
@@ -700,9 +714,10 @@ void tly_poll_adopt(tly_poll_t *p, tly_poll_t *from)
             p->options[i].display_order = from->options[i].display_order;
         }
     }
-    p->results_dirty = true;
+    core_results_changed(p);
     p->results_final = false;
     p->seq++;
+    p->edits++;
     tly_poll_free(from);
 }
 
@@ -727,6 +742,8 @@ void tly_poll_free(tly_poll_t *p)
     tly_free(p->idem_key);
     tly_free(p->results_json);
     tly_free(p->score_sum);
+    tly_free(p->ranked_pairs);
+    core_ranked_drop(p);
     tly_free(p->final_json);
     core_timeline_reset(p);
     tly_free(p);

@@ -83,6 +83,10 @@ int tly_registry_add_poll(tly_registry_t *r, tly_poll_t *p)
     p->final_by_store = r->final_by_store;
     if (p->type == TLY_TYPE_SCORE && p->score_sum == NULL && p->total_votes == 0)
         p->score_sum = tly_calloc(p->noptions ? 2 * p->noptions : 1, sizeof(uint64_t));
+    /* counted as the store loads the ballots, not all at once by the first render (on
+     * failure the first render builds it); the pairs come with the first ballot */
+    if (p->type == TLY_TYPE_RANKED && p->ranked == NULL)
+        (void)core_ranked_build(p);
     p->owner_next = NULL;
     const char *owner = p->owner_id != NULL ? p->owner_id : "";
     owner_list_t *o = find_owner(r, owner);

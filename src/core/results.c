@@ -6,9 +6,17 @@
  * The rendered object is cached in the poll as a compact string and rebuilt only when
  * a count changed (results_dirty) or the effective status moved (an end_time passed),
  * so a burst of readers and live subscribers costs one render per change; once a poll
- * is closed its final results are rendered once and kept (final_json). Ranked polls
- * walk every committed ballot when they render (O(ballots * ranking length)); score
- * polls do so only when score_sum could not be allocated.
+ * is closed its final results are rendered once and kept (final_json).
+ *
+ * What a render costs: O(options) for every type but ranked (score polls walk the
+ * ballots only when score_sum could not be allocated). A ranked poll adds the Condorcet
+ * winner, O(options^2) from pairwise counts kept as ballots are counted, changed and
+ * retracted (O(ranking length^2) each time, paid once per ballot, not per render), and
+ * the instant-runoff count, which must walk every committed ranking: O(total ranking
+ * length + rounds * options) per render, about 10 ms for 30,000 rankings of 100
+ * options on the machine of docs/PERFORMANCE.md. So that such a count need not run on
+ * the loop thread, it can also run as a job (tly_results_job_t) on a snapshot of the
+ * rankings (ranked.c); the API does that for big polls (src/api/results.c).
  */
 #include "core/core_int.h"
 
@@ -72,6 +80,8 @@ typedef struct {
     size_t next; /* next ballot currently counted for the same option */
 } irv_ballot_t;
 
+typedef char option_id_t[TLY_OPTION_ID_LEN + 1];
+
 /*
  * Instant-runoff as API.md describes it. Each round counts every continuing ballot for
  * its highest-ranked continuing option; a ballot whose options are all eliminated is
@@ -84,11 +94,11 @@ typedef struct {
  *     first preferences (round 1); among those still tied, the one listed last in
  *     display order.
  * Eliminated ballots move to their next continuing choice, so the whole count costs
- * O(total ranking length), not O(rounds * ballots). No ballots: no rounds, no winner.
+ * O(total ranking length + rounds * options), not O(rounds * ballots). No ballots: no
+ * rounds, no winner.
  */
-static int add_irv(const tly_poll_t *p, irv_ballot_t *b, size_t nb, json_t *out)
+static int add_irv(size_t n, const option_id_t *ids, irv_ballot_t *b, size_t nb, json_t *out)
 {
-    size_t n = p->noptions;
     size_t head[TLY_MAX_OPTIONS];
     uint64_t count[TLY_MAX_OPTIONS] = {0}, first[TLY_MAX_OPTIONS];
     bool out_of_race[TLY_MAX_OPTIONS] = {false};
@@ -117,14 +127,14 @@ static int add_irv(const tly_poll_t *p, irv_ballot_t *b, size_t nb, json_t *out)
         for (size_t i = 0; i < n; i++) {
             if (out_of_race[i])
                 continue;
-            if (json_object_set_new(counts, p->options[i].option_id, json_integer((json_int_t)count[i])) != 0)
+            if (json_object_set_new(counts, ids[i], json_integer((json_int_t)count[i])) != 0)
                 return TLY_ENOMEM;
             if (top == NONE || count[i] > count[top])
                 top = i;
             zeros += count[i] == 0;
         }
         if (count[top] * 2 > continuing || remaining == 1) {
-            winner = json_string(p->options[top].option_id);
+            winner = json_string(ids[top]);
             break;
         }
         bool drop[TLY_MAX_OPTIONS] = {false};
@@ -144,7 +154,7 @@ static int add_irv(const tly_poll_t *p, irv_ballot_t *b, size_t nb, json_t *out)
         for (size_t i = 0; i < n; i++) {
             if (!drop[i])
                 continue;
-            if (json_array_append_new(elim, json_string(p->options[i].option_id)) != 0)
+            if (json_array_append_new(elim, json_string(ids[i])) != 0)
                 return TLY_ENOMEM;
             out_of_race[i] = true;
             remaining--;
@@ -180,62 +190,73 @@ static int add_irv(const tly_poll_t *p, irv_ballot_t *b, size_t nb, json_t *out)
  * says nothing between two unlisted ones. With above[a][b] the ballots listing both and
  * a first, and listed[a] the ballots listing a, the ballots preferring a to b are
  * listed[a] - above[b][a] (those listing a, less those listing b before it), so only the
- * pairs within each ranking need counting.
+ * pairs within each ranking need counting. Those counts are p->ranked_pairs, kept as
+ * ballots come and go (O(length^2) a ballot, paid when it is counted); reading them here
+ * is O(options^2), whatever the number of ballots. The winner as a JSON string, or null
+ * when there is none; NULL when out of memory.
  */
-static int add_condorcet(const tly_poll_t *p, const irv_ballot_t *b, size_t nb, json_t *out)
+static json_t *condorcet_winner(tly_poll_t *p)
 {
     size_t n = p->noptions;
-    uint64_t *above = tly_calloc(n * n, sizeof(uint64_t));
-    uint64_t listed[TLY_MAX_OPTIONS] = {0};
-    if (above == NULL)
-        return TLY_ENOMEM;
-    for (size_t k = 0; k < nb; k++) {
-        for (size_t i = 0; i < b[k].n; i++) {
-            listed[b[k].choices[i]]++;
-            for (size_t j = i + 1; j < b[k].n; j++)
-                above[b[k].choices[i] * n + b[k].choices[j]]++;
-        }
-    }
-    json_t *winner = json_null();
-    for (size_t a = 0; a < n && nb > 0; a++) {
+    if (p->total_votes == 0)
+        return json_null();
+    if (p->ranked_pairs == NULL && core_ranked_pairs_build(p) != 0)
+        return NULL;
+    const uint64_t *above = p->ranked_pairs, *listed = p->ranked_pairs + n * n;
+    for (size_t a = 0; a < n; a++) {
         bool beats_all = true;
         for (size_t x = 0; x < n && beats_all; x++)
             if (x != a && listed[a] - above[x * n + a] <= listed[x] - above[a * n + x])
                 beats_all = false;
-        if (beats_all) {
-            winner = json_string(p->options[a].option_id);
-            break;
-        }
+        if (beats_all)
+            return json_string(p->options[a].option_id);
     }
-    tly_free(above);
-    return json_object_set_new(out, "condorcet_winner", winner) == 0 ? 0 : TLY_ENOMEM;
+    return json_null();
 }
 
-static int add_ranked(const tly_poll_t *p, json_t *out)
+/* The rankings of r (rows in use) as instant-runoff ballots into b (room for r->rows);
+ * returns how many. */
+static size_t irv_ballots(const core_rankings_t *r, irv_ballot_t *b)
 {
     size_t nb = 0;
-    irv_ballot_t *b = tly_malloc((p->total_votes ? p->total_votes : 1) * sizeof(*b));
-    if (b == NULL)
-        return TLY_ENOMEM;
-    for (const tly_vote_t *v = p->votes; v != NULL && nb < p->total_votes; v = v->hh.next) {
-        if (v->state != TLY_VOTE_COMMITTED || v->nchoices == 0)
+    for (size_t i = 0; i < r->rows; i++) {
+        const uint8_t *row = core_rankings_row(r, i);
+        if (row[0] == 0)
             continue;
-        const uint8_t *c = core_vote_choices(v);
-        bool ok = true;
-        for (size_t i = 0; i < v->nchoices; i++)
-            ok = ok && c[i] < p->noptions;
-        if (!ok)
-            continue;
-        b[nb].choices = c;
-        b[nb].n = v->nchoices;
+        b[nb].choices = row + 1;
+        b[nb].n = row[0];
         b[nb].pos = 0;
         nb++;
     }
-    int rc = add_irv(p, b, nb, out);
-    if (rc == 0)
-        rc = add_condorcet(p, b, nb, out);
+    return nb;
+}
+
+/* Adds "rounds" and "winner" (the count of r) and then "condorcet_winner" (stolen) to
+ * out. */
+static int add_ranked_members(const core_rankings_t *r, size_t n, const option_id_t *ids, json_t *condorcet,
+                              json_t *out)
+{
+    int rc = TLY_ENOMEM;
+    irv_ballot_t *b = tly_malloc((r->rows ? r->rows : 1) * sizeof(*b));
+    if (b != NULL && condorcet != NULL)
+        rc = add_irv(n, ids, b, irv_ballots(r, b), out);
     tly_free(b);
+    if (rc == 0 && json_object_set_new(out, "condorcet_winner", condorcet) != 0)
+        rc = TLY_ENOMEM;
+    else if (rc != 0)
+        json_decref(condorcet);
     return rc;
+}
+
+/* The ranked members of p's results, counted here and now (the loop's own render). */
+static int add_ranked(tly_poll_t *p, json_t *out)
+{
+    if (p->ranked == NULL && core_ranked_build(p) != 0)
+        return TLY_ENOMEM;
+    option_id_t ids[TLY_MAX_OPTIONS];
+    for (size_t i = 0; i < p->noptions && i < TLY_MAX_OPTIONS; i++)
+        memcpy(ids[i], p->options[i].option_id, sizeof(ids[i]));
+    return add_ranked_members(core_ranked_rankings(p), p->noptions, ids, condorcet_winner(p), out);
 }
 
 /* ---- rendering ---- */
@@ -264,7 +285,8 @@ static void score_tally(const tly_poll_t *p, uint64_t *sum, uint64_t *rated)
     }
 }
 
-static json_t *build_results(const tly_poll_t *p, tly_poll_status_t status)
+/* The results object without the ranked members, O(options). */
+static json_t *build_base(const tly_poll_t *p, tly_poll_status_t status)
 {
     size_t n = p->noptions < TLY_MAX_OPTIONS ? p->noptions : TLY_MAX_OPTIONS;
     uint64_t votes[TLY_MAX_OPTIONS], sum[TLY_MAX_OPTIONS] = {0}, rated[TLY_MAX_OPTIONS] = {0};
@@ -298,12 +320,20 @@ static json_t *build_results(const tly_poll_t *p, tly_poll_status_t status)
         if (json_array_append_new(opts, opt) != 0)
             goto fail;
     }
-    if (p->type == TLY_TYPE_RANKED && add_ranked(p, o) != 0)
-        goto fail;
     return o;
 fail:
     json_decref(o);
     return NULL;
+}
+
+static json_t *build_results(tly_poll_t *p, tly_poll_status_t status)
+{
+    json_t *o = build_base(p, status);
+    if (o != NULL && p->type == TLY_TYPE_RANKED && add_ranked(p, o) != 0) {
+        json_decref(o);
+        return NULL;
+    }
+    return o;
 }
 
 /*
@@ -336,6 +366,32 @@ static char *dump_with_room(json_t *o, size_t *len)
     return buf;
 }
 
+/* Writes votes_last_minute at now after the cached rendering's prefix, when it moved. */
+static void write_vlm(tly_poll_t *p, int64_t now, size_t *len)
+{
+    uint64_t vlm = tly_poll_votes_last_minute(p, now);
+    if (vlm != p->results_vlm) {
+        int n = snprintf(p->results_json + p->results_prefix_len, SUFFIX_ROOM, VLM_MEMBER "%" PRIu64 "}", vlm);
+        p->results_len = p->results_prefix_len + (size_t)n;
+        p->results_vlm = vlm;
+    }
+    if (len != NULL)
+        *len = p->results_len;
+}
+
+/* Whether tly_results_render at now serves (or freezes, once) the final results. */
+static bool renders_final(const tly_poll_t *p, tly_poll_status_t status)
+{
+    return status == TLY_STATUS_CLOSED && (p->final_json != NULL || (p->pending_votes == 0 && !p->final_by_store));
+}
+
+/* Whether the cached rendering is what tly_results_render would serve at status. */
+static bool cache_fresh(const tly_poll_t *p, tly_poll_status_t status, bool final)
+{
+    return p->results_json != NULL && p->results_final == final &&
+           (final || (!p->results_dirty && p->results_status == (int)status));
+}
+
 const char *tly_results_render(tly_poll_t *p, int64_t now, size_t *len)
 {
     tly_poll_status_t status = tly_poll_effective_status(p, now);
@@ -343,9 +399,7 @@ const char *tly_results_render(tly_poll_t *p, int64_t now, size_t *len)
         tly_poll_freeze_results(p, now) == TLY_ENOMEM)
         return NULL;
     bool final = status == TLY_STATUS_CLOSED && p->final_json != NULL;
-    bool fresh = p->results_json != NULL && p->results_final == final &&
-                 (final || (!p->results_dirty && p->results_status == (int)status));
-    if (!fresh) {
+    if (!cache_fresh(p, status, final)) {
         char *buf;
         size_t size;
         if (final) {
@@ -367,15 +421,124 @@ const char *tly_results_render(tly_poll_t *p, int64_t now, size_t *len)
         p->results_vlm = UINT64_MAX;      /* no suffix written yet */
         p->results_final = final;
         p->results_status = (int)status;
+        p->results_rgen = p->results_gen;
+        p->results_seq = p->seq;
     }
-    uint64_t vlm = tly_poll_votes_last_minute(p, now);
-    if (vlm != p->results_vlm) {
-        int n = snprintf(p->results_json + p->results_prefix_len, SUFFIX_ROOM, VLM_MEMBER "%" PRIu64 "}", vlm);
-        p->results_len = p->results_prefix_len + (size_t)n;
-        p->results_vlm = vlm;
+    write_vlm(p, now, len);
+    return p->results_json;
+}
+
+/* ---- counting off the loop ---- */
+
+size_t tly_results_render_cost(const tly_poll_t *p, int64_t now)
+{
+    tly_poll_status_t status = tly_poll_effective_status(p, now);
+    if (p->type != TLY_TYPE_RANKED || renders_final(p, status) || cache_fresh(p, status, false))
+        return 0;
+    const core_rankings_t *r = core_ranked_rankings(p);
+    return r != NULL ? r->rows + r->cells : (size_t)p->total_votes * p->noptions;
+}
+
+struct tly_results_job {
+    json_t *base;             /* the results object up to its options, made from p */
+    json_t *condorcet;        /* the Condorcet winner (string or null), from p's pairs */
+    core_rankings_t rankings; /* a snapshot of p's rankings */
+    size_t noptions;
+    option_id_t ids[TLY_MAX_OPTIONS];
+    uint64_t seq, gen;
+    int status;
+    char *text; /* the rendering, with SUFFIX_ROOM spare bytes, once run */
+    size_t len;
+    bool ran;
+};
+
+tly_results_job_t *tly_results_job_new(tly_poll_t *p, int64_t now)
+{
+    tly_results_job_t *j = tly_calloc(1, sizeof(*j));
+    if (j == NULL)
+        return NULL;
+    tly_poll_status_t status = tly_poll_effective_status(p, now);
+    j->status = (int)status;
+    j->seq = p->seq;
+    j->gen = p->results_gen;
+    j->noptions = p->noptions < TLY_MAX_OPTIONS ? p->noptions : TLY_MAX_OPTIONS;
+    for (size_t i = 0; i < j->noptions; i++)
+        memcpy(j->ids[i], p->options[i].option_id, sizeof(j->ids[i]));
+    if ((j->base = build_base(p, status)) == NULL)
+        goto fail;
+    if (p->type == TLY_TYPE_RANKED) {
+        if ((j->condorcet = condorcet_winner(p)) == NULL)
+            goto fail;
+        if (p->ranked == NULL && core_ranked_build(p) != 0)
+            goto fail;
+        if (core_rankings_snapshot(p, &j->rankings) != 0)
+            goto fail;
     }
-    if (len != NULL)
-        *len = p->results_len;
+    return j;
+fail:
+    tly_results_job_free(j);
+    return NULL;
+}
+
+int tly_results_job_run(tly_results_job_t *j)
+{
+    if (j->ran) /* base is spent either way */
+        return j->text != NULL ? 0 : TLY_ENOMEM;
+    j->ran = true;
+    if (j->condorcet != NULL) {
+        json_t *condorcet = j->condorcet;
+        j->condorcet = NULL; /* stolen, whatever the outcome */
+        if (add_ranked_members(&j->rankings, j->noptions, j->ids, condorcet, j->base) != 0)
+            return TLY_ENOMEM;
+    }
+    core_rankings_release(&j->rankings); /* read: p may write those chunks again */
+    j->text = dump_with_room(j->base, &j->len);
+    return j->text != NULL ? 0 : TLY_ENOMEM;
+}
+
+uint64_t tly_results_job_seq(const tly_results_job_t *j) { return j->seq; }
+
+bool tly_results_job_install(tly_poll_t *p, tly_results_job_t *j)
+{
+    if (j->text == NULL || p->results_final)
+        return false;
+    /* the newer rendering stays: by the changes it shows, then by status (which only
+     * moves forward while the counts stand still: a draft opens, an end_time passes) */
+    if (p->results_json != NULL &&
+        (j->gen < p->results_rgen || (j->gen == p->results_rgen && j->status <= p->results_status)))
+        return false;
+    tly_free(p->results_json);
+    p->results_json = j->text;
+    j->text = NULL;
+    p->results_prefix_len = j->len - 1;
+    p->results_vlm = UINT64_MAX;
+    p->results_final = false;
+    p->results_status = j->status;
+    p->results_rgen = j->gen;
+    p->results_seq = j->seq;
+    p->results_dirty = p->results_gen != j->gen;
+    return true;
+}
+
+void tly_results_job_free(tly_results_job_t *j)
+{
+    if (j == NULL)
+        return;
+    json_decref(j->base);
+    json_decref(j->condorcet);
+    core_rankings_release(&j->rankings);
+    tly_free(j->text);
+    tly_free(j);
+}
+
+const char *tly_results_cached(tly_poll_t *p, int64_t now, uint64_t min_seq, uint64_t *seq, size_t *len)
+{
+    if (p->results_json == NULL || p->results_final || p->results_seq < min_seq ||
+        p->results_status != (int)tly_poll_effective_status(p, now))
+        return NULL;
+    if (seq != NULL)
+        *seq = p->results_seq;
+    write_vlm(p, now, len);
     return p->results_json;
 }
 

@@ -121,10 +121,45 @@ size_t core_counted_options(const tly_poll_t *p, const tly_vote_t *v, uint8_t *o
 }
 
 /*
+ * The pairs of one ranking, in O(length^2): each listed option once, and each option
+ * ranked before another once for that ordered pair. A ranking naming an option the poll
+ * does not have is left out whole, as the instant-runoff count leaves it out.
+ */
+static void count_pairs(uint64_t *pairs, size_t n, const tly_vote_t *v, uint64_t d)
+{
+    const uint8_t *c = core_vote_choices(v);
+    size_t k = v->nchoices;
+    for (size_t i = 0; i < k; i++)
+        if (c[i] >= n)
+            return;
+    uint64_t *listed = pairs + n * n;
+    for (size_t i = 0; i < k; i++) {
+        uint64_t *row = pairs + (size_t)c[i] * n;
+        listed[c[i]] += d;
+        for (size_t j = i + 1; j < k; j++)
+            row[c[j]] += d;
+    }
+}
+
+int core_ranked_pairs_build(tly_poll_t *p)
+{
+    size_t n = p->noptions;
+    uint64_t *pairs = tly_calloc(n > 0 ? n * n + n : 1, sizeof(uint64_t));
+    if (pairs == NULL)
+        return TLY_ENOMEM;
+    for (const tly_vote_t *v = p->votes; v != NULL; v = v->hh.next)
+        if (v->state == TLY_VOTE_COMMITTED)
+            count_pairs(pairs, n, v, 1);
+    tly_free(p->ranked_pairs);
+    p->ranked_pairs = pairs;
+    return 0;
+}
+
+/*
  * One list of counted options feeds both the options' votes and the timelines, so
  * that the two cannot disagree on what a ballot counts for.
  */
-void core_count_vote(tly_poll_t *p, const tly_vote_t *v, int dir)
+void core_count_vote(tly_poll_t *p, tly_vote_t *v, int dir)
 {
     uint8_t idx[TLY_MAX_OPTIONS];
     size_t k = core_counted_options(p, v, idx);
@@ -140,6 +175,16 @@ void core_count_vote(tly_poll_t *p, const tly_vote_t *v, int dir)
             p->score_sum[n + c[i]] += dir > 0 ? 1 : (uint64_t)-1;
         }
     }
+    if (p->type == TLY_TYPE_RANKED) {
+        /* the pairs take noptions^2 counters: a poll gets them with its first ballot (on
+         * failure, or once dropped, the next render builds them from the ballots) */
+        size_t n = p->noptions;
+        if (p->ranked_pairs == NULL && dir > 0 && p->total_votes == 0)
+            p->ranked_pairs = tly_calloc(n * n + n, sizeof(uint64_t));
+        if (p->ranked_pairs != NULL)
+            count_pairs(p->ranked_pairs, n, v, dir > 0 ? 1 : (uint64_t)-1);
+        core_ranked_count(p, v, dir);
+    }
     core_timeline_count(p, v->recorded_at, idx, k, dir);
 }
 
@@ -153,7 +198,7 @@ void tly_poll_commit_vote(tly_poll_t *p, tly_vote_t *v, int64_t now)
     p->total_votes++;
     p->seq++;
     p->as_of = now;
-    p->results_dirty = true;
+    core_results_changed(p);
 }
 
 /* Takes v's address out of p's set: that address may cast a ballot again. */
@@ -183,7 +228,7 @@ void tly_poll_retract_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v, int6
         p->total_votes--;
         p->seq++;
         p->as_of = now;
-        p->results_dirty = true;
+        core_results_changed(p);
     }
     remove_vote(r, p, v);
 }
@@ -281,7 +326,7 @@ int tly_poll_change_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v, const 
     core_activity_add(p, now);
     p->seq++;
     p->as_of = now;
-    p->results_dirty = true;
+    core_results_changed(p);
     *out = w;
     return 0;
 }

@@ -231,16 +231,21 @@ size_t tly_req_stream_pending(tly_req_t *req);
 /* Ends the stream (after queued data is written the connection closes; on_close runs). */
 void tly_req_stream_end(tly_req_t *req);
 /* Closes the connection now, dropping whatever is queued (a reader that stopped
- * reading); on_close runs before this returns. Also for WebSocket connections. */
+ * reading); on_close runs before this returns. Also for WebSocket connections (called
+ * from inside on_text, the connection closes, and on_close runs, when on_text returns). */
 void tly_req_stream_abort(tly_req_t *req);
 
 /* ---- WebSocket (RFC 6455, framing by libwslay) ----
  *
  * A GET with `Upgrade: websocket` may be accepted with tly_req_ws_accept: the server
  * answers 101 and the connection carries WebSocket messages from then on. wslay answers
- * pings, rejects unmasked client frames (close 1002), text that is not UTF-8 (1007) and
- * messages over max_message bytes (1009). Like streams, the request's strings are gone
- * after accepting; on_close runs once when the connection ends.
+ * pings, rejects unmasked client frames and every other frame RFC 6455 forbids (close
+ * 1002), text that is not UTF-8 (1007) and messages over max_message bytes (1009). Like
+ * streams, the request's strings are gone after accepting; on_close runs once when the
+ * connection ends, and never inside tly_req_ws_accept or a tly_ws_* call: frames (also
+ * those that came with the handshake) are read from the loop only. The connection reads
+ * nothing more while 64 KiB of output wait for the peer (pongs, replies), so a peer
+ * that sends without reading costs bounded memory.
  */
 typedef struct {
     void (*on_text)(tly_req_t *req, const char *msg, size_t len, void *arg);
@@ -252,8 +257,10 @@ typedef struct {
 
 /* Whether the request asks for a WebSocket upgrade (any version). */
 bool tly_req_wants_websocket(tly_req_t *req);
-/* Completes the handshake. Returns 0, or TLY_EINVAL after answering 400 (bad version or
- * key), or TLY_ENOMEM after answering 503. */
+/* Completes the handshake. Returns 0, or TLY_EINVAL after answering 400 (not an RFC 6455
+ * section 4.2.1 handshake: not a GET over HTTP/1.1 with Host, Connection: Upgrade, one
+ * Sec-WebSocket-Key of 16 bytes and version 13; or it has a body), or TLY_ENOMEM after
+ * answering 503. A refused handshake closes the connection after the answer. */
 int tly_req_ws_accept(tly_req_t *req, const tly_ws_cb_t *cb);
 /* Queues a text message. 0 or TLY_ENOMEM/TLY_ESTATE (closing). */
 int tly_ws_send_text(tly_req_t *req, const char *data, size_t len);

@@ -120,9 +120,22 @@ void http_conn_free(conn_t *c);
 void http_stream_flush(conn_t *c);
 int http_pend_append(conn_t *c, const char *s, size_t n);
 const char *http_date(void);
+/* Whether any `name` header lists `token` (comma-separated, ASCII case-insensitive). */
+bool http_req_has_token(tly_req_t *req, const char *name, const char *token);
+/* How many `name` headers the request has. */
+size_t http_req_header_count(tly_req_t *req, const char *name);
+/* Ends a streamed or WebSocket connection whose last bytes are written: on_close runs
+ * now, then the socket is half-closed and what the client still sends is read and
+ * dropped until it closes too (at most 2 s): closing with unread input would make the
+ * kernel send a reset that can destroy those last bytes (a close frame) unread. */
+void http_conn_linger(conn_t *c);
+/* The loop the connection runs on (for its timers). */
+tly_loop_t *http_conn_loop(conn_t *c);
 /* ws.c: the connection's reads and completed writes while in ST_WEBSOCKET */
 void http_ws_on_read(conn_t *c);
 void http_ws_on_written(conn_t *c);
 void http_ws_free(conn_t *c);
+/* tly_req_stream_abort of a WebSocket: closes now, or, inside on_text, once wslay returns. */
+void http_ws_abort(conn_t *c);
 
 #endif

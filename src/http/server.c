@@ -388,6 +388,24 @@ static bool host_valid(tly_str_t v)
     return true;
 }
 
+bool http_req_has_token(tly_req_t *req, const char *name, const char *token)
+{
+    for (size_t i = 0; i < req->nheaders; i++)
+        if (tly_str_ieq((tly_str_t){req->headers[i].name, req->headers[i].name_len}, name) &&
+            header_has_token((tly_str_t){req->headers[i].value, req->headers[i].value_len}, token))
+            return true;
+    return false;
+}
+
+size_t http_req_header_count(tly_req_t *req, const char *name)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < req->nheaders; i++)
+        if (tly_str_ieq((tly_str_t){req->headers[i].name, req->headers[i].name_len}, name))
+            n++;
+    return n;
+}
+
 static void dispatch(conn_t *c)
 {
     c->state = ST_HANDLING;
@@ -721,6 +739,25 @@ static void accept_starved(tly_server_t *s)
     }
     accept_pause(s);
 }
+
+void http_conn_linger(conn_t *c)
+{
+    set_timeout(c, NULL);
+    if (c->stream.on_close != NULL) {
+        void (*cb)(tly_req_t *, void *) = c->stream.on_close;
+        c->stream.on_close = NULL;
+        c->stream.on_drain = NULL;
+        cb(&c->req, c->stream.arg);
+    }
+    http_ws_free(c);
+    c->state = ST_LINGER;
+    shutdown(h2o_socket_get_fd(c->sock), SHUT_WR);
+    h2o_buffer_consume(&c->sock->input, c->sock->input->size);
+    set_timeout(c, &c->server->linger_timeout);
+    h2o_socket_read_start(c->sock, http_on_read);
+}
+
+tly_loop_t *http_conn_loop(conn_t *c) { return c->server->loop; }
 
 static void on_accept(h2o_socket_t *listener, const char *err)
 {
@@ -1120,7 +1157,9 @@ void tly_req_respond(tly_req_t *req, int status, const char *content_type, const
         http_conn_free(c);
         return;
     }
-    bool keepalive = req->keepalive && c->server->accepting;
+    /* after a refused WebSocket handshake the client may already be sending frames,
+     * which are no next request */
+    bool keepalive = req->keepalive && c->server->accepting && !tly_req_wants_websocket(req);
     c->close_after_write = !keepalive;
     c->out_len = 0;
     write_head(c, status, content_type, len, keepalive, req);
@@ -1319,9 +1358,13 @@ void tly_req_stream_end(tly_req_t *req)
 void tly_req_stream_abort(tly_req_t *req)
 {
     conn_t *c = req->conn;
-    if (c->state != ST_STREAMING && c->state != ST_WEBSOCKET)
+    if (c->state == ST_WEBSOCKET) {
+        http_ws_abort(c);
         return;
-    if (c->state == ST_STREAMING && c->stream_unframed && c->sock != NULL) {
+    }
+    if (c->state != ST_STREAMING)
+        return;
+    if (c->stream_unframed && c->sock != NULL) {
         /* Unframed, a plain close would read as the complete body: a reset instead
          * (SO_LINGER with a zero timeout), so the client sees the stream broke, as a
          * chunked one's missing last chunk tells it. */

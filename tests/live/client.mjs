@@ -25,8 +25,9 @@ function portOf(server) {
   return typeof server === 'number' ? server : server.port;
 }
 
-function requestHead(port, path, headers) {
-  let head = `GET ${path} HTTP/1.1\r\nHost: 127.0.0.1:${port}\r\n`;
+function requestHead(port, path, headers, version = '1.1') {
+  let head = `GET ${path} HTTP/${version}\r\n`;
+  if (!Object.keys(headers).some((k) => k.toLowerCase() === 'host')) head += `Host: 127.0.0.1:${port}\r\n`;
   for (const [k, v] of Object.entries(headers)) if (v !== undefined && v !== null) head += `${k}: ${v}\r\n`;
   return head + '\r\n';
 }
@@ -423,8 +424,9 @@ export class WsConn extends Conn {
 /**
  * Opens a WebSocket on `path`. Resolves after the handshake answer: `.status` is 101 on
  * success (then Sec-WebSocket-Accept is checked: `.acceptOk`), else the answer's body is
- * in .body/.json. opts: { token, headers (override/remove handshake headers with null),
- * timeout, key }
+ * in .body/.json. opts: { token, headers (override/remove handshake headers with null;
+ * Host: null sends none), timeout, key, httpVersion ('1.1'), extra (bytes sent in the
+ * same write as the handshake: a body, frames) }
  */
 export function openWs(server, path, opts = {}) {
   const port = portOf(server);
@@ -435,7 +437,7 @@ export function openWs(server, path, opts = {}) {
   if (opts.token) headers.Authorization = `Bearer ${opts.token}`;
   for (const [k, v] of Object.entries(opts.headers || {})) {
     for (const existing of Object.keys(headers)) if (existing.toLowerCase() === k.toLowerCase()) delete headers[existing];
-    if (v !== null) headers[k] = v;
+    if (v !== null || k.toLowerCase() === 'host') headers[k] = v; // a null Host: none is sent
   }
   const expectAccept = crypto.createHash('sha1').update(key + '258EAFA5-E914-47DA-95CA-C5AB0DC85B11').digest('base64');
   return new Promise((resolve) => {
@@ -448,7 +450,10 @@ export function openWs(server, path, opts = {}) {
     const timer = setTimeout(() => { c.error = c.error || 'timeout waiting for the handshake answer'; sock.destroy(); settle(); },
       opts.timeout ?? 10_000);
     sock.setNoDelay(true);
-    sock.on('connect', () => sock.write(requestHead(port, path, headers)));
+    sock.on('connect', () => {
+      const hs = Buffer.from(requestHead(port, path, headers, opts.httpVersion), 'latin1');
+      sock.write(opts.extra ? Buffer.concat([hs, Buffer.from(opts.extra)]) : hs);
+    });
     sock.on('data', (d) => {
       const t = nowMs();
       if (head && c.status === 101) {

@@ -516,14 +516,20 @@ Test(patch, fields_and_validation)
 {
     tly_poll_t *p = create_ok(with(body_n("multiple", 3), "description", json_string("d")));
     const char *f;
+    uint64_t seq = p->seq, edits = p->edits;
     cr_assert_eq(patch(p, "{\"title\":\"New\",\"description\":null}", &f), 0);
     cr_assert_str_eq(p->title, "New");
     cr_assert_null(p->description);
     cr_assert_eq(p->updated_at, NOW + 1000);
     cr_assert(p->results_dirty);
+    /* live streams number states without counts by edits: a change to the poll moves it,
+     * and only that (seq is the counts') */
+    cr_assert_eq(p->edits, edits + 1);
+    cr_assert_eq(p->seq, seq);
     cr_assert_eq(patch(p, "{\"title\":\"\"}", &f), TLY_EINVAL);
     cr_assert_str_eq(f, "title");
     cr_assert_str_eq(p->title, "New", "unchanged on error");
+    cr_assert_eq(p->edits, edits + 1, "a refused change is no edit");
     cr_assert_eq(patch(p, "{\"title\":\"Other\",\"settings\":{\"min_choices\":3,\"max_choices\":2}}", &f), TLY_EINVAL);
     cr_assert_str_eq(f, "settings.min_choices");
     cr_assert_str_eq(p->title, "New", "nothing applied when any field fails");
@@ -2301,8 +2307,10 @@ Test(final, by_the_store_never_frozen_on_a_render)
     tly_poll_t *from = create_ok(body_n("single", 2));
     from->status = TLY_STATUS_CLOSED;
     const char *kept = tly_poll_final_results(p);
+    uint64_t edits = p->edits;
     tly_poll_adopt(p, from);
     cr_assert_eq(tly_poll_final_results(p), kept);
+    cr_assert_eq(p->edits, edits + 1, "another instance's change is an edit here too");
     tly_registry_free(reg);
 }
 
@@ -2645,4 +2653,622 @@ Test(oom, set_vote_ip_fails_cleanly)
     cr_assert_eq(tly_poll_set_vote_ip(p, v, h), 0, "and with memory it works");
     cr_assert_eq(tly_poll_find_ip(p, h), v);
     tly_poll_free(p);
+}
+
+/* ---- ranked counts against a reference ----
+ *
+ * The instant-runoff rounds and the Condorcet winner are checked against a count written
+ * the plain way (every round recounted from every ballot, every pair compared from
+ * every ballot), on random elections with casts, changes, retractions and dropped pending
+ * ballots, through both ways of rendering: on the calling thread (tly_results_render)
+ * and through a job (snapshot, run, install), including jobs that run on another thread
+ * while the poll goes on changing under them. */
+
+#include <pthread.h>
+
+#define RVOTERS 80
+
+/* The test's own record of the ballots: what each voter has standing. */
+typedef struct {
+    int state; /* 0: none, 1: pending, 2: committed */
+    tly_ballot_t b;
+} rvoter_t;
+
+typedef struct {
+    rvoter_t v[RVOTERS];
+} relection_t;
+
+/* rounds, winner and condorcet_winner of the committed ballots of e, the plain way */
+static json_t *ref_ranked(const tly_poll_t *p, const relection_t *e)
+{
+    size_t n = p->noptions;
+    bool out[TLY_MAX_OPTIONS] = {false};
+    uint64_t first[TLY_MAX_OPTIONS] = {0};
+    json_t *rounds = json_array(), *winner = json_null();
+    size_t nb = 0;
+    for (size_t k = 0; k < RVOTERS; k++)
+        nb += e->v[k].state == 2 && e->v[k].b.nchoices > 0;
+    for (size_t round = 0, remaining = n; nb > 0; round++) {
+        uint64_t count[TLY_MAX_OPTIONS] = {0}, continuing = 0;
+        for (size_t k = 0; k < RVOTERS; k++) {
+            const tly_ballot_t *b = &e->v[k].b;
+            if (e->v[k].state != 2)
+                continue;
+            for (size_t i = 0; i < b->nchoices; i++)
+                if (!out[b->choices[i]]) {
+                    count[b->choices[i]]++;
+                    continuing++;
+                    break;
+                }
+        }
+        if (round == 0)
+            memcpy(first, count, sizeof(first));
+        json_t *counts = json_object(), *elim = json_array();
+        size_t top = SIZE_MAX;
+        bool zeros = false;
+        for (size_t i = 0; i < n; i++) {
+            if (out[i])
+                continue;
+            json_object_set_new(counts, p->options[i].option_id, json_integer((json_int_t)count[i]));
+            if (top == SIZE_MAX || count[i] > count[top])
+                top = i;
+            zeros = zeros || count[i] == 0;
+        }
+        json_array_append_new(rounds, json_pack("{s:o, s:o}", "counts", counts, "eliminated", elim));
+        if (2 * count[top] > continuing || remaining == 1) {
+            json_decref(winner);
+            winner = json_string(p->options[top].option_id);
+            break;
+        }
+        /* every option without votes; else the fewest votes, then the fewest first
+         * preferences, then the one listed last */
+        size_t loser = SIZE_MAX;
+        for (size_t i = 0; i < n; i++) {
+            if (out[i] || zeros)
+                continue;
+            if (loser == SIZE_MAX || count[i] < count[loser] ||
+                (count[i] == count[loser] && (first[i] < first[loser] || (first[i] == first[loser] && i > loser))))
+                loser = i;
+        }
+        bool drop[TLY_MAX_OPTIONS] = {false};
+        for (size_t i = 0; i < n; i++)
+            drop[i] = !out[i] && (zeros ? count[i] == 0 : i == loser);
+        for (size_t i = 0; i < n; i++)
+            if (drop[i]) {
+                json_array_append_new(elim, json_string(p->options[i].option_id));
+                out[i] = true;
+                remaining--;
+            }
+    }
+    /* a prefers a to b: ranks a, and b after a or not at all */
+    json_t *condorcet = json_null();
+    for (size_t a = 0; a < n && nb > 0; a++) {
+        bool beats_all = true;
+        for (size_t x = 0; x < n && beats_all; x++) {
+            if (x == a)
+                continue;
+            uint64_t ax = 0, xa = 0;
+            for (size_t k = 0; k < RVOTERS; k++) {
+                const tly_ballot_t *b = &e->v[k].b;
+                if (e->v[k].state != 2)
+                    continue;
+                for (size_t i = 0; i < b->nchoices; i++) {
+                    if (b->choices[i] == a) {
+                        ax++;
+                        break;
+                    }
+                    if (b->choices[i] == x) {
+                        xa++;
+                        break;
+                    }
+                }
+            }
+            beats_all = ax > xa;
+        }
+        if (beats_all) {
+            json_decref(condorcet);
+            condorcet = json_string(p->options[a].option_id);
+            break;
+        }
+    }
+    return json_pack("{s:o, s:o, s:o}", "rounds", rounds, "winner", winner, "condorcet_winner", condorcet);
+}
+
+/* The ranked members of a rendering equal the reference, and so do the counts. */
+static void assert_ranked(const tly_poll_t *p, const relection_t *e, const char *text, const char *what)
+{
+    json_t *got = J(text), *want = ref_ranked(p, e);
+    const char *keys[3] = {"rounds", "winner", "condorcet_winner"};
+    for (size_t i = 0; i < 3; i++) {
+        json_t *g = json_object_get(got, keys[i]), *w = json_object_get(want, keys[i]);
+        char *gs = json_dumps(g, JSON_COMPACT | JSON_ENCODE_ANY), *ws = json_dumps(w, JSON_COMPACT | JSON_ENCODE_ANY);
+        cr_assert(g != NULL && json_equal(g, w), "%s: %s is %s, want %s", what, keys[i], gs ? gs : "(none)", ws);
+        free(gs);
+        free(ws);
+    }
+    uint64_t total = 0, firsts[TLY_MAX_OPTIONS] = {0};
+    for (size_t k = 0; k < RVOTERS; k++)
+        if (e->v[k].state == 2) {
+            total++;
+            if (e->v[k].b.nchoices > 0)
+                firsts[e->v[k].b.choices[0]]++;
+        }
+    cr_assert_eq((uint64_t)json_integer_value(json_object_get(got, "total_votes")), total, "%s", what);
+    json_t *opts = json_object_get(got, "options");
+    for (size_t i = 0; i < p->noptions; i++)
+        cr_assert_eq((uint64_t)json_integer_value(json_object_get(json_array_get(opts, i), "votes")), firsts[i],
+                     "%s: option %zu", what, i);
+    json_decref(got);
+    json_decref(want);
+}
+
+/* A random ranking, often one of a few (so that ties and repeated ballots are common). */
+static tly_ballot_t random_ranking(const tly_poll_t *p, const tly_ballot_t *pool, size_t npool)
+{
+    if (npool > 0 && rnd(2) == 0)
+        return pool[rnd((uint32_t)npool)];
+    tly_ballot_t b = random_ballot(p);
+    if (rnd(3) == 0) /* short rankings exhaust */
+        b.nchoices = (uint8_t)(1 + rnd(b.nchoices < 3 ? b.nchoices : 3));
+    return b;
+}
+
+/* One random operation on voter k of p, mirrored in e. */
+static void random_op(tly_registry_t *r, tly_poll_t *p, relection_t *e, const tly_ballot_t *pool, size_t npool,
+                      int64_t now)
+{
+    size_t k = rnd(RVOTERS);
+    char voter[16];
+    snprintf(voter, sizeof(voter), "rv%zu", k);
+    rvoter_t *rv = &e->v[k];
+    tly_vote_t *v = tly_poll_find_vote(p, voter);
+    cr_assert_eq(v != NULL, rv->state != 0);
+    if (v == NULL) {
+        rv->b = random_ranking(p, pool, npool);
+        v = tly_vote_new(&rv->b, voter, NULL, NULL, NULL, now);
+        cr_assert_eq(tly_poll_add_vote(r, p, v), 0);
+        rv->state = 1;
+        if (rnd(4) != 0) {
+            tly_poll_commit_vote(p, v, now);
+            rv->state = 2;
+        }
+    } else if (rv->state == 1) {
+        if (rnd(3) != 0) {
+            tly_poll_commit_vote(p, v, now);
+            rv->state = 2;
+        } else {
+            tly_poll_drop_vote(r, p, v);
+            rv->state = 0;
+        }
+    } else if (rnd(2) == 0) {
+        tly_ballot_t b = random_ranking(p, pool, npool);
+        tly_vote_t *out = NULL;
+        cr_assert_eq(tly_poll_change_vote(r, p, v, &b, now, &out), 0);
+        rv->b = b;
+    } else {
+        tly_poll_retract_vote(r, p, v, now);
+        rv->state = 0;
+    }
+}
+
+/* The job path gives what a render on the loop gives, byte for byte, and installs as
+ * fresh. */
+static void assert_job_matches(tly_poll_t *p, const relection_t *e, int64_t now)
+{
+    char *loop = strdup(tly_results_render(p, now, NULL));
+    tly_results_job_t *same = tly_results_job_new(p, now);
+    cr_assert_not_null(same);
+    cr_assert_eq(tly_results_job_run(same), 0);
+    cr_assert_eq(tly_results_job_run(same), 0, "a second run changes nothing");
+    cr_assert_not(tly_results_job_install(p, same), "the same counts as the rendering held: kept");
+    tly_free(p->results_json); /* as if none were held */
+    p->results_json = NULL;
+    cr_assert(tly_results_job_install(p, same));
+    tly_results_job_free(same);
+    cr_assert_str_eq(tly_results_cached(p, now, p->seq, NULL, NULL), loop);
+    free(loop);
+
+    tly_results_job_t *j = tly_results_job_new(p, now);
+    cr_assert_not_null(j);
+    cr_assert_eq(tly_results_job_seq(j), p->seq);
+    cr_assert_eq(tly_results_job_run(j), 0);
+    bool installed = tly_results_job_install(p, j);
+    tly_results_job_free(j);
+    size_t len;
+    uint64_t seq = 0;
+    const char *cached = tly_results_cached(p, now, p->seq, &seq, &len);
+    if (!installed) { /* only when the render already held these counts */
+        cr_assert_not_null(cached);
+        cr_assert_eq(tly_results_render_cost(p, now), 0);
+    }
+    cr_assert_not_null(cached, "a job's rendering is served");
+    cr_assert_eq(seq, p->seq);
+    cr_assert_eq(tly_results_render_cost(p, now), 0, "nothing changed since: fresh");
+    char *copy = strdup(cached);
+    size_t len2;
+    const char *rendered = tly_results_render(p, now, &len2);
+    cr_assert_eq(rendered, cached, "served as it is, not rendered again");
+    cr_assert_eq(len, len2);
+    assert_ranked(p, e, copy, "job");
+    free(copy);
+}
+
+static void ranked_election(size_t noptions, int ops, uint64_t seed)
+{
+    rng_state = seed;
+    tly_registry_t *r = tly_registry_new();
+    tly_poll_t *p = create_ok(body_n("ranked", noptions));
+    cr_assert_eq(tly_registry_add_poll(r, p), 0);
+    tly_ballot_t pool[4];
+    for (size_t i = 0; i < 4; i++)
+        pool[i] = random_ranking(p, NULL, 0);
+    relection_t *e = calloc(1, sizeof(*e));
+    int64_t now = NOW;
+    for (int op = 0; op < ops; op++) {
+        now += 1 + rnd(2000);
+        random_op(r, p, e, pool, 4, now);
+        if (op % 3 == 0) {
+            const char *text = tly_results_render(p, now, NULL);
+            cr_assert_not_null(text);
+            char what[64];
+            snprintf(what, sizeof(what), "%zu options, op %d", noptions, op);
+            assert_ranked(p, e, text, what);
+        } else if (op % 7 == 1) {
+            assert_job_matches(p, e, now);
+        }
+    }
+    free(e);
+    tly_registry_free(r);
+}
+
+Test(ranked, random_elections_match_the_reference, .timeout = 120)
+{
+    static const size_t sizes[] = {2, 3, 4, 5, 7, 10, 100};
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(sizes); i++)
+        ranked_election(sizes[i], sizes[i] == 100 ? 300 : 1500, 0x5EED0000u + i);
+}
+
+/* A poll outside any registry builds its table and pairs on its first render. */
+Test(ranked, a_poll_outside_a_registry_counts_on_first_render)
+{
+    rng_state = 7;
+    tly_poll_t *p = create_ok(body_n("ranked", 6));
+    relection_t *e = calloc(1, sizeof(*e));
+    for (int op = 0; op < 200; op++)
+        random_op(NULL, p, e, NULL, 0, NOW + op);
+    const char *text = tly_results_render(p, NOW + 1000, NULL);
+    assert_ranked(p, e, text, "first render");
+    for (int op = 0; op < 200; op++)
+        random_op(NULL, p, e, NULL, 0, NOW + 2000 + op);
+    assert_job_matches(p, e, NOW + 3000);
+    free(e);
+    tly_poll_free(p);
+}
+
+/* A job counts the ballots of the moment it was made, whatever happens to the poll
+ * before it runs: the chunks it holds are copied before the poll writes them. */
+Test(ranked, a_job_counts_its_snapshot, .timeout = 120)
+{
+    rng_state = 11;
+    tly_registry_t *r = tly_registry_new();
+    tly_poll_t *p = create_ok(body_n("ranked", 9));
+    tly_registry_add_poll(r, p);
+    relection_t *e = calloc(1, sizeof(*e)), *then = calloc(1, sizeof(*then));
+    int64_t now = NOW;
+    for (int round = 0; round < 40; round++) {
+        for (int op = 0; op < 30; op++)
+            random_op(r, p, e, NULL, 0, ++now);
+        tly_results_job_t *j = tly_results_job_new(p, now);
+        cr_assert_not_null(j);
+        *then = *e;
+        uint64_t seq = p->seq;
+        for (int op = 0; op < 30; op++) /* changes, retractions and casts after the snapshot */
+            random_op(r, p, e, NULL, 0, ++now);
+        cr_assert_eq(tly_results_job_run(j), 0);
+        bool moved = p->seq != seq;
+        cr_assert(tly_results_job_install(p, j) || !moved, "newer than what the poll held");
+        tly_results_job_free(j);
+        size_t len;
+        uint64_t shown;
+        const char *old = tly_results_cached(p, now, seq, &shown, &len);
+        cr_assert_not_null(old, "the job's rendering serves reads made before its snapshot");
+        cr_assert_eq(shown, seq);
+        assert_ranked(p, then, old, "snapshot");
+        if (moved) {
+            cr_assert_null(tly_results_cached(p, now, p->seq, NULL, NULL), "but not reads made since");
+            cr_assert_gt(tly_results_render_cost(p, now), 0, "stale");
+        }
+        const char *text = tly_results_render(p, now, NULL);
+        cr_assert_not_null(text);
+        assert_ranked(p, e, text, "after the snapshot");
+        cr_assert_eq(tly_results_render_cost(p, now), 0);
+    }
+    free(e);
+    free(then);
+    tly_registry_free(r);
+}
+
+/* The results of p recounted in a new poll from p's committed ballots as they stand:
+ * built from scratch by its first render, with no incremental count behind it. */
+static json_t *recounted(tly_poll_t *p, int64_t now)
+{
+    tly_poll_t *q = create_ok(body_n("ranked", p->noptions));
+    for (size_t i = 0; i < p->noptions; i++) /* the same ids, so the two compare */
+        memcpy(q->options[i].option_id, p->options[i].option_id, sizeof(q->options[i].option_id));
+    for (tly_vote_t *v = p->votes; v != NULL; v = v->hh.next) {
+        if (v->state != TLY_VOTE_COMMITTED)
+            continue;
+        tly_ballot_t c;
+        memset(&c, 0, sizeof(c));
+        c.nchoices = v->nchoices;
+        memcpy(c.choices, v->data, c.nchoices);
+        cast_at(NULL, q, v->voter_id, &c, NOW);
+    }
+    json_t *o = J(tly_results_render(q, now, NULL));
+    tly_poll_free(q);
+    return o;
+}
+
+/* Rows as long as the poll's max_choices; a longer ranking (settings changed while the
+ * poll had no ballot, or a stored one) lays the table out again; the pairs come with the
+ * first ballot. The counts stay those of a poll laid out for every option. */
+Test(ranked, rows_follow_max_choices)
+{
+    rng_state = 19;
+    tly_registry_t *r = tly_registry_new();
+    tly_poll_t *p = create_ok(with_settings(body_n("ranked", 10), "{\"max_choices\":3}"));
+    tly_registry_add_poll(r, p);
+    cr_assert_null(p->ranked_pairs, "no ballot, no pairs");
+    cr_assert_not_null(tly_results_render(p, NOW, NULL));
+    cr_assert_null(p->ranked_pairs, "nor after a render");
+    for (int i = 0; i < 300; i++) {
+        char voter[16];
+        snprintf(voter, sizeof(voter), "a%d", i);
+        tly_ballot_t b = random_ballot(p);
+        b.nchoices = (uint8_t)(1 + rnd(3));
+        cast_at(r, p, voter, &b, NOW);
+    }
+    cr_assert_not_null(p->ranked_pairs);
+    json_t *got = J(tly_results_render(p, NOW, NULL)), *want = recounted(p, NOW);
+    cr_assert(json_equal(json_object_get(got, "rounds"), json_object_get(want, "rounds")));
+    cr_assert(json_equal(json_object_get(got, "condorcet_winner"), json_object_get(want, "condorcet_winner")));
+    json_decref(got);
+    json_decref(want);
+    cr_assert_eq(tly_results_render_cost(p, NOW), 0);
+    /* a stored ranking longer than max_choices: counted all the same */
+    tly_ballot_t longer = random_ballot(p);
+    longer.nchoices = 8;
+    cast_at(r, p, "long", &longer, NOW);
+    tly_results_job_t *j = tly_results_job_new(p, NOW);
+    cr_assert_eq(tly_results_job_run(j), 0);
+    cr_assert(tly_results_job_install(p, j));
+    tly_results_job_free(j);
+    got = J(tly_results_cached(p, NOW, p->seq, NULL, NULL));
+    want = recounted(p, NOW);
+    cr_assert(json_equal(json_object_get(got, "rounds"), json_object_get(want, "rounds")));
+    json_decref(got);
+    json_decref(want);
+    tly_registry_free(r);
+
+    /* max_choices raised while the poll has no ballot: longer rows from then on */
+    r = tly_registry_new();
+    p = create_ok(with_settings(body_n("ranked", 6), "{\"max_choices\":2}"));
+    tly_registry_add_poll(r, p);
+    json_t *patch = J("{\"settings\":{\"max_choices\":6}}");
+    const char *f, *m;
+    char buf[64];
+    cr_assert_eq(tly_poll_patch(p, patch, NOW, &f, &m, buf, sizeof(buf)), 0);
+    json_decref(patch);
+    for (int i = 0; i < 50; i++) {
+        char voter[16];
+        snprintf(voter, sizeof(voter), "b%d", i);
+        tly_ballot_t b = random_ballot(p);
+        cast_at(r, p, voter, &b, NOW);
+    }
+    got = J(tly_results_render(p, NOW, NULL));
+    want = recounted(p, NOW);
+    cr_assert(json_equal(json_object_get(got, "rounds"), json_object_get(want, "rounds")));
+    json_decref(got);
+    json_decref(want);
+    tly_registry_free(r);
+}
+
+typedef struct {
+    tly_results_job_t *job;
+    int rc;
+} job_thread_t;
+
+static void *run_job(void *arg)
+{
+    job_thread_t *t = arg;
+    t->rc = tly_results_job_run(t->job);
+    return NULL;
+}
+
+/* The same with the jobs running on another thread while this one changes the poll
+ * (over several chunks of rankings), as the API runs them. */
+Test(ranked, jobs_run_on_another_thread_while_the_poll_changes, .timeout = 120)
+{
+    rng_state = 13;
+    tly_registry_t *r = tly_registry_new();
+    tly_poll_t *p = create_ok(body_n("ranked", 12));
+    tly_registry_add_poll(r, p);
+    /* 1,500 standing ballots (six chunks) besides the random voters */
+    relection_t *e = calloc(1, sizeof(*e));
+    tly_vote_t *bulk[1500];
+    for (int i = 0; i < 1500; i++) {
+        char voter[16];
+        snprintf(voter, sizeof(voter), "bulk%d", i);
+        tly_ballot_t b = random_ballot(p);
+        bulk[i] = cast_at(r, p, voter, &b, NOW);
+    }
+    for (int round = 0; round < 30; round++) {
+        for (int op = 0; op < 20; op++)
+            random_op(r, p, e, NULL, 0, NOW + round);
+        /* the reference of the moment: the ballots recounted from scratch, right now */
+        job_thread_t t = {.job = tly_results_job_new(p, NOW + round)};
+        cr_assert_not_null(t.job);
+        json_t *want = recounted(p, NOW + round);
+        pthread_t th;
+        cr_assert_eq(pthread_create(&th, NULL, run_job, &t), 0);
+        for (int op = 0; op < 200; op++) { /* meanwhile: changes all over the chunks */
+            int i = (int)rnd(1500);
+            tly_ballot_t b = random_ballot(p);
+            tly_vote_t *out;
+            cr_assert_eq(tly_poll_change_vote(r, p, bulk[i], &b, NOW + round, &out), 0);
+            bulk[i] = out;
+            random_op(r, p, e, NULL, 0, NOW + round);
+        }
+        pthread_join(th, NULL);
+        cr_assert_eq(t.rc, 0);
+        cr_assert(tly_results_job_install(p, t.job));
+        tly_results_job_free(t.job);
+        json_t *got = J(tly_results_cached(p, NOW + round, 0, NULL, NULL));
+        static const char *const keys[] = {"total_votes", "options", "rounds", "winner", "condorcet_winner"};
+        for (size_t i = 0; i < TLY_ARRAY_SIZE(keys); i++)
+            cr_assert(json_equal(json_object_get(got, keys[i]), json_object_get(want, keys[i])),
+                      "the job shows the poll as it was when the job was made (%s)", keys[i]);
+        json_decref(got);
+        json_decref(want);
+    }
+    free(e);
+    tly_registry_free(r);
+}
+
+/* The newer rendering stays, whichever order jobs finish in; final results are never
+ * replaced; a job of a poll that is not ranked renders it too. */
+Test(ranked, install_keeps_the_newest)
+{
+    tly_poll_t *p = create_ok(body_n("ranked", 3));
+    cast(NULL, p, "a", "{\"ranking\":[\"$0\",\"$1\"]}");
+    tly_results_job_t *older = tly_results_job_new(p, NOW);
+    cast(NULL, p, "b", "{\"ranking\":[\"$1\"]}");
+    tly_results_job_t *newer = tly_results_job_new(p, NOW);
+    cr_assert_eq(tly_results_job_run(older), 0);
+    cr_assert_eq(tly_results_job_run(newer), 0);
+    cr_assert(tly_results_job_install(p, newer));
+    cr_assert_not(tly_results_job_install(p, older), "older than what is installed");
+    json_t *o = J(tly_results_cached(p, NOW, p->seq, NULL, NULL));
+    cr_assert_eq(json_integer_value(json_object_get(o, "total_votes")), 2);
+    json_decref(o);
+    tly_results_job_free(older);
+    tly_results_job_free(newer);
+    /* a job never run, freed: nothing leaks (the sanitizer build checks) */
+    tly_results_job_free(tly_results_job_new(p, NOW));
+    /* once the poll is closed its final results are served, and no job replaces them */
+    tly_results_job_t *before = tly_results_job_new(p, NOW);
+    cr_assert_eq(tly_results_job_run(before), 0);
+    json_t *close = J("{\"status\":\"closed\"}");
+    const char *f, *m;
+    char buf[64];
+    cr_assert_eq(tly_poll_patch(p, close, NOW + 1, &f, &m, buf, sizeof(buf)), 0);
+    json_decref(close);
+    cr_assert_eq(tly_results_render_cost(p, NOW + 1), 0, "final results are served as they are");
+    cr_assert_not_null(tly_results_render(p, NOW + 1, NULL));
+    cr_assert_not(tly_results_job_install(p, before));
+    cr_assert_null(tly_results_cached(p, NOW + 1, 0, NULL, NULL), "final results are tly_results_render's");
+    tly_results_job_free(before);
+    tly_poll_free(p);
+
+    tly_poll_t *s = create_ok(body_n("score", 3));
+    cast(NULL, s, "a", "{\"scores\":{\"$0\":4}}");
+    cr_assert_eq(tly_results_render_cost(s, NOW), 0, "O(options)");
+    tly_results_job_t *j = tly_results_job_new(s, NOW);
+    cr_assert_eq(tly_results_job_run(j), 0);
+    cr_assert(tly_results_job_install(s, j));
+    tly_results_job_free(j);
+    o = J(tly_results_cached(s, NOW, s->seq, NULL, NULL));
+    cr_assert_eq(json_integer_value(json_object_get(json_array_get(json_object_get(o, "options"), 0), "score_sum")),
+                 4);
+    json_decref(o);
+    tly_poll_free(s);
+}
+
+/* The cost a caller weighs: every ranking's choices while the rendering is stale, 0
+ * once it is fresh. */
+Test(ranked, render_cost)
+{
+    tly_registry_t *r = tly_registry_new();
+    tly_poll_t *p = create_ok(body_n("ranked", 4));
+    tly_registry_add_poll(r, p);
+    cr_assert_eq(tly_results_render_cost(p, NOW), 0, "no ballot, nothing to count");
+    cr_assert_not_null(tly_results_render(p, NOW, NULL));
+    cr_assert_eq(tly_results_render_cost(p, NOW), 0);
+    tly_vote_t *a = cast(r, p, "a", "{\"ranking\":[\"$0\",\"$1\",\"$2\"]}");
+    cast(r, p, "b", "{\"ranking\":[\"$3\"]}");
+    cr_assert_eq(tly_results_render_cost(p, NOW), 2 + 4, "two rows, four choices");
+    cr_assert_not_null(tly_results_render(p, NOW, NULL));
+    cr_assert_eq(tly_results_render_cost(p, NOW), 0);
+    tly_poll_retract_vote(r, p, a, NOW);
+    cr_assert_eq(tly_results_render_cost(p, NOW), 2 + 1, "an emptied row is still walked");
+    cast(r, p, "c", "{\"ranking\":[\"$1\",\"$2\"]}");
+    cr_assert_eq(tly_results_render_cost(p, NOW), 2 + 3, "and used again");
+    tly_registry_free(r);
+}
+
+/* Out of memory while the table of rankings grows, copies a chunk a job holds or
+ * remembers a row given back: the table is dropped and built again from the ballots by
+ * the next count, which is exact; a job that cannot be made or run says so. */
+Test(oom, ranked_table_and_jobs_fail_cleanly, .timeout = 120)
+{
+    for (long budget = 0; budget < 24; budget++) {
+        rng_state = 17;
+        tly_registry_t *r = tly_registry_new();
+        tly_poll_t *p = create_ok(body_n("ranked", 5));
+        tly_registry_add_poll(r, p);
+        tly_vote_t *bulk[600], *pending[20];
+        for (int i = 0; i < 600; i++) { /* three chunks */
+            char voter[16];
+            snprintf(voter, sizeof(voter), "bulk%d", i);
+            tly_ballot_t b = random_ballot(p);
+            bulk[i] = cast_at(r, p, voter, &b, NOW);
+        }
+        for (int i = 0; i < 20; i++) {
+            char voter[16];
+            snprintf(voter, sizeof(voter), "late%d", i);
+            tly_ballot_t b = random_ballot(p);
+            pending[i] = tly_vote_new(&b, voter, NULL, NULL, NULL, NOW);
+            cr_assert_eq(tly_poll_add_vote(r, p, pending[i]), 0);
+        }
+        tly_results_job_t *held = tly_results_job_new(p, NOW); /* every chunk now shared */
+        cr_assert_not_null(held);
+        tly_alloc_fail_after(budget);
+        /* what cannot fail for want of memory: commits, retractions and changes in place */
+        for (int i = 0; i < 20; i++)
+            tly_poll_commit_vote(p, pending[i], NOW + 1);
+        for (int i = 0; i < 30; i++)
+            tly_poll_retract_vote(r, p, bulk[20 * i], NOW + 2);
+        for (int i = 0; i < 30; i++) {
+            tly_vote_t *v = bulk[20 * i + 7], *out;
+            tly_ballot_t b = random_ballot(p);
+            b.nchoices = b.nchoices < v->nchoices ? b.nchoices : v->nchoices;
+            cr_assert_eq(tly_poll_change_vote(r, p, v, &b, NOW + 3, &out), 0);
+            cr_assert_eq(out, v, "in place");
+        }
+        tly_results_job_t *j = tly_results_job_new(p, NOW + 4);
+        int rc = j != NULL ? tly_results_job_run(j) : TLY_ENOMEM;
+        tly_alloc_fail_after(-1);
+        json_t *want = recounted(p, NOW + 4);
+        cr_assert(rc == 0 || rc == TLY_ENOMEM);
+        if (rc == 0) {
+            cr_assert(tly_results_job_install(p, j));
+            json_t *got = J(tly_results_cached(p, NOW + 4, p->seq, NULL, NULL));
+            cr_assert(json_equal(json_object_get(got, "rounds"), json_object_get(want, "rounds")), "budget %ld",
+                      budget);
+            json_decref(got);
+        }
+        tly_results_job_free(j);
+        cr_assert_eq(tly_results_job_run(held), 0);
+        tly_results_job_free(held);
+        /* with memory again: a render on the loop is exact */
+        const char *text = tly_results_render(p, NOW + 5, NULL);
+        cr_assert_not_null(text);
+        json_t *got = J(text);
+        cr_assert(json_equal(json_object_get(got, "rounds"), json_object_get(want, "rounds")), "budget %ld", budget);
+        cr_assert(json_equal(json_object_get(got, "condorcet_winner"), json_object_get(want, "condorcet_winner")));
+        cr_assert(json_equal(json_object_get(got, "total_votes"), json_object_get(want, "total_votes")));
+        json_decref(got);
+        json_decref(want);
+        tly_registry_free(r);
+    }
 }
