@@ -290,6 +290,12 @@ static void on_store_wake(void *arg)
 
 static void notify_store(void *arg) { tly_waker_wake(arg); }
 
+static void release_writes(void *arg)
+{
+    tly_app_t *app = arg;
+    tly_store_release(app->store);
+}
+
 static const char *method_label(tly_method_t m)
 {
     /* one line a case: it reads as a table */
@@ -513,6 +519,9 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
         snprintf(err, 512, "cannot load the store %s", conf->store[0] ? "named by --store" : conf->data_dir);
         goto fail;
     }
+    /* the ballots of one turn's requests go to the writer together (tly_store_hold) */
+    tly_store_hold(app->store);
+    tly_loop_on_turn_end(loop, release_writes, app);
     api_follow_init(app);
     if (api_bus_open(app, err) != 0)
         goto fail;
@@ -580,6 +589,7 @@ void tly_app_free(tly_app_t *app)
     /* From here on, callbacks that closing the store and the bus still run only release
      * what they hold (and answer 503): the app they would act on is going away. */
     app->closing = true;
+    tly_loop_on_turn_end(app->loop, NULL, NULL); /* closing the store releases what it holds */
     api_reconcile_stop(app); /* a pass still queued for a worker does nothing */
     if (app->work.waker != NULL) {
         pthread_mutex_lock(&app->work.mu);

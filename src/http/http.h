@@ -32,8 +32,13 @@ bool tly_str_ieq(tly_str_t a, const char *b); /* ASCII case-insensitive */
 
 typedef struct tly_loop tly_loop_t;
 tly_loop_t *tly_loop_new(void);
-/* Runs one iteration, waiting at most max_wait_ms for events. Returns 0 or -1. */
+/* Runs one iteration, waiting at most max_wait_ms for events, then the turn-end hook.
+ * Returns 0 or -1. */
 int tly_loop_run_once(tly_loop_t *loop, int32_t max_wait_ms);
+/* Sets the one function run after the events of each iteration were handled (NULL: none):
+ * work the handlers queued during the turn goes out once for all of them (the store's
+ * writes: tly_store_hold). The loop's thread. */
+void tly_loop_on_turn_end(tly_loop_t *loop, void (*cb)(void *arg), void *arg);
 void tly_loop_free(tly_loop_t *loop);
 /* Monotonic milliseconds as of the current loop iteration. */
 uint64_t tly_loop_now(tly_loop_t *loop);

@@ -35,6 +35,8 @@ ssize_t phr_decode_chunked(struct phr_chunked_decoder *decoder, char *buf, size_
 struct tly_loop {
     h2o_evloop_t *h2o;
     h2o_multithread_queue_t *queue;
+    void (*turn_end)(void *arg); /* tly_loop_on_turn_end */
+    void *turn_end_arg;
 };
 
 /* A tly_timer_t's private words hold one of these. */

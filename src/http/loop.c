@@ -20,7 +20,19 @@ tly_loop_t *tly_loop_new(void)
     return loop;
 }
 
-int tly_loop_run_once(tly_loop_t *loop, int32_t max_wait_ms) { return h2o_evloop_run(loop->h2o, max_wait_ms); }
+int tly_loop_run_once(tly_loop_t *loop, int32_t max_wait_ms)
+{
+    int rc = h2o_evloop_run(loop->h2o, max_wait_ms);
+    if (loop->turn_end != NULL)
+        loop->turn_end(loop->turn_end_arg);
+    return rc;
+}
+
+void tly_loop_on_turn_end(tly_loop_t *loop, void (*cb)(void *arg), void *arg)
+{
+    loop->turn_end = cb;
+    loop->turn_end_arg = arg;
+}
 
 uint64_t tly_loop_now(tly_loop_t *loop) { return h2o_now(loop->h2o); }
 

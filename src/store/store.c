@@ -45,7 +45,29 @@ void tly_store_submit_list(tly_store_t *s, tly_store_op_t *first) { s->be->submi
 void tly_store_submit(tly_store_t *s, tly_store_op_t *op)
 {
     op->next = NULL;
+    if (s->holding && pthread_equal(s->holder, pthread_self())) {
+        if (s->held_tail != NULL)
+            s->held_tail->next = op;
+        else
+            s->held_head = op;
+        s->held_tail = op;
+        return;
+    }
     s->be->submit_list(s, op);
+}
+
+void tly_store_hold(tly_store_t *s)
+{
+    s->holder = pthread_self();
+    s->holding = 1;
+}
+
+void tly_store_release(tly_store_t *s)
+{
+    tly_store_op_t *first = s->held_head;
+    s->held_head = s->held_tail = NULL;
+    if (first != NULL)
+        s->be->submit_list(s, first);
 }
 
 void tly_store_reap(tly_store_t *s) { s->be->reap(s); }
@@ -79,8 +101,11 @@ void tly_store_poke(tly_store_t *s)
 
 void tly_store_close(tly_store_t *s)
 {
-    if (s != NULL)
-        s->be->close(s);
+    if (s == NULL)
+        return;
+    tly_store_release(s);
+    s->holding = 0;
+    s->be->close(s);
 }
 
 tly_store_reader_t *tly_store_reader_open(tly_store_t *s) { return s->be->reader_open(s); }

@@ -241,6 +241,15 @@ int tly_store_load(tly_store_t *s, const tly_store_load_cb_t *cb, void *ctx);
  * unchanged until op->done runs. Any thread. */
 void tly_store_submit(tly_store_t *s, tly_store_op_t *op);
 
+/* Holds the calling thread's submissions from now on: tly_store_submit queues them here
+ * and tly_store_release hands them to the writer as one list, one lock and one wake-up
+ * for all of them. The event loop releases at the end of each turn, so the ballots of
+ * one turn's requests go out together: a writer woken by the first would commit it
+ * alone and keep the rest waiting for that commit. Other threads' submissions are not
+ * held. tly_store_close releases what is held. Owning thread. */
+void tly_store_hold(tly_store_t *s);
+void tly_store_release(tly_store_t *s);
+
 /* Runs the done callbacks of finished operations, in submission order. Owning thread. */
 void tly_store_reap(tly_store_t *s);
 

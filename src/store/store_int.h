@@ -42,6 +42,10 @@ typedef struct tly_store_backend {
 
 struct tly_store {
     const tly_store_backend_t *be;
+    /* tly_store_hold: operations the holding thread submitted since the last release */
+    tly_store_op_t *held_head, *held_tail;
+    pthread_t holder;
+    int holding;
 };
 struct tly_store_reader {
     const tly_store_backend_t *be;
