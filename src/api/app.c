@@ -504,7 +504,10 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
                      "delete them, or start with --skip-bad-rows to leave them out",
                      where);
         else
-            snprintf(err, 512, "cannot load the store %s (error %d); see the log above", where, rc);
+            snprintf(err, 512,
+                     "cannot load the store %s (error %d): it could not be read, or PRAGMA quick_check found the "
+                     "file damaged; the log line above says which",
+                     where, rc);
         goto fail;
     }
     api_follow_init(app);
