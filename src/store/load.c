@@ -49,19 +49,20 @@ static void key_put(char *buf, size_t cap, size_t *len, const char *value)
 {
     static const char hex[] = "0123456789abcdef";
     const unsigned char *v = (const unsigned char *)value;
-    for (size_t n = 0; v[n] != '\0'; n++) {
-        char esc[5] = {(char)v[n], '\0'};
-        if (n == 64)
+    size_t vlen = strlen(value), n = vlen < 64 ? vlen : 64;
+    for (size_t i = 0; i <= n; i++) {
+        char esc[5] = {(char)(i < n ? v[i] : 0), '\0'};
+        if (i == n && vlen <= n)
+            return;
+        if (i == n)
             memcpy(esc, "...", 4);
-        else if (v[n] < 0x20 || v[n] > 0x7e || v[n] == '\\')
-            esc[0] = '\\', esc[1] = 'x', esc[2] = hex[v[n] >> 4], esc[3] = hex[v[n] & 15], esc[4] = '\0';
+        else if (v[i] < 0x20 || v[i] > 0x7e || v[i] == '\\')
+            esc[0] = '\\', esc[1] = 'x', esc[2] = hex[v[i] >> 4], esc[3] = hex[v[i] & 15], esc[4] = '\0';
         size_t k = strlen(esc);
         if (*len + k >= cap)
             return;
         memcpy(buf + *len, esc, k + 1);
         *len += k;
-        if (n == 64)
-            return;
     }
 }
 

@@ -166,6 +166,10 @@ static const bad_case_t sqlite_bad_cases[] = {
       1, 1},
      "UPDATE ballots SET voter_id = 'vo' || char(1) || 'ter1', choices = x'07' WHERE voter_id = 'voter1'",
      "UPDATE ballots SET voter_id = 'voter1', choices = x'0001' WHERE voter_id = 'vo' || char(1) || 'ter1'"},
+    {{"a long key, cut in the log", "ballots", "voter_id=voter10000000000000000000000000000000000000000000000000000000000...", "choice position 7", 1, 2,
+      1, 1, 1},
+     "UPDATE ballots SET voter_id = 'voter1' || hex(zeroblob(60)), choices = x'07' WHERE voter_id = 'voter1'",
+     "UPDATE ballots SET voter_id = 'voter1', choices = x'0001' WHERE voter_id LIKE 'voter1%'"},
     /* a bad poll takes its ballots with it: 2 rows left out */
     {{"a poll whose option positions have a gap", "options", "poll_id=poll2 position=0",
       "option positions must run 0..0; position 0 is not there", 2, 1, 1, 1, 1},
