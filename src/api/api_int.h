@@ -220,10 +220,14 @@ typedef struct poll_op {
 } poll_op_t;
 poll_op_t *poll_op_new(tly_app_t *app, tly_op_type_t type, const tly_poll_t *p);
 void poll_op_free(poll_op_t *po);
+/* Loads the store into memory (conf: --skip-bad-rows, --skip-quick-check). 0, or what
+ * tly_store_load returned: TLY_EINVAL (bad rows, each logged), TLY_EIO, TLY_ENOMEM. */
 int api_load(tly_app_t *app);
 /* Store rows into memory, for load and for other instances' changes (follow.c). Each
  * returns 0, TLY_ENOMEM, or TLY_EINVAL for a row memory cannot hold (a ballot naming an
- * option the poll does not have, unreadable settings). */
+ * option the poll does not have or of a voter who has one, unreadable settings, a
+ * second user with a username); load names such a row and refuses to start
+ * (persist.c, tly_store_load). */
 int api_user_from_row(tly_app_t *app, const tly_user_row_t *row);
 /* A poll built from its row, not in the registry (NULL with *rc set on failure). */
 tly_poll_t *api_poll_build(const tly_poll_row_t *row, int *rc);

@@ -515,8 +515,18 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
     /* Instances sharing the store must agree on a closed poll's final results: they are
      * the store's (api_poll_settle), never a render's of this instance's counts. */
     tly_registry_set_final_by_store(app->registry, tly_store_shared(app->store));
-    if (api_load(app) != 0) {
-        snprintf(err, 512, "cannot load the store %s", conf->store[0] ? "named by --store" : conf->data_dir);
+    if ((rc = api_load(app)) != 0) {
+        const char *where = conf->store[0] ? "named by --store" : conf->data_dir;
+        if (rc == TLY_EINVAL)
+            snprintf(err, 512,
+                     "the store %s has rows that do not load, each named above (table, key, reason): repair or "
+                     "delete them, or start with --skip-bad-rows to leave them out",
+                     where);
+        else
+            snprintf(err, 512,
+                     "cannot load the store %s (error %d): it could not be read, or PRAGMA quick_check found the "
+                     "file damaged; the log line above says which",
+                     where, rc);
         goto fail;
     }
     /* the ballots of one turn's requests go to the writer together (tly_store_hold) */

@@ -135,8 +135,22 @@ void poll_op_free(poll_op_t *po)
 
 /* ---- rows -> memory (load, and other instances' changes: follow.c) ---- */
 
-int api_user_from_row(tly_app_t *app, const tly_user_row_t *row)
+/* Each *_from_row below returns TLY_EINVAL for a row memory cannot hold, with *why (a
+ * static string) saying why: load hands it back to the store, which names the row in
+ * the log (store.h, tly_store_load); follow.c logs the refusal. */
+
+static int user_from_row(tly_app_t *app, const tly_user_row_t *row, const char **why)
 {
+    /* Both maps are keyed by these: a second user under either key would shadow the
+     * first (logins and tokens reaching the wrong account). */
+    if (api_user_find(app, row->user_id) != NULL) {
+        *why = "a second row with this user_id";
+        return TLY_EINVAL;
+    }
+    if (api_user_find_name(app, row->username) != NULL) {
+        *why = "another user has this username (letters compared case-insensitively)";
+        return TLY_EINVAL;
+    }
     user_t *u = tly_calloc(1, sizeof(*u));
     if (u == NULL)
         return TLY_ENOMEM;
@@ -160,16 +174,35 @@ int api_user_from_row(tly_app_t *app, const tly_user_row_t *row)
     return 0;
 }
 
-tly_poll_t *api_poll_build(const tly_poll_row_t *row, int *rc)
+int api_user_from_row(tly_app_t *app, const tly_user_row_t *row)
 {
+    const char *why;
+    return user_from_row(app, row, &why);
+}
+
+/* Why a poll row cannot be a poll in memory, before anything is built; or NULL. */
+static const char *poll_row_misfit(const tly_poll_row_t *row)
+{
+    if (strlen(row->poll_id) > TLY_POLL_ID_LEN)
+        return "poll_id is longer than a poll id (16 bytes)";
+    if (row->type < TLY_TYPE_SINGLE || row->type > TLY_TYPE_SCORE)
+        return "type is not a poll type";
+    if (row->status < TLY_STATUS_DRAFT || row->status > TLY_STATUS_CLOSED)
+        return "status is not a poll status";
+    if (row->noptions > TLY_MAX_OPTIONS)
+        return "more options than a poll may have";
+    return NULL;
+}
+
+static tly_poll_t *poll_build(const tly_poll_row_t *row, int *rc, const char **why)
+{
+    *rc = TLY_EINVAL;
+    if ((*why = poll_row_misfit(row)) != NULL)
+        return NULL;
     *rc = TLY_ENOMEM;
     tly_poll_t *p = tly_calloc(1, sizeof(*p));
-    if (p == NULL || row->noptions > TLY_MAX_OPTIONS) {
-        if (p != NULL)
-            *rc = TLY_EINVAL;
-        tly_free(p);
+    if (p == NULL)
         return NULL;
-    }
     snprintf(p->poll_id, sizeof(p->poll_id), "%s", row->poll_id);
     p->owner_id = tly_strdup(row->owner_id);
     p->title = tly_strdup(row->title);
@@ -193,6 +226,7 @@ tly_poll_t *api_poll_build(const tly_poll_row_t *row, int *rc)
     if (settings_parse(row->settings_json, &p->settings) != 0) {
         tly_poll_free(p);
         *rc = TLY_EINVAL;
+        *why = "settings is not a settings object this tally can read";
         return NULL;
     }
     for (size_t i = 0; i < row->noptions; i++) {
@@ -206,6 +240,8 @@ tly_poll_t *api_poll_build(const tly_poll_row_t *row, int *rc)
         }
     }
     if (row->final_results != NULL && (*rc = tly_poll_set_final_results(p, row->final_results)) != 0) {
+        if (*rc == TLY_EINVAL)
+            *why = "final_results is not results this tally can read";
         tly_poll_free(p);
         return NULL;
     }
@@ -213,10 +249,20 @@ tly_poll_t *api_poll_build(const tly_poll_row_t *row, int *rc)
     return p;
 }
 
-int api_poll_from_row(tly_app_t *app, const tly_poll_row_t *row)
+tly_poll_t *api_poll_build(const tly_poll_row_t *row, int *rc)
+{
+    const char *why;
+    return poll_build(row, rc, &why);
+}
+
+static int poll_from_row(tly_app_t *app, const tly_poll_row_t *row, const char **why)
 {
     int rc;
-    tly_poll_t *p = api_poll_build(row, &rc);
+    if (tly_registry_find_poll(app->registry, row->poll_id) != NULL) {
+        *why = "a second row with this poll_id";
+        return TLY_EINVAL;
+    }
+    tly_poll_t *p = poll_build(row, &rc, why);
     if (p == NULL)
         return rc;
     if (tly_registry_add_poll(app->registry, p) != 0) {
@@ -239,15 +285,38 @@ int api_poll_from_row(tly_app_t *app, const tly_poll_row_t *row)
     return 0;
 }
 
-int api_ballot_from_row(tly_app_t *app, tly_poll_t *p, const tly_ballot_row_t *row)
+int api_poll_from_row(tly_app_t *app, const tly_poll_row_t *row)
+{
+    const char *why;
+    return poll_from_row(app, row, &why);
+}
+
+/* Why a ballot row does not fit poll p (as memory holds it), or NULL. */
+static const char *ballot_misfit(tly_poll_t *p, const tly_ballot_row_t *row)
 {
     if (row->nchoices > p->noptions || row->nchoices > TLY_MAX_OPTIONS)
+        return "more choices than the poll has options";
+    for (size_t i = 0; i < row->nchoices; i++)
+        if (row->choices[i] >= p->noptions)
+            return "a choice outside the poll's options";
+    /* A score poll's ballots carry a score per choice, no other ballot does: counting
+     * reads them by the poll's type. */
+    if (p->type == TLY_TYPE_SCORE && row->nchoices > 0 && row->scores == NULL)
+        return "a score poll's ballot without scores";
+    if (p->type != TLY_TYPE_SCORE && row->scores != NULL)
+        return "scores on a poll that is not a score poll";
+    if (tly_poll_find_vote(p, row->voter_id) != NULL)
+        return "the voter already has a ballot in this poll";
+    return NULL;
+}
+
+static int ballot_from_row(tly_app_t *app, tly_poll_t *p, const tly_ballot_row_t *row, const char **why)
+{
+    if ((*why = ballot_misfit(p, row)) != NULL)
         return TLY_EINVAL;
     tly_ballot_t b;
     b.nchoices = row->nchoices;
     for (size_t i = 0; i < row->nchoices; i++) {
-        if (row->choices[i] >= p->noptions)
-            return TLY_EINVAL;
         b.choices[i] = row->choices[i];
         b.scores[i] = row->scores ? row->scores[i] : 0;
     }
@@ -260,14 +329,24 @@ int api_ballot_from_row(tly_app_t *app, tly_poll_t *p, const tly_ballot_row_t *r
         tly_vote_free(v);
         return TLY_ENOMEM;
     }
-    /* the address set of voter_check comes back from the hashes kept with the ballots
-     * (the store allows one ballot per hash and poll, so TLY_EEXIST cannot happen) */
-    if (row->ip_hash != NULL && tly_poll_set_vote_ip(p, v, row->ip_hash) == TLY_ENOMEM) {
+    /* the address set of voter_check comes back from the hashes kept with the ballots;
+     * the store allows one ballot per hash and poll, so a second is a damaged store */
+    int rc = row->ip_hash != NULL ? tly_poll_set_vote_ip(p, v, row->ip_hash) : 0;
+    if (rc != 0) {
         tly_poll_drop_vote(app->registry, p, v);
-        return TLY_ENOMEM;
+        if (rc == TLY_ENOMEM)
+            return TLY_ENOMEM;
+        *why = "another ballot of the poll has this ip_hash";
+        return TLY_EINVAL;
     }
     tly_poll_commit_vote(p, v, row->recorded_at);
     return 0;
+}
+
+int api_ballot_from_row(tly_app_t *app, tly_poll_t *p, const tly_ballot_row_t *row)
+{
+    const char *why;
+    return ballot_from_row(app, p, row, &why);
 }
 
 int api_request_from_row(tly_app_t *app, const tly_request_row_t *row)
@@ -313,12 +392,18 @@ void api_request_free(tly_app_t *app, vote_request_t *r)
 /* A changed ballot's first cast, from the store (after its ballot): a retry of the POST
  * that cast it replays that. 0, TLY_EINVAL (no such ballot in memory, or a choice
  * outside the poll's options) or TLY_ENOMEM. */
-static int cast_from_row(tly_app_t *app, const tly_ballot_row_t *row)
+/* The first cast of a changed ballot (its Idempotency-Key's answer). A ballot memory did
+ * not take (left out as a bad row) has nothing to attach it to: 0. */
+static int cast_from_row(tly_app_t *app, const tly_ballot_row_t *row, const char **why)
 {
     tly_poll_t *p = tly_registry_find_poll(app->registry, row->poll_id);
     tly_vote_t *v = p != NULL ? tly_poll_find_vote(p, row->voter_id) : NULL;
-    if (v == NULL || row->nchoices > TLY_MAX_OPTIONS)
+    if (v == NULL)
+        return 0;
+    if (row->nchoices > TLY_MAX_OPTIONS) {
+        *why = "the cast names more choices than a ballot may";
         return TLY_EINVAL;
+    }
     tly_ballot_t b;
     b.nchoices = row->nchoices;
     for (size_t i = 0; i < row->nchoices; i++) {
@@ -332,69 +417,61 @@ static int cast_from_row(tly_app_t *app, const tly_ballot_row_t *row)
 
 typedef struct {
     tly_app_t *app;
-    size_t users, polls, ballots, requests, retracted, casts, skipped;
-    int failed;
+    size_t users, polls, ballots, requests, retracted;
 } load_t;
 
-static void load_user(void *ctx, const tly_user_row_t *row)
+/* The store's load callbacks: TLY_EINVAL with *why for a row memory cannot hold, which
+ * the store then reports (or leaves out, with --skip-bad-rows). */
+static int load_user(void *ctx, const tly_user_row_t *row, const char **why)
 {
     load_t *l = ctx;
-    if (api_user_from_row(l->app, row) != 0)
-        l->failed = 1;
-    else
-        l->users++;
+    int rc = user_from_row(l->app, row, why);
+    l->users += rc == 0;
+    return rc;
 }
 
-static void load_poll(void *ctx, const tly_poll_row_t *row)
+static int load_poll(void *ctx, const tly_poll_row_t *row, const char **why)
 {
     load_t *l = ctx;
-    if (api_poll_from_row(l->app, row) != 0)
-        l->failed = 1;
-    else
-        l->polls++;
+    int rc = poll_from_row(l->app, row, why);
+    l->polls += rc == 0;
+    return rc;
 }
 
-static void load_ballot(void *ctx, const tly_ballot_row_t *row)
+static int load_ballot(void *ctx, const tly_ballot_row_t *row, const char **why)
 {
     load_t *l = ctx;
+    /* the store hands over only ballots of polls it handed over and this took */
     tly_poll_t *p = tly_registry_find_poll(l->app->registry, row->poll_id);
-    int rc = p != NULL ? api_ballot_from_row(l->app, p, row) : TLY_EINVAL;
-    if (rc == TLY_EINVAL)
-        l->skipped++;
-    else if (rc != 0)
-        l->failed = 1;
+    int rc = TLY_EINVAL;
+    if (p == NULL)
+        *why = "no poll with this poll_id";
     else
-        l->ballots++;
+        rc = ballot_from_row(l->app, p, row, why);
+    l->ballots += rc == 0;
+    return rc;
 }
 
-static void load_request(void *ctx, const tly_request_row_t *row)
+static int load_request(void *ctx, const tly_request_row_t *row, const char **why)
 {
     load_t *l = ctx;
-    if (api_request_from_row(l->app, row) != 0)
-        l->failed = 1;
-    else
-        l->requests++;
+    int rc = api_request_from_row(l->app, row);
+    l->requests += rc == 0;
+    return rc;
 }
 
-static void load_retracted(void *ctx, const tly_retracted_row_t *row)
+static int load_retracted(void *ctx, const tly_retracted_row_t *row, const char **why)
 {
     load_t *l = ctx;
-    if (api_remember_retracted_key(l->app, row->poll_id, row->voter_id, row->idem_key, row->body_hash, row->at) != 0)
-        l->failed = 1;
-    else
-        l->retracted++;
+    int rc = api_remember_retracted_key(l->app, row->poll_id, row->voter_id, row->idem_key, row->body_hash, row->at);
+    l->retracted += rc == 0;
+    return rc;
 }
 
-static void load_cast(void *ctx, const tly_ballot_row_t *row)
+static int load_cast(void *ctx, const tly_ballot_row_t *row, const char **why)
 {
     load_t *l = ctx;
-    int rc = cast_from_row(l->app, row);
-    if (rc == TLY_EINVAL) /* its ballot was skipped, or the copy names no option of the poll */
-        l->skipped++;
-    else if (rc != 0)
-        l->failed = 1;
-    else
-        l->casts++;
+    return cast_from_row(l->app, row, why);
 }
 
 int api_load(tly_app_t *app)
@@ -406,21 +483,24 @@ int api_load(tly_app_t *app)
                               .request = load_request,
                               .retracted = load_retracted,
                               .retracted_since = tly_now_ms() - app->conf->retracted_key_ttl * 1000,
-                              .cast = load_cast};
+                              .cast = load_cast,
+                              .skip_bad_rows = app->conf->skip_bad_rows,
+                              .skip_quick_check = app->conf->skip_quick_check};
     int64_t t0 = tly_now_ms();
-    if (tly_store_load(app->store, &cb, &l) != 0 || l.failed)
-        return -1;
-    char users[24], polls[24], ballots[24], requests[24], retracted[24], casts[24], skipped[24], ms[24];
+    int rc = tly_store_load(app->store, &cb, &l);
+    if (rc < 0)
+        return rc;
+    char users[24], polls[24], ballots[24], requests[24], retracted[24], left_out[24], ms[24];
     snprintf(users, sizeof(users), "%zu", l.users);
     snprintf(polls, sizeof(polls), "%zu", l.polls);
     snprintf(ballots, sizeof(ballots), "%zu", l.ballots);
     snprintf(requests, sizeof(requests), "%zu", l.requests);
     snprintf(retracted, sizeof(retracted), "%zu", l.retracted);
-    snprintf(casts, sizeof(casts), "%zu", l.casts);
-    snprintf(skipped, sizeof(skipped), "%zu", l.skipped);
+    snprintf(left_out, sizeof(left_out), "%d", rc);
     snprintf(ms, sizeof(ms), "%lld", (long long)(tly_now_ms() - t0));
-    tly_log(l.skipped ? TLY_LOG_WARN : TLY_LOG_INFO, "store loaded", "users", users, "polls", polls, "ballots", ballots,
-            "requests", requests, "retracted_keys", retracted, "changed_casts", casts, "skipped", skipped, "ms", ms,
-            NULL);
+    /* rows left out (--skip-bad-rows): each was logged; this says the server runs
+     * without them */
+    tly_log(rc > 0 ? TLY_LOG_WARN : TLY_LOG_INFO, "store loaded", "users", users, "polls", polls, "ballots", ballots,
+            "requests", requests, "retracted_keys", retracted, "bad_rows_left_out", left_out, "ms", ms, NULL);
     return 0;
 }

@@ -61,6 +61,12 @@ static const option_t options[] = {
     {"retracted-key-ttl", OPT_LONG, OFF(retracted_key_ttl), "86400", 1, 31622400, "serve",
      "seconds the Idempotency-Key of a retracted ballot is remembered: until then a retry of the POST that cast it "
      "gets 409 VOTE_RETRACTED, afterwards it casts a new ballot"},
+    {"skip-bad-rows", OPT_BOOL, OFF(skip_bad_rows), "false", 0, 0, "serve",
+     "start even if rows of the store do not load (do not decode, or do not fit their poll): each is left out "
+     "and logged with its table and key, and stays in the store (without it such a row refuses the start)"},
+    {"skip-quick-check", OPT_BOOL, OFF(skip_quick_check), "false", 0, 0, "serve",
+     "do not run SQLite's PRAGMA quick_check over the data directory's database at start (it reads the whole "
+     "file beside the load; a damaged file refuses the start)"},
     {"batch-max", OPT_LONG, OFF(batch_max), "4096", 1, 1000000, "serve", "most writes in one store transaction"},
     {"live-tick", OPT_LONG, OFF(live_tick), "250", 10, 10000, "serve",
      "milliseconds between live results pushes (coalescing tick)"},

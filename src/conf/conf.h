@@ -34,6 +34,8 @@ typedef struct {
     long token_ttl;
     long retracted_key_ttl; /* seconds */
     long batch_max;
+    bool skip_bad_rows;    /* start without the rows load refuses, logging each */
+    bool skip_quick_check; /* no PRAGMA quick_check at start (SQLite) */
     long live_tick;
     long live_max;
     long live_max_per_ip;

@@ -87,8 +87,7 @@ fail:
 }
 
 typedef struct {
-    const tly_store_load_cb_t *cb;
-    void *ctx;
+    tly_load_t check; /* the checks and the bad-row rule (load.c) */
     tly_option_row_t *opts;
     size_t nopts;
 } load_t;
@@ -97,15 +96,23 @@ static int load_user(void *arg, const PGresult *res, int i)
 {
     load_t *l = arg;
     tly_user_row_t u = {cs(res, i, 0), cs(res, i, 1), cs(res, i, 2), cs(res, i, 3), ci(res, i, 4)};
-    if (l->cb->user != NULL)
-        l->cb->user(l->ctx, &u);
-    return 0;
+    return tly_load_user(&l->check, &u);
+}
+
+/* A poll row that does not decode; its ballots follow as ballots of a poll load has
+ * not seen, bad rows too. */
+static int bad_poll(load_t *l, const char *poll_id, const char *why)
+{
+    char key[TLY_LOAD_KEY_MAX];
+    tly_load_key(key, "poll_id", poll_id, NULL);
+    return tly_load_bad(&l->check, "polls", key, why);
 }
 
 static int load_poll(void *arg, const PGresult *res, int i)
 {
     load_t *l = arg;
     json_error_t err;
+    int rc;
     tly_poll_row_t p = {
         .poll_id = cs(res, i, 0),
         .owner_id = cs(res, i, 1),
@@ -121,13 +128,14 @@ static int load_poll(void *arg, const PGresult *res, int i)
         .idem_key = cs(res, i, 11),
         .final_results = cs(res, i, 13),
     };
+    if (chash(res, i, 12, p.body_hash) != 0)
+        return bad_poll(l, p.poll_id, "body_hash is not 16 bytes");
+    /* Built by the query from the options table: only out of memory makes it unreadable
+     * (jansson allocates through the wrapper). */
     json_t *opts = json_loads(PQgetvalue(res, i, 14), 0, &err);
     size_t n = json_array_size(opts);
-    if (opts == NULL || chash(res, i, 12, p.body_hash) != 0) {
-        json_decref(opts);
-        tly_log(TLY_LOG_ERROR, "store: malformed poll row (or out of memory)", NULL);
-        return TLY_EIO;
-    }
+    if (opts == NULL)
+        return TLY_ENOMEM;
     if (n > l->nopts) {
         tly_option_row_t *o = tly_realloc(l->opts, n * sizeof *o);
         if (o == NULL) {
@@ -145,10 +153,9 @@ static int load_poll(void *arg, const PGresult *res, int i)
     }
     p.noptions = n;
     p.options = n ? l->opts : NULL;
-    if (l->cb->poll != NULL)
-        l->cb->poll(l->ctx, &p);
+    rc = tly_load_poll(&l->check, &p);
     json_decref(opts);
-    return 0;
+    return rc;
 }
 
 /* Room for a decoded ballot's byte fields. */
@@ -158,11 +165,12 @@ typedef struct {
 
 /* A ballot row's columns from `at` on: poll_id, voter_id, vote_id, receipt, choices,
  * scores, recorded_at, idem_key, body_hash, client_meta, and ip_hash when with_ip (load;
- * pages leave it out). The byte fields of *b point into buf. 0, or TLY_EIO (logged) for
- * a malformed row. */
-static int decode_ballot(const PGresult *res, int i, int at, int with_ip, ballot_buf_t *buf, tly_ballot_row_t *b)
+ * pages leave it out). The byte fields of *b point into buf. NULL, or what is wrong
+ * with the row. */
+static const char *decode_ballot(const PGresult *res, int i, int at, int with_ip, ballot_buf_t *buf,
+                                 tly_ballot_row_t *b)
 {
-    int n, ns, ni = 0;
+    int n = 0, ns = 0, ni = 0;
     const uint8_t *ipp = NULL;
     *b = (tly_ballot_row_t){
         .poll_id = cs(res, i, at),
@@ -173,16 +181,17 @@ static int decode_ballot(const PGresult *res, int i, int at, int with_ip, ballot
         .idem_key = cs(res, i, at + 7),
         .client_meta = cs(res, i, at + 9),
     };
-    if (cbytes(res, i, at + 4, buf->choices, 255, &b->choices, &n) != 0 ||
-        cbytes(res, i, at + 5, buf->scores, 255, &b->scores, &ns) != 0 || (b->scores != NULL && ns != n) ||
-        chash(res, i, at + 8, b->body_hash) != 0 ||
-        (with_ip && (cbytes(res, i, at + 10, buf->ip, 16, &ipp, &ni) != 0 || (ipp != NULL && ni != 16)))) {
-        tly_log(TLY_LOG_ERROR, "store: malformed ballot row", NULL);
-        return TLY_EIO;
-    }
+    if (cbytes(res, i, at + 4, buf->choices, 255, &b->choices, &n) != 0)
+        return "choices is longer than 255 bytes";
+    if (cbytes(res, i, at + 5, buf->scores, 255, &b->scores, &ns) != 0 || (b->scores != NULL && ns != n))
+        return "scores is not as long as choices";
+    if (chash(res, i, at + 8, b->body_hash) != 0)
+        return "body_hash is not 16 bytes";
+    if (with_ip && (cbytes(res, i, at + 10, buf->ip, 16, &ipp, &ni) != 0 || (ipp != NULL && ni != 16)))
+        return "ip_hash is not 16 bytes";
     b->nchoices = (uint8_t)n;
     b->ip_hash = ipp;
-    return 0;
+    return NULL;
 }
 
 static int load_ballot(void *arg, const PGresult *res, int i)
@@ -190,11 +199,15 @@ static int load_ballot(void *arg, const PGresult *res, int i)
     load_t *l = arg;
     ballot_buf_t buf;
     tly_ballot_row_t b;
-    if (decode_ballot(res, i, 0, 1, &buf, &b) != 0)
-        return TLY_EIO;
-    if (l->cb->ballot != NULL)
-        l->cb->ballot(l->ctx, &b);
-    return 0;
+    int64_t seq = ci(res, i, 11);
+    const char *bad = decode_ballot(res, i, 0, 1, &buf, &b);
+    if (bad != NULL) {
+        char key[TLY_LOAD_KEY_MAX], seqs[24];
+        snprintf(seqs, sizeof seqs, "%" PRId64, seq);
+        tly_load_key(key, "seq", seqs, "poll_id", b.poll_id, "voter_id", b.voter_id, NULL);
+        return tly_load_bad(&l->check, "ballots", key, bad);
+    }
+    return tly_load_ballot(&l->check, &b, seq);
 }
 
 static int load_request(void *arg, const PGresult *res, int i)
@@ -202,23 +215,22 @@ static int load_request(void *arg, const PGresult *res, int i)
     load_t *l = arg;
     tly_request_row_t r = {cs(res, i, 0), cs(res, i, 1), cs(res, i, 2), cs(res, i, 3),
                            cs(res, i, 4), cs(res, i, 5), ci(res, i, 6)};
-    if (l->cb->request != NULL)
-        l->cb->request(l->ctx, &r);
-    return 0;
+    return tly_load_request(&l->check, &r);
 }
 
 static int load_retracted(void *arg, const PGresult *res, int i)
 {
     load_t *l = arg;
+    int64_t seq = ci(res, i, 5);
     tly_retracted_row_t r = {
         .poll_id = cs(res, i, 0), .voter_id = cs(res, i, 1), .idem_key = cs(res, i, 2), .at = ci(res, i, 4)};
     if (chash(res, i, 3, r.body_hash) != 0) {
-        tly_log(TLY_LOG_ERROR, "store: malformed audit row", NULL);
-        return TLY_EIO;
+        char key[TLY_LOAD_KEY_MAX], seqs[24];
+        snprintf(seqs, sizeof seqs, "%" PRId64, seq);
+        tly_load_key(key, "seq", seqs, NULL);
+        return tly_load_bad(&l->check, "audit", key, "body_hash is not 16 bytes");
     }
-    if (l->cb->retracted != NULL)
-        l->cb->retracted(l->ctx, &r);
-    return 0;
+    return tly_load_retracted(&l->check, &r, seq);
 }
 
 static int load_cast(void *arg, const PGresult *res, int i)
@@ -227,24 +239,27 @@ static int load_cast(void *arg, const PGresult *res, int i)
     ballot_buf_t buf;
     int n, ns;
     tly_ballot_row_t b = {.poll_id = cs(res, i, 0), .voter_id = cs(res, i, 1), .recorded_at = ci(res, i, 4)};
+    int64_t seq = ci(res, i, 5);
     if (cbytes(res, i, 2, buf.choices, 255, &b.choices, &n) != 0 ||
         cbytes(res, i, 3, buf.scores, 255, &b.scores, &ns) != 0 || (b.scores != NULL && ns != n)) {
-        tly_log(TLY_LOG_ERROR, "store: malformed ballot row", NULL);
-        return TLY_EIO;
+        char key[TLY_LOAD_KEY_MAX], seqs[24];
+        snprintf(seqs, sizeof seqs, "%lld", (long long)seq);
+        tly_load_key(key, "seq", seqs, "poll_id", b.poll_id, "voter_id", b.voter_id, NULL);
+        return tly_load_bad(&l->check, "ballots", key, "cast_choices or cast_scores do not decode");
     }
     b.nchoices = (uint8_t)n;
-    if (l->cb->cast != NULL)
-        l->cb->cast(l->ctx, &b);
-    return 0;
+    return tly_load_cast(&l->check, &b, seq);
 }
 
 int pg_load(pg_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
 {
     int rc = TLY_EIO;
     int64_t head = 0;
-    load_t l = {.cb = cb, .ctx = ctx};
+    load_t l = {0};
     PGresult *res = NULL;
     PGconn *c = pg_connect(s, "load");
+
+    tly_load_init(&l.check, cb, ctx);
 
     if (c == NULL)
         return TLY_EIO;
@@ -278,7 +293,7 @@ int pg_load(pg_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
     if ((rc = each_row(c,
                        "DECLARE tly_load NO SCROLL CURSOR FOR"
                        " SELECT poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key,"
-                       " body_hash, client_meta, ip_hash FROM ballots ORDER BY seq",
+                       " body_hash, client_meta, ip_hash, seq FROM ballots ORDER BY seq",
                        load_ballot, &l)) != 0)
         goto fail;
     if ((rc = each_row(c,
@@ -289,25 +304,27 @@ int pg_load(pg_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
         goto fail;
     char retracted_sql[256];
     snprintf(retracted_sql, sizeof retracted_sql,
-             "DECLARE tly_load NO SCROLL CURSOR FOR SELECT poll_id, voter_id, idem_key, body_hash, at FROM audit"
+             "DECLARE tly_load NO SCROLL CURSOR FOR SELECT poll_id, voter_id, idem_key, body_hash, at, seq FROM audit"
              " WHERE event = 'revoked' AND idem_key IS NOT NULL AND at >= %" PRId64 " ORDER BY seq",
              cb->retracted_since);
     if ((rc = each_row(c, retracted_sql, load_retracted, &l)) != 0)
         goto fail;
     if ((rc = each_row(c,
                        "DECLARE tly_load NO SCROLL CURSOR FOR"
-                       " SELECT poll_id, voter_id, cast_choices, cast_scores, cast_at FROM ballots"
+                       " SELECT poll_id, voter_id, cast_choices, cast_scores, cast_at, seq FROM ballots"
                        " WHERE cast_at IS NOT NULL AND idem_key IS NOT NULL",
                        load_cast, &l)) != 0)
         goto fail;
     if ((rc = pg_exec(c, "COMMIT", PGRES_COMMAND_OK)) != 0)
         goto fail;
-    pg_feed_start(s, head + 1, 1);
     rc = 0;
 fail:
     PQclear(res);
     PQfinish(c);
     tly_free(l.opts);
+    rc = tly_load_finish(&l.check, rc);
+    if (rc >= 0) /* loaded (bad rows left out, if any): follow from the snapshot on */
+        pg_feed_start(s, head + 1, 1);
     return rc;
 }
 
@@ -393,6 +410,15 @@ typedef struct {
     void *ctx;
 } page_cb_t;
 
+/* A page met a row that does not decode (a start with --skip-bad-rows leaves such rows
+ * in the store): the page fails, and the log says which row. */
+static void page_malformed(const char *table, int64_t seq, const char *why)
+{
+    char key[32];
+    snprintf(key, sizeof key, "seq=%" PRId64, seq);
+    tly_log(TLY_LOG_ERROR, "store: malformed row", "table", table, "key", key, "reason", why, NULL);
+}
+
 static int audit_row(const PGresult *res, int i, void *arg)
 {
     const page_cb_t *pc = arg;
@@ -407,7 +433,7 @@ static int audit_row(const PGresult *res, int i, void *arg)
     };
     if (cbytes(res, i, 4, choices, 255, &a.choices, &nc) != 0 || cbytes(res, i, 5, scores, 255, &a.scores, &ns) != 0 ||
         (a.scores != NULL && ns != nc)) {
-        tly_log(TLY_LOG_ERROR, "store: malformed audit row", NULL);
+        page_malformed("audit", a.seq, "choices or scores longer than 255 bytes, or of different lengths");
         return TLY_EIO;
     }
     a.nchoices = (uint8_t)nc;
@@ -420,8 +446,11 @@ static int ballot_row(const PGresult *res, int i, void *arg)
     const page_cb_t *pc = arg;
     ballot_buf_t buf;
     tly_ballot_row_t b;
-    if (decode_ballot(res, i, 1, 0, &buf, &b) != 0) /* column 0 is the seq */
+    const char *bad = decode_ballot(res, i, 1, 0, &buf, &b); /* column 0 is the seq */
+    if (bad != NULL) {
+        page_malformed("ballots", ci(res, i, 0), bad);
         return TLY_EIO;
+    }
     pc->ballot(pc->ctx, &b, ci(res, i, 0));
     return 0;
 }

@@ -7,8 +7,8 @@
  *    piece uses (result codes, logging, stepping a statement);
  *  - sqlite_schema.c: the schema and its migrations, and the opening and configuration
  *    (pragmas) of connections;
- *  - sqlite_read.c: load, the readers (paged reads for exports) and generated ballots,
- *    each on a connection of its own;
+ *  - sqlite_read.c: load (with PRAGMA quick_check on a thread beside it), the readers
+ *    (paged reads for exports) and generated ballots, each on a connection of its own;
  *  - sqlite_fault.c: the test-only VFS whose n-th fsync fails (tly_store_fault_fsync).
  */
 #ifndef TALLY_STORE_SQLITE_INT_H

@@ -9,6 +9,7 @@
 #include "obs/obs.h"
 
 #include <limits.h>
+#include <pthread.h>
 #include <sqlite3.h>
 #include <stdio.h>
 #include <string.h>
@@ -17,37 +18,43 @@
 
 static const char *col_str(sqlite3_stmt *st, int i) { return (const char *)sqlite3_column_text(st, i); }
 
-static void col_hash(sqlite3_stmt *st, int i, uint8_t out[16])
+/* A 16-byte hash column: 0, or -1 when it holds something else (NULL reads as zeros). */
+static int col_hash(sqlite3_stmt *st, int i, uint8_t out[16])
 {
     const void *p = sqlite3_column_blob(st, i);
-    if (p != NULL && sqlite3_column_bytes(st, i) == 16)
-        memcpy(out, p, 16);
-    else
-        memset(out, 0, 16);
+    memset(out, 0, 16);
+    if (p == NULL)
+        return 0;
+    if (sqlite3_column_bytes(st, i) != 16)
+        return -1;
+    memcpy(out, p, 16);
+    return 0;
 }
 
-/* Choices and scores of a row; 0 when they are well formed. A zero-length blob reads as
- * NULL (SQLite's rule), so an empty ballot has nchoices 0 and NULL choices. */
-static int col_choices(sqlite3_stmt *st, int ichoices, int iscores, uint8_t *n, const uint8_t **choices,
-                       const uint8_t **scores)
+/* Choices and scores of a row: NULL when they are well formed, else what is wrong. A
+ * zero-length blob reads as NULL (SQLite's rule), so an empty ballot has nchoices 0 and
+ * NULL choices. */
+static const char *col_choices(sqlite3_stmt *st, int ichoices, int iscores, uint8_t *n, const uint8_t **choices,
+                               const uint8_t **scores)
 {
     /* Pointer first, then size: SQLite's documented order for a value it may convert. */
     *choices = sqlite3_column_blob(st, ichoices);
     int nchoices = sqlite3_column_bytes(st, ichoices);
     *scores = sqlite3_column_blob(st, iscores);
     int nscores = sqlite3_column_bytes(st, iscores);
-    if (nchoices > UINT8_MAX || (*scores != NULL && nscores != nchoices)) {
-        tly_log(TLY_LOG_ERROR, "store: malformed ballot row", NULL);
-        return TLY_EIO;
-    }
+    *n = 0;
+    if (nchoices > UINT8_MAX)
+        return "choices is longer than 255 bytes";
+    if (*scores != NULL && nscores != nchoices)
+        return "scores is not as long as choices";
     *n = (uint8_t)nchoices;
-    return 0;
+    return NULL;
 }
 
 /* The ballot columns that load and the ballot pages share, from column `at` on:
  * poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key,
- * body_hash, client_meta. 0, or TLY_EIO for a malformed row (logged). */
-static int col_ballot(sqlite3_stmt *st, int at, tly_ballot_row_t *b)
+ * body_hash, client_meta. NULL, or what is wrong with the row. */
+static const char *col_ballot(sqlite3_stmt *st, int at, tly_ballot_row_t *b)
 {
     *b = (tly_ballot_row_t){
         .poll_id = col_str(st, at),
@@ -58,7 +65,8 @@ static int col_ballot(sqlite3_stmt *st, int at, tly_ballot_row_t *b)
         .idem_key = col_str(st, at + 7),
         .client_meta = col_str(st, at + 9),
     };
-    col_hash(st, at + 8, b->body_hash);
+    if (col_hash(st, at + 8, b->body_hash) != 0)
+        return "body_hash is not 16 bytes";
     return col_choices(st, at + 4, at + 5, &b->nchoices, &b->choices, &b->scores);
 }
 
@@ -116,8 +124,7 @@ static int option_buf_add(option_buf_t *ob, sqlite3_stmt *st)
 
 /* What load's row decoders share. */
 typedef struct {
-    const tly_store_load_cb_t *cb;
-    void *ctx;
+    tly_load_t check;  /* the checks and the bad-row rule (load.c) */
     sqlite3_stmt *ost; /* a poll's options */
     option_buf_t ob;
 } sq_load_t;
@@ -159,9 +166,7 @@ static int load_user(sq_load_t *l, sqlite3_stmt *st)
         .email = col_str(st, 3),
         .created_at = sqlite3_column_int64(st, 4),
     };
-    if (l->cb->user != NULL)
-        l->cb->user(l->ctx, &u);
-    return 0;
+    return tly_load_user(&l->check, &u);
 }
 
 static int load_poll(sq_load_t *l, sqlite3_stmt *st)
@@ -183,7 +188,12 @@ static int load_poll(sq_load_t *l, sqlite3_stmt *st)
         .idem_key = col_str(st, 11),
         .final_results = col_str(st, 13),
     };
-    col_hash(st, 12, p.body_hash);
+    if (col_hash(st, 12, p.body_hash) != 0) {
+        char key[TLY_LOAD_KEY_MAX];
+        tly_load_key(key, "poll_id", p.poll_id, NULL);
+        /* its ballots follow as ballots of a poll load has not seen: bad rows too */
+        return tly_load_bad(&l->check, "polls", key, "body_hash is not 16 bytes");
+    }
     ob->n = ob->len = 0;
     sqlite3_bind_text(l->ost, 1, p.poll_id, -1, SQLITE_STATIC);
     while ((src = sqlite3_step(l->ost)) == SQLITE_ROW && (rc = option_buf_add(ob, l->ost)) == 0)
@@ -199,25 +209,25 @@ static int load_poll(sq_load_t *l, sqlite3_stmt *st)
     }
     p.noptions = ob->n;
     p.options = ob->rows;
-    if (l->cb->poll != NULL)
-        l->cb->poll(l->ctx, &p);
-    return 0;
+    return tly_load_poll(&l->check, &p);
 }
 
 static int load_ballot(sq_load_t *l, sqlite3_stmt *st)
 {
     tly_ballot_row_t b;
-    if (col_ballot(st, 0, &b) != 0)
-        return TLY_EIO;
+    int64_t seq = sqlite3_column_int64(st, 11);
+    const char *bad = col_ballot(st, 0, &b);
     b.ip_hash = sqlite3_column_blob(st, 10);
-    if (b.ip_hash != NULL && sqlite3_column_bytes(st, 10) != 16) {
-        tly_log(TLY_LOG_ERROR, "store: malformed ballot row", NULL);
-        return TLY_EIO;
+    if (bad == NULL && b.ip_hash != NULL && sqlite3_column_bytes(st, 10) != 16)
+        bad = "ip_hash is not 16 bytes";
+    if (bad != NULL) {
+        char key[TLY_LOAD_KEY_MAX], seqs[24];
+        snprintf(seqs, sizeof seqs, "%lld", (long long)seq);
+        tly_load_key(key, "seq", seqs, "poll_id", b.poll_id, "voter_id", b.voter_id, NULL);
+        return tly_load_bad(&l->check, "ballots", key, bad);
     }
-    b.seq = sqlite3_column_int64(st, 11);
-    if (l->cb->ballot != NULL)
-        l->cb->ballot(l->ctx, &b);
-    return 0;
+    b.seq = seq;
+    return tly_load_ballot(&l->check, &b, seq);
 }
 
 static int load_request(sq_load_t *l, sqlite3_stmt *st)
@@ -231,9 +241,7 @@ static int load_request(sq_load_t *l, sqlite3_stmt *st)
         .error = col_str(st, 5),
         .created_at = sqlite3_column_int64(st, 6),
     };
-    if (l->cb->request != NULL)
-        l->cb->request(l->ctx, &r);
-    return 0;
+    return tly_load_request(&l->check, &r);
 }
 
 static int load_retracted(sq_load_t *l, sqlite3_stmt *st)
@@ -242,29 +250,117 @@ static int load_retracted(sq_load_t *l, sqlite3_stmt *st)
                              .voter_id = col_str(st, 1),
                              .idem_key = col_str(st, 2),
                              .at = sqlite3_column_int64(st, 4)};
-    col_hash(st, 3, r.body_hash);
-    if (l->cb->retracted != NULL)
-        l->cb->retracted(l->ctx, &r);
-    return 0;
+    int64_t seq = sqlite3_column_int64(st, 5);
+    if (col_hash(st, 3, r.body_hash) != 0) {
+        char key[TLY_LOAD_KEY_MAX], seqs[24];
+        snprintf(seqs, sizeof seqs, "%lld", (long long)seq);
+        tly_load_key(key, "seq", seqs, NULL);
+        return tly_load_bad(&l->check, "audit", key, "body_hash is not 16 bytes");
+    }
+    return tly_load_retracted(&l->check, &r, seq);
+}
+
+/* ---- PRAGMA quick_check, beside the load ------------------------------------------ */
+
+/* Bytes of quick_check's report kept for the log line: its first problems say what is
+ * wrong and where; the rest are counted. */
+#define QUICK_CHECK_REPORT_MAX 1024
+
+typedef struct {
+    const char *db_path;
+    pthread_t thread;
+    int started;
+    int rc; /* 0: "ok"; TLY_EIO: a problem (logged); TLY_ENOMEM */
+} quick_check_t;
+
+static void report_add(char *report, size_t *len, const char *line)
+{
+    int n = snprintf(report + *len, QUICK_CHECK_REPORT_MAX - *len, "%s%s", *len ? "; " : "", line);
+    if (n > 0)
+        *len = *len + (size_t)n < QUICK_CHECK_REPORT_MAX ? *len + (size_t)n : QUICK_CHECK_REPORT_MAX - 1;
+}
+
+/*
+ * Runs PRAGMA quick_check on a read-only connection of its own. It reads every page of
+ * the file and checks each b-tree (tables and indexes) and the free list; it does not
+ * compare an index with its table (integrity_check does, at several times the cost).
+ * That is what catches a damaged index page, which load never reads (it walks tables
+ * in rowid order) but which the first write through that index fails on. Its own
+ * thread: load is bound by building memory and the check by reading pages, so side by
+ * side the check adds little to the start (docs/PERFORMANCE.md has the figures).
+ */
+static void *quick_check_main(void *arg)
+{
+    quick_check_t *qc = arg;
+    sqlite3 *db = NULL;
+    sqlite3_stmt *st = NULL;
+    char report[QUICK_CHECK_REPORT_MAX] = "", problems[24], ms[24];
+    size_t len = 0, n = 0;
+    int64_t t0 = tly_now_ms();
+
+    int src = sqlite3_open_v2(qc->db_path, &db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL);
+    if (src == SQLITE_OK)
+        src = sq_configure(db);
+    if (src == SQLITE_OK)
+        src = sqlite3_prepare_v2(db, "PRAGMA quick_check", -1, &st, NULL);
+    while (src == SQLITE_OK && (src = sqlite3_step(st)) == SQLITE_ROW) {
+        const char *line = col_str(st, 0);
+        src = SQLITE_OK;
+        if (line != NULL && strcmp(line, "ok") == 0)
+            continue;
+        report_add(report, &len, line != NULL ? line : "(no text)");
+        n++;
+    }
+    if (src != SQLITE_DONE && src != SQLITE_OK) {
+        /* The check itself stopped: a page so damaged it could not go on, or the file
+         * could not be opened. Either way the report is SQLite's message. */
+        report_add(report, &len, db != NULL ? sqlite3_errmsg(db) : sqlite3_errstr(src));
+        n++;
+    }
+    sqlite3_finalize(st);
+    if (db != NULL)
+        sqlite3_close_v2(db);
+    snprintf(ms, sizeof ms, "%lld", (long long)(tly_now_ms() - t0));
+    if (n == 0) {
+        tly_log(TLY_LOG_INFO, "store: quick_check ok", "ms", ms, NULL);
+        qc->rc = 0;
+        return NULL;
+    }
+    snprintf(problems, sizeof problems, "%zu", n);
+    tly_log(TLY_LOG_ERROR, "store: PRAGMA quick_check found the database file damaged", "report", report, "problems",
+            problems, "ms", ms, NULL);
+    qc->rc = (src & 0xff) == SQLITE_NOMEM ? TLY_ENOMEM : TLY_EIO;
+    return NULL;
 }
 
 static int load_cast(sq_load_t *l, sqlite3_stmt *st)
 {
     tly_ballot_row_t b = {
         .poll_id = col_str(st, 0), .voter_id = col_str(st, 1), .recorded_at = sqlite3_column_int64(st, 4)};
-    if (col_choices(st, 2, 3, &b.nchoices, &b.choices, &b.scores) != 0)
-        return TLY_EIO;
-    if (l->cb->cast != NULL)
-        l->cb->cast(l->ctx, &b);
-    return 0;
+    int64_t seq = sqlite3_column_int64(st, 5);
+    if (col_choices(st, 2, 3, &b.nchoices, &b.choices, &b.scores) != 0) {
+        char key[TLY_LOAD_KEY_MAX], seqs[24];
+        snprintf(seqs, sizeof seqs, "%lld", (long long)seq);
+        tly_load_key(key, "seq", seqs, "poll_id", b.poll_id, "voter_id", b.voter_id, NULL);
+        return tly_load_bad(&l->check, "ballots", key, "cast_scores are not as long as cast_choices");
+    }
+    return tly_load_cast(&l->check, &b, seq);
 }
 
 int sq_load(sq_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
 {
     int rc, src;
     sqlite3 *db = NULL;
-    sq_load_t l = {.cb = cb, .ctx = ctx};
+    sq_load_t l = {0};
+    quick_check_t qc = {.db_path = s->db_path};
 
+    tly_load_init(&l.check, cb, ctx);
+    if (!cb->skip_quick_check) {
+        if (pthread_create(&qc.thread, NULL, quick_check_main, &qc) == 0)
+            qc.started = 1;
+        else
+            quick_check_main(&qc); /* no thread to be had: the start takes longer, but checks */
+    }
     /* A connection of its own: the writer's belongs to the writer thread, and a WAL
      * reader sees a consistent snapshot whatever the writer does meanwhile. */
     src = sqlite3_open_v2(s->db_path, &db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL);
@@ -300,16 +396,16 @@ int sq_load(sq_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
                        " created_at FROM vote_requests ORDER BY rowid",
                        0, load_request, &l)) != 0)
         goto out;
-    if ((rc = each_row(db,
-                       "SELECT poll_id, voter_id, idem_key, body_hash, at FROM audit"
-                       " WHERE event = 'revoked' AND idem_key IS NOT NULL AND at >= ?1 ORDER BY seq",
-                       cb->retracted_since, load_retracted, &l)) != 0)
-        goto out;
-    /* through the partial index of changed ballots (seq order makes it the plan) */
     rc = each_row(db,
-                  "SELECT poll_id, voter_id, cast_choices, cast_scores, cast_at FROM ballots"
-                  " WHERE cast_at IS NOT NULL AND idem_key IS NOT NULL ORDER BY seq",
-                  0, load_cast, &l);
+                  "SELECT poll_id, voter_id, idem_key, body_hash, at, seq FROM audit"
+                  " WHERE event = 'revoked' AND idem_key IS NOT NULL AND at >= ?1 ORDER BY seq",
+                  cb->retracted_since, load_retracted, &l);
+    /* through the partial index of changed ballots (seq order makes it the plan) */
+    if (rc == 0)
+        rc = each_row(db,
+                      "SELECT poll_id, voter_id, cast_choices, cast_scores, cast_at, seq FROM ballots"
+                      " WHERE cast_at IS NOT NULL AND idem_key IS NOT NULL ORDER BY seq",
+                      0, load_cast, &l);
 out:
     sqlite3_finalize(l.ost);
     if (db != NULL)
@@ -317,7 +413,12 @@ out:
     tly_free(l.ob.rows);
     tly_free(l.ob.off);
     tly_free(l.ob.buf);
-    return rc;
+    if (qc.started)
+        pthread_join(qc.thread, NULL);
+    /* A damaged file explains whatever else went wrong: its report is the answer. */
+    if (qc.rc != 0)
+        rc = qc.rc;
+    return tly_load_finish(&l.check, rc);
 }
 
 /* ---- readers: paged reads for exports ------------------------------------------------ */
@@ -392,6 +493,15 @@ static int page_end(sqlite3 *db, sqlite3_stmt *st, int src, int n)
     return (src & 0xff) == SQLITE_NOMEM ? TLY_ENOMEM : TLY_EIO;
 }
 
+/* A page met a row that does not decode (a start with --skip-bad-rows leaves such rows
+ * in the store): the page fails, and the log says which row. */
+static void page_malformed(const char *table, int64_t seq, const char *why)
+{
+    char key[32];
+    snprintf(key, sizeof key, "seq=%lld", (long long)seq);
+    tly_log(TLY_LOG_ERROR, "store: malformed row", "table", table, "key", key, "reason", why, NULL);
+}
+
 int sq_audit_page(sq_reader_t *r, const char *poll_id, int64_t after_seq, size_t limit,
                   void (*cb)(void *ctx, const tly_audit_row_t *row), void *ctx)
 {
@@ -408,7 +518,9 @@ int sq_audit_page(sq_reader_t *r, const char *poll_id, int64_t after_seq, size_t
             .event = col_str(st, 3),
             .at = sqlite3_column_int64(st, 6),
         };
-        if (col_choices(st, 4, 5, &a.nchoices, &a.choices, &a.scores) != 0) {
+        const char *bad = col_choices(st, 4, 5, &a.nchoices, &a.choices, &a.scores);
+        if (bad != NULL) {
+            page_malformed("audit", a.seq, bad);
             page_end(r->db, st, SQLITE_DONE, 0);
             return TLY_EIO;
         }
@@ -428,7 +540,9 @@ int sq_ballots_page(sq_reader_t *r, const char *poll_id, int64_t after_seq, size
     page_bind(st, poll_id, after_seq, limit);
     while ((src = sqlite3_step(st)) == SQLITE_ROW) {
         tly_ballot_row_t b;
-        if (col_ballot(st, 1, &b) != 0) {
+        const char *bad = col_ballot(st, 1, &b);
+        if (bad != NULL) {
+            page_malformed("ballots", sqlite3_column_int64(st, 0), bad);
             page_end(r->db, st, SQLITE_DONE, 0);
             return TLY_EIO;
         }

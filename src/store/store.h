@@ -217,24 +217,57 @@ typedef struct {
     int64_t at; /* the retraction's time, ms since the epoch */
 } tly_retracted_row_t;
 
+/*
+ * What load hands rows to. Each callback takes the row into memory and returns 0; or
+ * TLY_EINVAL with *why set (a static string) when the row does not fit what memory
+ * already holds (a second ballot of one voter in a poll, settings memory cannot read):
+ * the store then treats the row as a bad row, below; or another negative TLY_E* code
+ * (TLY_ENOMEM), which ends the load with that code. A NULL callback takes its rows
+ * without looking at them.
+ */
 typedef struct {
-    void (*user)(void *ctx, const tly_user_row_t *u);
-    void (*poll)(void *ctx, const tly_poll_row_t *p);
-    void (*ballot)(void *ctx, const tly_ballot_row_t *b);
-    void (*request)(void *ctx, const tly_request_row_t *r);
-    void (*retracted)(void *ctx, const tly_retracted_row_t *r);
+    int (*user)(void *ctx, const tly_user_row_t *u, const char **why);
+    int (*poll)(void *ctx, const tly_poll_row_t *p, const char **why);
+    int (*ballot)(void *ctx, const tly_ballot_row_t *b, const char **why);
+    int (*request)(void *ctx, const tly_request_row_t *r, const char **why);
+    int (*retracted)(void *ctx, const tly_retracted_row_t *r, const char **why);
     int64_t retracted_since; /* keys of ballots retracted before this time (ms) are not read */
     /* Each changed ballot that has an idem_key, as it was first cast (BALLOT_REPLACE
      * keeps it): poll_id, voter_id, nchoices, choices, scores (NULL unless a score
-     * ballot) and recorded_at (the cast's); every other field NULL or zero. */
-    void (*cast)(void *ctx, const tly_ballot_row_t *b);
+     * ballot) and recorded_at (the cast's); every other field NULL or zero. After
+     * every ballot; a cast of a ballot left out is not handed over. */
+    int (*cast)(void *ctx, const tly_ballot_row_t *b, const char **why);
+    /* 0: a bad row fails the load (TLY_EINVAL) once every row has been read; 1: a bad
+     * row is left out (logged at warn level with its table and key) and the load goes
+     * on. Either way nothing is written: a row left out is still in the store. */
+    int skip_bad_rows;
+    /* SQLite: 0 runs PRAGMA quick_check over the whole file beside the load (on a
+     * thread of its own, so that it costs the start little wall-clock time), and any
+     * problem it reports fails the load (TLY_EIO, the report logged); 1 skips it.
+     * PostgreSQL checks its own pages: ignored. */
+    int skip_quick_check;
 } tly_store_load_cb_t;
 
-/* Reads everything back at start: users, then polls (with options), then ballots in
+/*
+ * Reads everything back at start: users, then polls (with options), then ballots in
  * commit order, then vote requests, then the keys of retracted ballots (in retraction
  * order), then the first casts of changed ballots (any order). Rows passed to callbacks
- * are valid only during the call; a NULL callback skips its rows. Call before
- * submitting anything. Returns 0 or TLY_EIO. */
+ * are valid only during the call. Call before submitting anything.
+ *
+ * Load verifies what it hands over. A bad row is one that does not decode (a NULL where
+ * a value is required, a hash that is not 16 bytes, scores of another length than the
+ * choices, option positions that do not run 0..n-1, a state that is not one of the
+ * three) or does not fit what it refers to (a ballot of a poll that was not handed
+ * over, a choice outside its poll's options or named twice), or one a callback refused.
+ * Each is logged with its table, its key (ballots: seq, poll_id and voter_id) and the
+ * reason: at error level (the first 100 of a load; the rest are counted), or at warn
+ * level when skip_bad_rows leaves it out. Ballots of a poll left out are bad rows too.
+ *
+ * Returns the number of bad rows left out (0 unless skip_bad_rows), TLY_EINVAL (bad
+ * rows and not skip_bad_rows: memory holds what the callbacks took, and the caller
+ * must not serve from it), TLY_EIO (the store could not be read, or quick_check
+ * reported a problem) or TLY_ENOMEM.
+ */
 int tly_store_load(tly_store_t *s, const tly_store_load_cb_t *cb, void *ctx);
 
 /* Queues op for the writer. The caller keeps op and every string it points to alive and

@@ -62,6 +62,40 @@ int tly_store_hist_bucket(const uint64_t *bounds, uint64_t v);
  * queued before it returns. Owning thread, at close. */
 void tly_store_stop_thread(pthread_mutex_t *mu, pthread_cond_t *cv, int *stop, pthread_t t, int started);
 
+/*
+ * Load (load.c): the checks every backend's load makes and the rule for a bad row
+ * (tly_store_load in store.h). A backend decodes each row and passes it to the
+ * tly_load_* function of its table, which checks it, hands it to its callback and
+ * deals with a bad one; a row it cannot decode it passes to tly_load_bad itself. Each
+ * returns 0 (go on: the row was taken, or was bad and is counted and logged) or a
+ * negative code that ends the load (TLY_ENOMEM). The thread that runs the load.
+ */
+typedef struct tly_load {
+    const tly_store_load_cb_t *cb;
+    void *ctx;
+    struct load_poll *polls; /* every poll seen, by poll_id (load.c's) */
+    size_t bad;              /* bad rows so far */
+} tly_load_t;
+
+void tly_load_init(tly_load_t *l, const tly_store_load_cb_t *cb, void *ctx);
+int tly_load_user(tly_load_t *l, const tly_user_row_t *u);
+int tly_load_poll(tly_load_t *l, const tly_poll_row_t *p);
+int tly_load_ballot(tly_load_t *l, const tly_ballot_row_t *b, int64_t seq);
+int tly_load_request(tly_load_t *l, const tly_request_row_t *r);
+int tly_load_retracted(tly_load_t *l, const tly_retracted_row_t *r, int64_t seq); /* seq: the audit row's */
+int tly_load_cast(tly_load_t *l, const tly_ballot_row_t *b, int64_t seq); /* seq: the ballot's */
+/* A row of `table` that does not decode: key names it (tly_load_key), why says what is
+ * wrong. Logs it (store.h says at which level) and counts it. Returns 0. */
+int tly_load_bad(tly_load_t *l, const char *table, const char *key, const char *why);
+/* Writes a row's key for the log, "name=value name=value" from NULL-terminated pairs
+ * (a NULL value reads NULL); bytes a log line should not carry are escaped \xNN and a
+ * long value is cut, so that the key of a corrupt row is still one readable line. */
+#define TLY_LOAD_KEY_MAX 320
+void tly_load_key(char buf[TLY_LOAD_KEY_MAX], const char *name, const char *value, ...) __attribute__((sentinel));
+/* Ends the load: frees what l holds and returns what tly_store_load returns, given
+ * rc, the load's own result so far (0 or a negative code, which wins). */
+int tly_load_finish(tly_load_t *l, int rc);
+
 /* The schema version sqlite_schema.c migrates to (PRAGMA user_version). */
 #define TLY_STORE_SCHEMA_VERSION 6
 

@@ -19,6 +19,7 @@
 
 #include <criterion/criterion.h>
 #include <fcntl.h>
+#include <jansson.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -121,7 +122,9 @@ static tly_store_op_t poll_op(const char *poll_id, int nopts)
     return op;
 }
 
-static const uint8_t choices2[] = {0, 2};
+/* Two choices that fit every poll poll_op makes (2 or 3 options): load refuses a ballot
+ * naming an option its poll does not have. */
+static const uint8_t choices2[] = {0, 1};
 static const uint8_t scores2[] = {5, 9};
 
 static tly_store_op_t ballot_op(const char *poll_id, const char *voter, const char *vote_id,
@@ -164,12 +167,13 @@ typedef struct {
     char req_ids[8][32], req_state[8][32], req_vote[8][32], req_error[8][32];
 } seen_t;
 
-static void see_user(void *ctx, const tly_user_row_t *u)
+static int see_user(void *ctx, const tly_user_row_t *u, const char **why)
 {
     ((seen_t *)ctx)->users++;
+    return 0;
 }
 
-static void see_poll(void *ctx, const tly_poll_row_t *p)
+static int see_poll(void *ctx, const tly_poll_row_t *p, const char **why)
 {
     seen_t *seen = ctx;
     if (seen->polls < 8) {
@@ -179,26 +183,29 @@ static void see_poll(void *ctx, const tly_poll_row_t *p)
                  p->final_results ? p->final_results : "(null)");
     }
     seen->polls++;
+    return 0;
 }
 
-static void see_ballot(void *ctx, const tly_ballot_row_t *b)
+static int see_ballot(void *ctx, const tly_ballot_row_t *b, const char **why)
 {
     seen_t *seen = ctx;
     if (seen->ballots < 16)
         snprintf(seen->ballot_vote_ids[seen->ballots], 32, "%s", b->vote_id);
     seen->ballots++;
+    return 0;
 }
 
-static void see_request(void *ctx, const tly_request_row_t *r)
+static int see_request(void *ctx, const tly_request_row_t *r, const char **why)
 {
     seen_t *seen = ctx;
     int i = seen->requests++;
     if (i >= 8)
-        return;
+        return 0;
     snprintf(seen->req_ids[i], 32, "%s", r->request_id);
     snprintf(seen->req_state[i], 32, "%s", r->state);
     snprintf(seen->req_vote[i], 32, "%s", r->vote_id ? r->vote_id : "(null)");
     snprintf(seen->req_error[i], 32, "%s", r->error ? r->error : "(null)");
+    return 0;
 }
 
 static const tly_store_load_cb_t seen_cb = {
@@ -228,12 +235,204 @@ typedef struct {
     int rows, bad_choice;
 } gen_seen_t;
 
-static void see_generated(void *ctx, const tly_ballot_row_t *b)
+static int see_generated(void *ctx, const tly_ballot_row_t *b, const char **why)
 {
     gen_seen_t *g = ctx;
     g->rows++;
     if (b->nchoices != 1 || b->choices[0] >= 3 || b->scores != NULL)
         g->bad_choice++;
+    return 0;
+}
+
+/* ---- bad rows: what load hands over and what it logs ------------------------------------ */
+
+/* Rows load handed over, by table, with the voters of its ballots. The callbacks refuse
+ * what the test asks them to, as memory does (persist.c): a second ballot of a voter
+ * in a poll, and any row at all when refuse_all is set (with ENOMEM when enomem). */
+typedef struct {
+    int users, polls, ballots, requests, retracted;
+    char voters[16][40]; /* "<poll_id>/<voter_id>" of each ballot taken */
+    int refuse_duplicates, refuse_all, enomem;
+} bad_seen_t;
+
+static int bad_refuse(bad_seen_t *b, const char **why)
+{
+    if (b->enomem)
+        return TLY_ENOMEM;
+    if (!b->refuse_all)
+        return 0;
+    *why = "the test refuses every row";
+    return TLY_EINVAL;
+}
+
+static int bad_user(void *ctx, const tly_user_row_t *u, const char **why)
+{
+    bad_seen_t *b = ctx;
+    int rc = bad_refuse(b, why);
+    b->users += rc == 0;
+    return rc;
+}
+
+static int bad_poll(void *ctx, const tly_poll_row_t *p, const char **why)
+{
+    bad_seen_t *b = ctx;
+    int rc = bad_refuse(b, why);
+    b->polls += rc == 0;
+    return rc;
+}
+
+static int bad_ballot(void *ctx, const tly_ballot_row_t *r, const char **why)
+{
+    bad_seen_t *b = ctx;
+    char pv[40];
+    int rc = bad_refuse(b, why);
+    if (rc != 0)
+        return rc;
+    snprintf(pv, sizeof pv, "%s/%s", r->poll_id, r->voter_id);
+    for (int i = 0; b->refuse_duplicates && i < b->ballots && i < 16; i++)
+        if (strcmp(b->voters[i], pv) == 0) {
+            *why = "the voter already has a ballot in this poll";
+            return TLY_EINVAL;
+        }
+    if (b->ballots < 16)
+        snprintf(b->voters[b->ballots], sizeof b->voters[0], "%s", pv);
+    b->ballots++;
+    return 0;
+}
+
+static int bad_request(void *ctx, const tly_request_row_t *r, const char **why)
+{
+    bad_seen_t *b = ctx;
+    int rc = bad_refuse(b, why);
+    b->requests += rc == 0;
+    return rc;
+}
+
+static int bad_retracted(void *ctx, const tly_retracted_row_t *r, const char **why)
+{
+    bad_seen_t *b = ctx;
+    int rc = bad_refuse(b, why);
+    b->retracted += rc == 0;
+    return rc;
+}
+
+/* Loads s with the bad_* callbacks into *seen (cleared first, flags kept). */
+static int bad_load(tly_store_t *s, bad_seen_t *seen, int skip_bad_rows)
+{
+    tly_store_load_cb_t cb = {.user = bad_user,
+                              .poll = bad_poll,
+                              .ballot = bad_ballot,
+                              .request = bad_request,
+                              .retracted = bad_retracted,
+                              .skip_bad_rows = skip_bad_rows};
+    bad_seen_t flags = *seen;
+    *seen = (bad_seen_t){.refuse_duplicates = flags.refuse_duplicates,
+                         .refuse_all = flags.refuse_all,
+                         .enomem = flags.enomem};
+    return tly_store_load(s, &cb, seen);
+}
+
+/* Load's log lines go to stderr. A test that checks them sends stderr to a temporary
+ * file meanwhile. */
+typedef struct {
+    int saved;
+    FILE *f;
+} log_capture_t;
+
+static void log_capture_start(log_capture_t *c)
+{
+    fflush(stderr);
+    c->f = tmpfile();
+    cr_assert_not_null(c->f);
+    c->saved = dup(STDERR_FILENO);
+    cr_assert_geq(c->saved, 0);
+    cr_assert_geq(dup2(fileno(c->f), STDERR_FILENO), 0);
+}
+
+/* What was logged since log_capture_start (the caller frees it); it is also written to
+ * the real stderr, so that the test's output shows it. */
+static char *log_capture_end(log_capture_t *c)
+{
+    fflush(stderr);
+    cr_assert_geq(dup2(c->saved, STDERR_FILENO), 0);
+    close(c->saved);
+    off_t n = lseek(fileno(c->f), 0, SEEK_END); /* the log writes with write(2) */
+    cr_assert_geq(n, 0);
+    char *text = calloc(1, (size_t)n + 1);
+    cr_assert_not_null(text);
+    cr_assert_eq(pread(fileno(c->f), text, (size_t)n, 0), n);
+    fclose(c->f);
+    (void)!write(STDERR_FILENO, text, (size_t)n);
+    return text;
+}
+
+/* How many lines of text are JSON log lines at `level` with message `msg` whose
+ * "table" is table and whose "key" and "reason" contain key and reason (each NULL:
+ * any). */
+static int log_count(const char *text, const char *level, const char *msg, const char *table, const char *key,
+                     const char *reason)
+{
+    int n = 0;
+    for (const char *line = text; *line != '\0';) {
+        const char *end = strchr(line, '\n');
+        size_t len = end ? (size_t)(end - line) : strlen(line);
+        json_t *o = json_loadb(line, len, 0, NULL);
+        const char *lv = json_string_value(json_object_get(o, "level")),
+                   *m = json_string_value(json_object_get(o, "msg")),
+                   *t = json_string_value(json_object_get(o, "table")),
+                   *k = json_string_value(json_object_get(o, "key")),
+                   *r = json_string_value(json_object_get(o, "reason"));
+        if (lv != NULL && m != NULL && strcmp(lv, level) == 0 && strcmp(m, msg) == 0 &&
+            (table == NULL || (t != NULL && strcmp(t, table) == 0)) &&
+            (key == NULL || (k != NULL && strstr(k, key) != NULL)) &&
+            (reason == NULL || (r != NULL && strstr(r, reason) != NULL)))
+            n++;
+        json_decref(o);
+        line += len + (end != NULL);
+    }
+    return n;
+}
+
+/* A bad row and what load must say about it: stores' tests damage a store in each of
+ * these ways (SQL of their own) and check both answers. */
+typedef struct {
+    const char *name;
+    const char *table, *key, *reason; /* the log line's (key and reason: substrings) */
+    int left_out;                     /* rows --skip-bad-rows leaves out */
+    int polls, ballots, requests, retracted; /* what that load then hands over */
+} bad_kind_t;
+
+/* Loads the damaged store s twice and checks both answers: without skip_bad_rows the
+ * load fails with TLY_EINVAL and an error line names the row; with it the load returns
+ * the rows left out, a warn line names each, and the callbacks saw the rest. */
+static void check_bad_kind(tly_store_t **sp, const bad_kind_t *k)
+{
+    log_capture_t cap;
+    bad_seen_t seen = {0};
+    log_capture_start(&cap);
+    int rc = bad_load(*sp, &seen, 0);
+    char *log = log_capture_end(&cap);
+    cr_assert_eq(rc, TLY_EINVAL, "%s: load returned %d", k->name, rc);
+    cr_assert_eq(log_count(log, "error", "store: bad row", k->table, k->key, k->reason), 1,
+                 "%s: no error line naming table %s, key %s, reason %s", k->name, k->table, k->key, k->reason);
+    cr_assert_eq(log_count(log, "error", "store: not loaded: it has bad rows", NULL, NULL, NULL), 1, "%s", k->name);
+    free(log);
+
+    tly_store_close(*sp); /* a load is the first thing an open store does */
+    *sp = open_store();
+    seen = (bad_seen_t){0};
+    log_capture_start(&cap);
+    rc = bad_load(*sp, &seen, 1);
+    log = log_capture_end(&cap);
+    cr_assert_eq(rc, k->left_out, "%s: load with skip_bad_rows returned %d", k->name, rc);
+    cr_assert_eq(log_count(log, "warn", "store: bad row left out", k->table, k->key, k->reason), 1, "%s", k->name);
+    cr_assert_eq(log_count(log, "warn", "store: bad row left out", NULL, NULL, NULL), k->left_out, "%s", k->name);
+    cr_assert_eq(log_count(log, "error", "store: bad row", NULL, NULL, NULL), 0, "%s", k->name);
+    cr_assert_eq(seen.polls, k->polls, "%s", k->name);
+    cr_assert_eq(seen.ballots, k->ballots, "%s", k->name);
+    cr_assert_eq(seen.requests, k->requests, "%s", k->name);
+    cr_assert_eq(seen.retracted, k->retracted, "%s", k->name);
+    free(log);
 }
 
 /* ---- what the page reads hand back ---------------------------------------------------- */

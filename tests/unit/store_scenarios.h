@@ -28,7 +28,7 @@
  * other; load must hand each back as it was written. */
 static tly_store_op_t rt_ops[6];
 
-static void rt_user(void *ctx, const tly_user_row_t *u)
+static int rt_user(void *ctx, const tly_user_row_t *u, const char **why)
 {
     int *n = ctx;
     cr_assert_lt(n[0], 2);
@@ -39,9 +39,10 @@ static void rt_user(void *ctx, const tly_user_row_t *u)
     cr_assert(str_eq(u->email, e->email));
     cr_assert_eq(u->created_at, e->created_at);
     n[0]++;
+    return 0;
 }
 
-static void rt_poll(void *ctx, const tly_poll_row_t *p)
+static int rt_poll(void *ctx, const tly_poll_row_t *p, const char **why)
 {
     int *n = ctx;
     cr_assert_lt(n[1], 2);
@@ -68,6 +69,7 @@ static void rt_poll(void *ctx, const tly_poll_row_t *p)
         cr_assert_eq(p->options[i].position, (int)i);
     }
     n[1]++;
+    return 0;
 }
 
 static void rt_ballot_check(const tly_ballot_row_t *b, const tly_ballot_row_t *e)
@@ -92,18 +94,20 @@ static void rt_ballot_check(const tly_ballot_row_t *b, const tly_ballot_row_t *e
         cr_assert_arr_eq(b->ip_hash, e->ip_hash, 16);
 }
 
-static void rt_ballot(void *ctx, const tly_ballot_row_t *b)
+static int rt_ballot(void *ctx, const tly_ballot_row_t *b, const char **why)
 {
     int *n = ctx;
     cr_assert_lt(n[2], 2);
     rt_ballot_check(b, &rt_ops[4 + n[2]].u.ballot);
     cr_assert_null(b->request_id);
     n[2]++;
+    return 0;
 }
 
-static void rt_request(void *ctx, const tly_request_row_t *r)
+static int rt_request(void *ctx, const tly_request_row_t *r, const char **why)
 {
     ((int *)ctx)[3]++;
+    return 0;
 }
 
 static const uint8_t rt_ip_hash[16] = {0x10, 0, 0xff, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 0x99};
@@ -604,7 +608,7 @@ typedef struct {
     int64_t at[8];
 } casts_seen_t;
 
-static void see_cast(void *ctx, const tly_ballot_row_t *b)
+static int see_cast(void *ctx, const tly_ballot_row_t *b, const char **why)
 {
     casts_seen_t *cs = ctx;
     cr_assert_str_eq(b->poll_id, "poll1");
@@ -623,6 +627,7 @@ static void see_cast(void *ctx, const tly_ballot_row_t *b)
     if (b->scores != NULL)
         memcpy(cs->scores[i], b->scores, b->nchoices);
     cs->at[i] = b->recorded_at;
+    return 0;
 }
 
 /* Closes, reopens and loads the casts of changed ballots. */
@@ -822,6 +827,132 @@ static tly_store_t *generate_ballots_scenario(tly_store_t *s)
     cr_assert_eq(g.rows, 25002);
     cr_assert_eq(g.bad_choice, 1, "only voter1's two-choice ballot");
     return s;
+}
+
+/* ---- bad rows --------------------------------------------------------------------------- */
+
+/* The store the bad-row tests damage, written through the writer: user1; poll1 (3
+ * options) with voter1's ballot (with an address hash); poll2 (2 options) with voter2's;
+ * voter3's ballot in poll1, cast by async request req1 with key k3 and then retracted
+ * (so its request row and its retracted key stay). Intact, it loads as 1 user, 2 polls,
+ * 2 ballots, 1 request, 1 retracted key, which this checks. Closes s. */
+static void bad_rows_fixture(tly_store_t *s)
+{
+    tly_store_op_t ops[6];
+    ops[0] = (tly_store_op_t){.type = TLY_OP_USER_INSERT,
+                              .u.user = {"user1", "Alice", "$argon2id$v=19$x", NULL, 1699999999000}};
+    ops[1] = poll_op("poll1", 3);
+    ops[2] = poll_op("poll2", 2);
+    ops[3] = ballot_op("poll1", "voter1", "v_1", "r_1");
+    ops[3].u.ballot.ip_hash = rt_ip_hash;
+    ops[4] = ballot_op("poll2", "voter2", "v_2", "r_2");
+    ops[5] = ballot_op("poll1", "voter3", "v_3", "r_3");
+    ops[5].u.ballot.request_id = "req1";
+    ops[5].u.ballot.idem_key = "k3";
+    submit_chain(s, ops, 6);
+    for (int i = 0; i < 6; i++)
+        cr_assert_eq(ops[i].result, 0, "op %d: %d", i, ops[i].result);
+    tly_store_op_t del = change_op(TLY_OP_BALLOT_DELETE, "poll1", "voter3", 1700000002000, ops[5].u.ballot.seq);
+    del.u.ballot.idem_key = "k3";
+    submit_wait(s, &del);
+    cr_assert_eq(del.result, 0);
+    tly_store_close(s);
+
+    s = open_store();
+    bad_seen_t seen = {0};
+    cr_assert_eq(bad_load(s, &seen, 0), 0);
+    cr_assert_eq(seen.users, 1);
+    cr_assert_eq(seen.polls, 2);
+    cr_assert_eq(seen.ballots, 2);
+    cr_assert_eq(seen.requests, 1);
+    cr_assert_eq(seen.retracted, 1);
+    tly_store_close(s);
+}
+
+/* One damage of the fixture (SQL in the store's dialect), what load must say about it,
+ * and the SQL that mends it. */
+typedef struct {
+    bad_kind_t kind;
+    const char *damage, *mend;
+} bad_case_t;
+
+/* For each case: damage the fixture with exec(sql), check both loads, mend it and check
+ * that it loads whole again. */
+static void bad_cases_scenario(const bad_case_t *cases, size_t n, void (*exec)(const char *sql))
+{
+    bad_rows_fixture(open_store());
+    for (size_t i = 0; i < n; i++) {
+        exec(cases[i].damage);
+        tly_store_t *s = open_store();
+        check_bad_kind(&s, &cases[i].kind);
+        tly_store_close(s);
+        exec(cases[i].mend);
+        s = open_store();
+        bad_seen_t seen = {0};
+        cr_assert_eq(bad_load(s, &seen, 0), 0, "%s: mended", cases[i].kind.name);
+        cr_assert_eq(seen.ballots, 2, "%s: mended", cases[i].kind.name);
+        tly_store_close(s);
+    }
+}
+
+/* A row a callback refuses is a bad row like one that does not decode: here the second
+ * ballot of voter1 in poll1 that dup_sql sneaks past the store's unique key (as
+ * memory's check of the voter map refuses it); then every row refused, of which the
+ * first 100 are named and the rest counted; then an allocation failure, which ends the
+ * load with TLY_ENOMEM. */
+static void refused_rows_scenario(void (*exec)(const char *sql), const char *dup_sql)
+{
+    bad_rows_fixture(open_store());
+    exec(dup_sql);
+    tly_store_t *s = open_store();
+    log_capture_t cap;
+    bad_seen_t seen = {.refuse_duplicates = 1};
+    log_capture_start(&cap);
+    int rc = bad_load(s, &seen, 0);
+    char *log = log_capture_end(&cap);
+    cr_assert_eq(rc, TLY_EINVAL);
+    cr_assert_eq(log_count(log, "error", "store: bad row", "ballots", "poll_id=poll1 voter_id=voter1",
+                           "the voter already has a ballot in this poll"),
+                 1);
+    free(log);
+    tly_store_close(s);
+    s = open_store();
+    seen = (bad_seen_t){.refuse_duplicates = 1};
+    cr_assert_eq(bad_load(s, &seen, 1), 1);
+    cr_assert_eq(seen.ballots, 2);
+    cr_assert_str_eq(seen.voters[0], "poll1/voter1");
+    cr_assert_str_eq(seen.voters[1], "poll2/voter2");
+
+    /* 150 more ballots: 158 rows (the duplicate too), all refused */
+    cr_assert_eq(tly_store_generate_ballots(s, "poll1", 3, 150), 0);
+    tly_store_close(s);
+    s = open_store();
+    seen = (bad_seen_t){.refuse_all = 1};
+    log_capture_start(&cap);
+    rc = bad_load(s, &seen, 0);
+    log = log_capture_end(&cap);
+    cr_assert_eq(rc, TLY_EINVAL);
+    cr_assert_eq(log_count(log, "error", "store: bad row", NULL, NULL, NULL), 100, "the first 100 are named");
+    cr_assert_eq(log_count(log, "error", "store: bad row", "users", "user_id=user1", "the test refuses every row"), 1);
+    cr_assert_eq(log_count(log, "error", "store: bad row", "ballots", NULL, "its poll is a bad row"), 97);
+    cr_assert(strstr(log, "\"bad_rows\":\"158\"") != NULL, "the rest are counted");
+    free(log);
+    tly_store_close(s);
+    s = open_store();
+    seen = (bad_seen_t){.refuse_all = 1};
+    log_capture_start(&cap);
+    rc = bad_load(s, &seen, 1);
+    log = log_capture_end(&cap);
+    cr_assert_eq(rc, 158);
+    cr_assert_eq(log_count(log, "warn", "store: bad row left out", NULL, NULL, NULL), 158, "each one left out is named");
+    cr_assert_eq(seen.users + seen.polls + seen.ballots + seen.requests + seen.retracted, 0);
+    free(log);
+    tly_store_close(s);
+
+    s = open_store();
+    seen = (bad_seen_t){.enomem = 1};
+    cr_assert_eq(bad_load(s, &seen, 1), TLY_ENOMEM);
+    tly_store_close(s);
 }
 
 #endif

@@ -15,6 +15,7 @@
 #include "store_scenarios.h"
 
 #include <criterion/criterion.h>
+#include <fcntl.h>
 #include <ftw.h>
 #include <poll.h>
 #include <pthread.h>
@@ -114,44 +115,148 @@ Test(store, schema_version_and_wal)
     tly_store_close(s);
 }
 
-/* A ballot row that could not have been written (scores of another length than its
- * choices, an address hash that is not 16 bytes) fails the load with TLY_EIO, logged,
- * rather than reaching the core; once mended, the store loads again. */
-Test(store, a_malformed_ballot_row_fails_the_load)
+/* ---- what load refuses ---------------------------------------------------------------- */
+
+/* SQL on the test's database file, on a connection of the test's own (foreign keys off,
+ * as in the sqlite3 shell: how a hand edit or a damaged file gets rows the schema would
+ * refuse). */
+static void exec_db(const char *sql)
 {
-    static const char *const breaks[] = {
-        "UPDATE ballots SET scores = x'010203'",
-        "UPDATE ballots SET ip_hash = x'0102'",
-    };
     char path[160];
     sqlite3 *db;
-    tly_store_t *s = open_store();
-    tly_store_op_t p = poll_op("poll1", 2), b = ballot_op("poll1", "v1", "vote1", "r1");
-    submit_wait(s, &p);
-    submit_wait(s, &b);
-    cr_assert_eq(b.result, 0);
-    tly_store_close(s);
+    snprintf(path, sizeof path, "%s/data/nested/tally.db", dir);
+    cr_assert_eq(sqlite3_open_v2(path, &db, SQLITE_OPEN_READWRITE, NULL), SQLITE_OK);
+    cr_assert_eq(sqlite3_exec(db, sql, NULL, NULL, NULL), SQLITE_OK, "%s: %s", sql, sqlite3_errmsg(db));
+    sqlite3_close(db);
+}
+
+/* Each way a row can fail to load, damaged into the fixture (bad_rows_fixture): the
+ * load refuses, naming table, key and reason at error level; with skip_bad_rows it
+ * leaves the row out (and whatever depends on it), naming each at warn level. */
+static const bad_case_t sqlite_bad_cases[] = {
+    {{"a choice outside the poll's options", "ballots", "seq=1 poll_id=poll1 voter_id=voter1",
+      "choice position 7 is outside the poll's 3 options", 1, 2, 1, 1, 1},
+     "UPDATE ballots SET choices = x'0007' WHERE voter_id = 'voter1'",
+     "UPDATE ballots SET choices = x'0001' WHERE voter_id = 'voter1'"},
+    {{"a choice named twice", "ballots", "seq=1 poll_id=poll1 voter_id=voter1", "choice position 1 is named twice", 1,
+      2, 1, 1, 1},
+     "UPDATE ballots SET choices = x'0101' WHERE voter_id = 'voter1'",
+     "UPDATE ballots SET choices = x'0001' WHERE voter_id = 'voter1'"},
+    {{"scores of another length than the choices", "ballots", "seq=1 poll_id=poll1 voter_id=voter1",
+      "scores is not as long as choices", 1, 2, 1, 1, 1},
+     "UPDATE ballots SET scores = x'010203' WHERE voter_id = 'voter1'",
+     "UPDATE ballots SET scores = NULL WHERE voter_id = 'voter1'"},
+    {{"more choices than a byte can number", "ballots", "seq=1 poll_id=poll1 voter_id=voter1",
+      "choices is longer than 255 bytes", 1, 2, 1, 1, 1},
+     "UPDATE ballots SET choices = zeroblob(256) WHERE voter_id = 'voter1'",
+     "UPDATE ballots SET choices = x'0001' WHERE voter_id = 'voter1'"},
+    {{"an address hash that is not 16 bytes", "ballots", "seq=1 poll_id=poll1 voter_id=voter1",
+      "ip_hash is not 16 bytes", 1, 2, 1, 1, 1},
+     "UPDATE ballots SET ip_hash = x'0102' WHERE voter_id = 'voter1'",
+     "UPDATE ballots SET ip_hash = NULL WHERE voter_id = 'voter1'"},
+    {{"a ballot's body hash that is not 16 bytes", "ballots", "seq=2 poll_id=poll2 voter_id=voter2",
+      "body_hash is not 16 bytes", 1, 2, 1, 1, 1},
+     "UPDATE ballots SET body_hash = x'01' WHERE voter_id = 'voter2'",
+     "UPDATE ballots SET body_hash = NULL WHERE voter_id = 'voter2'"},
+    {{"a ballot of a poll that does not exist", "ballots", "poll_id=ghost voter_id=voter9", "no poll with this poll_id",
+      1, 2, 2, 1, 1},
+     "INSERT INTO ballots(poll_id, voter_id, vote_id, receipt, choices, recorded_at)"
+     " VALUES('ghost', 'voter9', 'v_9', 'r_9', x'00', 1)",
+     "DELETE FROM ballots WHERE poll_id = 'ghost'"},
+    {{"a control byte in a key, escaped in the log", "ballots", "voter_id=vo\\x01ter1", "choice position 7", 1, 2, 1,
+      1, 1},
+     "UPDATE ballots SET voter_id = 'vo' || char(1) || 'ter1', choices = x'07' WHERE voter_id = 'voter1'",
+     "UPDATE ballots SET voter_id = 'voter1', choices = x'0001' WHERE voter_id = 'vo' || char(1) || 'ter1'"},
+    {{"a long key, cut in the log", "ballots", "voter_id=voter10000000000000000000000000000000000000000000000000000000000...", "choice position 7", 1, 2,
+      1, 1, 1},
+     "UPDATE ballots SET voter_id = 'voter1' || hex(zeroblob(60)), choices = x'07' WHERE voter_id = 'voter1'",
+     "UPDATE ballots SET voter_id = 'voter1', choices = x'0001' WHERE voter_id LIKE 'voter1%'"},
+    /* a bad poll takes its ballots with it: 2 rows left out */
+    {{"a poll whose option positions have a gap", "options", "poll_id=poll2 position=0",
+      "option positions must run 0..0; position 0 is not there", 2, 1, 1, 1, 1},
+     "DELETE FROM options WHERE poll_id = 'poll2' AND position = 0",
+     "INSERT INTO options(poll_id, position, option_id, text, display_order) VALUES('poll2', 0, 'optX', 'Yes', 0)"},
+    {{"a poll's body hash that is not 16 bytes", "polls", "poll_id=poll2", "body_hash is not 16 bytes", 2, 1, 1, 1, 1},
+     "UPDATE polls SET body_hash = x'01' WHERE poll_id = 'poll2'",
+     "UPDATE polls SET body_hash = NULL WHERE poll_id = 'poll2'"},
+    {{"a request in no known state", "vote_requests", "request_id=req1", "state is not pending, completed or failed", 1,
+      2, 2, 0, 1},
+     "UPDATE vote_requests SET state = 'lost'", "UPDATE vote_requests SET state = 'completed'"},
+    /* (audit rows cannot be updated: a new one, of a poll that is gone, so that the
+     * mend may delete it) */
+    {{"a retracted key's body hash that is not 16 bytes", "audit", "seq=", "body_hash is not 16 bytes", 1, 2, 2, 1, 1},
+     "INSERT INTO audit(poll_id, voter_id, event, at, idem_key, body_hash)"
+     " VALUES('gone', 'voter8', 'revoked', 1700000003000, 'k8', x'01')",
+     "DELETE FROM audit WHERE poll_id = 'gone'"},
+    {{"a user without a user_id", "users", "user_id=NULL", "user_id is NULL", 1, 2, 2, 1, 1},
+     "INSERT INTO users(user_id, username, password_hash, created_at) VALUES(NULL, 'nobody', 'h', 1)",
+     "DELETE FROM users WHERE user_id IS NULL"},
+};
+
+Test(store, a_bad_row_refuses_the_load_unless_left_out)
+{
+    bad_cases_scenario(sqlite_bad_cases, sizeof sqlite_bad_cases / sizeof sqlite_bad_cases[0], exec_db);
+}
+
+/* A second ballot of voter1 in poll1: the unique key tells a blob from text, the load
+ * (which reads text) does not, so the callback sees voter1 twice. */
+Test(store, a_row_a_callback_refuses_is_a_bad_row)
+{
+    refused_rows_scenario(exec_db, "INSERT INTO ballots(poll_id, voter_id, vote_id, receipt, choices, recorded_at)"
+                                   " VALUES('poll1', CAST('voter1' AS BLOB), 'v_1b', 'r_1b', x'02', 1)");
+}
+
+/*
+ * A damaged index page: load never reads it (it walks the tables), so without the check
+ * the store would load, and every later write through the index would fail. quick_check
+ * finds it and the load fails with TLY_EIO, its report logged; skip_quick_check loads.
+ */
+Test(store, quick_check_refuses_a_damaged_index_page)
+{
+    char path[160];
+    sqlite3 *db;
+    sqlite3_stmt *st;
+    bad_rows_fixture(open_store());
 
     snprintf(path, sizeof path, "%s/data/nested/tally.db", dir);
-    for (size_t i = 0; i < sizeof breaks / sizeof breaks[0]; i++) {
-        cr_assert_eq(sqlite3_open_v2(path, &db, SQLITE_OPEN_READWRITE, NULL), SQLITE_OK);
-        cr_assert_eq(sqlite3_exec(db, breaks[i], NULL, NULL, NULL), SQLITE_OK, "%s", breaks[i]);
-        sqlite3_close(db);
-        s = open_store();
-        seen_t seen = {0};
-        cr_assert_eq(tly_store_load(s, &seen_cb, &seen), TLY_EIO, "%s", breaks[i]);
-        tly_store_close(s);
+    cr_assert_eq(sqlite3_open_v2(path, &db, SQLITE_OPEN_READWRITE, NULL), SQLITE_OK);
+    /* everything into the main file: the page written below is the one that is read */
+    cr_assert_eq(sqlite3_exec(db, "PRAGMA wal_checkpoint(TRUNCATE)", NULL, NULL, NULL), SQLITE_OK);
+    cr_assert_eq(sqlite3_prepare_v2(db,
+                                    "SELECT rootpage, (SELECT page_size FROM pragma_page_size)"
+                                    " FROM sqlite_master WHERE name = 'ballots_poll_seq'",
+                                    -1, &st, NULL),
+                 SQLITE_OK);
+    cr_assert_eq(sqlite3_step(st), SQLITE_ROW);
+    long page = sqlite3_column_int(st, 0), size = sqlite3_column_int(st, 1);
+    sqlite3_finalize(st);
+    sqlite3_close(db);
+    cr_assert_gt(page, 1);
 
-        cr_assert_eq(sqlite3_open_v2(path, &db, SQLITE_OPEN_READWRITE, NULL), SQLITE_OK);
-        cr_assert_eq(sqlite3_exec(db, "UPDATE ballots SET scores = NULL, ip_hash = NULL", NULL, NULL, NULL),
-                     SQLITE_OK);
-        sqlite3_close(db);
-        s = open_store();
-        seen = (seen_t){0};
-        cr_assert_eq(tly_store_load(s, &seen_cb, &seen), 0);
-        cr_assert_eq(seen.ballots, 1);
-        tly_store_close(s);
-    }
+    /* the b-tree page header (type, free block, cell count, content start) becomes garbage */
+    unsigned char junk[12];
+    memset(junk, 0xee, sizeof junk);
+    int fd = open(path, O_WRONLY);
+    cr_assert_geq(fd, 0);
+    cr_assert_eq(pwrite(fd, junk, sizeof junk, (off_t)(page - 1) * size), (ssize_t)sizeof junk);
+    close(fd);
+
+    tly_store_t *s = open_store();
+    bad_seen_t seen = {0};
+    log_capture_t cap;
+    log_capture_start(&cap);
+    int rc = bad_load(s, &seen, 0);
+    char *log = log_capture_end(&cap);
+    cr_assert_eq(rc, TLY_EIO);
+    cr_assert(strstr(log, "\"msg\":\"store: PRAGMA quick_check found the database file damaged\"") != NULL);
+    cr_assert(strstr(log, "\"report\":\"") != NULL && strstr(log, "\"report\":\"\"") == NULL, "with its report");
+    free(log);
+
+    tly_store_load_cb_t cb = {.ballot = bad_ballot, .skip_quick_check = 1};
+    seen = (bad_seen_t){0};
+    cr_assert_eq(tly_store_load(s, &cb, &seen), 0, "the tables themselves are whole");
+    cr_assert_eq(seen.ballots, 2);
+    tly_store_close(s);
 }
 
 /* ---- duplicates --------------------------------------------------------------------- */
@@ -723,7 +828,7 @@ typedef struct {
     uint8_t ip[16][16];
 } ip_seen_t;
 
-static void see_ip_ballot(void *ctx, const tly_ballot_row_t *b)
+static int see_ip_ballot(void *ctx, const tly_ballot_row_t *b, const char **why)
 {
     ip_seen_t *is = ctx;
     int i = is->n++;
@@ -732,6 +837,7 @@ static void see_ip_ballot(void *ctx, const tly_ballot_row_t *b)
     is->has_ip[i] = b->ip_hash != NULL;
     if (b->ip_hash != NULL)
         memcpy(is->ip[i], b->ip_hash, 16);
+    return 0;
 }
 
 static void load_ips(tly_store_t *s, ip_seen_t *is)
@@ -915,20 +1021,20 @@ Test(store, migrations_5_and_6_keep_first_casts_from_the_audit_log)
             /* the current ballots (seq 1, 2, 3, 5: voter4's first ballot, seq 4, is gone) */
             "INSERT INTO ballots(seq, poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key)"
             "  VALUES(1, 'poll1', 'voter1', 'v_1', 'r_1', x'02', x'03', 1700000003000, 'k1'),"
-            "  (2, 'poll1', 'voter2', 'v_2', 'r_2', x'0002', NULL, 1700000001000, 'k2'),"
+            "  (2, 'poll1', 'voter2', 'v_2', 'r_2', x'0001', NULL, 1700000001000, 'k2'),"
             "  (3, 'poll1', 'voter3', 'v_3', 'r_3', x'01', NULL, 1700000002000, NULL),"
             "  (5, 'poll1', 'voter4', 'v_5', 'r_5', x'01', NULL, 1700000006000, 'k5');"
             "INSERT INTO audit(poll_id, voter_id, event, choices, scores, at, idem_key) VALUES"
-            "  ('poll1', 'voter1', 'cast', x'0002', x'0509', 1700000001000, NULL),"
-            "  ('poll1', 'voter2', 'cast', x'0002', NULL, 1700000001000, NULL),"
-            "  ('poll1', 'voter3', 'cast', x'0002', NULL, 1700000001000, NULL),"
-            "  ('poll1', 'voter4', 'cast', x'0002', NULL, 1700000001000, NULL),"
+            "  ('poll1', 'voter1', 'cast', x'0001', x'0509', 1700000001000, NULL),"
+            "  ('poll1', 'voter2', 'cast', x'0001', NULL, 1700000001000, NULL),"
+            "  ('poll1', 'voter3', 'cast', x'0001', NULL, 1700000001000, NULL),"
+            "  ('poll1', 'voter4', 'cast', x'0001', NULL, 1700000001000, NULL),"
             "  ('poll1', 'voter1', 'changed', x'01', x'03', 1700000002000, NULL),"
             "  ('poll1', 'voter3', 'changed', x'01', NULL, 1700000002000, NULL),"
             "  ('poll1', 'voter4', 'changed', x'02', NULL, 1700000002000, NULL),"
             "  ('poll1', 'voter1', 'changed', x'02', x'03', 1700000003000, NULL),"
             "  ('poll1', 'voter4', 'revoked', NULL, NULL, 1700000004000, 'k4'),"
-            "  ('poll1', 'voter4', 'cast', x'0002', NULL, 1700000005000, NULL),"
+            "  ('poll1', 'voter4', 'cast', x'0001', NULL, 1700000005000, NULL),"
             "  ('poll1', 'voter4', 'changed', x'01', NULL, 1700000006000, NULL);"
             "PRAGMA user_version = 4;",
             NULL, NULL, NULL),
