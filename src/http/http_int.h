@@ -92,6 +92,14 @@ struct conn {
     bool chunked;
     struct phr_chunked_decoder dec;
     size_t chunk_prev; /* bytes of input already decoded (head + body so far) */
+    /* The request being handled, copied out of sock->input at dispatch (own_request), so
+     * that reading goes on meanwhile: a read may move the input buffer. Reused from one
+     * request to the next; req_owned says the copy holds this request. */
+    char *req_copy;
+    size_t req_copy_cap;
+    bool req_owned;
+    bool read_paused; /* reading stopped while a request is handled (too much piled up) */
+    bool peer_done;   /* the client half-closed while its request was handled */
     bool sent_continue;
     bool close_after_write;
     bool linger; /* after an early error: drain input before closing */
@@ -113,6 +121,9 @@ struct conn {
     struct ws *ws; /* ST_WEBSOCKET: the wslay side, ws.c */
 };
 
+/* Drops the request being handled from the input, if dispatch did not (a WebSocket
+ * handshake's bytes, before its frames). */
+void http_conn_drop_request(conn_t *c);
 void http_on_read(h2o_socket_t *sock, const char *err);
 /* Tells the application a response started (logs, metrics). */
 void http_notify_response(conn_t *c, int status);

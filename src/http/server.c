@@ -187,6 +187,15 @@ static void on_timeout(h2o_timeout_entry_t *entry)
 
 /* ---- writing ---- */
 
+/* The bytes of sock->input the current request takes: its head and its body (chunked:
+ * as decoded in place). */
+static size_t request_extent(conn_t *c)
+{
+    size_t n = c->head_len + (c->chunked ? c->chunk_prev - c->head_len : c->content_length);
+    return n > c->sock->input->size ? c->sock->input->size : n;
+}
+
+
 static void on_write_complete(h2o_socket_t *sock, const char *err)
 {
     conn_t *c = sock->data;
@@ -204,11 +213,11 @@ static void on_write_complete(h2o_socket_t *sock, const char *err)
         http_conn_close(c);
         return;
     }
-    /* drop the finished request from the input and look for the next one */
-    size_t consumed = c->head_len + (c->chunked ? c->chunk_prev - c->head_len : c->content_length);
-    if (consumed > c->sock->input->size)
-        consumed = c->sock->input->size;
-    h2o_buffer_consume(&c->sock->input, consumed);
+    /* drop the finished request from the input (unless dispatch did) and look for the
+     * next one */
+    if (!c->req_owned)
+        h2o_buffer_consume(&c->sock->input, request_extent(c));
+    c->req_owned = false;
     h2o_mem_clear_pool(&c->pool);
     c->state = ST_HEAD;
     c->head_len = c->content_length = c->chunk_prev = 0;
@@ -221,10 +230,13 @@ static void on_write_complete(h2o_socket_t *sock, const char *err)
         c->idle = true;
         set_timeout(c, &c->server->idle_timeout);
     }
-    /* dispatch stopped reading: resume it unless the next request is already being handled
-     * or answered; a pipelined request whose body is still arriving (ST_BODY) needs it too */
-    if (c->sock != NULL && (c->state == ST_HEAD || c->state == ST_BODY))
+    /* reading stopped (dispatch could not copy the request, or too much piled up): resume
+     * it unless the next request is already being handled or answered; a pipelined
+     * request whose body is still arriving (ST_BODY) needs it too */
+    if (c->sock != NULL && c->read_paused && (c->state == ST_HEAD || c->state == ST_BODY)) {
+        c->read_paused = false;
         h2o_socket_read_start(c->sock, http_on_read);
+    }
 }
 
 /* Writes the response in `out`; when part of it found no memory (a head with a
@@ -406,11 +418,62 @@ size_t http_req_header_count(tly_req_t *req, const char *name)
     return n;
 }
 
+static void rebase(const char **p, const char *from, size_t n, char *to)
+{
+    if (*p != NULL && *p >= from && *p <= from + n)
+        *p = to + (*p - from);
+}
+
+/*
+ * Copies the request out of the input buffer into the connection's own buffer, points
+ * the request's strings at the copy and drops the request from the input, so that
+ * reading can go on while the request is handled: a read may move the input buffer (h2o
+ * compacts or reallocates it), and a vote waits for its commit. Stopping and resuming
+ * reading around every request cost two epoll_ctl calls a request. Returns false when
+ * the copy finds no memory: the request then stays where it is and reading stops.
+ */
+static bool own_request(conn_t *c)
+{
+    tly_req_t *req = &c->req;
+    size_t n = request_extent(c);
+    const char *from = c->sock->input->bytes;
+    if (n > c->req_copy_cap) {
+        size_t cap = n < 1024 ? 1024 : n;
+        char *p = tly_realloc(c->req_copy, cap);
+        if (p == NULL)
+            return false;
+        c->req_copy = p;
+        c->req_copy_cap = cap;
+    }
+    memcpy(c->req_copy, from, n);
+    rebase(&req->method_name.ptr, from, n, c->req_copy);
+    rebase(&req->path.ptr, from, n, c->req_copy);
+    rebase(&req->query.ptr, from, n, c->req_copy);
+    rebase(&req->body.ptr, from, n, c->req_copy);
+    for (size_t i = 0; i < req->nheaders; i++) {
+        rebase(&req->headers[i].name, from, n, c->req_copy);
+        rebase(&req->headers[i].value, from, n, c->req_copy);
+    }
+    h2o_buffer_consume(&c->sock->input, n);
+    c->req_owned = true;
+    return true;
+}
+
+void http_conn_drop_request(conn_t *c)
+{
+    if (!c->req_owned)
+        h2o_buffer_consume(&c->sock->input, request_extent(c));
+    c->req_owned = true; /* gone from the input either way */
+}
+
 static void dispatch(conn_t *c)
 {
     c->state = ST_HANDLING;
     set_timeout(c, NULL);
-    h2o_socket_read_stop(c->sock);
+    if (!own_request(c)) {
+        h2o_socket_read_stop(c->sock);
+        c->read_paused = true;
+    }
     c->req.start = h2o_now(c->server->loop->h2o);
     c->req.route = c->req.note = NULL;
     c->server->conf.handler(&c->req, c->server->conf.arg);
@@ -609,6 +672,15 @@ static void conn_process(conn_t *c)
 void http_on_read(h2o_socket_t *sock, const char *err)
 {
     conn_t *c = sock->data;
+    if (err == h2o_socket_error_closed && (c->state == ST_HANDLING || c->state == ST_WRITING)) {
+        /* the client has sent all it will (a half-close) and waits for the answer: stop
+         * reading, answer, then close */
+        h2o_socket_read_stop(sock);
+        c->read_paused = false;
+        c->close_after_write = true;
+        c->peer_done = true;
+        return;
+    }
     if (err != NULL) {
         http_conn_close(c);
         return;
@@ -619,6 +691,16 @@ void http_on_read(h2o_socket_t *sock, const char *err)
     }
     if (c->state == ST_LINGER || c->state == ST_STREAMING) {
         h2o_buffer_consume(&sock->input, sock->input->size);
+        return;
+    }
+    if (c->state == ST_HANDLING || c->state == ST_WRITING) {
+        /* a pipelined request, read while this one is handled: it waits in the input
+         * until the answer is out. So that a client cannot pile up more than a request
+         * can be, reading stops past that (and resumes with the next request). */
+        if (sock->input->size > c->server->conf.head_max + c->server->conf.body_max) {
+            h2o_socket_read_stop(sock);
+            c->read_paused = true;
+        }
         return;
     }
     if (c->idle) {
@@ -647,6 +729,7 @@ void http_conn_free(conn_t *c)
     }
     http_ws_free(c);
     h2o_mem_clear_pool(&c->pool);
+    tly_free(c->req_copy);
     tly_free(c->out);
     tly_free(c->pend);
     tly_free(c);
@@ -1160,9 +1243,9 @@ void tly_req_respond(tly_req_t *req, int status, const char *content_type, const
     /* after a refused WebSocket handshake the client may already be sending frames,
      * which are no next request */
     bool keepalive = req->keepalive && c->server->accepting && !tly_req_wants_websocket(req);
-    c->close_after_write = !keepalive;
+    c->close_after_write = !keepalive || c->peer_done;
     c->out_len = 0;
-    write_head(c, status, content_type, len, keepalive, req);
+    write_head(c, status, content_type, len, keepalive && !c->peer_done, req);
     if (req->method != TLY_M_HEAD && status != 204 && status != 304)
         out_append(c, body, len);
     if (c->out_failed)

@@ -369,12 +369,12 @@ int tly_req_ws_accept(tly_req_t *req, const tly_ws_cb_t *cb)
                      accept, http_date());
     if (http_pend_append(c, head, (size_t)n) != 0)
         ws->broken = true; /* ends at the next loop turn, as the owner is told by on_close */
-    /* the request's strings live in the input buffer that wslay now consumes */
-    size_t consumed = c->head_len;
+    /* the request is done with: what follows it in the input is frames, for wslay (the
+     * head left the input at dispatch unless it could not be copied) */
     req->nheaders = 0;
     req->body = (tly_str_t){"", 0};
     req->path = req->query = (tly_str_t){"", 0};
-    h2o_buffer_consume(&c->sock->input, consumed > c->sock->input->size ? c->sock->input->size : consumed);
+    http_conn_drop_request(c);
     c->state = ST_WEBSOCKET;
     http_notify_response(c, 101);
     h2o_socket_read_start(c->sock, http_on_read);

@@ -10,6 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import {
   startServer, api, request, rawRequest, assertError, assertStatus, describe, rand, BIN, freePort, sleep, tail,
+  createPoll,
 } from './harness.mjs';
 
 let server, tok;
@@ -346,6 +347,50 @@ test('pipelined requests are answered in order', async () => {
   ];
   const r = await rawRequest(server, Buffer.concat(reqs), { responses: 3, timeout: 5000 });
   assert.deepEqual(r.responses.map((x) => x.status), [200, 404, 200], rawDescribe(r));
+});
+
+// A vote waits for its commit while the connection keeps reading (the request is copied
+// out of the input): what the client sends meanwhile waits its turn, in order.
+test('requests pipelined behind a vote that waits for its commit are answered in order, after it', async () => {
+  const poll = await createPoll(server, tok);
+  const [a, b] = [await server.token(`pipe-a-${rand()}`), await server.token(`pipe-b-${rand()}`)];
+  const body = JSON.stringify({ option_id: poll.options[0].option_id });
+  const vote = (t) => rawReq('POST', `/v1/polls/${poll.poll_id}/votes`, [host(), ['Authorization', `Bearer ${t}`],
+    ['Content-Type', 'application/json'], ['Content-Length', String(body.length)]], body);
+  const r = await rawRequest(server, Buffer.concat([
+    vote(a),
+    rawReq('GET', `/v1/polls/${poll.poll_id}/results`, [host()]),
+    vote(b),
+    rawReq('GET', `/v1/polls/${poll.poll_id}/results`, [host()]),
+  ]), { responses: 4, timeout: 5000 });
+  assert.deepEqual(r.responses.map((x) => x.status), [200, 200, 200, 200], rawDescribe(r));
+  assert.equal(r.responses[0].json.status, 'recorded', rawDescribe(r));
+  assert.equal(r.responses[1].json.total_votes, 1, 'the read after the first vote sees it, and not the second');
+  assert.equal(r.responses[3].json.total_votes, 2, rawDescribe(r));
+});
+
+test('a client that sends its vote and then half-closes gets the answer, then the connection closes', async () => {
+  const poll = await createPoll(server, tok);
+  const t = await server.token(`halfclose-${rand()}`);
+  const body = JSON.stringify({ option_id: poll.options[0].option_id });
+  const out = await new Promise((resolve) => {
+    const sock = net.connect({ host: '127.0.0.1', port: server.port });
+    const chunks = [];
+    const timer = setTimeout(() => { sock.destroy(); resolve({ raw: Buffer.concat(chunks), ended: false }); }, 5000);
+    sock.on('connect', () => sock.end(rawReq('POST', `/v1/polls/${poll.poll_id}/votes`, [host(),
+      ['Authorization', `Bearer ${t}`], ['Content-Type', 'application/json'], ['Content-Length', String(body.length)]],
+    body)));
+    sock.on('data', (c) => chunks.push(c));
+    sock.on('end', () => { clearTimeout(timer); resolve({ raw: Buffer.concat(chunks), ended: true }); });
+    sock.on('error', () => {});
+  });
+  const text = out.raw.toString('latin1');
+  assert.match(text, /^HTTP\/1\.1 200 /, text);
+  assert.match(text, /\r\nConnection: close\r\n/i, text);
+  assert.match(text, /"status":"recorded"/, text);
+  assert.ok(out.ended, 'the server closes once it has answered');
+  const me = await api(server, 'GET', `/v1/polls/${poll.poll_id}/votes/me`, { token: t });
+  assert.equal(me.json.has_voted, true);
 });
 
 test('HTTP/1.0 request without Host is answered', async () => {
