@@ -192,6 +192,19 @@ static int lock_data_dir(sq_store_t *s)
     return 0;
 }
 
+/* sq_wal_check on DATA_DIR/tally.db-wal, before SQLite opens the database. */
+static int check_wal(sq_store_t *s)
+{
+    size_t n = strlen(s->db_path) + sizeof "-wal";
+    char *wal = tly_malloc(n);
+    if (wal == NULL)
+        return TLY_ENOMEM;
+    snprintf(wal, n, "%s-wal", s->db_path);
+    int rc = sq_wal_check(wal);
+    tly_free(wal);
+    return rc;
+}
+
 int sq_sqlite_to_tly(int rc)
 {
     switch (rc & 0xff) {
@@ -286,6 +299,8 @@ static int sq_open(const tly_store_conf_t *conf, sq_store_t **out)
     if ((rc = mkdir_p(s->data_dir)) != 0)
         goto fail;
     if ((rc = lock_data_dir(s)) != 0)
+        goto fail;
+    if ((rc = check_wal(s)) != 0)
         goto fail;
 
     if ((src = sq_open_writer_db(s)) != SQLITE_OK)

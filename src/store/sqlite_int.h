@@ -9,6 +9,8 @@
  *    (pragmas) of connections;
  *  - sqlite_read.c: load (with PRAGMA quick_check on a thread beside it), the readers
  *    (paged reads for exports) and generated ballots, each on a connection of its own;
+ *  - sqlite_wal.c: the check of the WAL before SQLite opens it (damage that recovery
+ *    would take silently);
  *  - sqlite_fault.c: the test-only VFS whose n-th fsync fails (tly_store_fault_fsync).
  */
 #ifndef TALLY_STORE_SQLITE_INT_H
@@ -134,6 +136,16 @@ int sq_open_writer_db(sq_store_t *s);
 /* Opens the checkpointer's connection s->ckpt_db on the migrated file. An SQLite result
  * code; on failure s->ckpt_db may be set all the same. */
 int sq_open_checkpoint_db(sq_store_t *s);
+
+/* ---- sqlite_wal.c ------------------------------------------------------------------ */
+
+/* Reads the WAL at wal_path as SQLite's recovery will, before SQLite opens it: 0 when
+ * recovery keeps every transaction whose commit was acknowledged (no WAL, an intact
+ * one, or one whose only damage is the torn tail of its last transaction), TLY_EIO
+ * (logged with the file, the byte offset and the frame) when a damaged frame is
+ * followed by a later transaction's commit, which recovery would drop without a word;
+ * TLY_ENOMEM. Owning thread, before the store opens. */
+int sq_wal_check(const char *wal_path);
 
 /* ---- sqlite_read.c: the backend's load, readers and generate_ballots (store.h) ----- */
 
