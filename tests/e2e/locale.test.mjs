@@ -4,7 +4,7 @@
 // in both).
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { launch, DESKTOP, painted } from './helpers.mjs';
+import { launch, shot, DESKTOP, painted } from './helpers.mjs';
 import { createPoll, castVote, assertStatus } from '../api/harness.mjs';
 
 let env;
@@ -93,6 +93,7 @@ test('prefers-color-scheme: dark renders the dark theme; light stays light; pres
   const d = await colours(dark);
   assert.deepEqual(d.body, { bg: 'rgb(17, 24, 39)', fg: 'rgb(229, 231, 235)' });
   assert.equal(d.link, 'rgb(147, 197, 253)');
+  await shot(dark, 'vote-dark-desktop');
   // form controls follow (color-scheme: light dark)
   assert.equal(await dark.evaluate(() => getComputedStyle(document.documentElement).colorScheme), 'light dark');
   await dark.goto(env.url('/'));
