@@ -85,7 +85,7 @@ function measure(page) {
       vw: innerWidth, vh: innerHeight,
       scrollW: document.documentElement.scrollWidth, scrollH: document.documentElement.scrollHeight,
       chart: box(chart), labels,
-      join: join && { cls: join.className, text: join.textContent, box: box(join), scrollW: join.scrollWidth, clientW: join.clientWidth },
+      join: join && { cls: join.className, text: (join.querySelector('[aria-hidden="true"]') || join).textContent, box: box(join), scrollW: join.scrollWidth, clientW: join.clientWidth },
       qr: qr && { box: box(qr), loaded: qr.complete && qr.naturalWidth > 0 },
       title: box(document.querySelector('.present-title')),
     };

@@ -38,8 +38,16 @@ function authForm(kind, onDone) {
     if (bad) { bad.focus(); return; }
     submit.disabled = true;
     try {
+      const path = isReg ? '/v1/auth/register' : '/v1/auth/login';
       const device = getDevice();
-      const r = await request('POST', isReg ? '/v1/auth/register' : '/v1/auth/login', { body: { username, password }, token: device?.token });
+      let r;
+      try {
+        r = await request('POST', path, { body: { username, password }, token: device?.token });
+      } catch (e) {
+        // a device token the server no longer takes (request() forgets it): without it
+        if (!device || e.status !== 401 || e.code === 'INVALID_CREDENTIALS') throw e;
+        r = await request('POST', path, { body: { username, password } });
+      }
       setUser({ user_id: r.user_id, username, token: r.token, expires_at: r.expires_at });
       onDone?.(mergedText(r));
     } catch (err) {

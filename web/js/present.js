@@ -28,9 +28,10 @@ export async function render(main, { id }) {
   const piece = (s) => h('span', { class: 'nobreak', text: s });
   const join = code
     ? [h('p', { class: 'join-how', text: t('present.go_to') }),
-      h('p', { class: 'join-url' }, piece(host), h('wbr'), piece('/j')),
+      h('p', { class: 'join-url' }, piece(`${host}/j`)),
       h('p', { class: 'join-how', text: t('present.enter_code') }),
-      h('p', { class: 'join-code', 'aria-label': t('present.code_aria', { code: code.split('').join(' ') }) }, piece(code))]
+      h('p', { class: 'join-code' }, h('span', { class: 'nobreak', 'aria-hidden': 'true', text: code }),
+        h('span', { class: 'sr-only', text: t('present.code_aria', { code: code.split('').join(' ') }) }))]
     : [h('p', { class: 'join-how', text: t('present.go_to') }),
       h('p', { class: 'join-url join-link' }, piece(host), h('wbr'), piece(`/p/${id}`))];
 

@@ -53,8 +53,9 @@ export function createResults(poll, opts = {}) {
   function showPhase() {
     if (title) title.textContent = final ? t('results.final') : t('results.live');
     if (!title) el.setAttribute('aria-label', final ? t('results.final') : t('results.live'));
-    recent.textContent = final ? '' : ` · ${t('results.last_minute', { n: lastMinute })}`;
-    recent.hidden = final;
+    const quiet = final || el.dataset.state === 'hidden'; // no rate for final or hidden counts
+    recent.textContent = quiet ? '' : ` · ${t('results.last_minute', { n: lastMinute })}`;
+    recent.hidden = quiet;
     el.dataset.final = String(final);
   }
 

@@ -28,7 +28,8 @@ export async function render(main, { id }) {
   qrDataUrl(id, ownerToken(poll) || undefined).then((src) => { img.src = src; }).catch(() => { img.replaceWith(h('p', { class: 'hint', text: t('share.no_qr') })); });
   const codeBox = code
     ? h('p', { class: 'join-code-box' }, t('share.join_code'), ' ',
-      h('span', { class: 'big-code', 'aria-label': code.split('').join(' ') }, code),
+      // read letter by letter by screen readers, shown as one word
+      h('span', { class: 'big-code' }, h('span', { 'aria-hidden': 'true', text: code }), h('span', { class: 'sr-only', text: code.split('').join(' ') })),
       h('span', { class: 'hint' }, t('share.join_at'), ' ', h('a', { href: joinUrl(code), text: joinUrl(code).replace(/^https?:\/\//, '') })))
     : null;
   main.append(
