@@ -8,6 +8,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { createRequire } from 'node:module';
 import { startServer } from '../api/harness.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -41,9 +42,13 @@ export async function launch({ powDifficulty = POW_DIFFICULTY, args = [] } = {})
     server,
     browser,
     url: (p = '/') => server.url + p,
-    /** A new browser context (separate storage = a separate voter) with one page. */
-    async open(viewport = DESKTOP, { isMobile = false } = {}) {
-      const context = await browser.newContext({ viewport, isMobile, hasTouch: isMobile, deviceScaleFactor: 1, reducedMotion: 'no-preference' });
+    /**
+     * A new browser context (separate storage = a separate voter) with one page.
+     * locale: the browser's language (navigator.languages, Accept-Language; default en-US);
+     * colorScheme: 'light' (default) or 'dark' (prefers-color-scheme).
+     */
+    async open(viewport = DESKTOP, { isMobile = false, locale = 'en-US', colorScheme = 'light', timezoneId } = {}) {
+      const context = await browser.newContext({ viewport, isMobile, hasTouch: isMobile, deviceScaleFactor: 1, reducedMotion: 'no-preference', locale, colorScheme, timezoneId });
       const page = await context.newPage();
       const rec = { requests: [], posts: [], workers: [], dialogs: [], consoleErrors: [], pageErrors: [] };
       page.on('request', (r) => {
@@ -113,10 +118,10 @@ export function leadingZeroBits(buf) {
   return bits;
 }
 
-export async function shot(page, name) {
+export async function shot(page, name, { fullPage = true } = {}) {
   fs.mkdirSync(SHOTS, { recursive: true });
   await page.waitForTimeout(700); // let bar transitions finish
-  await page.screenshot({ path: path.join(SHOTS, `${name}.png`), fullPage: true });
+  await page.screenshot({ path: path.join(SHOTS, `${name}.png`), fullPage });
 }
 
 export async function noHorizontalScroll(page, what) {
@@ -150,3 +155,26 @@ export async function createPollUI(page, env, { title, options = ['Red', 'Green'
   await page.waitForURL(/\/p\/[A-Za-z0-9_-]+\/share$/);
   return /\/p\/([A-Za-z0-9_-]+)\/share$/.exec(page.url())[1];
 }
+
+const AXE_SOURCE = fs.readFileSync(createRequire(import.meta.url).resolve('axe-core/axe.min.js'), 'utf8');
+
+/**
+ * Runs axe-core (WCAG 2.x A and AA rules and axe's best practices) over the page as it is
+ * now and asserts that it finds nothing serious or critical. The script is evaluated
+ * through the DevTools protocol, which the page's CSP does not govern (the app itself
+ * never runs inline script). Returns every violation found, for a look at the minor ones.
+ */
+export async function assertAccessible(page, what) {
+  await page.evaluate(AXE_SOURCE);
+  const violations = await page.evaluate(async () => {
+    // eslint-disable-next-line no-undef
+    const r = await axe.run(document, { resultTypes: ['violations'] });
+    return r.violations.map((v) => ({ id: v.id, impact: v.impact, help: v.help, targets: v.nodes.slice(0, 5).map((n) => `${n.target.join(' ')}: ${n.failureSummary?.split('\n').slice(1).join(' ')}`) }));
+  });
+  const bad = violations.filter((v) => v.impact === 'serious' || v.impact === 'critical');
+  assert.deepEqual(bad.map((v) => `${v.impact} ${v.id} (${v.help}): ${v.targets.join(' | ')}`), [], `${what}: axe-core findings`);
+  return violations;
+}
+
+/** Resolves after the page has painted twice (its requestAnimationFrame work is done). */
+export const painted = (page) => page.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(() => r()))));

@@ -81,7 +81,7 @@ test('360 px wide: no horizontal scrolling on any page', async () => {
   const long = 'A rather long question title with a verylongwordthatdoesnotbreakanywhereatallreally in it?';
   const id = await createPollUI(owner, env, { title: long, type: 'ranked', options: ['Supercalifragilisticexpialidocious-option', 'Short'] });
   const p = await env.open(PHONE, { isMobile: true });
-  for (const path of ['/', '/mine', `/p/${id}`, `/p/${id}/share`, `/p/${id}/results`, `/p/${id}/present`, '/nowhere']) {
+  for (const path of ['/', '/mine', `/p/${id}`, `/p/${id}/share`, `/p/${id}/results`, `/p/${id}/present`, `/p/${id}/edit`, '/r', '/r/AbCdEf123', '/j', '/j/ABC123', '/nowhere']) {
     await p.goto(env.url(path));
     await p.locator('h1').first().waitFor();
     await p.waitForTimeout(200);

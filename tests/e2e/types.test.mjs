@@ -79,10 +79,12 @@ test('ranked: drag to reorder, the rounds shown', async () => {
   await b.getByRole('button', { name: 'Move Go up' }).click();
   await vote(b); await voted(b);
   await a.locator('.results[data-total="2"]').waitFor();
-  await a.locator('.rounds .round').first().waitFor();
+  await a.locator('.rounds .rounds-table tbody tr').first().waitFor();
   assert.ok(await a.locator('.winner').isVisible());
+  // a row per option, a column per round
+  assert.equal(await a.locator('.rounds-table tbody tr').count(), 4);
   await a.goto(env.url(`/p/${id}/results`));
-  await a.locator('.results[data-total="2"] .round').first().waitFor();
+  await a.locator('.results[data-total="2"] .rounds-table').waitFor();
   await shot(a, 'results-ranked-desktop');
   env.assertClean(a); env.assertClean(b);
   assert.equal(env.assertProofOfWork(b), 1);
@@ -108,25 +110,62 @@ test('score: radio rows, means in the results', async () => {
   env.assertClean(a); env.assertClean(p);
 });
 
-test('server errors are shown next to the field they name', async () => {
+test('the create form marks every invalid field at once, in words a person uses', async () => {
   const a = await env.open();
   await a.goto(env.url('/'));
-  await a.getByRole('button', { name: 'Create poll' }).click();
-  await a.getByText('title must not be blank').waitFor();
-  assert.equal(await a.getByLabel('Question').getAttribute('aria-invalid'), 'true');
-  await a.getByLabel('Question').fill('Dup?');
-  await a.getByLabel('Option 1', { exact: true }).fill('Same');
+  await a.locator('input[type=radio][value="multiple"]').check();
   await a.getByLabel('Option 2', { exact: true }).fill('Same');
+  await a.getByRole('button', { name: '+ Add option' }).click();
+  await a.getByLabel('Option 3', { exact: true }).fill(' same ');
+  await a.getByLabel('Minimum choices').fill('5');
+  await a.getByLabel('Maximum choices').fill('0');
+  await a.getByLabel('Closes at (optional)').fill('2020-01-01T10:00');
   await a.getByRole('button', { name: 'Create poll' }).click();
-  await a.getByText('the same text as option 1').waitFor();
-  // an error only the server finds: a username that is taken, on sign-up
+  const summary = a.locator('form.create > p[role="alert"]');
+  await summary.getByText('Please fix the 6 fields marked below:').waitFor();
+  const expected = [
+    ['Question', 'Enter the question.'],
+    ['Option 1', 'Enter the text of option 1, or remove it.'],
+    ['Option 3', 'Option 3 is the same as option 2.'],
+    ['Minimum choices', 'The minimum number of choices must be a whole number from 1 to 3 (the number of options).'],
+    ['Maximum choices', 'The maximum number of choices must be a whole number from 1 to 3 (the number of options).'],
+    ['Closes at (optional)', 'The closing time must be in the future.'],
+  ];
+  assert.deepEqual(await summary.locator('li').allTextContents(), expected.map(([, m]) => m));
+  for (const [label, msg] of expected) {
+    const input = a.getByLabel(label, { exact: true });
+    assert.equal(await input.getAttribute('aria-invalid'), 'true', `${label} is not marked`);
+    // the message is next to the field and read with it
+    const errId = (await input.getAttribute('aria-describedby')).split(' ').pop();
+    assert.equal(await a.locator(`[id="${errId}"]`).textContent(), msg);
+  }
+  // no API field names in what the page says
+  assert.doesNotMatch(await a.locator('main').textContent(), /_choices|max_score|end_time|start_time|options\[/);
+  // nothing was sent; a summary link takes the focus to its field
+  assert.deepEqual(a.rec.posts.filter((p) => p.path === '/v1/polls'), []);
+  await summary.getByRole('link', { name: 'Option 3 is the same as option 2.' }).click();
+  assert.equal(await a.evaluate(() => document.activeElement.value), ' same ');
+  // fixed, it goes through
+  await a.getByLabel('Question').fill('Fixed?');
+  await a.getByLabel('Option 1', { exact: true }).fill('One');
+  await a.getByLabel('Option 3', { exact: true }).fill('Three');
+  await a.getByLabel('Minimum choices').fill('2');
+  await a.getByLabel('Maximum choices').fill('3');
+  await a.getByLabel('Closes at (optional)').fill('');
+  await a.getByRole('button', { name: 'Create poll' }).click();
+  await a.waitForURL(/\/share$/);
+  env.assertClean(a);
+});
+
+test('errors only the server finds are shown next to the field they name', async () => {
+  const a = await env.open();
   await api(env.server, 'POST', '/v1/auth/register', { body: { username: 'taken_name', password: 'longenough' } });
   await a.goto(env.url('/mine'));
   const form = a.locator('form[aria-label="Sign up"]');
   await form.getByLabel('Username').fill('taken_name');
   await form.getByLabel('Password').fill('longenough');
   await form.getByRole('button', { name: 'Sign up' }).click();
-  await form.locator('.field-error:not([hidden])').waitFor();
+  await form.getByText('That username is taken. Choose another, or log in.').waitFor();
   assert.equal(await form.getByLabel('Username').getAttribute('aria-invalid'), 'true');
   env.assertClean(a);
 });

@@ -2,6 +2,7 @@
 //   tally.user   {user_id, username, token, expires_at}  (signed in)
 //   tally.device {voter_id, token, expires_at}           (anonymous device token)
 // Requests go to this origin only.
+import { t, fmtWait } from './i18n.js';
 
 const USER_KEY = 'tally.user';
 const DEVICE_KEY = 'tally.device';
@@ -10,7 +11,7 @@ const RECEIPTS_KEY = 'tally.receipts';
 export class ApiError extends Error {
   constructor(status, body) {
     const e = (body && body.error) || {};
-    super(e.message || `request failed (HTTP ${status})`);
+    super(e.message || t('err.http', { status }));
     this.status = status;
     this.code = e.code || (status === 0 ? 'NETWORK' : 'HTTP_' + status);
     this.field = e.field;
@@ -85,7 +86,7 @@ async function newDevice({ onWork } = {}) {
       return r;
     } catch (e) {
       if (e.code === 'POW_FAILED' && attempt < 2) continue;
-      if (e.code === 'POW_FAILED') e.message = 'The server did not accept this browser\'s proof of work for an anonymous token. Try again.';
+      if (e.code === 'POW_FAILED') e.message = t('err.pow_failed');
       throw e;
     }
   }
@@ -124,7 +125,7 @@ function solvePow(challenge, difficulty) {
 }
 
 function powError(e) {
-  return new ApiError(0, { error: { code: 'POW_UNSOLVED', message: `This browser could not prepare its anonymous device token (${e?.message || e}). Reload the page and try again.` } });
+  return new ApiError(0, { error: { code: 'POW_UNSOLVED', message: t('err.pow_unsolved', { why: e?.message || String(e) }) } });
 }
 
 /**
@@ -143,7 +144,7 @@ export async function request(method, path, opts = {}) {
   try {
     res = await fetch(path, { method, headers, body, cache: 'no-store', credentials: 'omit' });
   } catch (e) {
-    throw new ApiError(0, { error: { code: 'NETWORK', message: 'The server could not be reached. Check your connection and try again.' } });
+    throw new ApiError(0, { error: { code: 'NETWORK', message: t('err.network') } });
   }
   if (res.status === 401 && opts.token) forgetToken(opts.token);
   if (opts.raw && res.ok) return res;
@@ -154,11 +155,10 @@ export async function request(method, path, opts = {}) {
   if (!res.ok) {
     const err = new ApiError(res.status, json);
     if (res.status === 429) {
+      // the wait in words a person uses ("in about 12 minutes"), not the seconds of Retry-After
       const wait = Number(res.headers.get('Retry-After'));
       err.retryAfter = Number.isFinite(wait) && wait >= 0 ? wait : null;
-      err.message = err.retryAfter !== null
-        ? `Too many requests from this network right now. Try again in ${Math.max(1, Math.ceil(err.retryAfter))} second${Math.ceil(err.retryAfter) > 1 ? 's' : ''}.`
-        : 'Too many requests from this network right now. Try again in a minute.';
+      err.message = t('err.rate_limited', { wait: fmtWait(err.retryAfter ?? 60) });
     }
     throw err;
   }
@@ -189,8 +189,8 @@ export function setReceipt(pollId, r) {
 }
 
 /** Fetches a file with the Authorization header and saves it through a Blob URL. */
-export async function download(path, filename) {
-  const res = await request('GET', path, { token: identityToken(), raw: true, headers: { Accept: '*/*' } });
+export async function download(path, filename, token = identityToken()) {
+  const res = await request('GET', path, { token, raw: true, headers: { Accept: '*/*' } });
   const blob = await res.blob();
   const url = URL.createObjectURL(blob);
   const a = document.createElement('a');
@@ -203,17 +203,33 @@ export async function download(path, filename) {
 }
 
 /** The poll's QR code as a data: URL (fetched with the token, so drafts work too). */
-export async function qrDataUrl(pollId) {
-  const res = await request('GET', pollPath(pollId, '/qr.svg'), { token: identityToken(), raw: true, headers: { Accept: 'image/svg+xml' } });
+export async function qrDataUrl(pollId, token = identityToken()) {
+  const res = await request('GET', pollPath(pollId, '/qr.svg'), { token, raw: true, headers: { Accept: 'image/svg+xml' } });
   const svg = await res.text();
   return 'data:image/svg+xml;base64,' + btoa(unescape(encodeURIComponent(svg)));
 }
 
 export const shareUrl = (pollId) => `${location.origin}/p/${encodeURIComponent(pollId)}`;
 
+/** The address a room types: /j/<code> when the poll has a join code. */
+export const joinUrl = (code) => `${location.origin}/j/${encodeURIComponent(code)}`;
+
+/**
+ * The token of the identity in this browser that owns the poll (the account, or the
+ * anonymous device that created it), or null when neither does.
+ */
+export function ownerToken(poll) {
+  const u = getUser();
+  if (u && u.user_id === poll.owner_id) return u.token;
+  const d = getDevice();
+  if (d && d.voter_id === poll.owner_id) return d.token;
+  return null;
+}
+
 /**
  * Live results over Server-Sent Events, reconnecting by itself.
- * handlers: {onResults(data), onClosed(), onDeleted(), onState('live'|'reconnecting')}
+ * handlers: {onResults(data), onClosed(), onDeleted(), onState('live'|'reconnecting'),
+ *            token() → the token to watch with (default: this browser's identity)}
  * Returns {close(), reopen()} (reopen picks up a new token, e.g. after voting).
  */
 export function subscribeLive(pollId, handlers) {
@@ -225,7 +241,7 @@ export function subscribeLive(pollId, handlers) {
     clearTimeout(timer);
     timer = null;
     if (es) es.close();
-    const tok = identityToken();
+    const tok = handlers.token ? handlers.token() : identityToken();
     const url = pollPath(pollId, '/live') + (tok ? `?access_token=${encodeURIComponent(tok)}` : '');
     const src = new EventSource(url);
     es = src;

@@ -1,46 +1,59 @@
 // Sign up / log in forms. Errors from the server are shown next to the field they name.
+// Signing up or in from a browser that holds an anonymous device token sends that token
+// (Authorization: Bearer) so that the server links the device to the account: its ballots
+// and polls become the account's, and one person keeps one ballot per poll.
 import { h, field, statusLine } from './dom.js';
-import { request, setUser } from './api.js';
+import { request, setUser, getDevice } from './api.js';
+import { t, errorText } from './i18n.js';
 
 const USERNAME_RE = /^[A-Za-z0-9_.-]{3,32}$/;
 
 function authForm(kind, onDone) {
   const isReg = kind === 'register';
   const user = field({
-    label: 'Username',
-    hint: isReg ? '3 to 32 letters, digits, “_”, “.” or “-”.' : null,
+    label: t('auth.username'),
+    hint: isReg ? t('auth.username_hint') : null,
     input: h('input', { type: 'text', name: 'username', autocomplete: 'username', required: true, maxlength: '32', autocapitalize: 'none', spellcheck: 'false' }),
   });
   const pass = field({
-    label: 'Password',
-    hint: isReg ? 'At least 8 characters.' : null,
+    label: t('auth.password'),
+    hint: isReg ? t('auth.password_hint') : null,
     input: h('input', { type: 'password', name: 'password', autocomplete: isReg ? 'new-password' : 'current-password', required: true, maxlength: '1024' }),
   });
   const status = statusLine('alert', 'alert');
-  const submit = h('button', { type: 'submit', class: 'primary', text: isReg ? 'Sign up' : 'Log in' });
-  const form = h('form', { class: 'auth-form', novalidate: true, 'aria-label': isReg ? 'Sign up' : 'Log in' },
-    h('h2', { text: isReg ? 'New here? Sign up' : 'Have an account? Log in' }),
+  const submit = h('button', { type: 'submit', class: 'primary', text: isReg ? t('auth.sign_up') : t('auth.log_in') });
+  const form = h('form', { class: 'auth-form', novalidate: true, 'aria-label': isReg ? t('auth.sign_up') : t('auth.log_in') },
+    h('h2', { text: isReg ? t('auth.new_here') : t('auth.have_account') }),
     user.wrap, pass.wrap, status, h('div', { class: 'actions' }, submit));
   form.addEventListener('submit', async (e) => {
     e.preventDefault();
     user.setError(null); pass.setError(null); status.set(null);
     const username = user.input.value.trim();
     const password = pass.input.value;
-    let bad = false;
-    if (isReg && !USERNAME_RE.test(username)) { user.setError('username must be 3 to 32 letters, digits, “_”, “.” or “-”'); bad = true; }
-    if (!isReg && !username) { user.setError('Enter your username'); bad = true; }
-    if (isReg && (password.length < 8 || password.length > 1024)) { pass.setError('password must be 8 to 1024 characters'); bad = true; }
-    if (!isReg && !password) { pass.setError('Enter your password'); bad = true; }
-    if (bad) { form.querySelector('[aria-invalid]')?.focus(); return; }
+    if (isReg && !USERNAME_RE.test(username)) user.setError(t('auth.username_bad'));
+    if (!isReg && !username) user.setError(t('auth.username_missing'));
+    if (isReg && (password.length < 8 || password.length > 1024)) pass.setError(t('auth.password_bad'));
+    if (!isReg && !password) pass.setError(t('auth.password_missing'));
+    const bad = form.querySelector('[aria-invalid="true"]');
+    if (bad) { bad.focus(); return; }
     submit.disabled = true;
     try {
-      const r = await request('POST', isReg ? '/v1/auth/register' : '/v1/auth/login', { body: { username, password } });
+      const path = isReg ? '/v1/auth/register' : '/v1/auth/login';
+      const device = getDevice();
+      let r;
+      try {
+        r = await request('POST', path, { body: { username, password }, token: device?.token });
+      } catch (e) {
+        // a device token the server no longer takes (request() forgets it): without it
+        if (!device || e.status !== 401 || e.code === 'INVALID_CREDENTIALS') throw e;
+        r = await request('POST', path, { body: { username, password } });
+      }
       setUser({ user_id: r.user_id, username, token: r.token, expires_at: r.expires_at });
-      onDone?.();
+      onDone?.(mergedText(r));
     } catch (err) {
-      if (err.field === 'username' || err.code === 'USERNAME_TAKEN') { user.setError(err.message); user.input.focus(); }
-      else if (err.field === 'password') { pass.setError(err.message); pass.input.focus(); }
-      else status.set(err.message, 'error');
+      if (err.field === 'username' || err.code === 'USERNAME_TAKEN') { user.setError(errorText(err)); user.input.focus(); }
+      else if (err.field === 'password') { pass.setError(errorText(err)); pass.input.focus(); }
+      else status.set(errorText(err), 'error');
     } finally {
       submit.disabled = false;
     }
@@ -48,9 +61,27 @@ function authForm(kind, onDone) {
   return form;
 }
 
-/** Both forms side by side (stacked on phones). */
+/**
+ * What the server says it merged when it linked this browser's device to the account
+ * (`merged`: counts or lists of polls, ballots and retracted duplicate ballots), in words;
+ * null when it says nothing (nothing to merge, or a server without linking).
+ */
+export function mergedText(r) {
+  const m = r && typeof r.merged === 'object' && r.merged ? r.merged : null;
+  if (!m) return null;
+  const count = (v) => (Array.isArray(v) ? v.length : (typeof v === 'number' ? v : 0));
+  const polls = count(m.polls);
+  const ballots = count(m.ballots ?? m.votes);
+  const retracted = count(m.retracted ?? m.retracted_ballots);
+  const parts = [];
+  if (polls || ballots) parts.push(t('auth.merged', { polls: t('auth.n_polls', { n: polls }), ballots: t('auth.n_votes', { n: ballots }) }));
+  if (retracted) parts.push(t('auth.merged_retracted', { n: retracted }));
+  return parts.length ? parts.join(' ') : null;
+}
+
+/** Both forms side by side (stacked on phones). onDone(mergedMessage|null). */
 export function authPanel(onDone, intro) {
-  return h('section', { class: 'auth-panel', 'aria-label': 'Sign up or log in' },
+  return h('section', { class: 'auth-panel', 'aria-label': t('auth.panel') },
     intro ? h('p', { text: intro }) : null,
     h('div', { class: 'auth-grid' }, authForm('register', onDone), authForm('login', onDone)));
 }

@@ -1,70 +1,119 @@
-// Home: create a poll. Client-side checks mirror the server's; the server's own errors
-// (error.field) are shown next to the field they name.
-import { h, field, newId, statusLine, busyStatus, localToIso, setFieldError, TYPE_NAMES } from './dom.js';
-import { request, getUser, ensureDevice } from './api.js';
-import { navigate } from './app.js';
+// One poll form for three pages: create (/), ask again (/?copy=<poll_id>: a new poll that
+// starts from another's question and options, since a closed poll cannot be reopened) and
+// edit (/p/<id>/edit: PATCH with only the fields that changed). The form checks every
+// field before sending and marks all that are wrong at once, in words (never API field
+// names), with a summary that links to each; the server's own refusals are put next to
+// the field they name. What the contract does not let change is shown locked, with why.
+import { h, field, newId, statusLine, busyStatus, localToIso, isoToLocal, setFieldError, typeName } from './dom.js';
+import { request, getUser, getDevice, ensureDevice, pollPath, ownerToken, identityToken } from './api.js';
+import { navigate, flash } from './app.js';
+import { t, tn, errorText } from './i18n.js';
 
-const TYPE_HELP = {
-  single: 'Voters pick exactly one option.',
-  multiple: 'Voters pick several options (between the minimum and maximum).',
-  approval: 'Voters approve every option they find acceptable.',
-  ranked: 'Voters rank options in order; the winner is found by instant runoff.',
-  score: 'Voters give each option a score from 0 to the maximum.',
-};
+const TYPES = ['single', 'multiple', 'approval', 'ranked', 'score'];
+const VIS = ['always', 'after_vote', 'after_close', 'owner_only'];
 
-const VIS = [
-  ['always', 'Always: anyone can see the results'],
-  ['after_vote', 'After voting: only those who voted (everyone once closed)'],
-  ['after_close', 'After the poll closes'],
-  ['owner_only', 'Only me'],
-];
+/** How the server compares option texts: case folded, NFC, spaces collapsed, invisibles gone. */
+const sameKey = (s) => s.normalize('NFC').replace(/\p{Cf}/gu, '').replace(/\s+/gu, ' ').trim().toLowerCase();
 
-export function render(main) {
-  document.title = 'Create a poll · tally';
-  const user = getUser();
+export async function render(main) {
+  document.title = t('create.doc_title');
+  const copyId = new URLSearchParams(location.search).get('copy');
+  let source = null;
+  if (copyId) {
+    try { source = await request('GET', pollPath(copyId), { token: identityToken() }); } catch { /* gone: start empty */ }
+  }
+  main.append(
+    h('h1', { id: 'create-h1', text: t('create.heading') }),
+    h('p', { class: 'lead', text: source ? t('create.lead_copy', { title: source.title }) : t('create.lead') }));
+  const form = pollForm({ mode: 'create', source });
+  main.append(form.el);
+}
+
+export async function renderEdit(main, { id }) {
+  // a draft is visible to its owner only: ask as the account, then as this browser's device
+  let poll = null;
+  let err = null;
+  for (const tok of [getUser()?.token, getDevice()?.token, null]) {
+    try { poll = await request('GET', pollPath(id), { token: tok || undefined }); break; } catch (e) { err = e; }
+  }
+  if (!poll) {
+    const { pollError } = await import('./poll.js');
+    return pollError(main, err);
+  }
+  document.title = t('edit.doc_title', { title: poll.title });
+  const token = ownerToken(poll);
+  main.append(h('p', { class: 'crumbs' }, h('a', { href: `/p/${id}`, 'data-link': '', text: t('results.back') })),
+    h('h1', { id: 'create-h1', text: t('edit.heading') }));
+  if (!token) {
+    main.append(h('p', { class: 'alert is-error', role: 'alert', text: t('edit.not_owner') }));
+    return;
+  }
+  // options and choice limits cannot change once a ballot exists: ask the results
+  let votes = null;
+  try { votes = (await request('GET', pollPath(id, '/results'), { token })).total_votes ?? null; } catch { /* unknown: the server says on save */ }
+  const form = pollForm({ mode: 'edit', source: poll, token, votes });
+  main.append(form.el);
+}
+
+/**
+ * The form. mode 'create' | 'edit'; source: a poll to start from; token: the owner's
+ * (edit); votes: how many ballots the poll has (edit; null when unknown).
+ */
+function pollForm({ mode, source, token, votes }) {
+  const edit = mode === 'edit';
+  const closed = edit && source.status === 'closed';
+  const locked = { options: null, limits: null, times: null };
   const top = statusLine('alert', 'alert');
+  top.setAttribute('tabindex', '-1');
+  const s0 = source?.settings || {};
 
   // ---- title, description ----
-  const title = field({ label: 'Question', input: h('input', { type: 'text', name: 'title', required: true, maxlength: '300', autocomplete: 'off', placeholder: 'What should we have for lunch?' }) });
-  const desc = field({ label: 'Description (optional)', input: h('textarea', { name: 'description', rows: '2', maxlength: '5000' }) });
+  const title = field({ label: t('form.question'), input: h('input', { type: 'text', name: 'title', required: true, maxlength: '300', autocomplete: 'off', placeholder: t('form.question_ph'), value: source?.title || '' }) });
+  const desc = field({ label: t('form.description'), input: h('textarea', { name: 'description', rows: '2', maxlength: '5000' }) });
+  desc.input.value = source?.description || '';
 
   // ---- type ----
-  const typeName = newId('type');
-  const typeError = h('p', { class: 'field-error', id: `${typeName}-err`, hidden: true });
+  const typeName0 = newId('type');
+  const typeError = h('p', { class: 'field-error', id: `${typeName0}-err`, hidden: true });
+  const startType = TYPES.includes(source?.type) ? source.type : 'single';
   const typeFs = h('fieldset', { class: 'types', 'aria-describedby': typeError.id },
-    h('legend', { text: 'Poll type' }),
-    Object.entries(TYPE_NAMES).map(([val, name], i) => {
-      const id = `${typeName}-${val}`;
+    h('legend', { text: t('form.type') }),
+    edit ? h('p', { class: 'locked-note', text: t('edit.type_fixed') }) : null,
+    TYPES.map((val) => {
+      const id = `${typeName0}-${val}`;
       return h('div', { class: 'choice' },
-        h('input', { type: 'radio', name: typeName, id, value: val, checked: i === 0 }),
-        h('label', { for: id }, h('strong', { text: name }), h('span', { class: 'hint', text: TYPE_HELP[val] })));
+        h('input', { type: 'radio', name: typeName0, id, value: val, checked: val === startType, disabled: edit }),
+        h('label', { for: id }, h('strong', { text: typeName(val) }), h('span', { class: 'hint', text: t(`type_help.${val}`) })));
     }), typeError);
   const typeValue = () => typeFs.querySelector('input:checked').value;
 
   // ---- options ----
   const optList = h('ol', { class: 'option-list' });
   const optError = h('p', { class: 'field-error', id: newId('opts-err'), hidden: true });
-  const addBtn = h('button', { type: 'button', class: 'secondary', text: '+ Add option' });
+  const optNote = h('p', { class: 'locked-note', hidden: true });
+  const addBtn = h('button', { type: 'button', class: 'secondary add-option', text: t('form.add_option') });
   const optFs = h('fieldset', { class: 'options', 'aria-describedby': optError.id },
-    h('legend', { text: 'Options' }),
-    h('p', { class: 'hint', text: '2 to 100 options, each up to 200 characters and different from the others.' }),
-    optList, optError, addBtn);
+    h('legend', { text: t('form.options') }),
+    h('p', { class: 'hint', text: t('form.options_hint') }),
+    optNote, optList, optError, addBtn);
 
-  function optionRows() { return [...optList.children]; }
+  const optionRows = () => [...optList.children];
   function renumber() {
-    optionRows().forEach((li, i) => {
+    const rows = optionRows();
+    rows.forEach((li, i) => {
       const n = i + 1;
-      li.querySelector('label').textContent = `Option ${n}`;
-      li.querySelector('input').placeholder = `Option ${n}`;
-      const label = li.querySelector('input').value.trim() || `option ${n}`;
-      li.querySelector('.up').setAttribute('aria-label', `Move ${label} up`);
-      li.querySelector('.down').setAttribute('aria-label', `Move ${label} down`);
-      li.querySelector('.remove').setAttribute('aria-label', `Remove ${label}`);
+      const input = li.querySelector('input');
+      li.querySelector('label').textContent = t('form.option_n', { i: n });
+      input.placeholder = t('form.option_n', { i: n });
+      const label = input.value.trim() || t('form.option_n', { i: n });
+      li.querySelector('.up').setAttribute('aria-label', t('common.move_x_up', { x: label }));
+      li.querySelector('.down').setAttribute('aria-label', t('common.move_x_down', { x: label }));
+      li.querySelector('.remove').setAttribute('aria-label', t('form.remove_x', { x: label }));
       li.querySelector('.up').disabled = i === 0;
-      li.querySelector('.down').disabled = i === optionRows().length - 1;
-      li.querySelector('.remove').disabled = optionRows().length <= 2;
+      li.querySelector('.down').disabled = i === rows.length - 1;
+      li.querySelector('.remove').disabled = rows.length <= 2;
     });
-    addBtn.disabled = optionRows().length >= 100;
+    addBtn.disabled = rows.length >= 100;
     syncChoices();
   }
   function addOption(text = '', focus = false) {
@@ -75,15 +124,16 @@ export function render(main) {
       h('div', { class: 'option-main' },
         h('label', { for: id, class: 'sr-only' }),
         input,
-        h('button', { type: 'button', class: 'icon secondary up', title: 'Move up', text: '↑', onclick: () => move(li, -1, 'up') }),
-        h('button', { type: 'button', class: 'icon secondary down', title: 'Move down', text: '↓', onclick: () => move(li, 1, 'down') }),
-        h('button', { type: 'button', class: 'icon secondary danger remove', title: 'Remove', text: '×', onclick: () => remove(li) })),
+        h('button', { type: 'button', class: 'icon secondary up', title: t('common.move_up'), text: '↑', onclick: () => move(li, -1, 'up') }),
+        h('button', { type: 'button', class: 'icon secondary down', title: t('common.move_down'), text: '↓', onclick: () => move(li, 1, 'down') }),
+        h('button', { type: 'button', class: 'icon secondary danger remove', title: t('form.remove'), text: '×', onclick: () => remove(li) })),
       err);
     li.setErr = (msg) => setFieldError(input, err, msg);
     input.addEventListener('input', () => { li.setErr(null); renumber(); });
     input.addEventListener('keydown', (e) => {
       if (e.key === 'Enter') { // Enter in an option adds the next one instead of submitting
         e.preventDefault();
+        if (locked.options) return;
         const rows = optionRows();
         if (rows[rows.length - 1] === li) addOption('', true);
         else rows[rows.indexOf(li) + 1].querySelector('input').focus();
@@ -117,45 +167,84 @@ export function render(main) {
   addBtn.addEventListener('click', () => addOption('', true));
 
   // ---- settings ----
-  const vis = field({ label: 'Who can see the results', input: h('select', { name: 'results_visibility' }, VIS.map(([v, t]) => h('option', { value: v, text: t }))) });
-  const during = checkbox('Show results while voting is open', true, 'When off, only you see counts until the poll closes.');
-  const change = checkbox('Let voters change or retract their vote', false);
-  const anon = checkbox('Allow anonymous voting (no account needed)', true, 'Voters without an account get a device token automatically.');
-  const minC = field({ label: 'Minimum choices', hint: 'Empty: 1.', input: h('input', { type: 'number', name: 'min_choices', min: '1', max: '100', inputmode: 'numeric' }) });
-  const maxC = field({ label: 'Maximum choices', hint: 'Empty: all options.', input: h('input', { type: 'number', name: 'max_choices', min: '1', max: '100', inputmode: 'numeric' }) });
-  const maxS = field({ label: 'Maximum score', hint: 'Each option is scored from 0 to this (1 to 100).', input: h('input', { type: 'number', name: 'max_score', min: '1', max: '100', value: '5', inputmode: 'numeric' }) });
+  const vis = field({ label: t('form.visibility'), input: h('select', { name: 'results_visibility' }, VIS.map((v) => h('option', { value: v, text: t(`vis.${v}`) }))) });
+  vis.input.value = VIS.includes(s0.results_visibility) ? s0.results_visibility : 'always';
+  const during = checkbox(t('form.during'), s0.show_results_during_voting ?? true, t('form.during_hint'));
+  const change = checkbox(t('form.change'), s0.allow_vote_change ?? false);
+  const anon = checkbox(t('form.anon'), s0.allow_anonymous ?? true, t('form.anon_hint'));
+  const nOpts0 = source?.options?.length || 0;
+  // an unset limit reads as the default: min 1, max every option
+  const minStart = source && source.type !== 'single' && s0.min_choices > 1 ? String(s0.min_choices) : '';
+  const maxStart = source && source.type !== 'single' && s0.max_choices && s0.max_choices < nOpts0 ? String(s0.max_choices) : '';
+  const minC = field({ label: t('form.min'), hint: t('form.min_hint'), input: h('input', { type: 'number', name: 'min_choices', min: '1', max: '100', inputmode: 'numeric', value: minStart }) });
+  const maxC = field({ label: t('form.max'), hint: t('form.max_hint'), input: h('input', { type: 'number', name: 'max_choices', min: '1', max: '100', inputmode: 'numeric', value: maxStart }) });
+  const maxS = field({ label: t('form.max_score'), hint: t('form.max_score_hint'), input: h('input', { type: 'number', name: 'max_score', min: '1', max: '100', value: String(s0.max_score || 5), inputmode: 'numeric' }) });
+  const limitsNote = h('p', { class: 'locked-note', hidden: true });
   const choicesBox = h('div', { class: 'grid2' }, minC.wrap, maxC.wrap);
-  const start = field({ label: 'Opens at (optional)', hint: 'Your local time. Empty: now.', input: h('input', { type: 'datetime-local', name: 'start_time' }) });
-  const end = field({ label: 'Closes at (optional)', hint: 'Your local time. Empty: when you close it.', input: h('input', { type: 'datetime-local', name: 'end_time' }) });
-  const draft = checkbox('Save as a draft (only you can see it until you publish)', false);
+  const start = field({ label: t('form.start'), hint: t('form.start_hint'), input: h('input', { type: 'datetime-local', name: 'start_time', value: edit ? isoToLocal(source.start_time) : '' }) });
+  const end = field({ label: t('form.end'), hint: t('form.end_hint'), input: h('input', { type: 'datetime-local', name: 'end_time', value: edit ? isoToLocal(source.end_time) : '' }) });
+  const timesNote = h('p', { class: 'locked-note', hidden: true });
+  const draft = checkbox(edit ? t('edit.keep_draft') : t('form.draft'), edit && source.status === 'draft');
+  draft.wrap.hidden = edit && source.status !== 'draft';
 
   const settingsFs = h('fieldset', { class: 'settings' },
-    h('legend', { text: 'Settings' }),
-    vis.wrap, during.wrap, change.wrap, anon.wrap, choicesBox, maxS.wrap,
-    h('div', { class: 'grid2' }, start.wrap, end.wrap), draft.wrap);
+    h('legend', { text: t('form.settings') }),
+    vis.wrap, during.wrap, change.wrap, anon.wrap, limitsNote, choicesBox, maxS.wrap,
+    timesNote, h('div', { class: 'grid2' }, start.wrap, end.wrap), draft.wrap);
 
   function syncChoices() {
-    const t = typeValue();
-    choicesBox.hidden = t === 'single';
-    maxS.wrap.hidden = t !== 'score';
+    const ty = typeValue();
+    choicesBox.hidden = ty === 'single';
+    maxS.wrap.hidden = ty !== 'score';
     const n = optionRows().length;
     maxC.input.max = String(n);
     minC.input.max = String(n);
   }
   typeFs.addEventListener('change', () => { typeError.hidden = true; syncChoices(); });
 
+  /** Options and limits read-only, with the reason (a ballot exists; the poll is closed). */
+  function lockOptions(reason) {
+    locked.options = reason;
+    optNote.textContent = reason;
+    optNote.hidden = false;
+    for (const li of optionRows()) {
+      li.querySelector('input').readOnly = true;
+      for (const b of li.querySelectorAll('button')) b.hidden = true;
+    }
+    addBtn.hidden = true;
+  }
+  function lockLimits(reason) {
+    locked.limits = reason;
+    limitsNote.textContent = reason;
+    limitsNote.hidden = false;
+    for (const f of [minC, maxC, maxS]) f.input.disabled = true;
+  }
+  function lockTimes(reason) {
+    locked.times = reason;
+    timesNote.textContent = reason;
+    timesNote.hidden = false;
+    start.input.disabled = true;
+    end.input.disabled = true;
+  }
+
   // ---- submit ----
-  const submit = h('button', { type: 'submit', class: 'primary big', text: 'Create poll' });
+  const submitText = edit ? t('edit.save') : t('form.create');
+  const submit = h('button', { type: 'submit', class: 'primary big', text: submitText });
   const preparing = busyStatus();
-  const who = user
-    ? h('p', { class: 'hint', text: `You are signed in as ${user.username}; the poll will be listed in My polls.` })
-    : h('p', { class: 'hint' }, 'You are not signed in: the poll belongs to this browser. ',
-      h('a', { href: '/mine', 'data-link': '', text: 'Sign up or log in' }), ' to manage your polls from any device.');
+  const user = getUser();
+  let who = null;
+  if (!edit) {
+    who = user
+      ? h('p', { class: 'hint', text: t('create.signed_in', { name: user.username }) })
+      : h('p', { class: 'hint' }, ...tn('create.anonymous', { link: h('a', { href: '/mine', 'data-link': '', text: t('create.sign_in_link') }) }));
+  }
+  const actions = h('div', { class: 'actions' }, submit,
+    edit ? h('a', { class: 'button secondary', href: `/p/${source.poll_id}`, 'data-link': '', text: t('common.cancel') }) : null);
   const form = h('form', { class: 'create', novalidate: true, 'aria-labelledby': 'create-h1' },
-    top, title.wrap, desc.wrap, typeFs, optFs, settingsFs, who, h('div', { class: 'actions' }, submit), preparing);
+    top, title.wrap, desc.wrap, typeFs, optFs, settingsFs, who, actions, preparing);
 
   const fieldMap = {
-    title: title, description: desc,
+    title, description: desc,
     'settings.results_visibility': vis, 'settings.min_choices': minC, 'settings.max_choices': maxC,
     'settings.max_score': maxS, start_time: start, end_time: end,
     'settings.allow_vote_change': change, 'settings.allow_anonymous': anon,
@@ -168,7 +257,7 @@ export function render(main) {
     setFieldError(null, optError, null);
     setFieldError(null, typeError, null);
   }
-  /** Shows msg next to the field the server (or our own check) named; false if unknown. */
+  /** Shows msg next to the field named (API name); returns the element to focus, or null. */
   function showError(fieldName, msg) {
     const m = /^options\[(\d+)\](?:\.(\w+))?$/.exec(fieldName || '');
     if (m) {
@@ -177,29 +266,42 @@ export function render(main) {
     }
     if (fieldName === 'options') { setFieldError(null, optError, msg); return optionRows()[0]?.querySelector('input'); }
     if (fieldName === 'type') { setFieldError(null, typeError, msg); return typeFs.querySelector('input:checked'); }
-    const f = fieldMap[fieldName];
+    const f = fieldMap[fieldName] || fieldMap[`settings.${fieldName}`];
     if (f) { f.setError(msg); return f.input; }
     return null;
   }
+  /** The alert above the form: how many fields to fix, each a link that focuses it. */
+  function summarize(list) {
+    top.set(null);
+    top.classList.add('is-error');
+    top.hidden = false;
+    top.replaceChildren(h('strong', { text: t('form.summary', { n: list.length }) }),
+      h('ul', { class: 'error-list' }, list.map(([el, msg]) => h('li', {}, el
+        ? h('a', { href: `#${el.id}`, onclick: (e) => { e.preventDefault(); el.focus(); }, text: msg })
+        : msg))));
+  }
 
+  /** The body to send, and every problem found ([apiField, message]). */
   function buildBody() {
     const errors = [];
-    const t = typeValue();
-    const body = { title: title.input.value, type: t };
-    if (!body.title.trim()) errors.push(['title', 'title must not be blank']);
-    else if ([...body.title].length > 300) errors.push(['title', 'title must be at most 300 characters']);
+    const ty = typeValue();
+    const body = { title: title.input.value.trim(), type: ty };
+    const titleLen = [...body.title].length;
+    if (!body.title || !/[^\p{Cf}\s]/u.test(body.title)) errors.push(['title', t('form.err.title_blank')]);
+    else if (titleLen > 300) errors.push(['title', t('form.err.title_long', { n: titleLen })]);
     const d = desc.input.value;
-    if (d.trim()) body.description = d;
+    body.description = d.trim() ? d : null;
     const texts = optionRows().map((li) => li.querySelector('input').value);
     const seen = new Map();
     texts.forEach((x, i) => {
-      const k = x.trim();
-      if (!k) errors.push([`options[${i}].text`, 'option text must not be blank']);
-      else if ([...x].length > 200) errors.push([`options[${i}].text`, 'option text must be at most 200 characters']);
-      else if (seen.has(k)) errors.push([`options[${i}].text`, `the same text as option ${seen.get(k) + 1}`]);
+      const k = sameKey(x);
+      const len = [...x.trim()].length;
+      if (!k) errors.push([`options[${i}].text`, t('form.err.option_blank', { i: i + 1 })]);
+      else if (len > 200) errors.push([`options[${i}].text`, t('form.err.option_long', { i: i + 1, n: len })]);
+      else if (seen.has(k)) errors.push([`options[${i}].text`, t('form.err.option_dup', { i: i + 1, j: seen.get(k) + 1 })]);
       else seen.set(k, i);
     });
-    if (texts.length < 2) errors.push(['options', 'a poll needs at least 2 options']);
+    if (texts.length < 2) errors.push(['options', t('form.err.too_few')]);
     body.options = texts.map((text, i) => ({ text: text.trim(), display_order: i }));
     const settings = {
       results_visibility: vis.input.value,
@@ -208,33 +310,64 @@ export function render(main) {
       allow_anonymous: anon.input.checked,
     };
     const n = texts.length;
-    if (t !== 'single') {
+    if (ty !== 'single' && !locked.limits) {
       const mn = minC.input.value === '' ? null : Number(minC.input.value);
       const mx = maxC.input.value === '' ? null : Number(maxC.input.value);
-      if (mn !== null && (!Number.isInteger(mn) || mn < 1 || mn > n)) errors.push(['settings.min_choices', `min_choices must be between 1 and the number of options (${n})`]);
-      else if (mn !== null) settings.min_choices = mn;
-      if (mx !== null && (!Number.isInteger(mx) || mx < 1 || mx > n)) errors.push(['settings.max_choices', `max_choices must be between 1 and the number of options (${n})`]);
-      else if (mx !== null) settings.max_choices = mx;
-      if (settings.min_choices && settings.max_choices && settings.min_choices > settings.max_choices) errors.push(['settings.max_choices', 'max_choices must be at least min_choices']);
+      const minOk = mn === null || (Number.isInteger(mn) && mn >= 1 && mn <= n);
+      const maxOk = mx === null || (Number.isInteger(mx) && mx >= 1 && mx <= n);
+      if (!minOk) errors.push(['settings.min_choices', t('form.err.min_range', { n })]);
+      if (!maxOk) errors.push(['settings.max_choices', t('form.err.max_range', { n })]);
+      if (minOk && maxOk && mn !== null && mx !== null && mn > mx) errors.push(['settings.max_choices', t('form.err.max_below_min', { min: mn })]);
+      settings.min_choices = mn ?? 1;
+      settings.max_choices = mx ?? n;
     }
-    if (t === 'score') {
+    if (ty === 'score' && !locked.limits) {
       const ms = Number(maxS.input.value);
-      if (maxS.input.value === '' || !Number.isInteger(ms) || ms < 1 || ms > 100) errors.push(['settings.max_score', 'max_score must be an integer from 1 to 100']);
+      if (maxS.input.value === '' || !Number.isInteger(ms) || ms < 1 || ms > 100) errors.push(['settings.max_score', t('form.err.max_score')]);
       else settings.max_score = ms;
     }
     body.settings = settings;
-    const st = localToIso(start.input.value);
-    const et = localToIso(end.input.value);
-    if (st === undefined) errors.push(['start_time', 'not a valid time']);
-    else if (st) body.start_time = st;
-    if (et === undefined) errors.push(['end_time', 'not a valid time']);
-    else if (et) {
-      if (Date.parse(et) <= Date.now()) errors.push(['end_time', 'end_time must be in the future']);
-      else if (st && Date.parse(et) <= Date.parse(st)) errors.push(['end_time', 'end_time must be after start_time']);
-      body.end_time = et;
+    if (!locked.times) {
+      const st = localToIso(start.input.value);
+      const et = localToIso(end.input.value);
+      const startInvalid = st === undefined || (start.input.validity && start.input.validity.badInput);
+      const endInvalid = et === undefined || (end.input.validity && end.input.validity.badInput);
+      if (startInvalid) errors.push(['start_time', t('form.err.time_invalid')]);
+      body.start_time = st || null;
+      if (endInvalid) errors.push(['end_time', t('form.err.time_invalid')]);
+      else if (et) {
+        const unchanged = edit && source.end_time && Date.parse(source.end_time) === Date.parse(et);
+        if (!unchanged && Date.parse(et) <= Date.now()) errors.push(['end_time', t('form.err.end_past')]);
+        else if (st && Date.parse(et) <= Date.parse(st)) errors.push(['end_time', t('form.err.end_before_start')]);
+      }
+      body.end_time = et || null;
     }
     body.status = draft.input.checked ? 'draft' : 'active';
     return { body, errors };
+  }
+
+  /** Edit: only what changed (options are replaced wholesale, so only when they changed). */
+  function diff(body) {
+    const out = {};
+    if (body.title !== source.title) out.title = body.title;
+    if ((body.description || null) !== (source.description || null)) out.description = body.description;
+    const oldTexts = source.options.map((o) => o.text);
+    const newTexts = body.options.map((o) => o.text);
+    const optionsChanged = !locked.options && JSON.stringify(oldTexts) !== JSON.stringify(newTexts);
+    if (optionsChanged) out.options = body.options;
+    const settings = {};
+    for (const [k, v] of Object.entries(body.settings)) {
+      if (locked.limits && (k === 'min_choices' || k === 'max_choices' || k === 'max_score')) continue;
+      if (s0[k] !== v) settings[k] = v;
+    }
+    if (Object.keys(settings).length) out.settings = settings;
+    if (!locked.times) {
+      const same = (a, b) => (a ? Date.parse(a) : null) === (b ? Date.parse(b) : null);
+      if (!same(body.start_time, source.start_time)) out.start_time = body.start_time;
+      if (!same(body.end_time, source.end_time)) out.end_time = body.end_time;
+    }
+    if (source.status === 'draft' && body.status === 'active') out.status = 'active';
+    return out;
   }
 
   let idemKey = null;
@@ -244,41 +377,61 @@ export function render(main) {
     clearErrors();
     const { body, errors } = buildBody();
     if (errors.length) {
-      let first = null;
-      for (const [f, msg] of errors) first = first || showError(f, msg);
-      top.set(errors.length === 1 ? 'Please fix the field marked below.' : `Please fix the ${errors.length} fields marked below.`, 'error');
-      (first || top).focus();
+      const marked = errors.map(([f, msg]) => [showError(f, msg), msg]);
+      summarize(marked);
+      top.focus();
       return;
     }
-    // the same key for a retry of the same body, so a lost answer never creates two polls
-    const bodyText = JSON.stringify(body);
-    if (bodyText !== lastBody) { idemKey = crypto.randomUUID(); lastBody = bodyText; }
     submit.disabled = true;
-    submit.textContent = 'Creating…';
+    submit.textContent = edit ? t('edit.saving') : t('form.creating');
     try {
-      const token = getUser()?.token || (await ensureDevice({ onWork: () => preparing.busy('Preparing your anonymous device token…') })).token;
+      if (edit) {
+        const change = diff(body);
+        if (Object.keys(change).length) await request('PATCH', pollPath(source.poll_id), { token, body: change });
+        flash(Object.keys(change).length ? t('edit.saved') : t('edit.nothing'));
+        navigate(`/p/${source.poll_id}`);
+        return;
+      }
+      if (!body.description) delete body.description;
+      if (!body.start_time) delete body.start_time;
+      if (!body.end_time) delete body.end_time;
+      // the same key for a retry of the same body, so a lost answer never creates two polls
+      const bodyText = JSON.stringify(body);
+      if (bodyText !== lastBody) { idemKey = crypto.randomUUID(); lastBody = bodyText; }
+      const tok = getUser()?.token || (await ensureDevice({ onWork: () => preparing.busy(t('create.preparing')) })).token;
       preparing.busy(null);
-      const poll = await request('POST', '/v1/polls', { body, token, headers: { 'Idempotency-Key': idemKey } });
+      const poll = await request('POST', '/v1/polls', { body, token: tok, headers: { 'Idempotency-Key': idemKey } });
       navigate(`/p/${poll.poll_id}/share`);
     } catch (err) {
-      const el = showError(err.field, err.message);
-      top.set(el ? 'The server refused the poll: see the field marked below.' : err.message, 'error');
-      (el || top).focus();
+      if (err.code === 'POLL_HAS_VOTES') {
+        lockOptions(t('edit.locked_votes_unknown'));
+        lockLimits(t('edit.locked_limits'));
+      }
+      const msg = errorText(err);
+      const el = showError(err.field, msg);
+      if (el) summarize([[el, msg]]);
+      else top.set(msg, 'error');
+      top.focus();
     } finally {
       preparing.busy(null);
       submit.disabled = false;
-      submit.textContent = 'Create poll';
+      submit.textContent = submitText;
     }
   });
 
-  main.append(
-    h('h1', { id: 'create-h1', text: 'Create a poll' }),
-    h('p', { class: 'lead', text: 'Ask a question, share the link or QR code, and watch the votes come in live.' }),
-    form);
-  addOption('');
-  addOption('');
+  const startOptions = source?.options?.length ? source.options.map((o) => o.text) : ['', ''];
+  for (const text of startOptions) addOption(text);
+  if (edit) {
+    if (closed) {
+      lockOptions(t('edit.locked_closed'));
+      lockTimes(t('edit.times_closed'));
+    } else if (votes > 0) {
+      lockOptions(t('edit.locked_votes', { n: votes }));
+      lockLimits(t('edit.locked_limits'));
+    }
+  }
   syncChoices();
-  top.setAttribute('tabindex', '-1');
+  return { el: form };
 }
 
 function checkbox(label, checked, hint) {

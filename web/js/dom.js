@@ -1,5 +1,8 @@
 // Tiny DOM helpers. Every piece of text goes in through text nodes (textContent), never
 // through innerHTML, so user-supplied strings (titles, options, usernames) show as text.
+import { t } from './i18n.js';
+
+export { fmtTime } from './i18n.js';
 
 /**
  * h('div', {class: 'x', onclick: fn, for: 'id', hidden: true}, 'text', child, [more])
@@ -42,13 +45,6 @@ export function announce(msg) {
   a.textContent = '';
   // a fresh text node in the next frame makes screen readers repeat identical messages
   requestAnimationFrame(() => { a.textContent = msg; });
-}
-
-export function fmtTime(iso) {
-  if (!iso) return '';
-  const d = new Date(iso);
-  if (Number.isNaN(d.getTime())) return iso;
-  return d.toLocaleString(undefined, { dateStyle: 'medium', timeStyle: 'short' });
 }
 
 /** "2026-04-05T10:00" (datetime-local, local time) → RFC 3339 UTC, or null if empty. */
@@ -121,10 +117,26 @@ export function busyStatus() {
   return el;
 }
 
-export const TYPE_NAMES = {
-  single: 'Single choice',
-  multiple: 'Multiple choice',
-  approval: 'Approval',
-  ranked: 'Ranked choice',
-  score: 'Score',
-};
+/** The poll type's name in the page's language. */
+export const typeName = (type) => t(`type.${type}`, null, type);
+
+/**
+ * Makes btn ask before it acts: a click shows the question with a confirming button and
+ * Cancel in `box` (focus moves to the confirming button, and back to btn on Cancel).
+ */
+export function confirmThen(btn, box, question, yesText, fn) {
+  btn.addEventListener('click', () => {
+    const group = h('div', { class: 'confirm', role: 'group', 'aria-label': question }, h('span', { text: question }), ' ');
+    const yes = h('button', { type: 'button', class: 'primary danger', text: yesText });
+    const no = h('button', { type: 'button', class: 'secondary', text: t('common.cancel') });
+    yes.addEventListener('click', async () => {
+      group.remove();
+      await fn();
+      if (btn.isConnected) btn.focus();
+    });
+    no.addEventListener('click', () => { group.remove(); btn.focus(); });
+    group.append(yes, ' ', no);
+    box.replaceChildren(group);
+    yes.focus();
+  });
+}

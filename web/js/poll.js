@@ -1,16 +1,19 @@
-// /p/<id>: the vote page (one form per poll type), "you voted" with the receipt, change
-// and retract where the poll allows it, and the live results below.
-import { h, newId, statusLine, busyStatus, fmtTime, announce, TYPE_NAMES } from './dom.js';
-import { request, call, pollPath, getUser, getDevice, ensureDevice, getReceipt, setReceipt } from './api.js';
+// /p/<id>: the vote page (one form per poll type), "you voted" with the receipt (and a
+// link to check it), change and retract where the poll allows it, the results below (live
+// while open, final once closed), and for the poll's owner: edit, close, delete.
+import { h, append, newId, statusLine, busyStatus, fmtTime, announce, typeName, confirmThen } from './dom.js';
+import { request, call, pollPath, getUser, ensureDevice, getReceipt, setReceipt, ownerToken, identityToken, joinUrl } from './api.js';
 import { createResults, connectResults } from './results.js';
 import { authPanel } from './auth.js';
+import { t, errorText } from './i18n.js';
+import { navigate, flash } from './app.js';
 
 export function pollError(main, e) {
-  document.title = 'Poll not found · tally';
+  document.title = t('poll.not_found_title');
   const notFound = e.status === 404;
-  main.append(h('h1', { text: notFound ? 'Poll not found' : 'Could not load the poll' }),
-    h('p', { class: 'alert is-error', role: 'alert', text: notFound ? 'There is no poll at this address. It may have been deleted, or the link is incomplete.' : e.message }),
-    h('p', {}, h('a', { href: '/', 'data-link': '', text: 'Create a poll' })));
+  main.append(h('h1', { text: notFound ? t('poll.not_found') : t('poll.load_failed') }),
+    h('p', { class: 'alert is-error', role: 'alert', text: notFound ? t('poll.not_found_text') : errorText(e) }),
+    h('p', {}, h('a', { href: '/', 'data-link': '', text: t('app.create_link') })));
 }
 
 const minMax = (poll) => {
@@ -23,21 +26,19 @@ const minMax = (poll) => {
 function choiceHint(poll) {
   const [mn, mx] = minMax(poll);
   switch (poll.type) {
-    case 'single': return 'Choose one option.';
+    case 'single': return t('ballot.hint.single');
     case 'multiple':
     case 'approval': {
-      const verb = poll.type === 'approval' ? 'Approve' : 'Choose';
-      if (mn === mx) return `${verb} exactly ${mn}.`;
-      if (mn === 1 && mx >= poll.options.length) return `${verb} one or more.`;
-      return `${verb} ${mn} to ${mx}.`;
+      const k = poll.type;
+      if (mn === mx) return t(`ballot.hint.${k}_exactly`, { n: mn });
+      if (mn === 1 && mx >= poll.options.length) return t(`ballot.hint.${k}_any`);
+      return t(`ballot.hint.${k}_range`, { min: mn, max: mx });
     }
     case 'ranked':
-      return mx < poll.options.length
-        ? `Put the options in order of preference: your top ${mx} count. Drag them, or use the Up and Down buttons.`
-        : 'Put the options in order of preference, most preferred first. Drag them, or use the Up and Down buttons.';
+      return mx < poll.options.length ? t('ballot.hint.ranked_top', { n: mx }) : t('ballot.hint.ranked');
     case 'score': {
       const ms = poll.settings?.max_score || 5;
-      return `Give each option a score from 0 (worst) to ${ms} (best).${mx < poll.options.length ? ` Score at most ${mx} options.` : ''}`;
+      return t('ballot.hint.score', { max: ms }) + (mx < poll.options.length ? ` ${t('ballot.hint.score_at_most', { n: mx })}` : '');
     }
     default: return '';
   }
@@ -52,7 +53,7 @@ export function ballotForm(poll, initial) {
   const [mn, mx] = minMax(poll);
   const err = h('p', { class: 'field-error', id: `${name}-err`, hidden: true, role: 'alert' });
   const hintId = `${name}-hint`;
-  const legend = h('legend', { text: 'Your vote' });
+  const legend = h('legend', { text: t('ballot.legend') });
   const hint = h('p', { class: 'hint', id: hintId, text: choiceHint(poll) });
   const fs = h('fieldset', { class: ['ballot', `ballot-${poll.type}`], 'aria-describedby': `${hintId} ${err.id}` }, legend, hint);
   const setErr = (msg) => { err.textContent = msg || ''; err.hidden = !msg; fs.toggleAttribute('aria-invalid', !!msg); };
@@ -73,11 +74,11 @@ export function ballotForm(poll, initial) {
     ballot = () => {
       const ids = [...list.querySelectorAll('input:checked')].map((i) => i.value);
       if (single) {
-        if (ids.length !== 1) throw new Error('Choose an option.');
+        if (ids.length !== 1) throw new Error(t('ballot.err.choose_one'));
         return { option_id: ids[0] };
       }
-      if (ids.length < mn) throw new Error(`Choose at least ${mn} option${mn === 1 ? '' : 's'}.`);
-      if (ids.length > mx) throw new Error(`Choose at most ${mx} option${mx === 1 ? '' : 's'}.`);
+      if (ids.length < mn) throw new Error(t('ballot.err.at_least', { n: mn }));
+      if (ids.length > mx) throw new Error(t('ballot.err.at_most', { n: mx }));
       return { option_ids: ids };
     };
     focus = () => (list.querySelector('input:checked') || list.querySelector('input')).focus();
@@ -93,8 +94,8 @@ export function ballotForm(poll, initial) {
     for (const id of order) {
       const o = byId.get(id);
       const pos = h('span', { class: 'rank-pos', 'aria-hidden': 'true' });
-      const up = h('button', { type: 'button', class: 'icon secondary up', text: '↑', title: 'Move up', 'aria-label': `Move ${o.text} up` });
-      const down = h('button', { type: 'button', class: 'icon secondary down', text: '↓', title: 'Move down', 'aria-label': `Move ${o.text} down` });
+      const up = h('button', { type: 'button', class: 'icon secondary up', text: '↑', title: t('common.move_up'), 'aria-label': t('common.move_x_up', { x: o.text }) });
+      const down = h('button', { type: 'button', class: 'icon secondary down', text: '↓', title: t('common.move_down'), 'aria-label': t('common.move_x_down', { x: o.text }) });
       const li = h('li', { class: 'rank-item', draggable: 'true', 'data-option-id': id },
         h('span', { class: 'grip', 'aria-hidden': 'true', text: '⠿' }), pos,
         h('span', { class: 'rank-label', text: o.text }), h('span', { class: 'rank-buttons' }, up, down));
@@ -121,7 +122,7 @@ export function ballotForm(poll, initial) {
       refresh();
       const btn = li.querySelector(`.${cls}`);
       (btn.disabled ? li.querySelector(dir < 0 ? '.down' : '.up') : btn).focus();
-      announce(`${li.querySelector('.rank-label').textContent}: position ${j + 1} of ${items.length}`);
+      announce(t('ballot.position', { x: li.querySelector('.rank-label').textContent, i: j + 1, n: items.length }));
     }
     // drag and drop (mouse); the buttons do the same from the keyboard or on touch screens
     let dragging = null;
@@ -147,7 +148,7 @@ export function ballotForm(poll, initial) {
       if (!dragging) return;
       dragging.classList.remove('dragging');
       const items = [...list.children];
-      announce(`${dragging.querySelector('.rank-label').textContent}: position ${items.indexOf(dragging) + 1} of ${items.length}`);
+      announce(t('ballot.position', { x: dragging.querySelector('.rank-label').textContent, i: items.indexOf(dragging) + 1, n: items.length }));
       dragging = null;
     });
     fs.append(list);
@@ -171,7 +172,7 @@ export function ballotForm(poll, initial) {
           const id = `${group}-${v || 'none'}`;
           return h('span', { class: 'score-pill' },
             h('input', { type: 'radio', name: group, id, value: v, checked: v === start }),
-            h('label', { for: id, text: v === '' ? '–' : v, 'aria-label': v === '' ? 'no score' : undefined }));
+            h('label', { for: id, text: v === '' ? '–' : v, 'aria-label': v === '' ? t('ballot.no_score') : undefined }));
         }));
         control.value = () => control.querySelector('input:checked')?.value ?? '';
         return h('fieldset', { class: 'score-row', 'data-option-id': o.option_id },
@@ -180,7 +181,7 @@ export function ballotForm(poll, initial) {
       const id = `${group}-range`;
       const out = h('output', { for: id });
       const input = h('input', { type: 'range', id, min: '0', max: String(ms), step: '1', value: String(init[o.option_id] ?? 0) });
-      const sync = () => { out.textContent = input.value; input.setAttribute('aria-valuetext', `${input.value} of ${ms}`); };
+      const sync = () => { out.textContent = input.value; input.setAttribute('aria-valuetext', t('ballot.x_of_y', { x: input.value, y: ms })); };
       input.addEventListener('input', sync);
       sync();
       control = h('div', { class: 'score-slider' }, input, out);
@@ -198,8 +199,8 @@ export function ballotForm(poll, initial) {
         if (v !== '') scores[poll.options[i].option_id] = Number(v);
       });
       const k = Object.keys(scores).length;
-      if (k < mn) throw new Error(`Score at least ${mn} option${mn === 1 ? '' : 's'}.`);
-      if (k > mx) throw new Error(`Score at most ${mx} option${mx === 1 ? '' : 's'}.`);
+      if (k < mn) throw new Error(t('ballot.err.score_at_least', { n: mn }));
+      if (k > mx) throw new Error(t('ballot.err.score_at_most', { n: mx }));
       return { scores };
     };
     focus = () => (wrap.querySelector('input:checked') || wrap.querySelector('input')).focus();
@@ -223,28 +224,94 @@ function ballotSummary(poll, mine) {
   return h('ul', { class: 'summary' }, ids.map((id) => h('li', { text: labels.get(id) || id })));
 }
 
+
 export async function render(main, { id }) {
   let poll;
   try { poll = await call('GET', pollPath(id)); } catch (e) { return pollError(main, e); }
-  document.title = `${poll.title} · tally`;
-  const user = getUser();
-  const isOwner = !!user && user.user_id === poll.owner_id || getDevice()?.voter_id === poll.owner_id && !user;
-  const voterToken = () => getUser()?.token || (poll.settings?.allow_anonymous ? getDevice()?.token : null);
+  document.title = t('poll.doc_title', { title: poll.title });
+  const ownerTok = ownerToken(poll);
+  // the voter: the account when signed in, else this browser's device (polls allowing it)
+  const voterToken = () => getUser()?.token || (poll.settings?.allow_anonymous ? identityToken() : null);
 
+  const meta = h('p', { class: 'meta' });
   const header = h('header', { class: 'poll-head' },
     h('h1', { class: 'poll-title', text: poll.title }),
     poll.description ? h('p', { class: 'poll-desc', text: poll.description }) : null,
-    h('p', { class: 'meta' }, metaText(poll)));
+    meta);
   const area = h('div', { class: 'vote-area' });
-  const view = createResults(poll);
-  const resultsBox = h('section', { class: 'results-box', 'aria-labelledby': 'results-h' },
-    h('h2', { id: 'results-h', text: 'Live results' }), view.el);
+  const view = createResults(poll, { heading: 'h2' });
+  const resultsBox = h('div', { class: 'results-box' }, view.el);
   const links = h('p', { class: 'actions poll-links' },
-    h('a', { class: 'button secondary', href: `/p/${id}/share`, 'data-link': '', text: 'Share' }),
-    h('a', { class: 'button secondary', href: `/p/${id}/results`, 'data-link': '', text: 'Results page' }),
-    isOwner ? h('a', { class: 'button secondary', href: `/p/${id}/present`, 'data-link': '', text: 'Presenter mode' }) : null);
-  main.append(header, area, resultsBox, links);
-  const sub = connectResults(poll, view, { onClosed: () => { if (poll.status !== 'closed') { poll.status = 'closed'; refresh(); } } });
+    h('a', { class: 'button secondary', href: `/p/${id}/share`, 'data-link': '', text: t('poll.share') }),
+    h('a', { class: 'button secondary', href: `/p/${id}/results`, 'data-link': '', text: t('poll.results_page') }),
+    ownerTok ? h('a', { class: 'button secondary', href: `/p/${id}/present`, 'data-link': '', text: t('poll.presenter') }) : null);
+  const manage = ownerTok ? h('section', { class: 'owner-panel', 'aria-labelledby': 'manage-h' }) : null;
+  append(main, [header, area, resultsBox, links, manage]);
+  const sub = connectResults(poll, view, {
+    token: () => ownerToken(poll) || voterToken() || undefined,
+    onClosed: () => { if (poll.status !== 'closed') { poll.status = 'closed'; setMeta(); renderManage(); refresh(); } },
+  });
+
+  function setMeta() {
+    const parts = [typeName(poll.type)];
+    if (poll.status === 'closed') parts.push(t('poll.meta.closed'));
+    else if (poll.status === 'draft') parts.push(t('poll.meta.draft'));
+    else if (poll.end_time) parts.push(t('poll.meta.closes', { when: fmtTime(poll.end_time) }));
+    if (poll.settings?.allow_anonymous) parts.push(t('poll.meta.no_account'));
+    meta.replaceChildren(parts.join(' · '));
+    if (poll.join_code && poll.status === 'active') {
+      meta.append(' · ', t('poll.meta.join_code'), ' ', h('a', { href: joinUrl(poll.join_code), class: 'mono', text: poll.join_code.toUpperCase() }));
+    }
+  }
+  setMeta();
+
+  // ---- the owner's controls ----
+  const status = statusLine('alert', 'alert'); // the owner's actions' outcome
+  status.setAttribute('tabindex', '-1');
+  function renderManage() {
+    if (!manage) return;
+    const box = h('div', { class: 'confirm-box' });
+    const actions = h('div', { class: 'actions' });
+    const patch = async (body, okMsg) => {
+      status.set(null);
+      try {
+        Object.assign(poll, await request('PATCH', pollPath(id), { token: ownerTok, body }));
+        setMeta();
+        renderManage();
+        status.set(okMsg, 'ok');
+        await refresh();
+      } catch (e) {
+        status.set(errorText(e), 'error');
+        status.focus();
+      }
+    };
+    actions.append(h('a', { class: 'button secondary', href: `/p/${id}/edit`, 'data-link': '', text: t('manage.edit') }));
+    if (poll.status === 'draft') {
+      actions.append(h('button', { type: 'button', class: 'secondary', text: t('manage.publish'), onclick: () => patch({ status: 'active' }, t('manage.published')) }));
+    }
+    if (poll.status !== 'closed') {
+      const close = h('button', { type: 'button', class: 'secondary', text: t('manage.close') });
+      confirmThen(close, box, t('manage.close_q'), t('manage.close_yes'), () => patch({ status: 'closed' }, t('manage.closed')));
+      actions.append(close);
+    } else {
+      actions.append(h('a', { class: 'button secondary', href: `/?copy=${encodeURIComponent(id)}`, 'data-link': '', text: t('manage.ask_again') }));
+    }
+    const del = h('button', { type: 'button', class: 'secondary danger', text: t('manage.delete') });
+    confirmThen(del, box, t('manage.delete_q'), t('manage.delete_yes'), async () => {
+      status.set(null);
+      try {
+        await request('DELETE', pollPath(id), { token: ownerTok });
+        flash(t('manage.deleted', { title: poll.title }));
+        navigate('/mine');
+      } catch (e) { status.set(errorText(e), 'error'); status.focus(); }
+    });
+    actions.append(del);
+    manage.replaceChildren();
+    append(manage, [h('h2', { id: 'manage-h', text: t('manage.heading') }),
+      poll.status === 'closed' ? h('p', { class: 'hint', text: t('manage.no_reopen') }) : null,
+      actions, box, status]);
+  }
+  renderManage();
 
   async function myVote() {
     const tok = voterToken();
@@ -259,10 +326,10 @@ export async function render(main, { id }) {
   }
 
   function openState() {
-    if (poll.status === 'closed') return 'This poll is closed. No more votes are taken.';
-    if (poll.status === 'draft') return 'This poll is a draft: publish it from My polls to take votes.';
-    if (poll.start_time && Date.parse(poll.start_time) > Date.now()) return `Voting opens ${fmtTime(poll.start_time)}.`;
-    if (poll.end_time && Date.parse(poll.end_time) <= Date.now()) return 'This poll is closed. No more votes are taken.';
+    if (poll.status === 'closed') return t('poll.closed_msg');
+    if (poll.status === 'draft') return t('poll.draft_msg');
+    if (poll.start_time && Date.parse(poll.start_time) > Date.now()) return t('poll.opens_msg', { when: fmtTime(poll.start_time) });
+    if (poll.end_time && Date.parse(poll.end_time) <= Date.now()) return t('poll.closed_msg');
     return null;
   }
 
@@ -274,15 +341,15 @@ export async function render(main, { id }) {
       return;
     }
     if (!getUser() && !poll.settings?.allow_anonymous) {
-      area.append(authPanel(() => refresh(), 'This poll needs an account to vote. Sign up or log in, then vote.'));
+      area.append(authPanel(() => refresh(), t('poll.needs_account')));
       return;
     }
     const form = ballotForm(poll, changing?.ballot);
     const status = statusLine('alert', 'alert');
     const preparing = busyStatus();
-    const submit = h('button', { type: 'submit', class: 'primary big', text: changing ? 'Update my vote' : 'Vote' });
-    const cancel = changing ? h('button', { type: 'button', class: 'secondary', text: 'Cancel', onclick: () => showVoted(changing) }) : null;
-    const f = h('form', { class: 'vote-form', novalidate: true, 'aria-label': changing ? 'Change your vote' : 'Vote' },
+    const submit = h('button', { type: 'submit', class: 'primary big', text: changing ? t('poll.update_vote') : t('poll.vote') });
+    const cancel = changing ? h('button', { type: 'button', class: 'secondary', text: t('common.cancel'), onclick: () => showVoted(changing) }) : null;
+    const f = h('form', { class: 'vote-form', novalidate: true, 'aria-label': changing ? t('poll.change_aria') : t('poll.vote') },
       form.el, status, h('div', { class: 'actions' }, submit, cancel), preparing);
     let idemKey = crypto.randomUUID();
     let lastBody = null;
@@ -298,7 +365,7 @@ export async function render(main, { id }) {
       try {
         // without an account: a device token, which costs a proof of work the first time
         const tok = getUser()?.token || (await ensureDevice({
-          onWork: () => { preparing.busy('Preparing your anonymous ballot…'); f.setAttribute('aria-busy', 'true'); },
+          onWork: () => { preparing.busy(t('poll.preparing')); f.setAttribute('aria-busy', 'true'); },
         })).token;
         preparing.busy(null);
         f.removeAttribute('aria-busy');
@@ -309,24 +376,22 @@ export async function render(main, { id }) {
           setReceipt(id, { receipt: r.receipt, vote_id: r.vote_id, recorded_at: r.recorded_at });
         }
         sub.reopen(); // the stream now knows who we are (results shown after voting)
-        announce(changing ? 'Your vote was changed.' : 'Your vote was recorded.');
+        announce(changing ? t('poll.changed') : t('poll.recorded'));
         await refresh();
         area.querySelector('h2')?.focus();
       } catch (err) {
         if (err.code === 'ALREADY_VOTED') { await refresh(); return; }
         if ((err.status === 405 || err.status === 404) && changing && err.code !== 'POLL_NOT_FOUND') {
-          status.set('Changing a vote is not available on this server yet.', 'error');
+          status.set(t('poll.change_unsupported'), 'error');
         } else if (err.status === 400 && err.field) {
-          form.setErr(err.message);
+          form.setErr(errorText(err));
           form.focus();
         } else if (err.code === 'FORBIDDEN' && !getUser()) {
-          status.set('This poll needs an account to vote: sign up or log in on My polls.', 'error');
+          status.set(t('poll.needs_account_short'), 'error');
         } else if (err.code === 'POW_FAILED') {
-          status.set('Your anonymous ballot could not be prepared: the server did not accept its proof of work. Try again.', 'error');
-        } else if (err.code === 'POLL_NOT_ACTIVE') {
-          status.set(err.message, 'error');
+          status.set(t('poll.pow_failed'), 'error');
         } else {
-          status.set(err.message, 'error');
+          status.set(errorText(err), 'error');
         }
         if (!status.hidden) status.focus();
       } finally {
@@ -342,32 +407,32 @@ export async function render(main, { id }) {
   function showVoted(mine) {
     area.replaceChildren();
     const rec = getReceipt(id);
-    const heading = h('h2', { tabindex: '-1', text: '✓ You voted' });
+    const heading = h('h2', { tabindex: '-1', id: 'voted-h', text: t('poll.you_voted') });
     const box = h('section', { class: 'voted', 'aria-labelledby': 'voted-h' }, heading);
-    heading.id = 'voted-h';
-    box.append(h('p', { class: 'meta', text: mine.voted_at ? `Recorded ${fmtTime(mine.voted_at)}` : 'Recorded.' }));
-    box.append(h('p', { text: 'Your ballot:' }), ballotSummary(poll, mine));
+    box.append(h('p', { class: 'meta', text: mine.voted_at ? t('poll.recorded_at', { when: fmtTime(mine.voted_at) }) : t('poll.recorded_short') }));
+    box.append(h('p', { text: t('poll.your_ballot') }), ballotSummary(poll, mine));
     if (rec?.receipt && (!mine.vote_id || !rec.vote_id || rec.vote_id === mine.vote_id)) {
-      box.append(h('p', { class: 'receipt' }, 'Your receipt: ', h('code', { class: 'receipt-code', text: rec.receipt })),
-        h('p', { class: 'hint', text: 'Keep it to check later that your ballot is counted.' }));
+      box.append(h('p', { class: 'receipt' }, t('poll.your_receipt'), ' ', h('code', { class: 'receipt-code', text: rec.receipt })),
+        h('p', { class: 'hint' }, t('poll.keep_receipt'), ' ',
+          h('a', { href: `/r/${encodeURIComponent(rec.receipt)}`, 'data-link': '', text: t('poll.check_receipt') })));
     }
     const status = statusLine('alert', 'alert');
     status.setAttribute('tabindex', '-1');
     if (poll.settings?.allow_vote_change && !openState()) {
-      const change = h('button', { type: 'button', class: 'secondary', text: 'Change my vote', onclick: () => showForm(mine) });
-      const retract = h('button', { type: 'button', class: 'secondary danger', text: 'Retract my vote' });
+      const change = h('button', { type: 'button', class: 'secondary', text: t('poll.change_vote'), onclick: () => showForm(mine) });
+      const retract = h('button', { type: 'button', class: 'secondary danger', text: t('poll.retract_vote') });
       retract.addEventListener('click', async () => {
         status.set(null);
         retract.disabled = true;
         try {
           await request('DELETE', pollPath(id, '/votes/me'), { token: voterToken() });
           setReceipt(id, null);
-          announce('Your vote was retracted.');
+          announce(t('poll.retracted'));
           showForm(null);
           area.querySelector('input, button')?.focus();
         } catch (err) {
           status.set(err.status === 405 || (err.status === 404 && err.code !== 'POLL_NOT_FOUND')
-            ? 'Retracting a vote is not available on this server yet.' : err.message, 'error');
+            ? t('poll.retract_unsupported') : errorText(err), 'error');
           status.focus();
         } finally { retract.disabled = false; }
       });
@@ -379,13 +444,4 @@ export async function render(main, { id }) {
 
   await refresh();
   return () => sub.close();
-}
-
-function metaText(poll) {
-  const parts = [TYPE_NAMES[poll.type] || poll.type];
-  if (poll.status === 'closed') parts.push('closed');
-  else if (poll.status === 'draft') parts.push('draft');
-  else if (poll.end_time) parts.push(`closes ${fmtTime(poll.end_time)}`);
-  if (poll.settings?.allow_anonymous) parts.push('no account needed');
-  return parts.join(' · ');
 }
