@@ -29,7 +29,7 @@ LISTEN   ?= 127.0.0.1:8080
 
 .PHONY: all run test test-unit test-api test-api-pg test-live test-e2e test-crash test-cluster with-services \
         cluster cluster-stop check-asan check-valgrind deps deps-test clean bench bench-live bench-export bench-cluster \
-        bench-ranked bench-store lint fmt
+        bench-ranked bench-store lint fmt screenshots
 .DEFAULT_GOAL := all
 
 all: $(BUILD)/tally
@@ -94,6 +94,10 @@ test-api-pg: $(BUILD)/tally
 
 test-live: $(BUILD)/tally
 	TALLY_TEST_PG= TALLY_BIN=$(abspath $(BUILD)/tally) $(call node_test,10) --test-concurrency=1 tests/live/
+
+# The README's screenshots (docs/screenshots/), taken by the browser tests when asked to.
+screenshots: $(BUILD)/tally
+	TALLY_SCREENSHOTS=1 $(MAKE) --no-print-directory test-e2e
 
 test-e2e: $(BUILD)/tally
 	TALLY_TEST_PG= TALLY_BIN=$(abspath $(BUILD)/tally) TALLY_WEB_ROOT=$(abspath web) $(call node_test,15) --test-concurrency=2 tests/e2e/

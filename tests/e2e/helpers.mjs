@@ -118,9 +118,13 @@ export function leadingZeroBits(buf) {
   return bits;
 }
 
+/** Writes the README's screenshot `name` when TALLY_SCREENSHOTS is set (`make screenshots`);
+ *  a plain test run leaves the tracked files alone. Waits for the page's CSS transitions
+ *  (the bars) to finish first. */
 export async function shot(page, name, { fullPage = true } = {}) {
+  if (!process.env.TALLY_SCREENSHOTS) return;
   fs.mkdirSync(SHOTS, { recursive: true });
-  await page.waitForTimeout(700); // let bar transitions finish
+  await page.evaluate(() => Promise.all(document.getAnimations().map((a) => a.finished)));
   await page.screenshot({ path: path.join(SHOTS, `${name}.png`), fullPage });
 }
 

@@ -24,7 +24,9 @@ test('an XSS title and option show as text and run nothing', async () => {
   await a.getByRole('radio', { name: '<script>alert(2)</script>' }).check();
   await a.getByRole('button', { name: 'Vote', exact: true }).click();
   await a.getByRole('heading', { name: /You voted/ }).waitFor();
-  await a.waitForTimeout(300);
+  // every script the page loads has run and every request it made is answered: an
+  // injected script would have opened its dialog by then
+  await a.waitForLoadState('networkidle');
   assert.deepEqual(a.rec.dialogs, []);
   env.assertClean(a);
 });
@@ -84,7 +86,7 @@ test('360 px wide: no horizontal scrolling on any page', async () => {
   for (const path of ['/', '/mine', `/p/${id}`, `/p/${id}/share`, `/p/${id}/results`, `/p/${id}/present`, `/p/${id}/edit`, '/r', '/r/AbCdEf123', '/j', '/j/ABC123', '/nowhere']) {
     await p.goto(env.url(path));
     await p.locator('h1').first().waitFor();
-    await p.waitForTimeout(200);
+    await p.evaluate(() => Promise.all([document.fonts.ready, ...document.getAnimations().map((x) => x.finished)]));
     await noHorizontalScroll(p, path);
   }
   await p.goto(env.url(`/p/${id}`));
