@@ -97,6 +97,7 @@ typedef enum {
     API_LIMIT_POLL,
     API_LIMIT_VOTE_IP,
     API_LIMIT_VOTER,
+    API_LIMIT_POW, /* an address's backlog of new device tokens: the proof of work's level */
     API_LIMIT_N
 } api_limit_t;
 
@@ -202,8 +203,22 @@ void api_work_submit(tly_app_t *app, work_t *w);
 int api_limits_init(tly_app_t *app);
 void api_limits_free(tly_app_t *app);
 /* Takes one request of class `which` for voter_id (NULL: the peer's address) and adds
- * the RateLimit-* headers. Returns false after answering 429 RATE_LIMITED. */
+ * the RateLimit-* headers. Returns false after answering 429 RATE_LIMITED (or when the
+ * shared buckets in Redis will decide: the request then runs again from the top, with
+ * its limits passed). A no-op with --rate-limits off. Loop thread. */
 bool api_limit(tly_app_t *app, tly_req_t *req, api_limit_t which, const char *voter_id);
+/* The same per caller (its account, or its anonymous device token), whose refusal says
+ * which; an anonymous caller's ballots (API_LIMIT_VOTER) also take a token from its
+ * address's API_LIMIT_VOTE_IP bucket. */
+bool api_limit_caller(tly_app_t *app, tly_req_t *req, api_limit_t which, const caller_t *caller);
+/* Counts one new device challenge for the address whose key (tly_addr_key) is addr_key
+ * and calls done(app, req, difficulty) with the leading zero bits its proof of work
+ * must have: --pow-difficulty while the address is quiet, more as its recent challenges
+ * pile up (tly_pow_difficulty), at most --pow-max-difficulty. Now, or, with a bus, once
+ * Redis answered (the level is shared by the instances); done always runs exactly once
+ * and answers req. Independent of --rate-limits. Loop thread. */
+typedef void (*api_pow_done_fn)(tly_app_t *app, tly_req_t *req, int difficulty);
+void api_pow_difficulty(tly_app_t *app, tly_req_t *req, const char *addr_key, api_pow_done_fn done);
 
 /* ---- persistence glue (persist.c) ---- */
 /* A store operation with its own copy of a poll row, freed with poll_op_free. */

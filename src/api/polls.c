@@ -65,7 +65,7 @@ void api_polls_create(tly_req_t *req, const tly_params_t *params, void *arg)
     tly_app_t *app = arg;
     caller_t caller;
     char *idem;
-    if (!api_caller(app, req, true, &caller) || !api_limit(app, req, API_LIMIT_POLL, caller.id) ||
+    if (!api_caller(app, req, true, &caller) || !api_limit_caller(app, req, API_LIMIT_POLL, &caller) ||
         !api_idempotency_key(req, &idem))
         return;
     json_t *body = api_parse_body(req, false);
