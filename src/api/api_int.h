@@ -97,7 +97,8 @@ typedef enum {
     API_LIMIT_POLL,
     API_LIMIT_VOTE_IP,
     API_LIMIT_VOTER,
-    API_LIMIT_POW, /* an address's backlog of new device tokens: the proof of work's level */
+    API_LIMIT_JOIN, /* join-code lookups per address (polls.c) */
+    API_LIMIT_POW,  /* an address's backlog of new device tokens: the proof of work's level */
     API_LIMIT_N
 } api_limit_t;
 
@@ -231,7 +232,9 @@ typedef struct poll_op {
     tly_option_row_t *options;
     struct poll_op *before; /* PATCH: the poll as it was, put back if the store fails */
     char *final;            /* a freeze: the final results it offers (op.u.poll's) */
-    int attempts;           /* a freeze: how many came before it in a row */
+    int attempts;           /* a freeze: how many came before it in a row; a create: codes taken */
+    /* op.u.poll.join_code's ("" = NULL) */
+    char join_code[TLY_JOIN_CODE_LEN + 1];
 } poll_op_t;
 poll_op_t *poll_op_new(tly_app_t *app, tly_op_type_t type, const tly_poll_t *p);
 void poll_op_free(poll_op_t *po);
@@ -248,6 +251,8 @@ int api_user_from_row(tly_app_t *app, const tly_user_row_t *row);
 tly_poll_t *api_poll_build(const tly_poll_row_t *row, int *rc);
 /* The same, added to the registry with its create Idempotency-Key. */
 int api_poll_from_row(tly_app_t *app, const tly_poll_row_t *row);
+/* tly_poll_adopt, and p takes from's join code in the registry too. */
+void api_poll_adopt(tly_app_t *app, tly_poll_t *p, tly_poll_t *from);
 /* A committed ballot of p (counted; its address hash kept). */
 int api_ballot_from_row(tly_app_t *app, tly_poll_t *p, const tly_ballot_row_t *row);
 /* A vote request's outcome; a request already known keeps its first outcome. */
@@ -269,6 +274,11 @@ void api_polls_get(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_polls_patch(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_polls_delete(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_polls_list(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_join_get(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_join_redirect(tly_req_t *req, const tly_params_t *params, void *arg);
+/* static.c: the web UI's index.html with this status (the app's own pages, such as
+ * "no poll has this code"). false when it cannot be read (nothing answered). */
+bool api_static_index(tly_app_t *app, tly_req_t *req, int status);
 void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_votes_me(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_votes_change(tly_req_t *req, const tly_params_t *params, void *arg);

@@ -7,6 +7,7 @@
  *   poll   poll creation                   per caller   --rate-poll-user / hour
  *   vote   ballots of anonymous devices    per address  --rate-vote-ip / minute
  *   voter  ballots, changes, retractions   per caller   --rate-vote-voter / minute
+ *   join   join-code lookups               per address  --rate-join-ip / minute
  *   pow    new device challenges           per address  (a level, never refused: auth.c)
  *
  * A caller (an account, or an anonymous device token) is limited by its own bucket, so
@@ -75,6 +76,7 @@ static const struct {
     [API_LIMIT_POLL] = {true, "This %s has created many polls in a short time"},
     [API_LIMIT_VOTE_IP] = {false, "Too many ballots from this network"},
     [API_LIMIT_VOTER] = {true, "Too many ballots and changes from this %s"},
+    [API_LIMIT_JOIN] = {false, "Too many join codes tried from this network"},
     [API_LIMIT_POW] = {false, "Too many new anonymous devices from this network"},
 };
 
@@ -114,6 +116,7 @@ int api_limits_init(tly_app_t *app)
     app->rules[API_LIMIT_POLL] = (tly_limit_rule_t){"poll", (uint32_t)c->rate_poll_user, 3600000};
     app->rules[API_LIMIT_VOTE_IP] = (tly_limit_rule_t){"vote", (uint32_t)c->rate_vote_ip, 60000};
     app->rules[API_LIMIT_VOTER] = (tly_limit_rule_t){"voter", (uint32_t)c->rate_vote_voter, 60000};
+    app->rules[API_LIMIT_JOIN] = (tly_limit_rule_t){"join", (uint32_t)c->rate_join_ip, 60000};
     /* The address's backlog of new device tokens: one token a challenge, drained at
      * --pow-rate a minute, as deep as the level at which the difficulty stops rising
      * (so an address that stops falls back from the top in capacity / rate minutes). */

@@ -87,6 +87,9 @@ static const option_t options[] = {
     {"rate-anon-ip", OPT_LONG, OFF(rate_anon_ip), "600", 1, 1000000, "serve",
      "anonymous device tokens per minute per IP address (their proof of work is what they cost; this is a "
      "backstop)"},
+    {"rate-join-ip", OPT_LONG, OFF(rate_join_ip), "600", 1, 1000000, "serve",
+     "join-code lookups (GET /j/CODE, GET /v1/join/CODE) per minute per IP address: a room types its code "
+     "once a phone; guessing codes takes many"},
     {"rate-keys", OPT_LONG, OFF(rate_keys), "1000000", 1000, 100000000, "serve",
      "rate-limit buckets kept at most (about 80 bytes each)"},
     {"pow-difficulty", OPT_LONG, OFF(pow_difficulty), "14", 0, 32, "serve",

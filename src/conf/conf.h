@@ -45,6 +45,7 @@ typedef struct {
     long rate_poll_user;
     long rate_auth_ip;
     long rate_anon_ip;
+    long rate_join_ip;
     long rate_keys;
     long pow_difficulty;     /* leading zero bits while an address is quiet; 0 = no proof */
     long pow_max_difficulty; /* the most it rises to with the address's new tokens */

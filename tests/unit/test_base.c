@@ -499,3 +499,40 @@ Test(base, hex_round_trip_and_malformed_input)
     cr_assert_eq(tly_hex_decode("0011223344", 10, back, sizeof back), -1, "longer than cap");
     cr_assert_eq(tly_hex_decode("", 0, back, sizeof back), 0);
 }
+
+/* ---- join codes ------------------------------------------------------------------ */
+
+Test(join_code, random_codes_use_the_alphabet_and_differ)
+{
+    char seen[2000][TLY_JOIN_CODE_LEN + 1];
+    for (int i = 0; i < 2000; i++) {
+        tly_join_code_random(seen[i]);
+        cr_assert_eq(strlen(seen[i]), TLY_JOIN_CODE_LEN);
+        cr_assert_eq(strspn(seen[i], TLY_JOIN_CODE_ALPHABET), TLY_JOIN_CODE_LEN, "%s", seen[i]);
+        cr_assert_eq(strpbrk(seen[i], "0O1I"), NULL, "no look-alikes: %s", seen[i]);
+    }
+    qsort(seen, 2000, sizeof(seen[0]), cmp_id);
+    int same = 0;
+    for (int i = 1; i < 2000; i++)
+        same += strcmp(seen[i - 1], seen[i]) == 0;
+    cr_assert_leq(same, 1, "2,000 draws of 2^30 codes: a repeat is a 1-in-500 event, two repeats are not");
+}
+
+Test(join_code, read_as_people_type_it)
+{
+    char out[TLY_JOIN_CODE_LEN + 1];
+    static const struct {
+        const char *in, *out;
+    } ok[] = {{"ABCDEF", "ABCDEF"}, {"abcdef", "ABCDEF"}, {"aBc-DeF", "ABCDEF"}, {"abc def", "ABCDEF"},
+              {"-2345-67-", "234567"}, {"zzzzzz", "ZZZZZZ"}};
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(ok); i++) {
+        cr_assert(tly_join_code_read(ok[i].in, strlen(ok[i].in), out), "%s", ok[i].in);
+        cr_assert_str_eq(out, ok[i].out);
+    }
+    static const char *const bad[] = {"",        "ABCDE",   "ABCDEFG", "ABCDE0",  "ABCDEO", "ABCDE1",
+                                      "abcdei",  "ABC_DE",  "ABC.DE",  "ABCDÉF",  "ABC%20", "------"};
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(bad); i++)
+        cr_assert(!tly_join_code_read(bad[i], strlen(bad[i]), out), "%s", bad[i]);
+    cr_assert(!tly_join_code_read("ABC\0EF", 6, out), "a NUL is no letter");
+    cr_assert(!tly_join_code_read("ABCDEFABCDEF", 12, out), "no write past the code");
+}
