@@ -29,7 +29,7 @@ LISTEN   ?= 127.0.0.1:8080
 
 .PHONY: all run test test-unit test-api test-api-pg test-live test-e2e test-crash test-cluster with-services \
         cluster cluster-stop check-asan check-valgrind deps deps-test clean bench bench-live bench-export bench-cluster \
-        bench-ranked bench-store lint fmt screenshots
+        bench-ranked bench-store bench-pow lint fmt screenshots
 .DEFAULT_GOAL := all
 
 all: $(BUILD)/tally
@@ -194,6 +194,11 @@ $(BUILD)/store-shapes: bench/store_shapes.c
 	    { echo "bench-store: installing $$p"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$p; }; done
 	@mkdir -p $(dir $@)
 	$(CC) -std=c11 -O2 -Wall -Wextra -Werror -Wno-unused-parameter -D_GNU_SOURCE -o $@ $< -lsqlite3 -llmdb -lrocksdb -lz -lpthread
+
+# what an anonymous device token's proof of work costs: SHA-256/s in Node and in
+# Chromium running the web app's worker (bench/pow.mjs; docs/PERFORMANCE.md)
+bench-pow:
+	node bench/pow.mjs
 
 # durable votes/s through nginx to 3 instances on PostgreSQL + Redis (scripts/cluster.sh),
 # exactly-once checked in the store, beside pgbench running the same vote as one SQL

@@ -97,6 +97,8 @@ typedef enum {
     API_LIMIT_POLL,
     API_LIMIT_VOTE_IP,
     API_LIMIT_VOTER,
+    API_LIMIT_JOIN, /* join-code lookups per address (polls.c) */
+    API_LIMIT_POW,  /* an address's backlog of new device tokens: the proof of work's level */
     API_LIMIT_N
 } api_limit_t;
 
@@ -202,8 +204,22 @@ void api_work_submit(tly_app_t *app, work_t *w);
 int api_limits_init(tly_app_t *app);
 void api_limits_free(tly_app_t *app);
 /* Takes one request of class `which` for voter_id (NULL: the peer's address) and adds
- * the RateLimit-* headers. Returns false after answering 429 RATE_LIMITED. */
+ * the RateLimit-* headers. Returns false after answering 429 RATE_LIMITED (or when the
+ * shared buckets in Redis will decide: the request then runs again from the top, with
+ * its limits passed). A no-op with --rate-limits off. Loop thread. */
 bool api_limit(tly_app_t *app, tly_req_t *req, api_limit_t which, const char *voter_id);
+/* The same per caller (its account, or its anonymous device token), whose refusal says
+ * which; an anonymous caller's ballots (API_LIMIT_VOTER) also take a token from its
+ * address's API_LIMIT_VOTE_IP bucket. */
+bool api_limit_caller(tly_app_t *app, tly_req_t *req, api_limit_t which, const caller_t *caller);
+/* Counts one new device challenge for the address whose key (tly_addr_key) is addr_key
+ * and calls done(app, req, difficulty) with the leading zero bits its proof of work
+ * must have: --pow-difficulty while the address is quiet, more as its recent challenges
+ * pile up (tly_pow_difficulty), at most --pow-max-difficulty. Now, or, with a bus, once
+ * Redis answered (the level is shared by the instances); done always runs exactly once
+ * and answers req. Independent of --rate-limits. Loop thread. */
+typedef void (*api_pow_done_fn)(tly_app_t *app, tly_req_t *req, int difficulty);
+void api_pow_difficulty(tly_app_t *app, tly_req_t *req, const char *addr_key, api_pow_done_fn done);
 
 /* ---- persistence glue (persist.c) ---- */
 /* A store operation with its own copy of a poll row, freed with poll_op_free. */
@@ -216,7 +232,9 @@ typedef struct poll_op {
     tly_option_row_t *options;
     struct poll_op *before; /* PATCH: the poll as it was, put back if the store fails */
     char *final;            /* a freeze: the final results it offers (op.u.poll's) */
-    int attempts;           /* a freeze: how many came before it in a row */
+    int attempts;           /* a freeze: how many came before it in a row; a create: codes taken */
+    /* op.u.poll.join_code's ("" = NULL) */
+    char join_code[TLY_JOIN_CODE_LEN + 1];
 } poll_op_t;
 poll_op_t *poll_op_new(tly_app_t *app, tly_op_type_t type, const tly_poll_t *p);
 void poll_op_free(poll_op_t *po);
@@ -233,6 +251,8 @@ int api_user_from_row(tly_app_t *app, const tly_user_row_t *row);
 tly_poll_t *api_poll_build(const tly_poll_row_t *row, int *rc);
 /* The same, added to the registry with its create Idempotency-Key. */
 int api_poll_from_row(tly_app_t *app, const tly_poll_row_t *row);
+/* tly_poll_adopt, and p takes from's join code in the registry too. */
+void api_poll_adopt(tly_app_t *app, tly_poll_t *p, tly_poll_t *from);
 /* A committed ballot of p (counted; its address hash kept). */
 int api_ballot_from_row(tly_app_t *app, tly_poll_t *p, const tly_ballot_row_t *row);
 /* A vote request's outcome; a request already known keeps its first outcome. */
@@ -254,6 +274,11 @@ void api_polls_get(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_polls_patch(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_polls_delete(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_polls_list(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_join_get(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_join_redirect(tly_req_t *req, const tly_params_t *params, void *arg);
+/* static.c: the web UI's index.html with this status (the app's own pages, such as
+ * "no poll has this code"). false when it cannot be read (nothing answered). */
+bool api_static_index(tly_app_t *app, tly_req_t *req, int status);
 void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_votes_me(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_votes_change(tly_req_t *req, const tly_params_t *params, void *arg);

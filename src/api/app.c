@@ -449,6 +449,8 @@ static int add_routes(tly_router_t *r)
         {TLY_M_GET, "/v1/polls/{poll_id}/live", api_live_sse},
         {TLY_M_GET, "/v1/polls/{poll_id}/ws", api_live_ws},
         {TLY_M_GET, "/v1/receipts/{receipt}", api_receipts_get},
+        {TLY_M_GET, "/v1/join/{code}", api_join_get},
+        {TLY_M_GET, "/j/{code}", api_join_redirect},
         {TLY_M_GET, "/healthz", api_ops_healthz},
         {TLY_M_GET, "/readyz", api_ops_readyz},
         {TLY_M_GET, "/metrics", api_ops_metrics},

@@ -348,42 +348,64 @@ done:
 /* ---- anonymous device tokens, behind a proof of work ----
  *
  * A device token costs the client a small search: find a nonce such that
- * SHA-256(challenge ":" nonce) starts with --pow-difficulty zero bits (default 14: about
- * 16,000 hashes, a fraction of a second in a phone's Web Worker with crypto.subtle), so that minting thousands of
- * voters costs real CPU while one person notices nothing. Challenges are stateless until
- * answered: "<expiry>.<random>.<difficulty>.<mac>" with an HMAC under the server secret;
- * an answered challenge is remembered until it expires so it cannot be used twice.
+ * SHA-256(challenge ":" nonce) starts with `difficulty` zero bits, so that minting
+ * thousands of voters costs real CPU while one person notices little. The difficulty is
+ * the address's (api_pow_difficulty, limits.c): --pow-difficulty (14: about 16,000
+ * hashes, a fraction of a second in a phone's Web Worker) while the address is quiet, up
+ * to --pow-max-difficulty as its recent challenges pile up. A room of a few hundred
+ * phones behind one address stays at the base; a script minting thousands pays hundreds
+ * of times the work per token (docs/PERFORMANCE.md, "The proof of work's curve").
+ *
+ * Challenges are stateless until answered: "<expiry>.<random>.<difficulty>.<mac>", the
+ * mac an HMAC under the server secret of those three and of the address it was issued
+ * to (its rate-limit key: the IPv4 address or IPv6 /64), so it is answered at the
+ * difficulty it was issued at, from that address only. Every challenge counts toward
+ * the address's level when it is issued, not when answered: challenges fetched ahead
+ * at a quiet moment cost what they cost as they were fetched. An answered challenge is
+ * remembered until it expires, so that it buys one token: here, and with a bus in Redis
+ * too, so that it buys one token across the instances.
  */
 
 #define POW_TTL_S 300
 #define POW_MAX_USED 1000000 /* answered challenges remembered at most (~100 B each) */
 
-static void pow_mac(tly_app_t *app, const char *body, size_t len, char out[24])
+static void pow_mac(tly_app_t *app, const char *body, size_t len, const char *addr_key, char out[24])
 {
     unsigned char mac[32];
     unsigned int maclen = sizeof(mac);
-    char msg[160];
-    int n = snprintf(msg, sizeof(msg), "pow\n%.*s", (int)len, body);
+    char msg[400];
+    int n = snprintf(msg, sizeof(msg), "pow\n%.*s\n%s", (int)len, body, addr_key);
+    if (n < 0 || (size_t)n >= sizeof(msg))
+        n = (int)sizeof(msg) - 1; /* keys are bounded (TLY_LIMIT_KEY_MAX): not reached */
     HMAC(EVP_sha256(), app->secret, (int)app->secret_len, (const unsigned char *)msg, (size_t)n, mac, &maclen);
     tly_b64url_encode(mac, 16, out);
 }
 
+static void challenge_answer(tly_app_t *app, tly_req_t *req, int difficulty)
+{
+    int64_t exp = tly_now_ms() / 1000 + POW_TTL_S;
+    char rnd[24], body[96], mac[24], challenge[128], expires[TLY_TIME_LEN], key[TLY_LIMIT_KEY_MAX + 1];
+    tly_addr_key(tly_req_client(req), key, sizeof(key));
+    tly_random_id(rnd, "", 12);
+    int n = snprintf(body, sizeof(body), "%lld.%s.%d", (long long)exp, rnd, difficulty);
+    pow_mac(app, body, (size_t)n, key, mac);
+    snprintf(challenge, sizeof(challenge), "%s.%s", body, mac);
+    tly_time_format(exp * 1000, expires);
+    tly_req_add_header(req, "Cache-Control", "no-store");
+    api_respond_json(req, 200,
+                     json_pack("{s:s, s:i, s:s, s:s}", "challenge", challenge, "difficulty", difficulty, "algorithm",
+                               "sha256-leading-zero-bits", "expires_at", expires));
+}
+
 /* Not rate limited itself: a challenge is an HMAC, cheap to make and worthless unsolved;
- * the token it buys is limited per IP (POST /v1/auth/anonymous). */
+ * what it costs the address is a higher difficulty for its next ones, and the token it
+ * buys is limited per address too (POST /v1/auth/anonymous). */
 void api_auth_challenge(tly_req_t *req, const tly_params_t *params, void *arg)
 {
     tly_app_t *app = arg;
-    int64_t exp = tly_now_ms() / 1000 + POW_TTL_S;
-    char rnd[24], body[96], mac[24], challenge[128], expires[TLY_TIME_LEN];
-    tly_random_id(rnd, "", 12);
-    int n = snprintf(body, sizeof(body), "%lld.%s.%ld", (long long)exp, rnd, app->conf->pow_difficulty);
-    pow_mac(app, body, (size_t)n, mac);
-    snprintf(challenge, sizeof(challenge), "%s.%s", body, mac);
-    tly_time_format(exp * 1000, expires);
-    api_respond_json(req, 200,
-                     json_pack("{s:s, s:i, s:s, s:s}", "challenge", challenge, "difficulty",
-                               (int)app->conf->pow_difficulty, "algorithm", "sha256-leading-zero-bits", "expires_at",
-                               expires));
+    char key[TLY_LIMIT_KEY_MAX + 1];
+    tly_addr_key(tly_req_client(req), key, sizeof(key));
+    api_pow_difficulty(app, req, key, challenge_answer);
 }
 
 static void pow_forget_expired(tly_app_t *app, int64_t now_s)
@@ -425,8 +447,17 @@ static int leading_zero_bits(const unsigned char *h, size_t n)
     return bits;
 }
 
-/* Checks the body's answer. Returns true, or false after answering 400/403. */
-static bool pow_check(tly_app_t *app, tly_req_t *req)
+static void pow_refuse(tly_req_t *req)
+{
+    api_respond_error(req, 403, "POW_FAILED",
+                      "the challenge is unknown, expired, already used, was issued to another network, or the nonce "
+                      "does not solve it; ask for a new one",
+                      NULL);
+}
+
+/* Checks the body's answer. Returns true with the challenge's random part in rnd and
+ * its expiry in *exp (now remembered here as used), or false after answering 400/403. */
+static bool pow_check(tly_app_t *app, tly_req_t *req, char rnd[24], int64_t *exp)
 {
     json_t *body = api_parse_body(req, true);
     if (body == NULL)
@@ -447,13 +478,15 @@ static bool pow_check(tly_app_t *app, tly_req_t *req)
         api_respond_validation(req, "nonce", "nonce must be 1 to 64 printable ASCII characters");
         goto done;
     }
-    /* "<exp>.<rand>.<difficulty>.<mac>" */
+    /* "<exp>.<rand>.<difficulty>.<mac>", the mac bound to the caller's address */
     const char *c = json_string_value(jc), *last = strrchr(c, '.');
-    char exp_s[24] = "", rnd[24] = "", mac[24];
+    char exp_s[24] = "", mac[24], key[TLY_LIMIT_KEY_MAX + 1];
     long difficulty = -1;
+    rnd[0] = '\0';
     bool shape = last != NULL && sscanf(c, "%20[0-9].%20[A-Za-z0-9_-].%ld.", exp_s, rnd, &difficulty) == 3;
     if (shape) {
-        pow_mac(app, c, (size_t)(last - c), mac);
+        tly_addr_key(tly_req_client(req), key, sizeof(key));
+        pow_mac(app, c, (size_t)(last - c), key, mac);
         shape = strlen(last + 1) == strlen(mac) && sodium_memcmp(last + 1, mac, strlen(mac)) == 0;
     }
     int64_t now_s = tly_now_ms() / 1000;
@@ -465,16 +498,18 @@ static bool pow_check(tly_app_t *app, tly_req_t *req)
     char buf[300];
     int n = snprintf(buf, sizeof(buf), "%s:%.*s", c, (int)nlen, nonce);
     crypto_hash_sha256(h, (const unsigned char *)buf, (size_t)n);
-    if (!shape || strtoll(exp_s, NULL, 10) < now_s || used != NULL || difficulty < app->conf->pow_difficulty ||
+    *exp = strtoll(exp_s, NULL, 10);
+    /* a challenge below today's base (issued before a restart with a higher one) is
+     * refused; one above it was issued at a busy moment and is answered at that */
+    if (!shape || *exp < now_s || used != NULL || difficulty < app->conf->pow_difficulty || difficulty > 64 ||
         leading_zero_bits(h, sizeof(h)) < difficulty) {
-        api_respond_error(req, 403, "POW_FAILED",
-                          "the challenge is unknown, expired, already used, or the nonce does not solve it", NULL);
+        pow_refuse(req);
         goto done;
     }
     pow_used_t *u = tly_calloc(1, sizeof(*u));
     if (u != NULL) {
         snprintf(u->nonce_id, sizeof(u->nonce_id), "%s", rnd);
-        u->expires = strtoll(exp_s, NULL, 10);
+        u->expires = *exp;
         HASH_ADD_STR(app->pow_used, nonce_id, u);
         if (app->pow_tail)
             app->pow_tail->next = u;
@@ -489,16 +524,63 @@ done:
     return ok;
 }
 
+static void anonymous_token(tly_app_t *app, tly_req_t *req)
+{
+    char voter_id[32];
+    tly_random_id(voter_id, "anon_", 15);
+    respond_token(app, req, 201, "voter_id", voter_id, true);
+}
+
+typedef struct {
+    tly_app_t *app;
+    tly_req_t *req;
+} pow_claim_t;
+
+/* Redis's answer to the claim of an answered challenge: "OK" it was the first use
+ * anywhere; nil another instance took it first. Anything else (Redis gone meanwhile):
+ * this instance's memory has checked it, as without a bus. */
+static void pow_claimed(void *arg, const tly_bus_reply_t *reply)
+{
+    pow_claim_t *cl = arg;
+    tly_app_t *app = cl->app;
+    api_end_async(app);
+    if (app->closing) {
+        tly_req_add_header(cl->req, "Retry-After", "1");
+        api_respond_error(cl->req, 503, "UNAVAILABLE", "the server is shutting down", NULL);
+    } else if (reply->type == TLY_BUS_NIL) {
+        pow_refuse(cl->req);
+    } else {
+        anonymous_token(app, cl->req);
+    }
+}
+
 void api_auth_anonymous(tly_req_t *req, const tly_params_t *params, void *arg)
 {
     tly_app_t *app = arg;
     if (!api_limit(app, req, API_LIMIT_ANON, NULL))
         return;
-    if (app->conf->pow_difficulty > 0 && !pow_check(app, req))
+    if (app->conf->pow_difficulty <= 0) {
+        anonymous_token(app, req);
         return;
-    char voter_id[32];
-    tly_random_id(voter_id, "anon_", 15);
-    respond_token(app, req, 201, "voter_id", voter_id, true);
+    }
+    char rnd[24];
+    int64_t exp;
+    if (!pow_check(app, req, rnd, &exp))
+        return;
+    pow_claim_t *cl;
+    if (app->bus != NULL && tly_bus_up(app->bus) && (cl = tly_req_alloc(req, sizeof(*cl))) != NULL) {
+        char key[64], ttl[24];
+        snprintf(key, sizeof(key), "tally:pow:used:%s", rnd);
+        int64_t left = exp - tly_now_ms() / 1000 + 1;
+        snprintf(ttl, sizeof(ttl), "%lld", (long long)(left > 1 ? left : 1));
+        const char *argv[] = {"SET", key, "1", "NX", "EX", ttl};
+        *cl = (pow_claim_t){.app = app, .req = req};
+        api_begin_async(app);
+        if (tly_bus_command_argv(app->bus, pow_claimed, cl, TLY_ARRAY_SIZE(argv), argv, NULL) == 0)
+            return;
+        api_end_async(app);
+    }
+    anonymous_token(app, req);
 }
 
 /* ---- me ---- */

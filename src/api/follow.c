@@ -205,7 +205,7 @@ static void apply(tly_app_t *app, const tly_store_op_t *op)
         } else if (op->type == TLY_OP_POLL_UPDATE) {
             tly_poll_t *from = api_poll_build(&op->u.poll, &rc);
             if (from != NULL)
-                tly_poll_adopt(p, from);
+                api_poll_adopt(app, p, from);
         }
         break;
     }

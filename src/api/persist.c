@@ -97,6 +97,8 @@ poll_op_t *poll_op_new(tly_app_t *app, tly_op_type_t type, const tly_poll_t *p)
     r->settings_json = scratch_put(&cur, settings);
     r->idem_key = scratch_put(&cur, p->idem_key);
     r->final_results = scratch_put(&cur, p->final_json);
+    memcpy(po->join_code, p->join_code, sizeof(po->join_code));
+    r->join_code = po->join_code[0] != '\0' ? po->join_code : NULL;
     memcpy(r->body_hash, p->body_hash, 16);
     r->type = (int)p->type;
     r->status = (int)p->status;
@@ -239,6 +241,11 @@ static tly_poll_t *poll_build(const tly_poll_row_t *row, int *rc, const char **w
             return NULL;
         }
     }
+    /* the code an open poll holds (a closed one holds none; one that does not read as a
+     * code is dropped: the poll works without, and gets a new one on its next change) */
+    if (row->join_code == NULL || p->status == TLY_STATUS_CLOSED || row->final_results != NULL ||
+        !tly_join_code_read(row->join_code, strlen(row->join_code), p->join_code))
+        p->join_code[0] = '\0';
     if (row->final_results != NULL && (*rc = tly_poll_set_final_results(p, row->final_results)) != 0) {
         if (*rc == TLY_EINVAL)
             *why = "final_results is not results this tally can read";
@@ -289,6 +296,16 @@ int api_poll_from_row(tly_app_t *app, const tly_poll_row_t *row)
 {
     const char *why;
     return poll_from_row(app, row, &why);
+}
+
+void api_poll_adopt(tly_app_t *app, tly_poll_t *p, tly_poll_t *from)
+{
+    char code[TLY_JOIN_CODE_LEN + 1];
+    memcpy(code, from->join_code, sizeof(code));
+    tly_poll_adopt(p, from);
+    /* another poll holding it here cannot be (the store keeps codes unique and memory
+     * follows it in commit order); if one did, p goes without rather than take it */
+    (void)tly_registry_set_code(app->registry, p, code);
 }
 
 /* Why a ballot row does not fit poll p (as memory holds it), or NULL. */

@@ -21,6 +21,44 @@ static void respond_created(tly_req_t *req, const tly_poll_t *p)
     respond_poll(req, 201, p);
 }
 
+/* ---- join codes ----
+ *
+ * Every poll that is open (a draft or active) holds a join code, which memory's registry
+ * finds it by; a poll closing (by PATCH, or by its end_time once it is settled) gives its
+ * code back. The codes are random; one that a poll in memory holds is never given, and
+ * one the store finds taken all the same (a poll another instance made a moment ago, or
+ * one of this instance's creates still in the writer) is drawn again (create_committed).
+ * With 2^30 codes, even a million open polls leave the first draw free 999 times in a
+ * thousand. */
+
+#define CODE_DRAWS 16      /* codes tried against memory for one poll */
+#define CODE_STORE_TRIES 8 /* creates the store refused for a taken code, in a row */
+
+/* A code no poll in memory holds, into out; "" when CODE_DRAWS draws all were (not
+ * seen with a billion codes: the poll then goes without one). */
+static void draw_code(tly_app_t *app, char out[TLY_JOIN_CODE_LEN + 1])
+{
+    for (int i = 0; i < CODE_DRAWS; i++) {
+        tly_join_code_random(out);
+        if (tly_registry_find_code(app->registry, out) == NULL)
+            return;
+    }
+    out[0] = '\0';
+}
+
+/* After a change of p (in the registry): an open poll without a code gets one (a poll
+ * from before codes existed), a closed one gives its back. */
+static void fit_code(tly_app_t *app, tly_poll_t *p, int64_t now)
+{
+    if (tly_poll_effective_status(p, now) == TLY_STATUS_CLOSED) {
+        tly_registry_set_code(app->registry, p, NULL);
+    } else if (p->join_code[0] == '\0') {
+        char code[TLY_JOIN_CODE_LEN + 1];
+        draw_code(app, code);
+        tly_registry_set_code(app->registry, p, code);
+    }
+}
+
 /* ---- create ---- */
 
 static void create_committed(tly_store_op_t *op)
@@ -28,6 +66,15 @@ static void create_committed(tly_store_op_t *op)
     poll_op_t *po = op->ctx;
     tly_app_t *app = po->app;
     tly_poll_t *p = po->poll;
+    if (op->result == TLY_EEXIST && p->join_code[0] != '\0' && po->attempts < CODE_STORE_TRIES && !app->closing) {
+        /* the code is taken in the store (poll ids are 96 random bits: it is the code) */
+        po->attempts++;
+        draw_code(app, p->join_code);
+        memcpy(po->join_code, p->join_code, sizeof(po->join_code));
+        op->u.poll.join_code = po->join_code[0] != '\0' ? po->join_code : NULL;
+        tly_store_submit(app->store, op);
+        return;
+    }
     api_end_async(app);
     poll_idem_t *pi = NULL;
     if (p->idem_key != NULL) {
@@ -65,7 +112,7 @@ void api_polls_create(tly_req_t *req, const tly_params_t *params, void *arg)
     tly_app_t *app = arg;
     caller_t caller;
     char *idem;
-    if (!api_caller(app, req, true, &caller) || !api_limit(app, req, API_LIMIT_POLL, caller.id) ||
+    if (!api_caller(app, req, true, &caller) || !api_limit_caller(app, req, API_LIMIT_POLL, &caller) ||
         !api_idempotency_key(req, &idem))
         return;
     json_t *body = api_parse_body(req, false);
@@ -110,6 +157,8 @@ void api_polls_create(tly_req_t *req, const tly_params_t *params, void *arg)
     if (idem != NULL && (p->idem_key = tly_strdup(idem)) == NULL)
         goto oom;
     memcpy(p->body_hash, hash, 16);
+    if (tly_poll_effective_status(p, now) != TLY_STATUS_CLOSED)
+        draw_code(app, p->join_code); /* indexed when the poll joins the registry, committed */
     poll_op_t *po = poll_op_new(app, TLY_OP_POLL_INSERT, p);
     if (po == NULL)
         goto oom;
@@ -293,7 +342,8 @@ static bool settle_now(tly_app_t *app, tly_poll_t *p, int64_t now, int attempts)
     bool shared = tly_store_shared(app->store);
     char *final = NULL;
     if (shared ? tly_poll_render_final(p, now, &final) != 0 : tly_poll_freeze_results(p, now) != 0)
-        return false; /* pending ballots, or out of memory: tried again on the next read */
+        return false;                              /* pending ballots, or out of memory: tried again on the next read */
+    tly_registry_set_code(app->registry, p, NULL); /* closed: its code goes back */
     poll_op_t *po = poll_op_new(app, TLY_OP_POLL_UPDATE, p);
     if (po == NULL) {
         tly_free(final);
@@ -338,7 +388,7 @@ static bool undo_patch(tly_poll_t *p, const poll_op_t *before)
     tly_poll_t *was = api_poll_build(&before->op.u.poll, &rc);
     if (was == NULL)
         return false;
-    tly_poll_adopt(p, was);
+    api_poll_adopt(before->app, p, was);
     return true;
 }
 
@@ -354,7 +404,7 @@ static void patch_committed(tly_store_op_t *op)
             int rc;
             tly_poll_t *from = api_poll_build(&op->u.poll, &rc);
             if (from != NULL)
-                tly_poll_adopt(p, from);
+                api_poll_adopt(po->app, p, from);
         }
         if (p != NULL) {
             respond_poll(po->req, 200, p);
@@ -449,6 +499,7 @@ void api_polls_patch(tly_req_t *req, const tly_params_t *params, void *arg)
         return;
     }
     p->updated_at = tly_now_ms();
+    fit_code(app, p, p->updated_at);
     /* Closing freezes the final tally, stored with the change. Instances that share the
      * store freeze it once the close is stored (patch_committed: api_poll_settle), as
      * ballots other instances took before the close may still be on their way. */
@@ -596,4 +647,74 @@ void api_polls_list(tly_req_t *req, const tly_params_t *params, void *arg)
     api_respond_json(req, 200,
                      json_pack("{s:o, s:o}", "items", arr, "next_cursor",
                                more && n > 0 ? json_string(items[n - 1]->poll_id) : json_null()));
+}
+
+/* ---- join codes: GET /v1/join/{code}, GET /j/{code} ---- */
+
+/* The open poll holding the code in the path, or NULL: not a code, no poll holds it,
+ * its poll is closed (its end_time passed: it keeps the code until settled, but nobody
+ * joins a closed poll) or being deleted. *resyncing: the request waits for memory to
+ * catch up with a shared store and runs again (a poll made on another instance a
+ * moment ago); answer nothing then. */
+static tly_poll_t *join_find(tly_app_t *app, tly_req_t *req, const tly_params_t *params, bool *resyncing)
+{
+    size_t len;
+    const char *text = tly_params_get(params, "code", &len);
+    char code[TLY_JOIN_CODE_LEN + 1];
+    tly_poll_t *p = NULL;
+    *resyncing = false;
+    if (text != NULL && len <= 32 && tly_join_code_read(text, len, code))
+        p = tly_registry_find_code(app->registry, code);
+    poll_mark_t *m = NULL;
+    if (p != NULL)
+        HASH_FIND_STR(app->deleting, p->poll_id, m);
+    if (p != NULL && (m != NULL || tly_poll_effective_status(p, tly_now_ms()) == TLY_STATUS_CLOSED))
+        p = NULL;
+    if (p == NULL && text != NULL && tly_join_code_read(text, len, code))
+        *resyncing = api_resync(app, req);
+    return p;
+}
+
+void api_join_get(tly_req_t *req, const tly_params_t *params, void *arg)
+{
+    tly_app_t *app = arg;
+    caller_t caller;
+    bool resyncing;
+    if (!api_caller(app, req, false, &caller) || !api_limit(app, req, API_LIMIT_JOIN, NULL))
+        return;
+    tly_poll_t *p = join_find(app, req, params, &resyncing);
+    if (resyncing)
+        return;
+    /* a draft is its owner's until it opens, by code as by id */
+    if (p != NULL && tly_poll_effective_status(p, tly_now_ms()) == TLY_STATUS_DRAFT && !api_is_owner(p, &caller))
+        p = NULL;
+    if (p == NULL) {
+        api_respond_error(req, 404, "POLL_NOT_FOUND", "no open poll has that join code", NULL);
+        return;
+    }
+    respond_poll(req, 200, p);
+}
+
+void api_join_redirect(tly_req_t *req, const tly_params_t *params, void *arg)
+{
+    tly_app_t *app = arg;
+    bool resyncing;
+    if (!api_limit(app, req, API_LIMIT_JOIN, NULL))
+        return;
+    tly_poll_t *p = join_find(app, req, params, &resyncing);
+    if (resyncing)
+        return;
+    tly_req_add_header(req, "Cache-Control", "no-store"); /* a code changes hands once its poll closes */
+    if (p == NULL) {
+        /* the web app's page says so, in its words (a typo in a typed address) */
+        if (!api_static_index(app, req, 404))
+            api_respond_error(req, 404, "POLL_NOT_FOUND", "no open poll has that join code", NULL);
+        return;
+    }
+    /* A draft's page too: the page asks the API with the visitor's token, which shows
+     * the owner the draft and anyone else that it is not open. */
+    char loc[8 + TLY_POLL_ID_LEN];
+    snprintf(loc, sizeof(loc), "/p/%s", p->poll_id);
+    tly_req_add_header(req, "Location", loc);
+    tly_req_respond(req, 302, "text/plain; charset=utf-8", "", 0);
 }

@@ -50,7 +50,7 @@ static bool safe_path(tly_str_t p)
     return true;
 }
 
-static bool try_send(tly_req_t *req, const char *file)
+static bool try_send(tly_req_t *req, const char *file, int status)
 {
     int fd = open(file, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
@@ -71,8 +71,15 @@ static bool try_send(tly_req_t *req, const char *file)
     tly_req_add_header(req, "X-Content-Type-Options", "nosniff");
     tly_req_add_header(req, "Referrer-Policy", "no-referrer");
     tly_req_add_header(req, "Cache-Control", "no-cache");
-    tly_req_respond(req, 200, content_type(file), buf, (size_t)n);
+    tly_req_respond(req, status, content_type(file), buf, (size_t)n);
     return true;
+}
+
+bool api_static_index(tly_app_t *app, tly_req_t *req, int status)
+{
+    char file[4096];
+    snprintf(file, sizeof(file), "%s/index.html", app->conf->web_root);
+    return try_send(req, file, status);
 }
 
 void api_static_get(tly_req_t *req, const tly_params_t *params, void *arg)
@@ -86,12 +93,12 @@ void api_static_get(tly_req_t *req, const tly_params_t *params, void *arg)
             snprintf(file, sizeof(file), "%s/index.html", root);
         else
             snprintf(file, sizeof(file), "%s%.*s", root, (int)path.len, path.ptr);
-        if (try_send(req, file))
+        if (try_send(req, file, 200))
             return;
         const char *last = memrchr(path.ptr, '/', path.len);
         bool has_ext = last && memchr(last, '.', path.len - (size_t)(last - path.ptr)) != NULL;
         snprintf(file, sizeof(file), "%s/index.html", root);
-        if (!has_ext && try_send(req, file))
+        if (!has_ext && try_send(req, file, 200))
             return;
     }
     api_respond_error(req, 404, "NOT_FOUND", "no such page", NULL);

@@ -498,8 +498,7 @@ void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg)
     caller_t caller;
     char *idem;
     if (!api_caller(app, req, true, &caller) ||
-        !api_limit(app, req, caller.anonymous ? API_LIMIT_VOTE_IP : API_LIMIT_VOTER,
-                   caller.anonymous ? NULL : caller.id) ||
+        !api_limit_caller(app, req, API_LIMIT_VOTER, &caller) ||
         !api_idempotency_key(req, &idem))
         return;
     tly_poll_t *p = api_find_poll(app, req, params, &caller);
@@ -704,8 +703,7 @@ static tly_vote_t *own_vote_for_change(tly_app_t *app, tly_req_t *req, const tly
                                        tly_poll_t **pp)
 {
     if (!api_caller(app, req, true, caller) ||
-        !api_limit(app, req, caller->anonymous ? API_LIMIT_VOTE_IP : API_LIMIT_VOTER,
-                   caller->anonymous ? NULL : caller->id))
+        !api_limit_caller(app, req, API_LIMIT_VOTER, caller))
         return NULL;
     tly_poll_t *p = api_find_poll(app, req, params, caller);
     if (p == NULL)

@@ -307,6 +307,32 @@ void tly_random_id(char *out, const char *prefix, size_t nbytes)
     tly_b64url_encode(buf, nbytes, out + plen);
 }
 
+void tly_join_code_random(char *out)
+{
+    uint8_t buf[TLY_JOIN_CODE_LEN];
+    random_bytes(buf, sizeof(buf));
+    for (size_t i = 0; i < TLY_JOIN_CODE_LEN; i++)
+        out[i] = TLY_JOIN_CODE_ALPHABET[buf[i] & 31]; /* 32 symbols: no modulo bias */
+    out[TLY_JOIN_CODE_LEN] = '\0';
+}
+
+bool tly_join_code_read(const char *in, size_t len, char *out)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < len; i++) {
+        char c = in[i];
+        if (c == '-' || c == ' ')
+            continue;
+        if (c >= 'a' && c <= 'z')
+            c = (char)(c - 'a' + 'A');
+        if (c == '\0' || strchr(TLY_JOIN_CODE_ALPHABET, c) == NULL || n == TLY_JOIN_CODE_LEN)
+            return false;
+        out[n++] = c;
+    }
+    out[n] = '\0';
+    return n == TLY_JOIN_CODE_LEN;
+}
+
 long tly_utf8_length(const char *s, size_t len)
 {
     const unsigned char *p = (const unsigned char *)s, *end = p + len;

@@ -74,6 +74,24 @@ int tly_hex_decode(const char *in, size_t len, uint8_t *out, size_t cap);
  * length; out must hold 4 * (n + 2) / 3 + 1 bytes. decode returns the decoded
  * length or TLY_EINVAL; out must hold 3 * len / 4 + 1 bytes. */
 size_t tly_b64url_encode(const uint8_t *in, size_t n, char *out);
+/*
+ * Join codes: what a room types to reach a poll. TLY_JOIN_CODE_LEN characters of an
+ * alphabet of 32 that leaves out the look-alikes 0/O and 1/I (5 bits each: 30 bits, about
+ * a billion codes), read without regard to case. The store's SQL uses the same alphabet
+ * (the migration that gives existing polls theirs).
+ */
+#define TLY_JOIN_CODE_LEN 6
+#define TLY_JOIN_CODE_ALPHABET "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"
+
+/* A random code, NUL-terminated (out holds TLY_JOIN_CODE_LEN + 1). Any thread. */
+void tly_join_code_random(char *out);
+
+/* Reads what someone typed as a code: letters in either case, hyphens and spaces
+ * ignored (a code may be written "ABC-DEF"). Writes the code as stored (upper case,
+ * NUL-terminated, TLY_JOIN_CODE_LEN + 1 bytes) and returns true; false when it is not
+ * TLY_JOIN_CODE_LEN characters of the alphabet (a 0, O, 1 or I never is). Pure. */
+bool tly_join_code_read(const char *in, size_t len, char *out);
+
 int tly_b64url_decode(const char *in, size_t len, uint8_t *out);
 
 /* Validates UTF-8 (no overlongs, no surrogates) and returns the number of code points,

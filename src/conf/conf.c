@@ -75,19 +75,34 @@ static const option_t options[] = {
      "live subscribers at most from one IP address"},
     {"rate-limits", OPT_BOOL, OFF(rate_limits), "true", 0, 0, "serve",
      "rate limits on (true) or off (false, for benchmarks and tests about something else)"},
-    {"rate-vote-ip", OPT_LONG, OFF(rate_vote_ip), "10", 1, 1000000, "serve",
-     "ballots per minute per IP address from anonymous voters"},
+    {"rate-vote-ip", OPT_LONG, OFF(rate_vote_ip), "600", 1, 1000000, "serve",
+     "ballots, changes and retractions per minute per IP address from anonymous device tokens, all devices "
+     "together (each device is also held to --rate-vote-voter)"},
     {"rate-vote-voter", OPT_LONG, OFF(rate_vote_voter), "60", 1, 1000000, "serve",
-     "ballots, changes and retractions per minute per authenticated voter"},
-    {"rate-poll-user", OPT_LONG, OFF(rate_poll_user), "5", 1, 1000000, "serve", "polls created per hour per user"},
+     "ballots, changes and retractions per minute per voter (an account or an anonymous device token)"},
+    {"rate-poll-user", OPT_LONG, OFF(rate_poll_user), "60", 1, 1000000, "serve",
+     "polls created per hour per account (or anonymous device token)"},
     {"rate-auth-ip", OPT_LONG, OFF(rate_auth_ip), "20", 1, 1000000, "serve",
      "register and login requests per minute per IP address"},
-    {"rate-anon-ip", OPT_LONG, OFF(rate_anon_ip), "20", 1, 1000000, "serve",
-     "anonymous device tokens per minute per IP address"},
+    {"rate-anon-ip", OPT_LONG, OFF(rate_anon_ip), "600", 1, 1000000, "serve",
+     "anonymous device tokens per minute per IP address (their proof of work is what they cost; this is a "
+     "backstop)"},
+    {"rate-join-ip", OPT_LONG, OFF(rate_join_ip), "600", 1, 1000000, "serve",
+     "join-code lookups (GET /j/CODE, GET /v1/join/CODE) per minute per IP address: a room types its code "
+     "once a phone; guessing codes takes many"},
     {"rate-keys", OPT_LONG, OFF(rate_keys), "1000000", 1000, 100000000, "serve",
      "rate-limit buckets kept at most (about 80 bytes each)"},
     {"pow-difficulty", OPT_LONG, OFF(pow_difficulty), "14", 0, 32, "serve",
-     "leading zero bits of SHA-256 an anonymous token's proof of work needs (0: none)"},
+     "leading zero bits of SHA-256 an anonymous token's proof of work needs while its address is quiet "
+     "(0: no proof)"},
+    {"pow-max-difficulty", OPT_LONG, OFF(pow_max_difficulty), "22", 0, 40, "serve",
+     "the most the proof of work rises to for an address that asks for many new anonymous tokens (one bit "
+     "each time its backlog grows by a factor of 1.41 beyond --pow-burst); --pow-difficulty or less keeps it "
+     "fixed"},
+    {"pow-burst", OPT_LONG, OFF(pow_burst), "256", 1, 100000, "serve",
+     "an address's backlog of new anonymous tokens (challenges) that costs only --pow-difficulty"},
+    {"pow-rate", OPT_LONG, OFF(pow_rate), "60", 1, 1000000, "serve",
+     "new anonymous tokens per minute by which an address's backlog falls back"},
     {"reconcile-interval", OPT_LONG, OFF(reconcile_interval), "300", 0, 86400, "serve",
      "seconds between reconciliations of the shared store's counter rows and Redis's live counters "
      "with the ballots (0: never); only with --store postgres://..."},

@@ -45,8 +45,12 @@ typedef struct {
     long rate_poll_user;
     long rate_auth_ip;
     long rate_anon_ip;
+    long rate_join_ip;
     long rate_keys;
-    long pow_difficulty;
+    long pow_difficulty;     /* leading zero bits while an address is quiet; 0 = no proof */
+    long pow_max_difficulty; /* the most it rises to with the address's new tokens */
+    long pow_burst;          /* an address's backlog of new tokens at the base difficulty */
+    long pow_rate;           /* new tokens a minute the backlog drains by */
     long reconcile_interval; /* seconds; 0 = off */
     /* `tally reconcile` */
     bool repair;

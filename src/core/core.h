@@ -19,6 +19,8 @@
 #include <stdint.h>
 #include <uthash.h>
 
+#include "base/base.h"
+
 #define TLY_MAX_OPTIONS 100
 #define TLY_MIN_OPTIONS 2
 #define TLY_TITLE_MAX 300 /* code points */
@@ -195,6 +197,12 @@ typedef struct tly_poll {
     uint64_t results_rgen; /* the results_gen results_json was rendered at */
     uint64_t results_seq;  /* the seq results_json was rendered at */
     bool counting;         /* the API's mark: a tly_results_job_t of p is under way */
+    /* Added for join codes: the poll's code while it is open (draft or active), ""
+     * when it has none (closed, or not given one yet). Set only through
+     * tly_registry_set_code (the registry finds polls by it) or before the poll is
+     * added to a registry. */
+    char join_code[TLY_JOIN_CODE_LEN + 1];
+    UT_hash_handle hh_code; /* registry's: polls by join_code */
 } tly_poll_t;
 
 typedef struct tly_registry tly_registry_t;
@@ -214,6 +222,16 @@ void tly_registry_set_final_by_store(tly_registry_t *r, bool on);
 /* Removes and frees p with all its votes (and their receipts). */
 void tly_registry_remove_poll(tly_registry_t *r, tly_poll_t *p);
 tly_vote_t *tly_registry_find_receipt(tly_registry_t *r, const char *receipt);
+/* The poll holding join code `code` (as tly_join_code_read writes it), or NULL. A poll
+ * holds its code from when it is added (or given one) until tly_registry_set_code takes
+ * it back or the poll is removed, whatever its effective status: a poll past its
+ * end_time keeps its code until it is settled, and no other poll gets it meanwhile. */
+tly_poll_t *tly_registry_find_code(tly_registry_t *r, const char *code);
+/* Gives p (in r) the join code `code`, or takes its code back (code NULL or ""). 0, or
+ * TLY_EEXIST when another poll holds code (p then has none), or TLY_ENOMEM (p has none).
+ * tly_registry_add_poll indexes the code a poll comes with the same way: one held by
+ * another poll is dropped from the newcomer. */
+int tly_registry_set_code(tly_registry_t *r, tly_poll_t *p, const char *code);
 /* Polls of `owner_id`, newest first (created_at desc, then poll_id desc). Fills up to
  * `max` pointers into out, starting after the poll named by `after_poll_id` (NULL: from
  * the newest). Returns the count; *more is set when further polls follow. */

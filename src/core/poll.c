@@ -809,11 +809,14 @@ json_t *tly_poll_to_json(const tly_poll_t *p, int64_t now)
     char created[TLY_TIME_LEN], updated[TLY_TIME_LEN];
     tly_time_format(p->created_at, created);
     tly_time_format(p->updated_at, updated);
+    tly_poll_status_t status = tly_poll_effective_status(p, now);
+    /* a closed poll has no code, even while it still holds one until it is settled */
+    json_t *code = p->join_code[0] != '\0' && status != TLY_STATUS_CLOSED ? json_string(p->join_code) : json_null();
     /* json_pack releases the "o" values itself when it fails */
-    return json_pack("{s:s, s:s, s:s, s:o, s:s, s:o, s:o, s:o, s:s, s:o, s:s, s:s}", "poll_id", p->poll_id, "owner_id",
-                     p->owner_id ? p->owner_id : "", "title", p->title ? p->title : "", "description",
+    return json_pack("{s:s, s:s, s:s, s:o, s:s, s:o, s:o, s:o, s:s, s:o, s:s, s:s, s:o}", "poll_id", p->poll_id,
+                     "owner_id", p->owner_id ? p->owner_id : "", "title", p->title ? p->title : "", "description",
                      p->description ? json_string(p->description) : json_null(), "type", tly_poll_type_name(p->type),
                      "options", opts, "start_time", time_or_null(p->start_time), "end_time", time_or_null(p->end_time),
-                     "status", tly_poll_status_name(tly_poll_effective_status(p, now)), "settings", settings,
-                     "created_at", created, "updated_at", updated);
+                     "status", tly_poll_status_name(status), "settings", settings, "created_at", created, "updated_at",
+                     updated, "join_code", code);
 }

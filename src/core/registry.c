@@ -20,6 +20,7 @@ typedef struct owner_list {
 
 struct tly_registry {
     tly_poll_t *polls;    /* by poll_id */
+    tly_poll_t *codes;    /* by join_code, through hh_code: polls that hold one */
     tly_vote_t *receipts; /* by receipt, through hh_receipt */
     owner_list_t *owners; /* by owner_id */
     bool final_by_store;  /* given to every poll added */
@@ -36,6 +37,7 @@ void tly_registry_free(tly_registry_t *r)
     if (r == NULL)
         return;
     HASH_CLEAR(hh_receipt, r->receipts);
+    HASH_CLEAR(hh_code, r->codes);
     tly_poll_t *p, *ptmp;
     HASH_ITER(hh, r->polls, p, ptmp) {
         HASH_DELETE(hh, r->polls, p);
@@ -75,11 +77,57 @@ static owner_list_t *find_owner(tly_registry_t *r, const char *owner_id)
  * missing from that owner's listing; add_poll has no way to report it, and refusing
  * the poll would be worse.
  */
+static void code_index(tly_registry_t *r, tly_poll_t *p)
+{
+    tly_poll_t *holder = NULL;
+    if (p->join_code[0] != '\0')
+        HASH_FIND(hh_code, r->codes, p->join_code, strlen(p->join_code), holder);
+    if (p->join_code[0] == '\0' || holder != NULL) {
+        p->join_code[0] = '\0';
+        return;
+    }
+    HASH_ADD(hh_code, r->codes, join_code, strlen(p->join_code), p);
+    if (p->hh_code.tbl == NULL) /* out of memory: the poll works, without a code */
+        p->join_code[0] = '\0';
+}
+
+static void code_unindex(tly_registry_t *r, tly_poll_t *p)
+{
+    if (p->join_code[0] != '\0' && p->hh_code.tbl != NULL)
+        HASH_DELETE(hh_code, r->codes, p);
+    p->join_code[0] = '\0';
+    memset(&p->hh_code, 0, sizeof(p->hh_code));
+}
+
+tly_poll_t *tly_registry_find_code(tly_registry_t *r, const char *code)
+{
+    tly_poll_t *p = NULL;
+    if (code != NULL && code[0] != '\0')
+        HASH_FIND(hh_code, r->codes, code, strlen(code), p);
+    return p;
+}
+
+int tly_registry_set_code(tly_registry_t *r, tly_poll_t *p, const char *code)
+{
+    if (code != NULL && strcmp(p->join_code, code) == 0 && code[0] != '\0')
+        return 0;
+    code_unindex(r, p);
+    if (code == NULL || code[0] == '\0')
+        return 0;
+    if (tly_registry_find_code(r, code) != NULL)
+        return TLY_EEXIST;
+    snprintf(p->join_code, sizeof(p->join_code), "%s", code);
+    code_index(r, p);
+    return p->join_code[0] != '\0' ? 0 : TLY_ENOMEM;
+}
+
 int tly_registry_add_poll(tly_registry_t *r, tly_poll_t *p)
 {
     HASH_ADD_STR(r->polls, poll_id, p);
     if (p->hh.tbl == NULL)
         return TLY_ENOMEM;
+    memset(&p->hh_code, 0, sizeof(p->hh_code));
+    code_index(r, p);
     p->final_by_store = r->final_by_store;
     if (p->type == TLY_TYPE_SCORE && p->score_sum == NULL && p->total_votes == 0)
         p->score_sum = tly_calloc(p->noptions ? 2 * p->noptions : 1, sizeof(uint64_t));
@@ -128,6 +176,7 @@ void tly_registry_remove_poll(tly_registry_t *r, tly_poll_t *p)
     for (tly_vote_t *v = p->votes; v != NULL; v = v->hh.next)
         if (v->hh_receipt.tbl != NULL && r->receipts != NULL) /* added without a registry: not there */
             HASH_DELETE(hh_receipt, r->receipts, v);
+    code_unindex(r, p);
     HASH_DELETE(hh, r->polls, p);
     owner_list_t *o = find_owner(r, p->owner_id != NULL ? p->owner_id : "");
     if (o != NULL) {

@@ -366,3 +366,84 @@ void tly_limit_headers(const tly_limit_result_t *r, char limit[TLY_LIMIT_HDR_LEN
         }
     }
 }
+
+/* ---- words for a wait ------------------------------------------------------------ */
+
+void tly_limit_wait_words(uint64_t ms, char *out, size_t cap)
+{
+    uint64_t s = div_up(ms, 1000);
+    if (s == 0)
+        s = 1;
+    if (s < 60) {
+        snprintf(out, cap, "%" PRIu64 " second%s", s, s == 1 ? "" : "s");
+        return;
+    }
+    uint64_t m = (s + 30) / 60; /* to the nearest minute */
+    if (m < 60) {
+        if (m == 1)
+            snprintf(out, cap, "about a minute");
+        else
+            snprintf(out, cap, "about %" PRIu64 " minutes", m);
+        return;
+    }
+    uint64_t h = (s + 1800) / 3600;
+    if (h <= 1)
+        snprintf(out, cap, "about an hour");
+    else
+        snprintf(out, cap, "about %" PRIu64 " hours", h);
+}
+
+/* ---- the proof of work's curve ------------------------------------------------------ */
+
+/* The extra bits at `level`: the largest k with level^2 >= burst^2 * 2^k (level >=
+ * burst * sqrt(2)^k), at most `extra`. level is clamped to TLY_POW_LEVEL_MAX and burst
+ * to it too, so level^2 < 2^40 and burst^2 << 64 is never needed: k stops at extra <= 64
+ * and at the first k whose threshold passes level^2. */
+static uint32_t extra_bits(uint64_t level, uint64_t burst, uint32_t extra)
+{
+    if (level > TLY_POW_LEVEL_MAX)
+        level = TLY_POW_LEVEL_MAX;
+    uint64_t l2 = level * level, t = burst * burst;
+    uint32_t k = 0;
+    while (k < extra && t <= l2 / 2) { /* t * 2 <= l2, without overflow */
+        t *= 2;
+        k++;
+    }
+    return k;
+}
+
+static void curve_clamp(const tly_pow_curve_t *c, uint64_t *burst, uint32_t *extra)
+{
+    uint32_t max = c->max > 64 ? 64 : c->max;
+    *extra = max > c->base ? max - c->base : 0;
+    *burst = c->burst == 0 ? 1 : c->burst > TLY_POW_LEVEL_MAX ? TLY_POW_LEVEL_MAX : c->burst;
+}
+
+uint32_t tly_pow_difficulty(const tly_pow_curve_t *c, uint64_t level)
+{
+    if (c->base == 0)
+        return 0;
+    uint64_t burst;
+    uint32_t extra;
+    curve_clamp(c, &burst, &extra);
+    return c->base + extra_bits(level, burst, extra);
+}
+
+uint32_t tly_pow_capacity(const tly_pow_curve_t *c)
+{
+    uint64_t burst;
+    uint32_t extra;
+    curve_clamp(c, &burst, &extra);
+    /* the first level with all the extra bits: a binary search over [burst, max] */
+    uint64_t lo = burst, hi = TLY_POW_LEVEL_MAX;
+    if (extra_bits(hi, burst, extra) < extra)
+        return TLY_POW_LEVEL_MAX;
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        if (extra_bits(mid, burst, extra) >= extra)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return (uint32_t)lo;
+}

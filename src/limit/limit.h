@@ -110,4 +110,42 @@ void tly_limiter_sweep(tly_limiter_t *l, uint64_t now_ms, size_t max_work);
 void tly_limit_headers(const tly_limit_result_t *r, char limit[TLY_LIMIT_HDR_LEN], char remaining[TLY_LIMIT_HDR_LEN],
                        char reset[TLY_LIMIT_HDR_LEN], char retry_after[TLY_LIMIT_HDR_LEN]);
 
+/* Words for a wait of ms milliseconds, for people: whole seconds below a minute ("1
+ * second", "45 seconds"), then "about a minute", "about 12 minutes" (rounded to the
+ * nearest minute), "about an hour", "about 3 hours" (to the nearest hour). Never a bare
+ * count of seconds beyond a minute: "717 seconds" reads as "about 12 minutes". At least
+ * one second. Writes a NUL-terminated string of at most cap bytes (32 always suffice).
+ * Pure; any thread. */
+void tly_limit_wait_words(uint64_t ms, char *out, size_t cap);
+
+/*
+ * The proof of work an anonymous device token costs, by how many its address asked for
+ * lately. `level` is the address's backlog of new device tokens: the count of a bucket
+ * that every token (challenge) adds one to and that drains at a steady rate (a rule of
+ * capacity tly_pow_capacity and period capacity / rate: a tly_limit_take on it leaves
+ * level = limit - remaining; a refusal means the bucket is full, level = capacity).
+ *
+ * Up to `burst` the difficulty is `base`; past it, one more leading zero bit each time
+ * the level grows by a factor of sqrt(2), so the work per token grows as (level /
+ * burst)^2; never beyond `max`. With base 14, max 22, burst 256: 14 bits up to a level
+ * of 362, 15 from 363, 16 from 512, 18 from 1,024, 20 from 2,048, 22 (256 times the
+ * base work) from 4,096. Exact integer arithmetic (no floating point), so that every
+ * instance of a cluster and the tests agree to the token.
+ */
+typedef struct {
+    uint32_t base;  /* leading zero bits while the address is quiet (0: no proof at all) */
+    uint32_t max;   /* the most it rises to (<= 64; below base counts as base) */
+    uint32_t burst; /* the level up to which base applies (>= 1) */
+} tly_pow_curve_t;
+
+#define TLY_POW_LEVEL_MAX 1000000u /* the largest capacity tly_pow_capacity gives */
+
+/* The leading zero bits a token costs at this level (0 when c->base is 0). Pure. */
+uint32_t tly_pow_difficulty(const tly_pow_curve_t *c, uint64_t level);
+
+/* The smallest level at which the difficulty reaches c->max (at most TLY_POW_LEVEL_MAX,
+ * at least c->burst): the capacity of the address's bucket, beyond which counting on
+ * would change nothing but how long the address takes to fall back. Pure. */
+uint32_t tly_pow_capacity(const tly_pow_curve_t *c);
+
 #endif

@@ -105,7 +105,8 @@ static int poll_json(json_t *o, const tly_poll_row_t *p)
         (rc = put_int(o, "start_time", p->start_time)) || (rc = put_int(o, "end_time", p->end_time)) ||
         (rc = put_str(o, "settings", p->settings_json)) || (rc = put_int(o, "created_at", p->created_at)) ||
         (rc = put_int(o, "updated_at", p->updated_at)) || (rc = put_str(o, "idem_key", p->idem_key)) ||
-        (rc = put_hash(o, "body_hash", p->body_hash)) || (rc = put_str(o, "final_results", p->final_results)))
+        (rc = put_hash(o, "body_hash", p->body_hash)) || (rc = put_str(o, "final_results", p->final_results)) ||
+        (rc = put_str(o, "join_code", p->join_code)))
         return rc;
     if ((opts = json_array()) == NULL || json_object_set_new(o, "options", opts) != 0)
         return TLY_ENOMEM;
@@ -273,6 +274,7 @@ static int op_from_json(const json_t *o, tly_store_op_t *op, decoded_t *d)
         pr->updated_at = gi(o, "updated_at");
         pr->idem_key = gs(o, "idem_key");
         pr->final_results = gs(o, "final_results");
+        pr->join_code = gs(o, "join_code");
         if (pr->poll_id == NULL || ghash(o, "body_hash", pr->body_hash) != 0 || json_array_size(opts) > 256)
             return -1;
         for (size_t i = 0; i < json_array_size(opts); i++) {

@@ -127,6 +127,7 @@ static int load_poll(void *arg, const PGresult *res, int i)
         .updated_at = ci(res, i, 10),
         .idem_key = cs(res, i, 11),
         .final_results = cs(res, i, 13),
+        .join_code = cs(res, i, 15),
     };
     if (chash(res, i, 12, p.body_hash) != 0)
         return bad_poll(l, p.poll_id, "body_hash is not 16 bytes");
@@ -286,7 +287,7 @@ int pg_load(pg_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
                        " settings, created_at, updated_at, idem_key, body_hash, final_results,"
                        " (SELECT coalesce(json_agg(json_build_array(o.option_id, o.text, o.display_order,"
                        " o.position) ORDER BY o.position), '[]'::json) FROM options o"
-                       " WHERE o.poll_id = p.poll_id) FROM polls p ORDER BY ord",
+                       " WHERE o.poll_id = p.poll_id), join_code FROM polls p ORDER BY ord",
                        load_poll, &l)) != 0)
         goto fail;
     /* seq order: a merge of the partitions' seq indexes, streamed. */

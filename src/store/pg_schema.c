@@ -17,6 +17,9 @@
 
 /* ---- schema ---------------------------------------------------------------------- */
 
+/* One base-32 digit of n.v (a row's number made a code in migration 5), in SQL. */
+#define JOIN_CODE_DIGIT(shift) "substr('" TLY_JOIN_CODE_ALPHABET "', ((n.v >> " #shift ") & 31)::int + 1, 1)"
+
 /*
  * migrations[i] takes schema_version i to i + 1, each in its own transaction with the
  * version bump, under an advisory lock (instances starting together migrate once).
@@ -170,6 +173,22 @@ static const char *const migrations[] = {
     "        FROM audit GROUP BY poll_id, voter_id) l"
     "  JOIN audit a ON a.poll_id = l.poll_id AND a.seq = l.cast_seq"
     "  WHERE l.changed_seq > l.cast_seq AND b.poll_id = l.poll_id AND b.voter_id = l.voter_id;",
+    /* 5: join codes, as SQLite's 7: an open poll's code, unique among the polls that
+     * hold one; a poll closing gives its code back. The polls open before this step get
+     * theirs from their row numbers through n -> (n * m + a) mod 2^30 (m odd, a and m
+     * random, chosen once): a bijection, so they are distinct. */
+    "ALTER TABLE polls ADD COLUMN join_code text;"
+    "WITH k AS MATERIALIZED (SELECT floor(random() * 1073741824)::bigint AS a,"
+    "    floor(random() * 536870912)::bigint * 2 + 1 AS m),"
+    "n AS (SELECT p.poll_id, ((row_number() OVER (ORDER BY p.ord)) * k.m + k.a) % 1073741824 AS v"
+    "  FROM polls p, k WHERE p.status <> 2 AND p.final_results IS NULL)"
+    "UPDATE polls SET join_code = " JOIN_CODE_DIGIT(25) " || " JOIN_CODE_DIGIT(20) " || " JOIN_CODE_DIGIT(
+        15) "  || " JOIN_CODE_DIGIT(10) " || " JOIN_CODE_DIGIT(5) " || " JOIN_CODE_DIGIT(0) "  FROM n WHERE "
+                                                                                            "polls.poll_id = n.poll_id;"
+                                                                                            "CREATE UNIQUE INDEX "
+                                                                                            "polls_join_code ON "
+                                                                                            "polls(join_code) WHERE "
+                                                                                            "join_code IS NOT NULL;",
 };
 
 /* ---- helpers ----------------------------------------------------------------------- */

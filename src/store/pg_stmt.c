@@ -17,7 +17,7 @@
 #define POLL_FIELDS                                                                                                    \
     "poll_id text, owner_id text, title text, description text, type int, status int,"                                 \
     " start_time bigint, end_time bigint, settings text, created_at bigint,"                                           \
-    " updated_at bigint, idem_key text, body_hash text, final_results text"
+    " updated_at bigint, idem_key text, body_hash text, final_results text, join_code text"
 #define OPTION_FIELDS "position int, option_id text, text text, display_order int"
 
 /* Consecutive ballot inserts, $1 a JSON array of ballots: the CTEs both ballot
@@ -120,10 +120,10 @@ static const char poll_insert_sql[] =
     "o AS (SELECT * FROM jsonb_to_recordset($1::jsonb -> 'options') AS o(" OPTION_FIELDS ")),"
     "p AS ("
     "  INSERT INTO polls(poll_id, owner_id, title, description, type, status, start_time,"
-    "    end_time, settings, created_at, updated_at, idem_key, body_hash, final_results)"
+    "    end_time, settings, created_at, updated_at, idem_key, body_hash, final_results, join_code)"
     "  SELECT poll_id, owner_id, title, description, type, status, nullif(start_time, 0),"
     "    nullif(end_time, 0), settings, nullif(created_at, 0), nullif(updated_at, 0), idem_key,"
-    "    decode(body_hash, 'hex'), final_results FROM r RETURNING poll_id),"
+    "    decode(body_hash, 'hex'), final_results, join_code FROM r RETURNING poll_id),"
     "io AS (INSERT INTO options(poll_id, position, option_id, text, display_order)"
     "  SELECT p.poll_id, o.position, o.option_id, o.text, o.display_order FROM p, o),"
     "ic AS (INSERT INTO option_counts(poll_id, position, votes)"
@@ -141,6 +141,8 @@ static const char poll_update_sql[] =
     "    end_time = nullif(r.end_time, 0), settings = r.settings,"
     "    created_at = nullif(r.created_at, 0), updated_at = nullif(r.updated_at, 0),"
     "    idem_key = r.idem_key, body_hash = decode(r.body_hash, 'hex'),"
+    "    join_code = CASE WHEN r.status = 2 OR coalesce(polls.final_results, r.final_results) IS NOT NULL"
+    "      THEN NULL ELSE r.join_code END,"
     "    final_results = coalesce(polls.final_results, r.final_results)"
     "  FROM r WHERE polls.poll_id = r.poll_id RETURNING polls.poll_id),"
     "d AS (DELETE FROM options WHERE poll_id IN (SELECT poll_id FROM u))"

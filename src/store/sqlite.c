@@ -55,12 +55,14 @@ static const char *const stmt_sql[ST__COUNT] = {
                        " VALUES(?1, ?2, ?3, ?4, ?5)",
     [ST_POLL_INSERT] = "INSERT INTO polls(poll_id, owner_id, title, description, type, status,"
                        " start_time, end_time, settings, created_at, updated_at, idem_key,"
-                       " body_hash, final_results)"
-                       " VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                       " body_hash, final_results, join_code)"
+                       " VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+    /* a closed poll keeps no join code (store.h) */
     [ST_POLL_UPDATE] = "UPDATE polls SET owner_id = ?2, title = ?3, description = ?4, type = ?5,"
                        " status = ?6, start_time = ?7, end_time = ?8, settings = ?9,"
                        " created_at = ?10, updated_at = ?11, idem_key = ?12, body_hash = ?13,"
-                       " final_results = coalesce(final_results, ?14) WHERE poll_id = ?1",
+                       " join_code = CASE WHEN ?6 = 2 OR coalesce(final_results, ?14) IS NOT NULL THEN NULL"
+                       " ELSE ?15 END, final_results = coalesce(final_results, ?14) WHERE poll_id = ?1",
     [ST_POLL_DELETE] = "DELETE FROM polls WHERE poll_id = ?1",
     [ST_OPTIONS_DELETE] = "DELETE FROM options WHERE poll_id = ?1",
     [ST_OPTION_INSERT] = "INSERT INTO options(poll_id, position, option_id, text, display_order)"
@@ -477,6 +479,7 @@ static void bind_poll(sqlite3_stmt *st, const tly_poll_row_t *p)
     bind_str(st, 12, p->idem_key);
     bind_hash(st, 13, p->body_hash);
     bind_str(st, 14, p->final_results);
+    bind_str(st, 15, p->join_code);
 }
 
 static int options_insert(sq_store_t *s, const tly_poll_row_t *p)

@@ -187,6 +187,7 @@ static int load_poll(sq_load_t *l, sqlite3_stmt *st)
         .updated_at = sqlite3_column_int64(st, 10),
         .idem_key = col_str(st, 11),
         .final_results = col_str(st, 13),
+        .join_code = col_str(st, 14),
     };
     if (col_hash(st, 12, p.body_hash) != 0) {
         char key[TLY_LOAD_KEY_MAX];
@@ -383,7 +384,7 @@ int sq_load(sq_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
         (rc = each_row(db,
                        "SELECT poll_id, owner_id, title, description, type, status,"
                        " start_time, end_time, settings, created_at, updated_at,"
-                       " idem_key, body_hash, final_results FROM polls ORDER BY rowid",
+                       " idem_key, body_hash, final_results, join_code FROM polls ORDER BY rowid",
                        0, load_poll, &l)) != 0 ||
         /* seq order is commit order: replaying in it rebuilds exactly the committed state. */
         (rc = each_row(db,

@@ -15,6 +15,9 @@
 
 /* ---- schema ---------------------------------------------------------------------- */
 
+/* One base-32 digit of n.v (a row's number made a code in migration 7), in SQL. */
+#define JOIN_CODE_DIGIT(shift) "substr('" TLY_JOIN_CODE_ALPHABET "', ((n.v >> " #shift ") & 31) + 1, 1)"
+
 /*
  * Migrations: migrations[i] takes the schema from user_version i to i + 1. Each runs in
  * its own transaction together with the user_version bump, so a crash mid-migration
@@ -177,6 +180,23 @@ static const char *const migrations[] = {
     "CREATE INDEX ballots_poll_seq ON ballots(poll_id, seq);"
     "CREATE UNIQUE INDEX ballots_poll_ip ON ballots(poll_id, ip_hash) WHERE ip_hash IS NOT NULL;"
     "CREATE INDEX ballots_changed ON ballots(seq) WHERE cast_at IS NOT NULL;",
+
+    /* 7: join codes. An open poll's code, unique among the polls that hold one (the
+     * partial index); a poll closing gives its code back (POLL_UPDATE writes NULL). The
+     * polls open before this step get theirs here: n -> (n * m + a) mod 2^30, with m odd
+     * and a chosen at random once, is a bijection, so the codes of the polls' row
+     * numbers are distinct whatever m and a are; six base-32 digits of the alphabet. */
+    "ALTER TABLE polls ADD COLUMN join_code TEXT;"
+    "WITH k AS MATERIALIZED (SELECT abs(random() % 1073741824) AS a, abs(random() % 536870912) * 2 + 1 AS m),"
+    "n AS (SELECT p.poll_id, ((row_number() OVER (ORDER BY p.rowid)) * k.m + k.a) % 1073741824 AS v"
+    "  FROM polls p, k WHERE p.status != 2 AND p.final_results IS NULL)"
+    "UPDATE polls SET join_code = " JOIN_CODE_DIGIT(25) " || " JOIN_CODE_DIGIT(20) " || " JOIN_CODE_DIGIT(
+        15) "  || " JOIN_CODE_DIGIT(10) " || " JOIN_CODE_DIGIT(5) " || " JOIN_CODE_DIGIT(0) "  FROM n WHERE "
+                                                                                            "polls.poll_id = n.poll_id;"
+                                                                                            "CREATE UNIQUE INDEX "
+                                                                                            "polls_join_code ON "
+                                                                                            "polls(join_code) WHERE "
+                                                                                            "join_code IS NOT NULL;",
 };
 
 _Static_assert(TLY_ARRAY_SIZE(migrations) == TLY_STORE_SCHEMA_VERSION,

@@ -71,6 +71,13 @@ typedef struct {
      * is in the final results. Other stores ignore both fields. */
     int freeze;
     int64_t freeze_after;
+    /* The poll's join code (TLY_JOIN_CODE_LEN characters of TLY_JOIN_CODE_ALPHABET), or
+     * NULL: none. Unique among the polls that have one: POLL_INSERT and POLL_UPDATE give
+     * TLY_EEXIST when another poll holds it. The store never keeps a code on a closed
+     * poll: POLL_UPDATE of a poll that is closed (status, or final results stored or
+     * given) writes NULL whatever is given, which frees the code for another poll. Load
+     * returns it. */
+    const char *join_code;
 } tly_poll_row_t;
 
 typedef struct {

@@ -97,7 +97,7 @@ void tly_load_key(char buf[TLY_LOAD_KEY_MAX], const char *name, const char *valu
 int tly_load_finish(tly_load_t *l, int rc);
 
 /* The schema version sqlite_schema.c migrates to (PRAGMA user_version). */
-#define TLY_STORE_SCHEMA_VERSION 6
+#define TLY_STORE_SCHEMA_VERSION 7
 
 /* Default most operations in one transaction when conf->batch_max is 0. */
 #define TLY_STORE_BATCH_MAX 4096

@@ -170,6 +170,31 @@ test('a poll made on one instance can be voted on, changed and read at once on a
   }
 });
 
+test('a poll made on one instance is found by its join code at once on the others; closed on one, its code leads nowhere on any', async () => {
+  const owner = tok('owner-code');
+  const created = await api(c.nodes[0], 'POST', '/v1/polls', { token: owner, body: { title: 'Code', options: [{ text: 'A' }, { text: 'B' }] } });
+  assert.equal(created.status, 201, created.text);
+  const p = created.json;
+  assert.match(p.join_code, /^[23456789ABCDEFGHJKLMNPQRSTUVWXYZ]{6}$/);
+  // at once: an instance that has not followed the feed yet catches up before it answers
+  const byCode = await api(c.nodes[1], 'GET', `/v1/join/${p.join_code.toLowerCase()}`);
+  assert.equal(byCode.status, 200, byCode.text);
+  assert.equal(byCode.json.poll_id, p.poll_id);
+  const page = await api(c.nodes[2], 'GET', `/j/${p.join_code}`);
+  assert.equal(page.status, 302);
+  assert.equal(page.headers.get('location'), `/p/${p.poll_id}`);
+  assert.equal((await api(c.lb, 'GET', `/j/${p.join_code}`)).headers.get('location'), `/p/${p.poll_id}`, 'through nginx');
+  const closed = await api(c.nodes[1], 'PATCH', `/v1/polls/${p.poll_id}`, { token: owner, body: { status: 'closed' } });
+  assert.equal(closed.status, 200, closed.text);
+  assert.equal(closed.json.join_code, null);
+  for (const n of c.nodes) {
+    await eventually(async () => (await api(n, 'GET', `/v1/join/${p.join_code}`)).status === 404, 3000,
+      `${n.name} no longer finds the closed poll by its code`);
+  }
+  const [[stored]] = await c.sql(`SELECT coalesce(join_code, 'none') FROM polls WHERE poll_id = '${p.poll_id}'`);
+  assert.equal(stored, 'none', 'the store freed the code');
+});
+
 test('a ballot retracted on one instance stays retracted when its first POST is retried on another', async () => {
   const { poll } = await newPoll({ settings: { allow_vote_change: true } });
   const [a] = poll.options.map((o) => o.option_id);

@@ -163,6 +163,7 @@ typedef struct {
     char poll_ids[8][32];
     size_t noptions[8];
     char final_results[8][64]; /* "(null)" when none */
+    char join_codes[64][8];    /* "" when none */
     char ballot_vote_ids[16][32];
     char req_ids[8][32], req_state[8][32], req_vote[8][32], req_error[8][32];
 } seen_t;
@@ -182,6 +183,8 @@ static int see_poll(void *ctx, const tly_poll_row_t *p, const char **why)
         snprintf(seen->final_results[seen->polls], 64, "%s",
                  p->final_results ? p->final_results : "(null)");
     }
+    if (seen->polls < 64)
+        snprintf(seen->join_codes[seen->polls], 8, "%s", p->join_code ? p->join_code : "");
     seen->polls++;
     return 0;
 }

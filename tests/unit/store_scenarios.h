@@ -955,4 +955,111 @@ static void refused_rows_scenario(void (*exec)(const char *sql), const char *dup
     tly_store_close(s);
 }
 
+/* ---- join codes ---------------------------------------------------------------------- */
+
+/* A join code is unique among the polls that hold one, whether given by an insert or an
+ * update (TLY_EEXIST, that op alone); a closed poll (by status, or with final results)
+ * holds none whatever its update says, which frees the code; load gives codes back. */
+static tly_store_t *join_code_scenario(tly_store_t *s)
+{
+    tly_store_op_t a = poll_op("pollA", 2), b = poll_op("pollB", 2), c = poll_op("pollC", 3);
+    a.u.poll.join_code = "ABCDEF";
+    submit_wait(s, &a);
+    cr_assert_eq(a.result, 0);
+    b.u.poll.join_code = "ABCDEF";
+    submit_wait(s, &b);
+    cr_assert_eq(b.result, TLY_EEXIST, "a second poll with a held code");
+    b.u.poll.join_code = "234567"; /* drawn again */
+    submit_wait(s, &b);
+    cr_assert_eq(b.result, 0);
+    c.u.poll.join_code = "345678";
+    submit_wait(s, &c);
+    cr_assert_eq(c.result, 0);
+
+    tly_store_op_t ub = poll_op("pollB", 2);
+    ub.type = TLY_OP_POLL_UPDATE;
+    ub.u.poll.join_code = "ABCDEF";
+    submit_wait(s, &ub);
+    cr_assert_eq(ub.result, TLY_EEXIST, "an update to a code another poll holds");
+    tly_store_op_t ua = poll_op("pollA", 2);
+    ua.type = TLY_OP_POLL_UPDATE;
+    ua.u.poll.title = "kept its code";
+    ua.u.poll.join_code = "ABCDEF";
+    submit_wait(s, &ua);
+    cr_assert_eq(ua.result, 0);
+    /* closing pollA frees ABCDEF, even though the update still names it */
+    ua.u.poll.status = 2;
+    submit_wait(s, &ua);
+    cr_assert_eq(ua.result, 0);
+    submit_wait(s, &ub);
+    cr_assert_eq(ub.result, 0, "the code of a closed poll is free");
+    /* final results are a close too */
+    tly_store_op_t uc = poll_op("pollC", 3);
+    uc.type = TLY_OP_POLL_UPDATE;
+    uc.u.poll.join_code = "345678";
+    uc.u.poll.final_results = "{\"final\":true}";
+    submit_wait(s, &uc);
+    cr_assert_eq(uc.result, 0);
+
+    seen_t seen;
+    s = reopen_load(s, &seen);
+    cr_assert_eq(seen.polls, 3);
+    cr_assert_str_eq(seen.poll_ids[0], "pollA");
+    cr_assert_str_eq(seen.join_codes[0], "", "closed: none");
+    cr_assert_str_eq(seen.poll_ids[1], "pollB");
+    cr_assert_str_eq(seen.join_codes[1], "ABCDEF");
+    cr_assert_str_eq(seen.join_codes[2], "", "final results: none");
+    /* pollC's old code is free again */
+    tly_store_op_t d = poll_op("pollD", 2);
+    d.u.poll.join_code = "345678";
+    submit_wait(s, &d);
+    cr_assert_eq(d.result, 0);
+    return s;
+}
+
+/* The polls a store from before join codes holds: MIGRATION_POLLS open ones (the first
+ * a draft), then one closed by status and one with final results. */
+#define MIGRATION_POLLS 40
+static char migration_ids[MIGRATION_POLLS + 2][16];
+
+static void join_code_migration_setup(tly_store_t *s)
+{
+    for (int i = 0; i < MIGRATION_POLLS + 2; i++) {
+        snprintf(migration_ids[i], sizeof migration_ids[i], "mig%03d", i);
+        tly_store_op_t op = poll_op(migration_ids[i], 2);
+        op.u.poll.status = i == 0 ? 0 : i == MIGRATION_POLLS ? 2 : 1;
+        if (i == MIGRATION_POLLS + 1)
+            op.u.poll.final_results = "{\"final\":true}";
+        submit_wait(s, &op);
+        cr_assert_eq(op.result, 0);
+    }
+}
+
+/* After the migration: every open poll has a code of the alphabet, no two the same; the
+ * closed ones none. */
+static tly_store_t *join_code_migration_check(void)
+{
+    seen_t seen;
+    tly_store_t *s = open_store();
+    memset(&seen, 0, sizeof seen);
+    cr_assert_eq(tly_store_load(s, &seen_cb, &seen), 0);
+    cr_assert_eq(seen.polls, MIGRATION_POLLS + 2);
+    for (int i = 0; i < MIGRATION_POLLS; i++) {
+        char out[TLY_JOIN_CODE_LEN + 1];
+        cr_assert(tly_join_code_read(seen.join_codes[i], strlen(seen.join_codes[i]), out), "%s: \"%s\"",
+                  seen.poll_ids[i], seen.join_codes[i]);
+        cr_assert_str_eq(out, seen.join_codes[i], "stored as read");
+        for (int j = 0; j < i; j++)
+            cr_assert_str_neq(seen.join_codes[i], seen.join_codes[j]);
+    }
+    cr_assert_str_eq(seen.join_codes[MIGRATION_POLLS], "", "closed");
+    cr_assert_str_eq(seen.join_codes[MIGRATION_POLLS + 1], "", "final results");
+    /* and the index holds from here on */
+    tly_store_op_t dup = poll_op("after", 2);
+    dup.u.poll.join_code = seen.join_codes[3];
+    submit_wait(s, &dup);
+    cr_assert_eq(dup.result, TLY_EEXIST);
+    return s;
+}
+
 #endif

@@ -3272,3 +3272,55 @@ Test(oom, ranked_table_and_jobs_fail_cleanly, .timeout = 120)
         tly_registry_free(r);
     }
 }
+
+/* ---- join codes in the registry ---- */
+
+Test(registry, join_codes_find_their_poll_and_go_with_it)
+{
+    tly_registry_t *r = tly_registry_new();
+    tly_poll_t *a = create_ok(body_n("single", 2)), *b = create_ok(body_n("single", 2)),
+               *c = create_ok(body_n("single", 2));
+    cr_assert_str_eq(a->join_code, "", "core gives none: the API draws them");
+    snprintf(a->join_code, sizeof(a->join_code), "ABCDEF");
+    snprintf(c->join_code, sizeof(c->join_code), "ABCDEF"); /* the same code, held already */
+    cr_assert_eq(tly_registry_add_poll(r, a), 0);
+    cr_assert_eq(tly_registry_add_poll(r, b), 0);
+    cr_assert_eq(tly_registry_add_poll(r, c), 0);
+    cr_assert_eq(tly_registry_find_code(r, "ABCDEF"), a);
+    cr_assert_str_eq(c->join_code, "", "a code held by another poll is dropped from the newcomer");
+    cr_assert_null(tly_registry_find_code(r, ""));
+    cr_assert_null(tly_registry_find_code(r, NULL));
+
+    cr_assert_eq(tly_registry_set_code(r, b, "ABCDEF"), TLY_EEXIST);
+    cr_assert_str_eq(b->join_code, "");
+    cr_assert_eq(tly_registry_set_code(r, b, "234567"), 0);
+    cr_assert_eq(tly_registry_find_code(r, "234567"), b);
+    cr_assert_eq(tly_registry_set_code(r, b, "234567"), 0, "again: no change");
+    cr_assert_eq(tly_registry_set_code(r, b, "345678"), 0, "a new one frees the old");
+    cr_assert_null(tly_registry_find_code(r, "234567"));
+    cr_assert_eq(tly_registry_find_code(r, "345678"), b);
+
+    /* closing: the code goes back, and another poll may take it */
+    cr_assert_eq(tly_registry_set_code(r, a, NULL), 0);
+    cr_assert_str_eq(a->join_code, "");
+    cr_assert_null(tly_registry_find_code(r, "ABCDEF"));
+    cr_assert_eq(tly_registry_set_code(r, c, "ABCDEF"), 0);
+    cr_assert_eq(tly_registry_find_code(r, "ABCDEF"), c);
+
+    /* the poll's JSON says it while open, and null once closed */
+    json_t *j = tly_poll_to_json(c, NOW);
+    cr_assert_str_eq(json_string_value(json_object_get(j, "join_code")), "ABCDEF");
+    json_decref(j);
+    c->end_time = NOW - 1;
+    c->status = TLY_STATUS_ACTIVE;
+    j = tly_poll_to_json(c, NOW);
+    cr_assert(json_is_null(json_object_get(j, "join_code")), "past its end_time: closed, no code");
+    json_decref(j);
+    cr_assert_eq(tly_registry_find_code(r, "ABCDEF"), c, "held until settled: nobody else gets it meanwhile");
+
+    tly_registry_remove_poll(r, c);
+    cr_assert_null(tly_registry_find_code(r, "ABCDEF"), "a removed poll's code is free");
+    tly_registry_remove_poll(r, b);
+    cr_assert_null(tly_registry_find_code(r, "345678"));
+    tly_registry_free(r); /* a is freed with it */
+}

@@ -543,3 +543,102 @@ Test(limit, matches_reference_model, .timeout = 120)
     cr_assert_gt(at_boundary, 100, "the boundary case is exercised");
     tly_limiter_free(l);
 }
+
+/* ---- words for a wait ------------------------------------------------------------ */
+
+static const char *words(uint64_t ms)
+{
+    static char buf[32];
+    tly_limit_wait_words(ms, buf, sizeof(buf));
+    return buf;
+}
+
+Test(limit, waits_in_words_a_person_reads)
+{
+    cr_assert_str_eq(words(0), "1 second");
+    cr_assert_str_eq(words(1), "1 second");
+    cr_assert_str_eq(words(1000), "1 second");
+    cr_assert_str_eq(words(1001), "2 seconds");
+    cr_assert_str_eq(words(59000), "59 seconds");
+    cr_assert_str_eq(words(59001), "about a minute");
+    cr_assert_str_eq(words(89000), "about a minute");
+    cr_assert_str_eq(words(90000), "about 2 minutes");
+    /* the refusal: "717 seconds" is about 12 minutes */
+    cr_assert_str_eq(words(717000), "about 12 minutes");
+    cr_assert_str_eq(words(3569000), "about 59 minutes");
+    cr_assert_str_eq(words(3570000), "about an hour");
+    cr_assert_str_eq(words(5399000), "about an hour");
+    cr_assert_str_eq(words(5400000), "about 2 hours");
+    cr_assert_str_eq(words(UINT64_MAX), "about 5124095576030 hours");
+    char small[8];
+    tly_limit_wait_words(717000, small, sizeof(small));
+    cr_assert_str_eq(small, "about 1", "cut to the buffer, NUL-terminated");
+}
+
+/* ---- the proof of work's curve ---------------------------------------------------- */
+
+static const tly_pow_curve_t room = {.base = 14, .max = 22, .burst = 256};
+
+Test(limit, pow_difficulty_stays_at_the_base_through_a_room_and_rises_past_it)
+{
+    for (uint64_t level = 0; level <= 362; level++)
+        cr_assert_eq(tly_pow_difficulty(&room, level), 14, "level %llu", (unsigned long long)level);
+    /* one bit each time the level grows by sqrt(2): the thresholds are
+     * ceil(256 * sqrt(2)^k) */
+    static const struct {
+        uint64_t level;
+        uint32_t bits;
+    } steps[] = {{363, 15}, {511, 15}, {512, 16}, {724, 16},     {725, 17},  {1023, 17}, {1024, 18},
+                 {1448, 18}, {1449, 19}, {2047, 19}, {2048, 20}, {2896, 20}, {2897, 21}, {4095, 21},
+                 {4096, 22}, {10000, 22}, {1u << 30, 22}};
+    for (size_t i = 0; i < sizeof(steps) / sizeof(steps[0]); i++)
+        cr_assert_eq(tly_pow_difficulty(&room, steps[i].level), steps[i].bits, "level %llu",
+                     (unsigned long long)steps[i].level);
+    cr_assert_eq(tly_pow_capacity(&room), 4096, "the level where the top is reached");
+    /* never falls as the level grows */
+    uint32_t prev = 0;
+    for (uint64_t level = 0; level < 20000; level++) {
+        uint32_t d = tly_pow_difficulty(&room, level);
+        cr_assert_geq(d, prev);
+        prev = d;
+    }
+}
+
+Test(limit, pow_curve_edges)
+{
+    tly_pow_curve_t off = {.base = 0, .max = 22, .burst = 256};
+    cr_assert_eq(tly_pow_difficulty(&off, 100000), 0, "no proof stays no proof");
+    tly_pow_curve_t fixed = {.base = 14, .max = 14, .burst = 256};
+    cr_assert_eq(tly_pow_difficulty(&fixed, 100000), 14);
+    cr_assert_eq(tly_pow_capacity(&fixed), 256);
+    tly_pow_curve_t below = {.base = 14, .max = 10, .burst = 256};
+    cr_assert_eq(tly_pow_difficulty(&below, 100000), 14, "a max below the base is the base");
+    tly_pow_curve_t odd = {.base = 8, .max = 15, .burst = 4};
+    cr_assert_eq(tly_pow_capacity(&odd), 46, "ceil(4 * sqrt(2)^7) = ceil(45.25)");
+    cr_assert_eq(tly_pow_difficulty(&odd, 45), 14);
+    cr_assert_eq(tly_pow_difficulty(&odd, 46), 15);
+    tly_pow_curve_t zero = {.base = 8, .max = 12, .burst = 0};
+    cr_assert_eq(tly_pow_difficulty(&zero, 1), 8, "burst 0 counts as 1");
+    cr_assert_eq(tly_pow_difficulty(&zero, 4), 12);
+    tly_pow_curve_t huge = {.base = 1, .max = 64, .burst = 100000};
+    cr_assert_eq(tly_pow_capacity(&huge), TLY_POW_LEVEL_MAX, "the top out of reach: capped");
+    cr_assert_eq(tly_pow_difficulty(&huge, UINT64_MAX), 1 + 6, "1e6 / 1e5 = 10 = sqrt(2)^6.6");
+}
+
+/* What minting costs from one address, token after token without a pause (the level is
+ * the count): the average work per token against the base's, for the first n. */
+static double mean_work(const tly_pow_curve_t *c, uint64_t n)
+{
+    double sum = 0;
+    uint64_t cap = tly_pow_capacity(c);
+    for (uint64_t i = 1; i <= n; i++)
+        sum += ldexp(1.0, (int)tly_pow_difficulty(c, i < cap ? i : cap) - (int)c->base);
+    return sum / (double)n;
+}
+
+Test(limit, pow_a_room_pays_the_base_and_a_mint_of_ten_thousand_pays_over_100x)
+{
+    cr_assert_float_eq(mean_work(&room, 300), 1.0, 1e-9, "300 phones: the base each");
+    double mint = mean_work(&room, 10000);
+    cr_assert_geq(mint, 100.0, "10,000 tokens back to back: %.1f times the base work each", mint);
+}

@@ -88,6 +88,11 @@ Test(store, round_trip_every_field)
     tly_store_close(round_trip_scenario(open_store()));
 }
 
+Test(store, join_codes_unique_among_open_polls_and_freed_by_a_close)
+{
+    tly_store_close(join_code_scenario(open_store()));
+}
+
 Test(store, schema_version_and_wal)
 {
     char path[160];
@@ -1420,4 +1425,25 @@ Test(store, generate_ballots_for_tests_and_benchmarks)
     cr_assert_eq(raw_int(db, "SELECT count(DISTINCT choices) FROM ballots WHERE voter_id LIKE 'gen%'"), 3);
     sqlite3_close(db);
     tly_store_close(s);
+}
+
+/* Migration 7 gives the polls open before it distinct codes, and the closed ones none. */
+Test(store, migration_7_gives_open_polls_join_codes)
+{
+    tly_store_t *s = open_store();
+    join_code_migration_setup(s);
+    tly_store_close(s);
+    /* the same rows as schema version 6 kept them: no column, no index */
+    sqlite3 *db = raw_open(SQLITE_OPEN_READWRITE);
+    cr_assert_eq(sqlite3_exec(db,
+                              "DROP INDEX polls_join_code; ALTER TABLE polls DROP COLUMN join_code;"
+                              "PRAGMA user_version = 6;",
+                              NULL, NULL, NULL),
+                 SQLITE_OK, "%s", sqlite3_errmsg(db));
+    sqlite3_close(db);
+    tly_store_close(join_code_migration_check());
+    db = raw_open(SQLITE_OPEN_READONLY);
+    cr_assert_eq(raw_int(db, "PRAGMA user_version"), 7);
+    cr_assert_eq(raw_int(db, "SELECT count(*) FROM polls WHERE join_code IS NOT NULL"), MIGRATION_POLLS);
+    sqlite3_close(db);
 }

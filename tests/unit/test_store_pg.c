@@ -165,7 +165,7 @@ Test(store_pg, round_trip_every_field)
 {
     NEED_PG();
     tly_store_close(round_trip_scenario(open_store()));
-    cr_assert_eq(db_int("SELECT max(version) FROM schema_version"), 4);
+    cr_assert_eq(db_int("SELECT max(version) FROM schema_version"), 5);
     cr_assert_eq(db_int("SELECT count(*) FROM pg_inherits WHERE inhparent = 'ballots'::regclass"), 16);
     cr_assert_eq(db_int("SELECT count(*) FROM pg_inherits WHERE inhparent = 'audit'::regclass"), 16);
     assert_counters_exact();
@@ -412,13 +412,14 @@ Test(store_pg, migration_3_to_4_takes_first_casts_from_the_audit_log)
     exec_on(db_url,
             "DROP INDEX ballots_changed;"
             "ALTER TABLE ballots DROP COLUMN cast_choices, DROP COLUMN cast_scores, DROP COLUMN cast_at;"
+            "DROP INDEX polls_join_code; ALTER TABLE polls DROP COLUMN join_code;" /* migration 5's */
             "DELETE FROM schema_version; INSERT INTO schema_version VALUES (3);",
             NULL, 0);
     casts_seen_t cs;
     tly_store_t *s = reopen_casts(open_store(), &cs);
     assert_final_casts(&cs);
     tly_store_close(s);
-    cr_assert_eq(db_int("SELECT max(version) FROM schema_version"), 4);
+    cr_assert_eq(db_int("SELECT max(version) FROM schema_version"), 5);
     cr_assert_eq(db_int("SELECT count(*) FROM ballots WHERE cast_at IS NOT NULL"), 3,
                  "voter1, voter3 (no key: kept, not loaded) and voter4");
 }
@@ -1237,4 +1238,26 @@ Test(store_pg, reconcile_on_sqlite_is_a_no_op)
     char cmd[128];
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
     cr_assert_eq(system(cmd), 0);
+}
+
+Test(store_pg, join_codes_unique_among_open_polls_and_freed_by_a_close)
+{
+    NEED_PG();
+    tly_store_close(join_code_scenario(open_store()));
+}
+
+/* Migration 5 gives the polls open before it distinct codes, and the closed ones none. */
+Test(store_pg, migration_5_gives_open_polls_join_codes)
+{
+    NEED_PG();
+    tly_store_t *s = open_store();
+    join_code_migration_setup(s);
+    tly_store_close(s);
+    exec_on(db_url,
+            "DROP INDEX polls_join_code; ALTER TABLE polls DROP COLUMN join_code;"
+            "DELETE FROM schema_version; INSERT INTO schema_version VALUES (4);",
+            NULL, 0);
+    tly_store_close(join_code_migration_check());
+    cr_assert_eq(db_int("SELECT max(version) FROM schema_version"), 5);
+    cr_assert_eq(db_int("SELECT count(*) FROM polls WHERE join_code IS NOT NULL"), MIGRATION_POLLS);
 }
