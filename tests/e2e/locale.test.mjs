@@ -48,7 +48,7 @@ test('a German browser: German text, German dates and numbers', async () => {
   // the vote page: the closing date in German, the counts with German numbers
   await page.goto(env.url(`/p/${poll.poll_id}`));
   await page.getByRole('button', { name: 'Abstimmen', exact: true }).waitFor();
-  assert.equal(await page.locator('.poll-head .meta').textContent(), `Einfachauswahl · endet ${dateIn('de-DE', poll.end_time)} · kein Konto nötig`);
+  assert.equal(await page.locator('.poll-head .meta').textContent(), `Einfachauswahl · endet ${dateIn('de-DE', poll.end_time)} · kein Konto nötig · Code ${poll.join_code}`);
   await page.locator('.results[data-total="3"]').waitFor();
   assert.equal(await page.locator('.results .total').textContent(), '3 Stimmen');
   assert.equal(await page.getByRole('heading', { level: 2 }).first().textContent(), 'Live-Ergebnisse');
@@ -70,14 +70,14 @@ test('a language the app does not speak: English text, that locale’s dates', a
   await page.goto(env.url(`/p/${poll.poll_id}`));
   await page.getByRole('button', { name: 'Vote', exact: true }).waitFor();
   assert.equal(await page.evaluate(() => document.documentElement.lang), 'en');
-  assert.equal(await page.locator('.poll-head .meta').textContent(), `Single choice · closes ${dateIn('fr-FR', poll.end_time)} · no account needed`);
+  assert.equal(await page.locator('.poll-head .meta').textContent(), `Single choice · closes ${dateIn('fr-FR', poll.end_time)} · no account needed · Code ${poll.join_code}`);
   await page.locator('.results[data-total="3"]').waitFor();
   assert.equal(await page.locator('.bar-row', { hasText: 'Tee' }).locator('.bar-nums').textContent(), `2 · ${pctIn('fr-FR', 66.7)}`);
   // and an English browser: English dates
   const en = await env.open(DESKTOP, { locale: 'en-US', timezoneId: TZ });
   await en.goto(env.url(`/p/${poll.poll_id}`));
   await en.getByRole('button', { name: 'Vote', exact: true }).waitFor();
-  assert.equal(await en.locator('.poll-head .meta').textContent(), `Single choice · closes ${dateIn('en-US', poll.end_time)} · no account needed`);
+  assert.equal(await en.locator('.poll-head .meta').textContent(), `Single choice · closes ${dateIn('en-US', poll.end_time)} · no account needed · Code ${poll.join_code}`);
   env.assertClean(page); env.assertClean(en);
 });
 
