@@ -70,14 +70,14 @@ test('a language the app does not speak: English text, that locale’s dates', a
   await page.goto(env.url(`/p/${poll.poll_id}`));
   await page.getByRole('button', { name: 'Vote', exact: true }).waitFor();
   assert.equal(await page.evaluate(() => document.documentElement.lang), 'en');
-  assert.equal(await page.locator('.poll-head .meta').textContent(), `Single choice · closes ${dateIn('fr-FR', poll.end_time)} · no account needed · Code ${poll.join_code}`);
+  assert.equal(await page.locator('.poll-head .meta').textContent(), `Single choice · closes ${dateIn('fr-FR', poll.end_time)} · no account needed · join code ${poll.join_code}`);
   await page.locator('.results[data-total="3"]').waitFor();
   assert.equal(await page.locator('.bar-row', { hasText: 'Tee' }).locator('.bar-nums').textContent(), `2 · ${pctIn('fr-FR', 66.7)}`);
   // and an English browser: English dates
   const en = await env.open(DESKTOP, { locale: 'en-US', timezoneId: TZ });
   await en.goto(env.url(`/p/${poll.poll_id}`));
   await en.getByRole('button', { name: 'Vote', exact: true }).waitFor();
-  assert.equal(await en.locator('.poll-head .meta').textContent(), `Single choice · closes ${dateIn('en-US', poll.end_time)} · no account needed · Code ${poll.join_code}`);
+  assert.equal(await en.locator('.poll-head .meta').textContent(), `Single choice · closes ${dateIn('en-US', poll.end_time)} · no account needed · join code ${poll.join_code}`);
   env.assertClean(page); env.assertClean(en);
 });
 
