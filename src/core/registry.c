@@ -70,23 +70,37 @@ static owner_list_t *find_owner(tly_registry_t *r, const char *owner_id)
     return o;
 }
 
-/*
- * If the owner's list entry cannot be allocated the poll still works by id but is
- * missing from that owner's listing; add_poll has no way to report it, and refusing
- * the poll would be worse.
- */
-int tly_registry_add_poll(tly_registry_t *r, tly_poll_t *p)
+/* Unlinks p from its owner's list (the list goes when it empties). */
+static void owner_unlink(tly_registry_t *r, tly_poll_t *p)
 {
-    HASH_ADD_STR(r->polls, poll_id, p);
-    if (p->hh.tbl == NULL)
-        return TLY_ENOMEM;
-    p->final_by_store = r->final_by_store;
-    if (p->type == TLY_TYPE_SCORE && p->score_sum == NULL && p->total_votes == 0)
-        p->score_sum = tly_calloc(p->noptions ? 2 * p->noptions : 1, sizeof(uint64_t));
-    /* counted as the store loads the ballots, not all at once by the first render (on
-     * failure the first render builds it); the pairs come with the first ballot */
-    if (p->type == TLY_TYPE_RANKED && p->ranked == NULL)
-        (void)core_ranked_build(p);
+    owner_list_t *o = find_owner(r, p->owner_id != NULL ? p->owner_id : "");
+    if (o == NULL)
+        return;
+    tly_poll_t *prev = NULL, *q = o->head;
+    while (q != NULL && q != p) {
+        prev = q;
+        q = q->owner_next;
+    }
+    if (q == p) {
+        if (prev == NULL)
+            o->head = p->owner_next;
+        else
+            prev->owner_next = p->owner_next;
+        if (o->tail == p)
+            o->tail = prev;
+    }
+    p->owner_next = NULL;
+    if (o->head == NULL) {
+        HASH_DELETE(hh, r->owners, o);
+        tly_free(o->owner_id);
+        tly_free(o);
+    }
+}
+
+/* Inserts p into the list of p->owner_id at its place (newest first). false when the
+ * list entry cannot be allocated: p then works by id but is missing from the listing. */
+static bool owner_link(tly_registry_t *r, tly_poll_t *p)
+{
     p->owner_next = NULL;
     const char *owner = p->owner_id != NULL ? p->owner_id : "";
     owner_list_t *o = find_owner(r, owner);
@@ -94,13 +108,13 @@ int tly_registry_add_poll(tly_registry_t *r, tly_poll_t *p)
         o = tly_calloc(1, sizeof(*o));
         if (o == NULL || (o->owner_id = tly_strdup(owner)) == NULL) {
             tly_free(o);
-            return 0;
+            return false;
         }
         HASH_ADD_KEYPTR(hh, r->owners, o->owner_id, strlen(o->owner_id), o);
         if (o->hh.tbl == NULL) {
             tly_free(o->owner_id);
             tly_free(o);
-            return 0;
+            return false;
         }
     }
     if (o->head == NULL) {
@@ -120,6 +134,27 @@ int tly_registry_add_poll(tly_registry_t *r, tly_poll_t *p)
         if (p->owner_next == NULL)
             o->tail = p;
     }
+    return true;
+}
+
+/*
+ * If the owner's list entry cannot be allocated the poll still works by id but is
+ * missing from that owner's listing; add_poll has no way to report it, and refusing
+ * the poll would be worse.
+ */
+int tly_registry_add_poll(tly_registry_t *r, tly_poll_t *p)
+{
+    HASH_ADD_STR(r->polls, poll_id, p);
+    if (p->hh.tbl == NULL)
+        return TLY_ENOMEM;
+    p->final_by_store = r->final_by_store;
+    if (p->type == TLY_TYPE_SCORE && p->score_sum == NULL && p->total_votes == 0)
+        p->score_sum = tly_calloc(p->noptions ? 2 * p->noptions : 1, sizeof(uint64_t));
+    /* counted as the store loads the ballots, not all at once by the first render (on
+     * failure the first render builds it); the pairs come with the first ballot */
+    if (p->type == TLY_TYPE_RANKED && p->ranked == NULL)
+        (void)core_ranked_build(p);
+    (void)owner_link(r, p);
     return 0;
 }
 
@@ -129,28 +164,19 @@ void tly_registry_remove_poll(tly_registry_t *r, tly_poll_t *p)
         if (v->hh_receipt.tbl != NULL && r->receipts != NULL) /* added without a registry: not there */
             HASH_DELETE(hh_receipt, r->receipts, v);
     HASH_DELETE(hh, r->polls, p);
-    owner_list_t *o = find_owner(r, p->owner_id != NULL ? p->owner_id : "");
-    if (o != NULL) {
-        tly_poll_t *prev = NULL, *q = o->head;
-        while (q != NULL && q != p) {
-            prev = q;
-            q = q->owner_next;
-        }
-        if (q == p) {
-            if (prev == NULL)
-                o->head = p->owner_next;
-            else
-                prev->owner_next = p->owner_next;
-            if (o->tail == p)
-                o->tail = prev;
-        }
-        if (o->head == NULL) {
-            HASH_DELETE(hh, r->owners, o);
-            tly_free(o->owner_id);
-            tly_free(o);
-        }
-    }
+    owner_unlink(r, p);
     tly_poll_free(p);
+}
+
+int tly_registry_set_owner(tly_registry_t *r, tly_poll_t *p, const char *owner_id)
+{
+    char *id = tly_strdup(owner_id);
+    if (id == NULL)
+        return TLY_ENOMEM;
+    owner_unlink(r, p);
+    tly_free(p->owner_id);
+    p->owner_id = id;
+    return owner_link(r, p) ? 0 : TLY_ENOMEM;
 }
 
 tly_vote_t *tly_registry_find_receipt(tly_registry_t *r, const char *receipt)
@@ -183,3 +209,10 @@ size_t tly_registry_list_owner(tly_registry_t *r, const char *owner_id, const ch
 }
 
 size_t tly_registry_count(const tly_registry_t *r) { return HASH_COUNT(r->polls); }
+
+void tly_registry_each_poll(tly_registry_t *r, void (*fn)(void *ctx, tly_poll_t *p), void *ctx)
+{
+    tly_poll_t *p, *tmp;
+    HASH_ITER(hh, r->polls, p, tmp)
+        fn(ctx, p);
+}
