@@ -88,6 +88,13 @@ Test(store, round_trip_every_field)
     tly_store_close(round_trip_scenario(open_store()));
 }
 
+/* ---- device links -------------------------------------------------------------------- */
+
+Test(store, a_device_link_moves_ballots_and_polls_retracts_the_later_ballot_and_survives_restart)
+{
+    tly_store_close(link_scenario(open_store()));
+}
+
 Test(store, schema_version_and_wal)
 {
     char path[160];
