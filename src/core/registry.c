@@ -213,6 +213,7 @@ size_t tly_registry_count(const tly_registry_t *r) { return HASH_COUNT(r->polls)
 void tly_registry_each_poll(tly_registry_t *r, void (*fn)(void *ctx, tly_poll_t *p), void *ctx)
 {
     tly_poll_t *p, *tmp;
-    HASH_ITER(hh, r->polls, p, tmp)
+    HASH_ITER(hh, r->polls, p, tmp) {
         fn(ctx, p);
+    }
 }

@@ -294,19 +294,21 @@ static int link_from_json(const json_t *o, tly_link_row_t *l, decoded_t *d)
         .device_id = gs(o, "device_id"), .user_id = gs(o, "user_id"), .at = gi(o, "at"), .after = gi(o, "after")};
     if (l->device_id == NULL || l->user_id == NULL || !json_is_array(ballots) || !json_is_array(polls))
         return TLY_EINVAL;
-    if (json_array_size(ballots) > 0 &&
-        (d->link_ballots = tly_calloc(json_array_size(ballots), sizeof *d->link_ballots)) == NULL)
+    size_t n = json_array_size(ballots);
+    tly_link_ballot_t *b = n > 0 ? tly_calloc(n, sizeof *b) : NULL;
+    if (n > 0 && b == NULL)
         return TLY_ENOMEM;
-    for (size_t i = 0; i < json_array_size(ballots); i++) {
+    d->link_ballots = b;
+    for (size_t i = 0; i < n; i++) {
         const json_t *x = json_array_get(ballots, i);
-        d->link_ballots[i] = (tly_link_ballot_t){.poll_id = gs(x, "poll_id"),
-                                                 .closed = json_is_true(json_object_get(x, "closed")),
-                                                 .outcome = (int)gi(x, "outcome")};
-        if (d->link_ballots[i].poll_id == NULL)
+        b[i] = (tly_link_ballot_t){.poll_id = gs(x, "poll_id"),
+                                   .closed = json_is_true(json_object_get(x, "closed")),
+                                   .outcome = (int)gi(x, "outcome")};
+        if (b[i].poll_id == NULL)
             return TLY_EINVAL;
     }
-    l->ballots = d->link_ballots;
-    l->nballots = json_array_size(ballots);
+    l->ballots = b;
+    l->nballots = n;
     for (size_t i = 0; i < json_array_size(polls); i++) {
         const char *id = json_string_value(json_array_get(polls, i));
         if (id == NULL) {
