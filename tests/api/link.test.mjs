@@ -231,6 +231,23 @@ test('a linked device token is the account in a poll that needs a registered vot
   assert.equal(again.json.error.vote_id, cast.vote_id);
 });
 
+test('voter_check "ip": the linked ballot keeps its address; the account is refused as the same voter', async () => {
+  const poll = await openPoll(server, { voter_check: 'ip', allow_vote_change: true });
+  const dev = await device();
+  const cast = await vote(server, dev.token, poll, 0);
+  const reg = await register(server, uname('ipcheck'), dev.token);
+  assertStatus(reg, 201, 'register');
+  const dup = await castVote(server, reg.json.token, poll.poll_id, { option_id: poll.options[1].option_id });
+  assertError(dup, 409, 'ALREADY_VOTED');
+  assert.equal(dup.json.error.vote_id, cast.vote_id);
+  assert.equal(dup.json.error.rule, undefined, 'refused as the same voter, not by the address rule');
+  // retracted by the account, the ballot frees its address: the account may vote again
+  assertStatus(await api(server, 'DELETE', `/v1/polls/${poll.poll_id}/votes/me`, { token: reg.json.token }), 204,
+    'retract');
+  await vote(server, reg.json.token, poll, 1);
+  assert.deepEqual(await totals(server, poll), { total: 1, votes: [0, 1, 0] });
+});
+
 test('a device linked to one account: logging into another is 409 DEVICE_LINKED, into the same one links nothing new',
   async () => {
     const a = uname('first');
