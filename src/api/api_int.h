@@ -77,6 +77,14 @@ typedef struct pow_used {
     struct pow_used *next; /* expiry order (all live equally long) */
 } pow_used_t;
 
+/* ---- device links (link.c): an anonymous device linked to an account, by device ---- */
+typedef struct device_link {
+    UT_hash_handle hh; /* app->links, by device_id */
+    char *device_id;
+    char *user_id;
+} device_link_t;
+typedef struct linking linking_t; /* link.c: a link under way */
+
 /* ---- polls being deleted: votes and changes are refused until the delete commits ---- */
 typedef struct poll_mark {
     UT_hash_handle hh;
@@ -119,6 +127,8 @@ struct tly_app {
     poll_idem_t *poll_idem;
     poll_mark_t *deleting;
     retracted_key_t *retracted;
+    device_link_t *links; /* link.c: every device linked to an account */
+    linking_t *linking;   /* link.c: links under way on this instance (a handful) */
     pow_used_t *pow_used, *pow_head, *pow_tail;
     size_t pow_count;
     tly_limiter_t *limiter; /* NULL with --rate-limits off */
@@ -160,8 +170,12 @@ struct tly_app {
 /* The caller identified by the request's bearer token. */
 typedef struct {
     bool present;   /* a valid token was given */
-    const char *id; /* its subject (voter id / user id), request memory */
-    bool anonymous;
+    const char *id; /* its subject (voter id / user id), request memory; for a device
+                       token linked to an account, the account's id */
+    bool anonymous; /* an anonymous device token not linked to an account */
+    /* A device token linked to an account: its own subject (the device id), request
+     * memory; NULL otherwise. */
+    const char *device;
 } caller_t;
 
 /* The route being served, for logs */
@@ -297,7 +311,8 @@ void api_poll_settle(tly_app_t *app, tly_poll_t *p, int64_t now);
 typedef void (*api_final_answer_fn)(tly_app_t *app, tly_req_t *req, const char *poll_id);
 bool api_poll_await_final(tly_app_t *app, tly_poll_t *p, tly_req_t *req, api_final_answer_fn answer);
 /* A per-poll pseudonym for a voter: the same voter gets the same one within a poll and
- * unrelated ones across polls; the real id cannot be recovered without the secret. */
+ * unrelated ones across polls; the real id cannot be recovered without the secret. A
+ * device linked to an account gets the account's (api_person). */
 void api_pseudonym(tly_app_t *app, const char *poll_id, const char *voter_id, char out[24]);
 /* The loop thread's store reader for small owner-only pages; NULL when it cannot open. */
 tly_store_reader_t *api_reader(tly_app_t *app);
@@ -323,6 +338,43 @@ live_t *api_live_new(tly_app_t *app);
 void api_live_shutdown(live_t *l);
 void api_live_free(live_t *l);
 size_t api_live_subscribers(live_t *l);
+
+/* The answer of register and login: {"user_id","token","expires_at"} for user_id, and
+ * "linked" when linked is not NULL (stolen; json null says a link was asked for and not
+ * made). auth.c. */
+void api_respond_token(tly_app_t *app, tly_req_t *req, int status, const char *user_id, json_t *linked);
+
+/* ---- link.c: one person, one ballot, across sign-up and sign-in ---- */
+/* The account device_id is linked to, or NULL. */
+const char *api_linked_user(tly_app_t *app, const char *device_id);
+/* The person an id is: the account of a linked device, or the id itself. */
+const char *api_person(tly_app_t *app, const char *id);
+/* A link of the caller's device, or to the caller's account, is under way here: answers
+ * 409 LINK_IN_PROGRESS (Retry-After: 1) and returns true. Writes that the link would
+ * have to see (ballots, polls) call it first. */
+bool api_link_guard(tly_app_t *app, tly_req_t *req, const caller_t *caller);
+/* Whether id is the device or the account of a link under way here. */
+bool api_link_busy(tly_app_t *app, const char *id);
+/* Links device_id (an anonymous device token's subject) to the account user_id and
+ * answers req: api_respond_token with `status` and what was merged. `registered`: the
+ * account was just created (register), so a link that cannot be made still answers
+ * `status` with "linked": null; on login it answers 409 DEVICE_LINKED or the store's
+ * error. Loop thread. */
+void api_link_device(tly_app_t *app, tly_req_t *req, int status, const char *device_id, const char *user_id,
+                     bool registered);
+/* A committed link into memory: ours (own: counters in Redis move, summary gets what was
+ * merged) or another instance's (follow.c). */
+void api_link_apply(tly_app_t *app, const tly_link_row_t *l, bool own, json_t *summary);
+/* After the store's done callbacks: links waiting for this instance's writes about their
+ * device's or account's ballots go on. */
+void api_link_kick(tly_app_t *app);
+/* A stored link at load: 0, TLY_EINVAL (*why: no such account) or TLY_ENOMEM. */
+int api_link_from_row(tly_app_t *app, const tly_device_link_row_t *row, const char **why);
+/* At shutdown, after the store is closed: answers links still waiting and frees every link. */
+void api_links_free(tly_app_t *app);
+/* votes.c: whether this instance has a ballot write (a cast, change or retraction) of
+ * voter_id in the store's queue. */
+bool api_votes_pending_for(tly_app_t *app, const char *voter_id);
 
 /* user map helpers (auth.c) */
 user_t *api_user_find(tly_app_t *app, const char *user_id);

@@ -163,6 +163,18 @@ bool api_caller_token(tly_app_t *app, tly_req_t *req, tly_str_t token, caller_t 
     out->present = true;
     out->anonymous = claims.anonymous;
     out->id = tly_req_strdup(req, (tly_str_t){claims.sub, strlen(claims.sub)});
+    /* A device linked to an account is the account (link.c): its ballots, its polls,
+     * its limits and the polls that need a registered voter are the account's. */
+    const char *user = out->id != NULL && claims.anonymous ? api_linked_user(app, out->id) : NULL;
+    if (user != NULL) {
+        out->device = out->id;
+        out->anonymous = false;
+        out->id = tly_req_strdup(req, (tly_str_t){user, strlen(user)});
+    }
+    if (out->id == NULL) {
+        tly_req_add_header(req, "Retry-After", "1");
+        api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
+    }
     return out->id != NULL;
 }
 
@@ -284,6 +296,7 @@ static void on_store_wake(void *arg)
     tly_app_t *app = arg;
     tly_store_reap(app->store);
     api_follow_flush(app); /* other instances' changes that waited for ours */
+    api_link_kick(app);    /* links that waited for ours */
     api_bus_flush_counts(app);
     api_bus_announce(app);
 }
@@ -482,10 +495,11 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
     app->router = tly_router_new();
     app->store_waker = tly_waker_new(loop, on_store_wake, app);
     app->work.waker = tly_waker_new(loop, work_reap, app);
-    if (app->secret != NULL && app->secret_len > 0 && tly_jwt_verifier_new(app->secret, app->secret_len, &app->jwt) != 0)
+    if (app->secret != NULL && app->secret_len > 0 &&
+        tly_jwt_verifier_new(app->secret, app->secret_len, &app->jwt) != 0)
         app->jwt = NULL;
-    if (app->secret == NULL || app->jwt == NULL || app->registry == NULL || app->router == NULL || app->store_waker == NULL ||
-        app->work.waker == NULL || add_routes(app->router) != 0) {
+    if (app->secret == NULL || app->jwt == NULL || app->registry == NULL || app->router == NULL ||
+        app->store_waker == NULL || app->work.waker == NULL || add_routes(app->router) != 0) {
         snprintf(err, 512, "out of memory");
         goto fail;
     }
@@ -602,7 +616,7 @@ void tly_app_free(tly_app_t *app)
      * what they hold (and answer 503): the app they would act on is going away. */
     app->closing = true;
     tly_loop_on_turn_end(app->loop, NULL, NULL); /* closing the store releases what it holds */
-    api_reconcile_stop(app); /* a pass still queued for a worker does nothing */
+    api_reconcile_stop(app);                     /* a pass still queued for a worker does nothing */
     if (app->work.waker != NULL) {
         pthread_mutex_lock(&app->work.mu);
         app->work.stop = true;
@@ -616,6 +630,7 @@ void tly_app_free(tly_app_t *app)
     if (app->store != NULL)
         tly_store_close(app->store);
     api_follow_free(app);
+    api_links_free(app);
     api_ingest_close(app);
     tly_bus_close(app->bus);
     api_reconcile_free(app); /* after the bus: its last replies reach the job */

@@ -32,7 +32,11 @@ void api_pseudonym(tly_app_t *app, const char *poll_id, const char *voter_id, ch
     unsigned char mac[32];
     unsigned int len = sizeof(mac);
     char msg[TLY_POLL_ID_LEN + TLY_VOTER_ID_MAX + 16];
-    int n = snprintf(msg, sizeof(msg), "voter\n%s\n%s", poll_id, voter_id);
+    /* The person's: rows written under a device before it was linked to an account (its
+     * changes, a retraction) read as the account's, like its ballot, rewritten by the
+     * link. Before the link they read as the device's, a pseudonym nobody can tie to the
+     * account's without the secret. */
+    int n = snprintf(msg, sizeof(msg), "voter\n%s\n%s", poll_id, api_person(app, voter_id));
     HMAC(EVP_sha256(), app->secret, (int)app->secret_len, (const unsigned char *)msg, (size_t)n, mac, &len);
     memcpy(out, "p_", 2);
     tly_b64url_encode(mac, 12, out + 2);

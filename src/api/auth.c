@@ -1,5 +1,6 @@
 /*
- * auth.c (api): register, login, anonymous device tokens, me.
+ * auth.c (api): register, login, anonymous device tokens, me. Register and login sent
+ * with an anonymous device token link the device to the account (link.c).
  *
  * Password hashing takes tens of milliseconds by design, so it runs on the worker
  * threads; the loop only reserves the username (so two concurrent registrations of one
@@ -57,24 +58,54 @@ static void user_remove(tly_app_t *app, user_t *u)
     tly_free(u);
 }
 
-/* {"<id_field>": sub, "token", "expires_at"} */
+/* {"<id_field>": sub, "token", "expires_at"}, and "linked" when linked is not NULL
+ * (stolen). */
 static void respond_token(tly_app_t *app, tly_req_t *req, int status, const char *id_field, const char *sub,
-                          bool anonymous)
+                          bool anonymous, json_t *linked)
 {
     int64_t now = tly_now_ms() / 1000, exp = now + app->conf->token_ttl;
     char token[TLY_JWT_MAX + 1], expires[TLY_TIME_LEN];
     int src = tly_jwt_sign(app->secret, app->secret_len, sub, anonymous, now, exp, token);
     if (src == TLY_ENOMEM) {
+        json_decref(linked);
         tly_req_add_header(req, "Retry-After", "1");
         api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
         return;
     }
     if (src < 0) {
+        json_decref(linked);
         api_respond_error(req, 500, "INTERNAL", "could not sign a token", NULL);
         return;
     }
     tly_time_format(exp * 1000, expires);
-    api_respond_json(req, status, json_pack("{s:s, s:s, s:s}", id_field, sub, "token", token, "expires_at", expires));
+    json_t *body = json_pack("{s:s, s:s, s:s}", id_field, sub, "token", token, "expires_at", expires);
+    if (linked != NULL && body != NULL)
+        json_object_set_new(body, "linked", linked);
+    else
+        json_decref(linked);
+    api_respond_json(req, status, body);
+}
+
+void api_respond_token(tly_app_t *app, tly_req_t *req, int status, const char *user_id, json_t *linked)
+{
+    respond_token(app, req, status, "user_id", user_id, false, linked);
+}
+
+/*
+ * The device a register or login request links (link.c): the subject of the anonymous
+ * device token in its Authorization header, in request memory. NULL when there is none
+ * to link: no header, or one that is not a valid anonymous token (expired, malformed,
+ * an account's token): the credentials in the body are what authenticates these
+ * routes, so such a header links nothing and is otherwise ignored, as before.
+ */
+static const char *bearer_device(tly_app_t *app, tly_req_t *req)
+{
+    tly_str_t h = tly_req_header(req, "authorization");
+    tly_claims_t claims;
+    if (h.ptr == NULL || h.len < 7 || strncasecmp(h.ptr, "Bearer ", 7) != 0 ||
+        tly_jwt_verifier_check(app->jwt, h.ptr + 7, h.len - 7, tly_now_ms() / 1000, &claims) != 0 || !claims.anonymous)
+        return NULL;
+    return tly_req_strdup(req, (tly_str_t){claims.sub, strlen(claims.sub)});
 }
 
 static bool valid_username(const char *s, size_t n)
@@ -141,6 +172,7 @@ typedef struct {
     char *email;
     char hash[TLY_PWHASH_LEN];
     int rc;
+    const char *device; /* a device to link once the account exists (request memory) */
 } signup_t;
 
 static void register_free(signup_t *r)
@@ -160,7 +192,10 @@ static void register_committed(tly_store_op_t *op)
     api_end_async(app);
     if (op->result == 0) {
         r->user->committed = true;
-        respond_token(app, r->req, 201, "user_id", r->user->user_id, false);
+        if (r->device != NULL)
+            api_link_device(app, r->req, 201, r->device, r->user->user_id, true);
+        else
+            respond_token(app, r->req, 201, "user_id", r->user->user_id, false, NULL);
     } else {
         user_remove(app, r->user);
         if (op->result == TLY_EEXIST)
@@ -220,6 +255,13 @@ void api_auth_register(tly_req_t *req, const tly_params_t *params, void *arg)
         api_respond_error(req, 409, "USERNAME_TAKEN", "that username is taken", NULL);
         goto done;
     }
+    /* a device already linked is its account's: a new account cannot take it over */
+    const char *device = bearer_device(app, req);
+    if (device != NULL && api_linked_user(app, device) != NULL) {
+        api_respond_error(req, 409, "DEVICE_LINKED", "this device token belongs to another account; sign up without it",
+                          NULL);
+        goto done;
+    }
     r = tly_calloc(1, sizeof(*r));
     user_t *u = tly_calloc(1, sizeof(*u));
     if (r == NULL || u == NULL) {
@@ -245,6 +287,7 @@ void api_auth_register(tly_req_t *req, const tly_params_t *params, void *arg)
     api_user_add(app, u); /* reserves the name until the insert commits or fails */
     r->app = app;
     r->req = req;
+    r->device = device;
     r->work.run = register_hash;
     r->work.done = register_hashed;
     api_begin_async(app);
@@ -270,6 +313,7 @@ typedef struct {
     size_t pwlen;
     char *hash; /* NULL for an unknown user: verify against a dummy */
     char *user_id;
+    const char *device; /* a device to link once the password is verified (request memory) */
     bool ok;
 } login_t;
 
@@ -286,8 +330,10 @@ static void login_done(work_t *w)
 {
     login_t *l = (login_t *)w;
     api_end_async(l->app);
-    if (l->ok)
-        respond_token(l->app, l->req, 200, "user_id", l->user_id, false);
+    if (l->ok && l->device != NULL)
+        api_link_device(l->app, l->req, 200, l->device, l->user_id, false);
+    else if (l->ok)
+        respond_token(l->app, l->req, 200, "user_id", l->user_id, false, NULL);
     else
         api_respond_error(l->req, 401, "INVALID_CREDENTIALS", "unknown username or wrong password", NULL);
     memset(l->password, 0, l->pwlen);
@@ -337,6 +383,7 @@ void api_auth_login(tly_req_t *req, const tly_params_t *params, void *arg)
     l->pwlen = pwlen > 1024 ? 1024 : pwlen;
     l->app = app;
     l->req = req;
+    l->device = bearer_device(app, req);
     l->work.run = login_verify;
     l->work.done = login_done;
     api_begin_async(app);
@@ -528,7 +575,7 @@ static void anonymous_token(tly_app_t *app, tly_req_t *req)
 {
     char voter_id[32];
     tly_random_id(voter_id, "anon_", 15);
-    respond_token(app, req, 201, "voter_id", voter_id, true);
+    respond_token(app, req, 201, "voter_id", voter_id, true, NULL);
 }
 
 typedef struct {
@@ -592,8 +639,9 @@ void api_auth_me(tly_req_t *req, const tly_params_t *params, void *arg)
     if (!api_caller(app, req, true, &caller))
         return;
     user_t *u = caller.anonymous ? NULL : api_user_find(app, caller.id);
-    api_respond_json(req, 200,
-                     json_pack("{s:s, s:o, s:b}", "user_id", caller.id, "username",
-                               u && u->committed ? json_string(u->username) : json_null(), "anonymous",
-                               caller.anonymous));
+    json_t *o = json_pack("{s:s, s:o, s:b}", "user_id", caller.id, "username",
+                          u && u->committed ? json_string(u->username) : json_null(), "anonymous", caller.anonymous);
+    if (o != NULL && caller.device != NULL) /* a device token linked to the account */
+        json_object_set_new(o, "device_id", json_string(caller.device));
+    api_respond_json(req, 200, o);
 }

@@ -33,10 +33,22 @@
 
 struct deferred {
     deferred_t *next;
-    tly_store_op_t op; /* strings and arrays point into buf */
+    tly_store_op_t op; /* strings and arrays point into buf (a link's lists: below) */
     uint8_t ip_hash[TLY_IP_HASH_LEN];
+    tly_link_ballot_t *link_ballots; /* a link's, allocated apart (alignment) */
+    char **link_polls;
     char buf[];
 };
+
+static void deferred_free(deferred_t *d)
+{
+    tly_free(d->link_ballots);
+    tly_free(d->link_polls);
+    tly_free(d);
+}
+
+/* A link's lists, copied into d (its ids into buf at *cur). 0 or TLY_ENOMEM. */
+static int copy_link(deferred_t *d, const tly_link_row_t *l, char **cur);
 
 static size_t slen(const char *s) { return s ? strlen(s) + 1 : 0; }
 
@@ -51,17 +63,50 @@ static const char *put(char **cur, const char *s)
     return d;
 }
 
-/* A copy of the kinds of operation that may have to wait (users, ballots, poll deletes). */
+static int copy_link(deferred_t *d, const tly_link_row_t *l, char **cur)
+{
+    tly_link_row_t *c = &d->op.u.link;
+    tly_strlist_t moved = {0};
+    *c = *l;
+    c->device_id = put(cur, l->device_id);
+    c->user_id = put(cur, l->user_id);
+    c->ballots = NULL;
+    c->polls_moved = NULL;
+    if (l->nballots > 0 && (d->link_ballots = tly_calloc(l->nballots, sizeof(*d->link_ballots))) == NULL)
+        return TLY_ENOMEM;
+    for (size_t i = 0; i < l->nballots; i++) {
+        d->link_ballots[i] = l->ballots[i];
+        d->link_ballots[i].poll_id = put(cur, l->ballots[i].poll_id);
+    }
+    c->ballots = d->link_ballots;
+    for (size_t i = 0; i < l->npolls_moved; i++)
+        if (tly_strlist_add(&moved, l->polls_moved[i]) != 0) {
+            tly_free(moved.buf);
+            return TLY_ENOMEM;
+        }
+    if (tly_strlist_take(&moved, &d->link_polls, &c->npolls_moved) != 0)
+        return TLY_ENOMEM;
+    c->polls_moved = d->link_polls;
+    return 0;
+}
+
+/* A copy of the kinds of operation that may have to wait (users, ballots, poll deletes,
+ * device links). */
 static deferred_t *deferred_new(const tly_store_op_t *op)
 {
     size_t need = 0;
     const tly_user_row_t *u = &op->u.user;
     const tly_ballot_row_t *b = &op->u.ballot;
-    if (op->type == TLY_OP_USER_INSERT)
+    const tly_link_row_t *l = &op->u.link;
+    if (op->type == TLY_OP_USER_INSERT) {
         need = slen(u->user_id) + slen(u->username) + slen(u->password_hash) + slen(u->email);
-    else if (op->type == TLY_OP_POLL_DELETE)
+    } else if (op->type == TLY_OP_POLL_DELETE) {
         need = slen(op->u.poll.poll_id);
-    else
+    } else if (op->type == TLY_OP_DEVICE_LINK) {
+        need = slen(l->device_id) + slen(l->user_id);
+        for (size_t i = 0; i < l->nballots; i++)
+            need += slen(l->ballots[i].poll_id);
+    } else
         need = slen(b->poll_id) + slen(b->voter_id) + slen(b->vote_id) + slen(b->receipt) + slen(b->idem_key) +
                slen(b->request_id) + 2 * (size_t)b->nchoices;
     deferred_t *d = tly_calloc(1, sizeof(*d) + need);
@@ -78,6 +123,11 @@ static deferred_t *deferred_new(const tly_store_op_t *op)
         c->email = put(&cur, u->email);
     } else if (op->type == TLY_OP_POLL_DELETE) {
         d->op.u.poll.poll_id = put(&cur, op->u.poll.poll_id);
+    } else if (op->type == TLY_OP_DEVICE_LINK) {
+        if (copy_link(d, l, &cur) != 0) {
+            deferred_free(d);
+            return NULL;
+        }
     } else {
         tly_ballot_row_t *c = &d->op.u.ballot;
         *c = *b;
@@ -124,6 +174,11 @@ static bool blocked(tly_app_t *app, const tly_store_op_t *op)
         tly_vote_t *v = p ? tly_poll_find_vote(p, op->u.ballot.voter_id) : NULL;
         return v != NULL && api_votes_busy(app, p, v);
     }
+    case TLY_OP_DEVICE_LINK:
+        /* our writes about the device's or the account's ballots hold pointers to votes
+         * the link retracts or files anew; each of them commits after the link (which
+         * refuses them, or they land on the account's ballots) */
+        return api_votes_pending_for(app, op->u.link.device_id) || api_votes_pending_for(app, op->u.link.user_id);
     default:
         return false;
     }
@@ -221,6 +276,9 @@ static void apply(tly_app_t *app, const tly_store_op_t *op)
         id = op->u.request.request_id;
         rc = api_request_from_row(app, &op->u.request);
         break;
+    case TLY_OP_DEVICE_LINK:
+        api_link_apply(app, &op->u.link, false, NULL);
+        break;
     }
     if (rc != 0)
         log_failed("another instance's change not applied here", id, rc);
@@ -231,11 +289,27 @@ static const char *poll_of(const tly_store_op_t *op)
     return op->type == TLY_OP_POLL_DELETE ? op->u.poll.poll_id : op->u.ballot.poll_id;
 }
 
+/* Whether a link and another op that may wait touch the same person: a ballot op of the
+ * device or the account in any poll, or a link of either. */
+static bool link_touches(const tly_link_row_t *l, const tly_store_op_t *o)
+{
+    if (o->type == TLY_OP_DEVICE_LINK)
+        return strcmp(o->u.link.device_id, l->device_id) == 0 || strcmp(o->u.link.user_id, l->user_id) == 0;
+    if (o->type != TLY_OP_BALLOT_INSERT && o->type != TLY_OP_BALLOT_REPLACE && o->type != TLY_OP_BALLOT_DELETE)
+        return false;
+    return strcmp(o->u.ballot.voter_id, l->device_id) == 0 || strcmp(o->u.ballot.voter_id, l->user_id) == 0;
+}
+
 /* Whether a and b (both kinds that may wait) are about the same thing, so that their
- * order matters: the same username, the same voter in a poll, or a poll and anything in
- * it. Operations on different keys commute. */
+ * order matters: the same username, the same voter in a poll, a poll and anything in
+ * it, or a link and anything of its device or account. Operations on different keys
+ * commute. */
 static bool same_key(const tly_store_op_t *a, const tly_store_op_t *b)
 {
+    if (a->type == TLY_OP_DEVICE_LINK)
+        return link_touches(&a->u.link, b);
+    if (b->type == TLY_OP_DEVICE_LINK)
+        return link_touches(&b->u.link, a);
     if ((a->type == TLY_OP_USER_INSERT) != (b->type == TLY_OP_USER_INSERT))
         return false;
     if (a->type == TLY_OP_USER_INSERT)
@@ -257,7 +331,7 @@ static bool waits_behind(tly_app_t *app, const tly_store_op_t *op, const deferre
 static bool can_wait(const tly_store_op_t *op)
 {
     return op->type == TLY_OP_USER_INSERT || op->type == TLY_OP_POLL_DELETE || op->type == TLY_OP_BALLOT_INSERT ||
-           op->type == TLY_OP_BALLOT_REPLACE || op->type == TLY_OP_BALLOT_DELETE;
+           op->type == TLY_OP_BALLOT_REPLACE || op->type == TLY_OP_BALLOT_DELETE || op->type == TLY_OP_DEVICE_LINK;
 }
 
 static void follow_op(void *ctx, const tly_store_op_t *op)
@@ -294,7 +368,7 @@ void api_follow_flush(tly_app_t *app)
         }
         *link = d->next;
         apply(app, &d->op);
-        tly_free(d);
+        deferred_free(d);
         link = &app->deferred; /* an applied entry may unblock an earlier one's key */
     }
 }
@@ -311,7 +385,7 @@ void api_follow_free(tly_app_t *app)
     while (app->deferred != NULL) {
         deferred_t *d = app->deferred;
         app->deferred = d->next;
-        tly_free(d);
+        deferred_free(d);
     }
 }
 

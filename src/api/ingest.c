@@ -254,7 +254,7 @@ typedef struct entry {
     char *voter_id, *idem, *client_meta;
     uint8_t hash[16];
     tly_ballot_t ballot;
-    bool has_ip, synced;
+    bool has_ip, synced, relinked;
     uint8_t ip_hash[TLY_IP_HASH_LEN];
     long long attempts;
     int64_t at; /* when the log took it (the 202): the ballot's time */
@@ -307,6 +307,8 @@ static void dead_letter(entry_t *en, const char *reason)
     entry_free(en);
 }
 
+static void synced(void *arg);
+
 static void applied(void *arg, int result, const char *vote_id)
 {
     entry_t *en = arg;
@@ -314,6 +316,12 @@ static void applied(void *arg, int result, const char *vote_id)
     if (app->closing) {
         /* unacknowledged: the outcome is in the store, and a consumer claiming the entry
          * finds the request known and only acknowledges it */
+    } else if (result == TLY_EAUTH && !en->relinked) {
+        /* another instance linked the voter's device to an account after this consumer
+         * took the entry: once memory has the link, the ballot is cast as the account's */
+        en->relinked = true;
+        tly_store_sync(app->store, synced, en);
+        return;
     } else if (result == 0) {
         app->ingest->applied++;
         set_status(app, en->request_id, "completed", vote_id, NULL);
@@ -361,19 +369,22 @@ static void apply_entry(entry_t *en)
         tly_store_sync(app->store, synced, en);
         return;
     }
-    tly_vote_t *v = p != NULL ? tly_poll_find_vote(p, en->voter_id) : NULL;
-    if (v != NULL && v->state != TLY_VOTE_COMMITTED) {
-        entry_free(en); /* our own write for this voter is under way: claimed again later */
+    /* the voter's device linked to an account since it cast this: the account's ballot */
+    const char *voter = api_person(app, en->voter_id);
+    tly_vote_t *v = p != NULL ? tly_poll_find_vote(p, voter) : NULL;
+    if ((v != NULL && v->state != TLY_VOTE_COMMITTED) || api_link_busy(app, en->voter_id) ||
+        api_link_busy(app, voter)) {
+        entry_free(en); /* our own write for this voter (or its link) is under way: claimed again later */
         return;
     }
-    const char *why = cannot_cast(p, en->voter_id, &en->ballot, en->has_ip ? en->ip_hash : NULL, en->at);
+    const char *why = cannot_cast(p, voter, &en->ballot, en->has_ip ? en->ip_hash : NULL, en->at);
     if (why != NULL) {
         refuse(en, why);
         return;
     }
     char *meta = en->client_meta;
     en->client_meta = NULL;
-    if (api_cast_submit(app, p, en->voter_id, &en->ballot, en->idem, en->hash, en->has_ip ? en->ip_hash : NULL, meta,
+    if (api_cast_submit(app, p, voter, &en->ballot, en->idem, en->hash, en->has_ip ? en->ip_hash : NULL, meta,
                         en->request_id, en->at, NULL, applied, en) != 0)
         entry_free(en); /* out of memory: claimed again later */
 }

@@ -434,7 +434,7 @@ static int cast_from_row(tly_app_t *app, const tly_ballot_row_t *row, const char
 
 typedef struct {
     tly_app_t *app;
-    size_t users, polls, ballots, requests, retracted;
+    size_t users, links, polls, ballots, requests, retracted;
 } load_t;
 
 /* The store's load callbacks: TLY_EINVAL with *why for a row memory cannot hold, which
@@ -444,6 +444,14 @@ static int load_user(void *ctx, const tly_user_row_t *row, const char **why)
     load_t *l = ctx;
     int rc = user_from_row(l->app, row, why);
     l->users += rc == 0;
+    return rc;
+}
+
+static int load_link(void *ctx, const tly_device_link_row_t *row, const char **why)
+{
+    load_t *l = ctx;
+    int rc = api_link_from_row(l->app, row, why);
+    l->links += rc == 0;
     return rc;
 }
 
@@ -495,6 +503,7 @@ int api_load(tly_app_t *app)
 {
     load_t l = {.app = app};
     tly_store_load_cb_t cb = {.user = load_user,
+                              .link = load_link,
                               .poll = load_poll,
                               .ballot = load_ballot,
                               .request = load_request,
@@ -507,8 +516,9 @@ int api_load(tly_app_t *app)
     int rc = tly_store_load(app->store, &cb, &l);
     if (rc < 0)
         return rc;
-    char users[24], polls[24], ballots[24], requests[24], retracted[24], left_out[24], ms[24];
+    char users[24], links[24], polls[24], ballots[24], requests[24], retracted[24], left_out[24], ms[24];
     snprintf(users, sizeof(users), "%zu", l.users);
+    snprintf(links, sizeof(links), "%zu", l.links);
     snprintf(polls, sizeof(polls), "%zu", l.polls);
     snprintf(ballots, sizeof(ballots), "%zu", l.ballots);
     snprintf(requests, sizeof(requests), "%zu", l.requests);
@@ -517,7 +527,8 @@ int api_load(tly_app_t *app)
     snprintf(ms, sizeof(ms), "%lld", (long long)(tly_now_ms() - t0));
     /* rows left out (--skip-bad-rows): each was logged; this says the server runs
      * without them */
-    tly_log(rc > 0 ? TLY_LOG_WARN : TLY_LOG_INFO, "store loaded", "users", users, "polls", polls, "ballots", ballots,
-            "requests", requests, "retracted_keys", retracted, "bad_rows_left_out", left_out, "ms", ms, NULL);
+    tly_log(rc > 0 ? TLY_LOG_WARN : TLY_LOG_INFO, "store loaded", "users", users, "device_links", links, "polls", polls,
+            "ballots", ballots, "requests", requests, "retracted_keys", retracted, "bad_rows_left_out", left_out, "ms",
+            ms, NULL);
     return 0;
 }

@@ -86,6 +86,23 @@ static void create_committed(tly_store_op_t *op)
             tly_free(key);
         }
     }
+    if (op->result == TLY_EAUTH) {
+        /* A shared store: another instance linked the caller's device to an account
+         * meanwhile. Once memory has the link the request runs again, as the account's. */
+        if (pi != NULL) {
+            HASH_DEL(app->poll_idem, pi);
+            tly_free(pi->key);
+            tly_free(pi);
+        }
+        tly_poll_free(p);
+        if (!api_resync(app, po->req)) {
+            tly_req_add_header(po->req, "Retry-After", "1");
+            api_respond_error(po->req, 503, "UNAVAILABLE", "this device was linked to an account meanwhile; try again",
+                              NULL);
+        }
+        poll_op_free(po);
+        return;
+    }
     if (op->result == 0 && tly_registry_add_poll(app->registry, p) != 0) {
         /* stored, but memory could not index it: the next start loads it */
         tly_log(TLY_LOG_ERROR, "poll stored but not loaded (out of memory)", "poll_id", p->poll_id, NULL);
@@ -113,7 +130,7 @@ void api_polls_create(tly_req_t *req, const tly_params_t *params, void *arg)
     caller_t caller;
     char *idem;
     if (!api_caller(app, req, true, &caller) || !api_limit_caller(app, req, API_LIMIT_POLL, &caller) ||
-        !api_idempotency_key(req, &idem))
+        !api_idempotency_key(req, &idem) || api_link_guard(app, req, &caller))
         return;
     json_t *body = api_parse_body(req, false);
     if (body == NULL)
@@ -454,7 +471,7 @@ void api_polls_patch(tly_req_t *req, const tly_params_t *params, void *arg)
     if (tly_store_shared(app->store) && app->redispatch != req && api_resync(app, req))
         return;
     tly_poll_t *p = api_find_poll(app, req, params, &caller);
-    if (p == NULL || !owner_or_answer(req, p, &caller))
+    if (p == NULL || !owner_or_answer(req, p, &caller) || api_link_guard(app, req, &caller))
         return;
     json_t *body = api_parse_body(req, false);
     if (body == NULL)
@@ -580,7 +597,7 @@ void api_polls_delete(tly_req_t *req, const tly_params_t *params, void *arg)
     if (!api_caller(app, req, true, &caller))
         return;
     tly_poll_t *p = api_find_poll(app, req, params, &caller);
-    if (p == NULL || !owner_or_answer(req, p, &caller))
+    if (p == NULL || !owner_or_answer(req, p, &caller) || api_link_guard(app, req, &caller))
         return;
     poll_op_t *po = poll_op_new(app, TLY_OP_POLL_DELETE, p);
     poll_mark_t *m = tly_calloc(1, sizeof(*m));

@@ -208,6 +208,15 @@ bool api_votes_busy(tly_app_t *app, tly_poll_t *p, tly_vote_t *v)
     return false;
 }
 
+bool api_votes_pending_for(tly_app_t *app, const char *voter_id)
+{
+    ballot_op_t *bo, *tmp;
+    HASH_ITER(hh, app->pending_ballots, bo, tmp)
+        if (strcmp(bo->vote->voter_id, voter_id) == 0)
+            return true;
+    return false;
+}
+
 /*
  * A shared store refused a ballot memory did not know (TLY_EEXIST): another instance
  * holds this voter's ballot (or one from this address) and its change has not reached
@@ -229,7 +238,8 @@ static void conflict_resolved(void *arg)
     tly_app_t *app = c->app;
     api_follow_flush(app);
     tly_poll_t *p = tly_registry_find_poll(app->registry, c->poll_id);
-    tly_vote_t *v = p ? tly_poll_find_vote(p, c->voter_id) : NULL;
+    /* a device's ballot refused as its account's (linked meanwhile) is the account's */
+    tly_vote_t *v = p ? tly_poll_find_vote(p, api_person(app, c->voter_id)) : NULL;
     if (v != NULL && v->state != TLY_VOTE_COMMITTED)
         v = NULL;
     bool same = v != NULL && c->idem != NULL && v->idem_key != NULL && strcmp(c->idem, v->idem_key) == 0 &&
@@ -287,6 +297,21 @@ static void ballot_committed(tly_store_op_t *op)
             else
                 respond_recorded(w->req, p, v);
         }
+    } else if (op->result == TLY_EAUTH) {
+        /* A shared store: another instance linked this device to an account after we
+         * took the ballot. Once memory has the link, the request runs again as the
+         * account's (api_resync); the ingest log's consumer does the same itself. */
+        if (bo->on_done != NULL)
+            bo->on_done(bo->done_arg, op->result, NULL);
+        for (waiter_t *w = bo->waiters; w != NULL; w = w->next) {
+            api_end_async(app);
+            if (!api_resync(app, w->req)) {
+                tly_req_add_header(w->req, "Retry-After", "1");
+                api_respond_error(w->req, 503, "UNAVAILABLE",
+                                  "this device was linked to an account meanwhile; vote again", NULL);
+            }
+        }
+        tly_poll_drop_vote(app->registry, p, v);
     } else {
         if (bo->on_done != NULL)
             bo->on_done(bo->done_arg, op->result, NULL);
@@ -512,6 +537,8 @@ void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg)
         api_respond_error(req, 403, "FORBIDDEN", "this poll needs a registered voter; sign in to vote", NULL);
         return;
     }
+    if (api_link_guard(app, req, &caller))
+        return;
     json_t *body = api_parse_body(req, false);
     if (body == NULL)
         return;
@@ -532,11 +559,15 @@ void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg)
         goto done;
     }
     if (idem != NULL && app->retracted != NULL) {
-        char *k = retracted_key_of(p->poll_id, caller.id, idem);
+        /* a device linked since keeps the keys of what it retracted under its own id */
         retracted_key_t *rk = NULL;
-        if (k != NULL)
-            HASH_FIND_STR(app->retracted, k, rk);
-        tly_free(k);
+        for (int i = 0; i < 2 && rk == NULL; i++) {
+            const char *who = i == 0 ? caller.id : caller.device;
+            char *k = who != NULL ? retracted_key_of(p->poll_id, who, idem) : NULL;
+            if (k != NULL)
+                HASH_FIND_STR(app->retracted, k, rk);
+            tly_free(k);
+        }
         if (rk != NULL && retracted_expired(app, rk, tly_now_ms()))
             rk = NULL; /* remembered no longer: a new ballot, like any request with a fresh key */
         if (rk != NULL) {
@@ -655,7 +686,8 @@ void api_votes_request(tly_req_t *req, const tly_params_t *params, void *arg)
     }
     if (plen < sizeof(poll_id))
         memcpy(poll_id, pid, plen);
-    if (r == NULL || strcmp(r->voter_id, caller.id) != 0 || strlen(r->poll_id) != plen ||
+    /* a request a device made before it was linked is its account's too */
+    if (r == NULL || strcmp(api_person(app, r->voter_id), caller.id) != 0 || strlen(r->poll_id) != plen ||
         memcmp(r->poll_id, pid, plen) != 0) {
         /* another instance's request, or one still in the ingest log? */
         if (r == NULL && key[0] && (api_resync(app, req) || api_ingest_status(app, req, poll_id, key, caller.id)))
@@ -713,6 +745,8 @@ static tly_vote_t *own_vote_for_change(tly_app_t *app, tly_req_t *req, const tly
         api_respond_error(req, 403, "FORBIDDEN", "this poll needs a registered voter; sign in to vote", NULL);
         return NULL;
     }
+    if (api_link_guard(app, req, caller))
+        return NULL;
     if (!p->settings.allow_vote_change) {
         api_respond_error(req, 409, "VOTE_CHANGE_NOT_ALLOWED", "this poll does not allow changing or retracting a vote",
                           NULL);
@@ -750,6 +784,14 @@ static void respond_change_refused(tly_req_t *req, int result)
         api_respond_store_error(req, result);
 }
 
+/* A shared store found no ballot to change or retract: another instance retracted it,
+ * or linked its device to an account (the ballot is the account's now). The request
+ * runs again once memory has caught up, and answers from there. */
+static bool refused_stale(tly_app_t *app, tly_req_t *req, int result)
+{
+    return result == TLY_ENOTFOUND && tly_store_shared(app->store) && api_resync(app, req);
+}
+
 static void change_committed(tly_store_op_t *op)
 {
     ballot_op_t *bo = op->ctx;
@@ -757,6 +799,10 @@ static void change_committed(tly_store_op_t *op)
     HASH_DEL(app->pending_ballots, bo);
     api_end_async(app);
     tly_req_t *req = bo->waiters->req;
+    if (refused_stale(app, req, op->result)) {
+        tly_free(bo);
+        return;
+    }
     if (op->result == 0) {
         tly_vote_t *nv = NULL;
         uint8_t before[TLY_MAX_OPTIONS];
@@ -785,6 +831,10 @@ static void retract_committed(tly_store_op_t *op)
     HASH_DEL(app->pending_ballots, bo);
     api_end_async(app);
     tly_req_t *req = bo->waiters->req;
+    if (refused_stale(app, req, op->result)) {
+        tly_free(bo);
+        return;
+    }
     if (op->result == 0) {
         api_bus_count(app, bo->poll->poll_id, bo->vote->data, bo->vote->nchoices, NULL, 0);
         api_ingest_forget(app, bo->poll->poll_id, bo->vote->voter_id); /* may vote again */

@@ -477,3 +477,47 @@ int tly_hex_decode(const char *in, size_t len, uint8_t *out, size_t cap)
         return -1;
     return (int)n;
 }
+
+int tly_strlist_add(tly_strlist_t *l, const char *s)
+{
+    size_t n = strlen(s) + 1;
+    if (l->len + n > l->cap) {
+        size_t cap = l->cap ? l->cap : 256;
+        while (cap < l->len + n)
+            cap *= 2;
+        char *buf = tly_realloc(l->buf, cap);
+        if (buf == NULL)
+            return TLY_ENOMEM;
+        l->buf = buf;
+        l->cap = cap;
+    }
+    memcpy(l->buf + l->len, s, n);
+    l->len += n;
+    l->n++;
+    return 0;
+}
+
+int tly_strlist_take(tly_strlist_t *l, char ***out, size_t *n)
+{
+    int rc = 0;
+    *out = NULL;
+    *n = 0;
+    if (l->n > 0) {
+        char **v = tly_malloc(l->n * sizeof *v + l->len);
+        if (v == NULL) {
+            rc = TLY_ENOMEM;
+        } else {
+            char *ids = (char *)(v + l->n);
+            memcpy(ids, l->buf, l->len);
+            for (size_t i = 0; i < l->n; i++) {
+                v[i] = ids;
+                ids += strlen(ids) + 1;
+            }
+            *out = v;
+            *n = l->n;
+        }
+    }
+    tly_free(l->buf);
+    *l = (tly_strlist_t){0};
+    return rc;
+}

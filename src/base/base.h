@@ -128,6 +128,20 @@ size_t tly_text_trim(const char *s, size_t len, size_t *start);
  */
 char *tly_text_key(const char *s, size_t len, size_t *keylen);
 
+/*
+ * A list of strings gathered one by one into one block: an array of pointers, then the
+ * strings (the shape of tly_link_row_t.polls_moved, store.h). Start from {0}; add copies
+ * s; take hands the block over (NULL when the list is empty; the taker frees it with
+ * tly_free) and frees what the list held, also when taking fails. Both return 0 or
+ * TLY_ENOMEM. Any thread, one list at a time.
+ */
+typedef struct {
+    char *buf;
+    size_t len, cap, n;
+} tly_strlist_t;
+int tly_strlist_add(tly_strlist_t *l, const char *s);
+int tly_strlist_take(tly_strlist_t *l, char ***out, size_t *n);
+
 #define TLY_ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
 
 #endif

@@ -215,6 +215,8 @@ void tly_registry_free(tly_registry_t *r);
 tly_poll_t *tly_registry_find_poll(tly_registry_t *r, const char *poll_id);
 /* How many polls the registry holds. */
 size_t tly_registry_count(const tly_registry_t *r);
+/* Calls fn for every poll, in no particular order; fn must not add or remove polls. */
+void tly_registry_each_poll(tly_registry_t *r, void (*fn)(void *ctx, tly_poll_t *p), void *ctx);
 /* Takes ownership of p (which must have a unique poll_id). */
 int tly_registry_add_poll(tly_registry_t *r, tly_poll_t *p); /* 0 or TLY_ENOMEM (not added, not taken) */
 /* Polls added from now on get final_by_store = on (instances that share a store). */
@@ -237,6 +239,13 @@ int tly_registry_set_code(tly_registry_t *r, tly_poll_t *p, const char *code);
  * the newest). Returns the count; *more is set when further polls follow. */
 size_t tly_registry_list_owner(tly_registry_t *r, const char *owner_id, const char *after_poll_id, tly_poll_t **out,
                                size_t max, bool *more);
+
+/* Makes owner_id p's owner (a device linked to an account hands its polls over): p
+ * moves from its old owner's listing to its place in the new one's. p must be in r.
+ * 0; TLY_ENOMEM before anything changed (the id could not be copied), or after (the new
+ * owner's list entry could not be made: p is the new owner's but missing from listings,
+ * as tly_registry_add_poll leaves a poll on the same failure). Loop thread. */
+int tly_registry_set_owner(tly_registry_t *r, tly_poll_t *p, const char *owner_id);
 
 /* ---- polls ---- */
 
@@ -336,6 +345,12 @@ int tly_poll_add_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v); /* 0 or 
  * votes_last_minute at v->recorded_at, seq, as_of = now, results dirty). Committing an
  * already committed vote does nothing. pending_votes is the caller's to maintain. */
 void tly_poll_commit_vote(tly_poll_t *p, tly_vote_t *v, int64_t now);
+/* Files v under another voter (a device's ballot becoming its account's when the two
+ * are linked): voter_id is copied and p's map finds v by it from now on; counts, ids,
+ * the address entry and the state are v's as before. Nothing is allocated in the map,
+ * so it cannot fail half-way. Returns 0, TLY_EEXIST (p holds a vote of voter_id:
+ * nothing changes), TLY_EINVAL (v is not in p's map) or TLY_ENOMEM (nothing changes). */
+int tly_poll_rekey_vote(tly_poll_t *p, tly_vote_t *v, const char *voter_id);
 /* Removes a pending vote whose commit failed (p->votes, receipts and its address in
  * p->ip_votes) and frees it. */
 void tly_poll_drop_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v);

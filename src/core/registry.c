@@ -72,11 +72,73 @@ static owner_list_t *find_owner(tly_registry_t *r, const char *owner_id)
     return o;
 }
 
-/*
- * If the owner's list entry cannot be allocated the poll still works by id but is
- * missing from that owner's listing; add_poll has no way to report it, and refusing
- * the poll would be worse.
- */
+/* Unlinks p from its owner's list (the list goes when it empties). */
+static void owner_unlink(tly_registry_t *r, tly_poll_t *p)
+{
+    owner_list_t *o = find_owner(r, p->owner_id != NULL ? p->owner_id : "");
+    if (o == NULL)
+        return;
+    tly_poll_t *prev = NULL, *q = o->head;
+    while (q != NULL && q != p) {
+        prev = q;
+        q = q->owner_next;
+    }
+    if (q == p) {
+        if (prev == NULL)
+            o->head = p->owner_next;
+        else
+            prev->owner_next = p->owner_next;
+        if (o->tail == p)
+            o->tail = prev;
+    }
+    p->owner_next = NULL;
+    if (o->head == NULL) {
+        HASH_DELETE(hh, r->owners, o);
+        tly_free(o->owner_id);
+        tly_free(o);
+    }
+}
+
+/* Inserts p into the list of p->owner_id at its place (newest first). false when the
+ * list entry cannot be allocated: p then works by id but is missing from the listing. */
+static bool owner_link(tly_registry_t *r, tly_poll_t *p)
+{
+    p->owner_next = NULL;
+    const char *owner = p->owner_id != NULL ? p->owner_id : "";
+    owner_list_t *o = find_owner(r, owner);
+    if (o == NULL) {
+        o = tly_calloc(1, sizeof(*o));
+        if (o == NULL || (o->owner_id = tly_strdup(owner)) == NULL) {
+            tly_free(o);
+            return false;
+        }
+        HASH_ADD_KEYPTR(hh, r->owners, o->owner_id, strlen(o->owner_id), o);
+        if (o->hh.tbl == NULL) {
+            tly_free(o->owner_id);
+            tly_free(o);
+            return false;
+        }
+    }
+    if (o->head == NULL) {
+        o->head = o->tail = p;
+    } else if (newer(p, o->head)) {
+        p->owner_next = o->head;
+        o->head = p;
+    } else if (newer(o->tail, p)) {
+        o->tail->owner_next = p;
+        o->tail = p;
+    } else {
+        tly_poll_t *q = o->head;
+        while (q->owner_next != NULL && newer(q->owner_next, p))
+            q = q->owner_next;
+        p->owner_next = q->owner_next;
+        q->owner_next = p;
+        if (p->owner_next == NULL)
+            o->tail = p;
+    }
+    return true;
+}
+
 static void code_index(tly_registry_t *r, tly_poll_t *p)
 {
     tly_poll_t *holder = NULL;
@@ -121,6 +183,11 @@ int tly_registry_set_code(tly_registry_t *r, tly_poll_t *p, const char *code)
     return p->join_code[0] != '\0' ? 0 : TLY_ENOMEM;
 }
 
+/*
+ * If the owner's list entry cannot be allocated the poll still works by id but is
+ * missing from that owner's listing; add_poll has no way to report it, and refusing
+ * the poll would be worse.
+ */
 int tly_registry_add_poll(tly_registry_t *r, tly_poll_t *p)
 {
     HASH_ADD_STR(r->polls, poll_id, p);
@@ -135,39 +202,7 @@ int tly_registry_add_poll(tly_registry_t *r, tly_poll_t *p)
      * failure the first render builds it); the pairs come with the first ballot */
     if (p->type == TLY_TYPE_RANKED && p->ranked == NULL)
         (void)core_ranked_build(p);
-    p->owner_next = NULL;
-    const char *owner = p->owner_id != NULL ? p->owner_id : "";
-    owner_list_t *o = find_owner(r, owner);
-    if (o == NULL) {
-        o = tly_calloc(1, sizeof(*o));
-        if (o == NULL || (o->owner_id = tly_strdup(owner)) == NULL) {
-            tly_free(o);
-            return 0;
-        }
-        HASH_ADD_KEYPTR(hh, r->owners, o->owner_id, strlen(o->owner_id), o);
-        if (o->hh.tbl == NULL) {
-            tly_free(o->owner_id);
-            tly_free(o);
-            return 0;
-        }
-    }
-    if (o->head == NULL) {
-        o->head = o->tail = p;
-    } else if (newer(p, o->head)) {
-        p->owner_next = o->head;
-        o->head = p;
-    } else if (newer(o->tail, p)) {
-        o->tail->owner_next = p;
-        o->tail = p;
-    } else {
-        tly_poll_t *q = o->head;
-        while (q->owner_next != NULL && newer(q->owner_next, p))
-            q = q->owner_next;
-        p->owner_next = q->owner_next;
-        q->owner_next = p;
-        if (p->owner_next == NULL)
-            o->tail = p;
-    }
+    (void)owner_link(r, p);
     return 0;
 }
 
@@ -178,28 +213,19 @@ void tly_registry_remove_poll(tly_registry_t *r, tly_poll_t *p)
             HASH_DELETE(hh_receipt, r->receipts, v);
     code_unindex(r, p);
     HASH_DELETE(hh, r->polls, p);
-    owner_list_t *o = find_owner(r, p->owner_id != NULL ? p->owner_id : "");
-    if (o != NULL) {
-        tly_poll_t *prev = NULL, *q = o->head;
-        while (q != NULL && q != p) {
-            prev = q;
-            q = q->owner_next;
-        }
-        if (q == p) {
-            if (prev == NULL)
-                o->head = p->owner_next;
-            else
-                prev->owner_next = p->owner_next;
-            if (o->tail == p)
-                o->tail = prev;
-        }
-        if (o->head == NULL) {
-            HASH_DELETE(hh, r->owners, o);
-            tly_free(o->owner_id);
-            tly_free(o);
-        }
-    }
+    owner_unlink(r, p);
     tly_poll_free(p);
+}
+
+int tly_registry_set_owner(tly_registry_t *r, tly_poll_t *p, const char *owner_id)
+{
+    char *id = tly_strdup(owner_id);
+    if (id == NULL)
+        return TLY_ENOMEM;
+    owner_unlink(r, p);
+    tly_free(p->owner_id);
+    p->owner_id = id;
+    return owner_link(r, p) ? 0 : TLY_ENOMEM;
 }
 
 tly_vote_t *tly_registry_find_receipt(tly_registry_t *r, const char *receipt)
@@ -232,3 +258,11 @@ size_t tly_registry_list_owner(tly_registry_t *r, const char *owner_id, const ch
 }
 
 size_t tly_registry_count(const tly_registry_t *r) { return HASH_COUNT(r->polls); }
+
+void tly_registry_each_poll(tly_registry_t *r, void (*fn)(void *ctx, tly_poll_t *p), void *ctx)
+{
+    tly_poll_t *p, *tmp;
+    HASH_ITER(hh, r->polls, p, tmp) {
+        fn(ctx, p);
+    }
+}

@@ -331,6 +331,43 @@ int tly_poll_change_vote(tly_registry_t *r, tly_poll_t *p, tly_vote_t *v, const 
     return 0;
 }
 
+/*
+ * Moves v from its bucket to the one of its new key in place: the poll's map already
+ * holds v, so nothing is allocated but the new id, and the re-key cannot fail half-way
+ * (a HASH_DELETE and HASH_ADD could: deleting the only vote frees the table, and adding
+ * may grow the buckets). The app-order list (prev/next) stays as it is. uthash's own
+ * layout (2.x), as move_in_table.
+ */
+int tly_poll_rekey_vote(tly_poll_t *p, tly_vote_t *v, const char *voter_id)
+{
+    if (v->poll != p || v->hh.tbl == NULL || p->votes == NULL || v->hh.tbl != p->votes->hh.tbl)
+        return TLY_EINVAL;
+    if (tly_poll_find_vote(p, voter_id) != NULL)
+        return TLY_EEXIST;
+    char *id = tly_strdup(voter_id);
+    if (id == NULL)
+        return TLY_ENOMEM;
+    UT_hash_table *tbl = v->hh.tbl;
+    unsigned bkt;
+    HASH_TO_BKT(v->hh.hashv, tbl->num_buckets, bkt);
+    HASH_DEL_IN_BKT(tbl->buckets[bkt], &v->hh);
+    tly_free(v->voter_id);
+    v->voter_id = id;
+    size_t len = strlen(id);
+    v->hh.key = id;
+    v->hh.keylen = (unsigned)len;
+    HASH_VALUE(id, len, v->hh.hashv);
+    HASH_TO_BKT(v->hh.hashv, tbl->num_buckets, bkt);
+    UT_hash_bucket *b = &tbl->buckets[bkt];
+    b->count++;
+    v->hh.hh_next = b->hh_head;
+    v->hh.hh_prev = NULL;
+    if (b->hh_head != NULL)
+        b->hh_head->hh_prev = &v->hh;
+    b->hh_head = &v->hh;
+    return 0;
+}
+
 /* ---- client addresses ---- */
 
 tly_vote_t *tly_poll_find_ip(const tly_poll_t *p, const uint8_t ip_hash[TLY_IP_HASH_LEN])

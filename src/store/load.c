@@ -2,7 +2,7 @@
  * load.c: what the backends' loads share: the check of every row before its callback
  * sees it, and the rule for a bad row (store.h, tly_store_load). The backends decode
  * their rows; a row they cannot decode comes here as tly_load_bad, a decoded one
- * through tly_load_user, _poll, _ballot, _request, _retracted or _cast.
+ * through tly_load_user, _link, _poll, _ballot, _request, _retracted or _cast.
  *
  * Why check at all: a row that memory cannot hold used to be dropped with a warning,
  * and the server then started with a state the store contradicts (a voter memory says
@@ -134,6 +134,23 @@ int tly_load_user(tly_load_t *l, const tly_user_row_t *u)
         return bad_user(l, u, null_why(why, sizeof why, null));
     int rc = l->cb->user != NULL ? l->cb->user(l->ctx, u, &cb_why) : 0;
     return rc == TLY_EINVAL ? bad_user(l, u, callback_why(cb_why)) : rc;
+}
+
+int tly_load_link(tly_load_t *l, const tly_device_link_row_t *d)
+{
+    char why[64], key[TLY_LOAD_KEY_MAX];
+    const char *cb_why = NULL;
+    static const char *const names[] = {"device_id", "user_id"};
+    const char *values[] = {d->device_id, d->user_id};
+    const char *null = missing(names, values, 2);
+    const char *bad = null != NULL ? null_why(why, sizeof why, null) : NULL;
+    int rc = 0;
+    if (bad == NULL && (rc = l->cb->link != NULL ? l->cb->link(l->ctx, d, &cb_why) : 0) == TLY_EINVAL)
+        bad = callback_why(cb_why);
+    if (bad == NULL)
+        return rc;
+    tly_load_key(key, "device_id", d->device_id, NULL);
+    return tly_load_bad(l, "device_links", key, bad);
 }
 
 /* Remembers a poll (taken or left out) for its ballots. 0 or TLY_ENOMEM. */

@@ -200,6 +200,80 @@ static int freeze_check(PGconn *c, const tly_poll_row_t *row, int *result, int *
     return r;
 }
 
+/*
+ * TLY_OP_DEVICE_LINK (store.h), inside run_op's savepoint, by the statements of
+ * pg_stmt.c ("A device link"): device_links locked ACCESS EXCLUSIVE (ballot and poll
+ * inserts of every instance wait from here to the commit; the savepoint's rollback lets
+ * it go), the feed checked for what the caller's list cannot know (TLY_ESTATE), the link
+ * row (TLY_EEXIST), the ballots (their outcomes, and the counters of those retracted)
+ * and the polls. Returns R_OK, R_OP with *res_op, or R_RETRY / R_FATAL for the batch.
+ */
+static int run_link(pg_store_t *s, tly_store_op_t *op, const char *param, json_t *deltas, int *res_op)
+{
+    PGconn *c = s->wconn;
+    tly_link_row_t *l = &op->u.link;
+    tly_strlist_t moved = {0};
+    PGresult *res;
+    int r;
+
+    tly_free(l->polls_moved); /* an earlier attempt of the batch's */
+    l->polls_moved = NULL;
+    l->npolls_moved = 0;
+    for (size_t i = 0; i < l->nballots; i++)
+        l->ballots[i].outcome = TLY_LINK_GONE;
+    res = PQexec(c, "LOCK TABLE device_links IN ACCESS EXCLUSIVE MODE");
+    r = classify(c, res, PGRES_COMMAND_OK, res_op);
+    if (r == R_FATAL || r == R_RETRY)
+        pg_log_error("store: postgres link lock failed", c, res);
+    PQclear(res);
+    if (r != R_OK)
+        return r == R_OP ? R_FATAL : r;
+    res = exec_json(c, "link_check", param);
+    r = classify(c, res, PGRES_TUPLES_OK, res_op);
+    if (r == R_OK && PQntuples(res) == 1 && PQgetvalue(res, 0, 0)[0] == 't') {
+        *res_op = TLY_ESTATE;
+        r = R_OP;
+    }
+    PQclear(res);
+    if (r == R_OK)
+        r = exec_count(c, "link_insert", param, NULL, res_op); /* a second link: 23505, TLY_EEXIST */
+    if (r != R_OK)
+        goto out;
+    res = exec_json(c, "link_ballots", param);
+    r = classify(c, res, PGRES_TUPLES_OK, res_op);
+    if (r == R_OK && PQntuples(res) != (int)l->nballots) {
+        tly_log(TLY_LOG_ERROR, "store: postgres link_ballots answered another number of rows", NULL);
+        r = R_FATAL;
+    }
+    for (int i = 0; r == R_OK && i < PQntuples(res); i++) {
+        tly_link_ballot_t *e = &l->ballots[i];
+        uint8_t old[256];
+        int nold = PQgetisnull(res, i, 2) ? 0 : pg_unhex(PQgetvalue(res, i, 2), old, sizeof old);
+        e->outcome = (int)strtol(PQgetvalue(res, i, 1), NULL, 10);
+        if ((e->outcome == TLY_LINK_KEPT_DEVICE || e->outcome == TLY_LINK_KEPT_ACCOUNT) &&
+            add_deltas(deltas, e->poll_id, -1, old, nold > 0 ? (size_t)nold : 0, -1) != 0)
+            r = R_FATAL; /* out of memory: the batch fails as a whole */
+    }
+    if (r == R_FATAL || r == R_RETRY)
+        pg_log_error("store: postgres link statement failed", c, res);
+    PQclear(res);
+    if (r != R_OK)
+        goto out;
+    res = exec_json(c, "link_polls", param);
+    r = classify(c, res, PGRES_TUPLES_OK, res_op);
+    for (int i = 0; r == R_OK && i < PQntuples(res); i++)
+        if (tly_strlist_add(&moved, PQgetvalue(res, i, 0)) != 0)
+            r = R_FATAL;
+    if (r == R_FATAL || r == R_RETRY)
+        pg_log_error("store: postgres link statement failed", c, res);
+    PQclear(res);
+    if (r == R_OK && tly_strlist_take(&moved, &l->polls_moved, &l->npolls_moved) != 0)
+        r = R_FATAL;
+out:
+    tly_free(moved.buf);
+    return r;
+}
+
 /* A non-ballot op (or a single ballot, in the fallback) inside its own savepoint, so
  * that a constraint failure undoes it alone. Returns R_OK (op->result set) or R_RETRY /
  * R_FATAL for the batch. */
@@ -220,7 +294,11 @@ static int run_op(pg_store_t *s, tly_store_op_t *op, const char *param, json_t *
         r = exec_count(c, "user", param, NULL, &res_op);
         break;
     case TLY_OP_POLL_INSERT:
-        r = exec_count(c, "poll_insert", param, NULL, &res_op);
+        r = exec_count(c, "poll_insert", param, &n, &res_op);
+        if (r == R_OK && n == 0) { /* its owner is a linked device: nothing written */
+            r = R_OP;
+            res_op = TLY_EAUTH;
+        }
         break;
     case TLY_OP_POLL_UPDATE:
         if (op->u.poll.freeze && (r = freeze_check(c, &op->u.poll, &op->result, &res_op)) != R_OK)
@@ -267,6 +345,9 @@ static int run_op(pg_store_t *s, tly_store_op_t *op, const char *param, json_t *
         PQclear(q);
         break;
     }
+    case TLY_OP_DEVICE_LINK:
+        r = run_link(s, op, param, deltas, &res_op);
+        break;
     default:
         r = R_OP;
         res_op = TLY_EINVAL;
@@ -341,6 +422,8 @@ static int run_ballots(pg_store_t *s, batch_t *b, size_t from, size_t to, int64_
                 b->op[at]->result = TLY_ENOTFOUND;
             else if (kind == 4)
                 b->op[at]->result = TLY_ESTATE; /* the poll has its final results */
+            else if (kind == 5)
+                b->op[at]->result = TLY_EAUTH; /* the voter is a linked device */
             else
                 b->req[at] = 1;
         }
@@ -509,7 +592,7 @@ static int run_batch(pg_store_t *s, batch_t *b, tly_store_op_t *first, pg_item_t
             only_ballots = 0;
             continue;
         }
-        if (op->type < TLY_OP_USER_INSERT || op->type > TLY_OP_BALLOT_DELETE) {
+        if (op->type < TLY_OP_USER_INSERT || op->type > TLY_OP_DEVICE_LINK) {
             op->result = TLY_EINVAL;
             continue;
         }
@@ -587,6 +670,16 @@ static int run_batch(pg_store_t *s, batch_t *b, tly_store_op_t *first, pg_item_t
     }
     if (r != R_OK)
         goto fail;
+    /* A link's feed entry carries what it did (the outcomes the statements set), so that
+     * every instance applies the same. */
+    for (size_t i = 0; i < b->n; i++) {
+        int rc = 0;
+        if (b->op[i]->type != TLY_OP_DEVICE_LINK || b->op[i]->result != 0 || b->js[i] == NULL)
+            continue;
+        json_decref(b->js[i]);
+        if ((b->js[i] = pg_op_json(b->op[i], &rc)) == NULL)
+            goto nomem_rollback;
+    }
 
     /* The feed row: every op that changed something, in order. */
     if ((feed = json_array()) == NULL)

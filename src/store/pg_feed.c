@@ -59,10 +59,13 @@ int pg_unhex(const char *hex, uint8_t *out, size_t cap)
 
 /* ---- ops as JSON ------------------------------------------------------------------- */
 
+/* Sets o[k] to v, or appends v to the array o when k is NULL. */
 static int put(json_t *o, const char *k, json_t *v)
 {
     if (v == NULL)
         return TLY_ENOMEM;
+    if (k == NULL)
+        return json_array_append_new(o, v) == 0 ? 0 : TLY_ENOMEM;
     return json_object_set_new(o, k, v) == 0 ? 0 : TLY_ENOMEM;
 }
 
@@ -146,6 +149,37 @@ static int ballot_json(json_t *o, const tly_ballot_row_t *b, tly_op_type_t type)
     return 0;
 }
 
+/* A link: who with whom, the list the caller made, and (once the store ran it) what was
+ * done: each ballot's outcome, the polls moved. The statements read device_id, user_id,
+ * at, after and ballots[].poll_id/closed; the feed carries the rest. */
+static int link_json(json_t *o, const tly_link_row_t *l)
+{
+    int rc;
+    json_t *arr;
+    if ((rc = put_str(o, "device_id", l->device_id)) || (rc = put_str(o, "user_id", l->user_id)) ||
+        (rc = put_int(o, "at", l->at)) || (rc = put_int(o, "after", l->after)))
+        return rc;
+    if ((arr = json_array()) == NULL || json_object_set_new(o, "ballots", arr) != 0)
+        return TLY_ENOMEM;
+    if (l->nballots > 0 && l->ballots == NULL)
+        return TLY_EINVAL;
+    for (size_t i = 0; i < l->nballots; i++) {
+        const tly_link_ballot_t *e = &l->ballots[i];
+        json_t *x = json_object();
+        if (x == NULL || json_array_append_new(arr, x) != 0)
+            return TLY_ENOMEM;
+        if ((rc = put_str(x, "poll_id", e->poll_id)) || (rc = put(x, "closed", json_boolean(e->closed))) ||
+            (rc = put_int(x, "outcome", e->outcome)))
+            return rc;
+    }
+    if ((arr = json_array()) == NULL || json_object_set_new(o, "polls_moved", arr) != 0)
+        return TLY_ENOMEM;
+    for (size_t i = 0; i < l->npolls_moved; i++)
+        if ((rc = put_str(arr, NULL, l->polls_moved[i])) != 0)
+            return rc;
+    return 0;
+}
+
 json_t *pg_op_json(const tly_store_op_t *op, int *rc)
 {
     json_t *o = json_object();
@@ -174,6 +208,10 @@ json_t *pg_op_json(const tly_store_op_t *op, int *rc)
     case TLY_OP_BALLOT_REPLACE:
     case TLY_OP_BALLOT_DELETE:
         if ((*rc = ballot_json(o, &op->u.ballot, op->type)) != 0)
+            goto fail;
+        break;
+    case TLY_OP_DEVICE_LINK:
+        if ((*rc = link_json(o, &op->u.link)) != 0)
             goto fail;
         break;
     default:
@@ -205,6 +243,8 @@ json_t *pg_request_json(const tly_ballot_row_t *b)
 typedef struct {
     uint8_t choices[256], scores[256], body_hash[16], ip_hash[16];
     tly_option_row_t options[256];
+    tly_link_ballot_t *link_ballots; /* a link's lists, allocated: decoded_free */
+    char **link_polls;
 } decoded_t;
 
 static const char *gs(const json_t *o, const char *k)
@@ -237,13 +277,63 @@ static int ghash(const json_t *o, const char *k, uint8_t h[16])
     return 0;
 }
 
+static void decoded_free(decoded_t *d)
+{
+    tly_free(d->link_ballots);
+    tly_free(d->link_polls);
+    d->link_ballots = NULL;
+    d->link_polls = NULL;
+}
+
+/* A link's row from its feed entry; its lists are allocated into d. 0, TLY_EINVAL
+ * (malformed) or TLY_ENOMEM. */
+static int link_from_json(const json_t *o, tly_link_row_t *l, decoded_t *d)
+{
+    const json_t *ballots = json_object_get(o, "ballots"), *polls = json_object_get(o, "polls_moved");
+    tly_strlist_t moved = {0};
+    *l = (tly_link_row_t){
+        .device_id = gs(o, "device_id"), .user_id = gs(o, "user_id"), .at = gi(o, "at"), .after = gi(o, "after")};
+    if (l->device_id == NULL || l->user_id == NULL || !json_is_array(ballots) || !json_is_array(polls))
+        return TLY_EINVAL;
+    size_t n = json_array_size(ballots);
+    tly_link_ballot_t *b = n > 0 ? tly_calloc(n, sizeof *b) : NULL;
+    if (n > 0 && b == NULL)
+        return TLY_ENOMEM;
+    d->link_ballots = b;
+    for (size_t i = 0; i < n; i++) {
+        const json_t *x = json_array_get(ballots, i);
+        b[i] = (tly_link_ballot_t){.poll_id = gs(x, "poll_id"),
+                                   .closed = json_is_true(json_object_get(x, "closed")),
+                                   .outcome = (int)gi(x, "outcome")};
+        if (b[i].poll_id == NULL)
+            return TLY_EINVAL;
+    }
+    l->ballots = b;
+    l->nballots = n;
+    for (size_t i = 0; i < json_array_size(polls); i++) {
+        const char *id = json_string_value(json_array_get(polls, i));
+        if (id == NULL) {
+            tly_free(moved.buf);
+            return TLY_EINVAL;
+        }
+        if (tly_strlist_add(&moved, id) != 0) {
+            tly_free(moved.buf);
+            return TLY_ENOMEM;
+        }
+    }
+    if (tly_strlist_take(&moved, &d->link_polls, &l->npolls_moved) != 0)
+        return TLY_ENOMEM;
+    l->polls_moved = d->link_polls;
+    return 0;
+}
+
 static int op_from_json(const json_t *o, tly_store_op_t *op, decoded_t *d)
 {
     int n, ns;
     const uint8_t *p;
     memset(op, 0, sizeof *op);
     if (!json_is_object(o) || !json_is_integer(json_object_get(o, "t")))
-        return -1;
+        return TLY_EINVAL;
     op->type = (tly_op_type_t)gi(o, "t");
     switch (op->type) {
     case TLY_OP_REQUEST:
@@ -276,7 +366,7 @@ static int op_from_json(const json_t *o, tly_store_op_t *op, decoded_t *d)
         pr->final_results = gs(o, "final_results");
         pr->join_code = gs(o, "join_code");
         if (pr->poll_id == NULL || ghash(o, "body_hash", pr->body_hash) != 0 || json_array_size(opts) > 256)
-            return -1;
+            return TLY_EINVAL;
         for (size_t i = 0; i < json_array_size(opts); i++) {
             const json_t *x = json_array_get(opts, i);
             d->options[i] = (tly_option_row_t){gs(x, "option_id"), gs(x, "text"), (int)gi(x, "display_order"),
@@ -299,23 +389,25 @@ static int op_from_json(const json_t *o, tly_store_op_t *op, decoded_t *d)
         b->client_meta = gs(o, "client_meta");
         b->request_id = gs(o, "request_id");
         if (b->poll_id == NULL || b->voter_id == NULL)
-            return -1;
+            return TLY_EINVAL;
         if (gbytes(o, "choices", d->choices, 255, &p, &n) != 0)
-            return -1;
+            return TLY_EINVAL;
         b->nchoices = (uint8_t)n;
         b->choices = n > 0 ? p : NULL;
         if (gbytes(o, "scores", d->scores, 255, &p, &ns) != 0 || (p != NULL && ns != n))
-            return -1;
+            return TLY_EINVAL;
         b->scores = p;
         if (ghash(o, "body_hash", b->body_hash) != 0)
-            return -1;
+            return TLY_EINVAL;
         if (gbytes(o, "ip_hash", d->ip_hash, 16, &p, &n) != 0 || (p != NULL && n != 16))
-            return -1;
+            return TLY_EINVAL;
         b->ip_hash = p;
         return 0;
     }
+    case TLY_OP_DEVICE_LINK:
+        return link_from_json(o, &op->u.link, d);
     default:
-        return -1;
+        return TLY_EINVAL;
     }
 }
 
@@ -323,13 +415,23 @@ static void deliver(pg_store_t *s, const json_t *ops)
 {
     decoded_t d;
     tly_store_op_t op;
+    d.link_ballots = NULL;
+    d.link_polls = NULL;
     for (size_t i = 0; i < json_array_size(ops); i++) {
-        if (op_from_json(json_array_get(ops, i), &op, &d) != 0) {
-            tly_log(TLY_LOG_ERROR, "store: malformed op in the postgres feed; skipped", NULL);
+        int rc = op_from_json(json_array_get(ops, i), &op, &d);
+        if (rc != 0) {
+            /* out of memory for a link's lists: like a malformed entry, logged; the
+             * instance then lags what the store holds until it restarts */
+            tly_log(TLY_LOG_ERROR,
+                    rc == TLY_ENOMEM ? "store: out of memory for an op of the postgres feed; skipped"
+                                     : "store: malformed op in the postgres feed; skipped",
+                    NULL);
+            decoded_free(&d);
             continue;
         }
         if (s->follow_cb != NULL)
             s->follow_cb(s->follow_ctx, &op);
+        decoded_free(&d);
     }
 }
 

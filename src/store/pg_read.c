@@ -99,6 +99,13 @@ static int load_user(void *arg, const PGresult *res, int i)
     return tly_load_user(&l->check, &u);
 }
 
+static int load_link(void *arg, const PGresult *res, int i)
+{
+    load_t *l = arg;
+    tly_device_link_row_t d = {cs(res, i, 0), cs(res, i, 1), ci(res, i, 2)};
+    return tly_load_link(&l->check, &d);
+}
+
 /* A poll row that does not decode; its ballots follow as ballots of a poll load has
  * not seen, bad rows too. */
 static int bad_poll(load_t *l, const char *poll_id, const char *why)
@@ -280,6 +287,11 @@ int pg_load(pg_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
                        "DECLARE tly_load NO SCROLL CURSOR FOR"
                        " SELECT user_id, username, password_hash, email, created_at FROM users ORDER BY ord",
                        load_user, &l)) != 0)
+        goto fail;
+    if ((rc = each_row(c,
+                       "DECLARE tly_load NO SCROLL CURSOR FOR"
+                       " SELECT device_id, user_id, linked_at FROM device_links ORDER BY linked_at, device_id",
+                       load_link, &l)) != 0)
         goto fail;
     if ((rc = each_row(c,
                        "DECLARE tly_load NO SCROLL CURSOR FOR"

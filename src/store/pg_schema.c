@@ -189,6 +189,61 @@ static const char *const migrations[] = {
                                                                                             "polls_join_code ON "
                                                                                             "polls(join_code) WHERE "
                                                                                             "join_code IS NOT NULL;",
+
+    /* 6: device links (issue 17): an anonymous device token that registers or logs in
+     * becomes one person with the account. The link row, the device's ballots rewritten
+     * to the account (where both voted in a poll, the later ballot retracted with a
+     * "revoked" row, as a retraction writes it), and its polls handed over are one
+     * transaction. link_ballots does the ballots the caller lists (p: the op's JSON,
+     * pg_op_json), one result row per poll in their order: the outcome of
+     * tly_link_outcome_t and the retracted ballot's choices (hex, for the counters).
+     * Row locks first (the poll KEY SHARE, as ballot statements take it; both ballots
+     * FOR UPDATE), so that it decides on what concurrent changes left. */
+    "CREATE TABLE device_links("
+    "  device_id text PRIMARY KEY,"
+    "  user_id text NOT NULL,"
+    "  linked_at bigint NOT NULL);"
+    "CREATE FUNCTION link_ballots(p jsonb) RETURNS TABLE(o_poll text, o_outcome int, o_choices text)"
+    "  LANGUAGE plpgsql AS $$"
+    "DECLARE"
+    "  v_dev text := p->>'device_id';"
+    "  v_usr text := p->>'user_id';"
+    "  v_at bigint := (p->>'at')::bigint;"
+    "  v_frozen boolean;"
+    "  e record; d record; u record;"
+    "BEGIN"
+    "  FOR e IN SELECT x.poll_id, x.closed FROM jsonb_to_recordset(p->'ballots') AS x(poll_id text, closed boolean)"
+    "  LOOP"
+    "    o_poll := e.poll_id; o_outcome := 0; o_choices := NULL;"
+    "    SELECT pl.final_results IS NOT NULL INTO v_frozen FROM polls pl WHERE pl.poll_id = e.poll_id FOR KEY SHARE;"
+    "    IF FOUND THEN"
+    "      SELECT b.seq, b.choices, b.idem_key, b.body_hash, coalesce(b.cast_at, b.recorded_at) AS cast_time INTO d"
+    "        FROM ballots b WHERE b.poll_id = e.poll_id AND b.voter_id = v_dev FOR UPDATE;"
+    "      IF FOUND THEN"
+    "        SELECT b.seq, b.choices, b.idem_key, b.body_hash, coalesce(b.cast_at, b.recorded_at) AS cast_time INTO u"
+    "          FROM ballots b WHERE b.poll_id = e.poll_id AND b.voter_id = v_usr FOR UPDATE;"
+    "        IF NOT FOUND THEN"
+    "          UPDATE ballots SET voter_id = v_usr WHERE poll_id = e.poll_id AND voter_id = v_dev;"
+    "          o_outcome := 1;"
+    "        ELSIF v_frozen OR e.closed THEN"
+    "          o_outcome := 4;"
+    "        ELSIF (d.cast_time, d.seq) < (u.cast_time, u.seq) THEN"
+    "          DELETE FROM ballots WHERE poll_id = e.poll_id AND voter_id = v_usr;"
+    "          INSERT INTO audit(poll_id, voter_id, event, at, idem_key, body_hash)"
+    "            VALUES (e.poll_id, v_usr, 'revoked', v_at, u.idem_key, u.body_hash);"
+    "          UPDATE ballots SET voter_id = v_usr WHERE poll_id = e.poll_id AND voter_id = v_dev;"
+    "          o_outcome := 2; o_choices := encode(u.choices, 'hex');"
+    "        ELSE"
+    "          DELETE FROM ballots WHERE poll_id = e.poll_id AND voter_id = v_dev;"
+    "          INSERT INTO audit(poll_id, voter_id, event, at, idem_key, body_hash)"
+    "            VALUES (e.poll_id, v_dev, 'revoked', v_at, d.idem_key, d.body_hash);"
+    "          o_outcome := 3; o_choices := encode(d.choices, 'hex');"
+    "        END IF;"
+    "      END IF;"
+    "    END IF;"
+    "    RETURN NEXT;"
+    "  END LOOP;"
+    "END $$;",
 };
 
 /* ---- helpers ----------------------------------------------------------------------- */

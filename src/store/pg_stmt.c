@@ -24,10 +24,15 @@
  * statements share. `res` is (i, 0) for each inserted ballot (i: 1-based place in the
  * array), (i, 2) for each request row written (first op of a request_id), (i, 1) for
  * each ballot whose poll does not exist, (i, 4) for each ballot whose poll has its final
- * results (closed: not inserted); any op not in it was a duplicate. The poll rows are KEY
- * SHARE locked, so a concurrent POLL_DELETE waits for this batch (and then deletes its
- * ballots) or wins (and these ballots find no poll), and so does a freeze (poll_lock:
- * FOR UPDATE): one that wins is seen here, as the lock re-reads the row it waited for.
+ * results (closed: not inserted), (i, 5) for each ballot under the id of a device linked
+ * to an account (not inserted, no request row: the instance that sent it had not yet
+ * heard of the link, and casts it again as the account); any op not in it was a
+ * duplicate. Reading device_links takes its ACCESS SHARE lock before the statement's
+ * snapshot, so a link in progress (which holds it ACCESS EXCLUSIVE) is either seen
+ * whole or waited for. The poll rows are KEY SHARE locked, so a concurrent POLL_DELETE
+ * waits for this batch (and then deletes its ballots) or wins (and these ballots find
+ * no poll), and so does a freeze (poll_lock: FOR UPDATE): one that wins is seen here,
+ * as the lock re-reads the row it waited for.
  * A request row takes its request's first final outcome (a consumer replaying it must
  * not turn "completed" into "failed"): only a "pending" row is overwritten. */
 #define FAILED_ERROR "CASE WHEN s.closed THEN 'POLL_NOT_ACTIVE' ELSE 'ALREADY_VOTED' END"
@@ -40,13 +45,14 @@
     "    decode(x.scores, 'hex') AS scores, x.recorded_at, x.idem_key,"                                                \
     "    decode(x.body_hash, 'hex') AS body_hash, x.client_meta, decode(x.ip_hash, 'hex') AS ip_hash,"                 \
     "    x.request_id"                                                                                                 \
-    "    , p.final_results IS NOT NULL AS closed"                                                                      \
+    "    , p.final_results IS NOT NULL AS closed,"                                                                     \
+    "    EXISTS (SELECT 1 FROM device_links l WHERE l.device_id = x.voter_id) AS linked"                               \
     "  FROM x JOIN polls p ON p.poll_id = x.poll_id FOR KEY SHARE OF p),"                                              \
     "ins AS ("                                                                                                         \
     "  INSERT INTO ballots(poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at,"                         \
     "    idem_key, body_hash, client_meta, ip_hash)"                                                                   \
     "  SELECT poll_id, voter_id, vote_id, receipt, choices, scores, recorded_at, idem_key,"                            \
-    "    body_hash, client_meta, ip_hash FROM src WHERE NOT closed ORDER BY i"                                         \
+    "    body_hash, client_meta, ip_hash FROM src WHERE NOT closed AND NOT linked ORDER BY i"                          \
     "  ON CONFLICT DO NOTHING"                                                                                         \
     "  RETURNING poll_id, voter_id, vote_id, receipt, ip_hash, choices, scores, recorded_at),"                         \
     "ok AS ("                                                                                                          \
@@ -66,7 +72,7 @@
     "    CASE WHEN ok.i IS NULL THEN NULL ELSE s.vote_id END,"                                                         \
     "    CASE WHEN ok.i IS NULL THEN " FAILED_ERROR " END, s.recorded_at"                                              \
     "  FROM src s LEFT JOIN ok ON ok.i = s.i"                                                                          \
-    "  WHERE s.request_id IS NOT NULL ORDER BY s.request_id, s.i"                                                      \
+    "  WHERE s.request_id IS NOT NULL AND NOT s.linked ORDER BY s.request_id, s.i"                                     \
     "  ON CONFLICT (request_id) DO UPDATE SET state = excluded.state, vote_id = excluded.vote_id,"                     \
     "    error = excluded.error WHERE vote_requests.state = 'pending'"                                                 \
     "  RETURNING request_id),"                                                                                         \
@@ -74,7 +80,8 @@
     "  SELECT i, 0 AS k FROM ok"                                                                                       \
     "  UNION ALL SELECT min(s.i), 2 FROM r JOIN src s USING (request_id) GROUP BY r.request_id"                        \
     "  UNION ALL SELECT x.i, 1 FROM x WHERE NOT EXISTS (SELECT 1 FROM src WHERE src.i = x.i)"                          \
-    "  UNION ALL SELECT i, 4 FROM src WHERE closed)"
+    "  UNION ALL SELECT i, 4 FROM src WHERE closed"                                                                    \
+    "  UNION ALL SELECT i, 5 FROM src WHERE linked AND NOT closed)"
 
 /* Inside a batch's transaction (with other ops): the counters move in feed_sql, by
  * what this reports inserted. */
@@ -123,7 +130,8 @@ static const char poll_insert_sql[] =
     "    end_time, settings, created_at, updated_at, idem_key, body_hash, final_results, join_code)"
     "  SELECT poll_id, owner_id, title, description, type, status, nullif(start_time, 0),"
     "    nullif(end_time, 0), settings, nullif(created_at, 0), nullif(updated_at, 0), idem_key,"
-    "    decode(body_hash, 'hex'), final_results, join_code FROM r RETURNING poll_id),"
+    "    decode(body_hash, 'hex'), final_results, join_code FROM r"
+    "  WHERE NOT EXISTS (SELECT 1 FROM device_links l WHERE l.device_id = r.owner_id) RETURNING poll_id),"
     "io AS (INSERT INTO options(poll_id, position, option_id, text, display_order)"
     "  SELECT p.poll_id, o.position, o.option_id, o.text, o.display_order FROM p, o),"
     "ic AS (INSERT INTO option_counts(poll_id, position, votes)"
@@ -131,12 +139,17 @@ static const char poll_insert_sql[] =
     "ip AS (INSERT INTO poll_counts(poll_id, ballots) SELECT poll_id, 0 FROM p)"
     "SELECT count(*) FROM p";
 
-/* An update replaces the row and drops the options (a second statement inserts the new
- * ones: deleting and inserting one key in the same statement is not safe). */
+/* A poll insert writes nothing (count 0: TLY_EAUTH) when its owner is a device linked
+ * to an account: the instance that sent it had not heard of the link yet.
+ *
+ * An update replaces the row but its owner (only a device link moves a poll to another
+ * owner; an update queued behind one, such as a freeze, must not move it back) and
+ * drops the options (a second statement inserts the new ones: deleting and inserting
+ * one key in the same statement is not safe). A closed poll keeps no join code. */
 static const char poll_update_sql[] =
     "WITH r AS (SELECT * FROM jsonb_to_record($1::jsonb) AS r(" POLL_FIELDS ")),"
     "u AS ("
-    "  UPDATE polls SET owner_id = r.owner_id, title = r.title, description = r.description,"
+    "  UPDATE polls SET title = r.title, description = r.description,"
     "    type = r.type, status = r.status, start_time = nullif(r.start_time, 0),"
     "    end_time = nullif(r.end_time, 0), settings = r.settings,"
     "    created_at = nullif(r.created_at, 0), updated_at = nullif(r.updated_at, 0),"
@@ -157,9 +170,10 @@ static const char poll_update_sql[] =
  * i.e. whether anything changed it that the final results were not computed from.
  */
 static const char poll_lock_sql[] = "SELECT final_results IS NOT NULL FROM polls WHERE poll_id = $1 FOR UPDATE";
-static const char poll_touched_sql[] =
-    "SELECT EXISTS (SELECT 1 FROM feed WHERE seq > $2::bigint"
-    "  AND ops::jsonb @> jsonb_build_array(jsonb_build_object('poll_id', $1::text)))";
+static const char poll_touched_sql[] = "SELECT EXISTS (SELECT 1 FROM feed WHERE seq > $2::bigint"
+                                       "  AND (ops::jsonb @> jsonb_build_array(jsonb_build_object('poll_id', $1::text))"
+                                       "    OR ops::jsonb @> jsonb_build_array(jsonb_build_object('ballots',"
+                                       "      jsonb_build_array(jsonb_build_object('poll_id', $1::text))))))";
 
 /* The new options, and the counters of a changed option set: rows of positions gone
  * go; a new position is counted from the ballots (only ballots cast while an earlier
@@ -231,6 +245,36 @@ static const char ballot_delete_sql[] = BALLOT_GUARD
     "  coalesce((SELECT closed FROM g), false)";
 
 /*
+ * A device link (pg.c, run_link), $1 the op's JSON (pg_op_json). It holds device_links
+ * ACCESS EXCLUSIVE from its first statement to its commit: ballot and poll inserts read
+ * that table (above), so none commits beside it; those under way when it came commit
+ * first, and those after it see the link and refuse the device's id. link_check: whether
+ * a change committed after the feed position the caller's list was made at names the
+ * device or the account as a voter, or links either (TLY_ESTATE: the list may miss a
+ * ballot); the lock makes the answer final. link_polls hands the device's polls over,
+ * found by owner (polls_owner), and names them.
+ */
+#define LINK_FIELDS "device_id text, user_id text, at bigint, after bigint"
+static const char link_check_sql[] =
+    "SELECT EXISTS (SELECT 1 FROM feed, jsonb_to_record($1::jsonb) AS l(" LINK_FIELDS ")"
+    "  WHERE feed.seq > l.after"
+    "  AND (feed.ops::jsonb @> jsonb_build_array(jsonb_build_object('voter_id', l.device_id))"
+    "    OR feed.ops::jsonb @> jsonb_build_array(jsonb_build_object('voter_id', l.user_id))"
+    "    OR feed.ops::jsonb @> jsonb_build_array(jsonb_build_object('t', 7, 'device_id', l.device_id))"
+    "    OR feed.ops::jsonb @> jsonb_build_array(jsonb_build_object('t', 7, 'user_id', l.user_id))))";
+_Static_assert(TLY_OP_DEVICE_LINK == 7, "link_check_sql names device links as t: 7");
+static const char link_insert_sql[] = "INSERT INTO device_links(device_id, user_id, linked_at)"
+                                      " SELECT device_id, user_id, at FROM jsonb_to_record($1::jsonb)"
+                                      " AS l(" LINK_FIELDS ") RETURNING 1";
+static const char link_ballots_sql[] = "SELECT o_poll, o_outcome, o_choices FROM link_ballots($1::jsonb)";
+_Static_assert(TLY_LINK_MOVED == 1 && TLY_LINK_KEPT_DEVICE == 2 && TLY_LINK_KEPT_ACCOUNT == 3 &&
+                   TLY_LINK_KEPT_BOTH == 4,
+               "link_ballots (pg_schema.c, migration 5) returns these numbers");
+static const char link_polls_sql[] = "UPDATE polls SET owner_id = l.user_id FROM jsonb_to_record($1::jsonb)"
+                                     " AS l(" LINK_FIELDS ") WHERE polls.owner_id = l.device_id"
+                                     " RETURNING polls.poll_id";
+
+/*
  * The last statement of a batch of several statements that changed anything: the
  * feed_head row lock is held from here to COMMIT. $1 origin, $2 the feed row's ops, $3
  * the counter deltas of the batch's ballot changes ([{"p": poll_id, "o": position or -1
@@ -258,6 +302,10 @@ static const struct {
     {"ballot_replace", ballot_replace_sql},
     {"ballot_delete", ballot_delete_sql},
     {"feed", feed_sql},
+    {"link_check", link_check_sql},
+    {"link_insert", link_insert_sql},
+    {"link_ballots", link_ballots_sql},
+    {"link_polls", link_polls_sql},
 };
 
 int pg_prepare_writer(PGconn *c)

@@ -57,8 +57,10 @@ static const char *const stmt_sql[ST__COUNT] = {
                        " start_time, end_time, settings, created_at, updated_at, idem_key,"
                        " body_hash, final_results, join_code)"
                        " VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-    /* a closed poll keeps no join code (store.h) */
-    [ST_POLL_UPDATE] = "UPDATE polls SET owner_id = ?2, title = ?3, description = ?4, type = ?5,"
+    /* Not owner_id (?2 is bound and unused): only a device link moves a poll to another
+     * owner, and an update queued behind one (a freeze) must not move it back. A closed
+     * poll keeps no join code (store.h). */
+    [ST_POLL_UPDATE] = "UPDATE polls SET title = ?3, description = ?4, type = ?5,"
                        " status = ?6, start_time = ?7, end_time = ?8, settings = ?9,"
                        " created_at = ?10, updated_at = ?11, idem_key = ?12, body_hash = ?13,"
                        " join_code = CASE WHEN ?6 = 2 OR coalesce(final_results, ?14) IS NOT NULL THEN NULL"
@@ -106,6 +108,13 @@ static const char *const stmt_sql[ST__COUNT] = {
                           " vote_id = excluded.vote_id, error = excluded.error"
                           " WHERE vote_requests.state = 'pending'",
     [ST_REQUESTS_DELETE] = "DELETE FROM vote_requests WHERE poll_id = ?1",
+    /* A device link (device_link below). */
+    [ST_LINK_INSERT] = "INSERT INTO device_links(device_id, user_id, linked_at) VALUES(?1, ?2, ?3)",
+    [ST_LINK_BALLOT] = "SELECT coalesce(cast_at, recorded_at), idem_key, body_hash FROM ballots"
+                       " WHERE seq = ?1 AND poll_id = ?2 AND voter_id = ?3",
+    [ST_LINK_FROZEN] = "SELECT final_results IS NOT NULL FROM polls WHERE poll_id = ?1",
+    [ST_BALLOT_REKEY] = "UPDATE ballots SET voter_id = ?4 WHERE seq = ?1 AND poll_id = ?2 AND voter_id = ?3",
+    [ST_POLLS_REOWN] = "UPDATE polls SET owner_id = ?2 WHERE owner_id = ?1 RETURNING poll_id",
 };
 
 static int64_t now_us(void)
@@ -609,6 +618,152 @@ static int ballot_change(sq_store_t *s, tly_store_op_t *op)
     return audit_insert(s, b, replace ? "changed" : "revoked");
 }
 
+/* What a link reads of one ballot row: when it was cast (the earlier of two stands) and
+ * the key of the request that cast it (a retraction keeps it in its "revoked" row). */
+typedef struct {
+    int found;
+    int64_t cast_at;
+    char *idem_key; /* tly_malloc'd, or NULL */
+    uint8_t body_hash[16];
+} link_ballot_t;
+
+/* Reads the ballot `seq` when it is voter's in poll_id (seq 0: none). An SQLite code. */
+static int link_read_ballot(sq_store_t *s, int64_t seq, const char *poll_id, const char *voter, link_ballot_t *out)
+{
+    sqlite3_stmt *st = s->st[ST_LINK_BALLOT];
+    int rc = SQLITE_OK;
+    *out = (link_ballot_t){0};
+    if (seq == 0)
+        return SQLITE_OK;
+    sqlite3_bind_int64(st, 1, seq);
+    bind_str(st, 2, poll_id);
+    bind_str(st, 3, voter);
+    int step = sqlite3_step(st);
+    if (step == SQLITE_ROW) {
+        const char *k = (const char *)sqlite3_column_text(st, 1);
+        const void *h = sqlite3_column_blob(st, 2);
+        out->found = 1;
+        out->cast_at = sqlite3_column_int64(st, 0);
+        if (k != NULL && (out->idem_key = tly_strdup(k)) == NULL)
+            rc = SQLITE_NOMEM;
+        if (h != NULL && sqlite3_column_bytes(st, 2) == 16)
+            memcpy(out->body_hash, h, 16);
+    } else if (step != SQLITE_DONE) {
+        rc = step;
+    }
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    return rc;
+}
+
+/* Whether the poll's final results are stored (*frozen). An SQLite code. */
+static int link_poll_frozen(sq_store_t *s, const char *poll_id, int *frozen)
+{
+    sqlite3_stmt *st = s->st[ST_LINK_FROZEN];
+    bind_str(st, 1, poll_id);
+    int step = sqlite3_step(st);
+    *frozen = step == SQLITE_ROW && sqlite3_column_int(st, 0) != 0;
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    return step == SQLITE_ROW || step == SQLITE_DONE ? SQLITE_OK : step;
+}
+
+/* Retracts the ballot b read as voter's `seq` in e's poll: as BALLOT_DELETE does (its
+ * cast event into audit, the row gone, a "revoked" row with its request's key), at the
+ * link's time. An SQLite code. */
+static int link_retract(sq_store_t *s, const tly_link_row_t *l, const tly_link_ballot_t *e, int64_t seq,
+                        const char *voter, const link_ballot_t *b)
+{
+    tly_store_op_t del = {.type = TLY_OP_BALLOT_DELETE};
+    del.u.ballot = (tly_ballot_row_t){
+        .poll_id = e->poll_id, .voter_id = voter, .seq = seq, .recorded_at = l->at, .idem_key = b->idem_key};
+    memcpy(del.u.ballot.body_hash, b->body_hash, 16);
+    return ballot_change(s, &del);
+}
+
+/* Files the device's ballot `seq` under the account. An SQLite code. */
+static int link_rekey(sq_store_t *s, const tly_link_row_t *l, const tly_link_ballot_t *e)
+{
+    sqlite3_stmt *st = s->st[ST_BALLOT_REKEY];
+    sqlite3_bind_int64(st, 1, e->device_seq);
+    bind_str(st, 2, e->poll_id);
+    bind_str(st, 3, l->device_id);
+    bind_str(st, 4, l->user_id);
+    return sq_step_reset(st);
+}
+
+/* One poll of a link: the outcome of tly_link_outcome_t, the earlier ballot (cast time,
+ * then seq) standing where both voted. An SQLite code. */
+static int link_ballot(sq_store_t *s, const tly_link_row_t *l, tly_link_ballot_t *e)
+{
+    link_ballot_t d, u = {0};
+    int rc, frozen = 0;
+    e->outcome = TLY_LINK_GONE;
+    if ((rc = link_read_ballot(s, e->device_seq, e->poll_id, l->device_id, &d)) != SQLITE_OK || !d.found)
+        goto out;
+    if ((rc = link_read_ballot(s, e->user_seq, e->poll_id, l->user_id, &u)) != SQLITE_OK)
+        goto out;
+    if (u.found && !e->closed && (rc = link_poll_frozen(s, e->poll_id, &frozen)) != SQLITE_OK)
+        goto out;
+    if (!u.found) {
+        rc = link_rekey(s, l, e);
+        e->outcome = TLY_LINK_MOVED;
+    } else if (e->closed || frozen) {
+        e->outcome = TLY_LINK_KEPT_BOTH;
+    } else if (d.cast_at < u.cast_at || (d.cast_at == u.cast_at && e->device_seq < e->user_seq)) {
+        if ((rc = link_retract(s, l, e, e->user_seq, l->user_id, &u)) == SQLITE_OK)
+            rc = link_rekey(s, l, e);
+        e->outcome = TLY_LINK_KEPT_DEVICE;
+    } else {
+        rc = link_retract(s, l, e, e->device_seq, l->device_id, &d);
+        e->outcome = TLY_LINK_KEPT_ACCOUNT;
+    }
+out:
+    tly_free(d.idem_key);
+    tly_free(u.idem_key);
+    return rc;
+}
+
+/*
+ * TLY_OP_DEVICE_LINK, inside run_op's savepoint: the link row (a second link of the
+ * device fails it as a duplicate key: TLY_EEXIST), then each ballot the caller's memory
+ * listed (found by seq: no index by voter since migration 6), then the device's polls
+ * (found by polls_owner). Everything in the one savepoint, so that a restart sees the
+ * link with all of it or none of it.
+ */
+static int device_link(sq_store_t *s, tly_store_op_t *op)
+{
+    tly_link_row_t *l = &op->u.link;
+    sqlite3_stmt *st = s->st[ST_LINK_INSERT];
+    tly_strlist_t moved = {0};
+    int rc, step;
+
+    l->polls_moved = NULL;
+    l->npolls_moved = 0;
+    bind_str(st, 1, l->device_id);
+    bind_str(st, 2, l->user_id);
+    sqlite3_bind_int64(st, 3, l->at);
+    if ((rc = sq_step_reset(st)) != SQLITE_OK)
+        return rc;
+    for (size_t i = 0; i < l->nballots; i++)
+        if ((rc = link_ballot(s, l, &l->ballots[i])) != SQLITE_OK)
+            return rc;
+    st = s->st[ST_POLLS_REOWN];
+    bind_str(st, 1, l->device_id);
+    bind_str(st, 2, l->user_id);
+    while ((step = sqlite3_step(st)) == SQLITE_ROW)
+        if (tly_strlist_add(&moved, (const char *)sqlite3_column_text(st, 0)) != 0) {
+            step = SQLITE_NOMEM;
+            break;
+        }
+    sqlite3_reset(st);
+    sqlite3_clear_bindings(st);
+    if (step == SQLITE_DONE && tly_strlist_take(&moved, &l->polls_moved, &l->npolls_moved) != 0)
+        step = SQLITE_NOMEM;
+    tly_free(moved.buf);
+    return step == SQLITE_DONE ? SQLITE_OK : step;
+}
+
 /*
  * The ballot row, appended under the batch's next seq, which goes back to the caller in
  * b->seq (its memory names the ballot by it for a later change or retraction). Nothing
@@ -680,7 +835,7 @@ static int run_op(sq_store_t *s, tly_store_op_t *op)
     int rc, rc2;
     int multi = op->type == TLY_OP_POLL_INSERT || op->type == TLY_OP_POLL_UPDATE || op->type == TLY_OP_POLL_DELETE ||
                 op->type == TLY_OP_BALLOT_REPLACE || op->type == TLY_OP_BALLOT_DELETE ||
-                (op->type == TLY_OP_BALLOT_INSERT && op->u.ballot.request_id != NULL);
+                op->type == TLY_OP_DEVICE_LINK || (op->type == TLY_OP_BALLOT_INSERT && op->u.ballot.request_id != NULL);
 
     op->result = 0;
     if (multi && (rc = sq_step_reset(s->st[ST_SAVEPOINT])) != SQLITE_OK)
@@ -704,6 +859,9 @@ static int run_op(sq_store_t *s, tly_store_op_t *op)
     case TLY_OP_BALLOT_REPLACE:
     case TLY_OP_BALLOT_DELETE:
         rc = ballot_change(s, op);
+        break;
+    case TLY_OP_DEVICE_LINK:
+        rc = device_link(s, op);
         break;
     default:
         rc = SQLITE_CONSTRAINT; /* an unknown type fails alone, as TLY_EINVAL */

@@ -169,6 +169,13 @@ static int load_user(sq_load_t *l, sqlite3_stmt *st)
     return tly_load_user(&l->check, &u);
 }
 
+static int load_link(sq_load_t *l, sqlite3_stmt *st)
+{
+    tly_device_link_row_t d = {
+        .device_id = col_str(st, 0), .user_id = col_str(st, 1), .linked_at = sqlite3_column_int64(st, 2)};
+    return tly_load_link(&l->check, &d);
+}
+
 static int load_poll(sq_load_t *l, sqlite3_stmt *st)
 {
     option_buf_t *ob = &l->ob;
@@ -381,6 +388,8 @@ int sq_load(sq_store_t *s, const tly_store_load_cb_t *cb, void *ctx)
     }
     if ((rc = each_row(db, "SELECT user_id, username, password_hash, email, created_at FROM users ORDER BY rowid", 0,
                        load_user, &l)) != 0 ||
+        (rc = each_row(db, "SELECT device_id, user_id, linked_at FROM device_links ORDER BY rowid", 0, load_link,
+                       &l)) != 0 ||
         (rc = each_row(db,
                        "SELECT poll_id, owner_id, title, description, type, status,"
                        " start_time, end_time, settings, created_at, updated_at,"

@@ -197,6 +197,17 @@ static const char *const migrations[] = {
                                                                                             "polls_join_code ON "
                                                                                             "polls(join_code) WHERE "
                                                                                             "join_code IS NOT NULL;",
+
+    /* 8: device links (issue 17). An anonymous device token that registers or logs in
+     * becomes one person with the account: the row is written in the transaction that
+     * rewrites the device's ballots to the account (by seq: migration 6 left no index by
+     * voter), retracts the later of two ballots in one poll, and hands the device's polls
+     * over (polls_owner). Load reads it back, so that the device's token goes on acting
+     * as the account after a restart. */
+    "CREATE TABLE device_links("
+    "  device_id TEXT PRIMARY KEY,"
+    "  user_id TEXT NOT NULL,"
+    "  linked_at INTEGER NOT NULL);",
 };
 
 _Static_assert(TLY_ARRAY_SIZE(migrations) == TLY_STORE_SCHEMA_VERSION,

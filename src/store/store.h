@@ -127,13 +127,70 @@ typedef struct {
                                and "changed", the time of retraction for "revoked" */
 } tly_audit_row_t;
 
+/*
+ * Linking a device to an account (TLY_OP_DEVICE_LINK): an anonymous device token
+ * (voter id "anon_...") used to register or log in becomes one person with the account.
+ * From the link on, the device's id is the account's everywhere; what the device held
+ * becomes the account's in the same transaction as the link row.
+ */
+typedef enum {
+    TLY_LINK_GONE = 0,         /* the device has no ballot there (any more): nothing done */
+    TLY_LINK_MOVED = 1,        /* the device's ballot is the account's now (its voter_id rewritten) */
+    TLY_LINK_KEPT_DEVICE = 2,  /* both had one; the device's, cast first, is the account's now and the
+                               account's was retracted (an audit "revoked" row under the account) */
+    TLY_LINK_KEPT_ACCOUNT = 3, /* both had one; the account's was cast first and stays; the device's
+                              was retracted (an audit "revoked" row under the device) */
+    TLY_LINK_KEPT_BOTH = 4,    /* both had one and the poll takes no more changes (closed, or its final
+                                 results stored): both stay as they are, the device's under its id */
+} tly_link_outcome_t;          /* the numbers are PostgreSQL's link_ballots' too */
+
+/* A poll in which the device holds a ballot. */
+typedef struct {
+    const char *poll_id;
+    /* The device's ballot and the account's in the poll (0: the account has none), as
+     * BALLOT_INSERT or load gave them: SQLite finds the rows by them; PostgreSQL finds
+     * them by poll and voter and ignores both. */
+    int64_t device_seq, user_seq;
+    int closed;  /* the poll takes no more changes: two ballots stay as they are */
+    int outcome; /* tly_link_outcome_t; set by the store before done */
+} tly_link_ballot_t;
+
+typedef struct {
+    const char *device_id, *user_id;
+    int64_t at; /* ms: the link's time, and its retractions' */
+    /* Every poll in which the caller's memory holds a committed ballot of the device (a
+     * store has no index by voter to find them; one process's memory, or with a shared
+     * store memory at feed position `after`, has them all). */
+    size_t nballots;
+    tly_link_ballot_t *ballots;
+    /* Shared store: the feed position the list was made at (tly_store_applied_seq).
+     * The store refuses the link with TLY_ESTATE when a change committed after it names
+     * the device or the account as a voter, or links either: the caller catches up
+     * (tly_store_sync) and offers the link again with a new list. */
+    int64_t after;
+    /* Set by the store before done, whatever the result: the polls the device owned,
+     * now the account's (found by owner, so a poll whose creation committed just before
+     * the link is among them). One block from tly_malloc, the array and then the ids;
+     * the caller frees it with tly_free (NULL when none). */
+    char **polls_moved;
+    size_t npolls_moved;
+} tly_link_row_t;
+
+/* A device link as load returns it. */
+typedef struct {
+    const char *device_id, *user_id;
+    int64_t linked_at;
+} tly_device_link_row_t;
+
 typedef enum {
     /* Feed only: a vote request's row (tly_store_follow; never submitted). */
     TLY_OP_REQUEST = -1,
     TLY_OP_USER_INSERT, /* u.user; TLY_EEXIST when the username (case-insensitive) exists */
     TLY_OP_POLL_INSERT, /* u.poll; TLY_EEXIST when the poll_id exists */
     TLY_OP_POLL_UPDATE, /* u.poll: replaces the poll row (final_results included) and its
-                           options; TLY_ENOTFOUND when the poll_id does not exist */
+                           options, all but owner_id (only TLY_OP_DEVICE_LINK changes a
+                           poll's owner, and an update queued behind a link must not undo
+                           it); TLY_ENOTFOUND when the poll_id does not exist */
     /* u.poll.poll_id: the poll, its options, ballots, requests and its audit rows. A
      * deleted poll is gone entirely: its owner deleted it, and an audit log of a poll
      * nobody can see any more would only be personal data kept without a purpose. */
@@ -170,6 +227,16 @@ typedef enum {
      * voter may then cast again (a new ballot, new seq). TLY_ENOTFOUND when the voter has
      * no ballot in the poll. Every other field is ignored. */
     TLY_OP_BALLOT_DELETE,
+    /* u.link: the row device_links(device_id, user_id, linked_at), and in the same
+     * savepoint what the device held becomes the account's: for each of u.link.ballots
+     * the outcome of tly_link_outcome_t, the earlier ballot standing where both voted
+     * (cast time, then seq); the polls it owned (u.link.polls_moved). TLY_EEXIST when the
+     * device is linked already (to any account; nothing changes), TLY_ESTATE (shared
+     * store: u.link.after). A shared store from then on refuses what another instance,
+     * not yet knowing the link, writes under the device's id: BALLOT_INSERT and
+     * POLL_INSERT with TLY_EAUTH (the caller catches up and acts as the account), and
+     * changes or retractions of the device's ballots find none (TLY_ENOTFOUND). */
+    TLY_OP_DEVICE_LINK,
 } tly_op_type_t;
 
 typedef struct tly_store_op tly_store_op_t;
@@ -182,7 +249,8 @@ struct tly_store_op {
      * nothing of the batch is durable; later batches may succeed), TLY_ESTATE (a
      * ballot insert, replace or delete for a poll whose final results a shared store
      * holds, or a freeze that came too late: tly_poll_row_t.freeze; this operation
-     * only). */
+     * only), TLY_EAUTH (a shared store: a ballot or poll insert under the id of a device
+     * linked to an account, TLY_OP_DEVICE_LINK; this operation only). */
     int result;
     void (*done)(tly_store_op_t *op); /* runs in tly_store_reap */
     void *ctx;
@@ -191,6 +259,7 @@ struct tly_store_op {
         tly_poll_row_t poll;
         tly_ballot_row_t ballot;
         tly_request_row_t request; /* TLY_OP_REQUEST (feed only) */
+        tly_link_row_t link;       /* TLY_OP_DEVICE_LINK */
     } u;
     tly_store_op_t *next; /* the store's; do not touch */
 };
@@ -234,6 +303,7 @@ typedef struct {
  */
 typedef struct {
     int (*user)(void *ctx, const tly_user_row_t *u, const char **why);
+    int (*link)(void *ctx, const tly_device_link_row_t *l, const char **why);
     int (*poll)(void *ctx, const tly_poll_row_t *p, const char **why);
     int (*ballot)(void *ctx, const tly_ballot_row_t *b, const char **why);
     int (*request)(void *ctx, const tly_request_row_t *r, const char **why);
@@ -256,10 +326,10 @@ typedef struct {
 } tly_store_load_cb_t;
 
 /*
- * Reads everything back at start: users, then polls (with options), then ballots in
- * commit order, then vote requests, then the keys of retracted ballots (in retraction
- * order), then the first casts of changed ballots (any order). Rows passed to callbacks
- * are valid only during the call. Call before submitting anything.
+ * Reads everything back at start: users, then device links, then polls (with options),
+ * then ballots in commit order, then vote requests, then the keys of retracted ballots
+ * (in retraction order), then the first casts of changed ballots (any order). Rows
+ * passed to callbacks are valid only during the call. Call before submitting anything.
  *
  * Load verifies what it hands over. A bad row is one that does not decode (a NULL where
  * a value is required, a hash that is not 16 bytes, scores of another length than the
@@ -303,10 +373,10 @@ int tly_store_writable(tly_store_t *s);
  * Sharing a store between instances. Changes other instances committed are passed to cb
  * in tly_store_reap, one operation at a time, in commit order: TLY_OP_USER_INSERT,
  * POLL_INSERT, POLL_UPDATE, POLL_DELETE, BALLOT_INSERT (with request_id when the vote was
- * async), BALLOT_REPLACE, BALLOT_DELETE, and TLY_OP_REQUEST (a request that failed, e.g.
- * ALREADY_VOTED). op->result is 0 and op->done NULL; op and its rows are valid only
- * during the call. A ballot row carries what this store's load gives (ip_hash included).
- * Set it before the first reap. SQLite is never shared: cb is never called. Owning thread.
+ * async), BALLOT_REPLACE, BALLOT_DELETE, DEVICE_LINK (with the outcomes its store set),
+ * and TLY_OP_REQUEST (a request that failed, e.g. ALREADY_VOTED). op->result is 0 and op->done NULL; op and its rows
+ * are valid only during the call. A ballot row carries what this store's load gives (ip_hash included). Set it before
+ * the first reap. SQLite is never shared: cb is never called. Owning thread.
  */
 void tly_store_follow(tly_store_t *s, void (*cb)(void *ctx, const tly_store_op_t *op), void *ctx);
 

@@ -79,11 +79,12 @@ typedef struct tly_load {
 
 void tly_load_init(tly_load_t *l, const tly_store_load_cb_t *cb, void *ctx);
 int tly_load_user(tly_load_t *l, const tly_user_row_t *u);
+int tly_load_link(tly_load_t *l, const tly_device_link_row_t *d);
 int tly_load_poll(tly_load_t *l, const tly_poll_row_t *p);
 int tly_load_ballot(tly_load_t *l, const tly_ballot_row_t *b, int64_t seq);
 int tly_load_request(tly_load_t *l, const tly_request_row_t *r);
 int tly_load_retracted(tly_load_t *l, const tly_retracted_row_t *r, int64_t seq); /* seq: the audit row's */
-int tly_load_cast(tly_load_t *l, const tly_ballot_row_t *b, int64_t seq); /* seq: the ballot's */
+int tly_load_cast(tly_load_t *l, const tly_ballot_row_t *b, int64_t seq);         /* seq: the ballot's */
 /* A row of `table` that does not decode: key names it (tly_load_key), why says what is
  * wrong. Logs it (store.h says at which level) and counts it. Returns 0. */
 int tly_load_bad(tly_load_t *l, const char *table, const char *key, const char *why);
@@ -97,7 +98,7 @@ void tly_load_key(char buf[TLY_LOAD_KEY_MAX], const char *name, const char *valu
 int tly_load_finish(tly_load_t *l, int rc);
 
 /* The schema version sqlite_schema.c migrates to (PRAGMA user_version). */
-#define TLY_STORE_SCHEMA_VERSION 7
+#define TLY_STORE_SCHEMA_VERSION 8
 
 /* Default most operations in one transaction when conf->batch_max is 0. */
 #define TLY_STORE_BATCH_MAX 4096

@@ -1062,4 +1062,232 @@ static tly_store_t *join_code_migration_check(void)
     return s;
 }
 
+/* ---- device links ------------------------------------------------------------------------ */
+
+typedef struct {
+    int n;
+} retracted_seen_t;
+
+static int link_see_retracted(void *ctx, const tly_retracted_row_t *r, const char **why)
+{
+    retracted_seen_t *rs = ctx;
+    cr_assert(strcmp(r->idem_key, "acc-key") == 0 || strcmp(r->idem_key, "dev-key") == 0, "%s", r->idem_key);
+    cr_assert_str_eq(r->voter_id, strcmp(r->idem_key, "acc-key") == 0 ? "u_acc" : "anon_dev");
+    cr_assert_eq(r->at, 1700000009000);
+    rs->n++;
+    return 0;
+}
+
+/* What load handed back of a linked store: the links, each poll's owner, each ballot's
+ * voter and vote id. */
+typedef struct {
+    int links, polls, ballots;
+    char link_device[4][32], link_user[4][32];
+    char poll_id[8][32], owner[8][32];
+    char ballot_poll[16][32], ballot_voter[16][32], ballot_vote[16][32];
+} link_seen_t;
+
+static int link_see_user(void *ctx, const tly_user_row_t *u, const char **why) { return 0; }
+
+static int link_see_link(void *ctx, const tly_device_link_row_t *l, const char **why)
+{
+    link_seen_t *ls = ctx;
+    cr_assert_lt(ls->links, 4);
+    snprintf(ls->link_device[ls->links], 32, "%s", l->device_id);
+    snprintf(ls->link_user[ls->links], 32, "%s", l->user_id);
+    cr_assert_eq(l->linked_at, 1700000009000);
+    ls->links++;
+    return 0;
+}
+
+static int link_see_poll(void *ctx, const tly_poll_row_t *p, const char **why)
+{
+    link_seen_t *ls = ctx;
+    cr_assert_lt(ls->polls, 8);
+    snprintf(ls->poll_id[ls->polls], 32, "%s", p->poll_id);
+    snprintf(ls->owner[ls->polls], 32, "%s", p->owner_id);
+    ls->polls++;
+    return 0;
+}
+
+static int link_see_ballot(void *ctx, const tly_ballot_row_t *b, const char **why)
+{
+    link_seen_t *ls = ctx;
+    cr_assert_lt(ls->ballots, 16);
+    snprintf(ls->ballot_poll[ls->ballots], 32, "%s", b->poll_id);
+    snprintf(ls->ballot_voter[ls->ballots], 32, "%s", b->voter_id);
+    snprintf(ls->ballot_vote[ls->ballots], 32, "%s", b->vote_id);
+    ls->ballots++;
+    return 0;
+}
+
+static const tly_store_load_cb_t link_cb = {
+    .user = link_see_user, .link = link_see_link, .poll = link_see_poll, .ballot = link_see_ballot};
+
+/* The voter of the ballot with this vote id in load's answer; NULL when it is not there. */
+static const char *link_voter_of(const link_seen_t *ls, const char *vote_id)
+{
+    for (int i = 0; i < ls->ballots; i++)
+        if (strcmp(ls->ballot_vote[i], vote_id) == 0)
+            return ls->ballot_voter[i];
+    return NULL;
+}
+
+static const char *link_owner_of(const link_seen_t *ls, const char *poll_id)
+{
+    for (int i = 0; i < ls->polls; i++)
+        if (strcmp(ls->poll_id[i], poll_id) == 0)
+            return ls->owner[i];
+    return NULL;
+}
+
+static tly_store_op_t owned_poll(const char *poll_id, const char *owner, int64_t created_at)
+{
+    tly_store_op_t op = poll_op(poll_id, 2);
+    op.u.poll.owner_id = owner;
+    op.u.poll.created_at = created_at;
+    return op;
+}
+
+static tly_store_op_t ballot_at(const char *poll_id, const char *voter, const char *vote_id, const char *receipt,
+                                int64_t at)
+{
+    tly_store_op_t op = ballot_op(poll_id, voter, vote_id, receipt);
+    op.u.ballot.recorded_at = at;
+    return op;
+}
+
+/*
+ * A device "anon_dev" linked to the account "u_acc". It voted in pl1 (alone), pl2 (before
+ * the account), pl3 (after the account) and pl4 (both, a poll the caller says is
+ * closed); pl6 is listed but holds no ballot of the device; it owns pl5 and pl7. The
+ * link: one ballot moved, the account's retracted in pl2 and the device's kept, the
+ * device's retracted in pl3, both kept in pl4, nothing in pl6, pl5 and pl7 the
+ * account's. A second link of the device (to anyone) is refused. After a restart, load
+ * gives back the link and everything as the link left it. *link_after: the feed
+ * position the list was made at (the caller's tly_store_applied_seq).
+ */
+static tly_store_op_t link_scenario_op;
+static tly_link_ballot_t link_scenario_ballots[5];
+
+static void link_prepare(tly_store_t *s)
+{
+    tly_store_op_t u = {.type = TLY_OP_USER_INSERT, .u.user = {"u_acc", "Acc", "$argon2id$v=19$x", NULL, 1699990000000}};
+    submit_wait(s, &u);
+    cr_assert_eq(u.result, 0);
+    static const char *const polls[] = {"pl1", "pl2", "pl3", "pl4", "pl6"};
+    for (int i = 0; i < 5; i++) {
+        tly_store_op_t p = owned_poll(polls[i], "someone", 1700000000000 + i);
+        submit_wait(s, &p);
+        cr_assert_eq(p.result, 0);
+    }
+    tly_store_op_t own5 = owned_poll("pl5", "anon_dev", 1700000000005), own7 = owned_poll("pl7", "anon_dev", 1700000000007);
+    submit_wait(s, &own5);
+    submit_wait(s, &own7);
+    tly_store_op_t b[7] = {
+        ballot_at("pl1", "anon_dev", "v_d1", "r_d1", 1700000001000),
+        ballot_at("pl2", "anon_dev", "v_d2", "r_d2", 1700000001000),
+        ballot_at("pl2", "u_acc", "v_u2", "r_u2", 1700000002000),
+        ballot_at("pl3", "u_acc", "v_u3", "r_u3", 1700000001000),
+        ballot_at("pl3", "anon_dev", "v_d3", "r_d3", 1700000002000),
+        ballot_at("pl4", "anon_dev", "v_d4", "r_d4", 1700000001000),
+        ballot_at("pl4", "u_acc", "v_u4", "r_u4", 1700000002000),
+    };
+    b[2].u.ballot.idem_key = "acc-key"; /* kept in the "revoked" rows of the retractions */
+    b[4].u.ballot.idem_key = "dev-key";
+    for (int i = 0; i < 7; i++) {
+        submit_wait(s, &b[i]);
+        cr_assert_eq(b[i].result, 0, "ballot %d", i);
+    }
+    link_scenario_ballots[0] = (tly_link_ballot_t){.poll_id = "pl1", .device_seq = b[0].u.ballot.seq};
+    link_scenario_ballots[1] =
+        (tly_link_ballot_t){.poll_id = "pl2", .device_seq = b[1].u.ballot.seq, .user_seq = b[2].u.ballot.seq};
+    link_scenario_ballots[2] =
+        (tly_link_ballot_t){.poll_id = "pl3", .device_seq = b[4].u.ballot.seq, .user_seq = b[3].u.ballot.seq};
+    link_scenario_ballots[3] = (tly_link_ballot_t){
+        .poll_id = "pl4", .device_seq = b[5].u.ballot.seq, .user_seq = b[6].u.ballot.seq, .closed = 1};
+    link_scenario_ballots[4] = (tly_link_ballot_t){.poll_id = "pl6", .device_seq = b[0].u.ballot.seq};
+    link_scenario_op = (tly_store_op_t){.type = TLY_OP_DEVICE_LINK};
+    link_scenario_op.u.link = (tly_link_row_t){.device_id = "anon_dev",
+                                               .user_id = "u_acc",
+                                               .at = 1700000009000,
+                                               .nballots = 5,
+                                               .ballots = link_scenario_ballots,
+                                               .after = tly_store_applied_seq(s)};
+}
+
+static int link_has_poll(const tly_link_row_t *l, const char *poll_id)
+{
+    for (size_t i = 0; i < l->npolls_moved; i++)
+        if (strcmp(l->polls_moved[i], poll_id) == 0)
+            return 1;
+    return 0;
+}
+
+static tly_store_t *link_scenario(tly_store_t *s)
+{
+    link_prepare(s);
+    tly_store_op_t *op = &link_scenario_op;
+    submit_wait(s, op);
+    cr_assert_eq(op->result, 0, "link: %d", op->result);
+    const tly_link_row_t *l = &op->u.link;
+    cr_assert_eq(l->ballots[0].outcome, TLY_LINK_MOVED);
+    cr_assert_eq(l->ballots[1].outcome, TLY_LINK_KEPT_DEVICE, "the device voted first in pl2");
+    cr_assert_eq(l->ballots[2].outcome, TLY_LINK_KEPT_ACCOUNT, "the account voted first in pl3");
+    cr_assert_eq(l->ballots[3].outcome, TLY_LINK_KEPT_BOTH, "pl4 takes no changes");
+    cr_assert_eq(l->ballots[4].outcome, TLY_LINK_GONE, "no ballot of the device in pl6");
+    cr_assert_eq(l->npolls_moved, 2);
+    cr_assert(link_has_poll(l, "pl5") && link_has_poll(l, "pl7"));
+    tly_free(l->polls_moved);
+
+    /* a device is linked once: again, or to another account, changes nothing */
+    tly_store_op_t again = {.type = TLY_OP_DEVICE_LINK};
+    again.u.link = (tly_link_row_t){.device_id = "anon_dev", .user_id = "u_other", .at = 1700000010000,
+                                    .after = tly_store_applied_seq(s)};
+    submit_wait(s, &again);
+    cr_assert_eq(again.result, TLY_EEXIST);
+    tly_free(again.u.link.polls_moved);
+
+    /* the audit: a "revoked" row under whoever's ballot went, at the link's time */
+    audit_seen_t as;
+    read_audit(s, "pl2", &as);
+    cr_assert_eq(as.n, 3, "two casts and the account's retraction");
+    cr_assert_str_eq(as.event[2], "revoked");
+    cr_assert_str_eq(as.voter[2], "u_acc");
+    cr_assert_eq(as.at[2], 1700000009000);
+    read_audit(s, "pl3", &as);
+    cr_assert_eq(as.n, 3);
+    cr_assert_str_eq(as.event[2], "revoked");
+    cr_assert_str_eq(as.voter[2], "anon_dev");
+
+    /* a restart sees the same */
+    tly_store_close(s);
+    s = open_store();
+    link_seen_t ls = {0};
+    cr_assert_eq(tly_store_load(s, &link_cb, &ls), 0);
+    cr_assert_eq(ls.links, 1);
+    cr_assert_str_eq(ls.link_device[0], "anon_dev");
+    cr_assert_str_eq(ls.link_user[0], "u_acc");
+    cr_assert_str_eq(link_owner_of(&ls, "pl5"), "u_acc");
+    cr_assert_str_eq(link_owner_of(&ls, "pl7"), "u_acc");
+    cr_assert_str_eq(link_owner_of(&ls, "pl1"), "someone");
+    cr_assert_eq(ls.ballots, 5, "pl1, pl2, pl3 one each; pl4 both");
+    cr_assert_str_eq(link_voter_of(&ls, "v_d1"), "u_acc");
+    cr_assert_str_eq(link_voter_of(&ls, "v_d2"), "u_acc", "the device's earlier ballot is the account's");
+    cr_assert_null(link_voter_of(&ls, "v_u2"));
+    cr_assert_str_eq(link_voter_of(&ls, "v_u3"), "u_acc");
+    cr_assert_null(link_voter_of(&ls, "v_d3"));
+    cr_assert_str_eq(link_voter_of(&ls, "v_d4"), "anon_dev", "a closed poll keeps both as they were");
+    cr_assert_str_eq(link_voter_of(&ls, "v_u4"), "u_acc");
+
+    /* the keys of the retracted ballots' requests come back with them */
+    retracted_seen_t rs = {0};
+    tly_store_close(s);
+    s = open_store();
+    tly_store_load_cb_t rcb = {.retracted = link_see_retracted};
+    cr_assert_eq(tly_store_load(s, &rcb, &rs), 0);
+    cr_assert_eq(rs.n, 2);
+    return s;
+}
+
 #endif

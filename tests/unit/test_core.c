@@ -3324,3 +3324,119 @@ Test(registry, join_codes_find_their_poll_and_go_with_it)
     cr_assert_null(tly_registry_find_code(r, "345678"));
     tly_registry_free(r); /* a is freed with it */
 }
+
+/* ---- device links: a ballot re-filed under the account, a poll handed over ---- */
+
+Test(link, rekey_files_the_vote_under_the_account_and_keeps_everything_else)
+{
+    tly_registry_t *r = tly_registry_new();
+    tly_poll_t *p = create_ok(body_n("multiple", 3));
+    tly_registry_add_poll(r, p);
+    /* enough votes for several buckets, so that the move crosses chains */
+    char voter[32];
+    for (int i = 0; i < 40; i++) {
+        snprintf(voter, sizeof(voter), "voter%d", i);
+        cast(r, p, voter, "{\"option_ids\":[\"$1\"]}");
+    }
+    tly_vote_t *d = cast_from(r, p, "anon_dev", 7);
+    tly_poll_commit_vote(p, d, NOW + 6);
+    char vote_id[TLY_VOTE_ID_LEN + 1], receipt[TLY_RECEIPT_LEN + 1];
+    strcpy(vote_id, d->vote_id);
+    strcpy(receipt, d->receipt);
+    uint64_t seq = p->seq, total = p->total_votes;
+    assert_votes(p, (uint64_t[]){1, 40, 0});
+
+    cr_assert_eq(tly_poll_rekey_vote(p, d, "u_account"), 0);
+    cr_assert_null(tly_poll_find_vote(p, "anon_dev"), "the device has no ballot of its own any more");
+    cr_assert_eq(tly_poll_find_vote(p, "u_account"), d, "the same vote, filed under the account");
+    cr_assert_str_eq(d->voter_id, "u_account");
+    cr_assert_str_eq(d->vote_id, vote_id);
+    cr_assert_str_eq(d->receipt, receipt);
+    cr_assert_eq(tly_registry_find_receipt(r, receipt), d);
+    cr_assert_eq(p->seq, seq, "counts do not move");
+    cr_assert_eq(p->total_votes, total);
+    assert_votes(p, (uint64_t[]){1, 40, 0});
+    uint8_t h[TLY_IP_HASH_LEN];
+    ip_of(h, 7);
+    cr_assert_eq(tly_poll_find_ip(p, h), d, "its address stays with it");
+    assert_maps(r, p);
+
+    /* a voter who has a ballot in the poll cannot take another */
+    cr_assert_eq(tly_poll_rekey_vote(p, d, "voter3"), TLY_EEXIST);
+    cr_assert_eq(tly_poll_find_vote(p, "u_account"), d);
+    /* a vote of another poll is not this poll's to move */
+    tly_poll_t *q = create_ok(body_n("single", 2));
+    tly_registry_add_poll(r, q);
+    cr_assert_eq(tly_poll_rekey_vote(q, d, "someone"), TLY_EINVAL);
+    /* out of memory: nothing changes */
+    tly_alloc_fail_after(0);
+    int rc = tly_poll_rekey_vote(p, d, "u_other");
+    tly_alloc_fail_after(-1);
+    cr_assert_eq(rc, TLY_ENOMEM);
+    cr_assert_eq(tly_poll_find_vote(p, "u_account"), d);
+    assert_maps(r, p);
+    /* the only vote of a poll moves too (a delete and an add would free the table) */
+    tly_vote_t *only = cast(r, q, "anon_q", "{\"option_id\":\"$0\"}");
+    cr_assert_eq(tly_poll_rekey_vote(q, only, "u_account"), 0);
+    cr_assert_eq(tly_poll_find_vote(q, "u_account"), only);
+    assert_maps(r, q);
+    /* and a retraction afterwards finds it where it is now */
+    tly_poll_retract_vote(r, p, d, NOW + HOUR);
+    cr_assert_null(tly_poll_find_vote(p, "u_account"));
+    assert_votes(p, (uint64_t[]){0, 40, 0});
+    assert_maps(r, p);
+    tly_registry_free(r);
+}
+
+Test(link, set_owner_moves_a_poll_between_listings_in_order)
+{
+    tly_registry_t *r = tly_registry_new();
+    tly_poll_t *dev[3], *acc[3];
+    for (int i = 0; i < 3; i++) {
+        dev[i] = poll_at(NOW + (2 * i) * 1000, "anon_dev");
+        acc[i] = poll_at(NOW + (2 * i + 1) * 1000, "u_acc");
+        tly_registry_add_poll(r, dev[i]);
+        tly_registry_add_poll(r, acc[i]);
+    }
+    for (int i = 0; i < 3; i++)
+        cr_assert_eq(tly_registry_set_owner(r, dev[i], "u_acc"), 0);
+    tly_poll_t *out[10];
+    bool more;
+    cr_assert_eq(tly_registry_list_owner(r, "anon_dev", NULL, out, 10, &more), 0, "the device owns nothing now");
+    size_t n = tly_registry_list_owner(r, "u_acc", NULL, out, 10, &more);
+    cr_assert_eq(n, 6);
+    /* newest first, the handed-over polls among the account's own at their times */
+    tly_poll_t *want[6] = {acc[2], dev[2], acc[1], dev[1], acc[0], dev[0]};
+    for (size_t i = 0; i < n; i++) {
+        cr_assert_eq(out[i], want[i], "position %zu", i);
+        cr_assert_str_eq(out[i]->owner_id, "u_acc");
+    }
+    /* out of memory before the change: nothing moves */
+    tly_alloc_fail_after(0);
+    int rc = tly_registry_set_owner(r, dev[0], "someone");
+    tly_alloc_fail_after(-1);
+    cr_assert_eq(rc, TLY_ENOMEM);
+    cr_assert_str_eq(dev[0]->owner_id, "u_acc");
+    cr_assert_eq(tly_registry_list_owner(r, "u_acc", NULL, out, 10, &more), 6);
+    for (int i = 0; i < 3; i++) {
+        tly_registry_remove_poll(r, dev[i]);
+        tly_registry_remove_poll(r, acc[i]);
+    }
+    cr_assert_eq(tly_registry_list_owner(r, "u_acc", NULL, out, 10, &more), 0);
+    tly_registry_free(r);
+}
+
+static void count_poll(void *ctx, tly_poll_t *p) { (*(int *)ctx)++; }
+
+Test(link, each_poll_visits_every_poll_once)
+{
+    tly_registry_t *r = tly_registry_new();
+    int n = 0;
+    tly_registry_each_poll(r, count_poll, &n);
+    cr_assert_eq(n, 0);
+    for (int i = 0; i < 25; i++)
+        tly_registry_add_poll(r, poll_at(NOW + i, i % 2 ? "a" : "b"));
+    tly_registry_each_poll(r, count_poll, &n);
+    cr_assert_eq(n, 25);
+    tly_registry_free(r);
+}

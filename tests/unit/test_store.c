@@ -93,6 +93,13 @@ Test(store, join_codes_unique_among_open_polls_and_freed_by_a_close)
     tly_store_close(join_code_scenario(open_store()));
 }
 
+/* ---- device links -------------------------------------------------------------------- */
+
+Test(store, a_device_link_moves_ballots_and_polls_retracts_the_later_ballot_and_survives_restart)
+{
+    tly_store_close(link_scenario(open_store()));
+}
+
 Test(store, schema_version_and_wal)
 {
     char path[160];
@@ -1433,17 +1440,18 @@ Test(store, migration_7_gives_open_polls_join_codes)
     tly_store_t *s = open_store();
     join_code_migration_setup(s);
     tly_store_close(s);
-    /* the same rows as schema version 6 kept them: no column, no index */
+    /* the same rows as schema version 6 kept them: no column, no index (and none of
+     * migration 8's device links) */
     sqlite3 *db = raw_open(SQLITE_OPEN_READWRITE);
     cr_assert_eq(sqlite3_exec(db,
                               "DROP INDEX polls_join_code; ALTER TABLE polls DROP COLUMN join_code;"
-                              "PRAGMA user_version = 6;",
+                              "DROP TABLE device_links; PRAGMA user_version = 6;",
                               NULL, NULL, NULL),
                  SQLITE_OK, "%s", sqlite3_errmsg(db));
     sqlite3_close(db);
     tly_store_close(join_code_migration_check());
     db = raw_open(SQLITE_OPEN_READONLY);
-    cr_assert_eq(raw_int(db, "PRAGMA user_version"), 7);
+    cr_assert_eq(raw_int(db, "PRAGMA user_version"), TLY_STORE_SCHEMA_VERSION);
     cr_assert_eq(raw_int(db, "SELECT count(*) FROM polls WHERE join_code IS NOT NULL"), MIGRATION_POLLS);
     sqlite3_close(db);
 }

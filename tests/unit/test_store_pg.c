@@ -165,7 +165,7 @@ Test(store_pg, round_trip_every_field)
 {
     NEED_PG();
     tly_store_close(round_trip_scenario(open_store()));
-    cr_assert_eq(db_int("SELECT max(version) FROM schema_version"), 5);
+    cr_assert_eq(db_int("SELECT max(version) FROM schema_version"), 6);
     cr_assert_eq(db_int("SELECT count(*) FROM pg_inherits WHERE inhparent = 'ballots'::regclass"), 16);
     cr_assert_eq(db_int("SELECT count(*) FROM pg_inherits WHERE inhparent = 'audit'::regclass"), 16);
     assert_counters_exact();
@@ -408,18 +408,20 @@ Test(store_pg, migration_3_to_4_takes_first_casts_from_the_audit_log)
 {
     NEED_PG();
     tly_store_close(first_cast_scenario(open_store()));
-    /* the same history as schema version 3 kept it: no copies beside the ballots */
+    /* the same history as schema version 3 kept it: no copies beside the ballots (and
+     * none of what later versions add) */
     exec_on(db_url,
+            "DROP TABLE device_links; DROP FUNCTION link_ballots(jsonb);"
             "DROP INDEX ballots_changed;"
             "ALTER TABLE ballots DROP COLUMN cast_choices, DROP COLUMN cast_scores, DROP COLUMN cast_at;"
-            "DROP INDEX polls_join_code; ALTER TABLE polls DROP COLUMN join_code;" /* migration 5's */
+            "DROP INDEX polls_join_code; ALTER TABLE polls DROP COLUMN join_code;" /* migration 5's (6: above) */
             "DELETE FROM schema_version; INSERT INTO schema_version VALUES (3);",
             NULL, 0);
     casts_seen_t cs;
     tly_store_t *s = reopen_casts(open_store(), &cs);
     assert_final_casts(&cs);
     tly_store_close(s);
-    cr_assert_eq(db_int("SELECT max(version) FROM schema_version"), 5);
+    cr_assert_eq(db_int("SELECT max(version) FROM schema_version"), 6);
     cr_assert_eq(db_int("SELECT count(*) FROM ballots WHERE cast_at IS NOT NULL"), 3,
                  "voter1, voter3 (no key: kept, not loaded) and voter4");
 }
@@ -430,6 +432,71 @@ Test(store_pg, replace_and_delete_of_a_missing_ballot_fail_alone)
     tly_store_t *s = open_store();
     missing_ballot_changes_scenario(s);
     cr_assert_eq(db_int("SELECT count(*) FROM audit"), 2);
+    tly_store_close(s);
+    assert_counters_exact();
+}
+
+/* ---- device links ------------------------------------------------------------------------ */
+
+Test(store_pg, a_device_link_moves_ballots_and_polls_retracts_the_later_ballot_and_survives_restart)
+{
+    NEED_PG();
+    tly_store_t *s = link_scenario(open_store());
+    tly_store_close(s);
+    cr_assert_eq(db_int("SELECT ballots FROM poll_counts WHERE poll_id = 'pl2'"), 1, "the retraction moved the counter");
+    cr_assert_eq(db_int("SELECT ballots FROM poll_counts WHERE poll_id = 'pl3'"), 1);
+    cr_assert_eq(db_int("SELECT ballots FROM poll_counts WHERE poll_id = 'pl4'"), 2);
+    assert_counters_exact();
+    /* the link is in the feed with what it did, for the other instances */
+    cr_assert_eq(db_int("SELECT count(*) FROM feed WHERE ops::jsonb @> '[{\"t\": 7, \"device_id\": \"anon_dev\","
+                        " \"ballots\": [{\"poll_id\": \"pl2\", \"outcome\": 2}], \"polls_moved\": [\"pl5\"]}]'"),
+                 1);
+}
+
+/* Another instance that has not heard of a link writes under the device's id: its ballot
+ * and its poll are refused (TLY_EAUTH) and write nothing; a change of the device's ballot
+ * finds none. A link whose list was made before a later change of the device's ballots
+ * is refused (TLY_ESTATE) and nothing of it is written. */
+Test(store_pg, writes_under_a_linked_device_are_refused_and_a_stale_list_refuses_the_link)
+{
+    NEED_PG();
+    tly_store_t *s = open_store();
+    link_prepare(s);
+    int64_t stale = link_scenario_op.u.link.after;
+    tly_store_op_t late = ballot_at("pl6", "anon_dev", "v_d6", "r_d6", 1700000003000);
+    submit_wait(s, &late);
+    cr_assert_eq(late.result, 0);
+    link_scenario_op.u.link.after = stale; /* the list does not know the ballot in pl6 */
+    submit_wait(s, &link_scenario_op);
+    cr_assert_eq(link_scenario_op.result, TLY_ESTATE);
+    tly_free(link_scenario_op.u.link.polls_moved);
+    cr_assert_eq(db_int("SELECT count(*) FROM device_links"), 0, "nothing of it written");
+    cr_assert_eq(db_int("SELECT count(*) FROM ballots WHERE voter_id = 'anon_dev'"), 5);
+    cr_assert_eq(db_int("SELECT count(*) FROM polls WHERE owner_id = 'anon_dev'"), 2);
+
+    link_scenario_op.u.link.after = tly_store_applied_seq(s);
+    link_scenario_ballots[4].device_seq = late.u.ballot.seq;
+    submit_wait(s, &link_scenario_op);
+    cr_assert_eq(link_scenario_op.result, 0);
+    cr_assert_eq(link_scenario_ballots[4].outcome, TLY_LINK_MOVED, "pl6 is in the list now");
+    tly_free(link_scenario_op.u.link.polls_moved);
+
+    tly_store_op_t ops[4] = {
+        ballot_at("pl6", "anon_dev", "v_x", "r_x", 1700000011000),
+        owned_poll("pl8", "anon_dev", 1700000011000),
+        change_op(TLY_OP_BALLOT_DELETE, "pl1", "anon_dev", 1700000011000, 0),
+        ballot_at("pl6", "someone", "v_y", "r_y", 1700000011000),
+    };
+    ops[1].type = TLY_OP_POLL_INSERT;
+    submit_chain(s, ops, 1);
+    cr_assert_eq(ops[0].result, TLY_EAUTH, "a ballot under the device's id: %d", ops[0].result);
+    submit_chain(s, &ops[1], 1);
+    cr_assert_eq(ops[1].result, TLY_EAUTH, "a poll under the device's id: %d", ops[1].result);
+    submit_chain(s, &ops[2], 2);
+    cr_assert_eq(ops[2].result, TLY_ENOTFOUND, "the device's ballot is the account's now");
+    cr_assert_eq(ops[3].result, 0, "others vote as before");
+    cr_assert_eq(db_int("SELECT count(*) FROM polls WHERE poll_id = 'pl8'"), 0);
+    cr_assert_eq(db_int("SELECT count(*) FROM ballots WHERE vote_id = 'v_x'"), 0);
     tly_store_close(s);
     assert_counters_exact();
 }
@@ -1254,10 +1321,11 @@ Test(store_pg, migration_5_gives_open_polls_join_codes)
     join_code_migration_setup(s);
     tly_store_close(s);
     exec_on(db_url,
+            "DROP TABLE device_links; DROP FUNCTION link_ballots(jsonb);" /* migration 6's */
             "DROP INDEX polls_join_code; ALTER TABLE polls DROP COLUMN join_code;"
             "DELETE FROM schema_version; INSERT INTO schema_version VALUES (4);",
             NULL, 0);
     tly_store_close(join_code_migration_check());
-    cr_assert_eq(db_int("SELECT max(version) FROM schema_version"), 5);
+    cr_assert_eq(db_int("SELECT max(version) FROM schema_version"), 6);
     cr_assert_eq(db_int("SELECT count(*) FROM polls WHERE join_code IS NOT NULL"), MIGRATION_POLLS);
 }
