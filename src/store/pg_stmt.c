@@ -269,7 +269,7 @@ static const char link_insert_sql[] = "INSERT INTO device_links(device_id, user_
 static const char link_ballots_sql[] = "SELECT o_poll, o_outcome, o_choices FROM link_ballots($1::jsonb)";
 _Static_assert(TLY_LINK_MOVED == 1 && TLY_LINK_KEPT_DEVICE == 2 && TLY_LINK_KEPT_ACCOUNT == 3 &&
                    TLY_LINK_KEPT_BOTH == 4,
-               "link_ballots (pg_schema.c, migration 5) returns these numbers");
+               "link_ballots (pg_schema.c, migration 6) returns these numbers");
 static const char link_polls_sql[] = "UPDATE polls SET owner_id = l.user_id FROM jsonb_to_record($1::jsonb)"
                                      " AS l(" LINK_FIELDS ") WHERE polls.owner_id = l.device_id"
                                      " RETURNING polls.poll_id";
