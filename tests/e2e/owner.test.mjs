@@ -5,7 +5,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { launch, createPollUI, DESKTOP } from './helpers.mjs';
-import { api, castVote, assertStatus } from '../api/harness.mjs';
+import { api, castVote, assertStatus, assertError, createPoll, results } from '../api/harness.mjs';
 
 let env;
 before(async () => { env = await launch({ powDifficulty: 0 }); });
@@ -199,14 +199,49 @@ test('My polls: polls made in this browser before signing up stay listed once an
   await form.getByRole('button', { name: 'Sign up' }).click();
   assert.equal((await register).headers().authorization, `Bearer ${device}`);
   await a.getByText('Signed in as').waitFor();
-  // listed once: in the account's list once the server moved it, else as this browser's
-  const item = a.locator('.poll-item', { hasText: 'Made before signing up' });
+  // the server linked the device: the poll is the account's, listed once, under My polls
+  const user = await a.evaluate(() => JSON.parse(localStorage.getItem('tally.user')));
+  await a.getByText('What this browser did before is now your account’s: 1 poll and 0 votes.').waitFor();
+  const item = a.getByRole('region', { name: 'My polls' }).locator('.poll-item', { hasText: 'Made before signing up' });
   await item.waitFor();
-  assert.equal(await item.count(), 1);
+  assert.equal(await a.locator('.poll-item', { hasText: 'Made before signing up' }).count(), 1);
+  assert.equal((await getPoll(id)).owner_id, user.user_id);
   await item.getByRole('button', { name: 'Close now' }).click();
   await item.getByRole('button', { name: 'Close poll' }).click();
   await item.getByText('The poll is closed.').waitFor();
   assert.equal((await getPoll(id)).status, 'closed');
   await item.getByText('A closed poll cannot be reopened').waitFor();
+  env.assertClean(a);
+});
+
+// Issue 17: one person, one ballot across sign-up. The app sends its device token with the
+// sign-up, the server links the device to the new account, and the ballot the device cast
+// is the account's from then on.
+test('one person, one ballot: vote anonymously, sign up, and the account has voted (a second ballot is 409, the total stays 1)', async () => {
+  const poll = await createPoll(env.server, env.server.mint('link-owner'), {
+    title: 'Tea or coffee?', options: [{ text: 'Tea' }, { text: 'Coffee' }], settings: { allow_anonymous: true },
+  });
+  const a = await env.open(DESKTOP);
+  await a.goto(env.url(`/p/${poll.poll_id}`));
+  await a.getByRole('radio', { name: 'Tea' }).check();
+  await a.getByRole('button', { name: 'Vote', exact: true }).click();
+  await a.getByRole('heading', { name: /You voted/ }).waitFor();
+  assert.equal((await results(env.server, poll.poll_id)).json.total_votes, 1);
+
+  await a.goto(env.url('/mine'));
+  const form = a.locator('form[aria-label="Sign up"]');
+  await form.getByLabel('Username').fill('one_ballot');
+  await form.getByLabel('Password').fill('correct horse battery');
+  await form.getByRole('button', { name: 'Sign up' }).click();
+  await a.getByText('Signed in as').waitFor();
+  await a.getByText('What this browser did before is now your account’s: 0 polls and 1 vote.').waitFor();
+
+  // the poll page, now as the account: it has voted
+  await a.goto(env.url(`/p/${poll.poll_id}`));
+  await a.getByRole('heading', { name: /You voted/ }).waitFor();
+  const token = await a.evaluate(() => JSON.parse(localStorage.getItem('tally.user')).token);
+  const again = await castVote(env.server, token, poll.poll_id, { option_id: poll.options[1].option_id });
+  assertError(again, 409, 'ALREADY_VOTED');
+  assert.equal((await results(env.server, poll.poll_id)).json.total_votes, 1);
   env.assertClean(a);
 });

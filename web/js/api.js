@@ -38,6 +38,9 @@ export const getUser = () => load(USER_KEY);
 export const setUser = (u) => save(USER_KEY, u);
 export const getDevice = () => load(DEVICE_KEY);
 const setDevice = (d) => save(DEVICE_KEY, d);
+/** Forgets this browser's device token: once linked to an account it acts as that account,
+ *  so signing out must not leave it behind (a shared computer). */
+export const forgetDevice = () => setDevice(null);
 
 /** The token that identifies this browser: the account if signed in, else the device. */
 export function identityToken() {

@@ -1,7 +1,7 @@
 // The single-page app: a small router over history.pushState. Every page module exports
 // a render function (main, params) → optional cleanup function.
 import { h, announce, statusLine } from './dom.js';
-import { getUser, setUser } from './api.js';
+import { getUser, setUser, forgetDevice } from './api.js';
 import { t, lang } from './i18n.js';
 
 // [path pattern, module, parameter names, exported render function]
@@ -95,7 +95,7 @@ export function updateWhoami() {
   el.replaceChildren();
   if (u) {
     el.append(h('span', { class: 'who', text: u.username || t('auth.signed_in') }), ' ',
-      h('button', { type: 'button', class: 'link-button', text: t('auth.log_out'), onclick: () => { setUser(null); navigate('/mine'); } }));
+      h('button', { type: 'button', class: 'link-button', text: t('auth.log_out'), onclick: () => { setUser(null); forgetDevice(); navigate('/mine'); } }));
   }
 }
 

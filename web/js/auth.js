@@ -3,7 +3,7 @@
 // (Authorization: Bearer) so that the server links the device to the account: its ballots
 // and polls become the account's, and one person keeps one ballot per poll.
 import { h, field, statusLine } from './dom.js';
-import { request, setUser, getDevice } from './api.js';
+import { request, setUser, getDevice, forgetDevice } from './api.js';
 import { t, errorText } from './i18n.js';
 
 const USERNAME_RE = /^[A-Za-z0-9_.-]{3,32}$/;
@@ -41,12 +41,25 @@ function authForm(kind, onDone) {
       const path = isReg ? '/v1/auth/register' : '/v1/auth/login';
       const device = getDevice();
       let r;
-      try {
-        r = await request('POST', path, { body: { username, password }, token: device?.token });
-      } catch (e) {
-        // a device token the server no longer takes (request() forgets it): without it
-        if (!device || e.status !== 401 || e.code === 'INVALID_CREDENTIALS') throw e;
-        r = await request('POST', path, { body: { username, password } });
+      for (let attempt = 0; ; attempt++) {
+        try {
+          r = await request('POST', path, { body: { username, password }, token: getDevice()?.token });
+          break;
+        } catch (e) {
+          if (!device || attempt >= 3) throw e;
+          if (e.status === 409 && e.code === 'LINK_IN_PROGRESS') {
+            // this device's or account's last write is still committing: ask again
+            await new Promise((res) => setTimeout(res, Math.max(1, e.retryAfter ?? 1) * 1000));
+            continue;
+          }
+          // linked to another account already, or a token the server no longer takes
+          // (request() forgets that one): sign in without it
+          if ((e.status === 409 && e.code === 'DEVICE_LINKED') || (e.status === 401 && e.code !== 'INVALID_CREDENTIALS')) {
+            forgetDevice();
+            continue;
+          }
+          throw e;
+        }
       }
       setUser({ user_id: r.user_id, username, token: r.token, expires_at: r.expires_at });
       onDone?.(mergedText(r));
@@ -63,19 +76,22 @@ function authForm(kind, onDone) {
 
 /**
  * What the server says it merged when it linked this browser's device to the account
- * (`merged`: counts or lists of polls, ballots and retracted duplicate ballots), in words;
- * null when it says nothing (nothing to merge, or a server without linking).
+ * (`linked`: the device's ballots and polls now the account's, the later of two ballots
+ * in one poll retracted, closed polls where both stay), in words; null when there was
+ * nothing to merge or no device to link.
  */
 export function mergedText(r) {
-  const m = r && typeof r.merged === 'object' && r.merged ? r.merged : null;
-  if (!m) return null;
+  const m = r && typeof r.linked === 'object' && r.linked ? r.linked : null;
+  if (!m || m.already_linked) return null;
   const count = (v) => (Array.isArray(v) ? v.length : (typeof v === 'number' ? v : 0));
   const polls = count(m.polls);
-  const ballots = count(m.ballots ?? m.votes);
-  const retracted = count(m.retracted ?? m.retracted_ballots);
+  const ballots = count(m.ballots);
+  const retracted = count(m.retracted);
+  const kept = count(m.kept_both);
   const parts = [];
   if (polls || ballots) parts.push(t('auth.merged', { polls: t('auth.n_polls', { n: polls }), ballots: t('auth.n_votes', { n: ballots }) }));
   if (retracted) parts.push(t('auth.merged_retracted', { n: retracted }));
+  if (kept) parts.push(t('auth.merged_kept_both', { n: kept }));
   return parts.length ? parts.join(' ') : null;
 }
 

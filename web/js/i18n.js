@@ -85,6 +85,7 @@ const en = {
   'auth.password_missing': 'Enter your password.',
   'auth.merged': 'What this browser did before is now your account’s: {polls} and {ballots}.',
   'auth.merged_retracted': { one: 'You had voted twice in one poll: the earlier ballot stands, the later one was retracted.', other: 'You had voted twice in {n} polls: in each the earlier ballot stands, the later one was retracted.' },
+  'auth.merged_kept_both': { one: 'One poll you had voted in twice was already closed: both ballots stay counted.', other: '{n} polls you had voted in twice were already closed: both ballots stay counted in each.' },
   'auth.n_polls': { one: '{n} poll', other: '{n} polls' },
   'auth.n_votes': { one: '{n} vote', other: '{n} votes' },
 
@@ -437,6 +438,7 @@ const de = {
   'auth.password_missing': 'Geben Sie Ihr Passwort ein.',
   'auth.merged': 'Was dieser Browser vorher getan hat, gehört jetzt Ihrem Konto: {polls} und {ballots}.',
   'auth.merged_retracted': { one: 'Sie hatten in einer Umfrage zweimal abgestimmt: Die frühere Stimme gilt, die spätere wurde zurückgezogen.', other: 'Sie hatten in {n} Umfragen zweimal abgestimmt: Jeweils gilt die frühere Stimme, die spätere wurde zurückgezogen.' },
+  'auth.merged_kept_both': { one: 'Eine Umfrage, in der Sie zweimal abgestimmt hatten, war schon geschlossen: Beide Stimmen bleiben gezählt.', other: '{n} Umfragen, in denen Sie zweimal abgestimmt hatten, waren schon geschlossen: Beide Stimmen bleiben jeweils gezählt.' },
   'auth.n_polls': { one: '{n} Umfrage', other: '{n} Umfragen' },
   'auth.n_votes': { one: '{n} Stimme', other: '{n} Stimmen' },
 
