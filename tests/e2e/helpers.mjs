@@ -21,9 +21,20 @@ export const PHONE = { width: 360, height: 740 };
 // e2e servers ask for one so that every anonymous vote goes through the worker.
 export const POW_DIFFICULTY = 14;
 
-/** opts: {powDifficulty (default POW_DIFFICULTY), args: [more server flags]} */
-export async function launch({ powDifficulty = POW_DIFFICULTY, args = [] } = {}) {
-  const server = await startServer({ args: ['--web-root', WEB_ROOT, '--pow-difficulty', String(powDifficulty), ...args] });
+// What the harness turns off for tests about something else (rate limits, and the proof
+// of work where no --pow-difficulty is given), given back: unset, so the server's own
+// defaults apply. `launch({ serverDefaults: true })`.
+const SERVER_DEFAULTS = { TALLY_RATE_LIMITS: undefined, TALLY_POW_DIFFICULTY: undefined };
+
+/**
+ * opts: {powDifficulty (default POW_DIFFICULTY), args: [more server flags],
+ *        serverDefaults: true for the server as it ships (its default limits and proof of
+ *        work: no --pow-difficulty, none of the harness's test settings)}
+ */
+export async function launch({ powDifficulty = POW_DIFFICULTY, args = [], serverDefaults = false } = {}) {
+  const server = await startServer(serverDefaults
+    ? { args: ['--web-root', WEB_ROOT, ...args], env: SERVER_DEFAULTS }
+    : { args: ['--web-root', WEB_ROOT, '--pow-difficulty', String(powDifficulty), ...args] });
   let browser;
   try {
     browser = await chromium.launch({

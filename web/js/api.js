@@ -95,8 +95,12 @@ async function newDevice({ onWork } = {}) {
   }
 }
 
-/** Solves a challenge in a module Web Worker (on the page only if no worker can start). */
-function solvePow(challenge, difficulty) {
+/**
+ * Solves a challenge in a module Web Worker (on the page only if no worker can start);
+ * resolves with the nonce. Exported for tests that drive the app's own steps one at a
+ * time (tests/e2e/room.test.mjs: a room's phones solve side by side).
+ */
+export function solvePow(challenge, difficulty) {
   return new Promise((resolve, reject) => {
     let worker;
     let settled = false;
