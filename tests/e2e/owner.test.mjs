@@ -201,7 +201,7 @@ test('My polls: polls made in this browser before signing up stay listed once an
   await a.getByText('Signed in as').waitFor();
   // the server linked the device: the poll is the account's, listed once, under My polls
   const user = await a.evaluate(() => JSON.parse(localStorage.getItem('tally.user')));
-  await a.getByText('What this browser did before is now your account’s: 1 poll and 0 votes.').waitFor();
+  await a.locator('main').getByText('What this browser did before is now your account’s: 1 poll and 0 votes.').waitFor();
   const item = a.getByRole('region', { name: 'My polls' }).locator('.poll-item', { hasText: 'Made before signing up' });
   await item.waitFor();
   assert.equal(await a.locator('.poll-item', { hasText: 'Made before signing up' }).count(), 1);
@@ -234,7 +234,7 @@ test('one person, one ballot: vote anonymously, sign up, and the account has vot
   await form.getByLabel('Password').fill('correct horse battery');
   await form.getByRole('button', { name: 'Sign up' }).click();
   await a.getByText('Signed in as').waitFor();
-  await a.getByText('What this browser did before is now your account’s: 0 polls and 1 vote.').waitFor();
+  await a.locator('main').getByText('What this browser did before is now your account’s: 0 polls and 1 vote.').waitFor();
 
   // the poll page, now as the account: it has voted
   await a.goto(env.url(`/p/${poll.poll_id}`));
