@@ -75,6 +75,11 @@ test('create minimal poll → 201 with Location, defaults and the full poll obje
   assert.deepEqual(p.options.map((o) => o.text), ['Go', 'Rust', 'C'], 'options keep the given order');
   assert.equal(p.settings.min_choices, 1, 'single: min_choices 1');
   assert.equal(p.settings.max_choices, 1, 'single: max_choices 1');
+  // the settings' defaults, as docs/openapi.yaml states them
+  assert.equal(p.settings.results_visibility, 'always', 'results_visibility defaults to always');
+  assert.equal(p.settings.show_results_during_voting, true, 'show_results_during_voting defaults to true');
+  assert.equal(p.settings.allow_anonymous, false, 'allow_anonymous defaults to false');
+  assert.equal(p.settings.allow_vote_change, false, 'allow_vote_change defaults to false');
   const created = Date.parse(p.created_at);
   assert.ok(created >= before - 2000 && created <= Date.now() + 2000, `created_at is about now: ${p.created_at}`);
 });
