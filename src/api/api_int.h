@@ -91,6 +91,14 @@ typedef struct poll_mark {
     char poll_id[TLY_POLL_ID_LEN + 1];
 } poll_mark_t;
 
+/* ---- CORS: the origins granted (--cors-origins) ---- */
+#define API_CORS_MAX 32
+typedef struct {
+    bool any; /* "*" */
+    size_t n;
+    char origins[API_CORS_MAX][256];
+} api_cors_t;
+
 /* ---- background work (password hashing) ---- */
 typedef struct work work_t;
 struct work {
@@ -113,6 +121,7 @@ typedef enum {
 struct tly_app {
     const tly_conf_t *conf;
     tly_loop_t *loop;
+    api_cors_t cors; /* --cors-origins */
     tly_server_t *server;
     tly_router_t *router;
     tly_store_t *store;
@@ -191,6 +200,28 @@ void api_respond_raw_json(tly_req_t *req, int status, const char *json, size_t l
 void api_respond_error(tly_req_t *req, int status, const char *code, const char *message, json_t *extra);
 void api_respond_validation(tly_req_t *req, const char *field, const char *message);
 void api_respond_store_error(tly_req_t *req, int result);
+
+/* ---- HTTP caching (caching.c) ---- */
+typedef enum {
+    API_CACHE_PRIVATE, /* depends on who asks: "private, no-cache" */
+    API_CACHE_PUBLIC,  /* the same for everyone, changing: "public, max-age=1" */
+    API_CACHE_FINAL    /* a closed poll's final results: "public, max-age=3600" */
+} api_cache_t;
+/* Answers 200 with json (copied) and its ETag and Cache-Control, or 304 without a body
+ * when If-None-Match names that ETag. Loop thread. */
+void api_respond_cached(tly_req_t *req, const char *json, size_t len, api_cache_t policy);
+/* Who may keep p as a poll object, and its results, at time now (ms). */
+api_cache_t api_poll_cache(tly_poll_t *p, int64_t now);
+api_cache_t api_results_cache(tly_poll_t *p, int64_t now);
+
+/* ---- CORS (cors.c) ---- */
+/* Parses --cors-origins ("" none, "*" any, or origins separated by commas or spaces)
+ * into app->cors. Returns 0, or -1 with a reason in err (errlen bytes). */
+int api_cors_parse(const char *spec, api_cors_t *out, char *err, size_t errlen);
+/* For a request to the API (/v1/..., /oembed): adds the CORS response headers its
+ * Origin is granted, and Vary: Origin when the answer depends on it. A preflight
+ * (OPTIONS) is answered here (204) and true returned; false otherwise. */
+bool api_cors_handle(tly_app_t *app, tly_req_t *req);
 
 /* ---- requests ---- */
 /* Parses the body as a JSON object. On failure answers 400 and returns NULL. */

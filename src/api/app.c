@@ -408,6 +408,9 @@ void api_dispatch(tly_app_t *app, tly_req_t *req)
     tly_route_fn fn;
     tly_params_t params;
     unsigned allowed;
+    bool api_path = (path.len >= 3 && memcmp(path.ptr, "/v1", 3) == 0 && (path.len == 3 || path.ptr[3] == '/'));
+    if ((api_path || tly_str_eq(path, "/oembed")) && api_cors_handle(app, req))
+        return; /* a preflight, answered */
     switch (tly_router_match(app->router, tly_req_method(req), path, &fn, &params, &allowed)) {
     case TLY_ROUTE_FOUND:
         tly_req_set_route(req, params.route);
@@ -423,7 +426,6 @@ void api_dispatch(tly_app_t *app, tly_req_t *req)
     case TLY_ROUTE_NO_PATH:
         break;
     }
-    bool api_path = (path.len >= 3 && memcmp(path.ptr, "/v1", 3) == 0 && (path.len == 3 || path.ptr[3] == '/'));
     if (!api_path && (tly_req_method(req) == TLY_M_GET || tly_req_method(req) == TLY_M_HEAD)) {
         tly_req_set_route(req, "static");
         api_static_get(req, &params, app);
@@ -485,6 +487,11 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
     tly_app_t *app = tly_calloc(1, sizeof(*app));
     if (app == NULL) {
         snprintf(err, 512, "out of memory");
+        return NULL;
+    }
+    if (api_cors_parse(conf->cors_origins, &app->cors, perr, sizeof(perr)) != 0) {
+        snprintf(err, 512, "--cors-origins: %s", perr);
+        tly_free(app);
         return NULL;
     }
     app->conf = conf;

@@ -57,6 +57,9 @@ static const option_t options[] = {
     {"trusted-proxies", OPT_STR, OFF(trusted_proxies), "", 0, 0, "serve",
      "reverse proxies (addresses or CIDRs, comma-separated) whose X-Forwarded-For names the client "
      "for per-address limits, voter_check \"ip\" and logs; empty: the TCP peer is the client"},
+    {"cors-origins", OPT_STR, OFF(cors_origins), "", 0, 0, "serve",
+     "origins (scheme://host[:port], comma-separated, or *) whose pages may call the API from a browser (CORS); "
+     "empty: none. Tokens are bearer headers, never cookies, so a grant cannot be used for request forgery"},
     {"token-ttl", OPT_LONG, OFF(token_ttl), "2592000", 60, 31622400, "serve", "lifetime of issued tokens, seconds"},
     {"retracted-key-ttl", OPT_LONG, OFF(retracted_key_ttl), "86400", 1, 31622400, "serve",
      "seconds the Idempotency-Key of a retracted ballot is remembered: until then a retry of the POST that cast it "

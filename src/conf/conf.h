@@ -24,6 +24,7 @@ typedef struct {
     char *log_level;
     char *public_url;
     char *trusted_proxies; /* "" = none: X-Forwarded-For is ignored */
+    char *cors_origins;    /* "" = none, "*" = any, or a list of origins */
     long body_limit;
     long head_limit;
     long uri_limit;
