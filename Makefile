@@ -8,12 +8,12 @@
 
 CC       ?= cc
 BUILD    ?= build
-PKGS      = libh2o-evloop jansson sqlite3 libsodium openssl libqrencode libpq hiredis
+PKGS      = libh2o-evloop jansson sqlite3 libsodium openssl libqrencode libpq hiredis libsystemd libcurl
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 OPT      ?= -O2
 CFLAGS   += -std=c11 $(OPT) -g -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wno-unused-parameter \
-            -D_GNU_SOURCE -DH2O_USE_LIBUV=0 -Isrc $(PKG_CFLAGS) $(SAN)
+            -D_GNU_SOURCE -DH2O_USE_LIBUV=0 -Isrc -I$(BUILD)/gen $(PKG_CFLAGS) $(SAN)
 LDFLAGS  += $(SAN)
 # libunistring (Unicode text rules in src/base) has no pkg-config file on Debian 12.
 LDLIBS   += $(PKG_LIBS) -lwslay -lunistring -lpthread -lm
@@ -33,6 +33,18 @@ LISTEN   ?= 127.0.0.1:8080
 .DEFAULT_GOAL := all
 
 all: $(BUILD)/tally
+
+# The version (the VERSION file) and the commit this build is from, for `tally --version`
+# and tally_build_info: the header is rewritten only when one of them changed, so a new
+# commit rebuilds one object.
+VERSION    := $(shell cat VERSION)
+GIT_COMMIT := $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+.PHONY: FORCE
+$(BUILD)/gen/version.h: FORCE
+	@mkdir -p $(dir $@)
+	@printf '#define TALLY_VERSION "%s"\n#define TALLY_COMMIT "%s"\n' '$(VERSION)' '$(GIT_COMMIT)' > $@.tmp
+	@if cmp -s $@.tmp $@; then rm -f $@.tmp; else mv $@.tmp $@; fi
+$(BUILD)/obj/src/base/version.o: $(BUILD)/gen/version.h
 
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -215,7 +227,7 @@ FUZZ_BUILD   ?= build-fuzz
 FUZZ_SECONDS ?= 60
 FUZZ_SAN      = -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 # the project's warnings are gcc's (make all); clang's differ, so -Werror only on the harnesses
-FUZZ_CFLAGS   = -std=c11 -O1 -g -D_GNU_SOURCE -DH2O_USE_LIBUV=0 -Isrc $(PKG_CFLAGS) $(FUZZ_SAN)
+FUZZ_CFLAGS   = -std=c11 -O1 -g -D_GNU_SOURCE -DH2O_USE_LIBUV=0 -Isrc -I$(BUILD)/gen $(PKG_CFLAGS) $(FUZZ_SAN)
 FUZZ_LIB_OBJ := $(LIB_SRC:%.c=$(FUZZ_BUILD)/obj/%.o)
 FUZZ_NAMES   := $(patsubst tests/fuzz/%.c,%,$(sort $(wildcard tests/fuzz/fuzz_*.c)))
 FUZZ_BIN     := $(FUZZ_NAMES:%=$(FUZZ_BUILD)/%)
@@ -235,6 +247,8 @@ $(FUZZ_BUILD)/libtally.a: $(FUZZ_LIB_OBJ)
 
 $(FUZZ_BUILD)/fuzz_%: tests/fuzz/fuzz_%.c $(FUZZ_BUILD)/libtally.a
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -Wall -Wextra -Werror -fsanitize=fuzzer -o $@ $< $(FUZZ_BUILD)/libtally.a $(PKG_LIBS) -lwslay -lunistring -lpthread -lm
+
+$(FUZZ_BUILD)/obj/src/base/version.o: $(BUILD)/gen/version.h
 
 -include $(FUZZ_LIB_OBJ:.o=.d)
 
@@ -256,7 +270,7 @@ fuzz: deps-fuzz
 # cppcheck: varFuncNullUB is tly_log's NULL sentinel (declared `sentinel`, so the compiler
 # checks it; NULL is a pointer on every platform we build for); `cppcheck-suppress` comments
 # mark its false positives inside uthash's HASH_ITER.
-lint:
+lint: $(BUILD)/gen/version.h
 	clang-tidy $(LIB_SRC) src/main.c -- $(CFLAGS)
 	cppcheck --quiet --error-exitcode=1 --enable=warning,portability --std=c11 --inline-suppr \
 	    --suppress=varFuncNullUB -Isrc src

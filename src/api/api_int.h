@@ -123,6 +123,7 @@ struct tly_app {
     tly_loop_t *loop;
     api_cors_t cors; /* --cors-origins */
     tly_server_t *server;
+    tly_server_t *metrics_server; /* --metrics-listen; NULL: /metrics is a route of server */
     tly_router_t *router;
     tly_store_t *store;
     tly_waker_t *store_waker;

@@ -148,6 +148,11 @@ typedef struct {
  * then as it was). Call at start, on the main thread, before tly_server_new. */
 int tly_fd_limit_raise(uint64_t *before, uint64_t *after);
 
+/* Checks that listen is an address tly_server_new can listen on ("host:port", the host
+ * resolved), without opening anything: for checking arguments before anything is
+ * created. Returns 0, or -1 with a reason in err (256 bytes). */
+int tly_listen_check(const char *listen, char *err);
+
 /* Listens on host:port ("127.0.0.1:8080", "[::1]:8080", "0.0.0.0:80"). Returns NULL and
  * writes a reason into err (256 bytes) on failure. conf is copied. */
 tly_server_t *tly_server_new(tly_loop_t *loop, const char *listen, const tly_server_conf_t *conf, char *err);
@@ -190,7 +195,7 @@ const char *tly_req_client(tly_req_t *req);
 void *tly_req_alloc(tly_req_t *req, size_t n);
 /* A copy of s in request memory, NUL-terminated. */
 char *tly_req_strdup(tly_req_t *req, tly_str_t s);
-/* Monotonic ms at which the request head was complete. */
+/* Monotonic microseconds (tly_mono_us) at which the request head was complete. */
 uint64_t tly_req_start(tly_req_t *req);
 /* Labels for logs and metrics: the route pattern that served the request and a note
  * (an error code); both must be static strings. NULL until set. */
