@@ -211,9 +211,22 @@ typedef enum {
 /* Answers 200 with json (copied) and its ETag and Cache-Control, or 304 without a body
  * when If-None-Match names that ETag. Loop thread. */
 void api_respond_cached(tly_req_t *req, const char *json, size_t len, api_cache_t policy);
+/* The same for a body of another media type. */
+void api_respond_cached_as(tly_req_t *req, const char *type, const char *body, size_t len, api_cache_t policy);
 /* Who may keep p as a poll object, and its results, at time now (ms). */
 api_cache_t api_poll_cache(tly_poll_t *p, int64_t now);
 api_cache_t api_results_cache(tly_poll_t *p, int64_t now);
+
+/* ---- embeds (embed.c) ---- */
+/* The absolute base URL of this server as others reach it, without a trailing slash:
+ * --public-url, else "http://<Host>". */
+void api_base_url(tly_app_t *app, tly_req_t *req, char *out, size_t cap);
+/* The Open Graph, Twitter card and oEmbed discovery tags for the head of the page of
+ * poll_id (request memory, *len bytes), or NULL when no poll anyone may see has that id. */
+const char *api_poll_page_head(tly_app_t *app, tly_req_t *req, tly_str_t poll_id, size_t *len);
+void api_embed_page(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_oembed(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_polls_results_svg(tly_req_t *req, const tly_params_t *params, void *arg);
 
 /* ---- CORS (cors.c) ---- */
 /* Parses --cors-origins ("" none, "*" any, or origins separated by commas or spaces)

@@ -85,8 +85,13 @@ static const char *cache_control(api_cache_t policy)
 
 void api_respond_cached(tly_req_t *req, const char *json, size_t len, api_cache_t policy)
 {
+    api_respond_cached_as(req, "application/json; charset=utf-8", json, len, policy);
+}
+
+void api_respond_cached_as(tly_req_t *req, const char *type, const char *body, size_t len, api_cache_t policy)
+{
     char tag[32];
-    etag_of(json, len, tag);
+    etag_of(body, len, tag);
     tly_req_add_header(req, "ETag", tag);
     tly_req_add_header(req, "Cache-Control", cache_control(policy));
     tly_str_t inm = tly_req_header(req, "if-none-match");
@@ -94,7 +99,7 @@ void api_respond_cached(tly_req_t *req, const char *json, size_t len, api_cache_
         tly_req_respond(req, 304, NULL, NULL, 0);
         return;
     }
-    tly_req_respond(req, 200, "application/json; charset=utf-8", json, len);
+    tly_req_respond(req, 200, type, body, len);
 }
 
 api_cache_t api_poll_cache(tly_poll_t *p, int64_t now)

@@ -50,28 +50,47 @@ static bool safe_path(tly_str_t p)
     return true;
 }
 
-static bool try_send(tly_req_t *req, const char *file, int status)
+/* The file at path (NUL-terminated, in request memory), or NULL. */
+static char *read_file(tly_req_t *req, const char *file, size_t *len)
 {
     int fd = open(file, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
-        return false;
+        return NULL;
     struct stat st;
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode) || st.st_size > STATIC_MAX) {
         close(fd);
-        return false;
+        return NULL;
     }
     char *buf = tly_req_alloc(req, (size_t)st.st_size + 1);
     ssize_t n = buf ? read(fd, buf, (size_t)st.st_size) : -1;
     close(fd);
     if (n != st.st_size)
-        return false;
+        return NULL;
+    buf[n] = '\0';
+    *len = (size_t)n;
+    return buf;
+}
+
+/* Every page of the web app refuses to be framed (frame-ancestors 'none'): only
+ * /embed/{poll_id} (embed.c) is made for that. */
+static void send(tly_req_t *req, int status, const char *type, const char *body, size_t len)
+{
     tly_req_add_header(req, "Content-Security-Policy",
                        "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
                        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'");
     tly_req_add_header(req, "X-Content-Type-Options", "nosniff");
     tly_req_add_header(req, "Referrer-Policy", "no-referrer");
     tly_req_add_header(req, "Cache-Control", "no-cache");
-    tly_req_respond(req, status, content_type(file), buf, (size_t)n);
+    tly_req_respond(req, status, type, body, len);
+}
+
+static bool try_send(tly_req_t *req, const char *file, int status)
+{
+    size_t len;
+    char *buf = read_file(req, file, &len);
+    if (buf == NULL)
+        return false;
+    send(req, status, content_type(file), buf, len);
     return true;
 }
 
@@ -82,6 +101,43 @@ bool api_static_index(tly_app_t *app, tly_req_t *req, int status)
     return try_send(req, file, status);
 }
 
+/* /p/{poll_id}: index.html with the poll's Open Graph and Twitter card tags and its
+ * oEmbed link in the head, for link previews (which run no script). */
+static bool send_poll_page(tly_app_t *app, tly_req_t *req, tly_str_t id)
+{
+    char file[4096];
+    size_t len, hlen;
+    snprintf(file, sizeof(file), "%s/index.html", app->conf->web_root);
+    char *html = read_file(req, file, &len);
+    if (html == NULL)
+        return false;
+    const char *head = api_poll_page_head(app, req, id, &hlen);
+    const char *end = head != NULL ? strstr(html, "</head>") : NULL;
+    if (end == NULL) {
+        send(req, 200, "text/html; charset=utf-8", html, len);
+        return true;
+    }
+    size_t at = (size_t)(end - html);
+    char *out = tly_req_alloc(req, len + hlen + 1);
+    if (out == NULL) {
+        send(req, 200, "text/html; charset=utf-8", html, len);
+        return true;
+    }
+    memcpy(out, html, at);
+    memcpy(out + at, head, hlen);
+    memcpy(out + at + hlen, html + at, len - at);
+    send(req, 200, "text/html; charset=utf-8", out, len + hlen);
+    return true;
+}
+
+/* "/p/{id}" exactly: the id, or an empty string */
+static tly_str_t poll_page_id(tly_str_t path)
+{
+    if (path.len <= 3 || memcmp(path.ptr, "/p/", 3) != 0 || memchr(path.ptr + 3, '/', path.len - 3) != NULL)
+        return (tly_str_t){NULL, 0};
+    return (tly_str_t){path.ptr + 3, path.len - 3};
+}
+
 void api_static_get(tly_req_t *req, const tly_params_t *params, void *arg)
 {
     tly_app_t *app = arg;
@@ -89,6 +145,9 @@ void api_static_get(tly_req_t *req, const tly_params_t *params, void *arg)
     char file[4096];
     if (safe_path(path) && path.len < 1024) {
         const char *root = app->conf->web_root;
+        tly_str_t id = poll_page_id(path);
+        if (id.len > 0 && send_poll_page(app, req, id))
+            return;
         if (path.len == 1)
             snprintf(file, sizeof(file), "%s/index.html", root);
         else
