@@ -19,7 +19,10 @@ LDFLAGS  += $(SAN)
 LDLIBS   += $(PKG_LIBS) -lwslay -lunistring -lpthread -lm
 
 LIB_SRC  := $(sort $(wildcard src/*/*.c))
-LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
+# the web app's files, compiled in (scripts/embed-web.sh): GET / works wherever the
+# binary runs; --web-root still serves a directory instead
+WEB_FILES := $(sort $(shell find web -type f ! -name '.*'))
+LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/obj/%.o) $(BUILD)/obj/gen/web_files.o
 MAIN_OBJ := $(BUILD)/obj/src/main.o
 UNIT_SRC := $(sort $(wildcard tests/unit/test_*.c))
 UNIT_BIN := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
@@ -27,6 +30,7 @@ UNIT_BIN := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 DATA_DIR ?= ./data
 LISTEN   ?= 127.0.0.1:8080
 
+.PHONY: install uninstall deb test-packaging
 .PHONY: all run test test-unit test-api test-api-pg test-live test-e2e test-crash test-cluster with-services \
         cluster cluster-stop check-asan check-valgrind deps deps-test clean bench bench-live bench-export bench-cluster \
         bench-ranked bench-store bench-pow lint fmt screenshots
@@ -38,13 +42,22 @@ all: $(BUILD)/tally
 # and tally_build_info: the header is rewritten only when one of them changed, so a new
 # commit rebuilds one object.
 VERSION    := $(shell cat VERSION)
+ifndef GIT_COMMIT
 GIT_COMMIT := $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+endif
 .PHONY: FORCE
 $(BUILD)/gen/version.h: FORCE
 	@mkdir -p $(dir $@)
 	@printf '#define TALLY_VERSION "%s"\n#define TALLY_COMMIT "%s"\n' '$(VERSION)' '$(GIT_COMMIT)' > $@.tmp
 	@if cmp -s $@.tmp $@; then rm -f $@.tmp; else mv $@.tmp $@; fi
 $(BUILD)/obj/src/base/version.o: $(BUILD)/gen/version.h
+
+$(BUILD)/gen/web_files.c: $(WEB_FILES) scripts/embed-web.sh
+	@mkdir -p $(dir $@)
+	scripts/embed-web.sh $(WEB_FILES) > $@.tmp && mv $@.tmp $@
+$(BUILD)/obj/gen/web_files.o: $(BUILD)/gen/web_files.c src/api/api_int.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
 
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -66,6 +79,44 @@ $(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libtally.a
 $(BUILD)/tests/test_store $(BUILD)/tests/test_store_pg: tests/unit/store_helpers.h tests/unit/store_scenarios.h
 
 -include $(LIB_OBJ:.o=.d) $(MAIN_OBJ:.o=.d)
+
+# ---- installing: the binary, its man page, the web app, the systemd unit ----
+#   make install [PREFIX=/usr/local] [DESTDIR=/tmp/root] [SYSCONFDIR=...] [SYSTEMDUNITDIR=...]
+#   make deb     a Debian package (dpkg-buildpackage on a copy of the tree) in $(BUILD)/deb/
+PREFIX         ?= /usr/local
+BINDIR         ?= $(PREFIX)/bin
+DATADIR        ?= $(PREFIX)/share
+MANDIR         ?= $(DATADIR)/man
+SYSCONFDIR     ?= $(if $(filter /usr,$(PREFIX)),/etc,$(PREFIX)/etc)
+SYSTEMDUNITDIR ?= $(PREFIX)/lib/systemd/system
+
+install: $(BUILD)/tally
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(SYSTEMDUNITDIR) \
+	    $(DESTDIR)$(SYSCONFDIR)/default $(DESTDIR)$(DATADIR)/doc/tally
+	install -m 0755 $(BUILD)/tally $(DESTDIR)$(BINDIR)/tally
+	install -m 0644 tally.1 $(DESTDIR)$(MANDIR)/man1/tally.1
+	@# the web app, for a --web-root of one's own to start from (the binary has its copy)
+	for f in $(WEB_FILES); do install -D -m 0644 $$f $(DESTDIR)$(DATADIR)/tally/$$f; done
+	sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' packaging/tally.service.in \
+	    > $(DESTDIR)$(SYSTEMDUNITDIR)/tally.service
+	chmod 0644 $(DESTDIR)$(SYSTEMDUNITDIR)/tally.service
+	install -m 0644 packaging/tally.default $(DESTDIR)$(SYSCONFDIR)/default/tally
+	install -m 0644 docs/openapi.yaml docs/grafana-dashboard.json README.md $(DESTDIR)$(DATADIR)/doc/tally/
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/tally $(DESTDIR)$(MANDIR)/man1/tally.1 $(DESTDIR)$(SYSTEMDUNITDIR)/tally.service
+	rm -rf $(DESTDIR)$(DATADIR)/tally $(DESTDIR)$(DATADIR)/doc/tally
+	@echo "uninstall: $(DESTDIR)$(SYSCONFDIR)/default/tally is left in place (your settings)"
+
+# The tree as git sees it (tracked and new files, not ignored ones), copied and built
+# by dpkg-buildpackage, so the package never picks up a local build or data directory.
+DEB_DIR := $(BUILD)/deb
+deb:
+	@command -v dpkg-buildpackage >/dev/null || { echo "make deb needs dpkg-dev and debhelper (apt-get install dpkg-dev debhelper fakeroot)"; exit 1; }
+	rm -rf $(DEB_DIR) && mkdir -p $(DEB_DIR)/tally-$(VERSION)
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp -P --parents -t $(DEB_DIR)/tally-$(VERSION)
+	cd $(DEB_DIR)/tally-$(VERSION) && GIT_COMMIT=$(GIT_COMMIT) dpkg-buildpackage -us -uc -b -J2
+	@ls $(DEB_DIR)/*.deb
 
 deps:
 	@scripts/deps.sh run
@@ -147,10 +198,15 @@ with-services:
 test-crash: $(BUILD)/tally
 	TALLY_TEST_PG= TALLY_BIN=$(abspath $(BUILD)/tally) $(call node_test,10) --test-concurrency=1 tests/crash/
 
+# make install and make deb, each installed into a fresh directory tree whose systemd unit
+# command is started as systemd would (tests/packaging/; make deb builds the tree anew)
+test-packaging: $(BUILD)/tally
+	TALLY_TEST_PG= TALLY_BIN=$(abspath $(BUILD)/tally) $(call node_test,20) --test-concurrency=1 tests/packaging/
+
 test: deps-test
 	@$(MAKE) --no-print-directory all
 	@$(MAKE) --no-print-directory with-services \
-	    WITH_SERVICES="test-unit test-api test-api-pg test-live test-crash test-e2e test-cluster"
+	    WITH_SERVICES="test-unit test-api test-api-pg test-live test-crash test-e2e test-cluster test-packaging"
 
 check-asan: deps-test
 	@$(MAKE) --no-print-directory BUILD=build-asan OPT=-O1 \

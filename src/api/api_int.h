@@ -228,6 +228,15 @@ void api_embed_page(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_oembed(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_polls_results_svg(tly_req_t *req, const tly_params_t *params, void *arg);
 
+/* ---- the web app compiled in (build/gen/web_files.c, scripts/embed-web.sh) ---- */
+typedef struct {
+    const char *path;           /* under web/: "/index.html", "/js/app.js" */
+    const unsigned char *data;  /* NUL-terminated */
+    size_t len;                 /* without the NUL */
+} api_web_file_t;
+extern const api_web_file_t api_web_files[];
+extern const size_t api_web_nfiles;
+
 /* ---- CORS (cors.c) ---- */
 /* Parses --cors-origins ("" none, "*" any, or origins separated by commas or spaces)
  * into app->cors. Returns 0, or -1 with a reason in err (errlen bytes). */
@@ -338,6 +347,8 @@ void api_join_redirect(tly_req_t *req, const tly_params_t *params, void *arg);
 /* static.c: the web UI's index.html with this status (the app's own pages, such as
  * "no poll has this code"). false when it cannot be read (nothing answered). */
 bool api_static_index(tly_app_t *app, tly_req_t *req, int status);
+/* Whether the directory root has an index.html (a --web-root that would serve the app). */
+bool api_web_root_ok(const char *root);
 void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_votes_me(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_votes_change(tly_req_t *req, const tly_params_t *params, void *arg);

@@ -633,6 +633,9 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
             goto fail;
         }
     }
+    if (conf->web_root[0] != '\0' && !api_web_root_ok(conf->web_root))
+        tly_log(TLY_LOG_WARN, "--web-root has no index.html: the web UI's pages will be 404 (leave --web-root empty to "
+                "serve the copy compiled into the binary)", "web_root", conf->web_root, NULL);
     uint64_t fd_limit;
     size_t max_conns = tly_server_max_connections(app->server, &fd_limit);
     if (max_conns < (size_t)conf->max_connections) {
