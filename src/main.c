@@ -4,6 +4,7 @@
  * (and with --repair puts right) a shared store's counters and Redis's live counters
  * against the ballots, once.
  */
+#include <curl/curl.h>
 #include <jansson.h>
 #include <signal.h>
 #include <sodium.h>
@@ -273,6 +274,11 @@ int main(int argc, char **argv)
         fprintf(stderr, "tally: libsodium failed to initialise\n");
         return 1;
     }
+    /* before any thread: webhook deliveries (src/http/client.c) */
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+        fprintf(stderr, "tally: libcurl failed to initialise\n");
+        return 1;
+    }
     if (argc >= 2 && (!strcmp(argv[1], "--version") || !strcmp(argv[1], "version"))) {
         printf("tally %s (commit %s)\n", tly_version, tly_build_commit);
         return 0;
@@ -304,5 +310,6 @@ int main(int argc, char **argv)
              : strcmp(command, "token") == 0 ? cmd_token(&conf)
                                              : tly_reconcile_cli(&conf);
     tly_conf_free(&conf);
+    curl_global_cleanup();
     return rc;
 }

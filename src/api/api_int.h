@@ -122,6 +122,8 @@ struct tly_app {
     const tly_conf_t *conf;
     tly_loop_t *loop;
     api_cors_t cors; /* --cors-origins */
+    struct api_webhooks *webhooks; /* webhooks.c */
+    tly_proxies_t webhook_allow;   /* --webhook-allow: ranges webhooks may reach beyond public addresses */
     tly_server_t *server;
     tly_server_t *metrics_server; /* --metrics-listen; NULL: /metrics is a route of server */
     tly_router_t *router;
@@ -236,6 +238,16 @@ typedef struct {
 } api_web_file_t;
 extern const api_web_file_t api_web_files[];
 extern const size_t api_web_nfiles;
+
+/* ---- webhooks (webhooks.c) ---- */
+/* Loads DATA_DIR/webhooks.json and starts the deliveries' tick. Returns 0, or -1 with a
+ * reason in err (512 bytes). Loop thread, after the store is loaded. */
+int api_webhooks_open(tly_app_t *app, char *err);
+/* Drops the deliveries in flight or waiting and frees the webhooks (the file stays). */
+void api_webhooks_close(tly_app_t *app);
+void api_webhooks_create(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_webhooks_list(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_webhooks_delete(tly_req_t *req, const tly_params_t *params, void *arg);
 
 /* ---- CORS (cors.c) ---- */
 /* Parses --cors-origins ("" none, "*" any, or origins separated by commas or spaces)

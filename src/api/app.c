@@ -501,6 +501,9 @@ static int add_routes(tly_router_t *r)
         {TLY_M_GET, "/v1/receipts/{receipt}", api_receipts_get},
         {TLY_M_GET, "/v1/join/{code}", api_join_get},
         {TLY_M_GET, "/j/{code}", api_join_redirect},
+        {TLY_M_POST, "/v1/polls/{poll_id}/webhooks", api_webhooks_create},
+        {TLY_M_GET, "/v1/polls/{poll_id}/webhooks", api_webhooks_list},
+        {TLY_M_DELETE, "/v1/polls/{poll_id}/webhooks/{webhook_id}", api_webhooks_delete},
         {TLY_M_GET, "/healthz", api_ops_healthz},
         {TLY_M_GET, "/readyz", api_ops_readyz},
         {TLY_M_GET, "/metrics", api_ops_metrics},
@@ -524,8 +527,9 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
         snprintf(err, 512, "out of memory");
         return NULL;
     }
-    if (api_cors_parse(conf->cors_origins, &app->cors, perr, sizeof(perr)) != 0) {
-        snprintf(err, 512, "--cors-origins: %s", perr);
+    if (api_cors_parse(conf->cors_origins, &app->cors, perr, sizeof(perr)) != 0 ||
+        tly_proxies_parse(conf->webhook_allow, &app->webhook_allow, perr, sizeof(perr)) != 0) {
+        snprintf(err, 512, "--cors-origins or --webhook-allow: %s", perr);
         tly_free(app);
         return NULL;
     }
@@ -601,6 +605,8 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
         snprintf(err, 512, "out of memory");
         goto fail;
     }
+    if (api_webhooks_open(app, err) != 0)
+        goto fail;
     tly_server_conf_t hc = {.body_max = (size_t)conf->body_limit,
                             .head_max = (size_t)conf->head_limit,
                             .uri_max = (size_t)conf->uri_limit,
@@ -681,6 +687,10 @@ int tly_app_check_conf(const tly_conf_t *conf, char *err)
         snprintf(err, 512, "--cors-origins: %s", e);
         return -1;
     }
+    if (tly_proxies_parse(conf->webhook_allow, &proxies, e, sizeof(e)) != 0) {
+        snprintf(err, 512, "--webhook-allow: %s", e);
+        return -1;
+    }
     if (conf->store[0] != '\0' && strncmp(conf->store, "postgres://", 11) != 0 &&
         strncmp(conf->store, "postgresql://", 13) != 0) {
         snprintf(err, 512, "--store must be empty (SQLite in --data-dir) or a postgres:// URI");
@@ -720,6 +730,7 @@ void tly_app_free(tly_app_t *app)
     app->closing = true;
     tly_loop_on_turn_end(app->loop, NULL, NULL); /* closing the store releases what it holds */
     api_reconcile_stop(app);                     /* a pass still queued for a worker does nothing */
+    api_webhooks_close(app);                     /* before the loop goes: its timer and sockets */
     if (app->work.waker != NULL) {
         pthread_mutex_lock(&app->work.mu);
         app->work.stop = true;

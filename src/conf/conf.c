@@ -66,6 +66,14 @@ static const option_t options[] = {
     {"cors-origins", OPT_STR, OFF(cors_origins), "", 0, 0, "serve",
      "origins (scheme://host[:port], comma-separated, or *) whose pages may call the API from a browser (CORS); "
      "empty: none. Tokens are bearer headers, never cookies, so a grant cannot be used for request forgery"},
+    {"webhook-allow", OPT_STR, OFF(webhook_allow), "", 0, 0, "serve",
+     "address ranges (addresses or CIDRs, comma-separated) webhooks may be delivered to besides public addresses; "
+     "empty: loopback, private, link-local and other non-public destinations are refused"},
+    {"webhook-attempts", OPT_LONG, OFF(webhook_attempts), "8", 1, 100, "serve",
+     "attempts at a webhook delivery before it goes to the webhook's dead-letter list"},
+    {"webhook-backoff-ms", OPT_LONG, OFF(webhook_backoff_ms), "1000", 10, 3600000, "serve",
+     "milliseconds before the first retry of a webhook delivery; each further retry waits twice as long (at most "
+     "an hour)"},
     {"token-ttl", OPT_LONG, OFF(token_ttl), "2592000", 60, 31622400, "serve", "lifetime of issued tokens, seconds"},
     {"retracted-key-ttl", OPT_LONG, OFF(retracted_key_ttl), "86400", 1, 31622400, "serve",
      "seconds the Idempotency-Key of a retracted ballot is remembered: until then a retry of the POST that cast it "

@@ -27,6 +27,9 @@ typedef struct {
     char *cors_origins;    /* "" = none, "*" = any, or a list of origins */
     char *log_file;        /* "" = stderr */
     char *metrics_listen;  /* "" = /metrics on the API's address */
+    char *webhook_allow;   /* "" = webhooks reach public addresses only */
+    long webhook_attempts;
+    long webhook_backoff_ms;
     long body_limit;
     long head_limit;
     long uri_limit;
