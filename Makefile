@@ -284,7 +284,7 @@ FUZZ_SECONDS ?= 60
 FUZZ_SAN      = -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 # the project's warnings are gcc's (make all); clang's differ, so -Werror only on the harnesses
 FUZZ_CFLAGS   = -std=c11 -O1 -g -D_GNU_SOURCE -DH2O_USE_LIBUV=0 -Isrc -I$(BUILD)/gen $(PKG_CFLAGS) $(FUZZ_SAN)
-FUZZ_LIB_OBJ := $(LIB_SRC:%.c=$(FUZZ_BUILD)/obj/%.o)
+FUZZ_LIB_OBJ := $(LIB_SRC:%.c=$(FUZZ_BUILD)/obj/%.o) $(FUZZ_BUILD)/obj/gen/web_files.o
 FUZZ_NAMES   := $(patsubst tests/fuzz/%.c,%,$(sort $(wildcard tests/fuzz/fuzz_*.c)))
 FUZZ_BIN     := $(FUZZ_NAMES:%=$(FUZZ_BUILD)/%)
 
@@ -305,6 +305,9 @@ $(FUZZ_BUILD)/fuzz_%: tests/fuzz/fuzz_%.c $(FUZZ_BUILD)/libtally.a
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -Wall -Wextra -Werror -fsanitize=fuzzer -o $@ $< $(FUZZ_BUILD)/libtally.a $(PKG_LIBS) -lwslay -lunistring -lpthread -lm
 
 $(FUZZ_BUILD)/obj/src/base/version.o: $(BUILD)/gen/version.h
+$(FUZZ_BUILD)/obj/gen/web_files.o: $(BUILD)/gen/web_files.c src/api/api_int.h
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
 
 -include $(FUZZ_LIB_OBJ:.o=.d)
 
