@@ -8,18 +8,21 @@
 
 CC       ?= cc
 BUILD    ?= build
-PKGS      = libh2o-evloop jansson sqlite3 libsodium openssl libqrencode libpq hiredis
+PKGS      = libh2o-evloop jansson sqlite3 libsodium openssl libqrencode libpq hiredis libsystemd libcurl
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 OPT      ?= -O2
 CFLAGS   += -std=c11 $(OPT) -g -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wno-unused-parameter \
-            -D_GNU_SOURCE -DH2O_USE_LIBUV=0 -Isrc $(PKG_CFLAGS) $(SAN)
+            -D_GNU_SOURCE -DH2O_USE_LIBUV=0 -Isrc -I$(BUILD)/gen $(PKG_CFLAGS) $(SAN)
 LDFLAGS  += $(SAN)
 # libunistring (Unicode text rules in src/base) has no pkg-config file on Debian 12.
 LDLIBS   += $(PKG_LIBS) -lwslay -lunistring -lpthread -lm
 
 LIB_SRC  := $(sort $(wildcard src/*/*.c))
-LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
+# the web app's files, compiled in (scripts/embed-web.sh): GET / works wherever the
+# binary runs; --web-root still serves a directory instead
+WEB_FILES := $(sort $(shell find web -type f ! -name '.*'))
+LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/obj/%.o) $(BUILD)/obj/gen/web_files.o
 MAIN_OBJ := $(BUILD)/obj/src/main.o
 UNIT_SRC := $(sort $(wildcard tests/unit/test_*.c))
 UNIT_BIN := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
@@ -27,12 +30,34 @@ UNIT_BIN := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
 DATA_DIR ?= ./data
 LISTEN   ?= 127.0.0.1:8080
 
+.PHONY: install uninstall deb test-packaging
 .PHONY: all run test test-unit test-api test-api-pg test-live test-e2e test-crash test-cluster with-services \
         cluster cluster-stop check-asan check-valgrind deps deps-test clean bench bench-live bench-export bench-cluster \
         bench-ranked bench-store bench-pow lint fmt screenshots
 .DEFAULT_GOAL := all
 
 all: $(BUILD)/tally
+
+# The version (the VERSION file) and the commit this build is from, for `tally --version`
+# and tally_build_info: the header is rewritten only when one of them changed, so a new
+# commit rebuilds one object.
+VERSION    := $(shell cat VERSION)
+ifndef GIT_COMMIT
+GIT_COMMIT := $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+endif
+.PHONY: FORCE
+$(BUILD)/gen/version.h: FORCE
+	@mkdir -p $(dir $@)
+	@printf '#define TALLY_VERSION "%s"\n#define TALLY_COMMIT "%s"\n' '$(VERSION)' '$(GIT_COMMIT)' > $@.tmp
+	@if cmp -s $@.tmp $@; then rm -f $@.tmp; else mv $@.tmp $@; fi
+$(BUILD)/obj/src/base/version.o: $(BUILD)/gen/version.h
+
+$(BUILD)/gen/web_files.c: $(WEB_FILES) scripts/embed-web.sh
+	@mkdir -p $(dir $@)
+	scripts/embed-web.sh $(WEB_FILES) > $@.tmp && mv $@.tmp $@
+$(BUILD)/obj/gen/web_files.o: $(BUILD)/gen/web_files.c src/api/api_int.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
 
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -54,6 +79,44 @@ $(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libtally.a
 $(BUILD)/tests/test_store $(BUILD)/tests/test_store_pg: tests/unit/store_helpers.h tests/unit/store_scenarios.h
 
 -include $(LIB_OBJ:.o=.d) $(MAIN_OBJ:.o=.d)
+
+# ---- installing: the binary, its man page, the web app, the systemd unit ----
+#   make install [PREFIX=/usr/local] [DESTDIR=/tmp/root] [SYSCONFDIR=...] [SYSTEMDUNITDIR=...]
+#   make deb     a Debian package (dpkg-buildpackage on a copy of the tree) in $(BUILD)/deb/
+PREFIX         ?= /usr/local
+BINDIR         ?= $(PREFIX)/bin
+DATADIR        ?= $(PREFIX)/share
+MANDIR         ?= $(DATADIR)/man
+SYSCONFDIR     ?= $(if $(filter /usr,$(PREFIX)),/etc,$(PREFIX)/etc)
+SYSTEMDUNITDIR ?= $(PREFIX)/lib/systemd/system
+
+install: $(BUILD)/tally
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(SYSTEMDUNITDIR) \
+	    $(DESTDIR)$(SYSCONFDIR)/default $(DESTDIR)$(DATADIR)/doc/tally
+	install -m 0755 $(BUILD)/tally $(DESTDIR)$(BINDIR)/tally
+	install -m 0644 tally.1 $(DESTDIR)$(MANDIR)/man1/tally.1
+	@# the web app, for a --web-root of one's own to start from (the binary has its copy)
+	for f in $(WEB_FILES); do install -D -m 0644 $$f $(DESTDIR)$(DATADIR)/tally/$$f; done
+	sed -e 's|@BINDIR@|$(BINDIR)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' packaging/tally.service.in \
+	    > $(DESTDIR)$(SYSTEMDUNITDIR)/tally.service
+	chmod 0644 $(DESTDIR)$(SYSTEMDUNITDIR)/tally.service
+	install -m 0644 packaging/tally.default $(DESTDIR)$(SYSCONFDIR)/default/tally
+	install -m 0644 docs/openapi.yaml docs/grafana-dashboard.json README.md $(DESTDIR)$(DATADIR)/doc/tally/
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/tally $(DESTDIR)$(MANDIR)/man1/tally.1 $(DESTDIR)$(SYSTEMDUNITDIR)/tally.service
+	rm -rf $(DESTDIR)$(DATADIR)/tally $(DESTDIR)$(DATADIR)/doc/tally
+	@echo "uninstall: $(DESTDIR)$(SYSCONFDIR)/default/tally is left in place (your settings)"
+
+# The tree as git sees it (tracked and new files, not ignored ones), copied and built
+# by dpkg-buildpackage, so the package never picks up a local build or data directory.
+DEB_DIR := $(BUILD)/deb
+deb:
+	@command -v dpkg-buildpackage >/dev/null || { echo "make deb needs dpkg-dev and debhelper (apt-get install dpkg-dev debhelper fakeroot)"; exit 1; }
+	rm -rf $(DEB_DIR) && mkdir -p $(DEB_DIR)/tally-$(VERSION)
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp -P --parents -t $(DEB_DIR)/tally-$(VERSION)
+	cd $(DEB_DIR)/tally-$(VERSION) && GIT_COMMIT=$(GIT_COMMIT) dpkg-buildpackage -us -uc -b -J2
+	@ls $(DEB_DIR)/*.deb
 
 deps:
 	@scripts/deps.sh run
@@ -135,10 +198,15 @@ with-services:
 test-crash: $(BUILD)/tally
 	TALLY_TEST_PG= TALLY_BIN=$(abspath $(BUILD)/tally) $(call node_test,10) --test-concurrency=1 tests/crash/
 
+# make install and make deb, each installed into a fresh directory tree whose systemd unit
+# command is started as systemd would (tests/packaging/; make deb builds the tree anew)
+test-packaging: $(BUILD)/tally
+	TALLY_TEST_PG= TALLY_BIN=$(abspath $(BUILD)/tally) $(call node_test,20) --test-concurrency=1 tests/packaging/
+
 test: deps-test
 	@$(MAKE) --no-print-directory all
 	@$(MAKE) --no-print-directory with-services \
-	    WITH_SERVICES="test-unit test-api test-api-pg test-live test-crash test-e2e test-cluster"
+	    WITH_SERVICES="test-unit test-api test-api-pg test-live test-crash test-e2e test-cluster test-packaging"
 
 check-asan: deps-test
 	@$(MAKE) --no-print-directory BUILD=build-asan OPT=-O1 \
@@ -215,8 +283,8 @@ FUZZ_BUILD   ?= build-fuzz
 FUZZ_SECONDS ?= 60
 FUZZ_SAN      = -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
 # the project's warnings are gcc's (make all); clang's differ, so -Werror only on the harnesses
-FUZZ_CFLAGS   = -std=c11 -O1 -g -D_GNU_SOURCE -DH2O_USE_LIBUV=0 -Isrc $(PKG_CFLAGS) $(FUZZ_SAN)
-FUZZ_LIB_OBJ := $(LIB_SRC:%.c=$(FUZZ_BUILD)/obj/%.o)
+FUZZ_CFLAGS   = -std=c11 -O1 -g -D_GNU_SOURCE -DH2O_USE_LIBUV=0 -Isrc -I$(BUILD)/gen $(PKG_CFLAGS) $(FUZZ_SAN)
+FUZZ_LIB_OBJ := $(LIB_SRC:%.c=$(FUZZ_BUILD)/obj/%.o) $(FUZZ_BUILD)/obj/gen/web_files.o
 FUZZ_NAMES   := $(patsubst tests/fuzz/%.c,%,$(sort $(wildcard tests/fuzz/fuzz_*.c)))
 FUZZ_BIN     := $(FUZZ_NAMES:%=$(FUZZ_BUILD)/%)
 
@@ -235,6 +303,11 @@ $(FUZZ_BUILD)/libtally.a: $(FUZZ_LIB_OBJ)
 
 $(FUZZ_BUILD)/fuzz_%: tests/fuzz/fuzz_%.c $(FUZZ_BUILD)/libtally.a
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -Wall -Wextra -Werror -fsanitize=fuzzer -o $@ $< $(FUZZ_BUILD)/libtally.a $(PKG_LIBS) -lwslay -lunistring -lpthread -lm
+
+$(FUZZ_BUILD)/obj/src/base/version.o: $(BUILD)/gen/version.h
+$(FUZZ_BUILD)/obj/gen/web_files.o: $(BUILD)/gen/web_files.c src/api/api_int.h
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
 
 -include $(FUZZ_LIB_OBJ:.o=.d)
 
@@ -256,7 +329,7 @@ fuzz: deps-fuzz
 # cppcheck: varFuncNullUB is tly_log's NULL sentinel (declared `sentinel`, so the compiler
 # checks it; NULL is a pointer on every platform we build for); `cppcheck-suppress` comments
 # mark its false positives inside uthash's HASH_ITER.
-lint:
+lint: $(BUILD)/gen/version.h
 	clang-tidy $(LIB_SRC) src/main.c -- $(CFLAGS)
 	cppcheck --quiet --error-exitcode=1 --enable=warning,portability --std=c11 --inline-suppr \
 	    --suppress=varFuncNullUB -Isrc src

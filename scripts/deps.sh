@@ -4,8 +4,10 @@
 #   scripts/deps.sh test   also what the tests need
 set -eu
 RUN_PKGS="build-essential pkg-config libh2o-evloop-dev libwslay-dev libssl-dev zlib1g-dev libjansson-dev \
-libsqlite3-dev libsodium-dev libqrencode-dev uthash-dev libpq-dev libhiredis-dev libunistring-dev"
-TEST_PKGS="libcriterion-dev sqlite3 curl chromium prometheus postgresql redis-server redis-tools nginx-light"
+libsqlite3-dev libsodium-dev libqrencode-dev uthash-dev libpq-dev libhiredis-dev libunistring-dev libsystemd-dev \
+libcurl4-openssl-dev xxd"
+TEST_PKGS="libcriterion-dev sqlite3 curl chromium prometheus postgresql redis-server redis-tools nginx-light \
+python3 man-db dpkg-dev debhelper fakeroot"
 pkgs="$RUN_PKGS"
 [ "${1:-run}" = test ] && pkgs="$pkgs $TEST_PKGS"
 missing=""

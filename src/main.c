@@ -4,12 +4,14 @@
  * (and with --repair puts right) a shared store's counters and Redis's live counters
  * against the ballots, once.
  */
+#include <curl/curl.h>
 #include <jansson.h>
 #include <signal.h>
 #include <sodium.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <systemd/sd-daemon.h>
 
 #include "api/api.h"
 #include "auth/auth.h"
@@ -19,17 +21,20 @@
 #include "obs/obs.h"
 #include "store/store.h"
 
-static volatile sig_atomic_t stop_requested;
+static volatile sig_atomic_t stop_requested, reload_requested;
 
 static void on_signal(int sig)
 {
-    (void)sig;
-    stop_requested = 1;
+    if (sig == SIGHUP)
+        reload_requested = 1;
+    else
+        stop_requested = 1;
 }
 
 static void usage(FILE *out)
 {
-    fprintf(out, "usage: tally <command> [options]\n\n"
+    fprintf(out, "usage: tally <command> [options]\n"
+                 "       tally --version\n\n"
                  "commands:\n"
                  "  serve    run the server (HTTP API, live results, web UI)\n"
                  "  token    print a bearer token for --sub, signed with the server secret\n"
@@ -108,12 +113,77 @@ static long fault_env(const char *name)
     return n;
 }
 
-static int cmd_serve(const tly_conf_t *conf)
+/* Under systemd (Type=notify, NOTIFY_SOCKET set) the unit is "started" only once the
+ * store is loaded and the port listens, and "stopping" from the first SIGTERM; anywhere
+ * else sd_notify does nothing. */
+static void notify(const char *state)
+{
+    (void)sd_notify(0, state);
+}
+
+/*
+ * SIGHUP: the log file opened anew (a rotation lets go of the old one), the config file
+ * and environment read again, and what can change while serving changes (log-level,
+ * log-file, cors-origins, web-root, public-url); any other option that changed is named
+ * in a warning and waits for a restart. A reload that does not check out changes
+ * nothing. The server never stops for it.
+ */
+static void reload(tly_conf_t *conf, tly_app_t *app, int argc, char **argv)
 {
     char err[512];
+    tly_conf_t fresh;
+    notify("RELOADING=1");
+    if (tly_conf_load(&fresh, "serve", argc, argv, err, sizeof(err)) != 0 || tly_app_check_conf(&fresh, err) != 0) {
+        tly_log(TLY_LOG_ERROR, "reload refused; nothing changed", "reason", err, NULL);
+        tly_conf_free(&fresh);
+        notify("READY=1");
+        return;
+    }
+    if (fresh.log_file[0] != '\0') {
+        int rc = tly_log_open(fresh.log_file);
+        if (rc != 0) {
+            tly_log(TLY_LOG_ERROR, "reload refused; nothing changed", "reason", "cannot open --log-file", "path",
+                    fresh.log_file, "error", strerror(-rc), NULL);
+            tly_conf_free(&fresh);
+            notify("READY=1");
+            return;
+        }
+    }
+    char changed[512], restart[512];
+    tly_conf_reload(conf, &fresh, "serve", changed, restart, sizeof(changed));
+    tly_conf_free(&fresh);
+    tly_log_set_level(conf->log_level);
+    tly_app_reloaded(app);
+    tly_log(TLY_LOG_INFO, "reloaded", "changed", changed, NULL);
+    if (restart[0] != '\0')
+        tly_log(TLY_LOG_WARN, "options changed that take effect at the next start", "options", restart, NULL);
+    notify("READY=1");
+}
+
+static int cmd_serve(tly_conf_t *conf, int argc, char **argv)
+{
+    char err[512];
+    /* a HUP from now on reloads (the default action would end the process) */
+    struct sigaction hup = {.sa_handler = on_signal};
+    sigemptyset(&hup.sa_mask);
+    sigaction(SIGHUP, &hup, NULL);
+    /* every argument checked before anything is created on disk */
+    if (tly_app_check_conf(conf, err) != 0) {
+        fprintf(stderr, "tally serve: %s\n", err);
+        return 2;
+    }
     long fault_fsync = fault_env("TALLY_FAULT_FSYNC_AFTER"), fault_alloc = fault_env("TALLY_FAULT_ALLOC_EVERY");
     if (fault_fsync < 0 || fault_alloc < 0)
         return 2;
+    if (conf->log_file[0] != '\0') {
+        int rc = tly_log_open(conf->log_file);
+        if (rc != 0) {
+            fprintf(stderr, "tally serve: cannot open --log-file %s: %s\n", conf->log_file, strerror(-rc));
+            return 2;
+        }
+    }
+    tly_log_set_level(conf->log_level);
+    tly_metrics_process_start();
     if (fault_fsync > 0) {
         char n[24];
         snprintf(n, sizeof(n), "%ld", fault_fsync);
@@ -122,10 +192,6 @@ static int cmd_serve(const tly_conf_t *conf)
             tly_log(TLY_LOG_ERROR, "cannot start", "reason", "cannot install the fault-injection VFS", NULL);
             return 1;
         }
-    }
-    if (tly_log_set_level(conf->log_level) != 0) {
-        fprintf(stderr, "tally serve: --log-level must be debug, info, warn or error\n");
-        return 2;
     }
     /* Each connection is a descriptor: the soft limit up to the hard one before anything
      * opens (tly_server_new lowers --max-connections to what it leaves room for). */
@@ -161,15 +227,27 @@ static int cmd_serve(const tly_conf_t *conf)
     }
     char port[16];
     snprintf(port, sizeof(port), "%d", tly_app_port(app));
-    tly_log(TLY_LOG_INFO, "listening", "listen", conf->listen, "port", port, "data_dir", conf->data_dir, NULL);
+    tly_log(TLY_LOG_INFO, "listening", "listen", conf->listen, "port", port, "data_dir", conf->data_dir, "version",
+            tly_version, NULL);
+    if (tly_app_metrics_port(app) != 0) {
+        snprintf(port, sizeof(port), "%d", tly_app_metrics_port(app));
+        tly_log(TLY_LOG_INFO, "serving /metrics", "listen", conf->metrics_listen, "port", port, NULL);
+    }
+    notify("READY=1");
     if (fault_alloc > 0) {
         char n[24];
         snprintf(n, sizeof(n), "%ld", fault_alloc);
         tly_log(TLY_LOG_WARN, "fault injection: failing allocations", "every", n, NULL);
         tly_alloc_fail_every(fault_alloc);
     }
-    while (!stop_requested)
+    while (!stop_requested) {
         tly_loop_run_once(loop, 200);
+        if (reload_requested) {
+            reload_requested = 0;
+            reload(conf, app, argc, argv);
+        }
+    }
+    notify("STOPPING=1");
     /* Graceful stop: no new connections; answer what is in flight (each waits for its
      * batch to commit); then close the store, which commits whatever is still queued. */
     tly_log(TLY_LOG_INFO, "stopping", NULL);
@@ -196,6 +274,15 @@ int main(int argc, char **argv)
         fprintf(stderr, "tally: libsodium failed to initialise\n");
         return 1;
     }
+    /* before any thread: webhook deliveries (src/http/client.c) */
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+        fprintf(stderr, "tally: libcurl failed to initialise\n");
+        return 1;
+    }
+    if (argc >= 2 && (!strcmp(argv[1], "--version") || !strcmp(argv[1], "version"))) {
+        printf("tally %s (commit %s)\n", tly_version, tly_build_commit);
+        return 0;
+    }
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
@@ -219,9 +306,10 @@ int main(int argc, char **argv)
         tly_conf_free(&conf);
         return 2;
     }
-    int rc = strcmp(command, "serve") == 0   ? cmd_serve(&conf)
+    int rc = strcmp(command, "serve") == 0   ? cmd_serve(&conf, argc - 2, argv + 2)
              : strcmp(command, "token") == 0 ? cmd_token(&conf)
                                              : tly_reconcile_cli(&conf);
     tly_conf_free(&conf);
+    curl_global_cleanup();
     return rc;
 }

@@ -24,6 +24,18 @@ void tly_app_stop_accepting(tly_app_t *app);
 bool tly_app_busy(tly_app_t *app);
 void tly_app_free(tly_app_t *app);
 int tly_app_port(tly_app_t *app);
+/* The port --metrics-listen bound, or 0 without it. */
+int tly_app_metrics_port(tly_app_t *app);
+
+/* Checks what can be checked of conf without touching the disk or the network (the
+ * listen addresses parse and resolve, --trusted-proxies, --cors-origins, --log-level,
+ * the --store and --bus schemes), so that a bad argument refuses the start before
+ * anything is created. Returns 0, or -1 with a reason in err (512 bytes). Main thread. */
+int tly_app_check_conf(const tly_conf_t *conf, char *err);
+/* SIGHUP: the options tly_conf_reload moved into app's conf (already checked with
+ * tly_app_check_conf) take effect: the CORS origins; web-root and public-url are read
+ * per request. Loop thread. */
+void tly_app_reloaded(tly_app_t *app);
 
 /* Reads the server secret from data_dir/secret, creating it (32 random bytes, hex, mode
  * 0600) when absent. Returns a heap string or NULL with a reason in err (512 bytes). */

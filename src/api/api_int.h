@@ -91,6 +91,14 @@ typedef struct poll_mark {
     char poll_id[TLY_POLL_ID_LEN + 1];
 } poll_mark_t;
 
+/* ---- CORS: the origins granted (--cors-origins) ---- */
+#define API_CORS_MAX 32
+typedef struct {
+    bool any; /* "*" */
+    size_t n;
+    char origins[API_CORS_MAX][256];
+} api_cors_t;
+
 /* ---- background work (password hashing) ---- */
 typedef struct work work_t;
 struct work {
@@ -113,7 +121,11 @@ typedef enum {
 struct tly_app {
     const tly_conf_t *conf;
     tly_loop_t *loop;
+    api_cors_t cors; /* --cors-origins */
+    struct api_webhooks *webhooks; /* webhooks.c */
+    tly_proxies_t webhook_allow;   /* --webhook-allow: ranges webhooks may reach beyond public addresses */
     tly_server_t *server;
+    tly_server_t *metrics_server; /* --metrics-listen; NULL: /metrics is a route of server */
     tly_router_t *router;
     tly_store_t *store;
     tly_waker_t *store_waker;
@@ -191,6 +203,60 @@ void api_respond_raw_json(tly_req_t *req, int status, const char *json, size_t l
 void api_respond_error(tly_req_t *req, int status, const char *code, const char *message, json_t *extra);
 void api_respond_validation(tly_req_t *req, const char *field, const char *message);
 void api_respond_store_error(tly_req_t *req, int result);
+
+/* ---- HTTP caching (caching.c) ---- */
+typedef enum {
+    API_CACHE_PRIVATE, /* depends on who asks: "private, no-cache" */
+    API_CACHE_PUBLIC,  /* the same for everyone, changing: "public, max-age=1" */
+    API_CACHE_FINAL    /* a closed poll's final results: "public, max-age=3600" */
+} api_cache_t;
+/* Answers 200 with json (copied) and its ETag and Cache-Control, or 304 without a body
+ * when If-None-Match names that ETag. Loop thread. */
+void api_respond_cached(tly_req_t *req, const char *json, size_t len, api_cache_t policy);
+/* The same for a body of another media type. */
+void api_respond_cached_as(tly_req_t *req, const char *type, const char *body, size_t len, api_cache_t policy);
+/* Who may keep p as a poll object, and its results, at time now (ms). */
+api_cache_t api_poll_cache(tly_poll_t *p, int64_t now);
+api_cache_t api_results_cache(tly_poll_t *p, int64_t now);
+
+/* ---- embeds (embed.c) ---- */
+/* The absolute base URL of this server as others reach it, without a trailing slash:
+ * --public-url, else "http://<Host>". */
+void api_base_url(tly_app_t *app, tly_req_t *req, char *out, size_t cap);
+/* The Open Graph, Twitter card and oEmbed discovery tags for the head of the page of
+ * poll_id (request memory, *len bytes), or NULL when no poll anyone may see has that id. */
+const char *api_poll_page_head(tly_app_t *app, tly_req_t *req, tly_str_t poll_id, size_t *len);
+void api_embed_page(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_oembed(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_polls_results_svg(tly_req_t *req, const tly_params_t *params, void *arg);
+
+/* ---- the web app compiled in (build/gen/web_files.c, scripts/embed-web.sh) ---- */
+typedef struct {
+    const char *path;           /* under web/: "/index.html", "/js/app.js" */
+    const unsigned char *data;  /* NUL-terminated */
+    size_t len;                 /* without the NUL */
+} api_web_file_t;
+extern const api_web_file_t api_web_files[];
+extern const size_t api_web_nfiles;
+
+/* ---- webhooks (webhooks.c) ---- */
+/* Loads DATA_DIR/webhooks.json and starts the deliveries' tick. Returns 0, or -1 with a
+ * reason in err (512 bytes). Loop thread, after the store is loaded. */
+int api_webhooks_open(tly_app_t *app, char *err);
+/* Drops the deliveries in flight or waiting and frees the webhooks (the file stays). */
+void api_webhooks_close(tly_app_t *app);
+void api_webhooks_create(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_webhooks_list(tly_req_t *req, const tly_params_t *params, void *arg);
+void api_webhooks_delete(tly_req_t *req, const tly_params_t *params, void *arg);
+
+/* ---- CORS (cors.c) ---- */
+/* Parses --cors-origins ("" none, "*" any, or origins separated by commas or spaces)
+ * into app->cors. Returns 0, or -1 with a reason in err (errlen bytes). */
+int api_cors_parse(const char *spec, api_cors_t *out, char *err, size_t errlen);
+/* For a request to the API (/v1/..., /oembed): adds the CORS response headers its
+ * Origin is granted, and Vary: Origin when the answer depends on it. A preflight
+ * (OPTIONS) is answered here (204) and true returned; false otherwise. */
+bool api_cors_handle(tly_app_t *app, tly_req_t *req);
 
 /* ---- requests ---- */
 /* Parses the body as a JSON object. On failure answers 400 and returns NULL. */
@@ -293,6 +359,8 @@ void api_join_redirect(tly_req_t *req, const tly_params_t *params, void *arg);
 /* static.c: the web UI's index.html with this status (the app's own pages, such as
  * "no poll has this code"). false when it cannot be read (nothing answered). */
 bool api_static_index(tly_app_t *app, tly_req_t *req, int status);
+/* Whether the directory root has an index.html (a --web-root that would serve the app). */
+bool api_web_root_ok(const char *root);
 void api_votes_cast(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_votes_me(tly_req_t *req, const tly_params_t *params, void *arg);
 void api_votes_change(tly_req_t *req, const tly_params_t *params, void *arg);

@@ -326,14 +326,17 @@ static const char *method_label(tly_method_t m)
     /* clang-format on */
 }
 
+static void serve_metrics(tly_app_t *app, tly_req_t *req);
+
 /* Every response: one log line and the metrics. Nothing of the request's content. */
 static void on_response(tly_req_t *req, int status, void *arg)
 {
-    tly_app_t *app = arg;
+    (void)arg;
     const char *route = tly_req_route(req), *code = tly_req_note(req);
     const char *method = method_label(tly_req_method(req));
-    double ms = (double)(tly_loop_now(app->loop) - tly_req_start(req));
-    tly_metrics_request(route, method, status, ms);
+    uint64_t us = tly_mono_us() - tly_req_start(req);
+    double ms = (double)us / 1000;
+    tly_metrics_request(route, method, status, us);
     if (code != NULL)
         tly_metrics_count("tally_errors_total", "code", code);
     if (route != NULL && strcmp(route, "/v1/polls/{poll_id}/votes") == 0)
@@ -352,9 +355,37 @@ static void on_response(tly_req_t *req, int status, void *arg)
     tly_log_request(method, route ? route : "unmatched", status, code, ms, tly_req_client(req));
 }
 
+/* GET /metrics on the app's own address: there unless --metrics-listen moved it. */
 void api_ops_metrics(tly_req_t *req, const tly_params_t *params, void *arg)
 {
     tly_app_t *app = arg;
+    if (app->metrics_server != NULL) {
+        api_respond_error(req, 404, "NOT_FOUND", "no such route", NULL);
+        return;
+    }
+    serve_metrics(app, req);
+}
+
+/* The --metrics-listen address serves /metrics and nothing else. */
+static void metrics_handle(tly_req_t *req, void *arg)
+{
+    tly_app_t *app = arg;
+    tly_method_t m = tly_req_method(req);
+    if (!tly_str_eq(tly_req_path(req), "/metrics")) {
+        api_respond_error(req, 404, "NOT_FOUND", "this address serves GET /metrics only", NULL);
+        return;
+    }
+    tly_req_set_route(req, "/metrics");
+    if (m != TLY_M_GET && m != TLY_M_HEAD) {
+        tly_req_add_header(req, "Allow", "GET, HEAD");
+        api_respond_error(req, 405, "METHOD_NOT_ALLOWED", "this path does not accept that method", NULL);
+        return;
+    }
+    serve_metrics(app, req);
+}
+
+static void serve_metrics(tly_app_t *app, tly_req_t *req)
+{
     tly_store_stats_t st;
     tly_store_stats(app->store, &st);
     tly_metrics_extra_t x = {.batch_bounds = tly_store_batch_bounds,
@@ -372,7 +403,8 @@ void api_ops_metrics(tly_req_t *req, const tly_params_t *params, void *arg)
                              .writable = tly_store_writable(app->store),
                              .live_subscribers = api_live_subscribers(app->live),
                              .connections = tly_server_connections(app->server),
-                             .polls = tly_registry_count(app->registry)};
+                             .polls = tly_registry_count(app->registry),
+                             .store_kind = tly_store_shared(app->store) ? "postgres" : "sqlite"};
     api_reconcile_stats(app, &x.reconcile_runs, &x.reconcile_repairs_store, &x.reconcile_repairs_redis,
                         &x.reconcile_last_run_ms);
     x.followed = app->followed;
@@ -408,6 +440,9 @@ void api_dispatch(tly_app_t *app, tly_req_t *req)
     tly_route_fn fn;
     tly_params_t params;
     unsigned allowed;
+    bool api_path = (path.len >= 3 && memcmp(path.ptr, "/v1", 3) == 0 && (path.len == 3 || path.ptr[3] == '/'));
+    if ((api_path || tly_str_eq(path, "/oembed")) && api_cors_handle(app, req))
+        return; /* a preflight, answered */
     switch (tly_router_match(app->router, tly_req_method(req), path, &fn, &params, &allowed)) {
     case TLY_ROUTE_FOUND:
         tly_req_set_route(req, params.route);
@@ -423,7 +458,6 @@ void api_dispatch(tly_app_t *app, tly_req_t *req)
     case TLY_ROUTE_NO_PATH:
         break;
     }
-    bool api_path = (path.len >= 3 && memcmp(path.ptr, "/v1", 3) == 0 && (path.len == 3 || path.ptr[3] == '/'));
     if (!api_path && (tly_req_method(req) == TLY_M_GET || tly_req_method(req) == TLY_M_HEAD)) {
         tly_req_set_route(req, "static");
         api_static_get(req, &params, app);
@@ -457,6 +491,9 @@ static int add_routes(tly_router_t *r)
         {TLY_M_GET, "/v1/polls/{poll_id}/export", api_polls_export},
         {TLY_M_GET, "/v1/polls/{poll_id}/timeline", api_polls_timeline},
         {TLY_M_GET, "/v1/polls/{poll_id}/qr.svg", api_polls_qr},
+        {TLY_M_GET, "/v1/polls/{poll_id}/results.svg", api_polls_results_svg},
+        {TLY_M_GET, "/embed/{poll_id}", api_embed_page},
+        {TLY_M_GET, "/oembed", api_oembed},
         {TLY_M_GET, "/v1/polls/{poll_id}/votes/requests/{request_id}", api_votes_request},
         {TLY_M_GET, "/v1/polls/{poll_id}/results", api_results_get},
         {TLY_M_GET, "/v1/polls/{poll_id}/live", api_live_sse},
@@ -464,6 +501,9 @@ static int add_routes(tly_router_t *r)
         {TLY_M_GET, "/v1/receipts/{receipt}", api_receipts_get},
         {TLY_M_GET, "/v1/join/{code}", api_join_get},
         {TLY_M_GET, "/j/{code}", api_join_redirect},
+        {TLY_M_POST, "/v1/polls/{poll_id}/webhooks", api_webhooks_create},
+        {TLY_M_GET, "/v1/polls/{poll_id}/webhooks", api_webhooks_list},
+        {TLY_M_DELETE, "/v1/polls/{poll_id}/webhooks/{webhook_id}", api_webhooks_delete},
         {TLY_M_GET, "/healthz", api_ops_healthz},
         {TLY_M_GET, "/readyz", api_ops_readyz},
         {TLY_M_GET, "/metrics", api_ops_metrics},
@@ -485,6 +525,12 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
     tly_app_t *app = tly_calloc(1, sizeof(*app));
     if (app == NULL) {
         snprintf(err, 512, "out of memory");
+        return NULL;
+    }
+    if (api_cors_parse(conf->cors_origins, &app->cors, perr, sizeof(perr)) != 0 ||
+        tly_proxies_parse(conf->webhook_allow, &app->webhook_allow, perr, sizeof(perr)) != 0) {
+        snprintf(err, 512, "--cors-origins or --webhook-allow: %s", perr);
+        tly_free(app);
         return NULL;
     }
     app->conf = conf;
@@ -559,6 +605,8 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
         snprintf(err, 512, "out of memory");
         goto fail;
     }
+    if (api_webhooks_open(app, err) != 0)
+        goto fail;
     tly_server_conf_t hc = {.body_max = (size_t)conf->body_limit,
                             .head_max = (size_t)conf->head_limit,
                             .uri_max = (size_t)conf->uri_limit,
@@ -581,6 +629,19 @@ tly_app_t *tly_app_new(const tly_conf_t *conf, tly_loop_t *loop, const char *sec
         snprintf(err, 512, "cannot listen: %s", herr);
         goto fail;
     }
+    if (conf->metrics_listen[0] != '\0') {
+        tly_server_conf_t mc = hc;
+        mc.handler = metrics_handle;
+        mc.max_connections = 64; /* scrapers, not clients */
+        mc.max_connections_per_ip = 0;
+        if ((app->metrics_server = tly_server_new(loop, conf->metrics_listen, &mc, herr)) == NULL) {
+            snprintf(err, 512, "cannot listen on --metrics-listen: %s", herr);
+            goto fail;
+        }
+    }
+    if (conf->web_root[0] != '\0' && !api_web_root_ok(conf->web_root))
+        tly_log(TLY_LOG_WARN, "--web-root has no index.html: the web UI's pages will be 404 (leave --web-root empty to "
+                "serve the copy compiled into the binary)", "web_root", conf->web_root, NULL);
     uint64_t fd_limit;
     size_t max_conns = tly_server_max_connections(app->server, &fd_limit);
     if (max_conns < (size_t)conf->max_connections) {
@@ -599,10 +660,62 @@ fail:
 
 int tly_app_port(tly_app_t *app) { return tly_server_port(app->server); }
 
+int tly_app_metrics_port(tly_app_t *app) { return app->metrics_server ? tly_server_port(app->metrics_server) : 0; }
+
+int tly_app_check_conf(const tly_conf_t *conf, char *err)
+{
+    char e[256];
+    tly_proxies_t proxies;
+    api_cors_t cors;
+    if (tly_log_level_valid(conf->log_level) != 0) {
+        snprintf(err, 512, "--log-level must be debug, info, warn or error, got \"%.100s\"", conf->log_level);
+        return -1;
+    }
+    if (tly_listen_check(conf->listen, e) != 0) {
+        snprintf(err, 512, "--listen: %s", e);
+        return -1;
+    }
+    if (conf->metrics_listen[0] != '\0' && tly_listen_check(conf->metrics_listen, e) != 0) {
+        snprintf(err, 512, "--metrics-listen: %s", e);
+        return -1;
+    }
+    if (tly_proxies_parse(conf->trusted_proxies, &proxies, e, sizeof(e)) != 0) {
+        snprintf(err, 512, "--trusted-proxies: %s", e);
+        return -1;
+    }
+    if (api_cors_parse(conf->cors_origins, &cors, e, sizeof(e)) != 0) {
+        snprintf(err, 512, "--cors-origins: %s", e);
+        return -1;
+    }
+    if (tly_proxies_parse(conf->webhook_allow, &proxies, e, sizeof(e)) != 0) {
+        snprintf(err, 512, "--webhook-allow: %s", e);
+        return -1;
+    }
+    if (conf->store[0] != '\0' && strncmp(conf->store, "postgres://", 11) != 0 &&
+        strncmp(conf->store, "postgresql://", 13) != 0) {
+        snprintf(err, 512, "--store must be empty (SQLite in --data-dir) or a postgres:// URI");
+        return -1;
+    }
+    if (conf->bus[0] != '\0' && strncmp(conf->bus, "redis://", 8) != 0) {
+        snprintf(err, 512, "--bus must be empty or a redis:// URI");
+        return -1;
+    }
+    return 0;
+}
+
+void tly_app_reloaded(tly_app_t *app)
+{
+    char e[256];
+    if (api_cors_parse(app->conf->cors_origins, &app->cors, e, sizeof(e)) != 0) /* checked before */
+        memset(&app->cors, 0, sizeof(app->cors));
+}
+
 void tly_app_stop_accepting(tly_app_t *app)
 {
     if (app->server != NULL)
         tly_server_stop_accepting(app->server);
+    if (app->metrics_server != NULL)
+        tly_server_stop_accepting(app->metrics_server);
     api_live_shutdown(app->live);
 }
 
@@ -617,6 +730,7 @@ void tly_app_free(tly_app_t *app)
     app->closing = true;
     tly_loop_on_turn_end(app->loop, NULL, NULL); /* closing the store releases what it holds */
     api_reconcile_stop(app);                     /* a pass still queued for a worker does nothing */
+    api_webhooks_close(app);                     /* before the loop goes: its timer and sockets */
     if (app->work.waker != NULL) {
         pthread_mutex_lock(&app->work.mu);
         app->work.stop = true;
@@ -636,6 +750,7 @@ void tly_app_free(tly_app_t *app)
     api_reconcile_free(app); /* after the bus: its last replies reach the job */
     api_live_shutdown(app->live);
     tly_server_free(app->server); /* closes open streams; their subscribers unlink */
+    tly_server_free(app->metrics_server);
     api_live_free(app->live);
     api_limits_free(app);
     tly_router_free(app->router);
@@ -681,7 +796,7 @@ char *tly_secret_load(const char *data_dir, char *err)
 {
     char path[4096];
     snprintf(path, sizeof(path), "%s/secret", data_dir);
-    if (mkdir(data_dir, 0700) != 0 && errno != EEXIST) {
+    if (tly_mkdir_p(data_dir) != 0) {
         snprintf(err, 512, "cannot create data directory %.300s: %s", data_dir, strerror(errno));
         return NULL;
     }

@@ -13,6 +13,20 @@ static void respond_poll(tly_req_t *req, int status, const tly_poll_t *p)
     api_respond_json(req, status, tly_poll_to_json(p, tly_now_ms()));
 }
 
+/* p as JSON text (jansson's memory: free()), or NULL when out of memory. */
+static char *json_dumps_poll(const tly_poll_t *p, int64_t now)
+{
+    json_t *j = tly_poll_to_json(p, now);
+    uint64_t failed = tly_alloc_failures();
+    char *s = j != NULL ? json_dumps(j, JSON_COMPACT | JSON_REAL_PRECISION(15)) : NULL;
+    json_decref(j);
+    if (s != NULL && tly_alloc_failures() != failed) { /* jansson may have left out a piece */
+        free(s);
+        s = NULL;
+    }
+    return s;
+}
+
 static void respond_created(tly_req_t *req, const tly_poll_t *p)
 {
     char loc[64];
@@ -391,8 +405,16 @@ void api_polls_get(tly_req_t *req, const tly_params_t *params, void *arg)
     tly_poll_t *p = api_find_poll(app, req, params, &caller);
     if (p == NULL)
         return;
-    api_poll_settle(app, p, tly_now_ms());
-    respond_poll(req, 200, p);
+    int64_t now = tly_now_ms();
+    api_poll_settle(app, p, now);
+    char *json = json_dumps_poll(p, now);
+    if (json == NULL) {
+        tly_req_add_header(req, "Retry-After", "1");
+        api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
+        return;
+    }
+    api_respond_cached(req, json, strlen(json), api_poll_cache(p, now));
+    free(json);
 }
 
 /* ---- change ---- */

@@ -739,7 +739,8 @@ int tly_reconcile_cli(const tly_conf_t *conf)
     cli_rec_t c = {.repair = conf->repair};
     tly_store_reader_t *rd = NULL;
     tly_store_t *store = NULL;
-    tly_store_conf_t sc = {.url = conf->store, .data_dir = conf->data_dir, .origin = "reconcile", .notify = cli_notify};
+    /* no data directory: a one-off client of the shared store, beside the running servers */
+    tly_store_conf_t sc = {.url = conf->store, .data_dir = NULL, .origin = "reconcile", .notify = cli_notify};
     int rc = tly_store_open(&sc, &store);
     if (rc != 0 || (rd = tly_store_reader_open(store)) == NULL) {
         fprintf(stderr, "tally reconcile: cannot open the store (error %d); see the log above\n", rc);

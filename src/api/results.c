@@ -225,7 +225,7 @@ static void respond_results(tly_app_t *app, tly_req_t *req, tly_poll_t *p, int64
         api_respond_error(req, 503, "UNAVAILABLE", "out of memory", NULL);
         return;
     }
-    api_respond_raw_json(req, 200, json, len);
+    api_respond_cached(req, json, len, api_results_cache(p, now));
 }
 
 const char *api_results_current(tly_app_t *app, tly_poll_t *p, int64_t now, uint64_t *seq)

@@ -3,11 +3,13 @@
  */
 #include "base.h"
 
+#include <errno.h>
 #include <sodium.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unicase.h>
 #include <unictype.h>
@@ -94,6 +96,13 @@ int64_t tly_now_ms(void)
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+uint64_t tly_mono_us(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000 + (uint64_t)ts.tv_nsec / 1000;
 }
 
 void tly_time_format(int64_t ms, char out[TLY_TIME_LEN])
@@ -519,5 +528,32 @@ int tly_strlist_take(tly_strlist_t *l, char ***out, size_t *n)
     }
     tly_free(l->buf);
     *l = (tly_strlist_t){0};
+    return rc;
+}
+
+/* mkdir -p with mode 0700 for what it creates; existing directories keep their mode. */
+int tly_mkdir_p(const char *dir)
+{
+    int rc = TLY_EIO;
+    struct stat sb;
+    char *p = tly_strdup(dir);
+    if (p == NULL)
+        return TLY_ENOMEM;
+    for (char *c = p + 1;; c++) {
+        if (*c != '/' && *c != '\0')
+            continue;
+        char save = *c;
+        *c = '\0';
+        if (mkdir(p, 0700) != 0 && errno != EEXIST)
+            goto fail;
+        *c = save;
+        if (save == '\0')
+            break;
+    }
+    if (stat(p, &sb) != 0 || !S_ISDIR(sb.st_mode))
+        goto fail;
+    rc = 0;
+fail:
+    tly_free(p);
     return rc;
 }

@@ -51,6 +51,18 @@ void tly_alloc_fail_every(long n);
 
 /* Wall-clock milliseconds since the Unix epoch. */
 int64_t tly_now_ms(void);
+/* mkdir -p with mode 0700 for what it creates (existing directories keep their mode).
+ * Returns 0, or TLY_EIO (errno says why) / TLY_ENOMEM. Any thread. */
+int tly_mkdir_p(const char *dir);
+
+/* Monotonic microseconds (CLOCK_MONOTONIC: never steps back with the wall clock), for
+ * durations. Any thread. */
+uint64_t tly_mono_us(void);
+
+/* What this binary is: its version (the VERSION file) and the commit it was built from
+ * ("unknown" outside a git checkout), both written by the build (src/base/version.c). */
+extern const char tly_version[];
+extern const char tly_build_commit[];
 
 #define TLY_TIME_LEN 25 /* "2026-04-05T12:00:01.234Z" plus NUL */
 /* Formats ms since the epoch as RFC 3339 UTC with milliseconds into out. */

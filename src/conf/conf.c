@@ -39,9 +39,15 @@ static const option_t options[] = {
      "for live fan-out, shared limits, dedup and the async ingest log"},
     {"instance-id", OPT_STR, OFF(instance_id), "", 0, 0, "serve",
      "this instance's name among those sharing a store (default: host name and port)"},
-    {"web-root", OPT_STR, OFF(web_root), "web", 0, 0, "serve", "directory of the web UI served at /"},
+    {"web-root", OPT_STR, OFF(web_root), "", 0, 0, "serve",
+     "directory of the web UI served at / instead of the copy compiled into the binary (empty: that copy)"},
     {"public-url", OPT_STR, OFF(public_url), "", 0, 0, "serve", "base URL used in share links (default: from Host)"},
     {"log-level", OPT_STR, OFF(log_level), "info", 0, 0, "serve reconcile", "debug, info, warn or error"},
+    {"log-file", OPT_STR, OFF(log_file), "", 0, 0, "serve",
+     "append the log to this file instead of stderr; SIGHUP opens it anew (after a rotation)"},
+    {"metrics-listen", OPT_STR, OFF(metrics_listen), "", 0, 0, "serve",
+     "serve GET /metrics on this address (host:port) instead of the API's, e.g. one only the monitoring "
+     "network reaches; empty: on the API's address"},
     {"body-limit", OPT_LONG, OFF(body_limit), "65536", 1024, 64L << 20, "serve", "largest request body, bytes (413)"},
     {"head-limit", OPT_LONG, OFF(head_limit), "8192", 1024, 1L << 20, "serve",
      "largest request line + headers, bytes (431)"},
@@ -57,6 +63,17 @@ static const option_t options[] = {
     {"trusted-proxies", OPT_STR, OFF(trusted_proxies), "", 0, 0, "serve",
      "reverse proxies (addresses or CIDRs, comma-separated) whose X-Forwarded-For names the client "
      "for per-address limits, voter_check \"ip\" and logs; empty: the TCP peer is the client"},
+    {"cors-origins", OPT_STR, OFF(cors_origins), "", 0, 0, "serve",
+     "origins (scheme://host[:port], comma-separated, or *) whose pages may call the API from a browser (CORS); "
+     "empty: none. Tokens are bearer headers, never cookies, so a grant cannot be used for request forgery"},
+    {"webhook-allow", OPT_STR, OFF(webhook_allow), "", 0, 0, "serve",
+     "address ranges (addresses or CIDRs, comma-separated) webhooks may be delivered to besides public addresses; "
+     "empty: loopback, private, link-local and other non-public destinations are refused"},
+    {"webhook-attempts", OPT_LONG, OFF(webhook_attempts), "8", 1, 100, "serve",
+     "attempts at a webhook delivery before it goes to the webhook's dead-letter list"},
+    {"webhook-backoff-ms", OPT_LONG, OFF(webhook_backoff_ms), "1000", 10, 3600000, "serve",
+     "milliseconds before the first retry of a webhook delivery; each further retry waits twice as long (at most "
+     "an hour)"},
     {"token-ttl", OPT_LONG, OFF(token_ttl), "2592000", 60, 31622400, "serve", "lifetime of issued tokens, seconds"},
     {"retracted-key-ttl", OPT_LONG, OFF(retracted_key_ttl), "86400", 1, 31622400, "serve",
      "seconds the Idempotency-Key of a retracted ballot is remembered: until then a retry of the POST that cast it "
@@ -291,6 +308,48 @@ int tly_conf_load(tly_conf_t *c, const char *command, int argc, char **argv, cha
             return -1;
     }
     return 0;
+}
+
+/* What SIGHUP changes in a running server (main.c applies each). */
+static const char *const reloadable[] = {"log-level", "log-file", "cors-origins", "web-root", "public-url"};
+
+static bool is_reloadable(const char *name)
+{
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(reloadable); i++)
+        if (strcmp(reloadable[i], name) == 0)
+            return true;
+    return false;
+}
+
+static void list_add(char *list, size_t cap, const char *name)
+{
+    size_t n = strlen(list);
+    snprintf(list + n, cap - n, "%s%s", n ? "," : "", name);
+}
+
+void tly_conf_reload(tly_conf_t *live, tly_conf_t *fresh, const char *command, char *changed, char *restart,
+                     size_t cap)
+{
+    changed[0] = restart[0] = '\0';
+    for (size_t i = 0; i < TLY_ARRAY_SIZE(options); i++) {
+        const option_t *o = &options[i];
+        if (!applies(o, command) || !strcmp(o->name, "config"))
+            continue;
+        void *a = (char *)live + o->offset, *b = (char *)fresh + o->offset;
+        bool same = o->type == OPT_STR    ? strcmp(*(char **)a, *(char **)b) == 0
+                    : o->type == OPT_LONG ? *(long *)a == *(long *)b
+                                          : *(bool *)a == *(bool *)b;
+        if (same)
+            continue;
+        if (!is_reloadable(o->name)) {
+            list_add(restart, cap, o->name);
+            continue;
+        }
+        list_add(changed, cap, o->name);
+        char *old = *(char **)a; /* every reloadable option is a string */
+        *(char **)a = *(char **)b;
+        *(char **)b = old;
+    }
 }
 
 void tly_conf_free(tly_conf_t *c)

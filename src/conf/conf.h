@@ -24,6 +24,12 @@ typedef struct {
     char *log_level;
     char *public_url;
     char *trusted_proxies; /* "" = none: X-Forwarded-For is ignored */
+    char *cors_origins;    /* "" = none, "*" = any, or a list of origins */
+    char *log_file;        /* "" = stderr */
+    char *metrics_listen;  /* "" = /metrics on the API's address */
+    char *webhook_allow;   /* "" = webhooks reach public addresses only */
+    long webhook_attempts;
+    long webhook_backoff_ms;
     long body_limit;
     long head_limit;
     long uri_limit;
@@ -64,6 +70,14 @@ typedef struct {
  * the subcommand). Returns 0, or -1 with a message in err (errlen bytes). Strings in c
  * are allocated and live for the process. */
 int tly_conf_load(tly_conf_t *c, const char *command, int argc, char **argv, char *err, size_t errlen);
+/* SIGHUP: takes into live the values of the options that can change while the server
+ * runs (log-level, log-file, cors-origins, web-root, public-url) from fresh (a new
+ * tly_conf_load; its strings move, so free fresh afterwards as usual), and writes the
+ * names of those that changed into `changed` and of the other options whose value
+ * differs, which need a restart, into `restart` (comma-separated, "" for none; cap
+ * bytes each). The caller checks fresh's values first. */
+void tly_conf_reload(tly_conf_t *live, tly_conf_t *fresh, const char *command, char *changed, char *restart,
+                     size_t cap);
 /* Frees the strings tly_conf_load allocated. */
 void tly_conf_free(tly_conf_t *c);
 /* Prints the options of `command` ("serve", "token" or "reconcile") with defaults and help. */

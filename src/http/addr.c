@@ -138,3 +138,31 @@ bool tly_proxies_client(const tly_proxies_t *px, const char *peer, tly_str_t xff
     out[pick_len] = '\0';
     return true;
 }
+
+bool tly_cidrs_contain(const tly_proxies_t *set, const char *addr)
+{
+    uint8_t a[16];
+    return parse_addr(addr, strlen(addr), a) && trusted(set, a);
+}
+
+/* Ranges no outbound request goes to unless allowed: IANA's special-purpose registries,
+ * less the ones that are globally reachable. */
+static const char NOT_PUBLIC[] = "0.0.0.0/8, 10.0.0.0/8, 100.64.0.0/10, 127.0.0.0/8, 169.254.0.0/16, 172.16.0.0/12, "
+                                 "192.0.0.0/24, 192.0.2.0/24, 192.88.99.0/24, 192.168.0.0/16, 198.18.0.0/15, "
+                                 "198.51.100.0/24, 203.0.113.0/24, 224.0.0.0/4, 240.0.0.0/4, "
+                                 "::/128, ::1/128, 64:ff9b::/96, 64:ff9b:1::/48, 100::/64, 2001:db8::/32, "
+                                 "2002::/16, fc00::/7, fe80::/10, fec0::/10, ff00::/8";
+
+bool tly_addr_public(const char *addr)
+{
+    static tly_proxies_t blocked;
+    static int parsed; /* 0 not yet, 1 ok (written once, before any use; loop thread in practice) */
+    if (!parsed) {
+        char err[128];
+        if (tly_proxies_parse(NOT_PUBLIC, &blocked, err, sizeof(err)) != 0)
+            return false;
+        parsed = 1;
+    }
+    uint8_t a[16];
+    return parse_addr(addr, strlen(addr), a) && !trusted(&blocked, a);
+}

@@ -74,7 +74,21 @@ void tly_fdwatch_want(tly_fdwatch_t *w, bool read, bool write);
  * from inside on_ready. */
 void tly_fdwatch_free(tly_fdwatch_t *w);
 
-/* ---- server ---- */
+/* ---- outbound HTTP (client.c: libcurl's multi interface on the loop) ----
+ *
+ * POSTs to other servers (webhook deliveries), from the loop thread, never blocking it.
+ * A request connects only to a public address (tly_addr_public) or one in the client's
+ * allow-list, checked on the address actually connected to, after name resolution; no
+ * proxy, no redirects, http and https only, 5 s to connect and 10 s in all.
+ */
+typedef struct tly_client tly_client_t;
+typedef struct {
+    int status;        /* the response's status; 0 when there was none */
+    bool refused;      /* not connected: the address is not public nor allowed */
+    const char *error; /* why there was no response (valid during the callback), or NULL */
+} tly_client_result_t;
+typedef void (*tly_client_done_fn)(void *arg, const tly_client_result_t *r);
+
 
 typedef enum {
     TLY_M_GET = 1,
@@ -102,11 +116,31 @@ typedef struct {
     uint8_t addr[16]; /* IPv4 as IPv4-mapped IPv6 */
     unsigned bits;    /* prefix length over those 16 bytes */
 } tly_cidr_t;
-/* The reverse proxies whose X-Forwarded-For is believed. */
+/* The reverse proxies whose X-Forwarded-For is believed (and any list of address ranges). */
 typedef struct {
     tly_cidr_t v[TLY_PROXIES_MAX];
     size_t n;
 } tly_proxies_t;
+
+/* Whether the numeric address addr is in one of set's ranges. Any thread. */
+bool tly_cidrs_contain(const tly_proxies_t *set, const char *addr);
+/* Whether the numeric address addr is a public one: not loopback, private (RFC 1918,
+ * unique local fc00::/7), link-local, shared (100.64/10), unspecified, multicast,
+ * reserved or documentation space, nor an IPv4-mapped or NAT64 form of one. What an
+ * outbound request may reach without an allow-list (tly_client_new). Any thread. */
+bool tly_addr_public(const char *addr);
+
+/* A client on loop whose requests may also reach the ranges of allow (NULL: none but
+ * public addresses). Loop thread; NULL when out of memory. */
+tly_client_t *tly_client_new(tly_loop_t *loop, const tly_proxies_t *allow);
+/* POSTs body (copied; len bytes) to url with the given header lines ("Name: value"),
+ * and calls done on the loop thread once it has an answer or failed. Returns 0, or
+ * TLY_ENOMEM (done is then not called). */
+int tly_client_post(tly_client_t *c, const char *url, const char *const *headers, size_t nheaders, const char *body,
+                    size_t len, tly_client_done_fn done, void *arg);
+size_t tly_client_in_flight(tly_client_t *c);
+/* Drops what is in flight (without calling done) and frees c. */
+void tly_client_free(tly_client_t *c);
 
 /* Parses "addr[/bits], ..." (IPv4 or IPv6, comma or space separated; "" = none) into out.
  * Returns 0, or -1 with a reason in err. */
@@ -147,6 +181,11 @@ typedef struct {
  * unlimited). Returns 0, or -errno when the limits cannot be read or set (the limit is
  * then as it was). Call at start, on the main thread, before tly_server_new. */
 int tly_fd_limit_raise(uint64_t *before, uint64_t *after);
+
+/* Checks that listen is an address tly_server_new can listen on ("host:port", the host
+ * resolved), without opening anything: for checking arguments before anything is
+ * created. Returns 0, or -1 with a reason in err (256 bytes). */
+int tly_listen_check(const char *listen, char *err);
 
 /* Listens on host:port ("127.0.0.1:8080", "[::1]:8080", "0.0.0.0:80"). Returns NULL and
  * writes a reason into err (256 bytes) on failure. conf is copied. */
@@ -190,7 +229,7 @@ const char *tly_req_client(tly_req_t *req);
 void *tly_req_alloc(tly_req_t *req, size_t n);
 /* A copy of s in request memory, NUL-terminated. */
 char *tly_req_strdup(tly_req_t *req, tly_str_t s);
-/* Monotonic ms at which the request head was complete. */
+/* Monotonic microseconds (tly_mono_us) at which the request head was complete. */
 uint64_t tly_req_start(tly_req_t *req);
 /* Labels for logs and metrics: the route pattern that served the request and a note
  * (an error code); both must be static strings. NULL until set. */

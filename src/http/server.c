@@ -474,7 +474,7 @@ static void dispatch(conn_t *c)
         h2o_socket_read_stop(c->sock);
         c->read_paused = true;
     }
-    c->req.start = h2o_now(c->server->loop->h2o);
+    c->req.start = tly_mono_us(); /* not the loop's cached ms: latencies are microseconds */
     c->req.route = c->req.note = NULL;
     c->server->conf.handler(&c->req, c->server->conf.arg);
 }
@@ -950,6 +950,13 @@ static int parse_listen(const char *listen, struct sockaddr_storage *ss, socklen
     else
         ((struct sockaddr_in6 *)ss)->sin6_port = htons((uint16_t)port);
     return 0;
+}
+
+int tly_listen_check(const char *listen, char *err)
+{
+    struct sockaddr_storage ss;
+    socklen_t len;
+    return parse_listen(listen, &ss, &len, err);
 }
 
 /*

@@ -1,6 +1,8 @@
 /*
  * log.c: JSON log lines.
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <jansson.h>
 #include <stdarg.h>
 #include <string.h>
@@ -12,6 +14,14 @@
 static tly_log_level_t min_level = TLY_LOG_INFO;
 static const char *const level_names[] = {"debug", "info", "warn", "error"};
 
+int tly_log_level_valid(const char *name)
+{
+    for (int i = 0; i < 4; i++)
+        if (strcmp(name, level_names[i]) == 0)
+            return 0;
+    return -1;
+}
+
 int tly_log_set_level(const char *name)
 {
     for (int i = 0; i < 4; i++) {
@@ -21,6 +31,16 @@ int tly_log_set_level(const char *name)
         }
     }
     return -1;
+}
+
+int tly_log_open(const char *path)
+{
+    int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+    if (fd < 0)
+        return -errno;
+    int rc = dup2(fd, STDERR_FILENO) < 0 ? -errno : 0; /* dup2 clears O_CLOEXEC on fd 2 */
+    close(fd);
+    return rc;
 }
 
 static void emit(json_t *o)

@@ -7,18 +7,23 @@
  * small open-addressing tables with a bound; a series beyond the bound is counted in
  * tally_metrics_dropped_total instead of growing memory.
  */
+#include <dirent.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include "base/base.h"
 #include "obs/obs.h"
 
 #define MAX_SERIES 512
-#define NBUCKETS 12
+#define NBUCKETS 14
 
-static const double latency_bounds_ms[NBUCKETS] = {0.5, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000};
+/* microseconds: a read from memory takes tens of them, a durable vote a commit's fsync */
+static const uint64_t latency_bounds_us[NBUCKETS] = {100,   250,   500,    1000,   2500,   5000,   10000,
+                                                     25000, 50000, 100000, 250000, 500000, 1000000, 5000000};
 
 typedef struct {
     const char *route, *method; /* static strings; NULL = free slot */
@@ -26,11 +31,13 @@ typedef struct {
     uint64_t count;
 } req_series_t;
 
+/* One histogram per (route, method): a path with several methods (GET and PATCH of a
+ * poll) is several series, each with its own labels. */
 typedef struct {
-    const char *route;
+    const char *route, *method;
     uint64_t buckets[NBUCKETS + 1];
     uint64_t count;
-    double sum_ms;
+    uint64_t sum_us;
 } latency_series_t;
 
 typedef struct {
@@ -51,7 +58,7 @@ static size_t hash_ptrs(const void *a, const void *b, int n)
     return (size_t)(h >> 20);
 }
 
-void tly_metrics_request(const char *route, const char *method, int status, double ms)
+void tly_metrics_request(const char *route, const char *method, int status, uint64_t us)
 {
     if (route == NULL)
         route = "unmatched";
@@ -71,18 +78,20 @@ void tly_metrics_request(const char *route, const char *method, int status, doub
             dropped++;
     }
     n = TLY_ARRAY_SIZE(lats);
-    i = hash_ptrs(route, NULL, 0) % n;
+    i = hash_ptrs(route, method, 0) % n;
     for (size_t k = 0; k < n; k++, i = (i + 1) % n) {
         latency_series_t *l = &lats[i];
-        if (l->route == NULL)
+        if (l->route == NULL) {
             l->route = route;
-        if (l->route == route) {
+            l->method = method;
+        }
+        if (l->route == route && l->method == method) {
             size_t b = 0;
-            while (b < NBUCKETS && ms > latency_bounds_ms[b])
+            while (b < NBUCKETS && us > latency_bounds_us[b])
                 b++;
             l->buckets[b]++;
             l->count++;
-            l->sum_ms += ms;
+            l->sum_us += us;
             return;
         }
     }
@@ -165,6 +174,73 @@ static bool family_seen(const char *family, size_t upto)
     return false;
 }
 
+/* ---- the process (Prometheus's process_* conventions) and the build ---- */
+
+static double start_time_s; /* wall clock at tly_metrics_process_start */
+
+void tly_metrics_process_start(void) { start_time_s = (double)tly_now_ms() / 1000; }
+
+static size_t open_fds(void)
+{
+    size_t n = 0;
+    DIR *d = opendir("/proc/self/fd");
+    if (d == NULL)
+        return 0;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL)
+        if (e->d_name[0] != '.')
+            n++;
+    closedir(d);
+    return n > 0 ? n - 1 : 0; /* not the directory's own */
+}
+
+/* /proc/self/statm: sizes in pages (virtual, resident) */
+static void memory(uint64_t *virt, uint64_t *rss)
+{
+    *virt = *rss = 0;
+    FILE *f = fopen("/proc/self/statm", "re");
+    if (f == NULL)
+        return;
+    unsigned long long v, r;
+    if (fscanf(f, "%llu %llu", &v, &r) == 2) {
+        uint64_t page = (uint64_t)sysconf(_SC_PAGESIZE);
+        *virt = v * page;
+        *rss = r * page;
+    }
+    fclose(f);
+}
+
+static void put_build_and_process(out_t *o, const tly_metrics_extra_t *x)
+{
+    put(o,
+        "# HELP tally_build_info The running build: its version, commit and store (always 1).\n"
+        "# TYPE tally_build_info gauge\ntally_build_info{version=\"%s\",commit=\"%s\",store=\"%s\"} 1\n",
+        tly_version, tly_build_commit, x->store_kind ? x->store_kind : "sqlite");
+    struct rusage ru;
+    double cpu = 0;
+    if (getrusage(RUSAGE_SELF, &ru) == 0)
+        cpu = (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 + (double)ru.ru_stime.tv_sec +
+              (double)ru.ru_stime.tv_usec / 1e6;
+    uint64_t virt, rss;
+    memory(&virt, &rss);
+    struct rlimit rl;
+    double max_fds = getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY ? (double)rl.rlim_cur : -1;
+    put(o,
+        "# HELP process_cpu_seconds_total User and system CPU time spent, in seconds.\n"
+        "# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total %.6f\n"
+        "# HELP process_resident_memory_bytes Resident memory size in bytes.\n"
+        "# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes %llu\n"
+        "# HELP process_virtual_memory_bytes Virtual memory size in bytes.\n"
+        "# TYPE process_virtual_memory_bytes gauge\nprocess_virtual_memory_bytes %llu\n"
+        "# HELP process_open_fds Number of open file descriptors.\n"
+        "# TYPE process_open_fds gauge\nprocess_open_fds %zu\n"
+        "# HELP process_max_fds Maximum number of open file descriptors (-1: no limit).\n"
+        "# TYPE process_max_fds gauge\nprocess_max_fds %.0f\n"
+        "# HELP process_start_time_seconds Start time of the process since the Unix epoch, in seconds.\n"
+        "# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds %.3f\n",
+        cpu, (unsigned long long)rss, (unsigned long long)virt, open_fds(), max_fds, start_time_s);
+}
+
 char *tly_metrics_render(const tly_metrics_extra_t *x, size_t *len)
 {
     out_t o = {.cap = 16384};
@@ -185,14 +261,15 @@ char *tly_metrics_render(const tly_metrics_extra_t *x, size_t *len)
         uint64_t cum = 0;
         for (size_t b = 0; b < NBUCKETS; b++) {
             cum += l->buckets[b];
-            put(&o, "tally_http_request_duration_seconds_bucket{route=\"%s\",le=\"%g\"} %llu\n", l->route,
-                latency_bounds_ms[b] / 1000, (unsigned long long)cum);
+            put(&o, "tally_http_request_duration_seconds_bucket{route=\"%s\",method=\"%s\",le=\"%g\"} %llu\n",
+                l->route, l->method, (double)latency_bounds_us[b] / 1e6, (unsigned long long)cum);
         }
         cum += l->buckets[NBUCKETS];
-        put(&o, "tally_http_request_duration_seconds_bucket{route=\"%s\",le=\"+Inf\"} %llu\n", l->route,
-            (unsigned long long)cum);
-        put(&o, "tally_http_request_duration_seconds_sum{route=\"%s\"} %.6f\n", l->route, l->sum_ms / 1000);
-        put(&o, "tally_http_request_duration_seconds_count{route=\"%s\"} %llu\n", l->route,
+        put(&o, "tally_http_request_duration_seconds_bucket{route=\"%s\",method=\"%s\",le=\"+Inf\"} %llu\n", l->route,
+            l->method, (unsigned long long)cum);
+        put(&o, "tally_http_request_duration_seconds_sum{route=\"%s\",method=\"%s\"} %.6f\n", l->route, l->method,
+            (double)l->sum_us / 1e6);
+        put(&o, "tally_http_request_duration_seconds_count{route=\"%s\",method=\"%s\"} %llu\n", l->route, l->method,
             (unsigned long long)l->count);
     }
     /* counter families, each with its HELP/TYPE once */
@@ -308,6 +385,7 @@ char *tly_metrics_render(const tly_metrics_extra_t *x, size_t *len)
         "(0: never).\n# TYPE tally_reconcile_last_run_timestamp_seconds gauge\n"
         "tally_reconcile_last_run_timestamp_seconds %.3f\n",
         (double)x->reconcile_last_run_ms / 1000);
+    put_build_and_process(&o, x);
     put(&o,
         "# HELP tally_metrics_dropped_total Observations not recorded because a series table was full.\n"
         "# TYPE tally_metrics_dropped_total counter\ntally_metrics_dropped_total %llu\n",

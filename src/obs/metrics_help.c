@@ -16,6 +16,9 @@ const char *tly_metrics_help(const char *family)
         {"tally_vote_changes_total", "Vote changes and retractions (PUT/DELETE votes/me) by outcome."},
         {"tally_rate_limited_total", "Requests refused by a rate limit, by route."},
         {"tally_errors_total", "Error responses by error code."},
+        {"tally_webhook_deliveries_total",
+         "Webhook delivery attempts by outcome: delivered (a 2xx answer), retried (no 2xx answer, another attempt "
+         "follows), refused (the destination is not a public address nor allowed) or dead_lettered."},
         {"tally_ranked_counts_total",
          "Counts of big ranked polls run on a worker thread, by outcome: installed (served from then on), "
          "superseded (a newer rendering was there first, or the poll is gone) or failed (out of memory)."},

@@ -13,6 +13,13 @@ typedef enum { TLY_LOG_DEBUG, TLY_LOG_INFO, TLY_LOG_WARN, TLY_LOG_ERROR } tly_lo
 
 /* Sets the lowest level written; "debug", "info", "warn" or "error". Returns 0 or -1. */
 int tly_log_set_level(const char *name);
+/* Whether name is a level tly_log_set_level takes: 0 or -1. */
+int tly_log_level_valid(const char *name);
+/* Sends the log (this process's stderr) to the file at path, appending, created with
+ * mode 0640 if missing; called again (SIGHUP), it opens the path anew, so a rotated file
+ * is let go. The switch is atomic (dup2): no line is lost or split. Returns 0 or -errno.
+ * Main thread. */
+int tly_log_open(const char *path);
 /* Writes {"ts","level","msg", k1:v1, ...}: `kv` is a NULL-terminated list of key,
  * value string pairs (the compiler checks the NULL: `sentinel`). */
 void tly_log(tly_log_level_t level, const char *msg, ...) __attribute__((sentinel));
@@ -24,8 +31,10 @@ void tly_log_request(const char *method, const char *route, int status, const ch
  * be static (series are keyed by pointer). ---- */
 
 /* One answered request: route pattern (NULL: no route matched), method, status, and
- * the milliseconds from a complete head to the response. */
-void tly_metrics_request(const char *route, const char *method, int status, double ms);
+ * the microseconds (monotonic) from a complete head to the response. */
+void tly_metrics_request(const char *route, const char *method, int status, uint64_t us);
+/* Notes the process's start time for process_start_time_seconds; call once at start. */
+void tly_metrics_process_start(void);
 /* +1 on the counter `family`{label="value"}. */
 void tly_metrics_count(const char *family, const char *label, const char *value);
 /* HELP text of a counter family (metrics_help.c keeps the list). */
@@ -51,6 +60,7 @@ typedef struct {
     int bus_up; /* -1: no bus */
     uint64_t bus_reconnects, bus_dropped;
     uint64_t ingest_enqueued, ingest_applied, ingest_failed, ingest_dead;
+    const char *store_kind; /* tally_build_info's store label: "sqlite" or "postgres" */
 } tly_metrics_extra_t;
 /* The whole exposition (heap, caller frees), or NULL on allocation failure. */
 char *tly_metrics_render(const tly_metrics_extra_t *x, size_t *len);

@@ -138,71 +138,6 @@ void sq_log_sqlite(const char *msg, sqlite3 *db, int rc)
 
 /* ---- open ------------------------------------------------------------------------ */
 
-/* mkdir -p with mode 0700 for what it creates; existing directories keep their mode. */
-static int mkdir_p(const char *dir)
-{
-    int rc = TLY_EIO;
-    struct stat sb;
-    char *p = tly_strdup(dir);
-    if (p == NULL)
-        return TLY_ENOMEM;
-    for (char *c = p + 1;; c++) {
-        if (*c != '/' && *c != '\0')
-            continue;
-        char save = *c;
-        *c = '\0';
-        if (mkdir(p, 0700) != 0 && errno != EEXIST)
-            goto fail;
-        *c = save;
-        if (save == '\0')
-            break;
-    }
-    if (stat(p, &sb) != 0 || !S_ISDIR(sb.st_mode))
-        goto fail;
-    rc = 0;
-fail:
-    tly_free(p);
-    return rc;
-}
-
-/* One process per data directory. Since migration 6 nothing in the file refuses a
- * second ballot of a voter: the writer process's memory does, so a second process on
- * the same files would take ballots nobody checks against the first's. An exclusive
- * flock on DATA_DIR/lock, held until close (the kernel drops it when the process dies,
- * kill -9 included); the holder's PID is written into the file for the message. */
-static int lock_data_dir(sq_store_t *s)
-{
-    char path[4096], pid[24];
-    snprintf(path, sizeof path, "%s/lock", s->data_dir);
-    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-    if (fd < 0) {
-        tly_log(TLY_LOG_ERROR, "store: cannot open the data directory's lock file", "path", path, "error",
-                strerror(errno), NULL);
-        return TLY_EIO;
-    }
-    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
-        int err = errno;
-        ssize_t n = pread(fd, pid, sizeof pid - 1, 0);
-        pid[n > 0 ? n : 0] = '\0';
-        pid[strcspn(pid, "\n")] = '\0';
-        close(fd);
-        if (err == EWOULDBLOCK) {
-            tly_log(TLY_LOG_ERROR, "store: another tally process uses this data directory", "data_dir", s->data_dir,
-                    "pid", pid[0] ? pid : "unknown", NULL);
-            return TLY_ESTATE;
-        }
-        tly_log(TLY_LOG_ERROR, "store: cannot lock the data directory", "path", path, "error", strerror(err), NULL);
-        return TLY_EIO;
-    }
-    int len = snprintf(pid, sizeof pid, "%ld\n", (long)getpid());
-    if (ftruncate(fd, 0) != 0 || pwrite(fd, pid, (size_t)len, 0) != len) {
-        /* the lock holds without the PID in it; only a second process's message lacks it */
-        tly_log(TLY_LOG_WARN, "store: cannot write the PID into the lock file", "path", path, NULL);
-    }
-    s->lock_fd = fd;
-    return 0;
-}
-
 /* sq_wal_check on DATA_DIR/tally.db-wal, before SQLite opens the database. */
 static int check_wal(sq_store_t *s)
 {
@@ -307,9 +242,10 @@ static int sq_open(const tly_store_conf_t *conf, sq_store_t **out)
     }
     s->sync_ready = 1;
 
-    if ((rc = mkdir_p(s->data_dir)) != 0)
-        goto fail;
-    if ((rc = lock_data_dir(s)) != 0)
+    /* One process per data directory. Since migration 6 nothing in the file refuses a
+     * second ballot of a voter: the writer process's memory does, so a second process
+     * on the same files would take ballots nobody checks against the first's. */
+    if ((rc = tly_store_lock_dir(s->data_dir, &s->lock_fd)) != 0)
         goto fail;
     if ((rc = check_wal(s)) != 0)
         goto fail;

@@ -3,10 +3,17 @@
  * by the URL the store is opened with. What a backend does not have (a SQLite store is
  * never shared) has its obvious meaning here.
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "base/base.h"
+#include "obs/obs.h"
 #include "store/store_int.h"
 
 const uint64_t tly_store_batch_bounds[TLY_STORE_HIST] = {1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000};
@@ -21,6 +28,49 @@ int tly_store_hist_bucket(const uint64_t *bounds, uint64_t v)
     return i;
 }
 
+/* An exclusive flock on DATA_DIR/lock, held until the descriptor is closed (the kernel
+ * drops it when the process dies, kill -9 included); the holder's PID is written into
+ * the file for the message a second process gives. */
+int tly_store_lock_dir(const char *data_dir, int *out)
+{
+    char path[4096], pid[24];
+    *out = -1;
+    int mrc = tly_mkdir_p(data_dir);
+    if (mrc != 0) {
+        tly_log(TLY_LOG_ERROR, "store: cannot create the data directory", "data_dir", data_dir, "error",
+                strerror(errno), NULL);
+        return mrc;
+    }
+    snprintf(path, sizeof path, "%s/lock", data_dir);
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0) {
+        tly_log(TLY_LOG_ERROR, "store: cannot open the data directory's lock file", "path", path, "error",
+                strerror(errno), NULL);
+        return TLY_EIO;
+    }
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        int err = errno;
+        ssize_t n = pread(fd, pid, sizeof pid - 1, 0);
+        pid[n > 0 ? n : 0] = '\0';
+        pid[strcspn(pid, "\n")] = '\0';
+        close(fd);
+        if (err == EWOULDBLOCK) {
+            tly_log(TLY_LOG_ERROR, "store: another tally process uses this data directory", "data_dir", data_dir,
+                    "pid", pid[0] ? pid : "unknown", NULL);
+            return TLY_ESTATE;
+        }
+        tly_log(TLY_LOG_ERROR, "store: cannot lock the data directory", "path", path, "error", strerror(err), NULL);
+        return TLY_EIO;
+    }
+    int len = snprintf(pid, sizeof pid, "%ld\n", (long)getpid());
+    if (ftruncate(fd, 0) != 0 || pwrite(fd, pid, (size_t)len, 0) != len) {
+        /* the lock holds without the PID in it; only a second process's message lacks it */
+        tly_log(TLY_LOG_WARN, "store: cannot write the PID into the lock file", "path", path, NULL);
+    }
+    *out = fd;
+    return 0;
+}
+
 static bool is_pg_url(const char *url)
 {
     return url != NULL && (strncmp(url, "postgres://", 11) == 0 || strncmp(url, "postgresql://", 13) == 0);
@@ -33,9 +83,28 @@ int tly_store_open(const tly_store_conf_t *conf, tly_store_t **out)
         return TLY_EINVAL;
     if (conf->url != NULL && conf->url[0] != '\0' && !is_pg_url(conf->url))
         return TLY_EINVAL;
-    if (is_pg_url(conf->url))
-        return tly_store_pg.open(conf, out);
-    return tly_store_sqlite.open(conf, out);
+    if (!is_pg_url(conf->url)) {
+        int rc = tly_store_sqlite.open(conf, out); /* locks the directory itself */
+        if (rc == 0)
+            (*out)->lock_fd = -1;
+        return rc;
+    }
+    /* PostgreSQL is shared by instances, but each instance's data directory (its
+     * secret, its logs) is still one process's: the lock before the first connection. */
+    int fd = -1;
+    if (conf->data_dir != NULL && conf->data_dir[0] != '\0') {
+        int rc = tly_store_lock_dir(conf->data_dir, &fd);
+        if (rc != 0)
+            return rc;
+    }
+    int rc = tly_store_pg.open(conf, out);
+    if (rc != 0) {
+        if (fd >= 0)
+            close(fd);
+        return rc;
+    }
+    (*out)->lock_fd = fd;
+    return 0;
 }
 
 int tly_store_load(tly_store_t *s, const tly_store_load_cb_t *cb, void *ctx) { return s->be->load(s, cb, ctx); }
@@ -105,7 +174,10 @@ void tly_store_close(tly_store_t *s)
         return;
     tly_store_release(s);
     s->holding = 0;
+    int fd = s->lock_fd;
     s->be->close(s);
+    if (fd >= 0)
+        close(fd); /* last: nothing of ours uses the directory now */
 }
 
 tly_store_reader_t *tly_store_reader_open(tly_store_t *s) { return s->be->reader_open(s); }

@@ -279,6 +279,13 @@ typedef struct {
     void *notify_arg;
 } tly_store_conf_t;
 
+/* One process per data directory: creates data_dir (mode 0700, like mkdir -p) and takes
+ * an exclusive flock on data_dir/lock, writing this process's PID into it. *fd gets the
+ * descriptor that holds the lock until it is closed. Returns 0; TLY_ESTATE when another
+ * process holds it (logged with that process's PID); TLY_EIO otherwise (logged). Both
+ * stores take it at open (tly_store_open); any thread. */
+int tly_store_lock_dir(const char *data_dir, int *fd);
+
 /* Opens (creating if needed) the store in conf->data_dir (file tally.db), applies
  * migrations and starts the writer thread. Returns 0 or a negative TLY_E* code. */
 int tly_store_open(const tly_store_conf_t *conf, tly_store_t **out);

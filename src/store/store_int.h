@@ -46,6 +46,7 @@ struct tly_store {
     tly_store_op_t *held_head, *held_tail;
     pthread_t holder;
     int holding;
+    int lock_fd; /* DATA_DIR/lock held for a PostgreSQL store (SQLite's keeps its own); -1: none */
 };
 struct tly_store_reader {
     const tly_store_backend_t *be;

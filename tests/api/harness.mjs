@@ -22,6 +22,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import assert from 'node:assert/strict';
+import { checkResponse, loadOpenApi } from './openapi.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 export const BIN = process.env.TALLY_BIN || path.resolve(here, '../../build/tally');
@@ -330,6 +331,24 @@ function buildHeaders({ body, token, headers, raw }) {
   return { h, payload };
 }
 
+/**
+ * Every response api() and request() receive is checked against docs/openapi.yaml
+ * (openapi.mjs): one the document does not describe fails the test that got it. With
+ * TALLY_OPENAPI_REPORT=FILE the findings are appended to FILE (one JSON line each)
+ * instead, to see them all after a run of the whole suite.
+ */
+loadOpenApi(); // parsed and compiled at import, so no test's timing pays for it
+
+function documented(server, res) {
+  const problem = checkResponse(res.method, res.path, res);
+  if (!problem) return;
+  if (process.env.TALLY_OPENAPI_REPORT) {
+    fs.appendFileSync(process.env.TALLY_OPENAPI_REPORT, JSON.stringify({ problem }) + '\n');
+    return;
+  }
+  throw new Error(`docs/openapi.yaml does not describe this response: ${problem}`);
+}
+
 function parseJson(text) {
   if (!text) return null;
   try { return JSON.parse(text); } catch { return null; }
@@ -354,7 +373,9 @@ export async function api(server, method, urlPath, { body, token, headers, raw, 
     throw err;
   }
   const text = await res.text();
-  return { status: res.status, headers: res.headers, json: parseJson(text), text, method, path: urlPath };
+  const out = { status: res.status, headers: res.headers, json: parseJson(text), text, method, path: urlPath };
+  documented(server, out);
+  return out;
 }
 
 /**
@@ -375,10 +396,12 @@ export function request(server, method, urlPath, { body, token, headers, raw, ag
         const text = Buffer.concat(chunks).toString('utf8');
         const hd = new Headers();
         for (let i = 0; i < res.rawHeaders.length; i += 2) hd.append(res.rawHeaders[i], res.rawHeaders[i + 1]);
-        resolve({
+        const out = {
           status: res.statusCode, headers: hd, json: parseJson(text), text, method, path: urlPath,
           reusedSocket: req.reusedSocket, localPort: req.socket?.localPort,
-        });
+        };
+        try { documented(server, out); } catch (e) { reject(e); return; }
+        resolve(out);
       });
     });
     req.setTimeout(timeout, () => req.destroy(new Error(`${method} ${urlPath}: timed out after ${timeout} ms`)));

@@ -32,6 +32,27 @@ export async function render(main, { id }) {
       h('span', { class: 'big-code' }, h('span', { 'aria-hidden': 'true', text: code }), h('span', { class: 'sr-only', text: code.split('').join(' ') })),
       h('span', { class: 'hint' }, t('share.join_at'), ' ', h('a', { href: joinUrl(code), text: joinUrl(code).replace(/^https?:\/\//, '') })))
     : null;
+  // the one-line embed for a website (web/embed.js puts an iframe of /embed/<id> there)
+  const snippet = `<script src="${location.origin}/embed.js" data-tally-poll="${id}" async></script>`;
+  const embedId = newId('embed');
+  const embedCode = h('textarea', { id: embedId, class: 'embed-code mono', readonly: true, rows: '2', text: snippet });
+  embedCode.value = snippet;
+  const embedCopied = statusLine('status', 'status');
+  const copyEmbed = h('button', { type: 'button', class: 'secondary', text: t('share.copy_embed') });
+  copyEmbed.addEventListener('click', async () => {
+    let ok = false;
+    try { await navigator.clipboard.writeText(snippet); ok = true; } catch {
+      embedCode.select();
+      try { ok = document.execCommand('copy'); } catch { ok = false; }
+    }
+    embedCopied.set(ok ? t('share.embed_copied') : t('share.copy_by_hand'), ok ? 'ok' : 'error');
+  });
+  embedCode.addEventListener('focus', () => embedCode.select());
+  const embedBox = poll.status === 'draft' ? null : h('section', { class: 'embed-box', 'aria-labelledby': `${embedId}-h` },
+    h('h2', { id: `${embedId}-h`, text: t('share.embed') }),
+    h('p', { class: 'hint', text: t('share.embed_hint') }),
+    h('label', { for: embedId, text: t('share.embed_code') }), embedCode,
+    h('p', { class: 'actions' }, copyEmbed), embedCopied);
   main.append(
     h('h1', { text: poll.status === 'draft' ? t('share.draft_saved') : t('share.ready') }),
     h('p', { class: 'poll-title-small', text: poll.title }),
@@ -45,4 +66,5 @@ export async function render(main, { id }) {
           h('a', { class: 'button secondary', href: `/p/${id}/results`, 'data-link': '', text: t('share.live_results') }),
           h('a', { class: 'button secondary', href: `/p/${id}/present`, 'data-link': '', text: t('poll.presenter') }))),
       h('figure', { class: 'qr-box' }, img, h('figcaption', { text: t('share.scan') }))));
+  if (embedBox) main.append(embedBox);
 }
